@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench bench-smoke schema test-arm64 clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[convert,dev,torch]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/moub demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+bench-smoke: $(STAMP)
+	$(PY) -m benchmarks.run --smoke
+
+# Regenerate the committed FlatBuffers bindings from schema/moub.fbs.
+schema: $(STAMP)
+	$(PY) scripts/generate_schema.py
+
+-include arm64.mk
+
+clean:
+	rm -rf $(VENV) build *.egg-info
