@@ -1,0 +1,67 @@
+"""Every magic number, version, limit and enum of the .moub format, in one place.
+
+FORMAT.md is the normative spec; this module is its executable mirror. The enum
+values are the ones in schema/moub.fbs and must never be renumbered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FILE_IDENTIFIER = b"MOUB"
+FILE_EXTENSION = ".moub"
+
+# Versioning: a reader accepts any file whose major equals FORMAT_MAJOR, whatever
+# its minor, provided every bit of required_features is one it knows.
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+KNOWN_REQUIRED_FEATURES = 0  # bit mask of required-feature flags this reader implements
+
+# Layout
+PREAMBLE_SIZE = 8            # FlatBuffers root uoffset (4) + file identifier (4)
+DEFAULT_ALIGNMENT = 64       # payload blobs start on multiples of this
+MAX_ALIGNMENT = 65536
+
+# Huffman
+MAX_CODE_LENGTH = 20         # length limit of canonical codes; bounds the decode table to 2^20 entries
+DEFAULT_CHUNK_ELEMENTS = 65536  # elements per independently decodable chunk
+
+# Enums (mirror schema/moub.fbs)
+ENCODING_HUFFMAN = 1         # codebook indices, canonical Huffman, chunked
+ENCODING_RAW = 2             # raw little-endian bytes of a pass-through tensor
+ENCODINGS = {ENCODING_HUFFMAN: "huffman", ENCODING_RAW: "raw"}
+
+CODEC_NONE = 0               # bytes stored as they are
+CODEC_ZLIB = 1               # zlib stream (stdlib; bounded inflate on read)
+CODECS = {CODEC_NONE: "none", CODEC_ZLIB: "zlib"}
+
+CHECKSUM_SHA256 = 1
+CHECKSUMS = {CHECKSUM_SHA256: ("sha256", 32)}
+
+
+@dataclass(frozen=True)
+class ReaderLimits:
+    """Caps a reader enforces before allocating anything. All configurable."""
+
+    max_file_bytes: int = 1 << 40
+    max_index_bytes: int = 1 << 30
+    max_tensors: int = 1 << 20
+    max_codebooks: int = 4096
+    max_codebook_entries: int = 1 << 24
+    max_tables: int = 1 << 20
+    max_chunks_per_tensor: int = 1 << 24
+    max_chunk_elements: int = 1 << 24
+    max_rank: int = 8
+    max_tensor_elements: int = 1 << 34
+    max_decoded_bytes: int = 1 << 36          # whole model, all tensors decoded
+    max_expansion_ratio: int = 4096           # decoded bytes / stored bytes of one tensor
+    max_graph_bytes: int = 1 << 31            # protobuf's own hard ceiling is 2 GiB
+    max_metadata_entries: int = 1024
+    max_metadata_key_bytes: int = 256
+    max_metadata_value_bytes: int = 1 << 20
+    max_string_bytes: int = 1 << 20           # any string: names, paths, metadata values
+    max_flatbuffer_tables: int = 1 << 22
+    max_flatbuffer_depth: int = 8
+
+
+DEFAULT_LIMITS = ReaderLimits()

@@ -1,0 +1,205 @@
+"""A bounded verifier for the .moub FlatBuffer index.
+
+FlatBuffers' Python library reads whatever offsets a buffer holds: a hostile
+file can point anywhere, ask for a 4-billion-element vector or loop a table
+into itself. This module walks the index once, against a description of
+schema/moub.fbs, and checks every root offset, soffset, vtable, field offset,
+vector and string against the buffer (in Python ints) before the generated
+accessors are allowed to touch it. It is the one bounded read primitive: after
+:func:`verify` passes, every accessor of the generated code reads in range.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .constants import FILE_IDENTIFIER, PREAMBLE_SIZE, ReaderLimits
+from .errors import StructureError, TruncatedFileError, VersionError
+
+# Field kinds
+SCALAR = "scalar"
+STRING = "string"
+VECTOR = "vector"          # vector of scalars
+TABLE_VECTOR = "tables"    # vector of tables
+TABLE = "table"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str
+    size: int = 0            # scalar or vector element size
+    table: str = ""          # for TABLE / TABLE_VECTOR
+    required: bool = False
+
+
+# Mirror of schema/moub.fbs: field order = vtable slot order. test_schema checks
+# this against the generated bindings.
+SCHEMA: dict[str, tuple[Field, ...]] = {
+    "Checksum": (
+        Field("algorithm", SCALAR, 1),
+        Field("digest", VECTOR, 1),
+    ),
+    "Blob": (
+        Field("offset", SCALAR, 8),
+        Field("length", SCALAR, 8),
+        Field("codec", SCALAR, 1),
+        Field("decoded_length", SCALAR, 8),
+        Field("checksum", TABLE, table="Checksum"),
+    ),
+    "Codebook": (Field("values", VECTOR, 4),),
+    "HuffmanTable": (Field("code_lengths", VECTOR, 1),),
+    "Tensor": (
+        Field("path", STRING, required=True),
+        Field("name", STRING),
+        Field("dtype", SCALAR, 4),
+        Field("dims", VECTOR, 8),
+        Field("encoding", SCALAR, 1),
+        Field("data", TABLE, table="Blob"),
+        Field("codebook", SCALAR, 4),
+        Field("table", SCALAR, 4),
+        Field("chunk_elements", SCALAR, 4),
+        Field("chunk_bits", VECTOR, 8),
+    ),
+    "MetadataEntry": (
+        Field("key", STRING, required=True),
+        Field("value", STRING, required=True),
+    ),
+    "Model": (
+        Field("format_major", SCALAR, 2),
+        Field("format_minor", SCALAR, 2),
+        Field("required_features", SCALAR, 8),
+        Field("producer", STRING),
+        Field("alignment", SCALAR, 4),
+        Field("payload_offset", SCALAR, 8),
+        Field("graph", TABLE, table="Blob"),
+        Field("codebooks", TABLE_VECTOR, table="Codebook"),
+        Field("tables", TABLE_VECTOR, table="HuffmanTable"),
+        Field("tensors", TABLE_VECTOR, table="Tensor"),
+        Field("metadata", TABLE_VECTOR, table="MetadataEntry"),
+        Field("payload_digest", TABLE, table="Checksum"),
+    ),
+}
+ROOT_TABLE = "Model"
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+
+
+class _Verifier:
+    def __init__(self, buf: memoryview, limits: ReaderLimits, filename: str) -> None:
+        self.buf = buf
+        self.size = len(buf)
+        self.limits = limits
+        self.filename = filename
+        self.tables_seen: set[int] = set()
+        self.end = PREAMBLE_SIZE  # highest byte used by the index, exclusive
+
+    def fail(self, where: str, message: str) -> StructureError:
+        return StructureError(f"{self.filename}: index {where}: {message}")
+
+    def need(self, pos: int, length: int, where: str) -> None:
+        if pos < 0 or length < 0 or pos + length > self.size:
+            raise self.fail(where, f"range [{pos}, {pos + length}) lies outside the {self.size}-byte index")
+        self.end = max(self.end, pos + length)
+
+    def u16(self, pos: int, where: str) -> int:
+        self.need(pos, 2, where)
+        return _U16.unpack_from(self.buf, pos)[0]
+
+    def u32(self, pos: int, where: str) -> int:
+        self.need(pos, 4, where)
+        return _U32.unpack_from(self.buf, pos)[0]
+
+    def i32(self, pos: int, where: str) -> int:
+        self.need(pos, 4, where)
+        return _I32.unpack_from(self.buf, pos)[0]
+
+    def follow(self, pos: int, where: str) -> int:
+        """Resolve a uoffset stored at pos (unsigned, forward only)."""
+        return pos + self.u32(pos, where)
+
+    def table(self, pos: int, name: str, depth: int, where: str) -> None:
+        if depth > self.limits.max_flatbuffer_depth:
+            raise self.fail(where, f"nesting depth {depth} exceeds the limit {self.limits.max_flatbuffer_depth}")
+        if pos in self.tables_seen:
+            raise self.fail(where, f"table at {pos} is shared or cyclic; the schema is a tree")
+        self.tables_seen.add(pos)
+        if len(self.tables_seen) > self.limits.max_flatbuffer_tables:
+            raise self.fail(where, f"more than {self.limits.max_flatbuffer_tables} tables")
+        vtable = pos - self.i32(pos, where + " soffset")
+        vtable_len = self.u16(vtable, where + " vtable")
+        table_len = self.u16(vtable + 2, where + " vtable")
+        if vtable_len < 4 or vtable_len % 2:
+            raise self.fail(where, f"vtable length {vtable_len} is not an even number >= 4")
+        if table_len < 4:
+            raise self.fail(where, f"table length {table_len} is below 4")
+        self.need(vtable, vtable_len, where + " vtable")
+        self.need(pos, table_len, where + " table")
+        fields = SCHEMA[name]
+        for slot, field in enumerate(fields):
+            entry = 4 + 2 * slot
+            voffset = _U16.unpack_from(self.buf, vtable + entry)[0] if entry < vtable_len else 0
+            fwhere = f"{where}.{field.name}"
+            if voffset == 0:
+                if field.required:
+                    raise self.fail(fwhere, "required field is missing")
+                continue
+            width = field.size if field.kind == SCALAR else 4
+            if voffset < 4 or voffset + width > table_len:
+                raise self.fail(fwhere, f"field offset {voffset} (+{width}) lies outside the {table_len}-byte table")
+            field_pos = pos + voffset
+            if field.kind == SCALAR:
+                continue
+            target = self.follow(field_pos, fwhere)
+            if field.kind == STRING:
+                self.string(target, fwhere)
+            elif field.kind == VECTOR:
+                self.vector(target, field.size, fwhere)
+            elif field.kind == TABLE:
+                self.table(target, field.table, depth + 1, fwhere)
+            elif field.kind == TABLE_VECTOR:
+                count = self.vector(target, 4, fwhere)
+                for i in range(count):
+                    element = target + 4 + 4 * i
+                    self.table(self.follow(element, f"{fwhere}[{i}]"), field.table, depth + 1, f"{fwhere}[{i}]")
+
+    def vector(self, pos: int, elem_size: int, where: str) -> int:
+        count = self.u32(pos, where + " length")
+        remaining = self.size - (pos + 4)
+        if count * elem_size > remaining:
+            raise self.fail(where, f"vector of {count} x {elem_size} bytes exceeds the {remaining} bytes remaining")
+        self.need(pos + 4, count * elem_size, where)
+        return count
+
+    def string(self, pos: int, where: str) -> None:
+        length = self.vector(pos, 1, where)
+        if length > self.limits.max_string_bytes:
+            raise self.fail(where, f"string of {length} bytes exceeds the limit {self.limits.max_string_bytes}")
+        self.need(pos + 4 + length, 1, where + " terminator")
+        if self.buf[pos + 4 + length] != 0:
+            raise self.fail(where, "string is not NUL-terminated")
+        try:
+            bytes(self.buf[pos + 4 : pos + 4 + length]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail(where, f"string is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def check_preamble(buf: memoryview | bytes, filename: str) -> None:
+    """Reject files too short for a root offset and identifier, or of another kind."""
+    if len(buf) < PREAMBLE_SIZE:
+        raise TruncatedFileError(f"{filename}: {len(buf)} bytes is shorter than the {PREAMBLE_SIZE}-byte preamble")
+    identifier = bytes(buf[4:8])
+    if identifier != FILE_IDENTIFIER:
+        raise VersionError(f"{filename}: file identifier {identifier!r} is not {FILE_IDENTIFIER!r}: not a .moub file")
+
+
+def verify(buf: memoryview, limits: ReaderLimits, filename: str) -> int:
+    """Verify the whole index in ``buf``; return the end of the bytes it uses."""
+    check_preamble(buf, filename)
+    verifier = _Verifier(buf, limits, filename)
+    root = verifier.follow(0, "root offset")
+    verifier.table(root, ROOT_TABLE, 1, ROOT_TABLE)
+    return verifier.end

@@ -1,0 +1,231 @@
+"""Canonical, length-limited Huffman coding of codebook indices, on bitarray.
+
+A table is stored as one code length per symbol (0 = symbol unused), as in
+DEFLATE. Codes are assigned canonically: by length, then by symbol value, so
+the lengths alone define the code and the encoder and decoder always agree.
+
+bitarray's ``canonical_decode`` accepts over-subscribed tables silently and
+reports holes in incomplete ones as "reached end of bitarray", so every table
+is checked here to have a Kraft sum of exactly 1 (or to be the one-symbol
+table, whose single code is ``0``) before a bit is decoded.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import numpy as np
+from bitarray import bitarray
+from bitarray.util import canonical_decode
+
+from .constants import MAX_CODE_LENGTH
+from .errors import HuffmanError
+
+
+def _unlimited_lengths(frequencies: np.ndarray, used: np.ndarray) -> dict[int, int]:
+    """Plain Huffman code lengths for the used symbols (ties broken by symbol)."""
+    heap: list[tuple[int, int, int]] = [(int(frequencies[s]), int(s), int(s)) for s in used]
+    heapq.heapify(heap)
+    parent: dict[int, int] = {}
+    next_id = int(frequencies.size)
+    while len(heap) > 1:
+        f1, _, a = heapq.heappop(heap)
+        f2, _, b = heapq.heappop(heap)
+        parent[a] = next_id
+        parent[b] = next_id
+        heapq.heappush(heap, (f1 + f2, next_id, next_id))
+        next_id += 1
+    depth: dict[int, int] = {}
+
+    def node_depth(node: int) -> int:
+        path = []
+        while node in parent and node not in depth:
+            path.append(node)
+            node = parent[node]
+        base = depth.get(node, 0)
+        for offset, item in enumerate(reversed(path), start=1):
+            depth[item] = base + offset
+        return depth.get(path[0], base) if path else base
+
+    return {int(s): node_depth(int(s)) for s in used}
+
+
+def _limit_lengths(lengths: np.ndarray, frequencies: np.ndarray, max_length: int) -> np.ndarray:
+    """Clamp lengths to ``max_length`` and repair the Kraft sum to exactly 1.
+
+    The heuristic (as in JPEG/zlib encoders): lengthen the rarest short codes
+    until the clamped code fits, then shorten the most frequent codes while
+    room remains. Every Kraft term is a multiple of 2^-max_length, so the
+    final fill with the longest codes always lands on exactly 1.
+    """
+    used = np.flatnonzero(lengths)
+    lengths = lengths.copy()
+    lengths[used] = np.minimum(lengths[used], max_length)
+    unit = 1 << max_length
+    kraft = int(sum(1 << (max_length - int(lengths[s])) for s in used))
+    by_rarity = sorted(used.tolist(), key=lambda s: (int(frequencies[s]), -s))
+    while kraft > unit:
+        for s in by_rarity:
+            if lengths[s] < max_length:
+                kraft -= 1 << (max_length - int(lengths[s]) - 1)
+                lengths[s] += 1
+                if kraft <= unit:
+                    break
+    for s in reversed(by_rarity):  # most frequent first
+        while lengths[s] > 1 and kraft + (1 << (max_length - int(lengths[s]))) <= unit:
+            kraft += 1 << (max_length - int(lengths[s]))
+            lengths[s] -= 1
+    assert kraft == unit, "length limiting failed to produce a complete code"
+    return lengths
+
+
+def code_lengths(frequencies: np.ndarray, max_length: int = MAX_CODE_LENGTH) -> np.ndarray:
+    """Length-limited Huffman code lengths, one uint8 per symbol (0 for unused).
+
+    One used symbol gets length 1. ``max_length`` must allow the alphabet:
+    2**max_length >= number of used symbols.
+    """
+    frequencies = np.asarray(frequencies, dtype=np.int64)
+    used = np.flatnonzero(frequencies > 0)
+    lengths = np.zeros(frequencies.size, dtype=np.uint8)
+    if used.size == 0:
+        return lengths
+    if used.size == 1:
+        lengths[used[0]] = 1
+        return lengths
+    if used.size > (1 << max_length):
+        raise ValueError(f"{used.size} symbols cannot be coded with codes of at most {max_length} bits")
+    depth = _unlimited_lengths(frequencies, used)
+    raw = np.zeros(frequencies.size, dtype=np.int64)
+    for symbol, length in depth.items():
+        raw[symbol] = length
+    if raw.max() > max_length:
+        raw = _limit_lengths(raw, frequencies, max_length)
+    return raw.astype(np.uint8)
+
+
+def encoded_bits(frequencies: np.ndarray, lengths: np.ndarray) -> int:
+    """Exact payload bits of coding symbols with these frequencies and lengths."""
+    return int(np.dot(np.asarray(frequencies, dtype=np.int64), np.asarray(lengths, dtype=np.int64)))
+
+
+def validate_lengths(lengths: np.ndarray, max_length: int = MAX_CODE_LENGTH, subject: str = "huffman table") -> None:
+    """Raise HuffmanError unless ``lengths`` is a complete prefix code.
+
+    Complete means Kraft sum exactly 1, or the one-symbol table with length 1.
+    Done with Python ints, so no sum can wrap.
+    """
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
+        raise HuffmanError(f"{subject}: code-length table is empty")
+    longest = int(lengths.max())
+    if longest > max_length:
+        raise HuffmanError(f"{subject}: code length {longest} exceeds the limit {max_length}")
+    histogram = np.bincount(lengths.astype(np.int64), minlength=max_length + 1)
+    used = int(lengths.size - histogram[0])
+    if used == 0:
+        raise HuffmanError(f"{subject}: no symbol has a code")
+    if used == 1:
+        if longest != 1:
+            raise HuffmanError(f"{subject}: a one-symbol table must use length 1, not {longest}")
+        return
+    kraft = sum(int(histogram[length]) << (max_length - length) for length in range(1, max_length + 1))
+    if kraft != 1 << max_length:
+        state = "over-subscribed" if kraft > (1 << max_length) else "incomplete"
+        raise HuffmanError(
+            f"{subject}: code lengths are {state} (Kraft sum {kraft}/{1 << max_length}, must be exactly 1)"
+        )
+
+
+def canonical_tables(lengths: np.ndarray) -> tuple[list[int], list[int]]:
+    """(count, symbol) lists as DEFLATE and bitarray's canonical_decode use them."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    longest = int(lengths.max())
+    count = np.bincount(lengths, minlength=longest + 1).tolist()
+    count[0] = 0
+    order = np.lexsort((np.arange(lengths.size), lengths))
+    symbols = [int(s) for s in order if lengths[s] > 0]
+    return count, symbols
+
+
+def canonical_codes(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-symbol canonical code values (uint64) and their lengths."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    count, symbols = canonical_tables(lengths)
+    codes = np.zeros(lengths.size, dtype=np.uint64)
+    code = 0
+    position = 0
+    for length in range(1, len(count)):
+        code <<= 1
+        for symbol in symbols[position : position + count[length]]:
+            codes[symbol] = code
+            code += 1
+        position += count[length]
+    return codes, lengths
+
+
+def encode(indices: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
+    """Huffman-code ``indices``; return (bytes padded with zero bits, exact bit length)."""
+    codes, code_len = canonical_codes(lengths)
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0:
+        return b"", 0
+    used = np.unique(indices)
+    if (code_len[used] == 0).any():
+        raise ValueError("an index has no code in this table")
+    codedict = {int(s): bitarray(format(int(codes[s]), f"0{int(code_len[s])}b"), endian="big") for s in used}
+    bits = bitarray(endian="big")
+    bits.encode(codedict, indices.tolist())
+    return bits.tobytes(), len(bits)
+
+
+class CanonicalDecoder:
+    """Decodes chunks coded with one validated table; prepares the canonical lists once."""
+
+    def __init__(self, lengths: np.ndarray) -> None:
+        self.count, self.symbols = canonical_tables(lengths)
+
+    def decode(self, data: bytes | memoryview, n_bits: int, n_elements: int, subject: str = "stream") -> np.ndarray:
+        """Decode exactly ``n_elements`` symbols from the first ``n_bits`` of ``data``.
+
+        Raises HuffmanError if the stream ends early, ends mid-code, or has
+        bits left over; padding bits after ``n_bits`` must be zero.
+        """
+        if len(data) != (n_bits + 7) // 8:
+            raise HuffmanError(f"{subject}: {n_bits} bits do not fill {len(data)} stored bytes exactly")
+        bits = bitarray(endian="big")
+        bits.frombytes(bytes(data))
+        if n_bits % 8 and bits[n_bits:].any():
+            raise HuffmanError(f"{subject}: padding bits after bit {n_bits} are not zero")
+        del bits[n_bits:]
+        if n_elements == 0:
+            if n_bits:
+                raise HuffmanError(f"{subject}: {n_bits} bits for zero elements")
+            return np.zeros(0, dtype=np.uint32)
+        if len(self.symbols) == 1:
+            if n_bits != n_elements or bits.any():
+                raise HuffmanError(f"{subject}: one-symbol stream must be {n_elements} zero bits, got {n_bits} bits")
+            return np.full(n_elements, self.symbols[0], dtype=np.uint32)
+        iterator = canonical_decode(bits, self.count, self.symbols)
+        try:
+            out = np.fromiter(iterator, dtype=np.uint32, count=n_elements)
+        except ValueError as exc:  # fewer symbols than declared, or a code cut in half
+            raise HuffmanError(f"{subject}: stream ends before {n_elements} elements ({exc})") from None
+        try:
+            next(iterator)
+        except StopIteration:
+            return out
+        except ValueError:
+            pass
+        raise HuffmanError(f"{subject}: stream holds more than {n_elements} elements")
+
+
+def decode(data: bytes, n_bits: int, lengths: np.ndarray, n_elements: int, subject: str = "stream") -> np.ndarray:
+    """One-shot :meth:`CanonicalDecoder.decode` (the table must be validated)."""
+    return CanonicalDecoder(lengths).decode(data, n_bits, n_elements, subject)
+
+
+def lengths_sequence(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Normalise a code-length table to a uint8 array."""
+    return np.asarray(lengths, dtype=np.uint8)

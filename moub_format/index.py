@@ -1,0 +1,303 @@
+"""The validated, plain-Python view of a .moub index.
+
+:func:`parse_index` runs the structural verifier, then reads every field
+through the generated accessors into frozen dataclasses and checks the
+semantics: versions, enums, caps, dims, counts, cross-references and the exact
+tiling of the payload section. Nothing is decoded or allocated per tensor
+before the whole index has passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import constants as C
+from . import dtypes, fbverify
+from .errors import (
+    CodebookError,
+    EnumError,
+    HuffmanError,
+    LayoutError,
+    LimitError,
+    MetadataError,
+    StructureError,
+    VersionError,
+)
+from .fb.Model import Model
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    offset: int              # relative to the payload section
+    length: int
+    codec: int
+    decoded_length: int
+    checksum_algorithm: int
+    checksum: bytes
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    path: str
+    name: str
+    dtype: int
+    dims: tuple[int, ...]
+    encoding: int
+    data: BlobInfo
+    codebook: int = 0
+    table: int = 0
+    chunk_elements: int = 0
+    chunk_bits: tuple[int, ...] = ()
+
+    @property
+    def n_elements(self) -> int:
+        count = 1
+        for dim in self.dims:
+            count *= dim
+        return count
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.n_elements * dtypes.STORAGE_DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class Index:
+    filename: str
+    format_major: int
+    format_minor: int
+    required_features: int
+    producer: str
+    alignment: int
+    payload_offset: int
+    file_size: int
+    graph: BlobInfo
+    codebooks: tuple[np.ndarray, ...]
+    tables: tuple[np.ndarray, ...]
+    tensors: tuple[TensorInfo, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    payload_digest_algorithm: int = 0
+    payload_digest: bytes = b""
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(t.decoded_bytes for t in self.tensors)
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8") if value is not None else ""
+
+
+def _checksum(table, where: str, filename: str) -> tuple[int, bytes]:
+    if table is None:
+        raise StructureError(f"{filename}: {where}: checksum is missing")
+    algorithm = table.Algorithm()
+    if algorithm not in C.CHECKSUMS:
+        raise EnumError(f"{filename}: {where}: unknown checksum algorithm {algorithm}")
+    digest = table.DigestAsNumpy()
+    digest = digest.tobytes() if isinstance(digest, np.ndarray) else b""
+    expected = C.CHECKSUMS[algorithm][1]
+    if len(digest) != expected:
+        raise StructureError(f"{filename}: {where}: checksum of {len(digest)} bytes, {C.CHECKSUMS[algorithm][0]} needs {expected}")
+    return algorithm, digest
+
+
+def _blob(table, where: str, filename: str, limits: C.ReaderLimits) -> BlobInfo:
+    if table is None:
+        raise StructureError(f"{filename}: {where}: data blob is missing")
+    codec = table.Codec()
+    if codec not in C.CODECS:
+        raise EnumError(f"{filename}: {where}: unknown codec {codec}")
+    length, decoded = table.Length(), table.DecodedLength()
+    if codec == C.CODEC_NONE and decoded != length:
+        raise StructureError(f"{filename}: {where}: decoded_length {decoded} != length {length} for codec none")
+    if codec != C.CODEC_NONE and decoded > max(length, 1) * limits.max_expansion_ratio:
+        raise LimitError(
+            f"{filename}: {where}: decoded_length {decoded} exceeds {limits.max_expansion_ratio} x the {length} stored bytes"
+        )
+    algorithm, digest = _checksum(table.Checksum(), where + ".checksum", filename)
+    return BlobInfo(table.Offset(), length, codec, decoded, algorithm, digest)
+
+
+def _cap(value: int, limit: int, what: str, filename: str) -> None:
+    if value > limit:
+        raise LimitError(f"{filename}: {what} {value} exceeds the limit {limit}")
+
+
+def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimits) -> TensorInfo:
+    path = _text(table.Path())
+    where = f"tensor {path!r}" if path else f"tensor #{i}"
+    dtype = table.Dtype()
+    if dtype not in dtypes.STORAGE_DTYPES:
+        raise EnumError(f"{filename}: {where}: unknown element type {dtype}")
+    rank = table.DimsLength()
+    _cap(rank, limits.max_rank, f"{where}: rank", filename)
+    dims = tuple(int(d) for d in (table.DimsAsNumpy() if rank else ()))
+    if any(d < 0 for d in dims):
+        raise LimitError(f"{filename}: {where}: negative dimension in {list(dims)}")
+    elements = 1
+    for d in dims:  # Python ints: no wrap-around
+        elements *= d
+    _cap(elements, limits.max_tensor_elements, f"{where}: element count", filename)
+    encoding = table.Encoding()
+    if encoding not in C.ENCODINGS:
+        raise EnumError(f"{filename}: {where}: unknown encoding {encoding}")
+    data = _blob(table.Data(), where + ".data", filename, limits)
+    itemsize = dtypes.STORAGE_DTYPES[dtype].itemsize
+    decoded_bytes = elements * itemsize
+    stored = max(data.length, 1)
+    if decoded_bytes > stored * limits.max_expansion_ratio:
+        raise LimitError(
+            f"{filename}: {where}: {decoded_bytes} decoded bytes exceed {limits.max_expansion_ratio} x the {data.length} stored bytes"
+        )
+    if encoding == C.ENCODING_RAW:
+        if data.decoded_length != decoded_bytes:
+            raise StructureError(
+                f"{filename}: {where}: raw data decodes to {data.decoded_length} bytes, dims {list(dims)} x {itemsize} need {decoded_bytes}"
+            )
+        return TensorInfo(path, _text(table.Name()), dtype, dims, encoding, data)
+    # HUFFMAN
+    if dtype not in dtypes.FLOAT_DTYPES:
+        raise StructureError(f"{filename}: {where}: element type {dtype} cannot be restored from a codebook")
+    if data.codec != C.CODEC_NONE:
+        raise StructureError(f"{filename}: {where}: Huffman streams are stored without a codec")
+    codebook, table_id = table.Codebook(), table.Table()
+    if codebook >= index_parts["codebooks"]:
+        raise CodebookError(f"{filename}: {where}: codebook {codebook} does not exist ({index_parts['codebooks']} codebooks)")
+    if table_id >= index_parts["tables"]:
+        raise HuffmanError(f"{filename}: {where}: Huffman table {table_id} does not exist ({index_parts['tables']} tables)")
+    chunk_elements = table.ChunkElements()
+    n_chunks = table.ChunkBitsLength()
+    _cap(n_chunks, limits.max_chunks_per_tensor, f"{where}: chunk count", filename)
+    if elements and not 1 <= chunk_elements <= limits.max_chunk_elements:
+        raise LimitError(f"{filename}: {where}: chunk_elements {chunk_elements} outside [1, {limits.max_chunk_elements}]")
+    expected_chunks = -(-elements // chunk_elements) if elements else 0
+    if n_chunks != expected_chunks:
+        raise StructureError(
+            f"{filename}: {where}: {n_chunks} chunks, but {elements} elements in chunks of {chunk_elements} need {expected_chunks}"
+        )
+    chunk_bits = tuple(int(b) for b in table.ChunkBitsAsNumpy()) if n_chunks else ()
+    stored_bytes = sum((b + 7) // 8 for b in chunk_bits)
+    if stored_bytes != data.length:
+        raise StructureError(
+            f"{filename}: {where}: chunk bit lengths need {stored_bytes} bytes, the blob holds {data.length}"
+        )
+    return TensorInfo(path, _text(table.Name()), dtype, dims, encoding, data, codebook, table_id, chunk_elements, chunk_bits)
+
+
+def _check_layout(blobs: list[tuple[str, BlobInfo]], alignment: int, payload_size: int, filename: str) -> None:
+    """Blobs must tile [0, payload_size) in order: aligned, no overlap, no gap beyond padding, nothing after."""
+    position = 0
+    for where, blob in sorted(blobs, key=lambda item: (item[1].offset, item[1].length)):
+        expected = -(-position // alignment) * alignment
+        if blob.offset < position:
+            raise LayoutError(f"{filename}: {where}: payload range at {blob.offset} overlaps the previous one ending at {position}")
+        if blob.offset != expected:
+            raise LayoutError(
+                f"{filename}: {where}: payload range starts at {blob.offset}, expected {expected} (a gap or misalignment)"
+            )
+        position = blob.offset + blob.length
+        if position > payload_size:
+            raise LayoutError(f"{filename}: {where}: payload range ends at {position}, past the {payload_size}-byte payload")
+    if position != payload_size:
+        raise LayoutError(f"{filename}: {payload_size - position} bytes after the last payload range")
+
+
+def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> Index:
+    """Verify and read the index of a .moub file held in ``buf`` (the whole file)."""
+    index_view = buf[: min(file_size, limits.max_index_bytes)]
+    index_end = fbverify.verify(index_view, limits, filename)
+    root = Model.GetRootAs(index_view, 0)
+    major, minor = root.FormatMajor(), root.FormatMinor()
+    if major != C.FORMAT_MAJOR:
+        raise VersionError(f"{filename}: format version {major}.{minor}; this reader reads major version {C.FORMAT_MAJOR}")
+    unknown = root.RequiredFeatures() & ~C.KNOWN_REQUIRED_FEATURES
+    if unknown:
+        raise VersionError(f"{filename}: format {major}.{minor} requires features 0x{unknown:x} this reader does not implement")
+    alignment = root.Alignment()
+    if alignment == 0 or alignment & (alignment - 1) or alignment > C.MAX_ALIGNMENT:
+        raise LayoutError(f"{filename}: alignment {alignment} is not a power of two in [1, {C.MAX_ALIGNMENT}]")
+    payload_offset = root.PayloadOffset()
+    if payload_offset % alignment or payload_offset < index_end or payload_offset > file_size:
+        raise LayoutError(
+            f"{filename}: payload_offset {payload_offset} must be a multiple of {alignment} in [{index_end}, {file_size}]"
+        )
+    if any(bytes(buf[index_end:payload_offset])):
+        raise LayoutError(f"{filename}: padding between the index (ends {index_end}) and the payload is not zero")
+
+    counts = {"codebooks": root.CodebooksLength(), "tables": root.TablesLength()}
+    _cap(counts["codebooks"], limits.max_codebooks, "codebook count", filename)
+    _cap(counts["tables"], limits.max_tables, "Huffman table count", filename)
+    _cap(root.TensorsLength(), limits.max_tensors, "tensor count", filename)
+    _cap(root.MetadataLength(), limits.max_metadata_entries, "metadata entry count", filename)
+
+    codebooks = []
+    for i in range(counts["codebooks"]):
+        values = root.Codebooks(i).ValuesAsNumpy()
+        values = values.astype("<f4") if isinstance(values, np.ndarray) else np.zeros(0, "<f4")
+        if values.size == 0:
+            raise CodebookError(f"{filename}: codebook {i} is empty")
+        _cap(values.size, limits.max_codebook_entries, f"codebook {i} length", filename)
+        if not np.isfinite(values).all():
+            raise CodebookError(f"{filename}: codebook {i} holds non-finite values")
+        codebooks.append(values)
+    tables = []
+    for i in range(counts["tables"]):
+        lengths = root.Tables(i).CodeLengthsAsNumpy()
+        lengths = lengths.astype(np.uint8) if isinstance(lengths, np.ndarray) else np.zeros(0, np.uint8)
+        from .huffman import validate_lengths  # local: keeps import graph flat
+
+        validate_lengths(lengths, C.MAX_CODE_LENGTH, f"{filename}: Huffman table {i}")
+        tables.append(lengths)
+
+    tensors = [_tensor(root.Tensors(i), i, counts, filename, limits) for i in range(root.TensorsLength())]
+    paths = [t.path for t in tensors]
+    if len(set(paths)) != len(paths):
+        duplicate = next(p for p in paths if paths.count(p) > 1)
+        raise StructureError(f"{filename}: tensor path {duplicate!r} appears more than once")
+    for t in tensors:
+        if t.encoding == C.ENCODING_HUFFMAN:
+            size = tables[t.table].size
+            if size != codebooks[t.codebook].size:
+                raise HuffmanError(
+                    f"{filename}: tensor {t.path!r}: Huffman table {t.table} has {size} lengths for codebook {t.codebook} of {codebooks[t.codebook].size} entries"
+                )
+    decoded_total = sum(t.decoded_bytes for t in tensors)
+    _cap(decoded_total, limits.max_decoded_bytes, "decoded model size in bytes", filename)
+
+    graph = _blob(root.Graph(), "graph", filename, limits)
+    _cap(graph.decoded_length, limits.max_graph_bytes, "graph size in bytes", filename)
+
+    metadata: dict[str, str] = {}
+    for i in range(root.MetadataLength()):
+        entry = root.Metadata(i)
+        key, value = entry.Key(), entry.Value()
+        if len(key) > limits.max_metadata_key_bytes or len(value) > limits.max_metadata_value_bytes:
+            raise MetadataError(f"{filename}: metadata entry {i} is longer than the limits")
+        key_text = key.decode("utf-8")
+        if key_text in metadata:
+            raise MetadataError(f"{filename}: metadata key {key_text!r} appears more than once")
+        metadata[key_text] = value.decode("utf-8")
+
+    digest_algorithm, digest = _checksum(root.PayloadDigest(), "payload_digest", filename)
+    blobs = [("graph", graph)] + [(f"tensor {t.path!r}", t.data) for t in tensors]
+    _check_layout(blobs, alignment, file_size - payload_offset, filename)
+    return Index(
+        filename=filename,
+        format_major=major,
+        format_minor=minor,
+        required_features=root.RequiredFeatures(),
+        producer=_text(root.Producer()),
+        alignment=alignment,
+        payload_offset=payload_offset,
+        file_size=file_size,
+        graph=graph,
+        codebooks=tuple(codebooks),
+        tables=tuple(tables),
+        tensors=tuple(tensors),
+        metadata=metadata,
+        payload_digest_algorithm=digest_algorithm,
+        payload_digest=digest,
+    )
