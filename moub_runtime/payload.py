@@ -1,0 +1,60 @@
+"""Emptying and filling the data of an onnx.TensorProto in place."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+# Every field of TensorProto that can hold element data.
+PAYLOAD_FIELDS = (
+    "raw_data",
+    "float_data",
+    "int32_data",
+    "string_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+)
+
+
+def has_payload(tensor: onnx.TensorProto) -> bool:
+    """True if the tensor carries element data inline or points to external data."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+        return True
+    if tensor.HasField("raw_data"):
+        return True
+    return any(len(getattr(tensor, name)) for name in PAYLOAD_FIELDS[1:])
+
+
+def clear_payload(tensor: onnx.TensorProto) -> None:
+    """Remove the element data, keep name, dims, data type and doc string."""
+    for name in PAYLOAD_FIELDS:
+        tensor.ClearField(name)
+    tensor.ClearField("external_data")
+    tensor.ClearField("data_location")
+
+
+def fill_payload(tensor: onnx.TensorProto, values: np.ndarray) -> None:
+    """Set ``raw_data`` from values already in the storage dtype (little-endian)."""
+    clear_payload(tensor)
+    tensor.raw_data = np.ascontiguousarray(values).tobytes()
+
+
+def element_count(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    return count
+
+
+IN_MEMORY_LOCATION = "moub-in-memory"
+
+
+def mark_in_memory(tensor: onnx.TensorProto) -> None:
+    """Turn a tensor into an external-data stub whose values onnxruntime gets
+    from ``SessionOptions.add_external_initializers``; never resolved on disk."""
+    clear_payload(tensor)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key = "location"
+    entry.value = IN_MEMORY_LOCATION
