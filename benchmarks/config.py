@@ -1,0 +1,55 @@
+"""Every constant of the benchmark in one place: sample counts, seeds, sweeps, thresholds, paths.
+
+Changing a value here invalidates the cached inputs it affects (the cache key includes it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+CACHE = ROOT / ".cache"
+OUT = ROOT / "out"  # per-run artefacts (compressed files, decoded models); git-ignored
+RESULTS_MD = ROOT / "RESULTS.md"
+PLOT_PNG = ROOT / "results.png"
+
+SEED = 0
+MODELS = ("digits", "magika", "cls", "rec", "det")
+SMOKE_MODELS = ("digits",)
+
+# Samples per model (search split + test split). Search data is what a converter may tune on;
+# every fidelity in the table is measured on the test split, which no converter ever sees.
+N_SAMPLES = {"magika": 1000, "cls": 600, "rec": 300, "det": 20}
+SEARCH_FRACTION = 0.5
+SMOKE_MAX_TEST = 200  # the smoke run evaluates at most this many test samples
+
+# Real files for magika: walked in sorted order, sampled with SEED.
+MAGIKA_ROOTS = ("/usr/share", "/usr/lib/python3", "/usr/lib/python3.11", "/etc")
+MAGIKA_MAX_FILES_SCANNED = 60000
+
+# Text rendering for rapidocr (Debian package fonts-dejavu-core).
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
+TEXT_SOURCES = ("/usr/share/common-licenses", "/usr/lib/python3.11")
+LINE_HEIGHT_PX = (28, 64)  # rendered line heights before rapidocr resizes them to 48 px
+REC_MAX_WH_RATIO = 320 / 48  # rapidocr's rec_img_shape [3, 48, 320]; lines wider are cropped
+PAGE_SIZE = (736, 960)  # (height, width): both multiples of 32, min side = rapidocr's limit 736
+DET_MASK_THRESHOLD = 0.3  # rapidocr's DB postprocess thresh
+
+# Headline rule and sweeps.
+FIDELITY_TARGET = 0.99
+KMEANS_KS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+KMEANS_ITERS = 30
+NNCODEC_QPS = (-20, -24, -28, -32, -36, -40, -44, -48)  # larger qp = coarser step
+NNCODEC_VERSION = "2.1.3"
+NNCODEC_VENV = CACHE / "nncodec-venv"
+MIN_ELEMENTS = 1024  # float tensors smaller than this pass through losslessly (as in moub)
+ZSTD_LEVEL = 19
+FP16_MAX = 65504.0
+
+# moub rows (the converter's API, see peers/moub.py).
+MOUB_MAX_DROP = 0.01
+MOUB_METRIC = "agreement"
+
+# Timing of decode-and-load in a fresh subprocess: best of this many repeats.
+LOAD_REPEATS = 3
