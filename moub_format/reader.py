@@ -59,9 +59,12 @@ class MoubFile:
     # lifecycle -------------------------------------------------------------
     def close(self) -> None:
         if self._mmap is not None:
-            self._view.release()
-            self._mmap.close()
-            self._mmap = None
+            mapping, self._mmap = self._mmap, None
+            try:
+                self._view.release()
+                mapping.close()
+            except BufferError:
+                pass  # slices still referenced (e.g. by a traceback): unmapped when they go
 
     def __enter__(self) -> MoubFile:
         return self

@@ -1,0 +1,143 @@
+"""The ``moub`` command: a thin layer over the library.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal
+failure. ``convert`` and ``demo`` live in the converter package and are
+imported only when asked for, so the device runtime never loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"moub: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"moub: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import summarize
+
+    summary = summarize(args.file)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"{summary.file}: .moub format {summary.format_version}, written by {summary.producer}")
+    print(
+        f"  file {_human(summary.file_bytes)}, decoded {_human(summary.decoded_bytes)} (ratio {summary.ratio:.2f}x); "
+        f"{summary.quantized_weights} quantized weights at {summary.bits_per_weight:.3f} bits/weight incl. tables"
+    )
+    for i, cb in enumerate(summary.codebooks):
+        print(f"  codebook {i}: {cb['entries']} entries in [{cb['min']:.6g}, {cb['max']:.6g}], longest code {cb['longest_code']} bits")
+    print(f"  {'tensor':48} {'dtype':>5} {'shape':>18} {'encoding':>8} {'bytes':>10} {'bits/w':>7}")
+    for t in summary.tensors:
+        shape = "x".join(str(d) for d in t.dims) or "scalar"
+        print(f"  {t.path[:48]:48} {t.dtype:>5} {shape[:18]:>18} {t.encoding:>8} {t.stored_bytes:>10} {t.bits_per_weight:>7.3f}")
+    if summary.metadata:
+        print("  provenance:")
+        for key, value in summary.metadata.items():
+            shown = value if len(value) <= 100 else value[:97] + "..."
+            print(f"    {key}: {shown}")
+    return EXIT_OK
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .loader import load, save_onnx
+
+    model = load(args.file)
+    save_onnx(model, args.output)
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .inspect import verify_file
+
+    if bool(args.model) != bool(args.data):
+        return _fail("verify: --model and --data go together")
+    problems = verify_file(args.file)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        return _fail(f"{args.file}: {len(problems)} problem(s) found")
+    print(f"{args.file}: structure, checksums, graph and every tensor decode: OK")
+    if args.model:
+        from .compare import compare_outputs
+
+        report = compare_outputs(args.model, args.file, args.data)
+        for line in report.lines():
+            print(line)
+    return EXIT_OK
+
+
+def _dispatch_converter(name: str, argv: list[str]) -> int:
+    try:
+        from moub_converters import cli as converter_cli
+    except ImportError as exc:
+        return _fail(f"{name} needs the converter: pip install 'moub[convert]' ({exc})")
+    return getattr(converter_cli, f"{name}_main")(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moub", description="Compress ONNX models into .moub files and load them back.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("inspect", help="tensors, codebooks, bits/weight, ratio, provenance")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("decode", help="write the runnable ONNX model with decoded weights")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_decode)
+    p = sub.add_parser("verify", help="checksums, structure, decode; optionally compare with the original")
+    p.add_argument("file")
+    p.add_argument("--model", help="original .onnx to compare outputs with")
+    p.add_argument("--data", help=".npz inputs for the comparison")
+    p.set_defaults(func=cmd_verify)
+    sub.add_parser("convert", help="compress an ONNX model (needs moub[convert]); see moub convert -h", add_help=False)
+    sub.add_parser("demo", help="the bundled default end to end", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("convert", "demo"):
+        return _dispatch_converter(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    from moub_format import MoubFormatError
+
+    try:
+        return args.func(args)
+    except MoubFormatError as exc:
+        return _fail(str(exc))
+    except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
+        return _fail(f"{exc.filename or args.file}: {exc.strerror}")
+    except ValueError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERNAL)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, exit 1
+        return _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
