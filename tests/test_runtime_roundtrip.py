@@ -1,0 +1,143 @@
+"""Round trips through the container and runtime on models with weights everywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import modelzoo
+import moub_runtime
+from moub_converters.encode import dequantize, encode_model
+from moub_format import dtypes
+from moub_format.writer import write_atomic
+from moub_runtime.payload import clear_payload
+from moub_runtime.sites import tensor_sites
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    model = modelzoo.everything_model()
+    codebook, assignments = modelzoo.equal_width_assignments(model, k=48)
+    path = tmp_path_factory.mktemp("rt") / "everything.moub"
+    write_atomic(path, encode_model(model, [codebook], assignments, {"source": "modelzoo"}))
+    return model, codebook, assignments, path
+
+
+def _bytes_of(tensor: onnx.TensorProto) -> bytes:
+    return tensor.SerializeToString(deterministic=True)
+
+
+def test_quantized_weights_decode_bit_for_bit(packed):
+    model, codebook, assignments, path = packed
+    loaded = tensor_sites(moub_runtime.load(path))
+    assert set(assignments) <= set(loaded)
+    for site_path, assignment in assignments.items():
+        tensor = loaded[site_path].tensor
+        expected = dequantize(codebook, assignment.indices, tensor.data_type)
+        stored = np.frombuffer(tensor.raw_data, dtype=dtypes.STORAGE_DTYPES[tensor.data_type])
+        assert stored.tobytes() == expected.tobytes(), site_path
+        assert tensor.data_type == tensor_sites(model)[site_path].tensor.data_type
+
+
+def test_everything_else_is_byte_identical(packed):
+    model, _, assignments, path = packed
+    loaded = moub_runtime.load(path)
+    original_sites, loaded_sites = tensor_sites(model), tensor_sites(loaded)
+    for site_path, site in original_sites.items():
+        if site_path not in assignments:
+            assert _bytes_of(loaded_sites[site_path].tensor) == _bytes_of(site.tensor), site_path
+    # With quantized payloads removed on both sides, the whole models are identical:
+    # nodes, opsets, functions, doc strings and metadata_props.
+    a, b = onnx.ModelProto(), onnx.ModelProto()
+    a.CopyFrom(model)
+    b.CopyFrom(loaded)
+    for m in (a, b):
+        for site_path, site in tensor_sites(m).items():
+            if site_path in assignments:
+                clear_payload(site.tensor)
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+    assert {p.key: p.value for p in loaded.metadata_props} == {"author": "moub tests", "purpose": "round trip"}
+    assert len(loaded.functions) == 1
+
+
+def test_onnxruntime_runs_decoded_model_and_session_agrees(packed):
+    model, _, _, path = packed
+    feeds = modelzoo.sample_feeds()
+    decoded = ort.InferenceSession(moub_runtime.load(path).SerializeToString(), providers=["CPUExecutionProvider"])
+    direct = moub_runtime.InferenceSession(path)
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for got, via_session, ref in zip(decoded.run(None, feeds), direct.run(None, feeds), original.run(None, feeds)):
+        np.testing.assert_array_equal(got, via_session)
+        assert got.shape == ref.shape
+    y_ref, y = original.run(None, feeds)[0], decoded.run(None, feeds)[0]
+    cosine = float((y_ref * y).sum() / np.linalg.norm(y_ref) / np.linalg.norm(y))
+    assert cosine > 0.95, "48 equal-width bins should keep this small model close"
+
+
+def test_streaming_decode_yields_each_tensor_once(packed):
+    _, codebook, assignments, path = packed
+    seen = dict(moub_runtime.decode_tensors(path))
+    for site_path, assignment in assignments.items():
+        assert seen[site_path].tobytes() == dequantize(codebook, assignment.indices, dtypes_of(seen, site_path)).tobytes()
+
+
+def dtypes_of(seen, site_path):
+    # storage dtype back to the ONNX enum for dequantize
+    kind = seen[site_path].dtype
+    return {np.dtype("<f4"): 1, np.dtype("<f2"): 10, np.dtype("<u2"): 16, np.dtype("<f8"): 11}[kind]
+
+
+def test_same_input_same_bytes():
+    model = modelzoo.everything_model()
+    codebook, assignments = modelzoo.equal_width_assignments(model, k=33)
+    first = encode_model(model, [codebook], assignments, {"k": "33"})
+    second = encode_model(modelzoo.everything_model(), [codebook], dict(reversed(list(assignments.items()))), {"k": "33"})
+    assert first == second
+
+
+def test_external_data_model_round_trips(tmp_path):
+    model = modelzoo.everything_model()
+    source = tmp_path / "ext" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(model, source, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=512)
+    assert (source.parent / "weights.bin").exists()
+    reloaded = onnx.load(source)  # the converter reads external data the same way
+    codebook, assignments = modelzoo.equal_width_assignments(reloaded, k=16)
+    out = tmp_path / "ext.moub"
+    write_atomic(out, encode_model(reloaded, [codebook], assignments))
+    decoded = moub_runtime.load(out)
+    for site in tensor_sites(decoded).values():
+        assert site.tensor.data_location != onnx.TensorProto.EXTERNAL
+    moub_runtime.InferenceSession(out).run(None, modelzoo.sample_feeds())
+
+
+def test_cli_decode_inspect_verify(packed, tmp_path):
+    model, _, _, path = packed
+    moub = [sys.executable, "-m", "moub_runtime.cli"]
+    out = tmp_path / "decoded.onnx"
+    assert subprocess.run(moub + ["decode", str(path), "-o", str(out)], capture_output=True).returncode == 0
+    onnx.checker.check_model(onnx.load(out))
+    inspect = subprocess.run(moub + ["inspect", str(path), "--json"], capture_output=True, text=True)
+    assert inspect.returncode == 0 and '"bits_per_weight"' in inspect.stdout
+    data = tmp_path / "feeds.npz"
+    np.savez(data, **modelzoo.sample_feeds())
+    original = tmp_path / "orig.onnx"
+    onnx.save_model(model, original)
+    verify = subprocess.run(moub + ["verify", str(path), "--model", str(original), "--data", str(data)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    assert "OK" in verify.stdout and "cosine" in verify.stdout
+
+
+def test_runtime_import_pulls_no_converter_torch_or_pymoo():
+    code = (
+        "import sys, moub_runtime, moub_runtime.cli, moub_runtime.inspect, moub_runtime.compare\n"
+        "bad = [m for m in ('torch', 'pymoo', 'moub_converters', 'matplotlib') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
