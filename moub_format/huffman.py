@@ -165,8 +165,8 @@ def canonical_codes(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, lengths
 
 
-def encode(indices: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
-    """Huffman-code ``indices``; return (bytes padded with zero bits, exact bit length)."""
+def encode_reference(indices: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
+    """bitarray's encoder: the reference the NumPy encoder is tested against."""
     codes, code_len = canonical_codes(lengths)
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size == 0:
@@ -178,6 +178,76 @@ def encode(indices: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
     bits = bitarray(endian="big")
     bits.encode(codedict, indices.tolist())
     return bits.tobytes(), len(bits)
+
+
+ENCODE_SLICE_ELEMENTS = 1 << 20  # elements coded per vectorised pass (bounds the encoder's memory)
+
+
+def _encode_slice(indices: np.ndarray, codes: np.ndarray, code_len: np.ndarray, chunk_elements: int) -> tuple[bytes, list[int]]:
+    """Code whole chunks of ``indices`` (the last may be short): bytes and exact bits per chunk."""
+    n = indices.size
+    lengths = code_len[indices]
+    if not lengths.all():
+        raise ValueError("an index has no code in this table")
+    values = codes[indices]
+    chunk_starts = np.arange(0, n, chunk_elements, dtype=np.int64)
+    chunk_bits = np.add.reduceat(lengths, chunk_starts)
+    chunk_bytes = (chunk_bits + 7) >> 3
+    chunk_base = np.zeros(chunk_starts.size, dtype=np.int64)
+    np.cumsum(chunk_bytes[:-1] * 8, out=chunk_base[1:])
+    total_bytes = int(chunk_bytes.sum())
+    # Absolute bit position of every code: chunk base + exclusive running sum inside the chunk.
+    ends = np.cumsum(lengths)
+    position = ends - lengths
+    position -= np.repeat(position[chunk_starts] - chunk_base, np.diff(np.append(chunk_starts, n)))
+    del ends
+    word = position >> 6
+    end = (position & 63) + lengths          # where the code ends inside its 64-bit word, 1..83
+    del position
+    left = np.clip(64 - end, 0, 63).astype(np.uint64)
+    right = np.clip(end - 64, 0, 63).astype(np.uint64)
+    high = (values << left) >> right
+    words = np.zeros(total_bytes // 8 + 2, dtype=np.uint64)
+    group_starts = np.flatnonzero(np.diff(word, prepend=-1))
+    words[word[group_starts]] = np.bitwise_or.reduceat(high, group_starts)
+    spill = np.flatnonzero(end > 64)        # at most one code crosses each word boundary
+    if spill.size:
+        words[word[spill] + 1] |= values[spill] << (128 - end[spill]).astype(np.uint64)
+    data = words.astype(">u8").tobytes()[:total_bytes]
+    return data, chunk_bits.tolist()
+
+
+def encode_chunks(indices: np.ndarray, lengths: np.ndarray, chunk_elements: int) -> tuple[bytes, list[int]]:
+    """Huffman-code ``indices`` in chunks of ``chunk_elements``, each starting on a byte.
+
+    Returns the concatenated chunk bytes (zero padding bits) and each chunk's
+    exact bit length. Vectorised NumPy; bit-identical to :func:`encode_reference`
+    applied chunk by chunk.
+    """
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements {chunk_elements} must be at least 1")
+    indices = np.asarray(indices).reshape(-1)
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= len(lengths)):
+        raise ValueError("an index lies outside the code-length table")
+    indices = indices.astype(np.intp, copy=False)
+    codes, code_len = canonical_codes(lengths)
+    step = max(1, ENCODE_SLICE_ELEMENTS // chunk_elements) * chunk_elements
+    parts: list[bytes] = []
+    bits: list[int] = []
+    for start in range(0, indices.size, step):
+        data, chunk_bits = _encode_slice(indices[start : start + step], codes, code_len, chunk_elements)
+        parts.append(data)
+        bits.extend(chunk_bits)
+    return b"".join(parts), bits
+
+
+def encode(indices: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
+    """Huffman-code ``indices`` as one stream; return (bytes padded with zero bits, exact bit length)."""
+    indices = np.asarray(indices).reshape(-1)
+    if indices.size == 0:
+        return b"", 0
+    data, bits = encode_chunks(indices, lengths, indices.size)
+    return data, bits[0]
 
 
 class CanonicalDecoder:

@@ -20,9 +20,12 @@ import numpy as np
 
 from . import constants as C
 from . import dtypes
-from .errors import ChecksumError, CodebookError, LayoutError, LimitError, StructureError, TruncatedFileError
-from .huffman import CanonicalDecoder
+from .errors import ChecksumError, HuffmanError, LayoutError, LimitError, StructureError, TruncatedFileError
+from .lanes import WINDOW_SLACK, LookupTable, decode_lanes
 from .index import BlobInfo, Index, TensorInfo, parse_index
+
+
+DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
 
 
 def _digest(algorithm: int, data) -> bytes:
@@ -33,8 +36,11 @@ def _digest(algorithm: int, data) -> bytes:
 class MoubFile:
     """An open, validated .moub file. Use as a context manager."""
 
-    def __init__(self, path: str | os.PathLike, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, path: str | os.PathLike, limits: C.ReaderLimits = C.DEFAULT_LIMITS, batch_elements: int = DECODE_BATCH_ELEMENTS
+    ) -> None:
         self.path = Path(path)
+        self.batch_elements = batch_elements
         self.filename = str(path)
         self.limits = limits
         self._mmap: mmap.mmap | None = None
@@ -54,7 +60,8 @@ class MoubFile:
         except BaseException:
             self.close()
             raise
-        self._decoders: dict[int, CanonicalDecoder] = {}
+        self._lookups: dict[int, LookupTable | None] = {}
+        self._value_tables: dict[tuple, np.ndarray] = {}
 
     # lifecycle -------------------------------------------------------------
     def close(self) -> None:
@@ -118,31 +125,144 @@ class MoubFile:
             raise ChecksumError(f"{self.filename}: whole-payload digest mismatch")
 
     # decoding --------------------------------------------------------------
-    def _decoder(self, table: int) -> CanonicalDecoder:
-        if table not in self._decoders:
-            self._decoders[table] = CanonicalDecoder(self.index.tables[table])
-        return self._decoders[table]
+    def _lookup(self, table: int) -> LookupTable | None:
+        """The decode table of a validated Huffman table (None: the one-symbol table)."""
+        if table not in self._lookups:
+            lengths = self.index.tables[table]
+            self._lookups[table] = LookupTable(lengths) if np.count_nonzero(lengths) > 1 else None
+        return self._lookups[table]
+
+    def _values(self, table: int, codebook: int, dtype: int | None) -> np.ndarray:
+        """Per-pattern values in the storage dtype (dtype None: the symbols themselves)."""
+        key = (table, codebook, dtype)
+        if key not in self._value_tables:
+            by_symbol = (
+                np.arange(self.index.codebooks[codebook].size, dtype=np.uint32)
+                if dtype is None
+                else dtypes.cast_from_float32(self.index.codebooks[codebook], dtype)
+            )
+            lookup = self._lookup(table)
+            self._value_tables[key] = lookup.values(by_symbol) if lookup is not None else by_symbol
+        return self._value_tables[key]
+
+    def _chunk_lanes(self, tensor: TensorInfo, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per chunk: absolute start byte, declared bits, element count; checked to be
+        possible for codes of 1..max_length bits and to end in zero padding bits."""
+        n, per = tensor.n_elements, tensor.chunk_elements
+        n_chunks = len(tensor.chunk_bits)
+        bits = np.asarray(tensor.chunk_bits, dtype=np.int64)  # < 2**64 / 8 by the blob length check
+        counts = np.full(n_chunks, per, dtype=np.int64)
+        counts[-1] = n - per * (n_chunks - 1)
+        bad = np.flatnonzero((bits < counts) | (bits > counts * max_length))
+        if bad.size:
+            c = int(bad[0])
+            raise HuffmanError(
+                f"{self.filename}: tensor {tensor.path!r}: chunk_bits[{c}] = {int(bits[c])} is impossible for "
+                f"{int(counts[c])} codes of 1..{max_length} bits"
+            )
+        starts = np.zeros(n_chunks, dtype=np.int64)
+        np.cumsum((bits[:-1] + 7) >> 3, out=starts[1:])
+        starts += self.index.payload_offset + tensor.data.offset
+        tail = bits & 7
+        ragged = np.flatnonzero(tail)
+        if ragged.size:
+            last = np.frombuffer(self._mmap, dtype=np.uint8)[starts[ragged] + ((bits[ragged] + 7) >> 3) - 1]
+            dirty = np.flatnonzero(last & (np.uint8(0xFF) >> tail[ragged].astype(np.uint8)))
+            if dirty.size:
+                c = int(ragged[dirty[0]])
+                raise HuffmanError(
+                    f"{self.filename}: tensor {tensor.path!r}: chunk {c}: padding bits after bit {int(bits[c])} are not zero"
+                )
+        return starts, bits, counts
+
+    def _decode_group(self, tensors: list[TensorInfo], dtype: int | None) -> dict[str, np.ndarray]:
+        """Decode Huffman tensors sharing table, codebook, dtype and chunk size, all lanes at once.
+
+        Returns flat arrays (views into one buffer) of the storage dtype, or of
+        uint32 symbols when ``dtype`` is None.
+        """
+        first = tensors[0]
+        values = self._values(first.table, first.codebook, dtype)
+        lookup = self._lookup(first.table)
+        results: dict[str, np.ndarray] = {}
+        if lookup is None:  # one used symbol, code "0" of one bit: the stream is count zero bits
+            symbol_value = values[int(np.flatnonzero(self.index.tables[first.table])[0])]
+            for tensor in tensors:
+                data = self._checked(tensor.data, f"tensor {tensor.path!r}")
+                self._chunk_lanes(tensor, 1)  # 1-bit codes: bits == count for every chunk
+                n = tensor.n_elements
+                if np.frombuffer(data, dtype=np.uint8).any():
+                    raise HuffmanError(f"{self.filename}: tensor {tensor.path!r}: a one-symbol stream must be all zero bits")
+                results[tensor.path] = np.full(n, symbol_value, dtype=values.dtype)
+            return results
+        steps = first.chunk_elements
+        starts, bits, counts, rows = [], [], [], []
+        row = 0
+        for tensor in tensors:
+            self._checked(tensor.data, f"tensor {tensor.path!r}")
+            chunk_starts, chunk_bits, chunk_counts = self._chunk_lanes(tensor, lookup.max_length)
+            starts.append(chunk_starts)
+            bits.append(chunk_bits)
+            counts.append(chunk_counts)
+            rows.append((row, chunk_bits.size))
+            row += chunk_bits.size
+        lane_starts = np.concatenate(starts)
+        lane_bits = np.concatenate(bits)
+        lane_counts = np.concatenate(counts)
+        data, base = self._lane_bytes(tensors)
+        lane_starts -= base
+        out = np.empty((row, steps), dtype=values.dtype)
+        per_call = max(1, self.batch_elements // steps)
+        for a in range(0, row, per_call):
+            b = min(row, a + per_call)
+            consumed = decode_lanes(data, lane_starts[a:b], lane_bits[a:b], lane_counts[a:b], lookup, values, out[a:b])
+            bad = np.flatnonzero(consumed != lane_bits[a:b])
+            if bad.size:
+                self._raise_lane(tensors, rows, a + int(bad[0]), int(consumed[bad[0]]), int(lane_bits[a + bad[0]]))
+        for tensor, (r, n_chunks) in zip(tensors, rows):
+            results[tensor.path] = out[r : r + n_chunks].reshape(-1)[: tensor.n_elements]
+        return results
+
+    def _lane_bytes(self, tensors: list[TensorInfo]) -> tuple[np.ndarray, int]:
+        """The stream bytes of ``tensors`` with WINDOW_SLACK bytes after them, and the
+        file offset of element 0. A view of the mapping when the file has the slack."""
+        begin = self.index.payload_offset + min(t.data.offset for t in tensors)
+        end = self.index.payload_offset + max(t.data.offset + t.data.length for t in tensors)
+        if end + WINDOW_SLACK <= self.index.file_size:
+            return np.frombuffer(self._mmap, dtype=np.uint8, count=end + WINDOW_SLACK - begin, offset=begin), begin
+        data = np.zeros(end - begin + WINDOW_SLACK, dtype=np.uint8)
+        data[: end - begin] = np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=begin)
+        return data, begin
+
+    def _raise_lane(self, tensors: list[TensorInfo], rows: list[tuple[int, int]], lane: int, consumed: int, declared: int) -> None:
+        for tensor, (r, n_chunks) in zip(tensors, rows):
+            if r <= lane < r + n_chunks:
+                c = lane - r
+                count = min(tensor.chunk_elements, tensor.n_elements - c * tensor.chunk_elements)
+                raise HuffmanError(
+                    f"{self.filename}: tensor {tensor.path!r}: chunk {c}: {count} codes take {consumed} bits, "
+                    f"chunk_bits declares {declared} (stream truncated, cut mid-code or with bits left over)"
+                )
+        raise AssertionError("lane outside every tensor")
+
+    def _decode_huffman(self, tensors: list[TensorInfo], dtype_of=lambda t: t.dtype) -> dict[str, np.ndarray]:
+        """Decode Huffman tensors, grouped so each group shares one lane decode."""
+        groups: dict[tuple, list[TensorInfo]] = {}
+        results: dict[str, np.ndarray] = {}
+        for tensor in tensors:
+            if tensor.n_elements == 0:
+                results[tensor.path] = np.zeros(0, dtype=np.uint32 if dtype_of(tensor) is None else dtypes.STORAGE_DTYPES[tensor.dtype])
+                continue
+            key = (tensor.table, tensor.codebook, dtype_of(tensor), tensor.chunk_elements)
+            groups.setdefault(key, []).append(tensor)
+        for key, members in groups.items():
+            results.update(self._decode_group(members, key[2]))
+        return results
 
     def decode_indices(self, tensor: TensorInfo) -> np.ndarray:
-        """The codebook indices of a Huffman tensor, checked against its codebook."""
-        subject = f"tensor {tensor.path!r}"
-        data = self._checked(tensor.data, subject)
-        decoder = self._decoder(tensor.table)
-        n = tensor.n_elements
-        out = np.empty(n, dtype=np.uint32)
-        byte_pos = 0
-        for c, bits in enumerate(tensor.chunk_bits):
-            start = c * tensor.chunk_elements
-            count = min(tensor.chunk_elements, n - start)
-            length = (bits + 7) // 8
-            out[start : start + count] = decoder.decode(
-                data[byte_pos : byte_pos + length], bits, count, f"{self.filename}: {subject} chunk {c}"
-            )
-            byte_pos += length
-        size = self.index.codebooks[tensor.codebook].size
-        if n and int(out.max()) >= size:
-            raise CodebookError(f"{self.filename}: {subject}: index {int(out.max())} outside codebook of {size} entries")
-        return out
+        """The codebook indices of a Huffman tensor (uint32, flat). Every index is below the
+        codebook size by construction: the code-length table has one entry per codebook entry."""
+        return self._decode_huffman([tensor], dtype_of=lambda t: None)[tensor.path]
 
     def decode_tensor(self, tensor: TensorInfo) -> np.ndarray:
         """The tensor's values in their storage dtype (bf16 as uint16 bits), shaped."""
@@ -150,14 +270,29 @@ class MoubFile:
         if tensor.encoding == C.ENCODING_RAW:
             raw = self._unpack(tensor.data, f"tensor {tensor.path!r}")
             return np.frombuffer(raw, dtype=storage).reshape(tensor.dims)
-        indices = self.decode_indices(tensor)
-        values = self.index.codebooks[tensor.codebook][indices]
-        return dtypes.cast_from_float32(values, tensor.dtype).reshape(tensor.dims)
+        return self._decode_huffman([tensor])[tensor.path].reshape(tensor.dims)
 
     def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-        """Decode one tensor at a time, in file order (streaming)."""
-        for tensor in self.index.tensors:
-            yield tensor, self.decode_tensor(tensor)
+        """Decode one tensor at a time, in file order (streaming).
+
+        Huffman tensors are decoded in windows of about ``batch_elements``
+        elements (lanes of several tensors at once); memory holds one window.
+        """
+        tensors = list(self.index.tensors)
+        i = 0
+        while i < len(tensors):
+            window, elements = [], 0
+            while i < len(tensors) and (not window or elements < self.batch_elements):
+                window.append(tensors[i])
+                if tensors[i].encoding == C.ENCODING_HUFFMAN:
+                    elements += tensors[i].n_elements
+                i += 1
+            decoded = self._decode_huffman([t for t in window if t.encoding == C.ENCODING_HUFFMAN])
+            for tensor in window:
+                if tensor.encoding == C.ENCODING_HUFFMAN:
+                    yield tensor, decoded.pop(tensor.path).reshape(tensor.dims)
+                else:
+                    yield tensor, self.decode_tensor(tensor)
 
 
 def open_moub(path: str | os.PathLike, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> MoubFile:

@@ -95,15 +95,6 @@ def shared_tables(codebooks: Sequence[np.ndarray], tensors: Sequence[TensorSpec]
     return tables
 
 
-def _encode_chunks(indices: np.ndarray, lengths: np.ndarray, chunk_elements: int) -> tuple[bytes, list[int]]:
-    parts, bits = [], []
-    for start in range(0, indices.size, chunk_elements):
-        data, n_bits = huffman.encode(indices[start : start + chunk_elements], lengths)
-        parts.append(data)
-        bits.append(n_bits)
-    return b"".join(parts), bits
-
-
 def _validate_spec(tensor: TensorSpec, codebooks: Sequence[np.ndarray]) -> None:
     elements = 1
     for dim in tensor.dims:
@@ -138,6 +129,8 @@ def build(
     producer: str = PRODUCER,
 ) -> bytes:
     """Assemble a complete .moub file in memory and return its bytes."""
+    if not 1 <= chunk_elements <= C.DEFAULT_LIMITS.max_chunk_elements:
+        raise ValueError(f"chunk_elements {chunk_elements} outside [1, {C.DEFAULT_LIMITS.max_chunk_elements}]")
     if alignment <= 0 or alignment & (alignment - 1) or alignment > C.MAX_ALIGNMENT:
         raise ValueError(f"alignment {alignment} is not a power of two <= {C.MAX_ALIGNMENT}")
     codebooks = [np.ascontiguousarray(cb, dtype="<f4") for cb in codebooks]
@@ -163,7 +156,7 @@ def build(
             lengths = tables[table_id]
             if lengths.size != codebooks[tensor.codebook].size:
                 raise ValueError(f"tensor {tensor.path!r}: table {table_id} does not fit codebook {tensor.codebook}")
-            data, bits = _encode_chunks(np.asarray(tensor.indices, dtype=np.int64), lengths, chunk_elements)
+            data, bits = huffman.encode_chunks(tensor.indices, lengths, chunk_elements)
             stored.append(_Stored(data, C.CODEC_NONE, len(data)))
             chunk_bits.append(bits)
         else:
