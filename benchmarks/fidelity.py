@@ -76,7 +76,7 @@ class Evaluator:
         self.labels = labels
         self.n = len(next(iter(inputs.values())))
         self.reference_out = run(self.onnx_path, inputs, name)
-        self._characters: list[str] | None = None
+        self._decoder = None
         self.reference = self.score(self.reference_out)
 
     def evaluate(self, model: str | os.PathLike | bytes) -> Fidelity:
@@ -113,12 +113,13 @@ class Evaluator:
         """Strings by rapidocr's own CTC decoder and the character list stored in the model."""
         from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
 
-        if self._characters is None:
+        if self._decoder is None:
             import onnx
 
             meta = {p.key: p.value for p in onnx.load(str(self.onnx_path), load_external_data=False).metadata_props}
-            self._characters = meta["character"].splitlines()
-        return [text for text, _ in CTCLabelDecode(character=self._characters)(probs)]
+            # CTCLabelDecode inserts "blank" and " " into the list it is given: hand it its own copy.
+            self._decoder = CTCLabelDecode(character=list(meta["character"].splitlines()))
+        return [text for text, _ in self._decoder(probs)]
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:

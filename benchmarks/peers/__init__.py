@@ -47,6 +47,7 @@ class Context:
     passes: Callable[[Fidelity], bool]  # the headline rule
     search_npz: Path  # search-split DATA.npz (for methods that calibrate on data)
     smoke: bool = False
+    reference: Fidelity | None = None  # the fp32 model's own score on the test split
 
 
 def module(peer: str):
@@ -56,26 +57,46 @@ def module(peer: str):
 
 
 def sweep(ctx: Context, settings: list[Any], encode: Callable[[Any], Candidate],
-          midpoint: Callable[[Any, Any], Any] | None = None) -> list[Candidate]:
-    """Encode and score settings from smallest file to largest; stop at the first that passes.
+          midpoint: Callable[[Any, Any], Any] | None = None, bisect: bool = False) -> list[Candidate]:
+    """Encode and score settings ordered from smallest file to largest; find the first that passes.
 
-    After the first pass, one setting between it and the last failure is tried (if `midpoint`
-    gives one), so the headline is not an artefact of a coarse grid. Later settings only make
-    larger files, which cannot be the headline, so they are not spent.
+    Linear (default): in order, stopping at the first pass. Bisect: a binary search for the first
+    pass, assuming fidelity grows with the setting (log2 of the evaluations of a linear scan on a
+    long grid); every setting it scored is returned. Either way, after the first pass one setting
+    between it and the failure below it is tried (if `midpoint` gives one), so the headline is not
+    an artefact of a coarse grid. Later settings only make larger files, which cannot be the
+    headline, so they are not spent.
     """
-    done: list[Candidate] = []
-    last_fail = None
-    for s in settings:
-        cand = encode(s)
-        cand.fidelity = ctx.evaluate(cand.decoded)
-        done.append(cand)
-        if ctx.passes(cand.fidelity):
-            if midpoint is not None and last_fail is not None:
-                mid = midpoint(last_fail, s)
-                if mid is not None and mid not in (last_fail, s):
-                    extra = encode(mid)
-                    extra.fidelity = ctx.evaluate(extra.decoded)
-                    done.append(extra)
-            break
-        last_fail = s
+    scored: dict[int, Candidate] = {}
+
+    def score(i: int) -> Candidate:
+        if i not in scored:
+            cand = encode(settings[i])
+            if cand.fidelity is None:
+                cand.fidelity = ctx.evaluate(cand.decoded)
+            scored[i] = cand
+        return scored[i]
+
+    first = None
+    if bisect:
+        lo, hi = 0, len(settings) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if ctx.passes(score(mid).fidelity):
+                first, hi = mid, mid - 1
+            else:
+                lo = mid + 1
+    else:
+        for i in range(len(settings)):
+            if ctx.passes(score(i).fidelity):
+                first = i
+                break
+    done = [scored[i] for i in sorted(scored)]
+    if first is not None and first > 0 and (first - 1) in scored and midpoint is not None:
+        mid_setting = midpoint(settings[first - 1], settings[first])
+        if mid_setting is not None and mid_setting not in (settings[first - 1], settings[first]):
+            extra = encode(mid_setting)
+            if extra.fidelity is None:
+                extra.fidelity = ctx.evaluate(extra.decoded)
+            done.insert(done.index(scored[first]), extra)
     return done

@@ -5,6 +5,7 @@ tried first; where onnxruntime's CPU kernels refuse them (ConvInteger wants uint
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -19,9 +20,15 @@ METHOD = "onnxruntime int8 dynamic"
 def _quantize(src: Path, dst: Path, per_channel: bool, weight_type) -> float:
     from onnxruntime.quantization import quantize_dynamic
 
-    t = time.perf_counter()
-    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=weight_type)
-    return time.perf_counter() - t
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" advice, once per call
+    try:
+        t = time.perf_counter()
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=weight_type)
+        return time.perf_counter() - t
+    finally:
+        root.setLevel(level)
 
 
 def run(ctx: Context) -> list[Candidate]:

@@ -77,3 +77,27 @@ def _numel(t: onnx.TensorProto) -> int:
     for d in t.dims:
         n *= int(d)
     return n
+
+
+def pack_graph(graph: bytes) -> bytes:
+    """The stripped graph as the k-means and NNCodec files store it: zstd, length-prefixed.
+
+    moub's container deflates its graph too; giving the peers the same lossless treatment of
+    everything that is not a pooled weight keeps the comparison about the weights.
+    """
+    import struct
+
+    import zstandard
+
+    packed = zstandard.ZstdCompressor(level=C.ZSTD_LEVEL).compress(graph)
+    return struct.pack("<I", len(packed)) + packed
+
+
+def unpack_graph(blob: bytes, pos: int) -> tuple[bytes, int]:
+    """(graph bytes, position after it) from a file written with :func:`pack_graph`."""
+    import struct
+
+    import zstandard
+
+    (n,) = struct.unpack_from("<I", blob, pos)
+    return zstandard.ZstdDecompressor().decompress(blob[pos + 4:pos + 4 + n]), pos + 4 + n

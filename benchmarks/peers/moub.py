@@ -1,0 +1,186 @@
+"""moub itself, through the converter's Python API (`moub_converters.convert`), in two rows:
+
+    moub_paper  --mode paper, the paper's method (one global equal-width codebook, NSGA-II, merge, Huffman)
+    moub_best   the best mode the converter offers: the mode named by $MOUB_BENCH_BEST_MODE, else the
+                converter's default when that is not "paper", else its first other mode, else paper
+                (then the row repeats paper's file rather than spending the search twice)
+
+The search tunes on the search split (a converter DATA.npz); the table's fidelity is the decoded
+.moub (`moub_runtime.load`) run in onnxruntime on the test split, which the converter never sees.
+Each conversion runs in a subprocess (moub_worker.py) with a time limit. Besides the common
+columns a moub row reports the Huffman index bits per weight against the Shannon entropy of its
+index streams (per Huffman table, decoded from the file), the evaluations and the search time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .. import config as C
+from . import Candidate, Context, Unavailable
+
+ROWS = ("moub_paper", "moub_best")
+_RESULTS: dict[tuple[str, str], list[Candidate]] = {}  # (model, mode) -> candidates, for moub_best == paper
+
+
+def _converter():
+    try:
+        import moub_converters
+        from moub_converters import convert  # noqa: F401
+    except ImportError as exc:
+        raise Unavailable(f"unavailable: converter not yet installed (moub_converters.convert: {exc})") from None
+    return moub_converters
+
+
+def modes() -> list[str]:
+    """The converter's modes, as it lists them (`modes` / `MODES`), else just paper."""
+    conv = _converter()
+    listed = getattr(conv, "modes", None) or getattr(conv, "MODES", None)
+    if callable(listed):
+        listed = listed()
+    if isinstance(listed, dict):
+        listed = list(listed)
+    return [str(m) for m in listed] if listed else ["paper"]
+
+
+def best_mode() -> str:
+    forced = os.environ.get(C.MOUB_BEST_MODE_ENV)
+    if forced:
+        return forced
+    conv = _converter()
+    default = getattr(conv, "DEFAULT_MODE", None) or getattr(conv, "default_mode", None)
+    if callable(default):
+        default = default()
+    if default and default != "paper":
+        return str(default)
+    others = [m for m in modes() if m != "paper"]
+    return others[0] if others else "paper"
+
+
+def method_name(row: str) -> str:
+    if row == "moub_paper":
+        return "moub --mode paper"
+    try:
+        return f"moub best (--mode {best_mode()})"
+    except Unavailable:
+        return "moub best mode"
+
+
+METHOD = "moub"
+
+
+def index_stats(path: Path) -> dict:
+    """Exact Huffman index bits per weight and the Shannon entropy bound of the same streams.
+
+    The entropy is that of each Huffman table's own index histogram (all tensors coded with that
+    table), weighted by its share of the weights: the floor any code using those tables' symbol
+    statistics could reach.
+    """
+    from moub_format import MoubFile
+    from moub_format import constants as FC
+
+    per_table: dict[int, np.ndarray] = {}
+    bits = weights = 0
+    with MoubFile(path) as moub:
+        for t in moub.index.tensors:
+            if t.encoding != FC.ENCODING_HUFFMAN:
+                continue
+            idx = moub.decode_indices(t)
+            size = moub.index.codebooks[t.codebook].size
+            hist = np.bincount(idx, minlength=size).astype(np.int64)
+            prev = per_table.get(t.table)
+            per_table[t.table] = hist if prev is None else _add(prev, hist)
+            bits += sum(int(b) for b in t.chunk_bits)
+            weights += idx.size
+        codebooks = [cb.size for cb in moub.index.codebooks]
+    if not weights:
+        return {}
+    entropy_bits = 0.0
+    for hist in per_table.values():
+        p = hist[hist > 0] / hist.sum()
+        entropy_bits += float(hist.sum() * -(p * np.log2(p)).sum())
+    return {
+        "weights": weights,
+        "bits/weight": bits / weights,
+        "entropy": entropy_bits / weights,
+        "file bits/weight": 8 * path.stat().st_size / weights,
+        "codebook entries": sum(codebooks),
+        "tables": len(per_table),
+    }
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n = max(a.size, b.size)
+    return np.pad(a, (0, n - a.size)) + np.pad(b, (0, n - b.size))
+
+
+def _convert(ctx: Context, mode: str) -> Candidate:
+    metric = C.MOUB_METRICS.get(ctx.model, C.MOUB_METRIC)
+    out = ctx.work / f"moub_{mode}.moub"
+    summary_path = ctx.work / f"moub_{mode}.json"
+    job_path = ctx.work / f"moub_{mode}.job.json"
+    for p in (out, summary_path):
+        p.unlink(missing_ok=True)
+    job = {
+        "model": str(ctx.onnx_path), "data": str(ctx.search_npz), "out": str(out), "summary": str(summary_path),
+        "mode": mode, "metric": metric, "max_drop": C.MOUB_MAX_DROP, "seed": C.MOUB_SEED,
+        "options": C.MOUB_SMOKE_OPTIONS if ctx.smoke else C.MOUB_OPTIONS,
+    }
+    job_path.write_text(json.dumps(job))
+    limit = C.MOUB_SMOKE_TIMEOUT_S if ctx.smoke else C.MOUB_TIMEOUT_S.get(ctx.model, 600)
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.peers.moub_worker", str(job_path)],
+                              cwd=C.REPO, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"--mode {mode} did not finish within the bench's {limit} s budget for {ctx.model}") from None
+    wall = time.perf_counter() - t
+    if proc.returncode != 0 or not out.is_file() or not summary_path.is_file():
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise Unavailable(f"--mode {mode} failed (exit {proc.returncode}): {lines[-1][:200] if lines else 'no output'}")
+    summary = json.loads(summary_path.read_text())
+    import moub_runtime
+
+    decoded = ctx.work / f"moub_{mode}.onnx"
+    onnx.save(moub_runtime.load(out), str(decoded))
+    extra = dict(index_stats(out))
+    extra["evaluations"] = summary.get("evaluations")
+    search_s = summary.get("converter_wall_s") or summary.get("wall_s") or wall
+    extra["search s"] = search_s
+    extra["metric"] = f"{metric} on the search split, max drop {C.MOUB_MAX_DROP}"
+    if summary.get("quality_compressed") is not None:
+        extra["search quality"] = f"{summary['quality_original']:.4f} -> {summary['quality_compressed']:.4f}"
+    if summary.get("ignored_options"):
+        extra["note"] = f"convert() has no option {', '.join(summary['ignored_options'])}"
+    (ctx.work / f"moub_{mode}.report.json").write_text(json.dumps(summary.get("report"), indent=1))
+    setting = f"--mode {mode} --metric {metric} --max-drop {C.MOUB_MAX_DROP}"
+    return Candidate(setting, out, out.stat().st_size, search_s, decoded, extra=extra)
+
+
+def run(ctx: Context, row: str = "moub_paper") -> list[Candidate]:
+    _converter()
+    mode = "paper" if row == "moub_paper" else best_mode()
+    if row == "moub_best" and (ctx.model, mode) in _RESULTS:
+        same = []
+        for c in _RESULTS[(ctx.model, mode)]:
+            copy = Candidate(c.setting, c.file, c.nbytes, c.encode_s, c.decoded, c.fidelity, dict(c.extra))
+            copy.extra["note"] = f"--mode {mode} is the best mode the converter offers: the moub_paper row's file"
+            same.append(copy)
+        return same
+    cand = _convert(ctx, mode)
+    cand.fidelity = ctx.evaluate(cand.decoded)
+    _RESULTS[(ctx.model, mode)] = [cand]
+    return [cand]
+
+
+def load_session(path: Path):
+    import moub_runtime
+
+    return moub_runtime.InferenceSession(path)
