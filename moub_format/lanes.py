@@ -40,23 +40,24 @@ WORD_BITS = 16            # the window array has one 64-bit window per 16-bit wo
 WORD_SHIFT = 4
 WINDOW_SLACK = 8          # zero bytes a caller appends after the last lane's data
 BLOCK_STEPS = 128         # steps decoded into a small buffer before one transposing copy
+LANES_PER_BUILD = 64      # lanes of the window array built per transposing copy
 MAX_SYMBOLS_PER_WINDOW = 6
-W_ROWS_PER_BUILD = 64     # rows of W built per fancy-index call (bounds the index matrix)
 
 
 class LookupTable:
     """The ``2**L``-entry decode table of one validated canonical code.
 
-    ``lengths[v]`` is the length of the code that is a prefix of the L-bit
-    pattern ``v``, ``symbols[v]`` its symbol. Only for tables with at least two
-    used symbols and a Kraft sum of exactly 1 (checked by the caller; asserted
-    here by the tiling).
+    ``entries[v]`` packs, for the L-bit pattern ``v``, the length of the code
+    that is a prefix of ``v`` (low 32 bits) and its symbol (high 32 bits).
+    Only for tables with at least two used symbols and a Kraft sum of exactly
+    1 (checked by the caller; asserted here by the tiling).
     """
 
     def __init__(self, code_lengths: np.ndarray) -> None:
         code_lengths = np.asarray(code_lengths, dtype=np.int64)
         count, symbols = canonical_tables(code_lengths)
         self.max_length = len(count) - 1
+        self.alphabet = code_lengths.size
         sorted_symbols = np.asarray(symbols, dtype=np.int64)
         sorted_lengths = code_lengths[sorted_symbols]
         spans = np.left_shift(1, self.max_length - sorted_lengths)
@@ -64,34 +65,48 @@ class LookupTable:
             raise ValueError("lookup tables need a complete code (Kraft sum exactly 1)")
         # Canonical codes in (length, symbol) order are consecutive prefixes:
         # their L-bit ranges tile [0, 2**L) in that order.
-        self.lengths = np.repeat(sorted_lengths.astype(np.uint8), spans)
-        self.symbols = np.repeat(sorted_symbols.astype(np.uint32), spans)
+        self.lengths = np.repeat(sorted_lengths.astype(np.uint64), spans)
+        self.symbols = np.repeat(sorted_symbols.astype(np.uint64), spans)
         self.symbols_per_window = max(1, min(MAX_SYMBOLS_PER_WINDOW, (64 - (WORD_BITS - 1)) // self.max_length))
 
-    def values(self, by_symbol: np.ndarray) -> np.ndarray:
-        """The value table: ``by_symbol[symbols[v]]`` for every pattern v."""
-        return np.ascontiguousarray(by_symbol)[self.symbols]
+    def entries(self, by_symbol: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The packed table for decoding to ``by_symbol[symbol]``.
+
+        Values of at most 4 bytes travel in the table's high half (no second
+        lookup); wider ones (float64) come back as symbols plus ``by_symbol``
+        for a gather from the small per-symbol array.
+        """
+        by_symbol = np.ascontiguousarray(by_symbol)
+        if by_symbol.size != self.alphabet:
+            raise ValueError(f"{by_symbol.size} values for an alphabet of {self.alphabet}")
+        if by_symbol.dtype.itemsize <= 4:
+            bits = by_symbol.view(f"<u{by_symbol.dtype.itemsize}").astype(np.uint64)
+            return (bits[self.symbols.astype(np.intp)] << np.uint64(32)) | self.lengths, None
+        return (self.symbols << np.uint64(32)) | self.lengths, by_symbol
 
 
 def _windows(data: np.ndarray, word_base: np.ndarray, rows: int) -> np.ndarray:
-    """W[r, lane] = the 64 bits (big-endian) starting at 16-bit word ``word_base[lane] + r``.
+    """W[r, lane] = the 64 bits (big-endian) starting at 16-bit word ``word_base[lane] + r``, flat.
 
-    ``data`` must end with at least WINDOW_SLACK bytes the lanes do not own
-    (zeros), so that every window a valid lane needs lies inside it.
+    ``data`` must end with at least WINDOW_SLACK bytes the lanes do not own,
+    so that every window a valid lane needs lies inside it; windows past the
+    end of ``data`` read as zero. Built a few lanes at a time (contiguous
+    strided views of ``data``, one transposing copy), so the only large
+    allocation is W itself: 4 bytes per stream byte.
     """
     n_lanes = word_base.size
     n_words = (data.size - 8) // 2 + 1
-    # Little-endian u64 view at every 16-bit boundary (no copy), byte-swapped after the gather.
-    words = np.ndarray((n_words,), dtype="<u8", buffer=data, offset=0, strides=(2,))
-    out = np.empty((rows, n_lanes), dtype=np.uint64)
-    last = np.int64(n_words - 1)
-    for r0 in range(0, rows, W_ROWS_PER_BUILD):
-        r1 = min(rows, r0 + W_ROWS_PER_BUILD)
-        index = word_base[None, :] + np.arange(r0, r1, dtype=np.int64)[:, None]
-        np.minimum(index, last, out=index)
-        out[r0:r1] = words[index]
-    out.byteswap(inplace=True)
-    return out.reshape(-1)
+    W = np.empty((rows, n_lanes), dtype=np.uint64)
+    scratch = np.zeros((min(n_lanes, LANES_PER_BUILD), rows), dtype=np.uint64)
+    bases = word_base.tolist()
+    for a in range(0, n_lanes, LANES_PER_BUILD):
+        b = min(n_lanes, a + LANES_PER_BUILD)
+        for i, base in enumerate(bases[a:b]):
+            count = max(0, min(rows, n_words - base))
+            scratch[i, :count] = np.ndarray((count,), dtype=">u8", buffer=data, offset=2 * base, strides=(2,))
+            scratch[i, count:] = 0
+        W[:, a:b] = scratch[: b - a].T
+    return W.reshape(-1)
 
 
 def decode_lanes(
@@ -100,18 +115,20 @@ def decode_lanes(
     bits: np.ndarray,
     counts: np.ndarray,
     table: LookupTable,
-    value_table: np.ndarray,
+    by_symbol: np.ndarray,
     out: np.ndarray,
+    entries: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """Decode ``len(starts)`` chunks in lock step; return the bits each consumed.
 
-    ``data``: uint8 stream bytes, with WINDOW_SLACK zero bytes after the last
-    lane's data. Lane i starts at byte ``starts[i]``, declares ``bits[i]`` bits
-    and ``counts[i]`` symbols (1 <= counts[i] <= out.shape[1]). ``out`` is a
-    C-contiguous (lanes, steps) array of value_table's dtype; row i receives
-    lane i's values in its first ``counts[i]`` entries (the rest is scratch).
-    The result holds, per lane, the number of bits its ``counts[i]`` codes
-    took; the caller must compare it with ``bits``.
+    ``data``: uint8 stream bytes with WINDOW_SLACK bytes after the last lane's
+    data. Lane i starts at byte ``starts[i]``, declares ``bits[i]`` bits and
+    ``counts[i]`` symbols (1 <= counts[i] <= out.shape[1]). ``out`` is a
+    C-contiguous (lanes, steps) array of ``by_symbol``'s dtype; row i receives
+    ``by_symbol[symbol]`` for lane i's symbols in its first ``counts[i]``
+    entries (the rest is scratch). The result holds, per lane, the bits its
+    ``counts[i]`` codes took; the caller compares it with ``bits``.
+    ``entries``: ``table.entries(by_symbol)``, when the caller caches it.
     """
     n_lanes, steps = out.shape
     starts = np.asarray(starts, dtype=np.int64)
@@ -120,28 +137,33 @@ def decode_lanes(
     consumed = np.zeros(n_lanes, dtype=np.int64)
     if n_lanes == 0 or steps == 0:
         return consumed
-    L = table.max_length
+    packed, wide = entries if entries is not None else table.entries(by_symbol)
+    take_entry = packed.take
     word_base = starts >> 1
     first_bit = (starts & 1) * 8
-    # Rows a valid lane can need: its own words plus the 64-bit window at its last code.
     rows = int(((first_bit + bits + WORD_BITS - 1) >> WORD_SHIFT).max()) + 1
     W = _windows(data, word_base, rows)
-    take_window, take_value, take_length = W.take, value_table.take, table.lengths.take
+    take_window = W.take
 
-    # Bit positions are kept as (row, offset-in-window); p = row * 16 + offset.
-    position = first_bit.copy()
-    row = np.empty(n_lanes, dtype=np.int64)
-    flat = np.empty(n_lanes, dtype=np.int64)
+    # A lane's bit position is 16 * (flat // n_lanes) + offset, flat = row * n_lanes + lane.
+    flat = np.arange(n_lanes, dtype=np.int64)
+    flat_bits = flat.view(np.uint64)             # the same (non-negative) values, for same-type adds
+    offset = first_bit.astype(np.uint64)
     window = np.empty(n_lanes, dtype=np.uint64)
     pattern = np.empty(n_lanes, dtype=np.uint64)
     pattern_index = pattern.view(np.int64)       # < 2**L: the same bits as an index
-    offset = np.empty(n_lanes, dtype=np.uint64)
-    length = np.empty(n_lanes, dtype=np.uint8)
-    lane_ids = np.arange(n_lanes, dtype=np.int64)
-    stride = np.int64(n_lanes)
-    drop = np.uint64(64 - L)
+    advance = np.empty(n_lanes, dtype=np.uint64)
+    stride = np.uint64(n_lanes)
+    drop = np.uint64(64 - table.max_length)
     k = table.symbols_per_window
-    block = np.empty((min(BLOCK_STEPS, steps), n_lanes), dtype=out.dtype)
+    block_steps = min(BLOCK_STEPS, steps)
+    block = np.empty((block_steps, n_lanes), dtype=np.uint64)
+    halves = block.view(np.uint32)               # (steps, 2 * lanes): [length, value] pairs
+    itemsize = out.dtype.itemsize
+    if wide is None:
+        values = block.view(out.dtype)[:, 8 // itemsize // 2 :: 8 // itemsize]  # the high half's low bytes
+    else:
+        values = halves[:, 1::2]                 # symbols, mapped through ``wide`` at each flush
 
     # Lanes whose count ends before the last step: record their position there.
     finish: dict[int, np.ndarray] = {}
@@ -149,29 +171,32 @@ def decode_lanes(
     for c in np.unique(counts[short]).tolist():
         finish[int(c)] = short[counts[short] == c]
 
+    rows_of_block = [block[i] for i in range(block_steps)]
+    lengths_of_block = [halves[i, 0::2] for i in range(block_steps)]
     step = 0
     while step < steps:
         block_start = step
-        block_end = min(steps, step + BLOCK_STEPS)
+        block_end = min(steps, step + block_steps)
         while step < block_end:
-            np.right_shift(position, WORD_SHIFT, out=row)
-            np.multiply(row, stride, out=flat)
-            np.add(flat, lane_ids, out=flat)
             take_window(flat, None, window, "clip")
-            np.bitwise_and(position, WORD_BITS - 1, out=offset, casting="unsafe")
             for _ in range(min(k, block_end - step)):
                 np.left_shift(window, offset, out=pattern)
                 np.right_shift(pattern, drop, out=pattern)
-                take_value(pattern_index, None, block[step - block_start], "clip")
-                take_length(pattern_index, None, length, "clip")
-                np.add(offset, length, out=offset, casting="unsafe")
+                take_entry(pattern_index, None, rows_of_block[step - block_start], "clip")
+                np.add(offset, lengths_of_block[step - block_start], out=offset)
                 step += 1
                 done = finish.get(step)
                 if done is not None:
-                    consumed[done] = (row[done] << WORD_SHIFT) + offset[done].astype(np.int64) - first_bit[done]
-            np.left_shift(row, WORD_SHIFT, out=position)
-            np.add(position, offset, out=position, casting="unsafe")
-        out[:, block_start:block_end] = block[: block_end - block_start].T
+                    consumed[done] = ((flat[done] - done) // n_lanes) * WORD_BITS + offset[done].astype(np.int64) - first_bit[done]
+            np.right_shift(offset, WORD_SHIFT, out=advance)
+            np.bitwise_and(offset, WORD_BITS - 1, out=offset)
+            np.multiply(advance, stride, out=advance)
+            np.add(flat_bits, advance, out=flat_bits)
+        filled = block_end - block_start
+        if wide is None:
+            out[:, block_start:block_end] = values[:filled].T
+        else:
+            out[:, block_start:block_end] = wide.take(values[:filled].T)
     full = counts >= steps
-    consumed[full] = position[full] - first_bit[full]
+    consumed[full] = ((flat[full] - np.flatnonzero(full)) // n_lanes) * WORD_BITS + offset[full].astype(np.int64) - first_bit[full]
     return consumed

@@ -14,6 +14,7 @@ import mmap
 import os
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from .index import BlobInfo, Index, TensorInfo, parse_index
 
 
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
+MIN_LANES_PER_WORKER = 256       # below this a thread's NumPy calls are all overhead
 
 
 def _digest(algorithm: int, data) -> bytes:
@@ -37,10 +39,18 @@ class MoubFile:
     """An open, validated .moub file. Use as a context manager."""
 
     def __init__(
-        self, path: str | os.PathLike, limits: C.ReaderLimits = C.DEFAULT_LIMITS, batch_elements: int = DECODE_BATCH_ELEMENTS
+        self,
+        path: str | os.PathLike,
+        limits: C.ReaderLimits = C.DEFAULT_LIMITS,
+        batch_elements: int = DECODE_BATCH_ELEMENTS,
+        decode_workers: int | None = 1,
     ) -> None:
+        """Open and validate ``path``. ``decode_workers``: threads that decode Huffman
+        lanes (None: up to 4, one per core); ``batch_elements``: elements decoded
+        together, which bounds the decoder's working memory."""
         self.path = Path(path)
-        self.batch_elements = batch_elements
+        self.batch_elements = max(1, batch_elements)
+        self.decode_workers = max(1, decode_workers if decode_workers is not None else min(4, os.cpu_count() or 1))
         self.filename = str(path)
         self.limits = limits
         self._mmap: mmap.mmap | None = None
@@ -132,17 +142,16 @@ class MoubFile:
             self._lookups[table] = LookupTable(lengths) if np.count_nonzero(lengths) > 1 else None
         return self._lookups[table]
 
-    def _values(self, table: int, codebook: int, dtype: int | None) -> np.ndarray:
-        """Per-pattern values in the storage dtype (dtype None: the symbols themselves)."""
+    def _by_symbol(self, codebook: int, dtype: int | None) -> np.ndarray:
+        """Each symbol's decoded value in the storage dtype (dtype None: the symbol itself)."""
+        if dtype is None:
+            return np.arange(self.index.codebooks[codebook].size, dtype=np.uint32)
+        return dtypes.cast_from_float32(self.index.codebooks[codebook], dtype)
+
+    def _entries(self, table: int, codebook: int, dtype: int | None) -> tuple:
         key = (table, codebook, dtype)
         if key not in self._value_tables:
-            by_symbol = (
-                np.arange(self.index.codebooks[codebook].size, dtype=np.uint32)
-                if dtype is None
-                else dtypes.cast_from_float32(self.index.codebooks[codebook], dtype)
-            )
-            lookup = self._lookup(table)
-            self._value_tables[key] = lookup.values(by_symbol) if lookup is not None else by_symbol
+            self._value_tables[key] = self._lookup(table).entries(self._by_symbol(codebook, dtype))
         return self._value_tables[key]
 
     def _chunk_lanes(self, tensor: TensorInfo, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -182,18 +191,18 @@ class MoubFile:
         uint32 symbols when ``dtype`` is None.
         """
         first = tensors[0]
-        values = self._values(first.table, first.codebook, dtype)
+        by_symbol = self._by_symbol(first.codebook, dtype)
         lookup = self._lookup(first.table)
         results: dict[str, np.ndarray] = {}
         if lookup is None:  # one used symbol, code "0" of one bit: the stream is count zero bits
-            symbol_value = values[int(np.flatnonzero(self.index.tables[first.table])[0])]
+            symbol_value = by_symbol[int(np.flatnonzero(self.index.tables[first.table])[0])]
             for tensor in tensors:
                 data = self._checked(tensor.data, f"tensor {tensor.path!r}")
                 self._chunk_lanes(tensor, 1)  # 1-bit codes: bits == count for every chunk
                 n = tensor.n_elements
                 if np.frombuffer(data, dtype=np.uint8).any():
                     raise HuffmanError(f"{self.filename}: tensor {tensor.path!r}: a one-symbol stream must be all zero bits")
-                results[tensor.path] = np.full(n, symbol_value, dtype=values.dtype)
+                results[tensor.path] = np.full(n, symbol_value, dtype=by_symbol.dtype)
             return results
         steps = first.chunk_elements
         starts, bits, counts, rows = [], [], [], []
@@ -211,14 +220,26 @@ class MoubFile:
         lane_counts = np.concatenate(counts)
         data, base = self._lane_bytes(tensors)
         lane_starts -= base
-        out = np.empty((row, steps), dtype=values.dtype)
+        entries = self._entries(first.table, first.codebook, dtype)
+        out = np.empty((row, steps), dtype=by_symbol.dtype)
         per_call = max(1, self.batch_elements // steps)
-        for a in range(0, row, per_call):
-            b = min(row, a + per_call)
-            consumed = decode_lanes(data, lane_starts[a:b], lane_bits[a:b], lane_counts[a:b], lookup, values, out[a:b])
-            bad = np.flatnonzero(consumed != lane_bits[a:b])
-            if bad.size:
-                self._raise_lane(tensors, rows, a + int(bad[0]), int(consumed[bad[0]]), int(lane_bits[a + bad[0]]))
+        if self.decode_workers > 1:
+            per_call = max(MIN_LANES_PER_WORKER, min(per_call, -(-row // self.decode_workers)))
+        spans = [(a, min(row, a + per_call)) for a in range(0, row, per_call)]
+
+        def run(span: tuple[int, int]) -> np.ndarray:
+            a, b = span
+            return decode_lanes(data, lane_starts[a:b], lane_bits[a:b], lane_counts[a:b], lookup, by_symbol, out[a:b], entries)
+
+        if self.decode_workers > 1 and len(spans) > 1:
+            with ThreadPoolExecutor(min(self.decode_workers, len(spans))) as pool:
+                consumed_parts = list(pool.map(run, spans))
+        else:
+            consumed_parts = [run(span) for span in spans]
+        consumed = np.concatenate(consumed_parts)
+        bad = np.flatnonzero(consumed != lane_bits)
+        if bad.size:
+            self._raise_lane(tensors, rows, int(bad[0]), int(consumed[bad[0]]), int(lane_bits[bad[0]]))
         for tensor, (r, n_chunks) in zip(tensors, rows):
             results[tensor.path] = out[r : r + n_chunks].reshape(-1)[: tensor.n_elements]
         return results

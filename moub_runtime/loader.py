@@ -9,6 +9,7 @@ refused: a .moub is self-contained.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,8 +82,10 @@ def consumed_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _open(path: str | os.PathLike, limits: ReaderLimits) -> tuple[MoubFile, onnx.ModelProto, dict[str, TensorSite]]:
-    moub = MoubFile(path, limits)
+def _open(
+    path: str | os.PathLike, limits: ReaderLimits, decode_workers: int | None = None
+) -> tuple[MoubFile, onnx.ModelProto, dict[str, TensorSite]]:
+    moub = MoubFile(path, limits, decode_workers=decode_workers)
     try:
         model = parse_graph(moub)
         return moub, model, match_sites(moub, model)
@@ -91,32 +94,86 @@ def _open(path: str | os.PathLike, limits: ReaderLimits) -> tuple[MoubFile, onnx
         raise
 
 
-def decode_tensors(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> Iterator[tuple[str, np.ndarray]]:
+def decode_tensors(
+    path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1
+) -> Iterator[tuple[str, np.ndarray]]:
     """Stream (site path, array in storage dtype) one tensor at a time."""
-    moub, _, _ = _open(path, limits)
+    moub, _, _ = _open(path, limits, decode_workers)
     with moub:
         for info, array in moub.iter_tensors():
             yield info.path, array
 
 
-def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> onnx.ModelProto:
+def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = None) -> onnx.ModelProto:
     """Decode a .moub into an onnx.ModelProto with all weights inline (like onnx.load)."""
-    moub, model, sites = _open(path, limits)
+    moub, model, sites = _open(path, limits, decode_workers)
     with moub:
         for info, array in moub.iter_tensors():
             fill_payload(sites[info.path].tensor, array)
     return model
 
 
+@functools.lru_cache(maxsize=1)
+def ort_copies_external_initializers() -> bool:
+    """Whether this onnxruntime copies the OrtValues given to ``add_external_initializers``.
+
+    onnxruntime 1.32 copies them during session creation; older releases may
+    borrow the buffers for the session's lifetime. Probed once per process on
+    a 64-float weight whose buffer is overwritten after the session exists.
+    """
+    from onnx import TensorProto, helper
+
+    weight = np.arange(1, 65, dtype=np.float32).reshape(1, 64)
+    stub = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1, 64])
+    mark_in_memory(stub)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [stub],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    options = onnxruntime.SessionOptions()
+    options.add_external_initializers(["w"], [onnxruntime.OrtValue.ortvalue_from_numpy(weight)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    weight[...] = 0
+    (result,) = session.run(None, {"x": np.zeros((1, 64), dtype=np.float32)})
+    return bool(np.array_equal(result, np.arange(1, 65, dtype=np.float32).reshape(1, 64)))
+
+
+def _ort_value(array: np.ndarray, onnx_dtype: int) -> onnxruntime.OrtValue | None:
+    """An OrtValue over ``array``'s memory (bfloat16 from its uint16 bits where supported)."""
+    if onnx_dtype != BFLOAT16:
+        return onnxruntime.OrtValue.ortvalue_from_numpy(array)
+    make = getattr(onnxruntime.OrtValue, "ortvalue_from_numpy_with_onnx_type", None)
+    return make(array, onnx_dtype) if make is not None else None
+
+
+def _constant_node_index(path: str) -> int | None:
+    """Node number of a main-graph ``Constant`` site path (``node:I/value``), else None."""
+    if path.startswith("node:") and path.endswith("/value") and path.count("/") == 1:
+        return int(path[len("node:") : -len("/value")])
+    return None
+
+
 class InferenceSession(onnxruntime.InferenceSession):
     """An onnxruntime session straight from a .moub file.
 
-    Main-graph weights reach onnxruntime as OrtValues over the decoded numpy
-    arrays (``SessionOptions.add_external_initializers``, the graph holding
-    external-data stubs in their place): no serialized copy of the weights is
-    ever made. (``add_initializer`` over a stub with no data fails validation
-    in onnxruntime for tensors above 127 bytes.) Weights inside subgraphs and Constant nodes are put
-    back into the graph, which onnxruntime cannot be handed otherwise.
+    Weights of the main graph (initializers, and ``Constant`` nodes, which
+    onnxruntime turns into initializers anyway) reach onnxruntime as OrtValues
+    over the decoded arrays (``SessionOptions.add_external_initializers``, the
+    graph holding external-data stubs in their place), so no serialized copy
+    of them is ever made. onnxruntime 1.32 copies those buffers while the
+    session is created; when it does (probed once, see
+    :func:`ort_copies_external_initializers`), the decoded arrays are freed as
+    soon as the session exists, leaving onnxruntime's copy only. Weights
+    inside subgraphs are put back into the graph, which onnxruntime cannot be
+    handed otherwise.
+
+    ``decode_workers`` threads decode the Huffman streams (NumPy releases the
+    GIL in its loops); the default uses up to 4 cores.
     """
 
     def __init__(
@@ -125,31 +182,49 @@ class InferenceSession(onnxruntime.InferenceSession):
         sess_options: onnxruntime.SessionOptions | None = None,
         providers: list | None = None,
         limits: ReaderLimits = DEFAULT_LIMITS,
+        decode_workers: int | None = None,
         **kwargs,
     ) -> None:
         options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
         names: list[str] = []
         self._moub_weights: list[onnxruntime.OrtValue] = []
         self._moub_arrays: list[np.ndarray] = []
-        moub, model, sites = _open(path, limits)
+        moub, model, sites = _open(path, limits, decode_workers)
         consumed = consumed_names(model)
+        graph_outputs = {output.name for output in model.graph.output}
+        constants_to_lift: list[int] = []
         with moub:
             for info, array in moub.iter_tensors():
                 tensor = sites[info.path].tensor
-                # onnxruntime drops unused initializers before replacing them, so those stay inline.
-                if is_main_graph_initializer(info.path) and info.dtype != BFLOAT16 and tensor.name in consumed:
-                    array = np.ascontiguousarray(array)
-                    self._moub_arrays.append(array)  # the OrtValue borrows this memory
-                    self._moub_weights.append(onnxruntime.OrtValue.ortvalue_from_numpy(array))
-                    names.append(tensor.name)
+                node_index = _constant_node_index(info.path)
+                name = model.graph.node[node_index].output[0] if node_index is not None else tensor.name
+                liftable = is_main_graph_initializer(info.path) or (node_index is not None and name not in graph_outputs)
+                value = _ort_value(array, info.dtype) if liftable and name in consumed else None
+                if value is None:
+                    # onnxruntime drops unused initializers before replacing them, so those stay inline.
+                    fill_payload(tensor, array)
+                    continue
+                self._moub_arrays.append(array)  # the OrtValue borrows this memory
+                self._moub_weights.append(value)
+                names.append(name)
+                if node_index is None:
                     mark_in_memory(tensor)
                 else:
-                    fill_payload(tensor, array)
+                    stub = model.graph.initializer.add()
+                    stub.name, stub.data_type = name, tensor.data_type
+                    stub.dims.extend(tensor.dims)
+                    mark_in_memory(stub)
+                    constants_to_lift.append(node_index)
+                del array
+        for node_index in sorted(constants_to_lift, reverse=True):
+            del model.graph.node[node_index]
         if names:
             options.add_external_initializers(names, self._moub_weights)
         graph = model.SerializeToString()
-        del model
+        del model, sites
         super().__init__(graph, sess_options=options, providers=providers or ["CPUExecutionProvider"], **kwargs)
+        if names and ort_copies_external_initializers():
+            self._moub_weights, self._moub_arrays = [], []
         self.moub_path = Path(path)
 
 

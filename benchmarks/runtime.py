@@ -1,0 +1,371 @@
+"""Runtime benchmark: decode throughput, peak RSS and load time of ``.moub`` -> session.
+
+For a ~20 M-weight transformer-shaped model built with ``onnx.helper`` and for
+the real models that ship in PyPI wheels (magika, rapidocr cls/rec/det), each
+quantized with equal-width bins (k = 256, float tensors of >= 1024 elements):
+
+* decode throughput: Huffman-coded weights decoded per second on ONE core
+  (the lane decoder of ``moub_format``; ``--reference`` adds bitarray's
+  ``canonical_decode``, the decoder this project used before);
+* peak RSS of ``.moub`` -> ``moub_runtime.InferenceSession`` in a fresh
+  subprocess, counted above the RSS right after importing numpy, onnx and
+  onnxruntime (importing moub_runtime is counted against the load), next to
+  the same figure for ``.onnx`` -> ``onnxruntime.InferenceSession``;
+* load time ``.moub`` -> session against ``.onnx`` -> session, best of a few,
+  both with one intra-op thread (decoding runs on the calling thread only).
+
+Targets (issue 2): >= 25 M weights/s on one core; peak RSS <= 1.3 x decoded
+fp32 size + 64 MB; load time <= 2 x the plain ONNX load.
+
+Run: ``.venv/bin/python -m benchmarks.runtime [--models synthetic,magika,...]``.
+Writes ``benchmarks/out/runtime.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache" / "runtime"
+OUT = ROOT / "out"
+BINS = 256
+MIN_ELEMENTS = 1024
+CACHE_VERSION = "1"       # bump when the synthetic model or the encoding changes
+MODELS = ("synthetic", "magika", "cls", "rec", "det")
+TARGET_WEIGHTS_PER_S = 25e6
+TARGET_RSS_FACTOR, TARGET_RSS_CONSTANT = 1.3, 64 * 2**20
+TARGET_LOAD_RATIO = 2.0
+
+# ---------------------------------------------------------------- models
+
+
+def transformer_model(seed: int = 0, vocab: int = 8192, d: int = 512, layers: int = 6, ff: int = 1536, seq: int = 32):
+    """A transformer-shaped graph: embedding Gather, then pre-LN blocks of single-head
+    attention and a GELU-ish MLP; weights random with realistic scales
+    (N(0, 0.02) matrices, LayerNorm gains near 1, small biases). About 20 M weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits: list = []
+
+    def weight(name: str, shape: tuple[int, ...], scale: float = 0.02, mean: float = 0.0) -> str:
+        values = (rng.standard_normal(shape) * scale + mean).astype(np.float32)
+        inits.append(numpy_helper.from_array(values, name))
+        return name
+
+    nodes = [helper.make_node("Gather", [weight("embed", (vocab, d)), "ids"], ["h0"])]
+    h = "h0"
+    inv_sqrt_d = numpy_helper.from_array(np.array(1.0 / np.sqrt(d), np.float32), "inv_sqrt_d")
+    inits.append(inv_sqrt_d)
+    for i in range(layers):
+        p = f"l{i}."
+        g1, b1 = weight(p + "ln1.g", (d,), 0.05, 1.0), weight(p + "ln1.b", (d,), 0.02)
+        nodes.append(helper.make_node("LayerNormalization", [h, g1, b1], [p + "x"], axis=-1))
+        for proj in ("q", "k", "v"):
+            nodes.append(helper.make_node("MatMul", [p + "x", weight(p + "W" + proj, (d, d))], [p + proj]))
+        nodes += [
+            helper.make_node("Transpose", [p + "k"], [p + "kt"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", [p + "q", p + "kt"], [p + "s0"]),
+            helper.make_node("Mul", [p + "s0", "inv_sqrt_d"], [p + "s"]),
+            helper.make_node("Softmax", [p + "s"], [p + "a"], axis=-1),
+            helper.make_node("MatMul", [p + "a", p + "v"], [p + "c"]),
+            helper.make_node("MatMul", [p + "c", weight(p + "Wo", (d, d))], [p + "o"]),
+            helper.make_node("Add", [h, p + "o"], [p + "r1"]),
+        ]
+        g2, b2 = weight(p + "ln2.g", (d,), 0.05, 1.0), weight(p + "ln2.b", (d,), 0.02)
+        nodes += [
+            helper.make_node("LayerNormalization", [p + "r1", g2, b2], [p + "y"], axis=-1),
+            helper.make_node("MatMul", [p + "y", weight(p + "W1", (d, ff))], [p + "f0"]),
+            helper.make_node("Add", [p + "f0", weight(p + "b1", (ff,), 0.01)], [p + "f1"]),
+            helper.make_node("Relu", [p + "f1"], [p + "f2"]),
+            helper.make_node("MatMul", [p + "f2", weight(p + "W2", (ff, d))], [p + "f3"]),
+            helper.make_node("Add", [p + "f3", weight(p + "b2", (d,), 0.01)], [p + "f4"]),
+            helper.make_node("Add", [p + "r1", p + "f4"], [p + "out"]),
+        ]
+        h = p + "out"
+    nodes.append(helper.make_node("MatMul", [h, "embed_t"], ["logits"]))
+    embed_t = numpy_helper.to_array(inits[0]).T.copy()
+    inits.append(numpy_helper.from_array((embed_t[:, :1024] * 1.0).astype(np.float32), "embed_t"))
+    graph = helper.make_graph(
+        nodes,
+        "transformer",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, seq, 1024])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="moub-bench")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def real_model_path(name: str) -> Path:
+    from .models import model_path
+
+    return model_path(name)
+
+
+def equal_width(model, k: int = BINS, min_elements: int = MIN_ELEMENTS):
+    """One pooled codebook of k equal-width bins (member means) over every float
+    tensor site with at least ``min_elements`` values; (codebook, {path: assignment})."""
+    from moub_converters.encode import TensorAssignment
+    from onnx import numpy_helper
+
+    from moub_format import dtypes
+    from moub_runtime.sites import iter_tensor_sites
+
+    sites = []
+    for site in iter_tensor_sites(model):
+        count = 1
+        for dim in site.tensor.dims:
+            count *= int(dim)
+        if site.tensor.data_type in dtypes.FLOAT_DTYPES and count >= min_elements:
+            sites.append(site)
+    arrays = {s.path: np.asarray(numpy_helper.to_array(s.tensor), dtype=np.float32).ravel() for s in sites}
+    pooled = np.concatenate(list(arrays.values()))
+    lo, hi = float(pooled.min()), float(pooled.max())
+
+    def bins(values: np.ndarray) -> np.ndarray:
+        return np.clip(((values.astype(np.float64) - lo) / (hi - lo) * k).astype(np.int64), 0, k - 1)
+
+    pooled_bins = bins(pooled)
+    counts = np.bincount(pooled_bins, minlength=k)
+    used = np.flatnonzero(counts)
+    remap = np.full(k, -1, dtype=np.int64)
+    remap[used] = np.arange(used.size)
+    codebook = (np.bincount(pooled_bins, weights=pooled, minlength=k)[used] / counts[used]).astype(np.float32)
+    return codebook, {p: TensorAssignment(0, remap[bins(a)]) for p, a in arrays.items()}
+
+
+def prepare(name: str) -> tuple[Path, Path]:
+    """(.onnx, .moub) paths for a benchmark model, built and cached on first use."""
+    import onnx
+    from moub_converters.encode import encode_model
+
+    from moub_format.writer import write_atomic
+
+    folder = CACHE / f"v{CACHE_VERSION}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "synthetic":
+        onnx_path = folder / "transformer.onnx"
+        if not onnx_path.exists():
+            tmp = onnx_path.with_suffix(".tmp")
+            onnx.save_model(transformer_model(), tmp)
+            os.replace(tmp, onnx_path)
+    else:
+        onnx_path = real_model_path(name)
+    moub_path = folder / f"{name}.moub"
+    if not moub_path.exists():
+        model = onnx.load(onnx_path)
+        codebook, assignments = equal_width(model)
+        write_atomic(moub_path, encode_model(model, [codebook], assignments, {"moub.benchmark": "runtime"}))
+    return onnx_path, moub_path
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def decode_throughput(moub_path: Path, repeats: int = 3, reference: bool = False) -> dict:
+    """Best-of-``repeats`` Huffman weights/s of the lane decoder on the calling thread
+    (process CPU time, so other processes on the machine do not count)."""
+    from moub_format import MoubFile
+    from moub_format import constants as C
+
+    with MoubFile(moub_path) as moub:
+        huff = [t for t in moub.index.tensors if t.encoding == C.ENCODING_HUFFMAN]
+        weights = sum(t.n_elements for t in huff)
+        best_cpu = best_wall = float("inf")
+        for _ in range(repeats):
+            moub._lookups.clear()
+            moub._value_tables.clear()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for tensor, _array in moub.iter_tensors():
+                pass
+            best_cpu = min(best_cpu, time.process_time() - cpu)
+            best_wall = min(best_wall, time.perf_counter() - wall)
+        result = {"weights": weights, "seconds_cpu": best_cpu, "seconds_wall": best_wall,
+                  "weights_per_s": weights / best_cpu if best_cpu else float("inf")}
+        if reference:
+            result["reference_weights_per_s"] = _reference_throughput(moub, huff)
+    return result
+
+
+def _reference_throughput(moub, tensors) -> float:
+    """bitarray canonical_decode chunk by chunk: the decoder before the lane decoder."""
+    from moub_format.huffman import CanonicalDecoder
+
+    weights = sum(t.n_elements for t in tensors)
+    cpu = time.process_time()
+    decoders: dict[int, CanonicalDecoder] = {}
+    for tensor in tensors:
+        decoder = decoders.setdefault(tensor.table, CanonicalDecoder(moub.index.tables[tensor.table]))
+        data = moub.stored_bytes(tensor.data)
+        position = 0
+        for c, bits in enumerate(tensor.chunk_bits):
+            count = min(tensor.chunk_elements, tensor.n_elements - c * tensor.chunk_elements)
+            length = (bits + 7) // 8
+            decoder.decode(data[position : position + length], bits, count)
+            position += length
+    return weights / (time.process_time() - cpu)
+
+
+_RSS_CHILD = r"""
+import json, sys, time
+import numpy, onnx, onnxruntime
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+except OSError:
+    pass
+base = status("VmRSS")
+kind, path = sys.argv[1], sys.argv[2]
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads = 1
+options.inter_op_num_threads = 1
+start = time.perf_counter()
+if kind == "moub":
+    import moub_runtime
+    session = moub_runtime.InferenceSession(path, sess_options=options)
+else:
+    session = onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+seconds = time.perf_counter() - start
+print(json.dumps({"base": base, "peak": status("VmHWM"), "after": status("VmRSS"), "seconds": seconds}))
+"""
+
+
+def peak_rss(kind: str, path: Path) -> dict:
+    """Peak RSS of loading ``path`` into a session, in a fresh interpreter, above its
+    RSS right after importing numpy, onnx and onnxruntime."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT.parent))
+    result = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, kind, str(path)], capture_output=True, text=True, env=env, check=True
+    )
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures["peak_above_base"] = figures["peak"] - figures["base"]
+    return figures
+
+
+def load_times(onnx_path: Path, moub_path: Path, repeats: int = 5) -> dict:
+    """Best-of-``repeats`` wall time of path -> session for both formats, one intra-op thread."""
+    import onnxruntime
+
+    import moub_runtime
+
+    def options():
+        o = onnxruntime.SessionOptions()
+        o.intra_op_num_threads = 1
+        o.inter_op_num_threads = 1
+        return o
+
+    best = {"onnx": float("inf"), "moub": float("inf")}
+    for _ in range(repeats):
+        for kind in ("onnx", "moub"):
+            start = time.perf_counter()
+            if kind == "onnx":
+                session = onnxruntime.InferenceSession(str(onnx_path), sess_options=options(), providers=["CPUExecutionProvider"])
+            else:
+                session = moub_runtime.InferenceSession(moub_path, sess_options=options())
+            best[kind] = min(best[kind], time.perf_counter() - start)
+            del session
+    return {"onnx_s": best["onnx"], "moub_s": best["moub"], "ratio": best["moub"] / best["onnx"]}
+
+
+def decoded_fp32_bytes(moub_path: Path) -> int:
+    """Bytes of every stored tensor decoded, counting float tensors at 4 bytes per element,
+    plus the graph (what the decoded .onnx holds)."""
+    from moub_format import MoubFile, dtypes
+
+    with MoubFile(moub_path) as moub:
+        total = moub.index.graph.decoded_length
+        for t in moub.index.tensors:
+            total += t.n_elements * (4 if t.dtype in dtypes.FLOAT_DTYPES else dtypes.STORAGE_DTYPES[t.dtype].itemsize)
+    return total
+
+
+# ---------------------------------------------------------------- driver
+
+
+def measure(name: str, repeats: int, reference: bool) -> dict:
+    onnx_path, moub_path = prepare(name)
+    row: dict = {"model": name, "onnx_bytes": onnx_path.stat().st_size, "moub_bytes": moub_path.stat().st_size}
+    row["decode"] = decode_throughput(moub_path, repeats, reference)
+    decoded = decoded_fp32_bytes(moub_path)
+    row["decoded_fp32_bytes"] = decoded
+    rss_moub = peak_rss("moub", moub_path)
+    rss_onnx = peak_rss("onnx", onnx_path)
+    row["rss"] = {"moub": rss_moub, "onnx": rss_onnx,
+                  "limit": TARGET_RSS_FACTOR * decoded + TARGET_RSS_CONSTANT}
+    row["load"] = load_times(onnx_path, moub_path, repeats)
+    row["targets"] = {
+        "throughput": row["decode"]["weights_per_s"] >= TARGET_WEIGHTS_PER_S,
+        "rss": rss_moub["peak_above_base"] <= row["rss"]["limit"],
+        "load": row["load"]["ratio"] <= TARGET_LOAD_RATIO,
+    }
+    return row
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    lines = [
+        f"{'model':10} {'weights':>9} {'decode M/s':>10} {'(before)':>8} {'peak RSS MB':>11} {'limit MB':>8} "
+        f"{'onnx RSS':>8} {'load s':>7} {'onnx s':>7} {'ratio':>6}  targets",
+    ]
+    for r in rows:
+        ref = r["decode"].get("reference_weights_per_s")
+        ok = " ".join(f"{k}:{'ok' if v else 'MISSED'}" for k, v in r["targets"].items())
+        lines.append(
+            f"{r['model']:10} {r['decode']['weights'] / 1e6:8.2f}M {r['decode']['weights_per_s'] / 1e6:10.1f} "
+            f"{(f'{ref / 1e6:.1f}' if ref else '-'):>8} {_mb(r['rss']['moub']['peak_above_base']):>11} "
+            f"{_mb(r['rss']['limit']):>8} {_mb(r['rss']['onnx']['peak_above_base']):>8} "
+            f"{r['load']['moub_s']:7.3f} {r['load']['onnx_s']:7.3f} {r['load']['ratio']:6.2f}  {ok}"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.runtime", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--reference", action="store_true", help="also time bitarray's decoder (the one used before)")
+    parser.add_argument("--out", default=str(OUT / "runtime.json"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rows = []
+    for name in [m for m in args.models.split(",") if m]:
+        try:
+            rows.append(measure(name, args.repeats, args.reference))
+        except Exception as exc:  # a missing wheel must not hide the other rows
+            if type(exc).__name__ != "ModelUnavailable":
+                raise
+            print(f"{name}: skipped ({exc})", file=sys.stderr)
+    for line in format_table(rows):
+        print(line)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "load_average": os.getloadavg()}, indent=2) + "\n")
+    print(f"wrote {out} (load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
