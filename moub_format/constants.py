@@ -14,7 +14,7 @@ FILE_EXTENSION = ".moub"
 # Versioning: a reader accepts any file whose major equals FORMAT_MAJOR, whatever
 # its minor, provided every bit of required_features is one it knows.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1             # 1.1 added Model.index_digest
 KNOWN_REQUIRED_FEATURES = 0  # bit mask of required-feature flags this reader implements
 
 # Layout

@@ -79,6 +79,7 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("tensors", TABLE_VECTOR, table="Tensor"),
         Field("metadata", TABLE_VECTOR, table="MetadataEntry"),
         Field("payload_digest", TABLE, table="Checksum"),
+        Field("index_digest", TABLE, table="Checksum"),
     ),
 }
 ROOT_TABLE = "Model"

@@ -9,6 +9,7 @@ before the whole index has passed.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from . import constants as C
 from . import dtypes, fbverify
 from .errors import (
+    ChecksumError,
     CodebookError,
     EnumError,
     HuffmanError,
@@ -131,19 +133,19 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
     where = f"tensor {path!r}" if path else f"tensor #{i}"
     dtype = table.Dtype()
     if dtype not in dtypes.STORAGE_DTYPES:
-        raise EnumError(f"{filename}: {where}: unknown element type {dtype}")
+        raise EnumError(f"{filename}: {where}: dtype {dtype} is not an element type this reader knows")
     rank = table.DimsLength()
     _cap(rank, limits.max_rank, f"{where}: rank", filename)
     dims = tuple(int(d) for d in (table.DimsAsNumpy() if rank else ()))
     if any(d < 0 for d in dims):
-        raise LimitError(f"{filename}: {where}: negative dimension in {list(dims)}")
+        raise LimitError(f"{filename}: {where}: dims {list(dims)} hold a negative dimension")
     elements = 1
     for d in dims:  # Python ints: no wrap-around
         elements *= d
-    _cap(elements, limits.max_tensor_elements, f"{where}: element count", filename)
+    _cap(elements, limits.max_tensor_elements, f"{where}: element count (product of dims)", filename)
     encoding = table.Encoding()
     if encoding not in C.ENCODINGS:
-        raise EnumError(f"{filename}: {where}: unknown encoding {encoding}")
+        raise EnumError(f"{filename}: {where}: encoding {encoding} is not one this reader knows")
     data = _blob(table.Data(), where + ".data", filename, limits)
     itemsize = dtypes.STORAGE_DTYPES[dtype].itemsize
     decoded_bytes = elements * itemsize
@@ -153,6 +155,8 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
             f"{filename}: {where}: {decoded_bytes} decoded bytes exceed {limits.max_expansion_ratio} x the {data.length} stored bytes"
         )
     if encoding == C.ENCODING_RAW:
+        if table.ChunkBitsLength() or table.ChunkElements() or table.Codebook() or table.Table():
+            raise StructureError(f"{filename}: {where}: a RAW tensor must not set codebook, table, chunk_elements or chunk_bits")
         if data.decoded_length != decoded_bytes:
             raise StructureError(
                 f"{filename}: {where}: raw data decodes to {data.decoded_length} bytes, dims {list(dims)} x {itemsize} need {decoded_bytes}"
@@ -160,9 +164,9 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
         return TensorInfo(path, _text(table.Name()), dtype, dims, encoding, data)
     # HUFFMAN
     if dtype not in dtypes.FLOAT_DTYPES:
-        raise StructureError(f"{filename}: {where}: element type {dtype} cannot be restored from a codebook")
+        raise StructureError(f"{filename}: {where}: dtype {dtype} cannot be restored from a codebook (HUFFMAN needs a float type)")
     if data.codec != C.CODEC_NONE:
-        raise StructureError(f"{filename}: {where}: Huffman streams are stored without a codec")
+        raise StructureError(f"{filename}: {where}: data.codec {data.codec}: Huffman streams are stored without a codec")
     codebook, table_id = table.Codebook(), table.Table()
     if codebook >= index_parts["codebooks"]:
         raise CodebookError(f"{filename}: {where}: codebook {codebook} does not exist ({index_parts['codebooks']} codebooks)")
@@ -178,12 +182,25 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
         raise StructureError(
             f"{filename}: {where}: {n_chunks} chunks, but {elements} elements in chunks of {chunk_elements} need {expected_chunks}"
         )
-    chunk_bits = tuple(int(b) for b in table.ChunkBitsAsNumpy()) if n_chunks else ()
-    stored_bytes = sum((b + 7) // 8 for b in chunk_bits)
+    bits = table.ChunkBitsAsNumpy() if n_chunks else np.zeros(0, dtype=np.uint64)
+    counts = np.full(n_chunks, chunk_elements, dtype=np.uint64)
+    if n_chunks:
+        counts[-1] = elements - chunk_elements * (n_chunks - 1)
+    # Every code is 1..MAX_CODE_LENGTH bits: this bounds the elements by 8 x the stored bytes
+    # (no decompression bomb) and keeps every sum below in range.
+    bad = np.flatnonzero((bits < counts) | (bits > counts * np.uint64(C.MAX_CODE_LENGTH)))
+    if bad.size:
+        c = int(bad[0])
+        raise HuffmanError(
+            f"{filename}: {where}: chunk_bits[{c}] = {int(bits[c])} is impossible for {int(counts[c])} codes of "
+            f"1..{C.MAX_CODE_LENGTH} bits"
+        )
+    stored_bytes = int(((bits + np.uint64(7)) >> np.uint64(3)).sum())
     if stored_bytes != data.length:
         raise StructureError(
-            f"{filename}: {where}: chunk bit lengths need {stored_bytes} bytes, the blob holds {data.length}"
+            f"{filename}: {where}: chunk_bits need {stored_bytes} bytes, data.length is {data.length}"
         )
+    chunk_bits = tuple(bits.tolist())
     return TensorInfo(path, _text(table.Name()), dtype, dims, encoding, data, codebook, table_id, chunk_elements, chunk_bits)
 
 
@@ -205,6 +222,29 @@ def _check_layout(blobs: list[tuple[str, BlobInfo]], alignment: int, payload_siz
         raise LayoutError(f"{filename}: {payload_size - position} bytes after the last payload range")
 
 
+def _check_index_digest(buf: memoryview, root: Model, file_size: int, minor: int, filename: str) -> None:
+    """Model.index_digest (format 1.1): SHA-256 of [0, payload_offset) with its own 32 bytes zeroed.
+
+    Checked whenever present, before any other field is trusted; required from
+    minor version 1 on. Files of 1.0 have none (nothing covers their index)."""
+    table = root.IndexDigest()
+    if table is None:
+        if minor >= 1:
+            raise StructureError(f"{filename}: index_digest is missing; format 1.{minor} requires it")
+        return
+    algorithm, digest = _checksum(table, "index_digest", filename)
+    end = root.PayloadOffset()
+    if end > file_size:
+        raise LayoutError(f"{filename}: payload_offset {end} lies past the end of the {file_size}-byte file")
+    start = table._tab.Vector(table._tab.Offset(6))  # the digest bytes, inside the verified index
+    head = bytearray(buf[:end])
+    if start + len(digest) > end:
+        raise LayoutError(f"{filename}: index_digest lies past payload_offset {end}")
+    head[start : start + len(digest)] = bytes(len(digest))
+    if hashlib.new(C.CHECKSUMS[algorithm][0], head).digest() != digest:
+        raise ChecksumError(f"{filename}: index_digest mismatch: the index (bytes [0, {end})) is corrupt")
+
+
 def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> Index:
     """Verify and read the index of a .moub file held in ``buf`` (the whole file)."""
     index_view = buf[: min(file_size, limits.max_index_bytes)]
@@ -216,6 +256,7 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
     unknown = root.RequiredFeatures() & ~C.KNOWN_REQUIRED_FEATURES
     if unknown:
         raise VersionError(f"{filename}: format {major}.{minor} requires features 0x{unknown:x} this reader does not implement")
+    _check_index_digest(buf, root, file_size, minor, filename)
     alignment = root.Alignment()
     if alignment == 0 or alignment & (alignment - 1) or alignment > C.MAX_ALIGNMENT:
         raise LayoutError(f"{filename}: alignment {alignment} is not a power of two in [1, {C.MAX_ALIGNMENT}]")
@@ -253,12 +294,20 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
         tables.append(lengths)
 
     tensors = [_tensor(root.Tensors(i), i, counts, filename, limits) for i in range(root.TensorsLength())]
-    paths = [t.path for t in tensors]
-    if len(set(paths)) != len(paths):
-        duplicate = next(p for p in paths if paths.count(p) > 1)
-        raise StructureError(f"{filename}: tensor path {duplicate!r} appears more than once")
+    for previous, current in zip(tensors, tensors[1:]):
+        if previous.path == current.path:
+            raise StructureError(f"{filename}: tensor path {current.path!r} appears more than once")
+        if previous.path > current.path:
+            raise StructureError(f"{filename}: tensors are not sorted by path ({previous.path!r} before {current.path!r})")
     for t in tensors:
         if t.encoding == C.ENCODING_HUFFMAN:
+            longest = int(tables[t.table].max())
+            if t.chunk_bits and max(t.chunk_bits) > t.chunk_elements * longest:
+                c = t.chunk_bits.index(max(t.chunk_bits))
+                raise HuffmanError(
+                    f"{filename}: tensor {t.path!r}: chunk_bits[{c}] = {t.chunk_bits[c]} exceeds {t.chunk_elements} codes of "
+                    f"at most {longest} bits (Huffman table {t.table})"
+                )
             size = tables[t.table].size
             if size != codebooks[t.codebook].size:
                 raise HuffmanError(
@@ -274,11 +323,17 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
     for i in range(root.MetadataLength()):
         entry = root.Metadata(i)
         key, value = entry.Key(), entry.Value()
-        if len(key) > limits.max_metadata_key_bytes or len(value) > limits.max_metadata_value_bytes:
-            raise MetadataError(f"{filename}: metadata entry {i} is longer than the limits")
-        key_text = key.decode("utf-8")
+        if len(key) > limits.max_metadata_key_bytes:
+            raise MetadataError(f"{filename}: metadata[{i}].key of {len(key)} bytes exceeds the limit {limits.max_metadata_key_bytes}")
+        if len(value) > limits.max_metadata_value_bytes:
+            raise MetadataError(
+                f"{filename}: metadata[{i}].value of {len(value)} bytes exceeds the limit {limits.max_metadata_value_bytes}"
+            )
+        key_text = key.decode("utf-8")  # the verifier checked UTF-8
         if key_text in metadata:
             raise MetadataError(f"{filename}: metadata key {key_text!r} appears more than once")
+        if metadata and key_text < next(reversed(metadata)):
+            raise MetadataError(f"{filename}: metadata keys are not sorted ({key_text!r} after {next(reversed(metadata))!r})")
         metadata[key_text] = value.decode("utf-8")
 
     digest_algorithm, digest = _checksum(root.PayloadDigest(), "payload_digest", filename)

@@ -204,7 +204,6 @@ class MoubFile:
                     raise HuffmanError(f"{self.filename}: tensor {tensor.path!r}: a one-symbol stream must be all zero bits")
                 results[tensor.path] = np.full(n, symbol_value, dtype=by_symbol.dtype)
             return results
-        steps = first.chunk_elements
         starts, bits, counts, rows = [], [], [], []
         row = 0
         for tensor in tensors:
@@ -218,6 +217,9 @@ class MoubFile:
         lane_starts = np.concatenate(starts)
         lane_bits = np.concatenate(bits)
         lane_counts = np.concatenate(counts)
+        # Rows as long as the longest chunk (not chunk_elements: one-element tensors
+        # declaring 2**24-element chunks must not allocate 2**24 slots each).
+        steps = int(lane_counts.max())
         data, base = self._lane_bytes(tensors)
         lane_starts -= base
         entries = self._entries(first.table, first.codebook, dtype)

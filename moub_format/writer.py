@@ -258,6 +258,7 @@ def build(
         tensors_vec = table_vector(FbModel.StartTensorsVector, tensor_offsets)
         metadata_vec = table_vector(FbModel.StartMetadataVector, entry_offsets)
         digest = checksum(_sha256(bytes(payload)))
+        index_digest = checksum(bytes(32))  # placeholder, filled in by index_digest_position
         FbModel.Start(builder)
         FbModel.AddFormatMajor(builder, C.FORMAT_MAJOR)
         FbModel.AddFormatMinor(builder, C.FORMAT_MINOR)
@@ -271,6 +272,7 @@ def build(
         FbModel.AddTensors(builder, tensors_vec)
         FbModel.AddMetadata(builder, metadata_vec)
         FbModel.AddPayloadDigest(builder, digest)
+        FbModel.AddIndexDigest(builder, index_digest)
         builder.Finish(FbModel.End(builder), file_identifier=C.FILE_IDENTIFIER)
         return bytes(builder.Output())
 
@@ -280,7 +282,17 @@ def build(
     index = index_bytes(payload_offset)
     if len(index) != len(draft):
         raise AssertionError("index size changed between passes")
-    return index + bytes(payload_offset - len(index)) + bytes(payload)
+    head = bytearray(index + bytes(payload_offset - len(index)))
+    position = index_digest_position(head)
+    head[position : position + 32] = _sha256(bytes(head))
+    return bytes(head) + bytes(payload)
+
+
+def index_digest_position(index: bytes | bytearray | memoryview) -> int:
+    """Offset of the 32 bytes of Model.index_digest in a (verified) index."""
+    root = FbModel.Model.GetRootAs(index, 0)
+    table = root.IndexDigest()
+    return table._tab.Vector(table._tab.Offset(6))  # slot 1 of Checksum: digest
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

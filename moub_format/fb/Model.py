@@ -192,8 +192,19 @@ class Model(object):
             return obj
         return None
 
+    # Model
+    def IndexDigest(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(28))
+        if o != 0:
+            x = self._tab.Indirect(o + self._tab.Pos)
+            from moub_format.fb.Checksum import Checksum
+            obj = Checksum()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
 def ModelStart(builder):
-    builder.StartObject(12)
+    builder.StartObject(13)
 
 def Start(builder):
     ModelStart(builder)
@@ -293,6 +304,12 @@ def ModelAddPayloadDigest(builder, payloadDigest):
 
 def AddPayloadDigest(builder, payloadDigest):
     ModelAddPayloadDigest(builder, payloadDigest)
+
+def ModelAddIndexDigest(builder, indexDigest):
+    builder.PrependUOffsetTRelativeSlot(12, flatbuffers.number_types.UOffsetTFlags.py_type(indexDigest), 0)
+
+def AddIndexDigest(builder, indexDigest):
+    ModelAddIndexDigest(builder, indexDigest)
 
 def ModelEnd(builder):
     return builder.EndObject()
