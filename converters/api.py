@@ -1,0 +1,341 @@
+"""``convert()``: the library entry point; the CLI is a thin layer over it.
+
+load and pool -> data, metric and the original's quality (once) -> the mode's
+search -> the smallest feasible candidate written as a .moub -> decoded again
+by ``moub_runtime`` and its quality measured through a plain onnxruntime
+session (what the report states) -> report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from moub_format import writer
+from moub_format.writer import PRODUCER
+
+from . import metrics
+from .context import EvalContext, candidate_map
+from .data import Dataset, load_dataset
+from .encode import encode_model
+from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
+from .evaluate import Evaluator, Scorer, reference_outputs, session_options
+from .intake import Pool, SourceModel, load_source, pool_weights
+from .modes import get_mode
+from .modes.base import Candidate, ModeContext, Stage
+from .modes.paper import fixed_bins
+from .options import ConvertOptions
+from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
+from .solution import Quantization
+
+LOSS_MEASURES = {
+    "accuracy": "share of samples the original classifies right and the .moub wrong",
+    "f1": "drop of macro F1",
+    "agreement": "share of samples whose top-1 differs from the original's",
+    "cosine": "mean of 1 - cosine similarity with the original's outputs",
+    "rel-l2": "mean relative L2 distance to the original's outputs",
+}
+VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
+
+
+@dataclass
+class ConvertResult:
+    moub_bytes: bytes
+    report: dict
+    front: list[dict]
+    quality_original: float | None
+    quality_compressed: float | None
+    evaluations: int
+    wall_seconds: float
+    metric: str | None
+
+    @property
+    def ratio(self) -> float:
+        return self.report["file"]["ratio"]
+
+    def write(self, path: str | os.PathLike) -> int:
+        """Write the .moub atomically (temp file in the target folder, fsync, rename); return bytes."""
+        check_writable(path)
+        try:
+            writer.write_atomic(path, self.moub_bytes)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        return len(self.moub_bytes)
+
+    def report_json(self) -> str:
+        return dumps(self.report)
+
+    def write_report(self, path: str | os.PathLike) -> None:
+        check_writable(path)
+        try:
+            writer.write_atomic(path, self.report_json().encode())
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+    def write_plot(self, path: str | os.PathLike) -> None:
+        from .report import plot
+
+        check_writable(path)
+        if not self.report.get("candidates"):
+            raise OutputError(f"{path}: no search ran (fixed --bins), nothing to plot")
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+        try:
+            plot(self.report, tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+    def closing_table(self) -> str:
+        return closing_table(self.report, self.wall_seconds, self.evaluations)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before any work if ``path`` cannot be written (folder missing or read-only, a directory)."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{p}: is a directory")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{p}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{p}: folder {folder} is not writable")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise OutputError(f"{p}: exists and is not writable")
+
+
+def _metadata(source: SourceModel, options: ConvertOptions, metric: str | None, q0: float | None,
+              q1: float | None, front: list[dict]) -> dict[str, str]:
+    meta = {
+        "moub.source_sha256": source.sha256,
+        "moub.settings": json.dumps(options.settings(), sort_keys=True, separators=(",", ":")),
+        "moub.front": json.dumps(front, sort_keys=True, separators=(",", ":")),
+    }
+    if metric is not None:
+        meta["moub.metric"] = metric
+    if q0 is not None:
+        meta["moub.quality_original"] = f"{q0:.6f}"
+    if q1 is not None:
+        meta["moub.quality_compressed"] = f"{q1:.6f}"
+    return meta
+
+
+def _front_rows(front: list[Candidate], q0: float) -> list[dict]:
+    return [{"name": c.name, "bins": c.bins, "quality": round(c.quality, 6), "drop": round(q0 - c.quality, 6),
+             "loss": round(c.loss, 6), "bits_per_weight": round(c.bits_per_weight, 4)} for c in front]
+
+
+@dataclass
+class _Measured:
+    quality: float | None
+    loss: float | None
+    weight_bytes: int      # Huffman streams + codebooks + tables, as ``moub inspect`` counts them
+    file_bytes: int
+
+
+@dataclass
+class _Baseline:
+    dataset: Dataset
+    metric: str
+    reference: list
+    quality: float
+
+    def scorer(self) -> Scorer:
+        return Scorer(None, self.metric, self.reference, self.dataset.labels, self.quality, self.dataset.n_samples)
+
+
+def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
+    """Load the bytes with moub_runtime exactly as a device would; measure quality and sizes."""
+    import moub_runtime
+    from moub_runtime.inspect import summarize
+
+    with tempfile.TemporaryDirectory(prefix="moub-verify-") as folder:
+        path = Path(folder) / "candidate.moub"
+        path.write_bytes(moub_bytes)
+        summary = summarize(path)
+        if baseline is None:
+            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes)
+        session = moub_runtime.InferenceSession(path, sess_options=session_options())
+        names = [o.name for o in session.get_outputs()]
+        score = baseline.scorer().accumulate((start, session.run(names, feeds)) for start, feeds in baseline.dataset.batches())
+        del session
+    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes)
+
+
+class _Counter:
+    def __init__(self, progress: Callable[[dict], None] | None) -> None:
+        self.progress = progress
+        self.evaluations = 0
+        self.stopped_early = 0
+
+    def __call__(self, event: dict) -> None:
+        if "result" in event:
+            self.evaluations += 1
+            self.stopped_early += 0 if event["result"]["complete"] else 1
+        if self.progress:
+            self.progress(event)
+
+
+def convert(
+    model_or_path: str | os.PathLike | onnx.ModelProto,
+    data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    labels=None,
+    metric: str | None = None,
+    max_drop: float = ConvertOptions.max_drop,
+    mode: str = "paper",
+    seed: int = 0,
+    workers: int = 1,
+    population: int = ConvertOptions.population,
+    generations: int = ConvertOptions.generations,
+    max_bins: int = ConvertOptions.max_bins,
+    min_elements: int = ConvertOptions.min_elements,
+    merge_budget: int = ConvertOptions.merge_budget,
+    batch_size: int | None = None,
+    bins: int | None = None,
+    quiet: bool = True,
+    progress: Callable[[dict], None] | None = None,
+    **advanced,
+) -> ConvertResult:
+    """Compress an ONNX model into .moub bytes; see DESIGN.md for the method and options.
+
+    ``model_or_path`` may be a TorchScript file (``.pt``) with ``input_shapes=[(1, 3, 32, 32)]``.
+    ``advanced``: ``patience``, ``representative`` ("mean" | "centre"), ``strategy``
+    (how weights reach onnxruntime), ``abort_drop``.
+    """
+    started = time.perf_counter()
+    input_shapes = advanced.pop("input_shapes", None)
+    options = ConvertOptions(metric=metric, max_drop=max_drop, mode=mode, seed=seed, workers=workers,
+                             population=population, generations=generations, max_bins=max_bins,
+                             min_elements=min_elements, merge_budget=merge_budget, batch_size=batch_size,
+                             bins=bins, **advanced).validated()
+    mode_impl = get_mode(options.mode)
+    source = load_source(model_or_path, input_shapes)
+    pool = pool_weights(source.model, options.min_elements)
+    if pool.n_weights == 0:
+        raise ModelError(f"{source.label}: no float weights with at least {options.min_elements} elements to compress")
+    if data is None:
+        if options.bins is None:
+            raise DataError("no sample data: pass data (--data DATA.npz), or --bins K to encode without a search")
+        return _fixed(source, pool, options, started)
+
+    dataset = load_dataset(data, source.model, labels=labels, batch_size=options.batch_size)
+    evaluator = Evaluator(source.model, pool, dataset, options.strategy)
+    reference = reference_outputs(evaluator, source.model, source.label)
+    chosen_metric = options.metric or metrics.default_metric(dataset.labels, reference)
+    metrics.check_metric(chosen_metric, dataset.labels, reference)
+    q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels)
+    baseline = _Baseline(dataset, chosen_metric, reference, q0)
+    if options.bins is not None:
+        return _fixed(source, pool, options, started, baseline)
+
+    ctx = EvalContext(source.model, pool, dataset, chosen_metric, reference, q0, options)
+    ctx.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0))
+    bar = RichProgress(q0, options.max_drop) if progress is None and not quiet else None
+    counter = _Counter(progress or bar)
+    try:
+        with candidate_map(ctx, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
+            result = mode_impl.run(ModeContext(pool, ctx, options, mapper, counter))
+    finally:
+        if bar:
+            bar.close()
+    if not result.feasible:
+        best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
+        hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
+        raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {chosen_metric}{hint}; "
+                             f"raise --max-bins or --max-drop")
+
+    front = front_of(result.candidates, q0)
+    front_rows = _front_rows(front, q0)
+    for candidate in result.feasible[:VERIFY_CANDIDATES]:
+        quant, stages = mode_impl.materialize(pool, candidate, options, result.candidates)
+        trial = encode_model(source.model, quant.codebooks, quant.assignments(pool),
+                             _metadata(source, options, chosen_metric, q0, None, front_rows))
+        measured = _measure(trial, baseline)
+        if measured.loss <= options.max_drop + 1e-12:
+            break
+    else:
+        raise ToleranceError(f"the written file misses --max-drop {options.max_drop} when decoded by moub_runtime "
+                             f"(loss {measured.loss:.4f}); raise --max-drop or give more data")
+    moub_bytes = encode_model(source.model, quant.codebooks, quant.assignments(pool),
+                              _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
+    final = _measure(moub_bytes, None)
+    report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
+                     len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant)
+    return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
+                         time.perf_counter() - started, chosen_metric)
+
+
+def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float,
+           baseline: _Baseline | None = None) -> ConvertResult:
+    """``bins=K``: equal-width binning with K bins, no search; quality measured only with data."""
+    metric = baseline.metric if baseline else None
+    q0 = baseline.quality if baseline else None
+    quant, stages = fixed_bins(pool, options.bins, options.representative)
+    trial = encode_model(source.model, quant.codebooks, quant.assignments(pool), _metadata(source, options, metric, q0, None, []))
+    measured = _measure(trial, baseline)
+    for stage in stages:
+        stage.quality = measured.quality
+    moub_bytes = encode_model(source.model, quant.codebooks, quant.assignments(pool),
+                              _metadata(source, options, metric, q0, measured.quality, []))
+    final = _measure(moub_bytes, None)
+    known = measured.quality is not None
+    chosen = Candidate(f"k={options.bins}", "fixed", measured.quality if known else 0.0, measured.loss if known else 0.0,
+                       known, stages[-1].size.bits_per_weight, quant.bins_used(), {"k": options.bins, "merges": []})
+    report = _report(source, pool, options, metric, q0, measured, baseline.dataset if baseline else None, stages, final,
+                     len(moub_bytes), [], [], chosen, {"method": "fixed bins"}, _Counter(None), quant)
+    return ConvertResult(moub_bytes, report, [], q0, measured.quality, 0, time.perf_counter() - started, metric)
+
+
+def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0, measured: _Measured, dataset: Dataset | None,
+            stages: list[Stage], final: _Measured, file_bytes: int, candidates: list[Candidate],
+            front: list[Candidate], chosen: Candidate, facts: dict, counter: _Counter, quant: Quantization) -> dict:
+    q1 = measured.quality
+    rows = stage_rows(stages, final.weight_bytes, file_bytes, source.original_bytes, pool.n_weights)
+    bits_file = rows[-1]["bits_per_weight"]
+    choice = {
+        "name": chosen.name,
+        "stage": chosen.stage,
+        "bins": quant.bins_used(),
+        "quality_search": None if q0 is None or not chosen.complete else round(chosen.quality, 6),
+        "loss_search": None if q0 is None or not chosen.complete else round(chosen.loss, 6),
+        "quality": None if q1 is None else round(q1, 6),
+        "loss": None if measured.loss is None else round(measured.loss, 6),
+        "bits_per_weight": round(chosen.bits_per_weight, 6),
+        "bits_per_weight_file": bits_file,
+        "recipe": chosen.recipe,
+    }
+    q_ref = q0 if q0 is not None else 0.0
+    return {
+        "report_version": REPORT_VERSION,
+        "producer": PRODUCER,
+        "source": {"name": Path(source.label).name, "sha256": source.sha256, "bytes": source.original_bytes},
+        "settings": options.settings(),
+        "metric": metric,
+        "quality_original": None if q0 is None else round(q0, 6),
+        "quality_compressed": None if q1 is None else round(q1, 6),
+        "loss": None if measured.loss is None else round(measured.loss, 6),
+        "loss_measure": None if metric is None else LOSS_MEASURES[metric],
+        "data": None if dataset is None else {"samples": dataset.n_samples, "batch_size": dataset.batch_size,
+                                              "labels": dataset.labels is not None},
+        "pool": pool.summary(),
+        "search": facts,
+        "evaluations": counter.evaluations,
+        "evaluations_stopped_early": counter.stopped_early,
+        "candidates": [c.to_dict(q_ref) for c in candidates],
+        "front": [c.to_dict(q_ref) for c in front],
+        "choice": choice,
+        "stages": rows,
+        "file": {"bytes": file_bytes, "ratio": round(source.original_bytes / file_bytes, 4),
+                 "weight_bytes": final.weight_bytes, "other_bytes": file_bytes - final.weight_bytes},
+    }
+
+
+__all__ = ["convert", "ConvertResult", "ConvertError", "check_writable"]

@@ -1,0 +1,130 @@
+"""``moub convert`` and ``moub demo``: thin layers over :func:`moub_converters.convert`.
+
+Exit codes: 0 success; 2 bad input or usage, with one line on stderr and no
+output file left behind; 1 internal failure (also one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ConvertError, OptionError
+from .metrics import METRICS
+from .options import ConvertOptions
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"moub {self.prog.split()[-1]}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"moub: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    from .modes import MODES
+
+    d = ConvertOptions()
+    p = _Parser(prog="moub convert", description="Compress an ONNX (or TorchScript) model into a .moub file by "
+                "multi-objective uniform binning: a search for the smallest file within --max-drop of the original's quality.")
+    p.add_argument("model", help="MODEL.onnx (external data is read from its folder) or model.pt with --input-shape")
+    p.add_argument("-o", "--output", required=True, help="OUT.moub")
+    p.add_argument("--data", help="DATA.npz: one array per model input, first axis = samples (optional 'labels')")
+    p.add_argument("--labels", help="labels.npy, one class per sample (else the 'labels' array of DATA.npz)")
+    p.add_argument("--metric", choices=METRICS, help="default: accuracy with labels, else agreement (classifiers) or cosine")
+    p.add_argument("--max-drop", type=float, default=d.max_drop, help=f"largest absolute drop of the metric (default {d.max_drop})")
+    p.add_argument("--mode", default=d.mode, choices=sorted(MODES), help="method (default paper: the MO-UB paper, faithfully)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=d.workers, help="worker processes for evaluations (default 1)")
+    p.add_argument("--population", type=int, default=d.population, help=f"NSGA-II population (default {d.population})")
+    p.add_argument("--generations", type=int, default=d.generations, help=f"at most this many generations (default {d.generations})")
+    p.add_argument("--max-bins", type=int, default=d.max_bins, help=f"largest bin count searched (default {d.max_bins})")
+    p.add_argument("--min-elements", type=int, default=d.min_elements, help=f"smaller tensors stay lossless (default {d.min_elements})")
+    p.add_argument("--merge-budget", type=int, default=d.merge_budget, help=f"evaluations spent merging bins (default {d.merge_budget})")
+    p.add_argument("--batch-size", type=int, help="samples per onnxruntime run (default 64)")
+    p.add_argument("--bins", type=int, help="fixed-bins encode with K equal-width bins: no search, no data needed")
+    p.add_argument("--representative", choices=("mean", "centre"), default=d.representative,
+                   help="each bin's value: member mean (default) or interval centre")
+    p.add_argument("--input-shape", action="append", help="TorchScript only: example input shape, e.g. 1,3,32,32 (repeat per input)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--plot", help="write the Pareto plot (PNG) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _outputs(args: argparse.Namespace) -> list[Path]:
+    paths = [Path(args.output)] + [Path(p) for p in (args.report, args.plot) if p]
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise OptionError("-o, --report and --plot must be different files")
+    if Path(args.model).resolve() in resolved:
+        raise OptionError(f"{args.output}: would overwrite the input model")
+    return paths
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .api import check_writable, convert
+    from .torch_export import parse_shape
+
+    for path in _outputs(args):
+        check_writable(path)
+    if args.plot and args.bins is not None:
+        raise OptionError("--plot needs a search; --bins K encodes without one")
+    shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
+    result = convert(
+        args.model, data=args.data, labels=args.labels, metric=args.metric, max_drop=args.max_drop, mode=args.mode,
+        seed=args.seed, workers=args.workers, population=args.population, generations=args.generations,
+        max_bins=args.max_bins, min_elements=args.min_elements, merge_budget=args.merge_budget,
+        batch_size=args.batch_size, bins=args.bins, quiet=args.quiet, representative=args.representative,
+        input_shapes=shapes,
+    )
+    written: list[Path] = []
+    try:
+        result.write(args.output)
+        written.append(Path(args.output))
+        if args.report:
+            result.write_report(args.report)
+            written.append(Path(args.report))
+        if args.plot:
+            result.write_plot(args.plot)
+            written.append(Path(args.plot))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    print(result.closing_table())
+    print(f"wrote {args.output}" + "".join(f", {p}" for p in (args.report, args.plot) if p))
+    return EXIT_OK
+
+
+def _guarded(run, args) -> int:
+    try:
+        return run(args)
+    except ConvertError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERNAL)
+    except MemoryError:
+        return _fail("out of memory", EXIT_INTERNAL)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, exit 1
+        return _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
+
+
+def convert_main(argv: Sequence[str]) -> int:
+    args = build_convert_parser().parse_args(list(argv))
+    return _guarded(_run_convert, args)
+
+
+def demo_main(argv: Sequence[str]) -> int:
+    from .demo import build_demo_parser, run_demo
+
+    args = build_demo_parser(_Parser).parse_args(list(argv))
+    return _guarded(run_demo, args)

@@ -1,0 +1,278 @@
+"""Run candidate weights through onnxruntime on the sample data, fast and deterministically.
+
+Three ways to get a candidate's weights into onnxruntime (``strategy``):
+
+``inputs``        the pooled main-graph weights become graph inputs of one stripped
+                  model and one session serves every candidate: weights are fed with
+                  the data on each run. No session is built per candidate, but
+                  onnxruntime cannot constant-fold or pre-pack those weights.
+``initializers``  the pooled main-graph weights are external-data stubs in one
+                  stripped graph serialized once; each candidate builds a session
+                  with ``SessionOptions.add_external_initializers`` over OrtValues
+                  that borrow the candidate's numpy arrays (no protobuf copy).
+``serialize``     the whole model with the candidate's weights is serialized and a
+                  session is built from it (the naive way; the reference).
+
+``auto`` picks ``inputs`` when every pooled weight is a main-graph initializer or
+Constant that numpy can feed (not bfloat16) and ``initializers`` otherwise;
+weights inside subgraphs and functions, which neither can hand over, are put
+back into the graph per candidate. Timings that led to this choice are in the
+converter's issue report (``inputs`` was fastest on every model measured).
+
+Sessions run with one intra-op and one inter-op thread, sequentially: the same
+weights and data always give the same outputs, whichever process runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from moub_format.dtypes import BFLOAT16
+from moub_runtime.payload import clear_payload, fill_payload, mark_in_memory
+from moub_runtime.sites import tensor_sites
+
+from .data import Dataset
+from .errors import ModelError
+from .intake import Pool, PoolSite, is_main_graph
+from .metrics import Accumulator
+
+STRATEGIES = ("auto", "inputs", "initializers", "serialize")
+WEIGHT_SUFFIX = "__moub_weight"
+
+
+def session_options(optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    options.graph_optimization_level = optimization
+    return options
+
+
+def _feedable(site: PoolSite) -> bool:
+    return is_main_graph(site) and site.dtype != BFLOAT16
+
+
+@dataclass
+class _Prepared:
+    graph: onnx.ModelProto
+    fed: list[PoolSite]            # handed over per candidate (as inputs or OrtValues)
+    inline: dict[str, onnx.TensorProto]  # path -> tensor in ``graph`` filled per candidate
+    names: dict[str, str]          # path -> value name in ``graph`` for fed sites
+
+
+def _prepare(model: onnx.ModelProto, pool: Pool, strategy: str) -> _Prepared:
+    """A copy of ``model`` with pooled weights stripped the way ``strategy`` hands them over.
+
+    Pooled main-graph Constant nodes become Identity nodes reading a new initializer
+    (or graph input), so node numbers, and with them every site path, stay unchanged.
+    """
+    graph = onnx.ModelProto()
+    graph.CopyFrom(model)
+    sites = tensor_sites(graph)
+    fed: list[PoolSite] = []
+    inline: dict[str, onnx.TensorProto] = {}
+    names: dict[str, str] = {}
+    if strategy == "serialize":
+        for site in pool.sites:
+            inline[site.path] = sites[site.path].tensor
+            clear_payload(inline[site.path])
+        return _Prepared(graph, fed, inline, names)
+    new_inits: list[onnx.TensorProto] = []
+    taken = {t.name for t in graph.graph.initializer} | {i.name for i in graph.graph.input}
+    for site in pool.sites:
+        tensor = sites[site.path].tensor
+        if not _feedable(site):
+            inline[site.path] = tensor
+            clear_payload(tensor)
+            continue
+        if site.path.startswith("init:"):
+            name = tensor.name
+            stub = tensor
+        else:  # main-graph Constant node -> Identity(new initializer)
+            node_index = int(site.path.split("/")[0].split(":")[1])
+            node = graph.graph.node[node_index]
+            name = node.output[0] + WEIGHT_SUFFIX
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            stub = onnx.TensorProto()
+            stub.CopyFrom(tensor)
+            stub.name = name
+            identity = helper.make_node("Identity", [name], list(node.output), name=node.name)
+            node.CopyFrom(identity)
+            new_inits.append(stub)
+        fed.append(site)
+        names[site.path] = name
+        if strategy == "initializers":
+            mark_in_memory(stub)
+    graph.graph.initializer.extend(new_inits)
+    if strategy == "inputs":
+        fed_names = {names[s.path] for s in fed}
+        keep = [t for t in graph.graph.initializer if t.name not in fed_names]
+        declared = {i.name for i in graph.graph.input}
+        by_name = {names[s.path]: s for s in fed}
+        del graph.graph.initializer[:]
+        graph.graph.initializer.extend(keep)
+        for name in sorted(fed_names - declared, key=lambda n: by_name[n].start):
+            site = by_name[name]
+            graph.graph.input.append(helper.make_tensor_value_info(name, site.dtype, list(site.dims)))
+    elif strategy == "initializers" and graph.ir_version < 4:
+        declared = {i.name for i in graph.graph.input}
+        for site in fed:
+            if names[site.path] not in declared:
+                graph.graph.input.append(helper.make_tensor_value_info(names[site.path], site.dtype, list(site.dims)))
+    return _Prepared(graph, fed, inline, names)
+
+
+class Evaluator:
+    """Outputs of the model on the sample data with any candidate weights for the pool."""
+
+    def __init__(self, model: onnx.ModelProto, pool: Pool, dataset: Dataset, strategy: str = "auto",
+                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+        if strategy == "auto":
+            strategy = "inputs" if all(_feedable(s) for s in pool.sites) else "initializers"
+        self.strategy = strategy
+        self.pool = pool
+        self.dataset = dataset
+        self.optimization = optimization
+        self._prepared = _prepare(model, pool, strategy)
+        self._graph_bytes = None if self._prepared.inline else self._prepared.graph.SerializeToString()
+        self._session: ort.InferenceSession | None = None
+        self.output_names = [o.name for o in model.graph.output]
+        self.runs = 0
+
+    # -- onnxruntime plumbing
+    def _new_session(self, graph_bytes: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+        return ort.InferenceSession(graph_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+
+    def _graph_for(self, arrays: Mapping[str, np.ndarray]) -> bytes:
+        if self._graph_bytes is not None:
+            return self._graph_bytes
+        for path, tensor in self._prepared.inline.items():
+            fill_payload(tensor, arrays[path])
+        try:
+            return self._prepared.graph.SerializeToString()
+        finally:
+            for tensor in self._prepared.inline.values():
+                clear_payload(tensor)
+
+    def _batches(self, session: ort.InferenceSession, extra_feeds: Mapping[str, np.ndarray]):
+        for start, feeds in self.dataset.batches():
+            yield start, session.run(self.output_names, {**feeds, **extra_feeds})
+
+    def iter_outputs(self, arrays: Mapping[str, np.ndarray]):
+        """(first sample, outputs) batch after batch with ``arrays`` (site path -> storage array)
+        as the pooled weights; stop iterating to abandon the candidate."""
+        self.runs += 1
+        prepared = self._prepared
+        if self.strategy == "inputs":
+            if self._session is None or prepared.inline:
+                self._session = self._new_session(self._graph_for(arrays), session_options(self.optimization))
+            feeds = {prepared.names[s.path]: np.ascontiguousarray(arrays[s.path]) for s in prepared.fed}
+            yield from self._batches(self._session, feeds)
+            return
+        options = session_options(self.optimization)
+        keep_alive: list = []  # the OrtValues borrow these arrays' memory
+        if prepared.fed:
+            values = []
+            for site in prepared.fed:
+                array = np.ascontiguousarray(arrays[site.path])
+                keep_alive.append(array)
+                values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            keep_alive.extend(values)
+            options.add_external_initializers([prepared.names[s.path] for s in prepared.fed], values)
+        session = self._new_session(self._graph_for(arrays), options)
+        yield from self._batches(session, {})
+
+    def outputs(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """All outputs over all samples, concatenated along the sample axis."""
+        parts = [outputs for _, outputs in self.iter_outputs(arrays)]
+        return [np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else np.stack([p[i] for p in parts])
+                for i in range(len(self.output_names))]
+
+
+def original_arrays(model: onnx.ModelProto, pool: Pool) -> dict[str, np.ndarray]:
+    """The pooled sites' original values in storage dtype and shape."""
+    from moub_format.dtypes import STORAGE_DTYPES
+    from onnx import numpy_helper
+
+    sites = tensor_sites(model)
+    arrays = {}
+    for site in pool.sites:
+        tensor = sites[site.path].tensor
+        array = numpy_helper.to_array(tensor)
+        if site.dtype == BFLOAT16:
+            array = array.view(np.uint16)
+        arrays[site.path] = np.ascontiguousarray(array, dtype=STORAGE_DTYPES[site.dtype]).reshape(site.dims)
+    return arrays
+
+
+def reference_outputs(evaluator: Evaluator, model: onnx.ModelProto, label: str) -> list[np.ndarray]:
+    """The original model's outputs through the evaluator (so the baseline is measured the
+    same way as every candidate); any onnxruntime failure here is the model's fault."""
+    try:
+        return evaluator.outputs(original_arrays(model, evaluator.pool))
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
+        raise ModelError(f"{label}: onnxruntime cannot run the model on the data ({' '.join(str(exc).split())[:300]})") from None
+
+
+@dataclass(frozen=True)
+class Score:
+    """A candidate's quality and loss (the tolerance measure, see metrics.py).
+
+    ``complete`` False: the evaluation stopped early; ``loss`` is then a lower bound,
+    already above the limit it was asked to respect, and ``quality`` covers only the
+    units seen."""
+
+    quality: float
+    loss: float
+    complete: bool
+    units: int
+
+
+class Scorer:
+    """Quality of candidate weights: the evaluator's outputs scored by the metric."""
+
+    def __init__(self, evaluator: Evaluator | None, metric: str, reference: list[np.ndarray], labels: np.ndarray | None,
+                 quality_original: float, n_samples: int | None = None) -> None:
+        self.evaluator = evaluator
+        self.metric = metric
+        self.reference = reference
+        self.labels = labels
+        self.quality_original = quality_original
+        first = reference[0]
+        if metric in ("accuracy", "agreement", "f1"):
+            self.total_units = int(np.prod(first.shape[:-1]))
+        else:
+            self.total_units = n_samples if n_samples is not None else evaluator.dataset.n_samples
+        self.n_classes = int(first.shape[-1]) if first.ndim else 0
+
+    def accumulate(self, batches, max_loss: float | None = None) -> Score:
+        """Score (first sample, outputs) batches; stop once the loss provably exceeds ``max_loss``."""
+        acc = Accumulator(self.metric, self.total_units, self.n_classes)
+        for start, outputs in batches:
+            stop = start + (outputs[0].shape[0] if outputs[0].ndim else 1)
+            reference = [r[start:stop] if r.ndim else r for r in self.reference]
+            labels = None if self.labels is None else self.labels[start:stop]
+            acc.add(outputs, reference, labels)
+            if max_loss is not None and acc.loss_lower_bound() > max_loss:
+                return Score(acc.value(), acc.loss_lower_bound(), False, acc.units)
+        return Score(acc.value(), acc.loss(self.quality_original), True, acc.units)
+
+    def score(self, arrays: Mapping[str, np.ndarray], max_loss: float | None = None) -> Score:
+        """Evaluate candidate weights (site path -> storage array)."""
+        batches = self.evaluator.iter_outputs(arrays)
+        try:
+            return self.accumulate(batches, max_loss)
+        finally:
+            batches.close()

@@ -1,0 +1,298 @@
+"""Read a model and pool its float weights.
+
+The pool is one float32 vector holding every weight the converter may
+quantize, site after site in the canonical order of ``moub_runtime.sites``
+(initializers, ``Constant`` nodes, If/Loop/Scan subgraphs, functions).
+Everything else passes through the container losslessly, with a reason:
+non-float tensors, tensors under ``min_elements``, tensors with non-finite
+values, unused tensors, and tensors that feed a shape, index or scale input
+(``Reshape``'s shape, ``Resize``'s scales, ``DequantizeLinear``'s scale, ...),
+which are not weights whatever their size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from moub_format import dtypes
+from moub_runtime.payload import element_count
+from moub_runtime.sites import KIND_CONSTANT, KIND_INITIALIZER, iter_tensor_sites
+
+from .errors import ModelError
+
+# Input positions that carry shapes, axes, indices, scales or flags, never weights.
+# A tensor consumed at one of these anywhere in the model passes through losslessly.
+# Unknown ops count as weight consumers: the pool stays structure-agnostic.
+NON_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    op: frozenset(positions)
+    for op, positions in {
+        "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Pad": (1, 2, 3),
+        "Resize": (1, 2, 3), "Upsample": (1,), "ConstantOfShape": (0,), "TopK": (1,),
+        "Range": (0, 1, 2), "OneHot": (1, 2), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,),
+        "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
+        "ReduceL1": (1,), "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,),
+        "ReduceSumSquare": (1,), "Clip": (1, 2), "Gather": (1,), "GatherElements": (1,), "GatherND": (1,),
+        "ScatterElements": (1,), "ScatterND": (1,), "Scatter": (1,), "NonMaxSuppression": (2, 3, 4),
+        "Dropout": (1, 2), "CumSum": (1,), "Trilu": (1,), "Shape": (0,), "Size": (0,), "Where": (0,),
+        "Loop": (0, 1), "If": (0,), "Compress": (1,), "RoiAlign": (1, 2), "CenterCropPad": (1,),
+        "DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2), "DynamicQuantizeLinear": (),
+        "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+        "MatMulInteger": (2, 3), "ConvInteger": (2, 3), "GridSample": (1,), "AffineGrid": (1,),
+        "DFT": (1, 2), "STFT": (1, 2, 3), "Col2Im": (1, 2), "Bernoulli": (), "ReverseSequence": (1,),
+    }.items()
+}
+
+REASON_NON_FLOAT = "non-float"
+REASON_SMALL = "small"
+REASON_NOT_WEIGHT = "not a weight"
+REASON_UNUSED = "unused"
+REASON_NON_FINITE = "non-finite values"
+
+
+@dataclass(frozen=True)
+class PoolSite:
+    """One pooled tensor: its site and its slice ``[start, stop)`` of the pool."""
+
+    path: str
+    name: str
+    kind: str
+    dtype: int
+    dims: tuple[int, ...]
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class Pool:
+    """Every quantizable weight of a model, pooled as float32."""
+
+    sites: list[PoolSite]
+    values: np.ndarray
+    passthrough: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+    @property
+    def n_weights(self) -> int:
+        return int(self.values.size)
+
+    def summary(self) -> dict:
+        reasons: dict[str, int] = {}
+        for reason in self.passthrough.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return {
+            "pooled_tensors": len(self.sites),
+            "pooled_weights": self.n_weights,
+            "passthrough_tensors": len(self.passthrough),
+            "passthrough_reasons": dict(sorted(reasons.items())),
+            "min": float(self.values.min()) if self.values.size else None,
+            "max": float(self.values.max()) if self.values.size else None,
+        }
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A loaded model with everything the report needs to know about its source."""
+
+    model: onnx.ModelProto
+    sha256: str
+    original_bytes: int
+    label: str
+
+
+def _external_files(model: onnx.ModelProto) -> set[str]:
+    files = set()
+    for site in iter_tensor_sites(model):
+        for entry in site.tensor.external_data:
+            if entry.key == "location":
+                files.add(entry.value)
+    return files
+
+
+def _check_loaded(model: onnx.ModelProto, label: str) -> None:
+    if model.ir_version <= 0 or not len(model.opset_import) or not len(model.graph.node):
+        raise ModelError(f"{label}: not an ONNX model (no IR version, opset or graph nodes)")
+    for site in iter_tensor_sites(model):
+        if site.tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelError(f"{label}: tensor {site.tensor.name!r} still refers to external data that was not loaded")
+
+
+def load_source(model_or_path: str | os.PathLike | onnx.ModelProto | bytes, input_shapes=None) -> SourceModel:
+    """Load an ONNX model (external data resolved from its folder) and fingerprint it.
+
+    A TorchScript file (``.pt``; needs ``input_shapes``) is exported to ONNX first; its
+    sha256 is the .pt file's and its original size the exported fp32 ONNX model's.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from .torch_export import export, is_torchscript_path
+
+        if is_torchscript_path(model_or_path) or input_shapes:
+            model = export(model_or_path, input_shapes or [])
+            _check_loaded(model, str(model_or_path))
+            digest = hashlib.sha256(Path(model_or_path).read_bytes()).hexdigest()
+            return SourceModel(model, digest, model.ByteSize(), str(model_or_path))
+    if isinstance(model_or_path, onnx.ModelProto):
+        data = model_or_path.SerializeToString(deterministic=True)
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+        if _external_files(model):
+            raise ModelError("model: a ModelProto with external data references; pass its path instead")
+        _check_loaded(model, "model")
+        return SourceModel(model, hashlib.sha256(data).hexdigest(), len(data), "model")
+    if isinstance(model_or_path, bytes):
+        raise ModelError("model: pass a path or an onnx.ModelProto, not bytes")
+    path = Path(model_or_path)
+    label = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise ModelError(f"{label}: is a directory, not an ONNX file") from None
+    except OSError as exc:
+        raise ModelError(f"{label}: cannot read ({exc.strerror})") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(raw)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ModelError(f"{label}: not an ONNX model (protobuf does not parse: {exc})") from None
+    original = len(raw)
+    external = _external_files(model)
+    if external:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # missing file, path escaping the folder, short read
+            raise ModelError(f"{label}: external data cannot be loaded ({' '.join(str(exc).split())})") from None
+        for name in sorted(external):
+            original += (path.parent / name).stat().st_size
+    _check_loaded(model, label)
+    return SourceModel(model, hashlib.sha256(raw).hexdigest(), original, label)
+
+
+def tensor_to_float32(tensor: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values as a flat float32 array (bf16 widened from its bits)."""
+    array = numpy_helper.to_array(tensor)
+    if tensor.data_type == onnx.TensorProto.BFLOAT16:
+        return dtypes.bfloat16_bits_to_float32(array.view(np.uint16).ravel())
+    return np.asarray(array, dtype=np.float32).ravel()
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    for graph in _graphs(model.graph):
+        yield from graph.node
+    for function in model.functions:
+        yield from function.node
+
+
+def consumer_roles(model: onnx.ModelProto) -> tuple[set[str], dict[str, str]]:
+    """(names read anywhere, name -> 'Op input i' for names used as non-weight inputs).
+
+    Names are matched across scopes: a name shadowed in a subgraph may be kept
+    lossless needlessly, never quantized wrongly.
+    """
+    used: set[str] = set()
+    non_weight: dict[str, str] = {}
+    for graph in _graphs(model.graph):
+        used.update(o.name for o in graph.output)
+    for node in _all_nodes(model):
+        positions = NON_WEIGHT_INPUTS.get(node.op_type, frozenset()) if node.domain in ("", "ai.onnx") else frozenset()
+        for i, name in enumerate(node.input):
+            if not name:
+                continue
+            used.add(name)
+            if i in positions:
+                non_weight.setdefault(name, f"{node.op_type} input {i}")
+    for function in model.functions:
+        used.update(function.output)
+    return used, non_weight
+
+
+def pool_weights(model: onnx.ModelProto, min_elements: int = 1024) -> Pool:
+    """Pool every quantizable float weight of ``model`` (see the module docstring)."""
+    used, non_weight = consumer_roles(model)
+    constant_outputs = _constant_outputs(model)
+    sites: list[PoolSite] = []
+    chunks: list[np.ndarray] = []
+    passthrough: dict[str, str] = {}
+    offset = 0
+    for site in iter_tensor_sites(model):
+        tensor = site.tensor
+        name = constant_outputs.get(site.path, tensor.name) if site.kind == KIND_CONSTANT else tensor.name
+        if tensor.data_type not in dtypes.FLOAT_DTYPES:
+            passthrough[site.path] = REASON_NON_FLOAT
+            continue
+        n = element_count(tensor)
+        if n < max(1, min_elements):
+            passthrough[site.path] = REASON_SMALL
+            continue
+        if name in non_weight:
+            passthrough[site.path] = f"{REASON_NOT_WEIGHT} ({non_weight[name]})"
+            continue
+        if name not in used:
+            passthrough[site.path] = REASON_UNUSED
+            continue
+        values = tensor_to_float32(tensor)
+        if values.size != n:
+            raise ModelError(f"tensor {tensor.name!r}: {values.size} values for dims {list(tensor.dims)}")
+        if not np.isfinite(values).all():
+            passthrough[site.path] = REASON_NON_FINITE
+            continue
+        sites.append(PoolSite(site.path, name, site.kind, int(tensor.data_type), tuple(int(d) for d in tensor.dims), offset, offset + n))
+        chunks.append(values)
+        offset += n
+    pooled = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return Pool(sites, pooled, passthrough)
+
+
+def _constant_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Site path of every Constant node -> the value name it defines (its output)."""
+    names: dict[str, str] = {}
+
+    def walk_nodes(nodes, prefix: str) -> None:
+        for index, node in enumerate(nodes):
+            node_prefix = f"{prefix}node:{index}"
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                    names[f"{node_prefix}/{attr.name}"] = node.output[0] if node.output else ""
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    walk_graph(attr.g, f"{node_prefix}/{attr.name}/")
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for j, graph in enumerate(attr.graphs):
+                        walk_graph(graph, f"{node_prefix}/{attr.name}[{j}]/")
+
+    def walk_graph(graph, prefix: str) -> None:
+        walk_nodes(graph.node, prefix)
+
+    walk_graph(model.graph, "")
+    for j, function in enumerate(model.functions):
+        walk_nodes(function.node, f"func:{j}/")
+    return names
+
+
+def is_main_graph(site: PoolSite) -> bool:
+    """Initializer or Constant node of the main graph (not a subgraph or function)."""
+    return site.path.startswith("init:") or (site.kind == KIND_CONSTANT and site.path.startswith("node:") and site.path.count("/") == 1)
+
+
+__all__ = ["Pool", "PoolSite", "SourceModel", "load_source", "pool_weights", "tensor_to_float32", "is_main_graph", "KIND_INITIALIZER"]

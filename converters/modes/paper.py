@@ -1,0 +1,181 @@
+"""``--mode paper``: the MO-UB method as published, faithfully.
+
+1. Pool every weight; equal-width bins over the pool's [min, max] into one
+   shared codebook (``binning.py``).
+2. NSGA-II over the bin count k: quality loss vs encoded bits per weight
+   (``search.py``).
+3. For the front's solutions within ``max_drop``, merge neighbouring bins,
+   cheapest first, while quality holds, within ``merge_budget`` evaluations
+   (``merge.py``).
+4. One canonical Huffman table over the shared codebook's indices.
+
+Stage rows: ``binning`` (the chosen k with fixed-length indices), ``+merge``
+(after merging, still fixed-length), ``+Huffman`` (what the file holds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..binning import Binning, uniform_binning
+from ..context import EvalContext
+from ..intake import Pool
+from ..merge import Groups, merge_cheapest
+from ..options import STEPS_PER_OCTAVE, ConvertOptions
+from ..search import bin_grid, pareto_front, run_search
+from ..solution import Quantization, chunk_padding_bits, counts_size, fixed_length_size, huffman_size
+from .base import Candidate, ModeContext, ModeResult, Stage
+
+MERGE_STARTS = 3  # feasible front solutions that get merge chains
+
+
+def _binning(pool: Pool, k: int, representative: str) -> Binning:
+    return uniform_binning(pool.values, k, representative)
+
+
+def _replay(binning: Binning, merges: list[int]) -> Groups:
+    groups = Groups.from_binning(binning)
+    for n in merges:
+        groups = merge_cheapest(groups, n)
+    return groups
+
+
+def _result(name: str, stage: str, score, bins: int, size, recipe: dict) -> dict:
+    return {
+        "name": name, "stage": stage, "quality": score.quality, "loss": score.loss, "complete": score.complete,
+        "units": score.units, "bins": bins, "bits_per_weight": size.bits_per_weight, "recipe": recipe,
+    }
+
+
+def score_bins(ctx: EvalContext, k: int) -> dict:
+    """Evaluate equal-width binning with k bins (runs in a worker when parallel)."""
+    pool, rep = ctx.pool, ctx.options.representative
+    binning = _binning(pool, k, rep)
+    q = Quantization((binning.codebook,), binning.indices)
+    score = ctx.scorer.score(q.site_arrays(pool), max_loss=ctx.search_max_loss)
+    size = counts_size(binning.counts, pool.n_weights, chunk_padding_bits(pool))
+    return _result(f"k={k}", "search", score, binning.bins_used, size, {"k": int(k), "merges": []})
+
+
+def score_merge(ctx: EvalContext, recipe: dict) -> dict:
+    """Evaluate bins of k after the recipe's merge steps; stops early once infeasible."""
+    pool, rep = ctx.pool, ctx.options.representative
+    binning = _binning(pool, recipe["k"], rep)
+    groups = _replay(binning, recipe["merges"])
+    q = Quantization((groups.codebook(rep),), groups.group_of_bin[binning.indices].astype(binning.indices.dtype))
+    score = ctx.scorer.score(q.site_arrays(pool), max_loss=ctx.feasible_max_loss)
+    size = counts_size(groups.counts, pool.n_weights, chunk_padding_bits(pool))
+    name = f"k={recipe['k']} merged to {groups.size} bins"
+    return _result(name, "merge", score, groups.size, size, {"k": int(recipe["k"]), "merges": list(recipe["merges"])})
+
+
+def to_candidate(result: dict) -> Candidate:
+    return Candidate(result["name"], result["stage"], float(result["quality"]), float(result["loss"]), bool(result["complete"]),
+                     float(result["bits_per_weight"]), int(result["bins"]), result["recipe"])
+
+
+@dataclass
+class _Chain:
+    """Merge trials from one front solution: steps of many merges, halved on failure."""
+
+    k: int
+    bins: int
+    step: int
+    merges: list[int] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.step >= 1 and self.bins > 1
+
+    def trial(self) -> dict:
+        return {"k": self.k, "merges": self.merges + [min(self.step, self.bins - 1)]}
+
+    def update(self, result: dict, accepted: bool) -> None:
+        if accepted:
+            self.merges = list(result["recipe"]["merges"])
+            self.bins = int(result["bins"])
+            self.step = min(self.step, self.bins - 1)
+        else:
+            self.step //= 2
+
+
+def feasible(candidate: Candidate, max_drop: float) -> bool:
+    return candidate.complete and candidate.loss <= max_drop + 1e-12
+
+
+def rank(candidates: list[Candidate]) -> list[Candidate]:
+    """Smallest first; ties: smaller loss, fewer bins, name."""
+    return sorted(candidates, key=lambda c: (c.bits_per_weight, c.loss, c.bins, c.name))
+
+
+class PaperMode:
+    name = "paper"
+
+    def run(self, ctx: ModeContext) -> ModeResult:
+        opts = ctx.options
+        q0 = ctx.eval.quality_original
+        grid = bin_grid(opts.max_bins, STEPS_PER_OCTAVE)
+
+        def score_many(ks: list[int]) -> list[dict]:
+            return ctx.map(score_bins, ks)
+
+        ctx.progress({"phase": "search"})
+        problem, facts = run_search(grid, q0, score_many, opts.population, opts.generations, opts.patience, opts.seed,
+                                    on_generation=lambda g, p: ctx.progress({"phase": "search", "generation": g}),
+                                    loss_cap=opts.effective_abort_drop())
+        candidates = [to_candidate(problem.cache[k]) for k in problem.order]
+        facts = {**facts, "grid": {"points": int(len(grid)), "min": int(grid[0]), "max": int(grid[-1]),
+                                   "steps_per_octave": STEPS_PER_OCTAVE},
+                 "search_evaluations": len(candidates)}
+
+        # Merge, starting from the front's feasible solutions, smallest first.
+        complete = [c for c in candidates if c.complete]
+        front = [complete[i] for i in pareto_front([(c.loss, c.bits_per_weight) for c in complete])]
+        starts = rank([c for c in front if feasible(c, opts.max_drop)])[:MERGE_STARTS]
+        chains = [_Chain(c.recipe["k"], c.bins, max(1, c.bins // 2)) for c in starts]
+        budget = opts.merge_budget
+        trials = accepted = 0
+        ctx.progress({"phase": "merge"})
+        while budget > 0:
+            active = [chain for chain in chains if chain.active][:budget]
+            if not active:
+                break
+            results = ctx.map(score_merge, [chain.trial() for chain in active])
+            budget -= len(active)
+            for chain, result in zip(active, results):
+                trials += 1
+                ok = result["complete"] and result["loss"] <= opts.max_drop + 1e-12
+                chain.update(result, ok)
+                if ok:
+                    accepted += 1
+                    candidates.append(to_candidate(result))
+        facts.update({"merge_starts": [c.name for c in starts], "merge_trials": trials, "merge_accepted": accepted})
+        return ModeResult(candidates, rank([c for c in candidates if feasible(c, opts.max_drop)]), facts)
+
+    def materialize(self, pool: Pool, candidate: Candidate, options: ConvertOptions,
+                    candidates: list[Candidate]) -> tuple[Quantization, list[Stage]]:
+        rep = options.representative
+        k, merges = int(candidate.recipe["k"]), list(candidate.recipe.get("merges", []))
+        quality_of_k = next((c.quality for c in candidates if c.stage == "search" and c.recipe["k"] == k), None)
+        binning = _binning(pool, k, rep)
+        q = Quantization((binning.codebook,), binning.indices)
+        n = pool.n_weights
+        stages = [Stage("binning", binning.bins_used, quality_of_k, "fixed", fixed_length_size([binning.bins_used], n))]
+        if merges:
+            groups = _replay(binning, merges)
+            q = Quantization((groups.codebook(rep),), groups.group_of_bin[binning.indices].astype(binning.indices.dtype))
+        bins = q.bins_used()
+        stages.append(Stage("+merge", bins, candidate.quality, "fixed", fixed_length_size([bins], n)))
+        stages.append(Stage("+Huffman", bins, candidate.quality, "huffman", huffman_size(q, pool)))
+        return q, stages
+
+
+def fixed_bins(pool: Pool, k: int, representative: str = "mean") -> tuple[Quantization, list[Stage]]:
+    """The fixed-bins encoder (``--bins K``): equal-width binning, member means, Huffman; no search."""
+    binning = _binning(pool, k, representative)
+    q = Quantization((binning.codebook,), binning.indices)
+    n = pool.n_weights
+    return q, [
+        Stage("binning", binning.bins_used, None, "fixed", fixed_length_size([binning.bins_used], n)),
+        Stage("+Huffman", binning.bins_used, None, "huffman", huffman_size(q, pool)),
+    ]

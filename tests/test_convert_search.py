@@ -1,0 +1,201 @@
+"""The paper-mode search on the bundled demo model: held-back accuracy, report consistency,
+provenance, determinism; and the pieces (binning, merging, metrics, evaluation strategies)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import moub_runtime
+from moub_converters import convert
+from moub_converters.binning import uniform_binning
+from moub_converters.data import load_dataset
+from moub_converters.evaluate import Evaluator, Scorer, original_arrays
+from moub_converters.intake import load_source, pool_weights
+from moub_converters.merge import Groups, merge_cheapest
+from moub_converters.metrics import Accumulator, quality
+from moub_converters.search import bin_grid, pareto_front
+from moub_converters.solution import Quantization
+from moub_format import MoubFile
+from moub_runtime.inspect import summarize
+
+DATA = Path(__file__).resolve().parent.parent / "converters" / "data"
+MODEL, VAL, TEST = DATA / "digits_cnn.onnx", DATA / "digits_val.npz", DATA / "digits_test.npz"
+MAX_DROP = 0.005
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    result = convert(MODEL, data=VAL, max_drop=MAX_DROP, seed=0)
+    path = tmp_path_factory.mktemp("search") / "digits.moub"
+    result.write(path)
+    return result, path
+
+
+def _accuracy(session, x, y) -> float:
+    return float(np.mean(np.argmax(session.run(None, {session.get_inputs()[0].name: x})[0], axis=1) == y))
+
+
+def test_test_split_accuracy_within_max_drop(demo):
+    result, path = demo
+    with np.load(TEST) as z:
+        x, y = z["input"], z["labels"]
+    original = _accuracy(ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]), x, y)
+    compressed = _accuracy(moub_runtime.InferenceSession(path), x, y)
+    assert original - compressed <= MAX_DROP
+    assert result.report["file"]["ratio"] > 8  # and it is actually compressed
+
+
+def test_stage_rows_match_the_real_file(demo):
+    result, path = demo
+    report = result.report
+    rows = report["stages"]
+    assert [r["stage"] for r in rows] == ["binning", "+merge", "+Huffman"]
+    summary = summarize(path)
+    assert rows[-1]["file_bytes"] == len(result.moub_bytes) == path.stat().st_size == summary.file_bytes
+    assert rows[-1]["bits_per_weight"] == pytest.approx(summary.bits_per_weight, abs=1e-3)
+    assert rows[-1]["bins"] == summary.codebooks[0]["entries"] == report["choice"]["bins"]
+    assert rows[-1]["file_ratio"] == pytest.approx(report["source"]["bytes"] / len(result.moub_bytes), rel=1e-3)
+    other = report["file"]["other_bytes"]
+    n = report["pool"]["pooled_weights"]
+    for row in rows[:-1]:  # fixed-length stages: ceil(log2 bins) bits per index plus the codebook
+        expected_bits = n * max(1, math.ceil(math.log2(row["bins"]))) + 32 * row["bins"]
+        assert row["file_bytes"] == other + math.ceil(expected_bits / 8)
+    assert rows[0]["bins"] >= rows[1]["bins"] == rows[2]["bins"]
+    assert rows[0]["file_bytes"] >= rows[1]["file_bytes"] > rows[2]["file_bytes"]
+    assert summary.quantized_weights == n
+
+
+def test_choice_is_the_smallest_feasible_and_front_is_non_dominated(demo):
+    result, _ = demo
+    report = result.report
+    feasible = [c for c in report["candidates"] if c["complete"] and c["loss"] <= MAX_DROP]
+    assert report["choice"]["bits_per_weight"] == min(c["bits_per_weight"] for c in feasible)
+    front = report["front"]
+    for a in front:
+        for b in front:
+            if a is not b:
+                assert not (b["loss"] <= a["loss"] and b["bits_per_weight"] <= a["bits_per_weight"]
+                            and (b["loss"], b["bits_per_weight"]) != (a["loss"], a["bits_per_weight"]))
+    assert report["evaluations"] == len([c for c in report["candidates"] if c["stage"] == "search"]) + report["search"]["merge_trials"]
+    assert report["search"]["merge_accepted"] == len([c for c in report["candidates"] if c["stage"] == "merge"])
+
+
+def test_provenance_metadata(demo):
+    result, path = demo
+    with MoubFile(path) as moub:
+        meta = dict(moub.index.metadata)
+    assert meta["moub.source_sha256"] == result.report["source"]["sha256"]
+    assert meta["moub.metric"] == "accuracy"
+    assert float(meta["moub.quality_original"]) == pytest.approx(result.quality_original, abs=1e-6)
+    assert float(meta["moub.quality_compressed"]) == pytest.approx(result.quality_compressed, abs=1e-6)
+    assert json.loads(meta["moub.settings"])["max_drop"] == MAX_DROP
+    assert [f["name"] for f in json.loads(meta["moub.front"])] == [f["name"] for f in result.front]
+    assert result.quality_compressed == pytest.approx(result.report["quality_compressed"], abs=1e-6)
+
+
+def test_same_model_data_and_seed_give_identical_bytes_and_report(demo, tmp_path):
+    result, _ = demo
+    again = convert(MODEL, data=VAL, max_drop=MAX_DROP, seed=0)
+    assert again.moub_bytes == result.moub_bytes
+    assert again.report_json() == result.report_json()  # wall time is not part of the report
+    result.write_report(tmp_path / "a.json")
+    again.write_report(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_workers_give_the_same_result():
+    kwargs = dict(data=VAL, max_drop=MAX_DROP, seed=3, population=6, generations=3, merge_budget=4)
+    one = convert(MODEL, workers=1, **kwargs)
+    two = convert(MODEL, workers=2, **kwargs)
+    assert one.moub_bytes == two.moub_bytes
+    assert one.report_json() == two.report_json()
+
+
+def test_plot_is_written(demo, tmp_path):
+    result, _ = demo
+    result.write_plot(tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_equal_width_binning_drops_empty_bins_and_uses_member_means():
+    values = np.array([0.0, 0.05, 0.125, 0.95, 1.0, 1.0], dtype=np.float32)
+    b = uniform_binning(values, 10)
+    assert b.bins_used == 3  # bins 0, 1 and 9; the rest are empty
+    np.testing.assert_allclose(b.codebook, [0.025, 0.125, (0.95 + 1.0 + 1.0) / 3], rtol=1e-6)
+    assert b.counts.tolist() == [2, 1, 3]
+    assert b.indices.tolist() == [0, 0, 1, 2, 2, 2]
+    centre = uniform_binning(values, 10, "centre")
+    np.testing.assert_allclose(centre.codebook, [0.05, 0.15, 0.95], rtol=1e-6)
+
+
+def test_merge_cheapest_takes_the_least_squared_error_pair():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 0.05, 10000), [0.9, 1.0]]).astype(np.float32)
+    b = uniform_binning(values, 64)
+    groups = Groups.from_binning(b)
+    n, mean = b.counts, b.sums / b.counts
+    ward = n[:-1] * n[1:] / (n[:-1] + n[1:]) * (mean[:-1] - mean[1:]) ** 2
+    cheapest = int(np.argmin(ward))
+    merged = merge_cheapest(groups, 1)
+    assert merged.size == groups.size - 1
+    assert merged.counts.sum() == groups.counts.sum()
+    assert merged.counts[cheapest] == n[cheapest] + n[cheapest + 1]
+    assert merged.group_of_bin[cheapest] == merged.group_of_bin[cheapest + 1]
+    many = merge_cheapest(merged, 10)
+    assert many.size == groups.size - 11
+    assert np.all(np.diff(many.group_of_bin) >= 0) and many.group_of_bin[-1] == many.size - 1
+    np.testing.assert_allclose(many.sums.sum(), b.sums.sum())
+
+
+def test_grid_and_front_helpers():
+    grid = bin_grid(65536, 16)
+    assert grid[0] == 2 and grid[-1] == 65536 and np.all(np.diff(grid) > 0)
+    assert pareto_front([(0.1, 1.0), (0.0, 3.0), (0.05, 2.0), (0.05, 2.5), (0.2, 0.5)]) == [4, 0, 2, 1]
+
+
+def test_accuracy_loss_counts_lost_samples_only():
+    ref = [np.eye(3)[[0, 1, 2, 0]]]
+    labels = np.array([0, 1, 1, 0])  # the original gets sample 2 wrong
+    got = [np.eye(3)[[0, 1, 1, 1]]]  # fixes sample 2, breaks sample 3
+    acc = Accumulator("accuracy", 4, 3)
+    acc.add(got, ref, labels)
+    assert acc.value() == quality("accuracy", got, ref, labels) == 0.75
+    assert quality("accuracy", ref, ref, labels) == 0.75  # no net drop ...
+    assert acc.loss(0.75) == 0.25  # ... but one sample lost
+
+
+def test_scorer_stops_early_with_a_true_lower_bound():
+    source = load_source(MODEL)
+    pool = pool_weights(source.model)
+    data = load_dataset(VAL, source.model, batch_size=32)
+    evaluator = Evaluator(source.model, pool, data)
+    reference = evaluator.outputs(original_arrays(source.model, pool))
+    scorer = Scorer(evaluator, "agreement", reference, None, 1.0)
+    b = uniform_binning(pool.values, 3)
+    arrays = Quantization((b.codebook,), b.indices).site_arrays(pool)
+    full = scorer.score(arrays)
+    early = scorer.score(arrays, max_loss=0.02)
+    assert full.complete and not early.complete
+    assert early.units < full.units
+    assert 0.02 < early.loss <= full.loss
+
+
+def test_evaluation_strategies_agree():
+    source = load_source(MODEL)
+    pool = pool_weights(source.model)
+    data = load_dataset(VAL, source.model)
+    b = uniform_binning(pool.values, 9)
+    arrays = Quantization((b.codebook,), b.indices).site_arrays(pool)
+    outs = {s: Evaluator(source.model, pool, data, s).outputs(arrays)[0] for s in ("inputs", "initializers", "serialize")}
+    # the same weights: same predictions, logits equal up to onnxruntime's fusions
+    for s in ("inputs", "serialize"):
+        np.testing.assert_allclose(outs[s], outs["initializers"], atol=1e-4)
+        assert np.array_equal(outs[s].argmax(1), outs["initializers"].argmax(1))
