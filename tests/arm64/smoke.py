@@ -129,6 +129,20 @@ def _cpu_features() -> list[str]:
     return sorted(k for k, v in features.items() if v)
 
 
+def _address_space_mib() -> float | None:
+    """This process's mapped address space now, from /proc/self/maps. Under
+    qemu-user that file lists the guest's mappings only (qemu's own are
+    hidden), so this is what --mem limits."""
+    try:
+        total = 0
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            start, end = line.split()[0].split("-")
+            total += int(end, 16) - int(start, 16)
+        return round(total / 2**20, 1)
+    except OSError:
+        return None
+
+
 def _peak_kib() -> dict[str, int]:
     """Peak resident memory of this process. Under qemu-user both read the qemu
     process (guest + translator), since qemu passes getrusage and
@@ -193,6 +207,7 @@ def device(work: Path, name: str) -> None:
         "onnxruntime": ort.__version__,
         "tensors": digests,
         "peak": _peak_kib(),
+        "address_space_mib_at_exit": _address_space_mib(),
         "emulated_seconds": {"decode": round(t_decode, 2), "decode_session_run": round(t_total, 2)},
         "forbidden_modules_loaded": sorted(m for m in ("torch", "pymoo", "moub_converters") if m in sys.modules),
     }
@@ -207,7 +222,7 @@ def compare(work: Path) -> int:
     for name, expected in manifest["models"].items():
         got = json.loads((work / f"{name}.aarch64.json").read_text())
         native = work / f"{name}.x86_64.json"
-        native_peak = json.loads(native.read_text())["peak"] if native.exists() else None
+        native_peak = json.loads(native.read_text()) if native.exists() else None
         bad_tensors = sorted(p for p in set(expected["tensors"]) | set(got["tensors"])
                              if expected["tensors"].get(p) != got["tensors"].get(p))
         if got["machine"] != "aarch64":
@@ -239,8 +254,16 @@ def compare(work: Path) -> int:
             print(f"ok   {name}: {len(got['tensors'])} decoded tensors and the whole decoded model bit-identical to x86 (sha256)")
         print(f"     {name}: {expected['onnx_bytes']} B onnx -> {expected['moub_bytes']} B moub; "
               f"aarch64 numpy {got['numpy']} onnxruntime {got['onnxruntime']}; CPU features {' '.join(got['cpu_features'])}")
-        print(f"     {name}: peak RSS emulated {got['peak'].get('ru_maxrss_kib', 0) / 1024:.0f} MiB (qemu process: guest + "
-              f"translator), native x86 {native_peak['ru_maxrss_kib'] / 1024 if native_peak else float('nan'):.0f} MiB")
+        forbidden = set(filter(None, os.environ.get("SMOKE_FORBID_CPU_FEATURES", "").split(",")))
+        if forbidden & set(got["cpu_features"]):
+            print(f"FAIL {name}: the guest saw CPU features {sorted(forbidden & set(got['cpu_features']))}, "
+                  "which the emulated board does not have")
+            failures += 1
+        native_rss = f"{native_peak['peak']['ru_maxrss_kib'] / 1024:.0f} MiB" if native_peak else "n/a"
+        native_as = f"{native_peak['address_space_mib_at_exit']:.0f} MiB" if native_peak else "n/a"
+        print(f"     {name}: peak RSS {got['peak'].get('ru_maxrss_kib', 0) / 1024:.0f} MiB emulated (whole qemu process: "
+              f"guest + translator), {native_rss} native x86; address space at exit "
+              f"{got['address_space_mib_at_exit']:.0f} MiB guest, {native_as} native x86")
     return 1 if failures else 0
 
 

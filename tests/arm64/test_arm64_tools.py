@@ -67,7 +67,7 @@ def _fake_run(work: Path, arm_output: np.ndarray, arm_digest: str = "d") -> None
     np.savez(work / "m.aarch64.npz", y=arm_output)
     (work / "m.aarch64.json").write_text(json.dumps({
         "machine": "aarch64", "numpy": "2", "onnxruntime": "1", "cpu_features": ["ASIMD"],
-        "tensors": {"w": arm_digest}, "model_sha256": "s", "peak": {"ru_maxrss_kib": 1024},
+        "tensors": {"w": arm_digest}, "model_sha256": "s", "peak": {"ru_maxrss_kib": 1024}, "address_space_mib_at_exit": 300.0,
         "forbidden_modules_loaded": []}))
 
 
