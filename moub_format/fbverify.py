@@ -202,5 +202,7 @@ def verify(buf: memoryview, limits: ReaderLimits, filename: str) -> int:
     check_preamble(buf, filename)
     verifier = _Verifier(buf, limits, filename)
     root = verifier.follow(0, "root offset")
+    if root + 4 > len(buf):
+        raise verifier.fail("root offset", f"root offset {root} lies outside the {len(buf)}-byte index")
     verifier.table(root, ROOT_TABLE, 1, ROOT_TABLE)
     return verifier.end

@@ -27,9 +27,10 @@ from .sites import TensorSite, is_main_graph_initializer, tensor_sites
 
 def parse_graph(moub: MoubFile) -> onnx.ModelProto:
     """The embedded ModelProto, parsed after the byte-length cap and checksum."""
+    data = moub.graph_bytes()  # checksum, bounded inflate: MoubFormatErrors of their own
     model = onnx.ModelProto()
     try:
-        model.ParseFromString(moub.graph_bytes())
+        model.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning variants
         raise GraphError(f"{moub.filename}: graph: embedded ONNX model does not parse ({exc})") from None
     return model
