@@ -1,0 +1,171 @@
+"""Property-based tests (hypothesis) of the canonical Huffman codec and the chunking."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from bitarray import bitarray
+from bitarray.util import canonical_decode
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from moub_format import HuffmanError, MoubFile, huffman
+from moub_format import constants as C
+from moub_format.lanes import WINDOW_SLACK, LookupTable, decode_lanes
+from moub_format.writer import HuffmanTensor, build
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def kraft(lengths) -> Fraction:
+    return sum((Fraction(1, 2 ** int(n)) for n in lengths if n), Fraction(0))
+
+
+frequencies = st.lists(st.integers(0, 10**9), min_size=1, max_size=300).map(lambda f: np.array(f, dtype=np.int64))
+
+
+@FAST
+@given(frequencies, st.integers(1, 20))
+def test_code_lengths_are_complete_and_length_limited(freq, limit):
+    used = int(np.count_nonzero(freq))
+    assume(used <= 1 << limit)
+    lengths = huffman.code_lengths(freq, limit)
+    assert lengths.dtype == np.uint8 and lengths.size == freq.size
+    assert ((lengths > 0) == (freq > 0)).all()
+    if used == 0:
+        return
+    if used == 1:
+        assert int(lengths.max()) == 1
+        return
+    assert int(lengths.max()) <= limit
+    assert kraft(lengths) == 1
+    huffman.validate_lengths(lengths)
+
+
+@FAST
+@given(frequencies)
+def test_length_limiting_costs_little_over_plain_huffman(freq):
+    used = int(np.count_nonzero(freq))
+    assume(used >= 2)
+    plain = huffman.encoded_bits(freq, huffman.code_lengths(freq, 60))
+    limited = huffman.encoded_bits(freq, huffman.code_lengths(freq, huffman.writer_max_length(used)))
+    total = int(freq.sum())
+    entropy = -sum(f / total * np.log2(f / total) for f in freq if f) * total
+    assert entropy - 1e-6 * total <= plain <= limited
+    assert limited <= plain + 0.02 * total + 64  # the 15-bit limit is nearly free
+
+
+lengths_tables = st.lists(st.integers(0, 22), min_size=1, max_size=40)
+
+
+@FAST
+@given(lengths_tables)
+def test_tables_are_accepted_iff_kraft_is_one_or_the_one_symbol_case(raw):
+    lengths = np.array(raw, dtype=np.uint8)
+    used = int(np.count_nonzero(lengths))
+    expected = (
+        int(lengths.max()) <= C.MAX_CODE_LENGTH
+        and used >= 1
+        and (kraft(lengths) == 1 if used > 1 else int(lengths.max()) == 1)
+    )
+    try:
+        huffman.validate_lengths(lengths)
+        accepted = True
+    except HuffmanError:
+        accepted = False
+    assert accepted == expected
+
+
+def complete_tables(max_symbols: int = 64):
+    """Random complete tables: code lengths of random frequencies under a random limit."""
+    return st.builds(
+        lambda f, limit: huffman.code_lengths(np.array(f, np.int64), max(limit, int(np.ceil(np.log2(max(2, len(f))))))),
+        st.lists(st.integers(1, 10**6), min_size=2, max_size=max_symbols),
+        st.integers(1, 20),
+    )
+
+
+@FAST
+@given(complete_tables(), st.data())
+def test_numpy_encoder_matches_bitarray_and_round_trips(lengths, data):
+    k = lengths.size
+    n = data.draw(st.integers(0, 3000))
+    chunk = data.draw(st.integers(1, 700))
+    indices = np.array(data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)), dtype=np.int64)
+    stream, bits = huffman.encode_chunks(indices, lengths, chunk)
+    assert len(bits) == -(-n // chunk)
+    reference = [huffman.encode_reference(indices[s : s + chunk], lengths) for s in range(0, n, chunk)]
+    assert stream == b"".join(r[0] for r in reference) and bits == [r[1] for r in reference]
+    code_len = lengths.astype(np.int64)
+    assert bits == [int(code_len[indices[s : s + chunk]].sum()) for s in range(0, n, chunk)]
+    if n == 0:
+        return
+    # decode all chunks at once in lanes, and compare with the indices
+    lookup = LookupTable(lengths)
+    byte_len = [(b + 7) // 8 for b in bits]
+    starts = np.concatenate([[0], np.cumsum(byte_len)[:-1]]).astype(np.int64)
+    counts = np.array([min(chunk, n - s) for s in range(0, n, chunk)], dtype=np.int64)
+    buffer = np.frombuffer(stream + bytes(WINDOW_SLACK), dtype=np.uint8)
+    out = np.empty((len(bits), int(counts.max())), dtype=np.uint32)
+    consumed = decode_lanes(buffer, starts, np.array(bits), counts, lookup, np.arange(k, dtype=np.uint32), out)
+    assert consumed.tolist() == bits
+    decoded = np.concatenate([out[i, : counts[i]] for i in range(len(bits))])
+    assert np.array_equal(decoded, indices)
+
+
+@FAST
+@given(complete_tables(16), st.binary(min_size=1, max_size=40), st.sampled_from([-1, 0, 1, None]), st.data())
+def test_lane_decoder_never_returns_a_wrong_count_silently(lengths, stream, count_offset, data):
+    """Random bytes, declared bits and count (often the count bitarray finds, or one off):
+    the lane decoder accepts exactly when bitarray decodes exactly ``count`` symbols from
+    exactly those bits, and then agrees with it symbol for symbol."""
+    n_bits = data.draw(st.integers(max(1, 8 * len(stream) - 7), 8 * len(stream)))
+    bits = bitarray(endian="big")
+    bits.frombytes(stream)
+    del bits[n_bits:]
+    count_table, symbols = huffman.canonical_tables(lengths)
+    reference: list[int] = []
+    try:
+        for symbol in canonical_decode(bits, count_table, symbols):
+            reference.append(symbol)
+        ends_cleanly = True
+    except ValueError:  # ends in the middle of a code
+        ends_cleanly = False
+    count = data.draw(st.integers(1, 400)) if count_offset is None else max(1, len(reference) + count_offset)
+    lookup = LookupTable(lengths)
+    buffer = np.frombuffer(stream + bytes(WINDOW_SLACK), dtype=np.uint8)
+    out = np.empty((1, count), dtype=np.uint32)
+    consumed = decode_lanes(buffer, np.array([0]), np.array([n_bits]), np.array([count]), lookup,
+                            np.arange(lengths.size, dtype=np.uint32), out)
+    exact = ends_cleanly and len(reference) == count
+    assert (int(consumed[0]) == n_bits) == exact
+    if exact:
+        assert out[0].tolist() == reference
+
+
+@FAST
+@given(complete_tables(), st.integers(1, 2000), st.integers(1, 600), st.sampled_from([1, 10, 11, 16]), st.integers(0, 2**32 - 1))
+def test_files_round_trip_for_random_chunk_sizes_and_dtypes(tmp_path_factory, lengths, n, chunk, dtype, seed):
+    rng = np.random.default_rng(seed)
+    k = lengths.size
+    used = np.flatnonzero(lengths)
+    indices = rng.choice(used, n)
+    codebook = np.sort(rng.standard_normal(k)).astype(np.float32)
+    tensors = [HuffmanTensor("init:a", "a", dtype, (n,), indices, 0), HuffmanTensor("init:b", "b", 1, (1, n), indices[::-1].copy(), 0)]
+    data = build(b"", [codebook], tensors, tables=[lengths], chunk_elements=chunk)
+    path = tmp_path_factory.mktemp("prop") / "p.moub"
+    path.write_bytes(data)
+    from moub_format import dtypes
+
+    with MoubFile(path, batch_elements=int(rng.integers(1, 5000))) as moub:
+        decoded = dict((t.path, a) for t, a in moub.iter_tensors())
+        assert np.array_equal(moub.decode_indices(moub.index.tensors[0]), indices)
+    assert decoded["init:a"].tobytes() == dtypes.cast_from_float32(codebook[indices], dtype).tobytes()
+    assert np.array_equal(decoded["init:b"].ravel(), codebook[indices[::-1]])
+
+
+@pytest.mark.parametrize("used, expected", [(1, 15), (2, 15), (16384, 15), (16385, 16), (65536, 17), (1 << 19, 20), (1 << 20, 20)])
+def test_writer_code_length_limit(used, expected):
+    assert huffman.writer_max_length(used) == expected
