@@ -38,7 +38,7 @@ DET_MASK_THRESHOLD = 0.3  # rapidocr's DB postprocess thresh
 
 # Headline rule and sweeps.
 FIDELITY_TARGET = 0.99
-KMEANS_KS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+KMEANS_KS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 KMEANS_ITERS = 30
 NNCODEC_QPS = (-8, -12, -16, -20, -24, -28, -32, -36, -40, -44, -48)  # larger qp = coarser step (step about 2^(qp/4))
 NNCODEC_VERSION = "2.1.3"
@@ -54,7 +54,7 @@ MOUB_METRIC = "agreement"
 MOUB_METRICS = {"digits": "accuracy", "det": "cosine"}  # det's output is a probability map
 MOUB_SEED = 0
 MOUB_OPTIONS: dict = {}  # extra convert() keywords for full runs; empty = the converter's defaults
-MOUB_SMOKE_OPTIONS = {"population": 6, "generations": 2, "merge_budget": 4, "workers": 1}
+MOUB_SMOKE_OPTIONS = {"population": 4, "generations": 2, "merge_budget": 2, "workers": 1}
 MOUB_BEST_MODE_ENV = "MOUB_BENCH_BEST_MODE"  # set to force the mode of the moub_best row
 MOUB_TIMEOUT_S = {"digits": 300, "magika": 600, "cls": 420, "rec": 900, "det": 900}
 MOUB_SMOKE_TIMEOUT_S = 120

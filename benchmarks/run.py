@@ -256,14 +256,16 @@ def plot(results: list[ModelResult], peers: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     shown = [r for r in results if not r.error]
     if not shown:
         return
     cols = min(3, len(shown))
     nrows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(5.2 * cols, 10), 4.2 * nrows + 0.8), squeeze=False)
     markers = dict(zip(PEERS, "osD^vP*X"))
+    colours = {p: plt.get_cmap("tab10")(i) for i, p in enumerate(PEERS)}  # the same in every run
     for ax, res in zip(axes.ravel(), shown):
         for peer in peers:
             pts = sorted((r.ratio, 100 * r.fidelity.value) for r in res.rows
@@ -271,16 +273,25 @@ def plot(results: list[ModelResult], peers: list[str], path: Path) -> None:
             if pts:
                 xs, ys = zip(*pts)
                 label = next(r.method for r in res.rows if r.peer == peer)
-                ax.plot(xs, ys, marker=markers.get(peer, "o"), linestyle="-", label=label, alpha=0.85)
+                line, = ax.plot(xs, ys, marker=markers.get(peer, "o"), linestyle="-", label=label, alpha=0.85,
+                                color=colours.get(peer))
+                best = headline(res, peer)[1]
+                if best is not None:  # the headline point: ringed
+                    ax.plot([best.ratio], [100 * best.fidelity.value], marker="o", markersize=13,
+                            markerfacecolor="none", markeredgecolor=line.get_color(), linestyle="none")
         target = (100 * (res.reference.value - (1 - C.FIDELITY_TARGET)) if res.name == "digits"
                   else 100 * C.FIDELITY_TARGET)
         ax.axhline(target, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2357" else ""))
         ax.set_title(f"{TITLES.get(res.name, res.name)} ({res.onnx_bytes / 1e6:.2f} MB fp32)")
         ax.set_xlabel("compression ratio vs fp32 .onnx (log)")
         ax.set_ylabel(f"{res.reference.metric} (%)")
         lo = min([100 * r.fidelity.value for r in res.rows if r.fidelity is not None] + [target])
-        ax.set_ylim(max(lo - 2, 0), 100.5 if res.name != "digits" else 100 * res.reference.value + 1.5)
+        # Zoom on the region that decides the headline; points far below it are clipped.
+        ax.set_ylim(max(lo - 1, target - 9, 0), 100.5 if res.name != "digits" else 100 * res.reference.value + 1.5)
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes.ravel()[len(shown):]:
         ax.axis("off")
@@ -289,8 +300,8 @@ def plot(results: list[ModelResult], peers: list[str], path: Path) -> None:
         for h, l in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(l, h)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=8)
-    fig.suptitle("Ratio against fidelity on the test split (dashed: the 99% rule)")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    fig.suptitle("Ratio against fidelity on the test split (dashed: the 99% rule; ringed: each method's headline)")
+    fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.07, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

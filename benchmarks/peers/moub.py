@@ -13,6 +13,7 @@ index streams (per Huffman table, decoded from the file), the evaluations and th
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -40,14 +41,21 @@ def _converter():
 
 
 def modes() -> list[str]:
-    """The converter's modes, as it lists them (`modes` / `MODES`), else just paper."""
+    """The converter's modes (`moub_converters.modes.MODES`, or a `modes`/`MODES` attribute), else paper."""
     conv = _converter()
-    listed = getattr(conv, "modes", None) or getattr(conv, "MODES", None)
+    listed = getattr(conv, "MODES", None)
+    if listed is None:
+        try:
+            listed = importlib.import_module("moub_converters.modes").MODES
+        except (ImportError, AttributeError):
+            listed = getattr(conv, "modes", None)
     if callable(listed):
         listed = listed()
     if isinstance(listed, dict):
         listed = list(listed)
-    return [str(m) for m in listed] if listed else ["paper"]
+    if not isinstance(listed, (list, tuple)):
+        return ["paper"]
+    return [str(m) for m in listed] or ["paper"]
 
 
 def best_mode() -> str:

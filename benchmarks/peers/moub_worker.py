@@ -28,12 +28,17 @@ def main(argv: list[str]) -> None:
 
     kwargs = dict(metric=job["metric"], max_drop=job["max_drop"], mode=job["mode"], seed=job["seed"], quiet=True)
     options = dict(job.get("options") or {})
-    params = inspect.signature(convert).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        ignored = sorted(set(options) - set(params))
-        options = {k: v for k, v in options.items() if k in params}
-    else:
-        ignored = []
+    accepted = {name for name, p in inspect.signature(convert).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    try:  # convert(**advanced) goes to ConvertOptions: its fields are accepted too
+        import dataclasses
+
+        from moub_converters.options import ConvertOptions
+
+        accepted |= {f.name for f in dataclasses.fields(ConvertOptions)}
+    except (ImportError, TypeError):
+        pass
+    ignored = sorted(set(options) - accepted)
+    options = {k: v for k, v in options.items() if k in accepted}
     t = time.perf_counter()
     result = convert(job["model"], data=job["data"], **kwargs, **options)
     wall = time.perf_counter() - t
