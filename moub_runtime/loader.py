@@ -22,7 +22,7 @@ from moub_format import DEFAULT_LIMITS, GraphError, MoubFile, ReaderLimits
 from moub_format.dtypes import BFLOAT16
 
 from .payload import element_count, fill_payload, has_payload, mark_in_memory
-from .sites import TensorSite, is_main_graph_initializer, tensor_sites
+from .sites import TensorSite, is_main_graph_initializer, iter_tensor_sites, tensor_sites
 
 
 def parse_graph(moub: MoubFile) -> onnx.ModelProto:
@@ -229,16 +229,57 @@ class InferenceSession(onnxruntime.InferenceSession):
         self.moub_path = Path(path)
 
 
+EXTERNAL_MIN_BYTES = 1024     # tensors at least this big go to the data file of a large model
+EXTERNAL_ALIGNMENT = 4096     # offsets in the data file: page-aligned, so onnxruntime can map them
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for site in iter_tensor_sites(model):
+        yield site.tensor
+
+
 def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike, external_threshold: int = 2**31 - 2**26) -> None:
-    """Save atomically; models too big for one protobuf get an external-data file beside them."""
+    """Save ``model`` atomically as ONNX.
+
+    A model whose protobuf would reach ``external_threshold`` bytes (protobuf's
+    hard limit is 2 GiB) is written with external data: every tensor of at least
+    1 KiB goes to ``OUT.data`` beside ``OUT`` (page-aligned offsets, onnx's
+    relative-location convention), moved out of ``model`` one tensor at a time so
+    memory never holds two copies; ``model`` is left referring to that file. Both
+    files are written to temporary names in the target folder, fsynced and renamed.
+    """
     from moub_format.writer import write_atomic
 
     out = Path(out_path)
-    size = model.ByteSize()
-    if size < external_threshold:
+    if model.ByteSize() < external_threshold:
         write_atomic(out, model.SerializeToString())
         return
+    folder = out.parent if str(out.parent) else Path(".")
     data_name = out.name + ".data"
-    tmp_model = out.with_name(f".{out.name}.tmp")
-    onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-    os.replace(tmp_model, out)
+    data_tmp = folder / f".{data_name}.tmp"
+    model_tmp = folder / f".{out.name}.tmp"
+    try:
+        with open(data_tmp, "wb") as handle:
+            position = 0
+            for tensor in _all_tensors(model):
+                if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                    continue
+                position = -(-position // EXTERNAL_ALIGNMENT) * EXTERNAL_ALIGNMENT
+                handle.seek(position)
+                handle.write(tensor.raw_data)
+                length = len(tensor.raw_data)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data_name), ("offset", str(position)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                position += length
+            handle.flush()
+            os.fsync(handle.fileno())
+        write_atomic(model_tmp, model.SerializeToString())
+        os.replace(data_tmp, folder / data_name)
+        os.replace(model_tmp, out)
+    except BaseException:
+        for leftover in (data_tmp, model_tmp):
+            leftover.unlink(missing_ok=True)
+        raise

@@ -141,3 +141,44 @@ def test_runtime_import_pulls_no_converter_torch_or_pymoo():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_large_models_are_saved_with_external_data(packed, tmp_path):
+    """``moub decode`` of a model over 2 GB writes external data; the threshold is lowered here."""
+    from moub_runtime import save_onnx
+
+    _, _, _, path = packed
+    reference = moub_runtime.load(path)
+    feeds = modelzoo.sample_feeds()
+    expected = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    out = tmp_path / "big" / "decoded.onnx"
+    out.parent.mkdir()
+    for _ in range(2):  # a second save replaces the data file instead of appending to it
+        model = moub_runtime.load(path)
+        save_onnx(model, out, external_threshold=1000)
+        data = out.parent / "decoded.onnx.data"
+        assert data.exists() and sorted(p.name for p in out.parent.iterdir()) == ["decoded.onnx", "decoded.onnx.data"]
+        size = data.stat().st_size
+    assert out.stat().st_size < size
+    external = [s.tensor for s in tensor_sites(onnx.load(out, load_external_data=False)).values()
+                if s.tensor.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) >= 8  # initializers, subgraph initializers and Constant values alike
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"decoded.onnx.data"}
+    onnx.checker.check_model(str(out))
+    reloaded = onnx.load(out)
+    for site_path, site in tensor_sites(reference).items():
+        assert onnx.numpy_helper.to_array(tensor_sites(reloaded)[site_path].tensor).tobytes() == \
+            onnx.numpy_helper.to_array(site.tensor).tobytes(), site_path
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_small_models_are_saved_whole(packed, tmp_path):
+    from moub_runtime import save_onnx
+
+    _, _, _, path = packed
+    out = tmp_path / "small.onnx"
+    save_onnx(moub_runtime.load(path), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["small.onnx"]
+    assert onnx.load(out).SerializeToString() == moub_runtime.load(path).SerializeToString()
