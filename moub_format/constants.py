@@ -26,7 +26,7 @@ MAX_ALIGNMENT = 65536
 MAX_CODE_LENGTH = 20         # length limit of canonical codes; bounds the decode table to 2^20 entries
 WRITER_CODE_LENGTH = 15      # writers' own limit when the alphabet allows (decode table fits L2, 3 codes per window)
 DEFAULT_CHUNK_ELEMENTS = 4096  # largest chunk writers choose by default (elements per independently decodable chunk)
-MIN_DEFAULT_CHUNK_ELEMENTS = 1024  # smallest: each chunk costs 64 bits of chunk_bits + ~4 bits of padding
+MIN_DEFAULT_CHUNK_ELEMENTS = 512  # smallest: each chunk costs 64 bits of chunk_bits + ~4 bits of padding
 DECODER_LANES = 1024         # chunks the lane decoder wants per batch; small models get smaller chunks
 
 # Enums (mirror schema/moub.fbs)

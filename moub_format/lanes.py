@@ -40,7 +40,7 @@ WORD_BITS = 16            # the window array has one 64-bit window per 16-bit wo
 WORD_SHIFT = 4
 WINDOW_SLACK = 8          # zero bytes a caller appends after the last lane's data
 BLOCK_STEPS = 128         # steps decoded into a small buffer before one transposing copy
-LANES_PER_BUILD = 64      # lanes of the window array built per transposing copy
+LANES_PER_BUILD = 256     # lanes of the window array built per block
 MAX_SYMBOLS_PER_WINDOW = 6
 
 
@@ -90,22 +90,24 @@ def _windows(data: np.ndarray, word_base: np.ndarray, rows: int) -> np.ndarray:
 
     ``data`` must end with at least WINDOW_SLACK bytes the lanes do not own,
     so that every window a valid lane needs lies inside it; windows past the
-    end of ``data`` read as zero. Built a few lanes at a time (contiguous
-    strided views of ``data``, one transposing copy), so the only large
-    allocation is W itself: 4 bytes per stream byte.
+    end of ``data`` read as zero. Built LANES_PER_BUILD lanes at a time: the
+    native windows of their byte range, each lane's rows gathered from a
+    sliding-window view (one contiguous copy per lane, in C), then one
+    transposing copy into W. Besides W (4 bytes per stream byte), memory holds
+    about 3 x one block's stream.
     """
     n_lanes = word_base.size
     n_words = (data.size - 8) // 2 + 1
     W = np.empty((rows, n_lanes), dtype=np.uint64)
-    scratch = np.zeros((min(n_lanes, LANES_PER_BUILD), rows), dtype=np.uint64)
-    bases = word_base.tolist()
     for a in range(0, n_lanes, LANES_PER_BUILD):
         b = min(n_lanes, a + LANES_PER_BUILD)
-        for i, base in enumerate(bases[a:b]):
-            count = max(0, min(rows, n_words - base))
-            scratch[i, :count] = np.ndarray((count,), dtype=">u8", buffer=data, offset=2 * base, strides=(2,))
-            scratch[i, count:] = 0
-        W[:, a:b] = scratch[: b - a].T
+        bases = word_base[a:b]
+        first = int(bases.min())
+        last = min(n_words, int(bases.max()) + rows)
+        words = np.zeros(last - first + rows, dtype=np.uint64)
+        words[: last - first] = np.ndarray((last - first,), dtype=">u8", buffer=data, offset=2 * first, strides=(2,))
+        windows = np.lib.stride_tricks.sliding_window_view(words, rows)
+        W[:, a:b] = windows[bases - first].T
     return W.reshape(-1)
 
 

@@ -154,35 +154,46 @@ class MoubFile:
             self._value_tables[key] = self._lookup(table).entries(self._by_symbol(codebook, dtype))
         return self._value_tables[key]
 
-    def _chunk_lanes(self, tensor: TensorInfo, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per chunk: absolute start byte, declared bits, element count; checked to be
-        possible for codes of 1..max_length bits and to end in zero padding bits."""
-        n, per = tensor.n_elements, tensor.chunk_elements
-        n_chunks = len(tensor.chunk_bits)
-        bits = np.asarray(tensor.chunk_bits, dtype=np.int64)  # < 2**64 / 8 by the blob length check
-        counts = np.full(n_chunks, per, dtype=np.int64)
-        counts[-1] = n - per * (n_chunks - 1)
+    def _group_lanes(self, tensors: list[TensorInfo], max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """The chunks of ``tensors`` as lanes: absolute start byte, declared bits, element
+        count, and each tensor's (first lane, lanes). Checked, for the whole group at
+        once: bits possible for codes of 1..max_length bits, padding bits zero."""
+        bits_parts, counts_parts, offsets, rows = [], [], [], []
+        row = 0
+        for tensor in tensors:
+            n, per, n_chunks = tensor.n_elements, tensor.chunk_elements, len(tensor.chunk_bits)
+            counts = np.full(n_chunks, per, dtype=np.int64)
+            counts[-1] = n - per * (n_chunks - 1)
+            bits_parts.append(np.asarray(tensor.chunk_bits, dtype=np.int64))  # < 8 x file size: checked in the index
+            counts_parts.append(counts)
+            offsets.append(self.index.payload_offset + tensor.data.offset)
+            rows.append((row, n_chunks))
+            row += n_chunks
+        bits = np.concatenate(bits_parts)
+        counts = np.concatenate(counts_parts)
+        nbytes = (bits + 7) >> 3
+        starts = np.cumsum(nbytes) - nbytes  # running position ...
+        first_lanes = np.array([r for r, _ in rows], dtype=np.int64)
+        lanes_per_tensor = np.array([k for _, k in rows], dtype=np.int64)
+        starts += np.repeat(np.asarray(offsets, dtype=np.int64) - starts[first_lanes], lanes_per_tensor)  # ... per tensor
+
+        def fail(lane: int, message: str) -> None:
+            t = int(np.searchsorted(first_lanes, lane, side="right")) - 1
+            raise HuffmanError(f"{self.filename}: tensor {tensors[t].path!r}: chunk {lane - rows[t][0]}: {message}")
+
         bad = np.flatnonzero((bits < counts) | (bits > counts * max_length))
         if bad.size:
-            c = int(bad[0])
-            raise HuffmanError(
-                f"{self.filename}: tensor {tensor.path!r}: chunk_bits[{c}] = {int(bits[c])} is impossible for "
-                f"{int(counts[c])} codes of 1..{max_length} bits"
-            )
-        starts = np.zeros(n_chunks, dtype=np.int64)
-        np.cumsum((bits[:-1] + 7) >> 3, out=starts[1:])
-        starts += self.index.payload_offset + tensor.data.offset
+            lane = int(bad[0])
+            fail(lane, f"chunk_bits {int(bits[lane])} is impossible for {int(counts[lane])} codes of 1..{max_length} bits")
         tail = bits & 7
         ragged = np.flatnonzero(tail)
         if ragged.size:
-            last = np.frombuffer(self._mmap, dtype=np.uint8)[starts[ragged] + ((bits[ragged] + 7) >> 3) - 1]
+            last = np.frombuffer(self._mmap, dtype=np.uint8)[starts[ragged] + nbytes[ragged] - 1]
             dirty = np.flatnonzero(last & (np.uint8(0xFF) >> tail[ragged].astype(np.uint8)))
             if dirty.size:
-                c = int(ragged[dirty[0]])
-                raise HuffmanError(
-                    f"{self.filename}: tensor {tensor.path!r}: chunk {c}: padding bits after bit {int(bits[c])} are not zero"
-                )
-        return starts, bits, counts
+                lane = int(ragged[dirty[0]])
+                fail(lane, f"padding bits after bit {int(bits[lane])} are not zero")
+        return starts, bits, counts, rows
 
     def _decode_group(self, tensors: list[TensorInfo], dtype: int | None) -> dict[str, np.ndarray]:
         """Decode Huffman tensors sharing table, codebook, dtype and chunk size, all lanes at once.
@@ -196,27 +207,18 @@ class MoubFile:
         results: dict[str, np.ndarray] = {}
         if lookup is None:  # one used symbol, code "0" of one bit: the stream is count zero bits
             symbol_value = by_symbol[int(np.flatnonzero(self.index.tables[first.table])[0])]
-            for tensor in tensors:
-                data = self._checked(tensor.data, f"tensor {tensor.path!r}")
-                self._chunk_lanes(tensor, 1)  # 1-bit codes: bits == count for every chunk
+            stored = [self._checked(tensor.data, f"tensor {tensor.path!r}") for tensor in tensors]
+            self._group_lanes(tensors, 1)  # 1-bit codes: bits == count for every chunk
+            for tensor, data in zip(tensors, stored):
                 n = tensor.n_elements
                 if np.frombuffer(data, dtype=np.uint8).any():
                     raise HuffmanError(f"{self.filename}: tensor {tensor.path!r}: a one-symbol stream must be all zero bits")
                 results[tensor.path] = np.full(n, symbol_value, dtype=by_symbol.dtype)
             return results
-        starts, bits, counts, rows = [], [], [], []
-        row = 0
         for tensor in tensors:
             self._checked(tensor.data, f"tensor {tensor.path!r}")
-            chunk_starts, chunk_bits, chunk_counts = self._chunk_lanes(tensor, lookup.max_length)
-            starts.append(chunk_starts)
-            bits.append(chunk_bits)
-            counts.append(chunk_counts)
-            rows.append((row, chunk_bits.size))
-            row += chunk_bits.size
-        lane_starts = np.concatenate(starts)
-        lane_bits = np.concatenate(bits)
-        lane_counts = np.concatenate(counts)
+        lane_starts, lane_bits, lane_counts, rows = self._group_lanes(tensors, lookup.max_length)
+        row = lane_bits.size
         # Rows as long as the longest chunk (not chunk_elements: one-element tensors
         # declaring 2**24-element chunks must not allocate 2**24 slots each).
         steps = int(lane_counts.max())

@@ -97,10 +97,11 @@ def shared_tables(codebooks: Sequence[np.ndarray], tensors: Sequence[TensorSpec]
 
 def default_chunk_elements(total_elements: int) -> int:
     """Elements per chunk when :func:`build` is not told: a power of two in
-    [MIN_DEFAULT_CHUNK_ELEMENTS, DEFAULT_CHUNK_ELEMENTS] = [1024, 4096], the
+    [MIN_DEFAULT_CHUNK_ELEMENTS, DEFAULT_CHUNK_ELEMENTS] = [512, 4096], the
     largest that still gives the lane decoder about DECODER_LANES chunks.
     Each chunk costs 64 bits (its chunk_bits entry) plus ~4 bits of padding:
-    0.017 bits/weight at 4096, 0.066 at 1024."""
+    0.017 bits/weight at 4096, 0.066 at 1024, 0.13 at 512 (models under 1 M
+    weights, where decode time is mostly per-step overhead)."""
     target = max(1, total_elements // C.DECODER_LANES)
     return min(C.DEFAULT_CHUNK_ELEMENTS, max(C.MIN_DEFAULT_CHUNK_ELEMENTS, 1 << (target.bit_length() - 1)))
 

@@ -84,7 +84,7 @@ def consumed_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _open(
-    path: str | os.PathLike, limits: ReaderLimits, decode_workers: int | None = None
+    path: str | os.PathLike, limits: ReaderLimits, decode_workers: int | None = 1
 ) -> tuple[MoubFile, onnx.ModelProto, dict[str, TensorSite]]:
     moub = MoubFile(path, limits, decode_workers=decode_workers)
     try:
@@ -105,7 +105,7 @@ def decode_tensors(
             yield info.path, array
 
 
-def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = None) -> onnx.ModelProto:
+def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1) -> onnx.ModelProto:
     """Decode a .moub into an onnx.ModelProto with all weights inline (like onnx.load)."""
     moub, model, sites = _open(path, limits, decode_workers)
     with moub:
@@ -174,7 +174,8 @@ class InferenceSession(onnxruntime.InferenceSession):
     handed otherwise.
 
     ``decode_workers`` threads decode the Huffman streams (NumPy releases the
-    GIL in its loops); the default uses up to 4 cores.
+    GIL inside its loops, so big models gain on multi-core devices; each
+    thread holds its own window buffers). Default 1; None: one per core, up to 4.
     """
 
     def __init__(
@@ -183,7 +184,7 @@ class InferenceSession(onnxruntime.InferenceSession):
         sess_options: onnxruntime.SessionOptions | None = None,
         providers: list | None = None,
         limits: ReaderLimits = DEFAULT_LIMITS,
-        decode_workers: int | None = None,
+        decode_workers: int | None = 1,
         **kwargs,
     ) -> None:
         options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
