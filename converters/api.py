@@ -171,15 +171,22 @@ def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
 
 
 class _Counter:
+    """Counts evaluations (candidates scored) and the onnxruntime work they took."""
+
     def __init__(self, progress: Callable[[dict], None] | None) -> None:
         self.progress = progress
         self.evaluations = 0
-        self.stopped_early = 0
+        self.stopped_early = 0   # loss provably beyond the limit
+        self.dominated = 0       # loss provably no better than a smaller known candidate
+        self.units = 0           # samples (or time steps) run, over all evaluations
 
     def __call__(self, event: dict) -> None:
         if "result" in event:
+            r = event["result"]
             self.evaluations += 1
-            self.stopped_early += 0 if event["result"]["complete"] else 1
+            self.stopped_early += r.get("stopped") == "tolerance"
+            self.dominated += r.get("stopped") == "dominated"
+            self.units += r.get("units", 0)
         if self.progress:
             self.progress(event)
 
@@ -329,6 +336,8 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "search": facts,
         "evaluations": counter.evaluations,
         "evaluations_stopped_early": counter.stopped_early,
+        "evaluations_dominated": counter.dominated,
+        "evaluated_units": counter.units,
         "candidates": [c.to_dict(q_ref) for c in candidates],
         "front": [c.to_dict(q_ref) for c in front],
         "choice": choice,

@@ -13,11 +13,14 @@ Three ways to get a candidate's weights into onnxruntime (``strategy``):
 ``serialize``     the whole model with the candidate's weights is serialized and a
                   session is built from it (the naive way; the reference).
 
-``auto`` picks ``inputs`` when every pooled weight is a main-graph initializer or
-Constant that numpy can feed (not bfloat16) and ``initializers`` otherwise;
-weights inside subgraphs and functions, which neither can hand over, are put
-back into the graph per candidate. Timings that led to this choice are in the
-converter's issue report (``inputs`` was fastest on every model measured).
+``auto`` is ``initializers``: CPU seconds per candidate (one thread, measured on
+this machine) were, for rapidocr's cls model on 300 text lines, 0.55 s with
+``initializers``, 0.60 s with ``serialize`` and 0.92 s with ``inputs`` (weights fed
+as inputs lose onnxruntime's BatchNorm folding and weight pre-packing); on the
+demo CNN all three take 5-6 ms; on magika inference dominates and the three are
+within noise. Weights inside subgraphs and functions, which neither
+``initializers`` nor ``inputs`` can hand over, are put back into the graph and
+serialized per candidate; so are bfloat16 weights (numpy has no bfloat16).
 
 Sessions run with one intra-op and one inter-op thread, sequentially: the same
 weights and data always give the same outputs, whichever process runs them.
@@ -140,7 +143,7 @@ class Evaluator:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         if strategy == "auto":
-            strategy = "inputs" if all(_feedable(s) for s in pool.sites) else "initializers"
+            strategy = "initializers"
         self.strategy = strategy
         self.pool = pool
         self.dataset = dataset
@@ -230,14 +233,16 @@ def reference_outputs(evaluator: Evaluator, model: onnx.ModelProto, label: str) 
 class Score:
     """A candidate's quality and loss (the tolerance measure, see metrics.py).
 
-    ``complete`` False: the evaluation stopped early; ``loss`` is then a lower bound,
-    already above the limit it was asked to respect, and ``quality`` covers only the
-    units seen."""
+    ``complete`` False: the evaluation stopped early (``stopped`` says why: "tolerance",
+    the loss provably exceeds the limit it was asked to respect, or "dominated", it
+    provably reaches the loss of a known smaller candidate); ``loss`` is then a lower
+    bound and ``quality`` covers only the units seen (None if none)."""
 
-    quality: float
+    quality: float | None
     loss: float
     complete: bool
     units: int
+    stopped: str | None = None
 
 
 class Scorer:
@@ -257,22 +262,35 @@ class Scorer:
             self.total_units = n_samples if n_samples is not None else evaluator.dataset.n_samples
         self.n_classes = int(first.shape[-1]) if first.ndim else 0
 
-    def accumulate(self, batches, max_loss: float | None = None) -> Score:
-        """Score (first sample, outputs) batches; stop once the loss provably exceeds ``max_loss``."""
+    def accumulate(self, batches, max_loss: float | None = None, dominated_at: float | None = None) -> Score:
+        """Score (first sample, outputs) batches. Stop once the loss provably exceeds
+        ``max_loss``, or provably reaches ``dominated_at`` (checked before each batch, so
+        a candidate that cannot beat a known smaller one may not run at all)."""
         acc = Accumulator(self.metric, self.total_units, self.n_classes)
-        for start, outputs in batches:
+
+        def stopped(reason: str) -> Score:
+            return Score(acc.value() if acc.units else None, acc.loss_lower_bound(), False, acc.units, reason)
+
+        iterator = iter(batches)
+        while True:
+            if dominated_at is not None and acc.loss_lower_bound() >= dominated_at:
+                return stopped("dominated")
+            try:
+                start, outputs = next(iterator)
+            except StopIteration:
+                break
             stop = start + (outputs[0].shape[0] if outputs[0].ndim else 1)
             reference = [r[start:stop] if r.ndim else r for r in self.reference]
             labels = None if self.labels is None else self.labels[start:stop]
             acc.add(outputs, reference, labels)
             if max_loss is not None and acc.loss_lower_bound() > max_loss:
-                return Score(acc.value(), acc.loss_lower_bound(), False, acc.units)
+                return stopped("tolerance")
         return Score(acc.value(), acc.loss(self.quality_original), True, acc.units)
 
-    def score(self, arrays: Mapping[str, np.ndarray], max_loss: float | None = None) -> Score:
-        """Evaluate candidate weights (site path -> storage array)."""
+    def score(self, arrays: Mapping[str, np.ndarray], max_loss: float | None = None, dominated_at: float | None = None) -> Score:
+        """Evaluate candidate weights (site path -> storage array); see :meth:`accumulate`."""
         batches = self.evaluator.iter_outputs(arrays)
         try:
-            return self.accumulate(batches, max_loss)
+            return self.accumulate(batches, max_loss, dominated_at)
         finally:
             batches.close()

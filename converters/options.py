@@ -12,15 +12,16 @@ from .metrics import METRICS
 
 # Defaults, with the reasons measured in issue 3's report.
 MAX_DROP = 0.005
-POPULATION = 12          # one decision variable: a small population covers the range
-GENERATIONS = 20
-PATIENCE = 3             # stop when the front's bin counts have not changed for this many generations
+POPULATION = 8           # one decision variable: a small population covers the range
+GENERATIONS = 12
+PATIENCE = 2             # stop when the front's bin counts have not changed for this many generations
 MAX_BINS = 65536         # BatchNorm-folded models need up to 2^16 bins (DESIGN.md); log-scaled variable
-STEPS_PER_OCTAVE = 16    # bin counts searched: round(2^(j/16)), about 4.4% apart; merging refines
+STEPS_PER_OCTAVE = 4     # bin counts searched: round(2^(j/4)), about 19% apart; merging refines between them
 MIN_ELEMENTS = 1024
-MERGE_BUDGET = 16        # evaluations spent merging bins of the front's feasible solutions
+MERGE_BUDGET = 8         # evaluations spent merging bins of the front's feasible solutions
 ABORT_FACTOR = 4.0       # an evaluation stops once its drop is proven >= max(ABORT_FACTOR * max_drop, ABORT_MIN)
 ABORT_MIN = 0.02
+WAVE = 2                 # search candidates evaluated together; later waves know earlier results
 MAX_BINS_LIMIT = 1 << 20  # the container's Huffman codes are at most 20 bits long
 
 
@@ -42,6 +43,7 @@ class ConvertOptions:
     representative: str = "mean"
     strategy: str = "auto"
     abort_drop: float | None = None  # None: max(ABORT_FACTOR * max_drop, ABORT_MIN); inf: never stop early
+    wave: int = WAVE
 
     def validated(self) -> ConvertOptions:
         """Raise OptionError naming the option, its value and the allowed range."""
@@ -67,6 +69,7 @@ class ConvertOptions:
         need(self.bins is None or (is_int(self.bins) and 1 <= self.bins <= MAX_BINS_LIMIT), f"--bins {self.bins!r} must be in [1, {MAX_BINS_LIMIT}]")
         need(self.representative in REPRESENTATIVES, f"representative {self.representative!r} is not one of {', '.join(REPRESENTATIVES)}")
         need(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        need(is_int(self.wave) and 1 <= self.wave <= 1000, f"wave {self.wave!r} must be in [1, 1000]")
         need(self.abort_drop is None or (isinstance(self.abort_drop, (int, float)) and self.abort_drop >= self.max_drop),
              f"abort_drop {self.abort_drop!r} must be at least --max-drop {self.max_drop}")
         return self

@@ -122,7 +122,7 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     choice = report.get("choice") or {}
     if choice:
         lines.append(f"{'weights':16}{'32 bits':>16}{choice['bits_per_weight_file']:>11.3f} bits   {choice['bins']} bins ({choice['name']})")
-    stopped = report.get("evaluations_stopped_early", 0)
+    stopped = report.get("evaluations_stopped_early", 0) + report.get("evaluations_dominated", 0)
     lines.append(f"{'evaluations':16}{evaluations:>16}" + (f"   ({stopped} stopped early)" if stopped else ""))
     lines.append(f"{'wall time':16}{wall_seconds:>15.1f}s")
     return "\n".join(lines)

@@ -12,6 +12,14 @@ weight including codebook and Huffman table, computed from the bin counts.
 
 Evaluations are cached by k; the uncached ones of each generation go through
 pymoo's elementwise runner (a loop, or worker processes with ``workers > 1``).
+The size of a candidate is known before it runs, so each evaluation is told the
+least loss of the already-evaluated candidates that are smaller: once its own
+loss provably reaches that, it is dominated and stops (possibly before running
+at all). A generation's new candidates run in waves of ``wave`` (smallest first),
+each wave knowing the results of the waves before it: with the initial population
+spread up to 2^16 bins, the largest candidates are then usually skipped. The wave
+size is a fixed setting, not the worker count, so the result does not depend on
+``--workers`` (which therefore speeds up at most ``wave`` evaluations at a time).
 The initial population is spread evenly over the grid; the run is seeded and
 stops early when the front's set of bin counts has not changed for
 ``patience`` generations. With no more grid points than the population, the
@@ -59,13 +67,14 @@ class SearchRecord:
 class BinCountProblem(Problem):
     """Minimise (quality loss, bits per weight) over the grid position of k."""
 
-    def __init__(self, grid: np.ndarray, quality_original: float,
-                 score_many: Callable[[list[int]], list[dict]], loss_cap: float = float("inf")) -> None:
+    def __init__(self, grid: np.ndarray, score_many: Callable[[list[tuple[int, float | None]]], list[dict]],
+                 size_of: Callable[[int], float], loss_cap: float = float("inf"), wave: int = 2) -> None:
         super().__init__(n_var=1, n_obj=2, xl=np.array([0.0]), xu=np.array([float(len(grid) - 1)]), vtype=float)
         self.grid = grid
-        self.quality_original = quality_original
         self.loss_cap = loss_cap
         self.score_many = score_many
+        self.size_of = size_of
+        self.wave = max(1, wave)
         self.cache: dict[int, dict] = {}
         self.order: list[int] = []  # k in evaluation order
 
@@ -73,10 +82,17 @@ class BinCountProblem(Problem):
         positions = np.clip(np.round(np.asarray(X, dtype=np.float64)[:, 0]), 0, len(self.grid) - 1).astype(np.int64)
         return [int(self.grid[p]) for p in positions]
 
+    def dominance_bound(self, bits: float) -> float | None:
+        """Least loss among evaluated candidates smaller than ``bits`` (None: none yet)."""
+        known = [r["loss"] for r in self.cache.values() if r["complete"] and r["bits_per_weight"] < bits]
+        return min(known) if known else None
+
     def evaluate_ks(self, ks: Sequence[int]) -> None:
-        todo = list(dict.fromkeys(k for k in ks if k not in self.cache))
-        if todo:
-            for k, result in zip(todo, self.score_many(todo)):
+        todo = sorted(set(k for k in ks if k not in self.cache), key=lambda k: (self.size_of(k), k))
+        for start in range(0, len(todo), self.wave):
+            wave = todo[start : start + self.wave]
+            tasks = [(k, self.dominance_bound(self.size_of(k))) for k in wave]
+            for k, result in zip(wave, self.score_many(tasks)):
                 self.cache[k] = result
                 self.order.append(k)
 
@@ -101,17 +117,18 @@ def _front_ks(algorithm: NSGA2, problem: BinCountProblem) -> tuple[int, ...]:
 
 def run_search(
     grid: np.ndarray,
-    quality_original: float,
-    score_many: Callable[[list[int]], list[dict]],
+    score_many: Callable[[list[tuple[int, float | None]]], list[dict]],
+    size_of: Callable[[int], float],
     population: int,
     generations: int,
     patience: int,
     seed: int,
     on_generation: Callable[[int, BinCountProblem], None] | None = None,
     loss_cap: float = float("inf"),
+    wave: int = 2,
 ) -> tuple[BinCountProblem, dict]:
     """Run the search; return the problem (its cache holds every evaluation) and run facts."""
-    problem = BinCountProblem(grid, quality_original, score_many, loss_cap)
+    problem = BinCountProblem(grid, score_many, size_of, loss_cap, wave)
     if len(grid) <= population:
         problem.evaluate_ks([int(k) for k in grid])
         if on_generation:

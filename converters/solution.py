@@ -17,9 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moub_format import constants as FC
-from moub_format import dtypes
-from moub_format import huffman
+from moub_format import dtypes, huffman, writer
 
 from .encode import TensorAssignment
 from .intake import Pool
@@ -101,9 +99,15 @@ class Size:
 
 
 def _chunk_padding_bits(pool: Pool) -> int:
-    """Worst case is 7 bits per chunk; the estimate adds half of that on average."""
-    chunks = sum(math.ceil(site.size / FC.DEFAULT_CHUNK_ELEMENTS) for site in pool.sites)
-    return 4 * chunks
+    """Each chunk ends on a byte boundary: 0..7 padding bits, 4 on average. (Its 64-bit
+    length entry lives in the index and is the same for every candidate.)"""
+    chunk = writer.default_chunk_elements(pool.n_weights)
+    return 4 * sum(math.ceil(site.size / chunk) for site in pool.sites)
+
+
+def table_lengths(counts: np.ndarray) -> np.ndarray:
+    """The code lengths the writer builds for a shared table with these counts."""
+    return huffman.code_lengths(counts, huffman.writer_max_length(int(np.count_nonzero(counts))))
 
 
 def huffman_size(q: Quantization, pool: Pool) -> Size:
@@ -122,7 +126,7 @@ def huffman_size(q: Quantization, pool: Pool) -> Size:
     table_bits = 0
     for counts in shared_counts:
         if counts.any():
-            index_bits += huffman.encoded_bits(counts, huffman.code_lengths(counts, FC.MAX_CODE_LENGTH))
+            index_bits += huffman.encoded_bits(counts, table_lengths(counts))
         table_bits += TABLE_ENTRY_BITS * counts.size
     table_bits += sum(TABLE_ENTRY_BITS * q.tables[t - len(q.codebooks)].size for t in explicit_tables_used)
     codebook_bits = CODEBOOK_ENTRY_BITS * q.bins_used()
@@ -131,7 +135,7 @@ def huffman_size(q: Quantization, pool: Pool) -> Size:
 
 def counts_size(counts: np.ndarray, n_weights: int, chunks_padding_bits: int = 0) -> Size:
     """Huffman size of one shared codebook from its bin counts alone (the search objective)."""
-    lengths = huffman.code_lengths(counts, FC.MAX_CODE_LENGTH)
+    lengths = table_lengths(counts)
     return Size(
         huffman.encoded_bits(counts, lengths) + chunks_padding_bits,
         CODEBOOK_ENTRY_BITS * int(counts.size),

@@ -26,22 +26,24 @@ class Candidate:
 
     name: str
     stage: str                 # e.g. "search", "merge"
-    quality: float
+    quality: float | None      # None: stopped before any sample ran
     loss: float                # the tolerance measure (metrics.py); feasible: loss <= max_drop
     complete: bool
     bits_per_weight: float     # estimate incl. codebooks and tables
     bins: int
     recipe: dict               # what ``materialize`` needs to rebuild it (JSON-able)
+    stopped: str | None = None  # why an incomplete evaluation stopped: "tolerance" or "dominated"
 
     def to_dict(self, quality_original: float) -> dict:
         return {
             "name": self.name,
             "stage": self.stage,
             "bins": self.bins,
-            "quality": round(self.quality, 6),
-            "drop": round(quality_original - self.quality, 6),
+            "quality": None if self.quality is None else round(self.quality, 6),
+            "drop": None if self.quality is None or not self.complete else round(quality_original - self.quality, 6),
             "loss": round(self.loss, 6),
             "complete": self.complete,
+            "stopped": self.stopped,
             "bits_per_weight": round(self.bits_per_weight, 6),
             "recipe": self.recipe,
         }

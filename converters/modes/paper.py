@@ -43,17 +43,24 @@ def _replay(binning: Binning, merges: list[int]) -> Groups:
 def _result(name: str, stage: str, score, bins: int, size, recipe: dict) -> dict:
     return {
         "name": name, "stage": stage, "quality": score.quality, "loss": score.loss, "complete": score.complete,
-        "units": score.units, "bins": bins, "bits_per_weight": size.bits_per_weight, "recipe": recipe,
+        "stopped": score.stopped, "units": score.units, "bins": bins, "bits_per_weight": size.bits_per_weight,
+        "recipe": recipe,
     }
 
 
-def score_bins(ctx: EvalContext, k: int) -> dict:
-    """Evaluate equal-width binning with k bins (runs in a worker when parallel)."""
-    pool, rep = ctx.pool, ctx.options.representative
-    binning = _binning(pool, k, rep)
+def bins_size(pool: Pool, k: int, representative: str):
+    binning = _binning(pool, k, representative)
+    return binning, counts_size(binning.counts, pool.n_weights, chunk_padding_bits(pool))
+
+
+def score_bins(ctx: EvalContext, task: tuple[int, float | None]) -> dict:
+    """Evaluate equal-width binning with k bins (runs in a worker when parallel); stop once
+    the loss exceeds the search's cap or reaches ``dominated_at``."""
+    k, dominated_at = task
+    pool = ctx.pool
+    binning, size = bins_size(pool, k, ctx.options.representative)
     q = Quantization((binning.codebook,), binning.indices)
-    score = ctx.scorer.score(q.site_arrays(pool), max_loss=ctx.search_max_loss)
-    size = counts_size(binning.counts, pool.n_weights, chunk_padding_bits(pool))
+    score = ctx.scorer.score(q.site_arrays(pool), max_loss=ctx.search_max_loss, dominated_at=dominated_at)
     return _result(f"k={k}", "search", score, binning.bins_used, size, {"k": int(k), "merges": []})
 
 
@@ -70,8 +77,8 @@ def score_merge(ctx: EvalContext, recipe: dict) -> dict:
 
 
 def to_candidate(result: dict) -> Candidate:
-    return Candidate(result["name"], result["stage"], float(result["quality"]), float(result["loss"]), bool(result["complete"]),
-                     float(result["bits_per_weight"]), int(result["bins"]), result["recipe"])
+    return Candidate(result["name"], result["stage"], result["quality"], float(result["loss"]), bool(result["complete"]),
+                     float(result["bits_per_weight"]), int(result["bins"]), result["recipe"], result["stopped"])
 
 
 @dataclass
@@ -91,10 +98,10 @@ class _Chain:
         return {"k": self.k, "merges": self.merges + [min(self.step, self.bins - 1)]}
 
     def update(self, result: dict, accepted: bool) -> None:
-        if accepted:
+        if accepted:  # keep the step, but never merge more than half of what is left
             self.merges = list(result["recipe"]["merges"])
             self.bins = int(result["bins"])
-            self.step = min(self.step, self.bins - 1)
+            self.step = min(self.step, self.bins // 2)
         else:
             self.step //= 2
 
@@ -116,33 +123,38 @@ class PaperMode:
         q0 = ctx.eval.quality_original
         grid = bin_grid(opts.max_bins, STEPS_PER_OCTAVE)
 
-        def score_many(ks: list[int]) -> list[dict]:
-            return ctx.map(score_bins, ks)
+        sizes: dict[int, float] = {}
+
+        def size_of(k: int) -> float:
+            if k not in sizes:
+                sizes[k] = bins_size(ctx.pool, k, opts.representative)[1].bits_per_weight
+            return sizes[k]
+
+        def score_many(tasks: list[tuple[int, float | None]]) -> list[dict]:
+            return ctx.map(score_bins, tasks)
 
         ctx.progress({"phase": "search"})
-        problem, facts = run_search(grid, q0, score_many, opts.population, opts.generations, opts.patience, opts.seed,
+        problem, facts = run_search(grid, score_many, size_of, opts.population, opts.generations, opts.patience, opts.seed,
                                     on_generation=lambda g, p: ctx.progress({"phase": "search", "generation": g}),
-                                    loss_cap=opts.effective_abort_drop())
+                                    loss_cap=opts.effective_abort_drop(), wave=opts.wave)
         candidates = [to_candidate(problem.cache[k]) for k in problem.order]
         facts = {**facts, "grid": {"points": int(len(grid)), "min": int(grid[0]), "max": int(grid[-1]),
                                    "steps_per_octave": STEPS_PER_OCTAVE},
                  "search_evaluations": len(candidates)}
 
-        # Merge, starting from the front's feasible solutions, smallest first.
+        # Merge the front's feasible solutions, smallest first: each chain runs until its
+        # step reaches zero or the budget is spent; what is left goes to the next one.
         complete = [c for c in candidates if c.complete]
         front = [complete[i] for i in pareto_front([(c.loss, c.bits_per_weight) for c in complete])]
         starts = rank([c for c in front if feasible(c, opts.max_drop)])[:MERGE_STARTS]
-        chains = [_Chain(c.recipe["k"], c.bins, max(1, c.bins // 2)) for c in starts]
         budget = opts.merge_budget
         trials = accepted = 0
         ctx.progress({"phase": "merge"})
-        while budget > 0:
-            active = [chain for chain in chains if chain.active][:budget]
-            if not active:
-                break
-            results = ctx.map(score_merge, [chain.trial() for chain in active])
-            budget -= len(active)
-            for chain, result in zip(active, results):
+        for start in starts:
+            chain = _Chain(start.recipe["k"], start.bins, max(1, start.bins // 2))
+            while budget > 0 and chain.active:
+                result = ctx.map(score_merge, [chain.trial()])[0]
+                budget -= 1
                 trials += 1
                 ok = result["complete"] and result["loss"] <= opts.max_drop + 1e-12
                 chain.update(result, ok)
