@@ -47,6 +47,14 @@ def test_every_truncation_is_a_format_error(small_file, tmp_path):
             moub_runtime.load(path)
 
 
+@pytest.fixture(params=["lanes", "bitarray"])
+def decoder(request, monkeypatch):
+    from moub_format import reader
+
+    monkeypatch.setattr(reader, "MIN_LANES", 0 if request.param == "lanes" else 1 << 30)
+    return request.param
+
+
 def test_random_bit_flips_never_decode_silently(small_file, tmp_path):
     """Format 1.1 covers every byte: the index digest covers [0, payload_offset), blob
     checksums the blobs, the zero-padding rule the gaps. So every flip must be caught."""
@@ -65,7 +73,7 @@ def test_random_bit_flips_never_decode_silently(small_file, tmp_path):
     assert outcomes == {"error": len(flips), "identical": 0}
 
 
-def test_random_bursts_never_decode_silently(small_file, tmp_path):
+def test_random_bursts_never_decode_silently(small_file, tmp_path, decoder):
     data = small_file.read_bytes()
     reference = moub_runtime.load(small_file).SerializeToString(deterministic=True)
     rng = np.random.default_rng(7)
@@ -127,7 +135,7 @@ PAYLOAD_LEVEL = {"tensor-checksum", "graph", "graph-bomb", "padding-bits"}
 
 
 @pytest.mark.parametrize("name", sorted(_hostile_files()))
-def test_cli_prints_one_line_and_exits_2(name, tmp_path, capsys):
+def test_cli_prints_one_line_and_exits_2(name, tmp_path, capsys, decoder):
     path = tmp_path / f"{name}.moub"
     path.write_bytes(_hostile_files()[name])
     for command in (["decode", str(path), "-o", str(tmp_path / "out.onnx")], ["verify", str(path)], ["inspect", str(path)]):
