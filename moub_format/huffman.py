@@ -212,11 +212,13 @@ def _encode_slice(indices: np.ndarray, codes: np.ndarray, code_len: np.ndarray, 
     word = position >> 6
     end = (position & 63) + lengths          # where the code ends inside its 64-bit word, 1..83
     del position
-    left = np.clip(64 - end, 0, 63).astype(np.uint64)
-    right = np.clip(end - 64, 0, 63).astype(np.uint64)
-    high = (values << left) >> right
+    shift = 64 - end                         # > 0: room after the code; < 0: bits that spill over
+    high = np.where(shift >= 0, values << np.maximum(shift, 0).astype(np.uint64), values >> np.maximum(-shift, 0).astype(np.uint64))
     words = np.zeros(total_bytes // 8 + 2, dtype=np.uint64)
-    group_starts = np.flatnonzero(np.diff(word, prepend=-1))
+    new_word = np.empty(n, dtype=bool)
+    new_word[0] = True
+    np.not_equal(word[1:], word[:-1], out=new_word[1:])
+    group_starts = np.flatnonzero(new_word)
     words[word[group_starts]] = np.bitwise_or.reduceat(high, group_starts)
     spill = np.flatnonzero(end > 64)        # at most one code crosses each word boundary
     if spill.size:

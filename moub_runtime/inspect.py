@@ -69,8 +69,9 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
             )
         quantized = [t for t in index.tensors if t.encoding == C.ENCODING_HUFFMAN]
         q_weights = sum(t.n_elements for t in quantized)
-        q_bytes = sum(t.data.length for t in quantized)
-        q_bytes += sum(cb.size * 4 + tb.size for cb, tb in zip(index.codebooks, index.tables))
+        # Stored indices, their chunk_bits entries in the index, codebooks and code-length tables.
+        q_bytes = sum(t.data.length + 8 * len(t.chunk_bits) for t in quantized)
+        q_bytes += sum(cb.size * 4 for cb in index.codebooks) + sum(tb.size for tb in index.tables)
         decoded = index.decoded_bytes + index.graph.decoded_length
         codebooks = [
             {
