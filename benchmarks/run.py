@@ -410,9 +410,14 @@ METHOD_NOTES = [
     "- k-means and NNCodec files hold, besides their weight stream, the rest of the model (graph and "
     "tensors outside the pool) as the ONNX protobuf compressed with zstd -19, as moub's container deflates "
     "its graph.",
-    f"- **moub**: `moub_converters.convert(model, data=<search split>, metric=..., max_drop={C.MOUB_MAX_DROP}, "
-    f"mode=..., seed={C.MOUB_SEED})` with the converter's default settings, in a subprocess with a time limit; "
-    f"metric {C.MOUB_METRIC} ({', '.join(f'{k}: {v}' for k, v in C.MOUB_METRICS.items())}). "
+    "- **moub**: `moub_converters.convert(model, data=<search split>, metric=..., max_drop=..., mode=..., "
+    f"seed={C.MOUB_SEED})` with the converter's default settings otherwise, in a subprocess; metric "
+    f"{C.MOUB_METRIC} ({', '.join(f'{k}: {v}' for k, v in C.MOUB_METRICS.items())}). The search holds "
+    "--max-drop on the search split only, so the tolerance is swept like the peers' knobs: "
+    f"{', '.join(f'{d:g}' for d in C.MOUB_MAX_DROPS)}, stopping at the first file that passes on the test "
+    "split or when the model's time budget "
+    f"({', '.join(f'{k} {v} s' for k, v in C.MOUB_BUDGET_S.items())}) would be exceeded. "
+    "Encode s is the converter's wall time for that file (the whole search). "
     "The table's fidelity is the decoded `.moub` (`moub_runtime.load`) on the test split. Bits/weight vs "
     "entropy: Huffman index bits per coded weight against the Shannon entropy of the same index streams "
     "(per table), decoded from the file.",
