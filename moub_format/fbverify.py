@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from .constants import FILE_IDENTIFIER, PREAMBLE_SIZE, ReaderLimits
 from .errors import StructureError, TruncatedFileError, VersionError
 
@@ -32,47 +34,48 @@ class Field:
     size: int = 0            # scalar or vector element size
     table: str = ""          # for TABLE / TABLE_VECTOR
     required: bool = False
+    fmt: str = ""            # struct format of a scalar, numpy dtype of a vector's elements
 
 
 # Mirror of schema/moub.fbs: field order = vtable slot order. test_schema checks
-# this against the generated bindings.
+# this against the schema; the verifier reads every value through it.
 SCHEMA: dict[str, tuple[Field, ...]] = {
     "Checksum": (
-        Field("algorithm", SCALAR, 1),
-        Field("digest", VECTOR, 1),
+        Field("algorithm", SCALAR, 1, fmt="<B"),
+        Field("digest", VECTOR, 1, fmt="u1"),
     ),
     "Blob": (
-        Field("offset", SCALAR, 8),
-        Field("length", SCALAR, 8),
-        Field("codec", SCALAR, 1),
-        Field("decoded_length", SCALAR, 8),
+        Field("offset", SCALAR, 8, fmt="<Q"),
+        Field("length", SCALAR, 8, fmt="<Q"),
+        Field("codec", SCALAR, 1, fmt="<B"),
+        Field("decoded_length", SCALAR, 8, fmt="<Q"),
         Field("checksum", TABLE, table="Checksum"),
     ),
-    "Codebook": (Field("values", VECTOR, 4),),
-    "HuffmanTable": (Field("code_lengths", VECTOR, 1),),
+    "Codebook": (Field("values", VECTOR, 4, fmt="<f4"),),
+    "HuffmanTable": (Field("code_lengths", VECTOR, 1, fmt="u1"),),
     "Tensor": (
         Field("path", STRING, required=True),
         Field("name", STRING),
-        Field("dtype", SCALAR, 4),
-        Field("dims", VECTOR, 8),
-        Field("encoding", SCALAR, 1),
+        Field("dtype", SCALAR, 4, fmt="<i"),
+        Field("dims", VECTOR, 8, fmt="<i8"),
+        Field("encoding", SCALAR, 1, fmt="<B"),
         Field("data", TABLE, table="Blob"),
-        Field("codebook", SCALAR, 4),
-        Field("table", SCALAR, 4),
-        Field("chunk_elements", SCALAR, 4),
-        Field("chunk_bits", VECTOR, 8),
+        Field("codebook", SCALAR, 4, fmt="<I"),
+        Field("table", SCALAR, 4, fmt="<I"),
+        Field("chunk_elements", SCALAR, 4, fmt="<I"),
+        Field("chunk_bits", VECTOR, 8, fmt="<u8"),
     ),
     "MetadataEntry": (
         Field("key", STRING, required=True),
         Field("value", STRING, required=True),
     ),
     "Model": (
-        Field("format_major", SCALAR, 2),
-        Field("format_minor", SCALAR, 2),
-        Field("required_features", SCALAR, 8),
+        Field("format_major", SCALAR, 2, fmt="<H"),
+        Field("format_minor", SCALAR, 2, fmt="<H"),
+        Field("required_features", SCALAR, 8, fmt="<Q"),
         Field("producer", STRING),
-        Field("alignment", SCALAR, 4),
-        Field("payload_offset", SCALAR, 8),
+        Field("alignment", SCALAR, 4, fmt="<I"),
+        Field("payload_offset", SCALAR, 8, fmt="<Q"),
         Field("graph", TABLE, table="Blob"),
         Field("codebooks", TABLE_VECTOR, table="Codebook"),
         Field("tables", TABLE_VECTOR, table="HuffmanTable"),
@@ -122,7 +125,11 @@ class _Verifier:
         """Resolve a uoffset stored at pos (unsigned, forward only)."""
         return pos + self.u32(pos, where)
 
-    def table(self, pos: int, name: str, depth: int, where: str) -> None:
+    def table(self, pos: int, name: str, depth: int, where: str) -> dict:
+        """Verify the table at ``pos`` and return its fields: scalars (defaults when
+        absent), strings (str), vectors (NumPy views of the buffer, with their
+        element position under ``NAME@``), tables (dicts) and table vectors (lists);
+        absent non-scalars are None."""
         if depth > self.limits.max_flatbuffer_depth:
             raise self.fail(where, f"nesting depth {depth} exceeds the limit {self.limits.max_flatbuffer_depth}")
         if pos in self.tables_seen:
@@ -140,6 +147,7 @@ class _Verifier:
         self.need(vtable, vtable_len, where + " vtable")
         self.need(pos, table_len, where + " table")
         fields = SCHEMA[name]
+        out: dict = {}
         for slot, field in enumerate(fields):
             entry = 4 + 2 * slot
             voffset = _U16.unpack_from(self.buf, vtable + entry)[0] if entry < vtable_len else 0
@@ -147,25 +155,31 @@ class _Verifier:
             if voffset == 0:
                 if field.required:
                     raise self.fail(fwhere, "required field is missing")
+                out[field.name] = 0 if field.kind == SCALAR else None
                 continue
             width = field.size if field.kind == SCALAR else 4
             if voffset < 4 or voffset + width > table_len:
                 raise self.fail(fwhere, f"field offset {voffset} (+{width}) lies outside the {table_len}-byte table")
             field_pos = pos + voffset
             if field.kind == SCALAR:
+                out[field.name] = struct.unpack_from(field.fmt, self.buf, field_pos)[0]
                 continue
             target = self.follow(field_pos, fwhere)
             if field.kind == STRING:
-                self.string(target, fwhere)
+                out[field.name] = self.string(target, fwhere)
             elif field.kind == VECTOR:
-                self.vector(target, field.size, fwhere)
+                count = self.vector(target, field.size, fwhere)
+                out[field.name] = np.frombuffer(self.buf, dtype=field.fmt, count=count, offset=target + 4)
+                out[field.name + "@"] = target + 4
             elif field.kind == TABLE:
-                self.table(target, field.table, depth + 1, fwhere)
+                out[field.name] = self.table(target, field.table, depth + 1, fwhere)
             elif field.kind == TABLE_VECTOR:
                 count = self.vector(target, 4, fwhere)
-                for i in range(count):
-                    element = target + 4 + 4 * i
-                    self.table(self.follow(element, f"{fwhere}[{i}]"), field.table, depth + 1, f"{fwhere}[{i}]")
+                out[field.name] = [
+                    self.table(self.follow(target + 4 + 4 * i, f"{fwhere}[{i}]"), field.table, depth + 1, f"{fwhere}[{i}]")
+                    for i in range(count)
+                ]
+        return out
 
     def vector(self, pos: int, elem_size: int, where: str) -> int:
         count = self.u32(pos, where + " length")
@@ -175,7 +189,7 @@ class _Verifier:
         self.need(pos + 4, count * elem_size, where)
         return count
 
-    def string(self, pos: int, where: str) -> None:
+    def string(self, pos: int, where: str) -> str:
         length = self.vector(pos, 1, where)
         if length > self.limits.max_string_bytes:
             raise self.fail(where, f"string of {length} bytes exceeds the limit {self.limits.max_string_bytes}")
@@ -183,7 +197,7 @@ class _Verifier:
         if self.buf[pos + 4 + length] != 0:
             raise self.fail(where, "string is not NUL-terminated")
         try:
-            bytes(self.buf[pos + 4 : pos + 4 + length]).decode("utf-8")
+            return bytes(self.buf[pos + 4 : pos + 4 + length]).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise self.fail(where, f"string is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
@@ -197,12 +211,18 @@ def check_preamble(buf: memoryview | bytes, filename: str) -> None:
         raise VersionError(f"{filename}: file identifier {identifier!r} is not {FILE_IDENTIFIER!r}: not a .moub file")
 
 
-def verify(buf: memoryview, limits: ReaderLimits, filename: str) -> int:
-    """Verify the whole index in ``buf``; return the end of the bytes it uses."""
+def verify_tree(buf: memoryview, limits: ReaderLimits, filename: str) -> tuple[int, dict]:
+    """Verify the whole index in ``buf``; return the end of the bytes it uses and the
+    root table's fields (see :meth:`_Verifier.table`), read once, in range."""
     check_preamble(buf, filename)
     verifier = _Verifier(buf, limits, filename)
     root = verifier.follow(0, "root offset")
     if root + 4 > len(buf):
         raise verifier.fail("root offset", f"root offset {root} lies outside the {len(buf)}-byte index")
-    verifier.table(root, ROOT_TABLE, 1, ROOT_TABLE)
-    return verifier.end
+    tree = verifier.table(root, ROOT_TABLE, 1, ROOT_TABLE)
+    return verifier.end, tree
+
+
+def verify(buf: memoryview, limits: ReaderLimits, filename: str) -> int:
+    """Verify the whole index in ``buf``; return the end of the bytes it uses."""
+    return verify_tree(buf, limits, filename)[0]

@@ -27,7 +27,6 @@ from .errors import (
     StructureError,
     VersionError,
 )
-from .fb.Model import Model
 
 
 @dataclass(frozen=True)
@@ -88,18 +87,17 @@ class Index:
         return sum(t.decoded_bytes for t in self.tensors)
 
 
-def _text(value: bytes | None) -> str:
-    return value.decode("utf-8") if value is not None else ""
+def _text(value: str | None) -> str:
+    return value if value is not None else ""
 
 
 def _checksum(table, where: str, filename: str) -> tuple[int, bytes]:
     if table is None:
         raise StructureError(f"{filename}: {where}: checksum is missing")
-    algorithm = table.Algorithm()
+    algorithm = table["algorithm"]
     if algorithm not in C.CHECKSUMS:
         raise EnumError(f"{filename}: {where}: unknown checksum algorithm {algorithm}")
-    digest = table.DigestAsNumpy()
-    digest = digest.tobytes() if isinstance(digest, np.ndarray) else b""
+    digest = table["digest"].tobytes() if table["digest"] is not None else b""
     expected = C.CHECKSUMS[algorithm][1]
     if len(digest) != expected:
         raise StructureError(f"{filename}: {where}: checksum of {len(digest)} bytes, {C.CHECKSUMS[algorithm][0]} needs {expected}")
@@ -109,18 +107,18 @@ def _checksum(table, where: str, filename: str) -> tuple[int, bytes]:
 def _blob(table, where: str, filename: str, limits: C.ReaderLimits) -> BlobInfo:
     if table is None:
         raise StructureError(f"{filename}: {where}: data blob is missing")
-    codec = table.Codec()
+    codec = table["codec"]
     if codec not in C.CODECS:
         raise EnumError(f"{filename}: {where}: unknown codec {codec}")
-    length, decoded = table.Length(), table.DecodedLength()
+    length, decoded = table["length"], table["decoded_length"]
     if codec == C.CODEC_NONE and decoded != length:
         raise StructureError(f"{filename}: {where}: decoded_length {decoded} != length {length} for codec none")
     if codec != C.CODEC_NONE and decoded > max(length, 1) * limits.max_expansion_ratio:
         raise LimitError(
             f"{filename}: {where}: decoded_length {decoded} exceeds {limits.max_expansion_ratio} x the {length} stored bytes"
         )
-    algorithm, digest = _checksum(table.Checksum(), where + ".checksum", filename)
-    return BlobInfo(table.Offset(), length, codec, decoded, algorithm, digest)
+    algorithm, digest = _checksum(table["checksum"], where + ".checksum", filename)
+    return BlobInfo(table["offset"], length, codec, decoded, algorithm, digest)
 
 
 def _cap(value: int, limit: int, what: str, filename: str) -> None:
@@ -129,24 +127,25 @@ def _cap(value: int, limit: int, what: str, filename: str) -> None:
 
 
 def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimits) -> TensorInfo:
-    path = _text(table.Path())
+    path = table["path"]
     where = f"tensor {path!r}" if path else f"tensor #{i}"
-    dtype = table.Dtype()
+    dtype = table["dtype"]
     if dtype not in dtypes.STORAGE_DTYPES:
         raise EnumError(f"{filename}: {where}: dtype {dtype} is not an element type this reader knows")
-    rank = table.DimsLength()
+    dims_vector = table["dims"]
+    rank = dims_vector.size if dims_vector is not None else 0
     _cap(rank, limits.max_rank, f"{where}: rank", filename)
-    dims = tuple(int(d) for d in (table.DimsAsNumpy() if rank else ()))
+    dims = tuple(dims_vector.tolist()) if rank else ()
     if any(d < 0 for d in dims):
         raise LimitError(f"{filename}: {where}: dims {list(dims)} hold a negative dimension")
     elements = 1
     for d in dims:  # Python ints: no wrap-around
         elements *= d
     _cap(elements, limits.max_tensor_elements, f"{where}: element count (product of dims)", filename)
-    encoding = table.Encoding()
+    encoding = table["encoding"]
     if encoding not in C.ENCODINGS:
         raise EnumError(f"{filename}: {where}: encoding {encoding} is not one this reader knows")
-    data = _blob(table.Data(), where + ".data", filename, limits)
+    data = _blob(table["data"], where + ".data", filename, limits)
     itemsize = dtypes.STORAGE_DTYPES[dtype].itemsize
     decoded_bytes = elements * itemsize
     stored = max(data.length, 1)
@@ -155,25 +154,25 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
             f"{filename}: {where}: {decoded_bytes} decoded bytes exceed {limits.max_expansion_ratio} x the {data.length} stored bytes"
         )
     if encoding == C.ENCODING_RAW:
-        if table.ChunkBitsLength() or table.ChunkElements() or table.Codebook() or table.Table():
+        if table["chunk_bits"] is not None or table["chunk_elements"] or table["codebook"] or table["table"]:
             raise StructureError(f"{filename}: {where}: a RAW tensor must not set codebook, table, chunk_elements or chunk_bits")
         if data.decoded_length != decoded_bytes:
             raise StructureError(
                 f"{filename}: {where}: raw data decodes to {data.decoded_length} bytes, dims {list(dims)} x {itemsize} need {decoded_bytes}"
             )
-        return TensorInfo(path, _text(table.Name()), dtype, dims, encoding, data)
+        return TensorInfo(path, _text(table["name"]), dtype, dims, encoding, data)
     # HUFFMAN
     if dtype not in dtypes.FLOAT_DTYPES:
         raise StructureError(f"{filename}: {where}: dtype {dtype} cannot be restored from a codebook (HUFFMAN needs a float type)")
     if data.codec != C.CODEC_NONE:
         raise StructureError(f"{filename}: {where}: data.codec {data.codec}: Huffman streams are stored without a codec")
-    codebook, table_id = table.Codebook(), table.Table()
+    codebook, table_id = table["codebook"], table["table"]
     if codebook >= index_parts["codebooks"]:
         raise CodebookError(f"{filename}: {where}: codebook {codebook} does not exist ({index_parts['codebooks']} codebooks)")
     if table_id >= index_parts["tables"]:
         raise HuffmanError(f"{filename}: {where}: Huffman table {table_id} does not exist ({index_parts['tables']} tables)")
-    chunk_elements = table.ChunkElements()
-    n_chunks = table.ChunkBitsLength()
+    chunk_elements = table["chunk_elements"]
+    n_chunks = table["chunk_bits"].size if table["chunk_bits"] is not None else 0
     _cap(n_chunks, limits.max_chunks_per_tensor, f"{where}: chunk count", filename)
     if elements and not 1 <= chunk_elements <= limits.max_chunk_elements:
         raise LimitError(f"{filename}: {where}: chunk_elements {chunk_elements} outside [1, {limits.max_chunk_elements}]")
@@ -182,7 +181,7 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
         raise StructureError(
             f"{filename}: {where}: {n_chunks} chunks, but {elements} elements in chunks of {chunk_elements} need {expected_chunks}"
         )
-    bits = table.ChunkBitsAsNumpy() if n_chunks else np.zeros(0, dtype=np.uint64)
+    bits = table["chunk_bits"] if n_chunks else np.zeros(0, dtype=np.uint64)
     counts = np.full(n_chunks, chunk_elements, dtype=np.uint64)
     if n_chunks:
         counts[-1] = elements - chunk_elements * (n_chunks - 1)
@@ -201,7 +200,7 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
             f"{filename}: {where}: chunk_bits need {stored_bytes} bytes, data.length is {data.length}"
         )
     chunk_bits = tuple(bits.tolist())
-    return TensorInfo(path, _text(table.Name()), dtype, dims, encoding, data, codebook, table_id, chunk_elements, chunk_bits)
+    return TensorInfo(path, _text(table["name"]), dtype, dims, encoding, data, codebook, table_id, chunk_elements, chunk_bits)
 
 
 def _check_layout(blobs: list[tuple[str, BlobInfo]], alignment: int, payload_size: int, filename: str) -> None:
@@ -222,21 +221,21 @@ def _check_layout(blobs: list[tuple[str, BlobInfo]], alignment: int, payload_siz
         raise LayoutError(f"{filename}: {payload_size - position} bytes after the last payload range")
 
 
-def _check_index_digest(buf: memoryview, root: Model, file_size: int, minor: int, filename: str) -> None:
+def _check_index_digest(buf: memoryview, root: dict, file_size: int, minor: int, filename: str) -> None:
     """Model.index_digest (format 1.1): SHA-256 of [0, payload_offset) with its own 32 bytes zeroed.
 
     Checked whenever present, before any other field is trusted; required from
     minor version 1 on. Files of 1.0 have none (nothing covers their index)."""
-    table = root.IndexDigest()
+    table = root["index_digest"]
     if table is None:
         if minor >= 1:
             raise StructureError(f"{filename}: index_digest is missing; format 1.{minor} requires it")
         return
     algorithm, digest = _checksum(table, "index_digest", filename)
-    end = root.PayloadOffset()
+    end = root["payload_offset"]
     if end > file_size:
         raise LayoutError(f"{filename}: payload_offset {end} lies past the end of the {file_size}-byte file")
-    start = table._tab.Vector(table._tab.Offset(6))  # the digest bytes, inside the verified index
+    start = table["digest@"]  # the digest bytes, inside the verified index
     head = bytearray(buf[:end])
     if start + len(digest) > end:
         raise LayoutError(f"{filename}: index_digest lies past payload_offset {end}")
@@ -248,19 +247,18 @@ def _check_index_digest(buf: memoryview, root: Model, file_size: int, minor: int
 def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> Index:
     """Verify and read the index of a .moub file held in ``buf`` (the whole file)."""
     index_view = buf[: min(file_size, limits.max_index_bytes)]
-    index_end = fbverify.verify(index_view, limits, filename)
-    root = Model.GetRootAs(index_view, 0)
-    major, minor = root.FormatMajor(), root.FormatMinor()
+    index_end, root = fbverify.verify_tree(index_view, limits, filename)
+    major, minor = root["format_major"], root["format_minor"]
     if major != C.FORMAT_MAJOR:
         raise VersionError(f"{filename}: format version {major}.{minor}; this reader reads major version {C.FORMAT_MAJOR}")
-    unknown = root.RequiredFeatures() & ~C.KNOWN_REQUIRED_FEATURES
+    unknown = root["required_features"] & ~C.KNOWN_REQUIRED_FEATURES
     if unknown:
         raise VersionError(f"{filename}: format {major}.{minor} requires features 0x{unknown:x} this reader does not implement")
     _check_index_digest(buf, root, file_size, minor, filename)
-    alignment = root.Alignment()
+    alignment = root["alignment"]
     if alignment == 0 or alignment & (alignment - 1) or alignment > C.MAX_ALIGNMENT:
         raise LayoutError(f"{filename}: alignment {alignment} is not a power of two in [1, {C.MAX_ALIGNMENT}]")
-    payload_offset = root.PayloadOffset()
+    payload_offset = root["payload_offset"]
     if payload_offset % alignment or payload_offset < index_end or payload_offset > file_size:
         raise LayoutError(
             f"{filename}: payload_offset {payload_offset} must be a multiple of {alignment} in [{index_end}, {file_size}]"
@@ -268,16 +266,18 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
     if any(bytes(buf[index_end:payload_offset])):
         raise LayoutError(f"{filename}: padding between the index (ends {index_end}) and the payload is not zero")
 
-    counts = {"codebooks": root.CodebooksLength(), "tables": root.TablesLength()}
+    codebook_tables, huffman_tables = root["codebooks"] or [], root["tables"] or []
+    tensor_tables, metadata_tables = root["tensors"] or [], root["metadata"] or []
+    counts = {"codebooks": len(codebook_tables), "tables": len(huffman_tables)}
     _cap(counts["codebooks"], limits.max_codebooks, "codebook count", filename)
     _cap(counts["tables"], limits.max_tables, "Huffman table count", filename)
-    _cap(root.TensorsLength(), limits.max_tensors, "tensor count", filename)
-    _cap(root.MetadataLength(), limits.max_metadata_entries, "metadata entry count", filename)
+    _cap(len(tensor_tables), limits.max_tensors, "tensor count", filename)
+    _cap(len(metadata_tables), limits.max_metadata_entries, "metadata entry count", filename)
 
     codebooks = []
-    for i in range(counts["codebooks"]):
-        values = root.Codebooks(i).ValuesAsNumpy()
-        values = values.astype("<f4") if isinstance(values, np.ndarray) else np.zeros(0, "<f4")
+    for i, table in enumerate(codebook_tables):
+        values = table["values"]
+        values = values.copy() if values is not None else np.zeros(0, "<f4")  # owned: outlives the mapping
         if values.size == 0:
             raise CodebookError(f"{filename}: codebook {i} is empty")
         _cap(values.size, limits.max_codebook_entries, f"codebook {i} length", filename)
@@ -285,15 +285,15 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
             raise CodebookError(f"{filename}: codebook {i} holds non-finite values")
         codebooks.append(values)
     tables = []
-    for i in range(counts["tables"]):
-        lengths = root.Tables(i).CodeLengthsAsNumpy()
-        lengths = lengths.astype(np.uint8) if isinstance(lengths, np.ndarray) else np.zeros(0, np.uint8)
+    for i, table in enumerate(huffman_tables):
+        lengths = table["code_lengths"]
+        lengths = lengths.copy() if lengths is not None else np.zeros(0, np.uint8)
         from .huffman import validate_lengths  # local: keeps import graph flat
 
         validate_lengths(lengths, C.MAX_CODE_LENGTH, f"{filename}: Huffman table {i}")
         tables.append(lengths)
 
-    tensors = [_tensor(root.Tensors(i), i, counts, filename, limits) for i in range(root.TensorsLength())]
+    tensors = [_tensor(table, i, counts, filename, limits) for i, table in enumerate(tensor_tables)]
     for previous, current in zip(tensors, tensors[1:]):
         if previous.path == current.path:
             raise StructureError(f"{filename}: tensor path {current.path!r} appears more than once")
@@ -316,35 +316,34 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
     decoded_total = sum(t.decoded_bytes for t in tensors)
     _cap(decoded_total, limits.max_decoded_bytes, "decoded model size in bytes", filename)
 
-    graph = _blob(root.Graph(), "graph", filename, limits)
+    graph = _blob(root["graph"], "graph", filename, limits)
     _cap(graph.decoded_length, limits.max_graph_bytes, "graph size in bytes", filename)
 
     metadata: dict[str, str] = {}
-    for i in range(root.MetadataLength()):
-        entry = root.Metadata(i)
-        key, value = entry.Key(), entry.Value()
-        if len(key) > limits.max_metadata_key_bytes:
-            raise MetadataError(f"{filename}: metadata[{i}].key of {len(key)} bytes exceeds the limit {limits.max_metadata_key_bytes}")
-        if len(value) > limits.max_metadata_value_bytes:
+    for i, entry in enumerate(metadata_tables):
+        key_text, value_text = entry["key"], entry["value"]  # the verifier checked UTF-8
+        key_bytes, value_bytes = len(key_text.encode("utf-8")), len(value_text.encode("utf-8"))
+        if key_bytes > limits.max_metadata_key_bytes:
+            raise MetadataError(f"{filename}: metadata[{i}].key of {key_bytes} bytes exceeds the limit {limits.max_metadata_key_bytes}")
+        if value_bytes > limits.max_metadata_value_bytes:
             raise MetadataError(
-                f"{filename}: metadata[{i}].value of {len(value)} bytes exceeds the limit {limits.max_metadata_value_bytes}"
+                f"{filename}: metadata[{i}].value of {value_bytes} bytes exceeds the limit {limits.max_metadata_value_bytes}"
             )
-        key_text = key.decode("utf-8")  # the verifier checked UTF-8
         if key_text in metadata:
             raise MetadataError(f"{filename}: metadata key {key_text!r} appears more than once")
         if metadata and key_text < next(reversed(metadata)):
             raise MetadataError(f"{filename}: metadata keys are not sorted ({key_text!r} after {next(reversed(metadata))!r})")
-        metadata[key_text] = value.decode("utf-8")
+        metadata[key_text] = value_text
 
-    digest_algorithm, digest = _checksum(root.PayloadDigest(), "payload_digest", filename)
+    digest_algorithm, digest = _checksum(root["payload_digest"], "payload_digest", filename)
     blobs = [("graph", graph)] + [(f"tensor {t.path!r}", t.data) for t in tensors]
     _check_layout(blobs, alignment, file_size - payload_offset, filename)
     return Index(
         filename=filename,
         format_major=major,
         format_minor=minor,
-        required_features=root.RequiredFeatures(),
-        producer=_text(root.Producer()),
+        required_features=root["required_features"],
+        producer=_text(root["producer"]),
         alignment=alignment,
         payload_offset=payload_offset,
         file_size=file_size,
