@@ -8,9 +8,10 @@ quantized with equal-width bins (k = 256, float tensors of >= 1024 elements):
   (the lane decoder of ``moub_format``; ``--reference`` adds bitarray's
   ``canonical_decode``, the decoder this project used before);
 * peak RSS of ``.moub`` -> ``moub_runtime.InferenceSession`` in a fresh
-  subprocess, counted above the RSS right after importing numpy, onnx and
-  onnxruntime (importing moub_runtime is counted against the load), next to
-  the same figure for ``.onnx`` -> ``onnxruntime.InferenceSession``;
+  subprocess (default session options), counted above the RSS right after
+  importing numpy, onnx and onnxruntime (importing moub_runtime is counted
+  against the load), next to the same figure for ``.onnx`` ->
+  ``onnxruntime.InferenceSession``, and the RSS once the session exists;
 * load time ``.moub`` -> session against ``.onnx`` -> session, best of a few,
   both with one intra-op thread (decoding runs on the calling thread only), as
   process CPU time (the target's measure: stable on a shared machine) and wall time.
@@ -237,15 +238,12 @@ except OSError:
     pass
 base = status("VmRSS")
 kind, path = sys.argv[1], sys.argv[2]
-options = onnxruntime.SessionOptions()
-options.intra_op_num_threads = 1
-options.inter_op_num_threads = 1
 start = time.perf_counter()
-if kind == "moub":
+if kind == "moub":  # default options: the decoded arrays are freed once onnxruntime has its copy
     import moub_runtime
-    session = moub_runtime.InferenceSession(path, sess_options=options)
+    session = moub_runtime.InferenceSession(path)
 else:
-    session = onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 seconds = time.perf_counter() - start
 print(json.dumps({"base": base, "peak": status("VmHWM"), "after": status("VmRSS"), "seconds": seconds}))
 """

@@ -168,10 +168,13 @@ class InferenceSession(onnxruntime.InferenceSession):
     graph holding external-data stubs in their place), so no serialized copy
     of them is ever made. onnxruntime 1.32 copies those buffers while the
     session is created; when it does (probed once, see
-    :func:`ort_copies_external_initializers`), the decoded arrays are freed as
-    soon as the session exists, leaving onnxruntime's copy only. Weights
-    inside subgraphs are put back into the graph, which onnxruntime cannot be
-    handed otherwise.
+    :func:`ort_copies_external_initializers`) and the session options are this
+    class's own (``sess_options`` not given), the decoded arrays are freed as
+    soon as the session exists, leaving onnxruntime's copy only; such a session
+    cannot switch providers. With ``sess_options`` given, that object keeps
+    pointers to the arrays, so they live as long as the session (memory: the
+    weights twice). Weights inside subgraphs are put back into the graph,
+    which onnxruntime cannot be handed otherwise.
 
     ``decode_workers`` threads decode the Huffman streams (NumPy releases the
     GIL inside its loops, so big models gain on multi-core devices; each
@@ -225,9 +228,24 @@ class InferenceSession(onnxruntime.InferenceSession):
         graph = model.SerializeToString()
         del model, sites
         super().__init__(graph, sess_options=options, providers=providers or ["CPUExecutionProvider"], **kwargs)
-        if names and ort_copies_external_initializers():
-            self._moub_weights, self._moub_arrays = [], []
         self.moub_path = Path(path)
+        self._moub_released = False
+        if names and sess_options is None and ort_copies_external_initializers():
+            # onnxruntime holds its own copy now. Our options object still points at the
+            # arrays, so it must never build a session again: no provider switch, no
+            # fallback (both re-create the session from the initial options).
+            self._moub_weights, self._moub_arrays = [], []
+            self._moub_released = True
+            self.disable_fallback()
+            if hasattr(self, "_sess_options_initial"):
+                self._sess_options_initial = None
+
+    def set_providers(self, providers=None, provider_options=None) -> None:
+        if getattr(self, "_moub_released", False):
+            raise NotImplementedError(
+                "moub_runtime.InferenceSession cannot switch providers once loaded; create a new session with providers=..."
+            )
+        super().set_providers(providers, provider_options)
 
 
 EXTERNAL_MIN_BYTES = 1024     # tensors at least this big go to the data file of a large model

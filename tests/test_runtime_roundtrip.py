@@ -182,3 +182,19 @@ def test_small_models_are_saved_whole(packed, tmp_path):
     save_onnx(moub_runtime.load(path), out)
     assert [p.name for p in tmp_path.iterdir()] == ["small.onnx"]
     assert onnx.load(out).SerializeToString() == moub_runtime.load(path).SerializeToString()
+
+
+def test_session_frees_decoded_weights_only_when_it_owns_the_options(packed):
+    from moub_runtime.loader import ort_copies_external_initializers
+
+    _, _, _, path = packed
+    feeds = modelzoo.sample_feeds()
+    own = moub_runtime.InferenceSession(path)
+    given = moub_runtime.InferenceSession(path, sess_options=ort.SessionOptions())
+    np.testing.assert_array_equal(own.run(None, feeds)[0], given.run(None, feeds)[0])
+    assert given._moub_arrays  # the caller's options object points at them: they stay
+    if ort_copies_external_initializers():
+        assert own._moub_arrays == [] and own._moub_weights == []
+        with pytest.raises(NotImplementedError, match="cannot switch providers"):
+            own.set_providers(["CPUExecutionProvider"])
+        np.testing.assert_array_equal(own.run(None, feeds)[0], given.run(None, feeds)[0])
