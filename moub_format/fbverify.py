@@ -4,9 +4,11 @@ FlatBuffers' Python library reads whatever offsets a buffer holds: a hostile
 file can point anywhere, ask for a 4-billion-element vector or loop a table
 into itself. This module walks the index once, against a description of
 schema/moub.fbs, and checks every root offset, soffset, vtable, field offset,
-vector and string against the buffer (in Python ints) before the generated
-accessors are allowed to touch it. It is the one bounded read primitive: after
-:func:`verify` passes, every accessor of the generated code reads in range.
+vector and string against the buffer (in Python ints), reading each field's
+value as it goes. It is the one bounded read primitive: the reader uses the
+values :func:`verify_tree` returns (no generated accessor runs on hostile
+bytes), and after :func:`verify` passes every accessor of the generated code
+would read in range too.
 """
 
 from __future__ import annotations

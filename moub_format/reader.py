@@ -1,10 +1,15 @@
 """Read .moub files from untrusted storage.
 
 Order of operations: size check before mmap, full index verification and
-semantic validation (:mod:`.index`), zero padding between payload ranges, then
-per tensor: checksum of the stored bytes, decode bounded by declared counts,
-index range check, codebook lookup. Memory: one decoded tensor at a time plus
-its indices; nothing is allocated from a size that was not checked first.
+semantic validation (:mod:`.index`, including the index digest and the
+whole-model decoded size), zero padding between payload ranges, then per
+window of about DECODE_BATCH_ELEMENTS Huffman elements: checksum of each
+tensor's stored bytes, chunk checks (bit ranges, zero padding bits), decoding
+of all chunks in lock step (:mod:`.lanes`; bitarray chunk by chunk when there
+are few) bounded by declared counts, each chunk required to take exactly its
+declared bits. Indices cannot leave the codebook (the code-length table has
+one entry per codebook entry). Memory: the decoded window plus about 10 bytes
+per element of it; nothing is allocated from a size that was not checked first.
 """
 
 from __future__ import annotations
