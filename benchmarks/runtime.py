@@ -5,8 +5,10 @@ the real models that ship in PyPI wheels (magika, rapidocr cls/rec/det), each
 quantized with equal-width bins (k = 256, float tensors of >= 1024 elements):
 
 * decode throughput: Huffman-coded weights decoded per second on ONE core
-  (the lane decoder of ``moub_format``; ``--reference`` adds bitarray's
-  ``canonical_decode``, the decoder this project used before);
+  (process CPU time; the lane decoder of ``moub_format``). ``--reference`` adds
+  bitarray's ``canonical_decode`` (the decoder this project used before) on the
+  same file, and "before": that decoder on the file written as before (65536-
+  element chunks, codes up to 20 bits), plus today's reader on that old file;
 * peak RSS of ``.moub`` -> ``moub_runtime.InferenceSession`` in a fresh
   subprocess (default session options), counted above the RSS right after
   importing numpy, onnx and onnxruntime (importing moub_runtime is counted
@@ -199,7 +201,40 @@ def decode_throughput(moub_path: Path, repeats: int = 3, reference: bool = False
                   "weights_per_s": weights / best_cpu if best_cpu else float("inf")}
         if reference:
             result["reference_weights_per_s"] = _reference_throughput(moub, huff)
+    if reference:
+        name = moub_path.stem
+        old = old_style_file(name)
+        with MoubFile(old) as moub:
+            huff = [t for t in moub.index.tensors if t.encoding == C.ENCODING_HUFFMAN]
+            result["before_weights_per_s"] = _reference_throughput(moub, huff)  # old decoder on old files
+            cpu = time.process_time()
+            for _tensor, _array in moub.iter_tensors():
+                pass
+            result["old_file_weights_per_s"] = sum(t.n_elements for t in huff) / (time.process_time() - cpu)
     return result
+
+
+def old_style_file(name: str) -> Path:
+    """The model written as this project wrote it before the lane decoder: 65536-element
+    chunks and codes of up to 20 bits (cached)."""
+    import onnx
+    from moub_converters.encode import container_specs
+
+    from moub_format import huffman, writer
+
+    path = CACHE / f"v{CACHE_VERSION}" / f"{name}.old.moub"
+    if not path.exists():
+        onnx_path, _ = prepare(name)
+        model = onnx.load(onnx_path)
+        codebook, assignments = equal_width(model)
+        graph, specs = container_specs(model, assignments)
+        freq = np.zeros(codebook.size, dtype=np.int64)
+        for spec in specs:
+            if isinstance(spec, writer.HuffmanTensor):
+                freq += np.bincount(spec.indices, minlength=codebook.size)
+        tables = [huffman.code_lengths(freq, 20)]
+        writer.write_atomic(path, writer.build(graph, [codebook], specs, {}, tables=tables, chunk_elements=65536))
+    return path
 
 
 def _reference_throughput(moub, tensors) -> float:
@@ -333,16 +368,16 @@ def _mb(n: float) -> str:
 
 def format_table(rows: list[dict]) -> list[str]:
     lines = [
-        f"{'model':10} {'weights':>9} {'decode M/s':>10} {'(bitarray)':>10} {'peak RSS MB':>11} {'limit MB':>8} "
+        f"{'model':10} {'weights':>9} {'decode M/s':>10} {'(before)':>8} {'peak RSS MB':>11} {'limit MB':>8} "
         f"{'onnx RSS':>8} {'load ms':>8} {'onnx ms':>8} {'ratio cpu':>9} {'(wall)':>6}  targets",
     ]
     for r in rows:
-        ref = r["decode"].get("reference_weights_per_s")
+        ref = r["decode"].get("before_weights_per_s")
         ok = " ".join(f"{k}:{'ok' if v else 'MISSED'}" for k, v in r["targets"].items())
         load = r["load"]
         lines.append(
             f"{r['model']:10} {r['decode']['weights'] / 1e6:8.2f}M {r['decode']['weights_per_s'] / 1e6:10.1f} "
-            f"{(f'{ref / 1e6:.1f}' if ref else '-'):>10} {_mb(r['rss']['moub']['peak_above_base']):>11} "
+            f"{(f'{ref / 1e6:.1f}' if ref else '-'):>8} {_mb(r['rss']['moub']['peak_above_base']):>11} "
             f"{_mb(r['rss']['limit']):>8} {_mb(r['rss']['onnx']['peak_above_base']):>8} "
             f"{load['moub_cpu'] * 1e3:8.1f} {load['onnx_cpu'] * 1e3:8.1f} {load['ratio_cpu']:9.2f} {load['ratio_wall']:6.2f}  {ok}"
         )

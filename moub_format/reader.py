@@ -37,6 +37,16 @@ MIN_LANES_PER_WORKER = 256       # below this a thread's NumPy calls are all ove
 MIN_LANES = 128                  # fewer chunks than this decode faster one by one (bitarray)
 
 
+def _aligned_empty(shape: tuple[int, int], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``alignment`` boundary
+    (the decoded tensors are views of it and go to onnxruntime as they are)."""
+    dtype = np.dtype(dtype)
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def _digest(algorithm: int, data) -> bytes:
     name = C.CHECKSUMS[algorithm][0]
     return hashlib.new(name, data).digest()
@@ -230,7 +240,7 @@ class MoubFile:
         # Rows as long as the longest chunk (not chunk_elements: one-element tensors
         # declaring 2**24-element chunks must not allocate 2**24 slots each).
         steps = int(lane_counts.max())
-        out = np.empty((row, steps), dtype=by_symbol.dtype)
+        out = _aligned_empty((row, steps), by_symbol.dtype)
         if row < MIN_LANES:
             self._decode_few(tensors, rows, lane_starts, lane_bits, lane_counts, first.table, by_symbol, out)
             for tensor, (r, n_chunks) in zip(tensors, rows):
