@@ -235,7 +235,14 @@ def convert(
 
     dataset = load_dataset(data, source.model, labels=labels, batch_size=options.batch_size)
     evaluator = Evaluator(source.model, pool, dataset, options.strategy)
-    reference = reference_outputs(evaluator, source.model, source.label)
+    try:
+        reference = reference_outputs(evaluator, source.model, source.label)
+    except ModelError:
+        if evaluator.strategy == "serialize":
+            raise
+        # the plain model, in case handing weights over is what onnxruntime refused
+        evaluator = Evaluator(source.model, pool, dataset, "serialize")
+        reference = reference_outputs(evaluator, source.model, source.label)
     chosen_metric = options.metric or metrics.default_metric(dataset.labels, reference)
     metrics.check_metric(chosen_metric, dataset.labels, reference)
     q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels)
@@ -243,7 +250,7 @@ def convert(
     if options.bins is not None:
         return _fixed(source, pool, options, started, baseline)
 
-    ctx = EvalContext(source.model, pool, dataset, chosen_metric, reference, q0, options)
+    ctx = EvalContext(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy)
     ctx.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0))
     bar = RichProgress(q0, options.max_drop) if progress is None and not quiet else None
     counter = _Counter(progress or bar)
@@ -253,6 +260,7 @@ def convert(
     finally:
         if bar:
             bar.close()
+    result.facts["evaluation_strategy"] = evaluator.strategy
     if not result.feasible:
         best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
         hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""

@@ -40,7 +40,8 @@ def build_convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="DATA.npz: one array per model input, first axis = samples (optional 'labels')")
     p.add_argument("--labels", help="labels.npy, one class per sample (else the 'labels' array of DATA.npz)")
     p.add_argument("--metric", choices=METRICS, help="default: accuracy with labels, else agreement (classifiers) or cosine")
-    p.add_argument("--max-drop", type=float, default=d.max_drop, help=f"largest absolute drop of the metric (default {d.max_drop})")
+    p.add_argument("--max-drop", type=float, default=d.max_drop, help=f"largest loss allowed: the metric's absolute drop; for accuracy the share of "
+                   f"samples the original gets right and the .moub wrong (default {d.max_drop})")
     p.add_argument("--mode", default=d.mode, choices=sorted(MODES), help="method (default paper: the MO-UB paper, faithfully)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="worker processes for evaluations (default 1)")

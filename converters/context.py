@@ -39,12 +39,13 @@ class EvalContext:
     reference: list[np.ndarray]
     quality_original: float
     options: ConvertOptions
+    strategy: str = "auto"
     _scorer: Scorer | None = field(default=None, repr=False)
 
     @property
     def scorer(self) -> Scorer:
         if self._scorer is None:
-            evaluator = Evaluator(self.model, self.pool, self.dataset, self.options.strategy)
+            evaluator = Evaluator(self.model, self.pool, self.dataset, self.strategy)
             self._scorer = Scorer(evaluator, self.metric, self.reference, self.dataset.labels, self.quality_original)
         return self._scorer
 

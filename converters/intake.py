@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from moub_format import dtypes
 from moub_runtime.payload import element_count
-from moub_runtime.sites import KIND_CONSTANT, KIND_INITIALIZER, iter_tensor_sites
+from moub_runtime.sites import KIND_CONSTANT, iter_tensor_sites
 
 from .errors import ModelError
 
@@ -295,4 +295,4 @@ def is_main_graph(site: PoolSite) -> bool:
     return site.path.startswith("init:") or (site.kind == KIND_CONSTANT and site.path.startswith("node:") and site.path.count("/") == 1)
 
 
-__all__ = ["Pool", "PoolSite", "SourceModel", "load_source", "pool_weights", "tensor_to_float32", "is_main_graph", "KIND_INITIALIZER"]
+__all__ = ["Pool", "PoolSite", "SourceModel", "load_source", "pool_weights", "tensor_to_float32", "is_main_graph"]

@@ -129,7 +129,10 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
 
 
 class RichProgress:
-    """Live bar on stderr: evaluations done and the best feasible candidate so far."""
+    """Live bar on stderr: evaluations done and the best feasible candidate so far.
+
+    Transient, and only on a terminal: when stderr is a file or a pipe it stays
+    silent, so that an error is still the only line there."""
 
     def __init__(self, quality_original: float, max_drop: float) -> None:
         from rich.console import Console
@@ -139,8 +142,9 @@ class RichProgress:
         self.evaluations = 0
         self.best: dict | None = None
         self.phase = "search"
+        console = Console(file=sys.stderr)
         self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                  console=Console(file=sys.stderr), transient=False)
+                                  console=console, transient=True, disable=not console.is_terminal)
         self._task = self._progress.add_task(self._text(), total=None)
         self._progress.start()
 

@@ -98,11 +98,14 @@ class Size:
         }
 
 
-def _chunk_padding_bits(pool: Pool) -> int:
-    """Each chunk ends on a byte boundary: 0..7 padding bits, 4 on average. (Its 64-bit
-    length entry lives in the index and is the same for every candidate.)"""
+CHUNK_ENTRY_BITS = 64   # each chunk's exact bit length, stored in the index
+CHUNK_PADDING_BITS = 4  # each chunk ends on a byte boundary: 0..7 padding bits, 4 on average
+
+
+def chunk_overhead_bits(pool: Pool) -> int:
+    """What the writer's chunking costs (as ``moub inspect`` counts it): the same for every candidate."""
     chunk = writer.default_chunk_elements(pool.n_weights)
-    return 4 * sum(math.ceil(site.size / chunk) for site in pool.sites)
+    return (CHUNK_ENTRY_BITS + CHUNK_PADDING_BITS) * sum(math.ceil(site.size / chunk) for site in pool.sites)
 
 
 def table_lengths(counts: np.ndarray) -> np.ndarray:
@@ -130,14 +133,14 @@ def huffman_size(q: Quantization, pool: Pool) -> Size:
         table_bits += TABLE_ENTRY_BITS * counts.size
     table_bits += sum(TABLE_ENTRY_BITS * q.tables[t - len(q.codebooks)].size for t in explicit_tables_used)
     codebook_bits = CODEBOOK_ENTRY_BITS * q.bins_used()
-    return Size(index_bits + _chunk_padding_bits(pool), codebook_bits, table_bits, pool.n_weights)
+    return Size(index_bits + chunk_overhead_bits(pool), codebook_bits, table_bits, pool.n_weights)
 
 
-def counts_size(counts: np.ndarray, n_weights: int, chunks_padding_bits: int = 0) -> Size:
+def counts_size(counts: np.ndarray, n_weights: int, chunk_bits: int = 0) -> Size:
     """Huffman size of one shared codebook from its bin counts alone (the search objective)."""
     lengths = table_lengths(counts)
     return Size(
-        huffman.encoded_bits(counts, lengths) + chunks_padding_bits,
+        huffman.encoded_bits(counts, lengths) + chunk_bits,
         CODEBOOK_ENTRY_BITS * int(counts.size),
         TABLE_ENTRY_BITS * int(counts.size),
         n_weights,
@@ -148,7 +151,3 @@ def fixed_length_size(entries: Sequence[int], n_weights: int) -> Size:
     """Bits with fixed-length indices: ceil(log2 entries) per weight, no table (binning stage)."""
     width = max(1, math.ceil(math.log2(max(entries)))) if entries else 0
     return Size(width * n_weights, CODEBOOK_ENTRY_BITS * int(sum(entries)), 0, n_weights)
-
-
-def chunk_padding_bits(pool: Pool) -> int:
-    return _chunk_padding_bits(pool)

@@ -18,6 +18,8 @@ from moub_converters.data import load_dataset
 from moub_converters.evaluate import Evaluator, Scorer, original_arrays
 from moub_converters.intake import load_source, pool_weights
 from moub_converters.merge import Groups, merge_cheapest
+from moub_converters.modes.base import Candidate
+from moub_converters.modes.paper import monotone_losses, robust_feasible
 from moub_converters.metrics import Accumulator, quality
 from moub_converters.search import bin_grid, pareto_front
 from moub_converters.solution import Quantization
@@ -74,8 +76,10 @@ def test_stage_rows_match_the_real_file(demo):
 def test_choice_is_the_smallest_feasible_and_front_is_non_dominated(demo):
     result, _ = demo
     report = result.report
-    feasible = [c for c in report["candidates"] if c["complete"] and c["loss"] <= MAX_DROP]
+    # within tolerance: measured, and by the loss fitted monotone in size (no larger candidate contradicts it)
+    feasible = [c for c in report["candidates"] if c["complete"] and c["loss"] <= MAX_DROP and c["fitted_loss"] <= MAX_DROP]
     assert report["choice"]["bits_per_weight"] == min(c["bits_per_weight"] for c in feasible)
+    assert report["choice"]["loss"] <= MAX_DROP
     front = report["front"]
     for a in front:
         for b in front:
@@ -153,6 +157,22 @@ def test_merge_cheapest_takes_the_least_squared_error_pair():
     assert many.size == groups.size - 11
     assert np.all(np.diff(many.group_of_bin) >= 0) and many.group_of_bin[-1] == many.size - 1
     np.testing.assert_allclose(many.sums.sum(), b.sums.sum())
+
+
+def test_isotonic_fit_rejects_a_lucky_small_candidate():
+    def cand(bits, loss, complete=True):
+        return Candidate(f"b{bits}", "search", 1 - loss, loss, complete, bits, 10, {"k": 10, "merges": []},
+                         None if complete else "dominated")
+
+    lucky, bad, good, best = cand(1, 0.001), cand(2, 0.03), cand(3, 0.0), cand(4, 0.0)
+    fitted = monotone_losses([lucky, bad, good, best], 0.005)
+    assert fitted[id(lucky)] == fitted[id(bad)] == pytest.approx(0.0155)
+    assert fitted[id(good)] == fitted[id(best)] == 0.0
+    assert robust_feasible([lucky, bad, good, best], 0.005, monotone=True) == [good, best]
+    assert robust_feasible([lucky, bad, good, best], 0.005, monotone=False) == [lucky, good, best]
+    # a stopped evaluation whose bound stays under the tolerance says nothing: left out of the fit
+    unknown = cand(2, 0.002, complete=False)
+    assert robust_feasible([lucky, unknown, good], 0.005, monotone=True) == [lucky, good]
 
 
 def test_grid_and_front_helpers():

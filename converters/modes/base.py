@@ -33,6 +33,7 @@ class Candidate:
     bins: int
     recipe: dict               # what ``materialize`` needs to rebuild it (JSON-able)
     stopped: str | None = None  # why an incomplete evaluation stopped: "tolerance" or "dominated"
+    fitted_loss: float | None = None  # the loss a mode's choice rule used, if not the measured one
 
     def to_dict(self, quality_original: float) -> dict:
         return {
@@ -44,6 +45,7 @@ class Candidate:
             "loss": round(self.loss, 6),
             "complete": self.complete,
             "stopped": self.stopped,
+            "fitted_loss": None if self.fitted_loss is None else round(self.fitted_loss, 6),
             "bits_per_weight": round(self.bits_per_weight, 6),
             "recipe": self.recipe,
         }
