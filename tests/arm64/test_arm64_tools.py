@@ -32,9 +32,9 @@ def test_make_targets_exist_and_make_test_stays_off_arm64():
     assert ci.returncode == 0 and "arm64" not in ci.stdout
 
 
-def _pins() -> dict[str, str]:
+def _pins(name: str = "constraints.txt") -> dict[str, str]:
     pins = {}
-    for line in (REPO / "tools" / "arm64" / "constraints.txt").read_text().splitlines():
+    for line in (REPO / "tools" / "arm64" / name).read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, version = line.split("==")
@@ -57,6 +57,22 @@ def test_tested_pins_satisfy_the_runtime_dependency_bounds():
     # onnxruntime 1.21.0 dies with SIGILL on Cortex-A72 (Pi 4): never allowed.
     ort = next(Requirement(d) for d in deps if Requirement(d).name == "onnxruntime")
     assert not ort.specifier.contains("1.21.0")
+
+
+def test_floor_pins_are_the_lower_bounds():
+    """`make test-arm64-floor` tests exactly the lowest versions pyproject allows."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    floor = _pins("constraints-floor.txt")
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
+        lower = [s.version for s in dep.specifier if s.operator == ">="]
+        assert lower, f"{dep} has no lower bound"
+        name = dep.name.lower().replace("_", "-")
+        assert dep.specifier.contains(floor[name]), f"{name}=={floor[name]} is outside {dep}"
+        # the bound itself or a patch release of it (numpy>=1.24 -> 1.24.4), never a newer minor
+        assert floor[name].split(".")[:2] == lower[0].split(".")[:2], f"{name}: floor pin {floor[name]} vs bound {lower[0]}"
 
 
 def _fake_run(work: Path, arm_output: np.ndarray, arm_digest: str = "d") -> None:
