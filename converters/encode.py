@@ -1,7 +1,8 @@
 """Turn a model plus codebook assignments into .moub bytes.
 
 The graph keeps every node, opset, function and metadata entry; only the
-payloads of stored tensors leave it. Quantized sites become Huffman tensors;
+payloads of stored tensors leave it. Quantized sites become Huffman tensors, or
+members of packs (format 1.2: several sites, one stream, a scale per site);
 other tensors with a raw payload of at least ``raw_min_bytes`` move to the
 payload section byte for byte (zlib-packed when that saves space); everything
 smaller stays inside the graph untouched.
@@ -20,7 +21,7 @@ import onnx
 from moub_format import constants as C
 from moub_format import dtypes, writer
 from moub_runtime.payload import clear_payload
-from moub_runtime.sites import tensor_sites
+from moub_runtime.sites import iter_tensor_sites, tensor_sites
 
 RAW_MIN_BYTES = 4096
 ZLIB_MIN_SAVING = 0.05  # pack a raw tensor only if zlib saves at least this fraction
@@ -34,9 +35,32 @@ class TensorAssignment:
     indices: np.ndarray
 
 
-def dequantize(codebook: np.ndarray, indices: np.ndarray, onnx_dtype: int) -> np.ndarray:
+@dataclass(frozen=True)
+class PackAssignment:
+    """Quantized sites coded as one stream (format 1.2): one codebook and table, a scale
+    per site. ``indices`` are the sites' indices concatenated in ``paths`` order (C order
+    within each); site ``paths[i]`` decodes to ``float32(codebook[idx]) * float32(scales[i])``
+    cast to its dtype (see :func:`dequantize_scaled`). ``table``: None = the shared table
+    of ``codebook``, ``writer.OWN`` = a table of this pack's indices alone, or an index
+    into the ``tables`` build option."""
+
+    paths: tuple[str, ...]
+    scales: tuple[float, ...]
+    indices: np.ndarray
+    codebook: int
+    table: int | str | None = None
+
+
+def dequantize(codebook: np.ndarray | writer.GridCodebook, indices: np.ndarray, onnx_dtype: int) -> np.ndarray:
     """The exact storage values the runtime will decode (same function, same bits)."""
-    return dtypes.cast_from_float32(np.asarray(codebook, dtype=np.float32)[indices], onnx_dtype)
+    return dtypes.cast_from_float32(writer.codebook_values(codebook)[indices], onnx_dtype)
+
+
+def dequantize_scaled(codebook: np.ndarray | writer.GridCodebook, indices: np.ndarray, scale: float, onnx_dtype: int) -> np.ndarray:
+    """The exact storage values the runtime decodes for a pack member (same function, same bits)."""
+    from moub_format.reader import scale_member
+
+    return scale_member(writer.codebook_values(codebook)[indices], float(np.float32(scale)), onnx_dtype)
 
 
 def _raw_codec(data: bytes) -> int:
@@ -52,12 +76,65 @@ def container_specs(
     raw_min_bytes: int = RAW_MIN_BYTES,
 ) -> tuple[bytes, list[writer.TensorSpec]]:
     """Strip stored payloads from a copy of ``model``; return (graph bytes, tensor specs)."""
+    graph, specs, _ = container_parts(model, assignments, (), raw_min_bytes)
+    return graph, specs
+
+
+def _pack_specs(stripped: onnx.ModelProto, packs: Sequence[PackAssignment]) -> list[writer.PackSpec]:
+    """Packs with site paths turned into ordinals (members sorted by ordinal, their index
+    slices and scales with them); the members' payloads are cleared in ``stripped``."""
+    ordinals: dict[str, int] = {}
+    all_sites = list(iter_tensor_sites(stripped))
+    for ordinal, site in enumerate(all_sites):
+        ordinals.setdefault(site.path, ordinal)
+    specs = []
+    for pack in packs:
+        if not len(pack.paths) == len(pack.scales):
+            raise ValueError(f"pack of {len(pack.paths)} sites has {len(pack.scales)} scales")
+        unknown = [p for p in pack.paths if p not in ordinals]
+        if unknown:
+            raise ValueError(f"pack member {unknown[0]!r} is not a tensor site of the model")
+        indices = np.asarray(pack.indices).reshape(-1)
+        members, start = [], 0
+        for path, scale in zip(pack.paths, pack.scales):
+            tensor = all_sites[ordinals[path]].tensor
+            if tensor.data_type not in dtypes.FLOAT_DTYPES:
+                raise ValueError(f"pack member {path!r} has element type {tensor.data_type}, not a float type")
+            count = 1
+            for dim in tensor.dims:
+                count *= int(dim)
+            members.append((ordinals[path], count, scale, indices[start : start + count]))
+            start += count
+        if start != indices.size:
+            raise ValueError(f"pack of {list(pack.paths)[:3]}...: {indices.size} indices for {start} elements")
+        members.sort(key=lambda m: m[0])
+        for ordinal, *_ in members:
+            clear_payload(all_sites[ordinal].tensor)
+        specs.append(writer.PackSpec(
+            tuple(m[0] for m in members), tuple(m[1] for m in members), tuple(m[2] for m in members),
+            np.concatenate([m[3] for m in members]) if members else indices, pack.codebook, pack.table,
+        ))
+    return specs
+
+
+def container_parts(
+    model: onnx.ModelProto,
+    assignments: Mapping[str, TensorAssignment],
+    packs: Sequence[PackAssignment] = (),
+    raw_min_bytes: int = RAW_MIN_BYTES,
+) -> tuple[bytes, list[writer.TensorSpec], list[writer.PackSpec]]:
+    """Strip stored payloads from a copy of ``model``; return (graph bytes, tensor specs, pack specs)."""
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     sites = tensor_sites(stripped)
     missing = sorted(set(assignments) - set(sites))
     if missing:
         raise ValueError(f"assignment for unknown tensor site {missing[0]!r}")
+    packed = {path for pack in packs for path in pack.paths}
+    both = sorted(packed & set(assignments))
+    if both:
+        raise ValueError(f"site {both[0]!r} is both a tensor assignment and a pack member")
+    pack_specs = _pack_specs(stripped, packs)
     specs: list[writer.TensorSpec] = []
     for path, site in sites.items():
         tensor = site.tensor
@@ -70,23 +147,28 @@ def container_specs(
                 writer.HuffmanTensor(path, tensor.name, tensor.data_type, dims, np.asarray(assignment.indices), assignment.codebook)
             )
             clear_payload(tensor)
+        elif path in packed:
+            continue
         elif tensor.HasField("raw_data") and len(tensor.raw_data) >= raw_min_bytes and tensor.data_type in dtypes.STORAGE_DTYPES:
             data = bytes(tensor.raw_data)
             specs.append(writer.RawTensor(path, tensor.name, tensor.data_type, dims, data, _raw_codec(data)))
             clear_payload(tensor)
-    return stripped.SerializeToString(deterministic=True), specs
+    return stripped.SerializeToString(deterministic=True), specs, pack_specs
 
 
 def encode_model(
     model: onnx.ModelProto,
-    codebooks: Sequence[np.ndarray],
+    codebooks: Sequence[np.ndarray | writer.GridCodebook],
     assignments: Mapping[str, TensorAssignment],
     metadata: Mapping[str, str] | None = None,
+    packs: Sequence[PackAssignment] = (),
     **build_options,
 ) -> bytes:
-    """The complete .moub bytes for ``model`` with ``assignments`` quantized."""
-    graph, specs = container_specs(model, assignments)
-    return writer.build(graph, codebooks, specs, metadata or {}, **build_options)
+    """The complete .moub bytes for ``model`` with ``assignments`` quantized and ``packs``
+    stored as packs. ``build_options`` go to :func:`moub_format.writer.build` (for example
+    ``graph_codec=CODEC_LZMA``, ``raw_codec=writer.SMALLEST``, ``alignment=8``, ``tables=``)."""
+    graph, specs, pack_specs = container_parts(model, assignments, packs)
+    return writer.build(graph, codebooks, specs, metadata or {}, packs=pack_specs, **build_options)
 
 
 def write_model(path: str | os.PathLike, *args, **kwargs) -> int:

@@ -18,12 +18,14 @@ from .errors import (
     TruncatedFileError,
     VersionError,
 )
-from .reader import MoubFile, open_moub
-from .writer import HuffmanTensor, RawTensor, build, write, write_atomic
+from .index import PackInfo, PackMember, TensorInfo
+from .reader import MoubFile, open_moub, scale_member
+from .writer import OWN, SMALLEST, GridCodebook, HuffmanTensor, PackSpec, RawTensor, build, write, write_atomic
 
 __all__ = [
     "DEFAULT_LIMITS", "FORMAT_MAJOR", "FORMAT_MINOR", "ReaderLimits",
     "ChecksumError", "CodebookError", "EnumError", "GraphError", "HuffmanError", "LayoutError",
     "LimitError", "MetadataError", "MoubFormatError", "StructureError", "TruncatedFileError", "VersionError",
     "MoubFile", "open_moub", "HuffmanTensor", "RawTensor", "build", "write", "write_atomic",
+    "GridCodebook", "PackSpec", "OWN", "SMALLEST", "PackInfo", "PackMember", "TensorInfo", "scale_member",
 ]

@@ -14,8 +14,15 @@ FILE_EXTENSION = ".moub"
 # Versioning: a reader accepts any file whose major equals FORMAT_MAJOR, whatever
 # its minor, provided every bit of required_features is one it knows.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1             # 1.1 added Model.index_digest
-KNOWN_REQUIRED_FEATURES = 0  # bit mask of required-feature flags this reader implements
+FORMAT_MINOR = 2             # 1.1 added Model.index_digest; 1.2 packs, grid codebooks and LZMA
+
+# Required-feature bits (Model.required_features). A writer sets a bit when the
+# file uses the feature; a reader rejects every bit it does not implement, so a
+# 1.1 reader refuses a 1.2 file that needs one with a clear "requires features" error.
+FEATURE_PACKS = 1 << 0       # Model.packs or a grid codebook (Codebook.count > 0)
+FEATURE_LZMA = 1 << 1        # a blob with codec LZMA
+FEATURES = {FEATURE_PACKS: "packs and grid codebooks", FEATURE_LZMA: "LZMA blobs"}
+KNOWN_REQUIRED_FEATURES = FEATURE_PACKS | FEATURE_LZMA  # bit mask of the flags this reader implements
 
 # Layout
 PREAMBLE_SIZE = 8            # FlatBuffers root uoffset (4) + file identifier (4)
@@ -36,7 +43,17 @@ ENCODINGS = {ENCODING_HUFFMAN: "huffman", ENCODING_RAW: "raw"}
 
 CODEC_NONE = 0               # bytes stored as they are
 CODEC_ZLIB = 1               # zlib stream (stdlib; bounded inflate on read)
-CODECS = {CODEC_NONE: "none", CODEC_ZLIB: "zlib"}
+CODEC_LZMA = 2               # .xz stream (stdlib lzma; bounded output, memory-limited decoder)
+CODECS = {CODEC_NONE: "none", CODEC_ZLIB: "zlib", CODEC_LZMA: "lzma"}
+
+# LZMA (writers): preset 9 | PRESET_EXTREME, no integrity check (the blob has a
+# SHA-256), and a dictionary no larger than the input needs, so a device decodes
+# with little memory: the next power of two >= the input, in [4 KiB, 8 MiB].
+LZMA_MIN_DICT = 1 << 12
+LZMA_MAX_DICT = 1 << 23
+
+# Grid codebooks: values first .. first + count - 1, exact in float32.
+GRID_LIMIT = 1 << 24         # |first| and |first + count - 1| must be below this
 
 CHECKSUM_SHA256 = 1
 CHECKSUMS = {CHECKSUM_SHA256: ("sha256", 32)}
@@ -65,6 +82,9 @@ class ReaderLimits:
     max_string_bytes: int = 1 << 20           # any string: names, paths, metadata values
     max_flatbuffer_tables: int = 1 << 22
     max_flatbuffer_depth: int = 8
+    max_packs: int = 1 << 20                  # packs per file
+    max_pack_members: int = 1 << 20           # members of one pack
+    max_lzma_memory: int = 1 << 25            # the xz decoder's memlimit (writers' dictionaries are at most 8 MiB)
 
 
 DEFAULT_LIMITS = ReaderLimits()

@@ -53,7 +53,11 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("decoded_length", SCALAR, 8, fmt="<Q"),
         Field("checksum", TABLE, table="Checksum"),
     ),
-    "Codebook": (Field("values", VECTOR, 4, fmt="<f4"),),
+    "Codebook": (
+        Field("values", VECTOR, 4, fmt="<f4"),
+        Field("first", SCALAR, 8, fmt="<q"),
+        Field("count", SCALAR, 4, fmt="<I"),
+    ),
     "HuffmanTable": (Field("code_lengths", VECTOR, 1, fmt="u1"),),
     "Tensor": (
         Field("path", STRING, required=True),
@@ -66,6 +70,16 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("table", SCALAR, 4, fmt="<I"),
         Field("chunk_elements", SCALAR, 4, fmt="<I"),
         Field("chunk_bits", VECTOR, 8, fmt="<u8"),
+    ),
+    "Pack": (
+        Field("sites", VECTOR, 4, fmt="<u4"),
+        Field("counts", VECTOR, 8, fmt="<u8"),
+        Field("scales", VECTOR, 4, fmt="<f4"),
+        Field("codebook", SCALAR, 4, fmt="<I"),
+        Field("table", SCALAR, 4, fmt="<I"),
+        Field("chunk_elements", SCALAR, 4, fmt="<I"),
+        Field("chunk_bits", VECTOR, 8, fmt="<u8"),
+        Field("data", TABLE, table="Blob"),
     ),
     "MetadataEntry": (
         Field("key", STRING, required=True),
@@ -85,6 +99,7 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("metadata", TABLE_VECTOR, table="MetadataEntry"),
         Field("payload_digest", TABLE, table="Checksum"),
         Field("index_digest", TABLE, table="Checksum"),
+        Field("packs", TABLE_VECTOR, table="Pack"),
     ),
 }
 ROOT_TABLE = "Model"

@@ -63,6 +63,61 @@ class TensorInfo:
     def decoded_bytes(self) -> int:
         return self.n_elements * dtypes.STORAGE_DTYPES[self.dtype].itemsize
 
+    @property
+    def subject(self) -> str:
+        """How messages name it: ``tensor 'init:W'``."""
+        return f"tensor {self.path!r}"
+
+
+@dataclass(frozen=True)
+class PackMember:
+    """One member of a pack: a site of the graph and its slice of the pack's stream."""
+
+    pack: int                # position of the pack in Index.packs
+    member: int              # position of the member in the pack
+    site: int                # site ordinal (FORMAT.md §5 order)
+    count: int               # elements
+    scale: float             # a float32 value (exact as a Python float)
+    start: int               # first element of the member in the pack's stream
+
+    @property
+    def subject(self) -> str:
+        return f"pack {self.pack} member {self.member} (site {self.site})"
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    """Several tensors coded as one stream (format 1.2). Element types and shapes come
+    from the graph's sites; the index knows the element counts only."""
+
+    number: int              # position in Index.packs
+    sites: tuple[int, ...]
+    counts: tuple[int, ...]
+    scales: tuple[float, ...]
+    codebook: int
+    table: int
+    chunk_elements: int
+    chunk_bits: tuple[int, ...]
+    data: BlobInfo
+    n_elements: int
+
+    @property
+    def subject(self) -> str:
+        return f"pack {self.number}"
+
+    @property
+    def members(self) -> tuple[PackMember, ...]:
+        out, start = [], 0
+        for i, (site, count, scale) in enumerate(zip(self.sites, self.counts, self.scales)):
+            out.append(PackMember(self.number, i, site, count, scale, start))
+            start += count
+        return tuple(out)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of the pack's decoded float32 values (what the reader holds while splitting it)."""
+        return 4 * self.n_elements
+
 
 @dataclass(frozen=True)
 class Index:
@@ -81,10 +136,22 @@ class Index:
     metadata: dict[str, str] = field(default_factory=dict)
     payload_digest_algorithm: int = 0
     payload_digest: bytes = b""
+    packs: tuple[PackInfo, ...] = ()
+    grids: tuple[tuple[int, int] | None, ...] = ()   # per codebook: (first, count) of a grid codebook, else None
 
     @property
     def decoded_bytes(self) -> int:
-        return sum(t.decoded_bytes for t in self.tensors)
+        """Decoded tensors, plus 4 bytes per pack element (packs' element types are in the graph;
+        the runtime checks the exact size with them)."""
+        return sum(t.decoded_bytes for t in self.tensors) + sum(p.decoded_bytes for p in self.packs)
+
+    def blobs(self) -> list[tuple[str, BlobInfo]]:
+        """Every payload range the index declares, with how messages name it."""
+        return (
+            [("graph", self.graph)]
+            + [(t.subject, t.data) for t in self.tensors]
+            + [(p.subject, p.data) for p in self.packs]
+        )
 
 
 def _text(value: str | None) -> str:
@@ -126,6 +193,42 @@ def _cap(value: int, limit: int, what: str, filename: str) -> None:
         raise LimitError(f"{filename}: {what} {value} exceeds the limit {limit}")
 
 
+def _chunks(table, elements: int, data: BlobInfo, where: str, filename: str, limits: C.ReaderLimits) -> tuple[int, tuple[int, ...]]:
+    """Check the chunk table of a Huffman stream of ``elements`` codes (a tensor or a pack)
+    against its stored bytes; return (chunk_elements, chunk_bits)."""
+    if data.codec != C.CODEC_NONE:
+        raise StructureError(f"{filename}: {where}: data.codec {data.codec}: Huffman streams are stored without a codec")
+    chunk_elements = table["chunk_elements"]
+    n_chunks = table["chunk_bits"].size if table["chunk_bits"] is not None else 0
+    _cap(n_chunks, limits.max_chunks_per_tensor, f"{where}: chunk count", filename)
+    if elements and not 1 <= chunk_elements <= limits.max_chunk_elements:
+        raise LimitError(f"{filename}: {where}: chunk_elements {chunk_elements} outside [1, {limits.max_chunk_elements}]")
+    expected_chunks = -(-elements // chunk_elements) if elements else 0
+    if n_chunks != expected_chunks:
+        raise StructureError(
+            f"{filename}: {where}: {n_chunks} chunks, but {elements} elements in chunks of {chunk_elements} need {expected_chunks}"
+        )
+    bits = table["chunk_bits"] if n_chunks else np.zeros(0, dtype=np.uint64)
+    counts = np.full(n_chunks, chunk_elements, dtype=np.uint64)
+    if n_chunks:
+        counts[-1] = elements - chunk_elements * (n_chunks - 1)
+    # Every code is 1..MAX_CODE_LENGTH bits: this bounds the elements by 8 x the stored bytes
+    # (no decompression bomb) and keeps every sum below in range.
+    bad = np.flatnonzero((bits < counts) | (bits > counts * np.uint64(C.MAX_CODE_LENGTH)))
+    if bad.size:
+        c = int(bad[0])
+        raise HuffmanError(
+            f"{filename}: {where}: chunk_bits[{c}] = {int(bits[c])} is impossible for {int(counts[c])} codes of "
+            f"1..{C.MAX_CODE_LENGTH} bits"
+        )
+    stored_bytes = int(((bits + np.uint64(7)) >> np.uint64(3)).sum())
+    if stored_bytes != data.length:
+        raise StructureError(
+            f"{filename}: {where}: chunk_bits need {stored_bytes} bytes, data.length is {data.length}"
+        )
+    return chunk_elements, tuple(bits.tolist())
+
+
 def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimits) -> TensorInfo:
     path = table["path"]
     where = f"tensor {path!r}" if path else f"tensor #{i}"
@@ -164,43 +267,156 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
     # HUFFMAN
     if dtype not in dtypes.FLOAT_DTYPES:
         raise StructureError(f"{filename}: {where}: dtype {dtype} cannot be restored from a codebook (HUFFMAN needs a float type)")
-    if data.codec != C.CODEC_NONE:
-        raise StructureError(f"{filename}: {where}: data.codec {data.codec}: Huffman streams are stored without a codec")
+    codebook, table_id = _references(table, where, index_parts, filename)
+    chunk_elements, chunk_bits = _chunks(table, elements, data, where, filename, limits)
+    return TensorInfo(path, _text(table["name"]), dtype, dims, encoding, data, codebook, table_id, chunk_elements, chunk_bits)
+
+
+def _references(table, where: str, index_parts: dict, filename: str) -> tuple[int, int]:
     codebook, table_id = table["codebook"], table["table"]
     if codebook >= index_parts["codebooks"]:
         raise CodebookError(f"{filename}: {where}: codebook {codebook} does not exist ({index_parts['codebooks']} codebooks)")
     if table_id >= index_parts["tables"]:
         raise HuffmanError(f"{filename}: {where}: Huffman table {table_id} does not exist ({index_parts['tables']} tables)")
-    chunk_elements = table["chunk_elements"]
-    n_chunks = table["chunk_bits"].size if table["chunk_bits"] is not None else 0
-    _cap(n_chunks, limits.max_chunks_per_tensor, f"{where}: chunk count", filename)
-    if elements and not 1 <= chunk_elements <= limits.max_chunk_elements:
-        raise LimitError(f"{filename}: {where}: chunk_elements {chunk_elements} outside [1, {limits.max_chunk_elements}]")
-    expected_chunks = -(-elements // chunk_elements) if elements else 0
-    if n_chunks != expected_chunks:
+    return codebook, table_id
+
+
+def _pack(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimits) -> PackInfo:
+    """One Pack (format 1.2), checked on its own: member vectors, counts, scales, chunks.
+    Cross-pack rules (order, disjoint sites) and codebook/table sizes are checked by the caller."""
+    where = f"pack {i}"
+    vectors = {name: table[name] for name in ("sites", "counts", "scales")}
+    lengths = {name: (v.size if v is not None else 0) for name, v in vectors.items()}
+    if len(set(lengths.values())) != 1:
         raise StructureError(
-            f"{filename}: {where}: {n_chunks} chunks, but {elements} elements in chunks of {chunk_elements} need {expected_chunks}"
+            f"{filename}: {where}: sites, counts and scales must have one entry per member, got "
+            f"{lengths['sites']}, {lengths['counts']} and {lengths['scales']}"
         )
-    bits = table["chunk_bits"] if n_chunks else np.zeros(0, dtype=np.uint64)
-    counts = np.full(n_chunks, chunk_elements, dtype=np.uint64)
-    if n_chunks:
-        counts[-1] = elements - chunk_elements * (n_chunks - 1)
-    # Every code is 1..MAX_CODE_LENGTH bits: this bounds the elements by 8 x the stored bytes
-    # (no decompression bomb) and keeps every sum below in range.
-    bad = np.flatnonzero((bits < counts) | (bits > counts * np.uint64(C.MAX_CODE_LENGTH)))
+    members = lengths["sites"]
+    if members == 0:
+        raise StructureError(f"{filename}: {where}: a pack needs at least one member")
+    _cap(members, limits.max_pack_members, f"{where}: member count", filename)
+    sites = vectors["sites"].astype(np.int64)
+    steps = np.flatnonzero(sites[1:] <= sites[:-1])
+    if steps.size:
+        j = int(steps[0]) + 1
+        raise StructureError(
+            f"{filename}: {where}: site ordinals must be strictly increasing (member {j}: {int(sites[j])} after {int(sites[j - 1])})"
+        )
+    counts = tuple(vectors["counts"].tolist())  # Python ints: the sum cannot wrap
+    for j, count in enumerate(counts):
+        if count > limits.max_tensor_elements:
+            raise LimitError(f"{filename}: {where}: member {j} count {count} exceeds the limit {limits.max_tensor_elements}")
+    elements = sum(counts)
+    _cap(elements, limits.max_tensor_elements, f"{where}: element count (sum of counts)", filename)
+    scales = vectors["scales"]
+    bad = np.flatnonzero(~np.isfinite(scales))
     if bad.size:
-        c = int(bad[0])
-        raise HuffmanError(
-            f"{filename}: {where}: chunk_bits[{c}] = {int(bits[c])} is impossible for {int(counts[c])} codes of "
-            f"1..{C.MAX_CODE_LENGTH} bits"
+        j = int(bad[0])
+        raise CodebookError(f"{filename}: {where}: member {j} scale {float(scales[j])} is not finite")
+    data = _blob(table["data"], where + ".data", filename, limits)
+    if 4 * elements > max(data.length, 1) * limits.max_expansion_ratio:
+        raise LimitError(
+            f"{filename}: {where}: {4 * elements} decoded bytes exceed {limits.max_expansion_ratio} x the {data.length} stored bytes"
         )
-    stored_bytes = int(((bits + np.uint64(7)) >> np.uint64(3)).sum())
-    if stored_bytes != data.length:
+    codebook, table_id = _references(table, where, index_parts, filename)
+    chunk_elements, chunk_bits = _chunks(table, elements, data, where, filename, limits)
+    return PackInfo(
+        i, tuple(sites.tolist()), counts, tuple(float(x) for x in scales.tolist()), codebook, table_id,
+        chunk_elements, chunk_bits, data, elements,
+    )
+
+
+def _codebook(table, i: int, filename: str, limits: C.ReaderLimits) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """(values, None) for an explicit codebook, (None, (first, count)) for a grid (1.2)."""
+    values, first, count = table["values"], table["first"], table["count"]
+    if values is not None and values.size:
+        if first or count:
+            raise CodebookError(f"{filename}: codebook {i} sets both values and a grid (first {first}, count {count})")
+        _cap(values.size, limits.max_codebook_entries, f"codebook {i} length", filename)
+        values = values.copy()  # owned: outlives the mapping
+        if not np.isfinite(values).all():
+            raise CodebookError(f"{filename}: codebook {i} holds non-finite values")
+        return values, None
+    if count == 0:
+        raise CodebookError(f"{filename}: codebook {i} is empty")
+    _cap(count, limits.max_codebook_entries, f"codebook {i} length", filename)
+    last = first + count - 1
+    if abs(first) >= C.GRID_LIMIT or abs(last) >= C.GRID_LIMIT:
+        raise CodebookError(
+            f"{filename}: grid codebook {i}: values {first}..{last} must lie strictly between -2^24 and 2^24 (exact in float32)"
+        )
+    return None, (first, count)
+
+
+def _check_references(streams, codebooks: list, tables: list, grids: list, filename: str) -> None:
+    """Huffman tensors and packs against their codebook and table: sizes agree, chunks fit
+    the longest code."""
+    for s in streams:
+        size = tables[s.table].size
+        entries = grids[s.codebook][1] if grids[s.codebook] else codebooks[s.codebook].size
+        if size != entries:
+            raise HuffmanError(
+                f"{filename}: {s.subject}: Huffman table {s.table} has {size} lengths for codebook {s.codebook} of {entries} entries"
+            )
+        longest = int(tables[s.table].max())
+        if s.chunk_bits and max(s.chunk_bits) > s.chunk_elements * longest:
+            c = s.chunk_bits.index(max(s.chunk_bits))
+            raise HuffmanError(
+                f"{filename}: {s.subject}: chunk_bits[{c}] = {s.chunk_bits[c]} exceeds {s.chunk_elements} codes of "
+                f"at most {longest} bits (Huffman table {s.table})"
+            )
+
+
+def _check_packs(packs: list[PackInfo], codebooks: list, grids: list, tensors: int, filename: str, limits: C.ReaderLimits) -> None:
+    """Packs sorted by first site, sites disjoint across packs, every scale times the
+    largest codebook magnitude finite in float32 (so no member decodes to inf)."""
+    members = sum(len(p.sites) for p in packs)
+    _cap(tensors + members, limits.max_tensors, "stored tensor count (tensors and pack members)", filename)
+    for previous, current in zip(packs, packs[1:]):
+        if current.sites[0] <= previous.sites[0]:
+            raise StructureError(
+                f"{filename}: packs are not sorted by first site ({current.subject} starts at site {current.sites[0]}, "
+                f"{previous.subject} at {previous.sites[0]})"
+            )
+    if packs:
+        all_sites = np.sort(np.concatenate([np.asarray(p.sites, dtype=np.int64) for p in packs]))
+        repeated = np.flatnonzero(all_sites[1:] == all_sites[:-1])
+        if repeated.size:
+            site = int(all_sites[repeated[0]])
+            owners = [p.number for p in packs if site in p.sites]
+            raise StructureError(f"{filename}: site {site} is a member of packs {owners}: each site belongs to one pack at most")
+    for p in packs:
+        if grids[p.codebook]:
+            first, count = grids[p.codebook]
+            magnitude = np.float32(max(abs(first), abs(first + count - 1)))
+        else:
+            magnitude = np.abs(codebooks[p.codebook]).max()
+        with np.errstate(over="ignore"):
+            products = magnitude * np.abs(np.asarray(p.scales, dtype=np.float32))
+        bad = np.flatnonzero(~np.isfinite(products))
+        if bad.size:
+            j = int(bad[0])
+            raise CodebookError(
+                f"{filename}: {p.subject}: member {j} scale {p.scales[j]} times codebook {p.codebook}'s largest "
+                f"magnitude {float(magnitude)} overflows float32"
+            )
+
+
+def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[str, BlobInfo]], filename: str) -> None:
+    """A file that uses a 1.2 feature must declare its required-feature bit, so that an
+    older reader refuses it instead of misreading it."""
+    used = 0
+    if packs or any(grids):
+        used |= C.FEATURE_PACKS
+    if any(blob.codec == C.CODEC_LZMA for _, blob in blobs):
+        used |= C.FEATURE_LZMA
+    missing = used & ~declared
+    if missing:
+        names = ", ".join(name for bit, name in C.FEATURES.items() if bit & missing)
         raise StructureError(
-            f"{filename}: {where}: chunk_bits need {stored_bytes} bytes, data.length is {data.length}"
+            f"{filename}: the file uses {names} but required_features 0x{declared:x} lacks 0x{missing:x}"
         )
-    chunk_bits = tuple(bits.tolist())
-    return TensorInfo(path, _text(table["name"]), dtype, dims, encoding, data, codebook, table_id, chunk_elements, chunk_bits)
 
 
 def _check_layout(blobs: list[tuple[str, BlobInfo]], alignment: int, payload_size: int, filename: str) -> None:
@@ -268,22 +484,20 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
 
     codebook_tables, huffman_tables = root["codebooks"] or [], root["tables"] or []
     tensor_tables, metadata_tables = root["tensors"] or [], root["metadata"] or []
+    pack_tables = root["packs"] or []
     counts = {"codebooks": len(codebook_tables), "tables": len(huffman_tables)}
     _cap(counts["codebooks"], limits.max_codebooks, "codebook count", filename)
     _cap(counts["tables"], limits.max_tables, "Huffman table count", filename)
     _cap(len(tensor_tables), limits.max_tensors, "tensor count", filename)
+    _cap(len(pack_tables), limits.max_packs, "pack count", filename)
     _cap(len(metadata_tables), limits.max_metadata_entries, "metadata entry count", filename)
 
-    codebooks = []
+    codebooks: list[np.ndarray | None] = []
+    grids: list[tuple[int, int] | None] = []
     for i, table in enumerate(codebook_tables):
-        values = table["values"]
-        values = values.copy() if values is not None else np.zeros(0, "<f4")  # owned: outlives the mapping
-        if values.size == 0:
-            raise CodebookError(f"{filename}: codebook {i} is empty")
-        _cap(values.size, limits.max_codebook_entries, f"codebook {i} length", filename)
-        if not np.isfinite(values).all():
-            raise CodebookError(f"{filename}: codebook {i} holds non-finite values")
+        values, grid = _codebook(table, i, filename, limits)
         codebooks.append(values)
+        grids.append(grid)
     tables = []
     for i, table in enumerate(huffman_tables):
         lengths = table["code_lengths"]
@@ -299,21 +513,21 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
             raise StructureError(f"{filename}: tensor path {current.path!r} appears more than once")
         if previous.path > current.path:
             raise StructureError(f"{filename}: tensors are not sorted by path ({previous.path!r} before {current.path!r})")
-    for t in tensors:
-        if t.encoding == C.ENCODING_HUFFMAN:
-            longest = int(tables[t.table].max())
-            if t.chunk_bits and max(t.chunk_bits) > t.chunk_elements * longest:
-                c = t.chunk_bits.index(max(t.chunk_bits))
-                raise HuffmanError(
-                    f"{filename}: tensor {t.path!r}: chunk_bits[{c}] = {t.chunk_bits[c]} exceeds {t.chunk_elements} codes of "
-                    f"at most {longest} bits (Huffman table {t.table})"
-                )
-            size = tables[t.table].size
-            if size != codebooks[t.codebook].size:
-                raise HuffmanError(
-                    f"{filename}: tensor {t.path!r}: Huffman table {t.table} has {size} lengths for codebook {t.codebook} of {codebooks[t.codebook].size} entries"
-                )
-    decoded_total = sum(t.decoded_bytes for t in tensors)
+    packs = [_pack(table, i, counts, filename, limits) for i, table in enumerate(pack_tables)]
+    huffman_streams = [t for t in tensors if t.encoding == C.ENCODING_HUFFMAN] + packs
+    _check_references(huffman_streams, codebooks, tables, grids, filename)
+    _check_packs(packs, codebooks, grids, len(tensors), filename, limits)
+    # A grid codebook costs 12 index bytes whatever its count: materialize only those some
+    # stream uses, whose table holds one byte per entry (memory <= 4 x the index size).
+    used_codebooks = {s.codebook for s in huffman_streams}
+    for i, grid in enumerate(grids):
+        if grid is None:
+            continue
+        if i not in used_codebooks:
+            raise CodebookError(f"{filename}: grid codebook {i} is used by no tensor or pack")
+        first, count = grid
+        codebooks[i] = np.arange(first, first + count, dtype=np.int64).astype(np.float32)
+    decoded_total = sum(t.decoded_bytes for t in tensors) + sum(p.decoded_bytes for p in packs)
     _cap(decoded_total, limits.max_decoded_bytes, "decoded model size in bytes", filename)
 
     graph = _blob(root["graph"], "graph", filename, limits)
@@ -336,7 +550,8 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
         metadata[key_text] = value_text
 
     digest_algorithm, digest = _checksum(root["payload_digest"], "payload_digest", filename)
-    blobs = [("graph", graph)] + [(f"tensor {t.path!r}", t.data) for t in tensors]
+    blobs = [("graph", graph)] + [(t.subject, t.data) for t in tensors] + [(p.subject, p.data) for p in packs]
+    _check_features(root["required_features"], packs, grids, blobs, filename)
     _check_layout(blobs, alignment, file_size - payload_offset, filename)
     return Index(
         filename=filename,
@@ -354,4 +569,6 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
         metadata=metadata,
         payload_digest_algorithm=digest_algorithm,
         payload_digest=digest,
+        packs=tuple(packs),
+        grids=tuple(grids),
     )

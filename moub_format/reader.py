@@ -15,10 +15,11 @@ per element of it; nothing is allocated from a size that was not checked first.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import mmap
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from . import dtypes
 from .errors import ChecksumError, HuffmanError, LayoutError, LimitError, StructureError, TruncatedFileError
 from .huffman import CanonicalDecoder
 from .lanes import WINDOW_SLACK, LookupTable, decode_lanes
-from .index import BlobInfo, Index, TensorInfo, parse_index
+from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_index
+
+Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
 
 
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
@@ -37,11 +40,13 @@ MIN_LANES_PER_WORKER = 256       # below this a thread's NumPy calls are all ove
 MIN_LANES = 128                  # fewer chunks than this decode faster one by one (bitarray)
 
 
-def _aligned_empty(shape: tuple[int, int], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on an ``alignment`` boundary
     (the decoded tensors are views of it and go to onnxruntime as they are)."""
     dtype = np.dtype(dtype)
-    nbytes = shape[0] * shape[1] * dtype.itemsize
+    nbytes = dtype.itemsize
+    for dim in shape:
+        nbytes *= dim
     raw = np.empty(nbytes + alignment, dtype=np.uint8)
     start = -raw.ctypes.data % alignment
     return raw[start : start + nbytes].view(dtype).reshape(shape)
@@ -110,7 +115,7 @@ class MoubFile:
     # raw access ------------------------------------------------------------
     def _check_padding(self) -> None:
         base = self.index.payload_offset
-        blobs = sorted([self.index.graph] + [t.data for t in self.index.tensors], key=lambda b: b.offset)
+        blobs = sorted((blob for _, blob in self.index.blobs()), key=lambda b: b.offset)
         position = 0
         for blob in blobs:
             if any(self._view[base + position : base + blob.offset]):
@@ -131,6 +136,8 @@ class MoubFile:
         data = self._checked(blob, subject)
         if blob.codec == C.CODEC_NONE:
             return bytes(data)
+        if blob.codec == C.CODEC_LZMA:
+            return self._unxz(data, blob.decoded_length, subject)
         inflater = zlib.decompressobj()
         try:
             out = inflater.decompress(data, blob.decoded_length + 1)
@@ -139,6 +146,28 @@ class MoubFile:
         if len(out) != blob.decoded_length or not inflater.eof or inflater.unused_data:
             raise StructureError(
                 f"{self.filename}: {subject}: zlib stream does not inflate to exactly {blob.decoded_length} bytes"
+            )
+        return out
+
+    def _unxz(self, data: memoryview, decoded_length: int, subject: str) -> bytes:
+        """Decode one .xz stream to exactly ``decoded_length`` bytes: output bounded to one
+        byte more, decoder memory bounded by ``limits.max_lzma_memory`` (the dictionary a
+        hostile header asks for), the stream must end exactly with the input."""
+        decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=self.limits.max_lzma_memory)
+        try:
+            out = decoder.decompress(data, decoded_length + 1)
+        except lzma.LZMAError as exc:
+            if "memory" in str(exc).lower():
+                raise LimitError(
+                    f"{self.filename}: {subject}: the xz stream needs more decoder memory than the limit "
+                    f"{self.limits.max_lzma_memory} bytes ({exc})"
+                ) from None
+            raise StructureError(f"{self.filename}: {subject}: xz stream is corrupt ({exc})") from None
+        if len(out) != decoded_length or not decoder.eof or decoder.unused_data:
+            raise StructureError(
+                f"{self.filename}: {subject}: xz stream does not decode to exactly {decoded_length} bytes "
+                f"(got {len(out)}{'' if decoder.eof else ', stream not ended'}"
+                f"{f', {len(decoder.unused_data)} bytes after its end' if decoder.unused_data else ''})"
             )
         return out
 
@@ -172,19 +201,19 @@ class MoubFile:
             self._value_tables[key] = self._lookup(table).entries(self._by_symbol(codebook, dtype))
         return self._value_tables[key]
 
-    def _group_lanes(self, tensors: list[TensorInfo], max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-        """The chunks of ``tensors`` as lanes: absolute start byte, declared bits, element
-        count, and each tensor's (first lane, lanes). Checked, for the whole group at
+    def _group_lanes(self, streams: list[Stream], max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """The chunks of ``streams`` as lanes: absolute start byte, declared bits, element
+        count, and each stream's (first lane, lanes). Checked, for the whole group at
         once: bits possible for codes of 1..max_length bits, padding bits zero."""
         bits_parts, counts_parts, offsets, rows = [], [], [], []
         row = 0
-        for tensor in tensors:
-            n, per, n_chunks = tensor.n_elements, tensor.chunk_elements, len(tensor.chunk_bits)
+        for stream in streams:
+            n, per, n_chunks = stream.n_elements, stream.chunk_elements, len(stream.chunk_bits)
             counts = np.full(n_chunks, per, dtype=np.int64)
             counts[-1] = n - per * (n_chunks - 1)
-            bits_parts.append(np.asarray(tensor.chunk_bits, dtype=np.int64))  # < 8 x file size: checked in the index
+            bits_parts.append(np.asarray(stream.chunk_bits, dtype=np.int64))  # < 8 x file size: checked in the index
             counts_parts.append(counts)
-            offsets.append(self.index.payload_offset + tensor.data.offset)
+            offsets.append(self.index.payload_offset + stream.data.offset)
             rows.append((row, n_chunks))
             row += n_chunks
         bits = np.concatenate(bits_parts)
@@ -192,12 +221,12 @@ class MoubFile:
         nbytes = (bits + 7) >> 3
         starts = np.cumsum(nbytes) - nbytes  # running position ...
         first_lanes = np.array([r for r, _ in rows], dtype=np.int64)
-        lanes_per_tensor = np.array([k for _, k in rows], dtype=np.int64)
-        starts += np.repeat(np.asarray(offsets, dtype=np.int64) - starts[first_lanes], lanes_per_tensor)  # ... per tensor
+        lanes_per_stream = np.array([k for _, k in rows], dtype=np.int64)
+        starts += np.repeat(np.asarray(offsets, dtype=np.int64) - starts[first_lanes], lanes_per_stream)  # ... per stream
 
         def fail(lane: int, message: str) -> None:
             t = int(np.searchsorted(first_lanes, lane, side="right")) - 1
-            raise HuffmanError(f"{self.filename}: tensor {tensors[t].path!r}: chunk {lane - rows[t][0]}: {message}")
+            raise HuffmanError(f"{self.filename}: {streams[t].subject}: chunk {lane - rows[t][0]}: {message}")
 
         bad = np.flatnonzero((bits < counts) | (bits > counts * max_length))
         if bad.size:
@@ -213,40 +242,37 @@ class MoubFile:
                 fail(lane, f"padding bits after bit {int(bits[lane])} are not zero")
         return starts, bits, counts, rows
 
-    def _decode_group(self, tensors: list[TensorInfo], dtype: int | None) -> dict[str, np.ndarray]:
-        """Decode Huffman tensors sharing table, codebook, dtype and chunk size, all lanes at once.
+    def _decode_group(self, streams: list[Stream], dtype: int | None) -> list[np.ndarray]:
+        """Decode Huffman streams sharing table, codebook, dtype and chunk size, all lanes at once.
 
-        Returns flat arrays (views into one buffer) of the storage dtype, or of
-        uint32 symbols when ``dtype`` is None.
+        Returns one flat array per stream (views into one buffer) of the storage
+        dtype, or of uint32 symbols when ``dtype`` is None.
         """
-        first = tensors[0]
+        first = streams[0]
         by_symbol = self._by_symbol(first.codebook, dtype)
         lookup = self._lookup(first.table)
-        results: dict[str, np.ndarray] = {}
         if lookup is None:  # one used symbol, code "0" of one bit: the stream is count zero bits
             symbol_value = by_symbol[int(np.flatnonzero(self.index.tables[first.table])[0])]
-            stored = [self._checked(tensor.data, f"tensor {tensor.path!r}") for tensor in tensors]
-            self._group_lanes(tensors, 1)  # 1-bit codes: bits == count for every chunk
-            for tensor, data in zip(tensors, stored):
-                n = tensor.n_elements
+            stored = [self._checked(stream.data, stream.subject) for stream in streams]
+            self._group_lanes(streams, 1)  # 1-bit codes: bits == count for every chunk
+            results = []
+            for stream, data in zip(streams, stored):
                 if np.frombuffer(data, dtype=np.uint8).any():
-                    raise HuffmanError(f"{self.filename}: tensor {tensor.path!r}: a one-symbol stream must be all zero bits")
-                results[tensor.path] = np.full(n, symbol_value, dtype=by_symbol.dtype)
+                    raise HuffmanError(f"{self.filename}: {stream.subject}: a one-symbol stream must be all zero bits")
+                results.append(np.full(stream.n_elements, symbol_value, dtype=by_symbol.dtype))
             return results
-        for tensor in tensors:
-            self._checked(tensor.data, f"tensor {tensor.path!r}")
-        lane_starts, lane_bits, lane_counts, rows = self._group_lanes(tensors, lookup.max_length)
+        for stream in streams:
+            self._checked(stream.data, stream.subject)
+        lane_starts, lane_bits, lane_counts, rows = self._group_lanes(streams, lookup.max_length)
         row = lane_bits.size
         # Rows as long as the longest chunk (not chunk_elements: one-element tensors
         # declaring 2**24-element chunks must not allocate 2**24 slots each).
         steps = int(lane_counts.max())
         out = _aligned_empty((row, steps), by_symbol.dtype)
         if row < MIN_LANES:
-            self._decode_few(tensors, rows, lane_starts, lane_bits, lane_counts, first.table, by_symbol, out)
-            for tensor, (r, n_chunks) in zip(tensors, rows):
-                results[tensor.path] = out[r : r + n_chunks].reshape(-1)[: tensor.n_elements]
-            return results
-        data, base = self._lane_bytes(tensors)
+            self._decode_few(streams, rows, lane_starts, lane_bits, lane_counts, first.table, by_symbol, out)
+            return [out[r : r + n_chunks].reshape(-1)[: s.n_elements] for s, (r, n_chunks) in zip(streams, rows)]
+        data, base = self._lane_bytes(streams)
         lane_starts -= base
         entries = self._entries(first.table, first.codebook, dtype)
         per_call = max(1, self.batch_elements // steps)
@@ -266,19 +292,17 @@ class MoubFile:
         consumed = np.concatenate(consumed_parts)
         bad = np.flatnonzero(consumed != lane_bits)
         if bad.size:
-            self._raise_lane(tensors, rows, int(bad[0]), int(consumed[bad[0]]), int(lane_bits[bad[0]]))
-        for tensor, (r, n_chunks) in zip(tensors, rows):
-            results[tensor.path] = out[r : r + n_chunks].reshape(-1)[: tensor.n_elements]
-        return results
+            self._raise_lane(streams, rows, int(bad[0]), int(consumed[bad[0]]), int(lane_bits[bad[0]]))
+        return [out[r : r + n_chunks].reshape(-1)[: s.n_elements] for s, (r, n_chunks) in zip(streams, rows)]
 
-    def _decode_few(self, tensors, rows, starts, bits, counts, table: int, by_symbol: np.ndarray, out: np.ndarray) -> None:
+    def _decode_few(self, streams, rows, starts, bits, counts, table: int, by_symbol: np.ndarray, out: np.ndarray) -> None:
         """Few, long chunks (files written with big chunks): bitarray's decoder, chunk by
         chunk, beats lock-step lanes there. Same exactness: count codes in exactly the
         declared bits."""
         if table not in self._bitarray_decoders:
             self._bitarray_decoders[table] = CanonicalDecoder(self.index.tables[table])
         decoder = self._bitarray_decoders[table]
-        for tensor, (r, n_chunks) in zip(tensors, rows):
+        for stream, (r, n_chunks) in zip(streams, rows):
             for c in range(n_chunks):
                 lane = r + c
                 start, length = int(starts[lane]), (int(bits[lane]) + 7) // 8
@@ -286,62 +310,66 @@ class MoubFile:
                     symbols = decoder.decode(self._view[start : start + length], int(bits[lane]), int(counts[lane]), "stream")
                 except HuffmanError as exc:
                     raise HuffmanError(
-                        f"{self.filename}: tensor {tensor.path!r}: chunk {c}: {int(counts[lane])} codes do not take exactly "
+                        f"{self.filename}: {stream.subject}: chunk {c}: {int(counts[lane])} codes do not take exactly "
                         f"chunk_bits {int(bits[lane])} ({str(exc).removeprefix('stream: ')})"
                     ) from None
                 out[lane, : symbols.size] = by_symbol[symbols]
 
-    def _lane_bytes(self, tensors: list[TensorInfo]) -> tuple[np.ndarray, int]:
-        """The stream bytes of ``tensors`` with WINDOW_SLACK bytes after them, and the
+    def _lane_bytes(self, streams: list[Stream]) -> tuple[np.ndarray, int]:
+        """The stream bytes of ``streams`` with WINDOW_SLACK bytes after them, and the
         file offset of element 0. A view of the mapping when the file has the slack."""
-        begin = self.index.payload_offset + min(t.data.offset for t in tensors)
-        end = self.index.payload_offset + max(t.data.offset + t.data.length for t in tensors)
+        begin = self.index.payload_offset + min(s.data.offset for s in streams)
+        end = self.index.payload_offset + max(s.data.offset + s.data.length for s in streams)
         if end + WINDOW_SLACK <= self.index.file_size:
             return np.frombuffer(self._mmap, dtype=np.uint8, count=end + WINDOW_SLACK - begin, offset=begin), begin
         data = np.zeros(end - begin + WINDOW_SLACK, dtype=np.uint8)
         data[: end - begin] = np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=begin)
         return data, begin
 
-    def _raise_lane(self, tensors: list[TensorInfo], rows: list[tuple[int, int]], lane: int, consumed: int, declared: int) -> None:
-        for tensor, (r, n_chunks) in zip(tensors, rows):
+    def _raise_lane(self, streams: list[Stream], rows: list[tuple[int, int]], lane: int, consumed: int, declared: int) -> None:
+        for stream, (r, n_chunks) in zip(streams, rows):
             if r <= lane < r + n_chunks:
                 c = lane - r
-                count = min(tensor.chunk_elements, tensor.n_elements - c * tensor.chunk_elements)
+                count = min(stream.chunk_elements, stream.n_elements - c * stream.chunk_elements)
                 raise HuffmanError(
-                    f"{self.filename}: tensor {tensor.path!r}: chunk {c}: {count} codes do not take exactly "
+                    f"{self.filename}: {stream.subject}: chunk {c}: {count} codes do not take exactly "
                     f"chunk_bits {declared} (they take {consumed}: the stream is truncated, cut mid-code or has bits left over)"
                 )
-        raise AssertionError("lane outside every tensor")
+        raise AssertionError("lane outside every stream")
 
-    def _decode_huffman(self, tensors: list[TensorInfo], dtype_of=lambda t: t.dtype) -> dict[str, np.ndarray]:
-        """Decode Huffman tensors, grouped so each group shares one lane decode."""
-        groups: dict[tuple, list[TensorInfo]] = {}
-        results: dict[str, np.ndarray] = {}
-        for tensor in tensors:
-            if tensor.n_elements == 0:
-                results[tensor.path] = np.zeros(0, dtype=np.uint32 if dtype_of(tensor) is None else dtypes.STORAGE_DTYPES[tensor.dtype])
+    def _decode_huffman(self, streams: list[Stream], dtype_of: Callable[[Stream], int | None]) -> list[np.ndarray]:
+        """Decode Huffman streams (flat arrays, in the order given), grouped so each
+        group shares one lane decode."""
+        groups: dict[tuple, list[int]] = {}
+        results: list[np.ndarray | None] = [None] * len(streams)
+        for i, stream in enumerate(streams):
+            dtype = dtype_of(stream)
+            if stream.n_elements == 0:
+                results[i] = np.zeros(0, dtype=np.uint32 if dtype is None else dtypes.STORAGE_DTYPES[dtype])
                 continue
-            key = (tensor.table, tensor.codebook, dtype_of(tensor), tensor.chunk_elements)
-            groups.setdefault(key, []).append(tensor)
-        for key, members in groups.items():
-            results.update(self._decode_group(members, key[2]))
+            groups.setdefault((stream.table, stream.codebook, dtype, stream.chunk_elements), []).append(i)
+        for key, positions in groups.items():
+            for i, array in zip(positions, self._decode_group([streams[i] for i in positions], key[2])):
+                results[i] = array
         return results
 
-    def decode_indices(self, tensor: TensorInfo) -> np.ndarray:
-        """The codebook indices of a Huffman tensor (uint32, flat). Every index is below the
-        codebook size by construction: the code-length table has one entry per codebook entry."""
-        return self._decode_huffman([tensor], dtype_of=lambda t: None)[tensor.path]
+    def decode_indices(self, stream: Stream) -> np.ndarray:
+        """The codebook indices of a Huffman tensor or of a pack (uint32, flat; a pack's
+        members concatenated). Every index is below the codebook size by construction:
+        the code-length table has one entry per codebook entry."""
+        return self._decode_huffman([stream], dtype_of=lambda s: None)[0]
 
     def decode_tensor(self, tensor: TensorInfo) -> np.ndarray:
         """The tensor's values in their storage dtype (bf16 as uint16 bits), shaped."""
         storage = dtypes.STORAGE_DTYPES[tensor.dtype]
         if tensor.encoding == C.ENCODING_RAW:
-            raw = self._unpack(tensor.data, f"tensor {tensor.path!r}")
+            raw = self._unpack(tensor.data, tensor.subject)
             return np.frombuffer(raw, dtype=storage).reshape(tensor.dims)
-        return self._decode_huffman([tensor])[tensor.path].reshape(tensor.dims)
+        return self._decode_huffman([tensor], dtype_of=lambda t: t.dtype)[0].reshape(tensor.dims)
 
     def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-        """Decode one tensor at a time, in file order (streaming).
+        """Decode one tensor at a time, in file order (streaming). Pack members come
+        from :meth:`iter_pack_members`.
 
         Huffman tensors are decoded in windows of about ``batch_elements``
         elements (lanes of several tensors at once); memory holds one window.
@@ -355,12 +383,66 @@ class MoubFile:
                 if tensors[i].encoding == C.ENCODING_HUFFMAN:
                     elements += tensors[i].n_elements
                 i += 1
-            decoded = self._decode_huffman([t for t in window if t.encoding == C.ENCODING_HUFFMAN])
+            huffman = [t for t in window if t.encoding == C.ENCODING_HUFFMAN]
+            decoded = dict(zip((id(t) for t in huffman), self._decode_huffman(huffman, dtype_of=lambda t: t.dtype)))
             for tensor in window:
                 if tensor.encoding == C.ENCODING_HUFFMAN:
-                    yield tensor, decoded.pop(tensor.path).reshape(tensor.dims)
+                    yield tensor, decoded.pop(id(tensor)).reshape(tensor.dims)
                 else:
                     yield tensor, self.decode_tensor(tensor)
+
+    def decode_pack(self, pack: PackInfo) -> np.ndarray:
+        """A pack's unscaled float32 codebook values, members concatenated (flat)."""
+        return self._decode_huffman([pack], dtype_of=lambda p: dtypes.FLOAT)[0]
+
+    def iter_pack_members(
+        self, dtype_of: Mapping[int, int] | Callable[[int], int] | None = None
+    ) -> Iterator[tuple[PackMember, np.ndarray]]:
+        """Decode pack members one at a time, packs in file order (streaming).
+
+        ``dtype_of`` maps a member's site ordinal to its ONNX element type (the graph's;
+        the index does not record it); None: float32 for all. Each member is yielded
+        flat, in its storage dtype, as its own 64-byte-aligned array:
+        ``cast_from_float32(float32(codebook[idx]) * float32(scale), dtype)``.
+
+        Packs are decoded whole, in windows of about ``batch_elements`` elements (a
+        pack bigger than that is a window of its own), then split: memory holds the
+        window's float32 values (4 bytes per element of its packs) until its last
+        member is yielded, plus the member being yielded and the lane decoder's
+        working memory.
+        """
+        lookup = dtype_of.get if isinstance(dtype_of, Mapping) else dtype_of
+        packs = list(self.index.packs)
+        i = 0
+        while i < len(packs):
+            window, elements = [], 0
+            while i < len(packs) and (not window or elements < self.batch_elements):
+                window.append(packs[i])
+                elements += packs[i].n_elements
+                i += 1
+            decoded = self._decode_huffman(window, dtype_of=lambda p: dtypes.FLOAT)
+            for pack in window:
+                values = decoded.pop(0)
+                for member in pack.members:
+                    dtype = dtypes.FLOAT if lookup is None else lookup(member.site)
+                    yield member, scale_member(values[member.start : member.start + member.count], member.scale, dtype)
+                del values
+
+
+def scale_member(values: np.ndarray, scale: float, dtype: int) -> np.ndarray:
+    """``cast_from_float32(values * float32(scale), dtype)`` into a fresh 64-byte-aligned array.
+
+    One IEEE float32 multiply per element (no fused operation, no wider
+    intermediate), so every platform gives the same bits; the converter computes
+    its quantized weights with this same function.
+    """
+    storage = dtypes.STORAGE_DTYPES[dtype]
+    out = _aligned_empty((values.size,), storage)
+    if dtype == dtypes.FLOAT:
+        np.multiply(values, np.float32(scale), out=out, dtype=np.float32)
+    else:
+        out[...] = dtypes.cast_from_float32(np.multiply(values, np.float32(scale), dtype=np.float32), dtype)
+    return out
 
 
 def open_moub(path: str | os.PathLike, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> MoubFile:

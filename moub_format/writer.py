@@ -1,7 +1,8 @@
 """Write .moub files: canonical (same input, same bytes) and atomic.
 
-Canonical: tensors sorted by path, metadata by key, fixed alignment and zero
-padding, zlib at a fixed level, no timestamps. Atomic: the bytes go to a
+Canonical: tensors sorted by path, packs by first site, metadata by key, only
+the codebooks and tables some stream uses, fixed alignment and zero padding,
+zlib and xz at fixed settings, no timestamps. Atomic: the bytes go to a
 temporary file in the target folder, are fsynced, then renamed over the
 target, so a reader that has the old file mapped never sees it truncated.
 """
@@ -9,6 +10,7 @@ target, so a reader that has the old file mapped never sees it truncated.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import tempfile
 import zlib
@@ -27,10 +29,36 @@ from .fb import Codebook as FbCodebook
 from .fb import HuffmanTable as FbHuffmanTable
 from .fb import MetadataEntry as FbMetadataEntry
 from .fb import Model as FbModel
+from .fb import Pack as FbPack
 from .fb import Tensor as FbTensor
 
 ZLIB_LEVEL = 9
 PRODUCER = "moub 0.1.0"
+
+
+OWN = "own"            # a stream's ``table``: a Huffman table built from its own indices alone
+SMALLEST = "smallest"  # a codec argument: the smallest of NONE, ZLIB and LZMA (ties: the lower codec)
+
+
+@dataclass(frozen=True)
+class GridCodebook:
+    """A codebook of the integers ``first .. first + count - 1`` as float32 (format 1.2):
+    12 bytes in the index whatever its size. Pair it with per-member scales in a pack
+    (value = integer x scale: a uniform quantizer of step ``scale``)."""
+
+    first: int
+    count: int
+
+    def values(self) -> np.ndarray:
+        """The float32 values a reader decodes symbol ``i`` to."""
+        return np.arange(self.first, self.first + self.count, dtype=np.int64).astype(np.float32)
+
+    @property
+    def size(self) -> int:
+        return self.count
+
+
+CodebookSpec = np.ndarray | GridCodebook
 
 
 @dataclass(frozen=True)
@@ -43,19 +71,40 @@ class HuffmanTensor:
     dims: tuple[int, ...]
     indices: np.ndarray
     codebook: int
-    table: int | None = None  # None: the shared table of its codebook
+    table: int | str | None = None  # None: the shared table of its codebook; OWN: its own table
 
 
 @dataclass(frozen=True)
 class RawTensor:
-    """A pass-through tensor: its raw little-endian bytes, optionally zlib-packed."""
+    """A pass-through tensor: its raw little-endian bytes, optionally compressed."""
 
     path: str
     name: str
     dtype: int
     dims: tuple[int, ...]
     data: bytes
-    codec: int = C.CODEC_NONE
+    codec: int | str = C.CODEC_NONE   # CODEC_NONE, CODEC_ZLIB, CODEC_LZMA or SMALLEST
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """Several float tensors coded as one stream with one codebook and table (format 1.2).
+
+    ``sites``: the members' site ordinals (``moub_runtime.sites.iter_tensor_sites``
+    order), strictly increasing; ``counts``: their element counts; ``scales``: one
+    per member, rounded to float32 (member value = float32(codebook value) x
+    float32(scale), cast to the site's dtype); ``indices``: the members' codebook
+    indices concatenated in ``sites`` order (1-D); ``table``: None for the shared
+    table of ``codebook``, OWN for a table of this pack's own indices, or an index
+    into ``tables``.
+    """
+
+    sites: tuple[int, ...]
+    counts: tuple[int, ...]
+    scales: Sequence[float] | np.ndarray
+    indices: np.ndarray
+    codebook: int
+    table: int | str | None = None
 
 
 TensorSpec = HuffmanTensor | RawTensor
@@ -72,27 +121,51 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _pack(data: bytes, codec: int) -> _Stored:
+def lzma_dict_size(n_bytes: int) -> int:
+    """The LZMA2 dictionary writers use: the next power of two >= the input, in [4 KiB, 8 MiB]
+    (a bigger one gains nothing and costs a device that much memory to decode)."""
+    return min(C.LZMA_MAX_DICT, max(C.LZMA_MIN_DICT, 1 << max(0, n_bytes - 1).bit_length()))
+
+
+def xz_compress(data: bytes) -> bytes:
+    """The canonical LZMA blob: one .xz stream, preset 9e, no integrity check, a small dictionary."""
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": lzma_dict_size(len(data))}]
+    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=filters)
+
+
+def _pack(data: bytes, codec: int | str) -> _Stored:
+    if codec == SMALLEST:
+        candidates = [_pack(data, c) for c in (C.CODEC_NONE, C.CODEC_ZLIB, C.CODEC_LZMA)]
+        return min(candidates, key=lambda s: (len(s.payload), s.codec))
     if codec == C.CODEC_NONE:
         return _Stored(data, codec, len(data))
     if codec == C.CODEC_ZLIB:
         return _Stored(zlib.compress(data, ZLIB_LEVEL), codec, len(data))
-    raise ValueError(f"unknown codec {codec}")
+    if codec == C.CODEC_LZMA:
+        packed = xz_compress(data)
+        if len(data) > max(len(packed), 1) * C.DEFAULT_LIMITS.max_expansion_ratio:
+            return _pack(data, C.CODEC_ZLIB)  # readers refuse ratios beyond 4096 (bombs); zlib stays below 1032
+        return _Stored(packed, codec, len(data))
+    raise ValueError(f"unknown codec {codec!r}")
 
 
-def shared_tables(codebooks: Sequence[np.ndarray], tensors: Sequence[TensorSpec]) -> list[np.ndarray]:
+def shared_tables(codebooks: Sequence[CodebookSpec], tensors: Sequence[TensorSpec | PackSpec]) -> list[np.ndarray]:
     """One length-limited Huffman table per codebook, from all indices that use it."""
-    frequencies = [np.zeros(len(cb), dtype=np.int64) for cb in codebooks]
+    frequencies = [np.zeros(_codebook_size(cb), dtype=np.int64) for cb in codebooks]
     for tensor in tensors:
-        if isinstance(tensor, HuffmanTensor):
-            frequencies[tensor.codebook] += np.bincount(tensor.indices, minlength=len(codebooks[tensor.codebook]))
-    tables = []
-    for freq in frequencies:
-        if not freq.any():
-            freq = freq.copy()
-            freq[0] = 1
-        tables.append(huffman.code_lengths(freq, huffman.writer_max_length(int(np.count_nonzero(freq)))))
-    return tables
+        if isinstance(tensor, (HuffmanTensor, PackSpec)):
+            frequencies[tensor.codebook] += np.bincount(tensor.indices, minlength=frequencies[tensor.codebook].size)
+    return [own_table(freq) for freq in frequencies]
+
+
+def own_table(frequencies: np.ndarray) -> np.ndarray:
+    """The writer's length-limited table for these symbol frequencies (a one-symbol
+    table if none is used)."""
+    freq = np.asarray(frequencies, dtype=np.int64)
+    if not freq.any():
+        freq = freq.copy()
+        freq[0] = 1
+    return huffman.code_lengths(freq, huffman.writer_max_length(int(np.count_nonzero(freq))))
 
 
 def default_chunk_elements(total_elements: int) -> int:
@@ -106,7 +179,37 @@ def default_chunk_elements(total_elements: int) -> int:
     return min(C.DEFAULT_CHUNK_ELEMENTS, max(C.MIN_DEFAULT_CHUNK_ELEMENTS, 1 << (target.bit_length() - 1)))
 
 
-def _validate_spec(tensor: TensorSpec, codebooks: Sequence[np.ndarray]) -> None:
+def _codebook_size(codebook: CodebookSpec) -> int:
+    return codebook.count if isinstance(codebook, GridCodebook) else len(codebook)
+
+
+def codebook_values(codebook: CodebookSpec) -> np.ndarray:
+    """The float32 values a codebook decodes to (a grid's integers, or the array itself)."""
+    return codebook.values() if isinstance(codebook, GridCodebook) else np.asarray(codebook, dtype=np.float32)
+
+
+def _check_codebook(i: int, codebook: CodebookSpec) -> CodebookSpec:
+    if isinstance(codebook, GridCodebook):
+        first, count = int(codebook.first), int(codebook.count)
+        if count < 1 or abs(first) >= C.GRID_LIMIT or abs(first + count - 1) >= C.GRID_LIMIT:
+            raise ValueError(f"grid codebook {i}: first {first}, count {count}: needs count >= 1 and values within (-2^24, 2^24)")
+        return GridCodebook(first, count)
+    values = np.ascontiguousarray(codebook, dtype="<f4")
+    if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"codebook {i} is empty, not 1-D or holds non-finite values")
+    return values
+
+
+def _check_indices(subject: str, indices: np.ndarray, elements: int, codebook: int, codebooks: Sequence[CodebookSpec]) -> None:
+    if indices.ndim != 1 or indices.size != elements:
+        raise ValueError(f"{subject}: {indices.size} indices for {elements} elements")
+    if not 0 <= codebook < len(codebooks):
+        raise ValueError(f"{subject}: codebook {codebook} does not exist")
+    if indices.size and (indices.min() < 0 or indices.max() >= _codebook_size(codebooks[codebook])):
+        raise ValueError(f"{subject}: index outside codebook {codebook}")
+
+
+def _validate_spec(tensor: TensorSpec, codebooks: Sequence[CodebookSpec]) -> None:
     elements = 1
     for dim in tensor.dims:
         if dim < 0:
@@ -117,64 +220,150 @@ def _validate_spec(tensor: TensorSpec, codebooks: Sequence[np.ndarray]) -> None:
     if isinstance(tensor, HuffmanTensor):
         if tensor.dtype not in dtypes.FLOAT_DTYPES:
             raise ValueError(f"tensor {tensor.path!r}: codebook tensors must be float, not type {tensor.dtype}")
-        if tensor.indices.ndim != 1 or tensor.indices.size != elements:
-            raise ValueError(f"tensor {tensor.path!r}: {tensor.indices.size} indices for {elements} elements")
-        if not 0 <= tensor.codebook < len(codebooks):
-            raise ValueError(f"tensor {tensor.path!r}: codebook {tensor.codebook} does not exist")
-        if tensor.indices.size and (tensor.indices.min() < 0 or tensor.indices.max() >= len(codebooks[tensor.codebook])):
-            raise ValueError(f"tensor {tensor.path!r}: index outside codebook {tensor.codebook}")
+        _check_indices(f"tensor {tensor.path!r}", tensor.indices, elements, tensor.codebook, codebooks)
     elif len(tensor.data) != elements * dtypes.STORAGE_DTYPES[tensor.dtype].itemsize:
         raise ValueError(f"tensor {tensor.path!r}: {len(tensor.data)} bytes do not match dims {tensor.dims}")
 
 
+def _normalize_pack(pack: PackSpec, codebooks: Sequence[CodebookSpec]) -> PackSpec:
+    sites = tuple(int(s) for s in pack.sites)
+    counts = tuple(int(n) for n in pack.counts)
+    scales = np.asarray(pack.scales, dtype=np.float64).astype(np.float32)
+    subject = f"pack at sites {list(sites[:4])}{'...' if len(sites) > 4 else ''}"
+    if not sites or not len(sites) == len(counts) == scales.size:
+        raise ValueError(f"{subject}: needs one site, count and scale per member, at least one member "
+                         f"(got {len(sites)}, {len(counts)}, {scales.size})")
+    if any(b <= a for a, b in zip(sites, sites[1:])) or sites[0] < 0 or sites[-1] >= 1 << 32:
+        raise ValueError(f"{subject}: site ordinals must be strictly increasing in [0, 2^32)")
+    if any(n < 0 for n in counts):
+        raise ValueError(f"{subject}: negative member count")
+    if not np.isfinite(scales).all():
+        raise ValueError(f"{subject}: scales must be finite float32 values")
+    indices = np.asarray(pack.indices)
+    _check_indices(subject, indices, sum(counts), pack.codebook, codebooks)
+    codebook = codebooks[pack.codebook]
+    if isinstance(codebook, GridCodebook):
+        magnitude = np.float32(max(abs(codebook.first), abs(codebook.first + codebook.count - 1)))
+    else:
+        magnitude = np.float32(np.abs(codebook).max())
+    with np.errstate(over="ignore"):
+        if not np.isfinite(magnitude * np.abs(scales)).all():
+            raise ValueError(f"{subject}: a scale times codebook {pack.codebook}'s largest value overflows float32")
+    return PackSpec(sites, counts, tuple(float(x) for x in scales), indices, pack.codebook, pack.table)
+
+
+def _resolve_tables(
+    codebooks: list[CodebookSpec], streams: list[HuffmanTensor | PackSpec], tables: Sequence[np.ndarray] | None
+) -> tuple[list[np.ndarray], list[int]]:
+    """The tables to write and each stream's table id.
+
+    ``table=None`` is the shared table of the stream's codebook: with ``tables``
+    given, ``tables[codebook]``; without, one built from the indices of every
+    stream sharing it. An int is an index into ``tables`` (without ``tables``: the
+    shared table of that codebook). OWN appends a table of the stream's own indices.
+    """
+    n_codebooks = len(codebooks)
+    if tables is not None:
+        base = [np.asarray(lengths, dtype=np.uint8) for lengths in tables]
+        for i, lengths in enumerate(base):
+            huffman.validate_lengths(lengths, C.MAX_CODE_LENGTH, f"Huffman table {i}")
+    refs: list[int | None] = []
+    for s in streams:
+        if isinstance(s.table, str):
+            if s.table != OWN:
+                raise ValueError(f"table {s.table!r} is not an index, None or {OWN!r}")
+            refs.append(None)
+        else:
+            refs.append(s.codebook if s.table is None else int(s.table))
+    if tables is None:
+        frequencies: dict[int, np.ndarray] = {}
+        for s, ref in zip(streams, refs):
+            if ref is None:
+                continue
+            if not 0 <= ref < n_codebooks:
+                raise ValueError(f"table {ref} does not exist ({n_codebooks} shared tables, one per codebook)")
+            freq = frequencies.setdefault(ref, np.zeros(_codebook_size(codebooks[ref]), dtype=np.int64))
+            freq += np.bincount(s.indices, minlength=freq.size)[: freq.size]
+        base = [own_table(frequencies[c]) if c in frequencies else np.zeros(0, np.uint8) for c in range(n_codebooks)]
+    ids, out = [], list(base)
+    for s, ref in zip(streams, refs):
+        if ref is None:
+            out.append(own_table(np.bincount(s.indices, minlength=_codebook_size(codebooks[s.codebook]))))
+            ref = len(out) - 1
+        if not 0 <= ref < len(out):
+            raise ValueError(f"table {ref} does not exist ({len(out)} tables)")
+        if out[ref].size != _codebook_size(codebooks[s.codebook]):
+            raise ValueError(f"table {ref} does not fit codebook {s.codebook}")
+        ids.append(ref)
+    return out, ids
+
+
+def _compact(items: list, ids: list[int]) -> tuple[list, list[int]]:
+    """Keep only the items some stream refers to, in their order; renumber the references."""
+    used = sorted(set(ids))
+    renumber = {old: new for new, old in enumerate(used)}
+    return [items[i] for i in used], [renumber[i] for i in ids]
+
+
 def build(
     graph: bytes,
-    codebooks: Sequence[np.ndarray],
+    codebooks: Sequence[CodebookSpec],
     tensors: Sequence[TensorSpec],
     metadata: Mapping[str, str] | None = None,
     *,
+    packs: Sequence[PackSpec] = (),
     tables: Sequence[np.ndarray] | None = None,
     chunk_elements: int | None = None,
     alignment: int = C.DEFAULT_ALIGNMENT,
-    graph_codec: int = C.CODEC_ZLIB,
+    graph_codec: int | str = C.CODEC_ZLIB,
+    raw_codec: int | str | None = None,
     producer: str = PRODUCER,
 ) -> bytes:
-    """Assemble a complete .moub file in memory and return its bytes."""
+    """Assemble a complete .moub file in memory and return its bytes.
+
+    ``codebooks``: float32 arrays or :class:`GridCodebook`; ``packs``: streams of
+    several tensors (format 1.2); ``graph_codec``: CODEC_NONE, CODEC_ZLIB,
+    CODEC_LZMA or SMALLEST; ``raw_codec``: when set, the codec of every raw
+    tensor (else each RawTensor's own). Codebooks and tables no stream uses are
+    not written (indices are renumbered); the required-feature bits follow from
+    what the file uses.
+    """
+    codebooks = [_check_codebook(i, cb) for i, cb in enumerate(codebooks)]
+    packs = sorted((_normalize_pack(p, codebooks) for p in packs), key=lambda p: p.sites[0])
     if chunk_elements is None:
-        chunk_elements = default_chunk_elements(sum(t.indices.size for t in tensors if isinstance(t, HuffmanTensor)))
+        chunk_elements = default_chunk_elements(
+            sum(t.indices.size for t in tensors if isinstance(t, HuffmanTensor)) + sum(p.indices.size for p in packs)
+        )
     if not 1 <= chunk_elements <= C.DEFAULT_LIMITS.max_chunk_elements:
         raise ValueError(f"chunk_elements {chunk_elements} outside [1, {C.DEFAULT_LIMITS.max_chunk_elements}]")
     if alignment <= 0 or alignment & (alignment - 1) or alignment > C.MAX_ALIGNMENT:
         raise ValueError(f"alignment {alignment} is not a power of two <= {C.MAX_ALIGNMENT}")
-    codebooks = [np.ascontiguousarray(cb, dtype="<f4") for cb in codebooks]
-    for i, cb in enumerate(codebooks):
-        if cb.size == 0 or not np.isfinite(cb).all():
-            raise ValueError(f"codebook {i} is empty or holds non-finite values")
     tensors = sorted(tensors, key=lambda t: t.path)
     paths = [t.path for t in tensors]
     if len(set(paths)) != len(paths):
         raise ValueError("tensor paths must be unique")
     for tensor in tensors:
         _validate_spec(tensor, codebooks)
-    tables = list(tables) if tables is not None else shared_tables(codebooks, tensors)
-    for i, lengths in enumerate(tables):
-        huffman.validate_lengths(lengths, C.MAX_CODE_LENGTH, f"Huffman table {i}")
+    all_sites = [site for p in packs for site in p.sites]
+    if len(set(all_sites)) != len(all_sites):
+        raise ValueError("a site is a member of more than one pack")
+    streams: list[HuffmanTensor | PackSpec] = [t for t in tensors if isinstance(t, HuffmanTensor)] + list(packs)
+    table_list, table_ids = _resolve_tables(codebooks, streams, tables)
+    table_list, table_ids = _compact(table_list, table_ids)
+    codebooks, codebook_ids = _compact(codebooks, [s.codebook for s in streams])
+    stream_refs = {id(s): (c, t) for s, c, t in zip(streams, codebook_ids, table_ids)}
 
-    # Payload: graph first, then tensors in path order, each aligned.
+    # Payload: graph first, then tensors in path order, then packs, each aligned.
     stored: list[_Stored] = [_pack(graph, graph_codec)]
     chunk_bits: list[list[int]] = []
-    for tensor in tensors:
-        if isinstance(tensor, HuffmanTensor):
-            table_id = tensor.codebook if tensor.table is None else tensor.table
-            lengths = tables[table_id]
-            if lengths.size != codebooks[tensor.codebook].size:
-                raise ValueError(f"tensor {tensor.path!r}: table {table_id} does not fit codebook {tensor.codebook}")
-            data, bits = huffman.encode_chunks(tensor.indices, lengths, chunk_elements)
-            stored.append(_Stored(data, C.CODEC_NONE, len(data)))
-            chunk_bits.append(bits)
-        else:
-            stored.append(_pack(tensor.data, tensor.codec))
+    for stream in tensors + packs:
+        if isinstance(stream, RawTensor):
+            stored.append(_pack(stream.data, stream.codec if raw_codec is None else raw_codec))
             chunk_bits.append([])
+            continue
+        data, bits = huffman.encode_chunks(stream.indices, table_list[stream_refs[id(stream)][1]], chunk_elements)
+        stored.append(_Stored(data, C.CODEC_NONE, len(data)))
+        chunk_bits.append(bits)
     offsets, position = [], 0
     for item in stored:
         position = -(-position // alignment) * alignment
@@ -183,6 +372,11 @@ def build(
     payload = bytearray(position)
     for offset, item in zip(offsets, stored):
         payload[offset : offset + len(item.payload)] = item.payload
+    features = 0
+    if packs or any(isinstance(cb, GridCodebook) for cb in codebooks):
+        features |= C.FEATURE_PACKS
+    if any(item.codec == C.CODEC_LZMA for item in stored):
+        features |= C.FEATURE_LZMA
 
     def index_bytes(payload_offset: int) -> bytes:
         builder = flatbuffers.Builder(1024)
@@ -212,38 +406,64 @@ def build(
 
         codebook_offsets = []
         for cb in codebooks:
-            values = builder.CreateNumpyVector(cb)
-            FbCodebook.Start(builder)
-            FbCodebook.AddValues(builder, values)
+            if isinstance(cb, GridCodebook):
+                FbCodebook.Start(builder)
+                FbCodebook.AddFirst(builder, cb.first)
+                FbCodebook.AddCount(builder, cb.count)
+            else:
+                values = builder.CreateNumpyVector(cb)
+                FbCodebook.Start(builder)
+                FbCodebook.AddValues(builder, values)
             codebook_offsets.append(FbCodebook.End(builder))
         table_offsets = []
-        for lengths in tables:
+        for lengths in table_list:
             vec = builder.CreateNumpyVector(np.ascontiguousarray(lengths, dtype=np.uint8))
             FbHuffmanTable.Start(builder)
             FbHuffmanTable.AddCodeLengths(builder, vec)
             table_offsets.append(FbHuffmanTable.End(builder))
+        n_tensors = len(tensors)
         tensor_offsets = []
         for tensor, offset, item, bits in zip(tensors, offsets[1:], stored[1:], chunk_bits):
             path = builder.CreateString(tensor.path)
             name = builder.CreateString(tensor.name)
             dims = builder.CreateNumpyVector(np.asarray(tensor.dims, dtype="<i8"))
             data = blob(offset, item)
-            bits_vec = builder.CreateNumpyVector(np.asarray(bits, dtype="<u8")) if isinstance(tensor, HuffmanTensor) else None
+            huff = isinstance(tensor, HuffmanTensor)
+            bits_vec = builder.CreateNumpyVector(np.asarray(bits, dtype="<u8")) if huff else None
             FbTensor.Start(builder)
             FbTensor.AddPath(builder, path)
             FbTensor.AddName(builder, name)
             FbTensor.AddDtype(builder, tensor.dtype)
             FbTensor.AddDims(builder, dims)
             FbTensor.AddData(builder, data)
-            if isinstance(tensor, HuffmanTensor):
+            if huff:
+                codebook_id, table_id = stream_refs[id(tensor)]
                 FbTensor.AddEncoding(builder, C.ENCODING_HUFFMAN)
-                FbTensor.AddCodebook(builder, tensor.codebook)
-                FbTensor.AddTable(builder, tensor.codebook if tensor.table is None else tensor.table)
+                FbTensor.AddCodebook(builder, codebook_id)
+                FbTensor.AddTable(builder, table_id)
                 FbTensor.AddChunkElements(builder, chunk_elements)
                 FbTensor.AddChunkBits(builder, bits_vec)
             else:
                 FbTensor.AddEncoding(builder, C.ENCODING_RAW)
             tensor_offsets.append(FbTensor.End(builder))
+        pack_offsets = []
+        for pack, offset, item, bits in zip(packs, offsets[1 + n_tensors :], stored[1 + n_tensors :], chunk_bits[n_tensors:]):
+            sites = builder.CreateNumpyVector(np.asarray(pack.sites, dtype="<u4"))
+            counts = builder.CreateNumpyVector(np.asarray(pack.counts, dtype="<u8"))
+            scales = builder.CreateNumpyVector(np.asarray(pack.scales, dtype="<f4"))
+            bits_vec = builder.CreateNumpyVector(np.asarray(bits, dtype="<u8"))
+            data = blob(offset, item)
+            codebook_id, table_id = stream_refs[id(pack)]
+            FbPack.Start(builder)
+            FbPack.AddSites(builder, sites)
+            FbPack.AddCounts(builder, counts)
+            FbPack.AddScales(builder, scales)
+            FbPack.AddCodebook(builder, codebook_id)
+            FbPack.AddTable(builder, table_id)
+            FbPack.AddChunkElements(builder, chunk_elements)
+            FbPack.AddChunkBits(builder, bits_vec)
+            FbPack.AddData(builder, data)
+            pack_offsets.append(FbPack.End(builder))
         entry_offsets = []
         for key in sorted(metadata or {}):
             k = builder.CreateString(key)
@@ -258,12 +478,13 @@ def build(
         tables_vec = table_vector(FbModel.StartTablesVector, table_offsets)
         tensors_vec = table_vector(FbModel.StartTensorsVector, tensor_offsets)
         metadata_vec = table_vector(FbModel.StartMetadataVector, entry_offsets)
+        packs_vec = table_vector(FbModel.StartPacksVector, pack_offsets) if pack_offsets else None
         digest = checksum(_sha256(bytes(payload)))
         index_digest = checksum(bytes(32))  # placeholder, filled in by index_digest_position
         FbModel.Start(builder)
         FbModel.AddFormatMajor(builder, C.FORMAT_MAJOR)
         FbModel.AddFormatMinor(builder, C.FORMAT_MINOR)
-        FbModel.AddRequiredFeatures(builder, 0)
+        FbModel.AddRequiredFeatures(builder, features)
         FbModel.AddProducer(builder, producer_str)
         FbModel.AddAlignment(builder, alignment)
         FbModel.AddPayloadOffset(builder, payload_offset)
@@ -274,6 +495,8 @@ def build(
         FbModel.AddMetadata(builder, metadata_vec)
         FbModel.AddPayloadDigest(builder, digest)
         FbModel.AddIndexDigest(builder, index_digest)
+        if packs_vec is not None:
+            FbModel.AddPacks(builder, packs_vec)
         builder.Finish(FbModel.End(builder), file_identifier=C.FILE_IDENTIFIER)
         return bytes(builder.Output())
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+MAX_MEMBERS_SHOWN = 12  # pack members listed per pack by ``moub inspect`` without --json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,12 +47,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  file {_human(summary.file_bytes)}, decoded {_human(summary.decoded_bytes)} (ratio {summary.ratio:.2f}x); "
         f"{summary.quantized_weights} quantized weights at {summary.bits_per_weight:.3f} bits/weight incl. tables"
     )
+    print(
+        f"  bytes: index {summary.index_bytes}, graph {summary.graph_bytes}, tensors {summary.tensor_bytes}, "
+        f"packs {summary.pack_bytes}, padding {summary.padding_bytes}"
+    )
     for i, cb in enumerate(summary.codebooks):
-        print(f"  codebook {i}: {cb['entries']} entries in [{cb['min']:.6g}, {cb['max']:.6g}], longest code {cb['longest_code']} bits")
-    print(f"  {'tensor':48} {'dtype':>5} {'shape':>18} {'encoding':>8} {'bytes':>10} {'bits/w':>7}")
+        kind = "grid values" if cb.get("grid") else "entries"
+        print(f"  codebook {i}: {cb['entries']} {kind} in [{cb['min']:.6g}, {cb['max']:.6g}], longest code {cb['longest_code']} bits")
+    if summary.tensors:
+        print(f"  {'tensor':48} {'dtype':>5} {'shape':>18} {'encoding':>8} {'bytes':>10} {'bits/w':>7}")
     for t in summary.tensors:
         shape = "x".join(str(d) for d in t.dims) or "scalar"
         print(f"  {t.path[:48]:48} {t.dtype:>5} {shape[:18]:>18} {t.encoding:>8} {t.stored_bytes:>10} {t.bits_per_weight:>7.3f}")
+    for p in summary.packs:
+        print(
+            f"  pack {p.number}: {len(p.members)} members, {p.elements} weights, {p.stored_bytes} bytes in {p.chunks} chunks, "
+            f"codebook {p.codebook}, table {p.table}: {p.bits_per_weight:.3f} bits/weight, "
+            f"{p.bits_per_weight_with_index:.3f} with its index share ({p.index_bytes} bytes)"
+        )
+        for m in p.members[:MAX_MEMBERS_SHOWN]:
+            name = m["path"] if m["path"] is not None else f"site {m['site']}"
+            print(f"    {name[:56]:56} {m['elements']:>10} x {m['scale']:.6g}")
+        if len(p.members) > MAX_MEMBERS_SHOWN:
+            print(f"    ... {len(p.members) - MAX_MEMBERS_SHOWN} more (--json lists all)")
     if summary.metadata:
         print("  provenance:")
         for key, value in summary.metadata.items():
@@ -79,7 +97,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAIL {problem}")
     if problems:
         return _fail(f"{args.file}: {len(problems)} problem(s) found")
-    print(f"{args.file}: structure, checksums, graph and every tensor decode: OK")
+    print(f"{args.file}: structure, checksums, graph and every tensor and pack decode: OK")
     if args.model:
         from .compare import compare_outputs
 

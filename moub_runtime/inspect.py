@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from moub_format import DEFAULT_LIMITS, MoubFile, MoubFormatError, ReaderLimits
+from moub_format import DEFAULT_LIMITS, MoubFile, MoubFormatError, ReaderLimits, scale_member
 from moub_format import constants as C
 from moub_format import dtypes
 
-from .loader import match_sites, parse_graph
+from .loader import _match, parse_graph
+from .sites import iter_tensor_sites
 
 
 @dataclass
@@ -29,6 +30,25 @@ class TensorSummary:
 
 
 @dataclass
+class PackSummary:
+    """One pack: its members and what it costs. ``bits_per_weight`` counts the stored
+    stream; ``bits_per_weight_with_index`` adds the pack's share of the index: 16 bytes
+    per member (site, count, scale), 8 per chunk (chunk_bits), and its Huffman table
+    (whole if only this pack uses it, else shared by elements)."""
+
+    number: int
+    members: list[dict]
+    elements: int
+    stored_bytes: int
+    chunks: int
+    codebook: int
+    table: int
+    index_bytes: int
+    bits_per_weight: float
+    bits_per_weight_with_index: float
+
+
+@dataclass
 class Summary:
     file: str
     file_bytes: int
@@ -42,13 +62,31 @@ class Summary:
     codebooks: list[dict]
     tensors: list[TensorSummary]
     metadata: dict[str, str] = field(default_factory=dict)
+    packs: list[PackSummary] = field(default_factory=list)
+    # Where the file's bytes go: index + payload = file; payload = graph + tensors + packs + padding.
+    index_bytes: int = 0
+    graph_bytes: int = 0
+    tensor_bytes: int = 0
+    pack_bytes: int = 0
+    padding_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _member_paths(moub: MoubFile) -> list[str] | None:
+    """Site ordinal -> path, from the embedded graph (None if the file has no packs or the
+    graph does not parse: inspect still shows ordinals)."""
+    if not moub.index.packs:
+        return None
+    try:
+        return [site.path for site in iter_tensor_sites(parse_graph(moub))]
+    except MoubFormatError:
+        return None
+
+
 def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> Summary:
-    """Read the index (no decoding) and summarise it."""
+    """Read the index (and, for pack member names, the graph; no weights are decoded) and summarise it."""
     with MoubFile(path, limits) as moub:
         index = moub.index
         tensors = []
@@ -60,7 +98,7 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
                     name=t.name,
                     dtype=t.dtype,
                     dims=list(t.dims),
-                    encoding=C.ENCODINGS[t.encoding],
+                    encoding=C.ENCODINGS[t.encoding] + (f"+{C.CODECS[t.data.codec]}" if t.data.codec else ""),
                     elements=t.n_elements,
                     stored_bytes=t.data.length,
                     bits_per_weight=round(8 * t.data.length / t.n_elements, 4) if t.n_elements else 0.0,
@@ -68,20 +106,53 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
                 )
             )
         quantized = [t for t in index.tensors if t.encoding == C.ENCODING_HUFFMAN]
-        q_weights = sum(t.n_elements for t in quantized)
-        # Stored indices, their chunk_bits entries in the index, codebooks and code-length tables.
-        q_bytes = sum(t.data.length + 8 * len(t.chunk_bits) for t in quantized)
-        q_bytes += sum(cb.size * 4 for cb in index.codebooks) + sum(tb.size for tb in index.tables)
+        streams = quantized + list(index.packs)
+        q_weights = sum(s.n_elements for s in streams)
+        table_users: dict[int, int] = {}
+        for s in streams:
+            table_users[s.table] = table_users.get(s.table, 0) + s.n_elements
+        paths = _member_paths(moub)
+        packs = []
+        for p in index.packs:
+            table_bytes = index.tables[p.table].size * p.n_elements / max(table_users[p.table], 1)
+            index_bytes = 16 * len(p.sites) + 8 * len(p.chunk_bits) + table_bytes
+            members = [
+                {"site": m.site, "path": paths[m.site] if paths and m.site < len(paths) else None, "elements": m.count, "scale": m.scale}
+                for m in p.members
+            ]
+            packs.append(
+                PackSummary(
+                    number=p.number,
+                    members=members,
+                    elements=p.n_elements,
+                    stored_bytes=p.data.length,
+                    chunks=len(p.chunk_bits),
+                    codebook=p.codebook,
+                    table=p.table,
+                    index_bytes=round(index_bytes),
+                    bits_per_weight=round(8 * p.data.length / p.n_elements, 4) if p.n_elements else 0.0,
+                    bits_per_weight_with_index=round(8 * (p.data.length + index_bytes) / p.n_elements, 4) if p.n_elements else 0.0,
+                )
+            )
+        # Stored indices, their chunk_bits entries and pack member entries in the index,
+        # codebooks (4 bytes per value, 12 per grid) and code-length tables.
+        q_bytes = sum(s.data.length + 8 * len(s.chunk_bits) for s in streams) + sum(16 * len(p.sites) for p in index.packs)
+        q_bytes += sum(12 if grid else cb.size * 4 for cb, grid in zip(index.codebooks, index.grids or [None] * len(index.codebooks)))
+        q_bytes += sum(tb.size for tb in index.tables)
         decoded = index.decoded_bytes + index.graph.decoded_length
         codebooks = [
             {
                 "entries": int(cb.size),
                 "min": float(cb.min()),
                 "max": float(cb.max()),
+                "grid": bool(index.grids and index.grids[i]),
                 "longest_code": int(index.tables[i].max()) if i < len(index.tables) else None,
             }
             for i, cb in enumerate(index.codebooks)
         ]
+        tensor_bytes = sum(t.data.length for t in index.tensors)
+        pack_bytes = sum(p.data.length for p in index.packs)
+        payload = index.file_size - index.payload_offset
         return Summary(
             file=str(path),
             file_bytes=index.file_size,
@@ -95,6 +166,12 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
             codebooks=codebooks,
             tensors=tensors,
             metadata=dict(index.metadata),
+            packs=packs,
+            index_bytes=index.payload_offset,
+            graph_bytes=index.graph.length,
+            tensor_bytes=tensor_bytes,
+            pack_bytes=pack_bytes,
+            padding_bytes=payload - index.graph.length - tensor_bytes - pack_bytes,
         )
 
 
@@ -110,9 +187,10 @@ def verify_file(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) 
             moub.verify_payload_digest()
         except MoubFormatError as exc:
             problems.append(str(exc))
+        members = None
         try:
             model = parse_graph(moub)
-            match_sites(moub, model)
+            _, members = _match(moub, model)
         except MoubFormatError as exc:
             problems.append(str(exc))
         for tensor in moub.index.tensors:
@@ -122,6 +200,20 @@ def verify_file(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) 
                     as_float = dtypes.storage_to_float32(values, tensor.dtype)
                     if not np.isfinite(as_float).all():
                         problems.append(f"{moub.filename}: tensor {tensor.path!r}: decodes to non-finite values")
+            except MoubFormatError as exc:
+                problems.append(str(exc))
+        # Packs need the graph's element types; without a matching graph they decode as float32.
+        dtype_of = {ordinal: site.tensor.data_type for ordinal, site in members.items()} if members else None
+        for pack in moub.index.packs:
+            try:
+                values = moub.decode_pack(pack)
+                for member in pack.members:
+                    dtype = dtype_of.get(member.site, dtypes.FLOAT) if dtype_of else dtypes.FLOAT
+                    member_values = dtypes.storage_to_float32(
+                        scale_member(values[member.start : member.start + member.count], member.scale, dtype), dtype
+                    )
+                    if not np.isfinite(member_values).all():
+                        problems.append(f"{moub.filename}: {member.subject}: decodes to non-finite values")
             except MoubFormatError as exc:
                 problems.append(str(exc))
     return problems

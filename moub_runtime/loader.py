@@ -1,9 +1,10 @@
 """A .moub file -> onnx.ModelProto or onnxruntime.InferenceSession.
 
-The graph stored in the container is cross-checked against the tensors the
-file provides before any tensor is decoded: every stored tensor must name an
-existing site with the same element type and shape and no data of its own,
-and every other site must carry its own data. External-data references are
+The graph stored in the container is cross-checked against the tensors and
+pack members the file provides before any tensor is decoded: every stored
+tensor must name an existing site with the same element type and shape and no
+data of its own, every pack member a float site of its element count, no site
+is provided twice, and every other site must carry its own data. External-data references are
 refused: a .moub is self-contained.
 """
 
@@ -18,7 +19,8 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from moub_format import DEFAULT_LIMITS, GraphError, MoubFile, ReaderLimits
+from moub_format import DEFAULT_LIMITS, GraphError, LimitError, MoubFile, ReaderLimits
+from moub_format import dtypes
 from moub_format.dtypes import BFLOAT16
 
 from .payload import element_count, fill_payload, has_payload, mark_in_memory
@@ -36,18 +38,31 @@ def parse_graph(moub: MoubFile) -> onnx.ModelProto:
     return model
 
 
-def match_sites(moub: MoubFile, model: onnx.ModelProto) -> dict[str, TensorSite]:
-    """Check the graph against the stored tensors; return path -> site for stored ones."""
-    sites = tensor_sites(model)
-    for path, site in sites.items():
+def _match(moub: MoubFile, model: onnx.ModelProto) -> tuple[dict[str, TensorSite], dict[int, TensorSite]]:
+    """Check the graph against the stored tensors and pack members, before any decoding.
+
+    Returns (tensor path -> site, member site ordinal -> site). Every stored tensor
+    names a site of the same element type and dims; every pack member's ordinal names
+    a float site whose element count is the member's; neither keeps data of its own;
+    no site is provided twice; every site without data (and with elements) is
+    provided; and the exact decoded size (now that the graph gives the members' dtypes)
+    is within ``limits.max_decoded_bytes``.
+    """
+    all_sites = list(iter_tensor_sites(model))
+    for site in all_sites:
         tensor = site.tensor
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
-            raise GraphError(f"{moub.filename}: graph tensor {path!r} refers to external data; a .moub must be self-contained")
+            raise GraphError(f"{moub.filename}: graph tensor {site.path!r} refers to external data; a .moub must be self-contained")
+    ordinal_of: dict[str, int] = {}
+    for ordinal, site in enumerate(all_sites):
+        ordinal_of.setdefault(site.path, ordinal)
     matched: dict[str, TensorSite] = {}
+    provided: set[int] = set()
     for info in moub.index.tensors:
-        site = sites.get(info.path)
-        if site is None:
+        ordinal = ordinal_of.get(info.path)
+        if ordinal is None:
             raise GraphError(f"{moub.filename}: tensor {info.path!r} has no matching tensor in the graph")
+        site = all_sites[ordinal]
         tensor = site.tensor
         if tensor.data_type != info.dtype:
             raise GraphError(
@@ -58,10 +73,56 @@ def match_sites(moub: MoubFile, model: onnx.ModelProto) -> dict[str, TensorSite]
         if has_payload(tensor):
             raise GraphError(f"{moub.filename}: tensor {info.path!r} is stored twice: the graph keeps its data too")
         matched[info.path] = site
-    for path, site in sites.items():
-        if path not in matched and not has_payload(site.tensor) and element_count(site.tensor) > 0:
-            raise GraphError(f"{moub.filename}: graph tensor {path!r} has no data and the file does not provide it")
-    return matched
+        provided.add(ordinal)
+    members: dict[int, TensorSite] = {}
+    decoded = sum(t.decoded_bytes for t in moub.index.tensors)
+    for pack in moub.index.packs:
+        for member in pack.members:
+            where = f"{moub.filename}: {member.subject}"
+            if member.site >= len(all_sites):
+                raise GraphError(f"{where}: site ordinal {member.site} does not exist (the graph has {len(all_sites)} tensor sites)")
+            site = all_sites[member.site]
+            tensor = site.tensor
+            if member.site in provided:
+                raise GraphError(f"{where}: site {site.path!r} is provided twice (by a tensor and a pack member)")
+            if tensor.data_type not in dtypes.FLOAT_DTYPES:
+                raise GraphError(f"{where}: site {site.path!r} has element type {tensor.data_type}; pack members must be float")
+            dims = [int(d) for d in tensor.dims]
+            if len(dims) > moub.limits.max_rank or any(d < 0 for d in dims):
+                raise GraphError(f"{where}: site {site.path!r} has dims {dims} (negative, or rank above {moub.limits.max_rank})")
+            if element_count(tensor) != member.count:
+                raise GraphError(
+                    f"{where}: count {member.count} differs from the {element_count(tensor)} elements of site {site.path!r} (dims {dims})"
+                )
+            if has_payload(tensor):
+                raise GraphError(f"{where}: site {site.path!r} is stored twice: the graph keeps its data too")
+            members[member.site] = site
+            provided.add(member.site)
+            decoded += member.count * dtypes.STORAGE_DTYPES[tensor.data_type].itemsize
+    if decoded > moub.limits.max_decoded_bytes:
+        raise LimitError(f"{moub.filename}: decoded model size in bytes {decoded} exceeds the limit {moub.limits.max_decoded_bytes}")
+    for ordinal, site in enumerate(all_sites):
+        if ordinal not in provided and not has_payload(site.tensor) and element_count(site.tensor) > 0:
+            raise GraphError(f"{moub.filename}: graph tensor {site.path!r} has no data and the file does not provide it")
+    return matched, members
+
+
+def match_sites(moub: MoubFile, model: onnx.ModelProto) -> dict[str, TensorSite]:
+    """Check the graph against the stored tensors and pack members (see :func:`_match`);
+    return path -> site for every stored one."""
+    matched, members = _match(moub, model)
+    return {**matched, **{site.path: site for site in members.values()}}
+
+
+def iter_decoded(moub: MoubFile, matched: dict[str, TensorSite], members: dict[int, TensorSite]) -> Iterator[tuple[TensorSite, int, np.ndarray]]:
+    """(site, ONNX element type, array in storage dtype and shape), one stored tensor at a
+    time: tensors in file order, then pack members (each pack decoded whole, then split)."""
+    for info, array in moub.iter_tensors():
+        yield matched[info.path], info.dtype, array
+    dtype_of = {ordinal: site.tensor.data_type for ordinal, site in members.items()}
+    for member, array in moub.iter_pack_members(dtype_of):
+        site = members[member.site]
+        yield site, dtype_of[member.site], array.reshape(tuple(site.tensor.dims))
 
 
 def consumed_names(model: onnx.ModelProto) -> set[str]:
@@ -85,11 +146,11 @@ def consumed_names(model: onnx.ModelProto) -> set[str]:
 
 def _open(
     path: str | os.PathLike, limits: ReaderLimits, decode_workers: int | None = 1
-) -> tuple[MoubFile, onnx.ModelProto, dict[str, TensorSite]]:
+) -> tuple[MoubFile, onnx.ModelProto, dict[str, TensorSite], dict[int, TensorSite]]:
     moub = MoubFile(path, limits, decode_workers=decode_workers)
     try:
         model = parse_graph(moub)
-        return moub, model, match_sites(moub, model)
+        return (moub, model, *_match(moub, model))
     except BaseException:
         moub.close()
         raise
@@ -98,19 +159,20 @@ def _open(
 def decode_tensors(
     path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream (site path, array in storage dtype) one tensor at a time."""
-    moub, _, _ = _open(path, limits, decode_workers)
+    """Stream (site path, array in storage dtype and shape) one tensor at a time,
+    pack members included (see :meth:`MoubFile.iter_pack_members` for their memory)."""
+    moub, _, matched, members = _open(path, limits, decode_workers)
     with moub:
-        for info, array in moub.iter_tensors():
-            yield info.path, array
+        for site, _, array in iter_decoded(moub, matched, members):
+            yield site.path, array
 
 
 def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1) -> onnx.ModelProto:
     """Decode a .moub into an onnx.ModelProto with all weights inline (like onnx.load)."""
-    moub, model, sites = _open(path, limits, decode_workers)
+    moub, model, matched, members = _open(path, limits, decode_workers)
     with moub:
-        for info, array in moub.iter_tensors():
-            fill_payload(sites[info.path].tensor, array)
+        for site, _, array in iter_decoded(moub, matched, members):
+            fill_payload(site.tensor, array)
     return model
 
 
@@ -194,17 +256,17 @@ class InferenceSession(onnxruntime.InferenceSession):
         names: list[str] = []
         self._moub_weights: list[onnxruntime.OrtValue] = []
         self._moub_arrays: list[np.ndarray] = []
-        moub, model, sites = _open(path, limits, decode_workers)
+        moub, model, matched, members = _open(path, limits, decode_workers)
         consumed = consumed_names(model)
         graph_outputs = {output.name for output in model.graph.output}
         constants_to_lift: list[int] = []
         with moub:
-            for info, array in moub.iter_tensors():
-                tensor = sites[info.path].tensor
-                node_index = _constant_node_index(info.path)
+            for site, dtype, array in iter_decoded(moub, matched, members):
+                tensor = site.tensor
+                node_index = _constant_node_index(site.path)
                 name = model.graph.node[node_index].output[0] if node_index is not None else tensor.name
-                liftable = is_main_graph_initializer(info.path) or (node_index is not None and name not in graph_outputs)
-                value = _ort_value(array, info.dtype) if liftable and name in consumed else None
+                liftable = is_main_graph_initializer(site.path) or (node_index is not None and name not in graph_outputs)
+                value = _ort_value(array, dtype) if liftable and name in consumed else None
                 if value is None:
                     # onnxruntime drops unused initializers before replacing them, so those stay inline.
                     fill_payload(tensor, array)
@@ -226,7 +288,7 @@ class InferenceSession(onnxruntime.InferenceSession):
         if names:
             options.add_external_initializers(names, self._moub_weights)
         graph = model.SerializeToString()
-        del model, sites
+        del model, matched, members
         super().__init__(graph, sess_options=options, providers=providers or ["CPUExecutionProvider"], **kwargs)
         self.moub_path = Path(path)
         self._moub_released = False

@@ -56,8 +56,22 @@ class Codebook(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
         return o == 0
 
+    # Codebook
+    def First(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
+        return 0
+
+    # Codebook
+    def Count(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
 def CodebookStart(builder):
-    builder.StartObject(1)
+    builder.StartObject(3)
 
 def Start(builder):
     CodebookStart(builder)
@@ -73,6 +87,18 @@ def CodebookStartValuesVector(builder, numElems):
 
 def StartValuesVector(builder, numElems):
     return CodebookStartValuesVector(builder, numElems)
+
+def CodebookAddFirst(builder, first):
+    builder.PrependInt64Slot(1, first, 0)
+
+def AddFirst(builder, first):
+    CodebookAddFirst(builder, first)
+
+def CodebookAddCount(builder, count):
+    builder.PrependUint32Slot(2, count, 0)
+
+def AddCount(builder, count):
+    CodebookAddCount(builder, count)
 
 def CodebookEnd(builder):
     return builder.EndObject()

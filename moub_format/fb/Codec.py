@@ -6,3 +6,4 @@
 class Codec(object):
     NONE = 0
     ZLIB = 1
+    LZMA = 2

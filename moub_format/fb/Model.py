@@ -203,8 +203,33 @@ class Model(object):
             return obj
         return None
 
+    # Model
+    def Packs(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from moub_format.fb.Pack import Pack
+            obj = Pack()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Model
+    def PacksLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Model
+    def PacksIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        return o == 0
+
 def ModelStart(builder):
-    builder.StartObject(13)
+    builder.StartObject(14)
 
 def Start(builder):
     ModelStart(builder)
@@ -310,6 +335,18 @@ def ModelAddIndexDigest(builder, indexDigest):
 
 def AddIndexDigest(builder, indexDigest):
     ModelAddIndexDigest(builder, indexDigest)
+
+def ModelAddPacks(builder, packs):
+    builder.PrependUOffsetTRelativeSlot(13, flatbuffers.number_types.UOffsetTFlags.py_type(packs), 0)
+
+def AddPacks(builder, packs):
+    ModelAddPacks(builder, packs)
+
+def ModelStartPacksVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartPacksVector(builder, numElems):
+    return ModelStartPacksVector(builder, numElems)
 
 def ModelEnd(builder):
     return builder.EndObject()

@@ -1,6 +1,12 @@
-"""Regenerate the golden files (only when the format version changes: old goldens stay).
+"""Regenerate the golden file of the current format version (old goldens stay as they are).
 
 Run: .venv/bin/python tests/golden/make_golden.py
+
+The 1.2 golden uses everything 1.2 added: a pack over a grid codebook with its
+own table holding fp16/bf16/fp64 members and a tiny vector, a pack over an
+explicit codebook with per-member scales whose members live in a Constant node,
+If and Loop subgraphs and a function, a plain Huffman tensor, an LZMA graph, an
+LZMA raw tensor and alignment 8. ``test_golden`` rebuilds it byte for byte.
 """
 
 from __future__ import annotations
@@ -10,23 +16,45 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
 import modelzoo  # noqa: E402
+import packing  # noqa: E402
 
 import moub_runtime  # noqa: E402
 from moub_converters.encode import encode_model  # noqa: E402
-from moub_format import FORMAT_MAJOR, FORMAT_MINOR  # noqa: E402
+from moub_format import FORMAT_MAJOR, FORMAT_MINOR, writer  # noqa: E402
+from moub_format import constants as C  # noqa: E402
 from moub_format.writer import write_atomic  # noqa: E402
+
+GRID_MEMBERS = ["init:W_half", "init:W_bf16", "init:W_double", "init:small_bias"]
+CODEBOOK_MEMBERS = ["node:0/value", "node:12/then_branch/init:W_then", "node:13/body/init:W_loop", "func:0/node:0/value"]
+
+
+def golden_inputs():
+    """(model, codebooks, assignments, packs, build options) of the current golden."""
+    model = modelzoo.everything_model()
+    codebook, assignments = modelzoo.equal_width_assignments(model, k=40)
+    assignments = {"init:W_shared": assignments["init:W_shared"]}
+    normalised = np.linspace(-3.0, 3.0, 25, dtype=np.float32)
+    grids, (grid_pack,) = packing.uniform_packs(model, [GRID_MEMBERS], divisor=8.0, table=writer.OWN, first_codebook=2)
+    packs = [grid_pack, packing.codebook_pack(model, CODEBOOK_MEMBERS, normalised, 1)]
+    options = {"chunk_elements": 300, "graph_codec": C.CODEC_LZMA, "raw_codec": C.CODEC_LZMA, "alignment": 8}
+    return model, [codebook, normalised, *grids], assignments, packs, options
+
+
+def golden_bytes() -> bytes:
+    model, codebooks, assignments, packs, options = golden_inputs()
+    return encode_model(model, codebooks, assignments, {"purpose": "golden"}, packs=packs, **options)
 
 
 def main() -> None:
     name = f"everything_v{FORMAT_MAJOR}_{FORMAT_MINOR}"
-    model = modelzoo.everything_model()
-    codebook, assignments = modelzoo.equal_width_assignments(model, k=40)
     path = HERE / f"{name}.moub"
-    write_atomic(path, encode_model(model, [codebook], assignments, {"purpose": "golden"}, chunk_elements=300))
+    write_atomic(path, golden_bytes())
     digests = {p: hashlib.sha256(a.tobytes()).hexdigest() for p, a in moub_runtime.decode_tensors(path)}
     (HERE / f"{name}.json").write_text(json.dumps({"file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "tensors": digests}, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")

@@ -1,0 +1,80 @@
+"""Uniform quantization into packs, for tests and measurements (independent of the converter).
+
+Each group of site paths becomes one pack over one grid codebook: member ``i``
+is quantized with its own step ``scales[i]`` (the site's standard deviation
+divided by ``divisor``), ``round(x / step)`` are the integers, and the pack's
+grid covers their range. The expected decode is computed here in plain NumPy
+float32, independently of the reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from modelzoo import tensor_as_float32
+from moub_converters.encode import PackAssignment
+from moub_format import dtypes
+from moub_format.writer import GridCodebook
+from moub_runtime.sites import tensor_sites
+
+
+def step_of(values: np.ndarray, divisor: float) -> np.float32:
+    std = float(np.std(values.astype(np.float64))) if values.size else 0.0
+    if not std > 0:
+        std = float(np.abs(values).max()) if values.size and np.abs(values).max() > 0 else 1.0
+    return np.float32(std / divisor)
+
+
+def uniform_packs(
+    model: onnx.ModelProto, groups: Sequence[Sequence[str]], divisor: float = 16.0, table=None, first_codebook: int = 0
+) -> tuple[list[GridCodebook], list[PackAssignment]]:
+    """One grid codebook and one pack per group (codebook numbers from ``first_codebook``)."""
+    sites = tensor_sites(model)
+    codebooks, packs = [], []
+    for group in groups:
+        scales, ints = [], []
+        for path in group:
+            x = tensor_as_float32(sites[path].tensor).ravel()
+            step = step_of(x, divisor)
+            ints.append(np.rint(x / step).astype(np.int64))
+            scales.append(float(step))
+        q = np.concatenate(ints)
+        first = int(q.min())
+        codebooks.append(GridCodebook(first, int(q.max()) - first + 1))
+        packs.append(PackAssignment(tuple(group), tuple(scales), q - first, first_codebook + len(codebooks) - 1, table))
+    return codebooks, packs
+
+
+def expected_members(model: onnx.ModelProto, codebooks, packs: Sequence[PackAssignment]) -> dict[str, bytes]:
+    """path -> the bytes a reader must decode: cast(float32(codebook[idx]) * float32(scale)), in NumPy float32."""
+    sites = tensor_sites(model)
+    out = {}
+    for pack in packs:
+        cb = codebooks[pack.codebook]
+        values = cb.values() if isinstance(cb, GridCodebook) else np.asarray(cb, dtype=np.float32)
+        start = 0
+        for path, scale in zip(pack.paths, pack.scales):
+            tensor = sites[path].tensor
+            n = int(np.prod(tensor.dims, dtype=np.int64))
+            product = values[pack.indices[start : start + n]] * np.float32(scale)
+            assert product.dtype == np.float32
+            out[path] = dtypes.cast_from_float32(product, tensor.data_type).tobytes()
+            start += n
+    return out
+
+
+def codebook_pack(model: onnx.ModelProto, group: Sequence[str], codebook: np.ndarray, codebook_id: int, table=None) -> PackAssignment:
+    """One pack over an explicit float codebook of normalised values: member ``i`` has
+    scale = its standard deviation, indices = the nearest codebook value to x / scale."""
+    sites = tensor_sites(model)
+    codebook = np.asarray(codebook, dtype=np.float32)
+    scales, indices = [], []
+    for path in group:
+        x = tensor_as_float32(sites[path].tensor).ravel()
+        scale = step_of(x, 1.0)
+        indices.append(np.abs((x / scale)[:, None] - codebook[None, :]).argmin(axis=1))
+        scales.append(float(scale))
+    return PackAssignment(tuple(group), tuple(scales), np.concatenate(indices), codebook_id, table)
