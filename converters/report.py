@@ -71,7 +71,7 @@ def plot(report: dict, path) -> None:
     settings = report["settings"]
     max_drop = settings["max_drop"]
     cap = max(4 * max_drop, 0.02)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
     cands = report["candidates"]
 
     def scatter(rows, **kw):
@@ -98,7 +98,7 @@ def plot(report: dict, path) -> None:
     ax.set_ylabel(f"loss ({report['metric']}) on the search data")
     ax.set_title(f"moub --mode {settings['mode']}: {report['source']['name']}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})
     plt.close(fig)
