@@ -97,17 +97,16 @@ def index_stats(path: Path) -> dict:
     per_table: dict[int, np.ndarray] = {}
     bits = weights = 0
     with MoubFile(path) as moub:
-        for t in moub.index.tensors:
-            if t.encoding != FC.ENCODING_HUFFMAN:
-                continue
-            idx = moub.decode_indices(t)
-            size = moub.index.codebooks[t.codebook].size
-            hist = np.bincount(idx, minlength=size).astype(np.int64)
-            prev = per_table.get(t.table)
-            per_table[t.table] = hist if prev is None else _add(prev, hist)
-            bits += sum(int(b) for b in t.chunk_bits)
-            weights += idx.size
-        codebooks = [cb.size for cb in moub.index.codebooks]
+        # Huffman-coded tensors, and packs (format 1.2: several tensors in one stream).
+        streams = [t for t in moub.index.tensors if t.encoding == FC.ENCODING_HUFFMAN]
+        streams += list(getattr(moub.index, "packs", ()))
+        for stream in streams:
+            hist = np.bincount(moub.decode_indices(stream).astype(np.int64))
+            prev = per_table.get(stream.table)
+            per_table[stream.table] = hist if prev is None else _add(prev, hist)
+            bits += sum(int(b) for b in stream.chunk_bits)
+            weights += int(hist.sum())
+        codebooks = len(moub.index.codebooks)
     if not weights:
         return {}
     entropy_bits = 0.0
@@ -119,7 +118,7 @@ def index_stats(path: Path) -> dict:
         "bits/weight": bits / weights,
         "entropy": entropy_bits / weights,
         "file bits/weight": 8 * path.stat().st_size / weights,
-        "codebook entries": sum(codebooks),
+        "codebooks": codebooks,
         "tables": len(per_table),
     }
 
