@@ -78,3 +78,55 @@ def codebook_pack(model: onnx.ModelProto, group: Sequence[str], codebook: np.nda
         indices.append(np.abs((x / scale)[:, None] - codebook[None, :]).argmin(axis=1))
         scales.append(float(scale))
     return PackAssignment(tuple(group), tuple(scales), np.concatenate(indices), codebook_id, table)
+
+
+def float_paths(model: onnx.ModelProto, min_elements: int = 2) -> list[str]:
+    """Every float site with at least ``min_elements`` elements, in site order."""
+    from moub_runtime.sites import iter_tensor_sites
+
+    return [
+        s.path for s in iter_tensor_sites(model)
+        if s.tensor.data_type in dtypes.FLOAT_DTYPES and int(np.prod(s.tensor.dims, dtype=np.int64)) >= min_elements
+    ]
+
+
+def adaptive_layout(model: onnx.ModelProto, divisor: float = 16.0, small: int = 1024):
+    """Every float tensor of >= 2 elements quantized with step = std / divisor: tensors of
+    >= ``small`` elements one pack each (own grid, own table), the rest one shared pack
+    (one grid, one table). Returns (codebooks, packs)."""
+    from moub_format.writer import OWN
+
+    sites = tensor_sites(model)
+    paths = float_paths(model)
+    size = {p: int(np.prod(sites[p].tensor.dims, dtype=np.int64)) for p in paths}
+    big = [[p] for p in paths if size[p] >= small]
+    little = [p for p in paths if size[p] < small]
+    codebooks, packs = uniform_packs(model, big, divisor, table=OWN)
+    if little:
+        more, (shared,) = uniform_packs(model, [little], divisor, table=None, first_codebook=len(codebooks))
+        codebooks += more
+        packs.append(shared)
+    return codebooks, packs
+
+
+def as_tensors(model: onnx.ModelProto, codebooks, packs: Sequence[PackAssignment]):
+    """The same quantization written the 1.1 way: one Huffman Tensor per site, each with its
+    own explicit float32 codebook (its used grid values x its scale: the same float32
+    products, so it decodes to the same bits) and so its own table.
+    Returns (codebooks, {path: TensorAssignment})."""
+    from moub_converters.encode import TensorAssignment
+
+    sites = tensor_sites(model)
+    out_codebooks, assignments = [], {}
+    for pack in packs:
+        cb = codebooks[pack.codebook]
+        values = cb.values() if isinstance(cb, GridCodebook) else np.asarray(cb, dtype=np.float32)
+        start = 0
+        for path, scale in zip(pack.paths, pack.scales):
+            n = int(np.prod(sites[path].tensor.dims, dtype=np.int64))
+            idx = pack.indices[start : start + n]
+            used, local = np.unique(idx, return_inverse=True)
+            out_codebooks.append(values[used] * np.float32(scale))
+            assignments[path] = TensorAssignment(len(out_codebooks) - 1, local.reshape(-1))
+            start += n
+    return out_codebooks, assignments

@@ -117,6 +117,16 @@ def _hostile_files() -> dict[str, bytes]:
     files["graph-bomb"] = spec_with(lambda s: setattr(s.graph, "decoded_length", 50))
     files["padding-bits"] = spec_with(lambda s: setattr(s.tensors[1], "data", _dirty_padding(s.tensors[1])))
     files["stream"] = spec_with(lambda s: setattr(s.tensors[1], "chunk_bits", [s.tensors[1].chunk_bits[0] + 8, *s.tensors[1].chunk_bits[1:]]))
+    # format 1.2: packs and grid codebooks
+    def pack_with(change) -> bytes:
+        spec = K.valid_pack_spec()
+        change(spec)
+        return K.build(spec)
+
+    files["pack-grid"] = pack_with(lambda s: setattr(s, "codebooks", [K.Grid(1 << 24, 33)]))
+    files["pack-scale"] = pack_with(lambda s: setattr(s.packs[0], "scales", [0.25, float("nan")]))
+    files["pack-feature"] = pack_with(lambda s: setattr(s, "required_features", 1 << 7))
+    files["pack-site"] = pack_with(lambda s: setattr(s.packs[0], "sites", [0, 9]))
     return files
 
 
@@ -131,7 +141,7 @@ def _dirty_padding(tensor: K.Tensor) -> K.Blob:
     return K.Blob(bytes(payload))
 
 
-PAYLOAD_LEVEL = {"tensor-checksum", "graph", "graph-bomb", "padding-bits"}
+PAYLOAD_LEVEL = {"tensor-checksum", "graph", "graph-bomb", "padding-bits", "pack-site"}
 
 
 @pytest.mark.parametrize("name", sorted(_hostile_files()))

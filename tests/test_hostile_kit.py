@@ -28,6 +28,7 @@ from moub_format.fb import Codebook as FbCodebook
 from moub_format.fb import HuffmanTable as FbHuffmanTable
 from moub_format.fb import MetadataEntry as FbMetadataEntry
 from moub_format.fb import Model as FbModel
+from moub_format.fb import Pack as FbPack
 from moub_format.fb import Tensor as FbTensor
 from moub_format.writer import index_digest_position
 from moub_runtime.payload import clear_payload
@@ -67,12 +68,34 @@ class Tensor:
 
 
 @dataclass
+class Grid:
+    """A grid codebook (1.2): ``first .. first + count - 1``; ``values`` set too makes it invalid."""
+
+    first: int
+    count: int
+    values: np.ndarray | None = None
+
+
+@dataclass
+class Pack:
+    sites: list[int] | None
+    counts: list[int] | None
+    scales: list[float] | None
+    data: Blob | None
+    codebook: int = 0
+    table: int = 0
+    chunk_elements: int = 0
+    chunk_bits: list[int] | None = None
+
+
+@dataclass
 class Spec:
     graph: Blob | None
-    codebooks: list[np.ndarray]
+    codebooks: list[np.ndarray | Grid]
     tables: list[np.ndarray]
     tensors: list[Tensor]
     metadata: list[tuple[str | bytes, str | bytes]]
+    packs: list[Pack] | None = None
     format_major: int = C.FORMAT_MAJOR
     format_minor: int = C.FORMAT_MINOR
     required_features: int = 0
@@ -155,11 +178,51 @@ def valid_spec() -> Spec:
     )
 
 
+# ---------------------------------------------------------------- a tiny valid 1.2 file with a pack
+
+SCALES = (0.25, 0.125)  # W is exactly CODEBOOK = 0.25 x {-2..2}; B is rounded to multiples of 1/8
+
+
+def pack_ints() -> np.ndarray:
+    """The integers of W (site 0) then B (site 1): value = integer x scale."""
+    model = tiny_model()
+    weight, bias = (numpy_helper.to_array(t).ravel() for t in model.graph.initializer)
+    return np.concatenate([np.rint(weight / SCALES[0]), np.rint(bias / SCALES[1])]).astype(np.int64)
+
+
+def pack_of(ints: np.ndarray, first: int, lengths: np.ndarray, sites=(0, 1), counts=None, scales=SCALES, chunk: int = CHUNK) -> Pack:
+    data, bits = huffman.encode_chunks(ints - first, lengths, chunk)
+    counts = list(counts) if counts is not None else [N_IN * N_OUT] * len(sites)
+    return Pack(list(sites), counts, list(scales), Blob(data), 0, 0, chunk, bits)
+
+
+def valid_pack_spec() -> Spec:
+    """Both initializers of the tiny model as one pack over a grid codebook (format 1.2)."""
+    ints = pack_ints()
+    first, count = int(ints.min()), int(ints.max() - ints.min() + 1)
+    lengths = huffman.code_lengths(np.bincount(ints - first, minlength=count), 15)
+    return Spec(
+        graph=stripped_graph(),
+        codebooks=[Grid(first, count)],
+        tables=[lengths],
+        tensors=[],
+        metadata=[("moub.purpose", "hostile tests")],
+        packs=[pack_of(ints, first, lengths)],
+        required_features=C.FEATURE_PACKS,
+    )
+
+
+def expected_pack_values() -> list[np.ndarray]:
+    ints = pack_ints().astype(np.float32)
+    n = N_IN * N_OUT
+    return [(ints[:n] * np.float32(SCALES[0])).reshape(N_IN, N_OUT), (ints[n:] * np.float32(SCALES[1])).reshape(N_IN, N_OUT)]
+
+
 # ---------------------------------------------------------------- building
 
 
 def _layout(spec: Spec) -> tuple[list[Blob], bytes]:
-    blobs = [b for b in [spec.graph] + [t.data for t in spec.tensors] if b is not None]
+    blobs = [b for b in [spec.graph] + [t.data for t in spec.tensors] + [p.data for p in spec.packs or []] if b is not None]
     alignment = spec.layout_alignment or spec.alignment or 1
     position, placed = 0, []
     for blob in blobs:
@@ -210,9 +273,17 @@ def build(spec: Spec) -> bytes:
 
         codebooks = []
         for values in spec.codebooks:
-            vec = builder.CreateNumpyVector(np.asarray(values, dtype="<f4"))
-            FbCodebook.Start(builder)
-            FbCodebook.AddValues(builder, vec)
+            if isinstance(values, Grid):
+                vec = builder.CreateNumpyVector(np.asarray(values.values, dtype="<f4")) if values.values is not None else None
+                FbCodebook.Start(builder)
+                if vec is not None:
+                    FbCodebook.AddValues(builder, vec)
+                FbCodebook.AddFirst(builder, values.first)
+                FbCodebook.AddCount(builder, values.count)
+            else:
+                vec = builder.CreateNumpyVector(np.asarray(values, dtype="<f4"))
+                FbCodebook.Start(builder)
+                FbCodebook.AddValues(builder, vec)
             codebooks.append(FbCodebook.End(builder))
         tables = []
         for lengths in spec.tables:
@@ -245,6 +316,23 @@ def build(spec: Spec) -> bytes:
             if bits is not None:
                 FbTensor.AddChunkBits(builder, bits)
             tensors.append(FbTensor.End(builder))
+        packs = []
+        for p in spec.packs or []:
+            vectors = [
+                builder.CreateNumpyVector(np.asarray(v, dtype=dt)) if v is not None else None
+                for v, dt in ((p.sites, "<u4"), (p.counts, "<u8"), (p.scales, "<f4"), (p.chunk_bits, "<u8"))
+            ]
+            data = blob(p.data)
+            FbPack.Start(builder)
+            for add, vec in zip((FbPack.AddSites, FbPack.AddCounts, FbPack.AddScales, FbPack.AddChunkBits), vectors):
+                if vec is not None:
+                    add(builder, vec)
+            FbPack.AddCodebook(builder, p.codebook)
+            FbPack.AddTable(builder, p.table)
+            FbPack.AddChunkElements(builder, p.chunk_elements)
+            if data is not None:
+                FbPack.AddData(builder, data)
+            packs.append(FbPack.End(builder))
         entries = []
         for key, value in spec.metadata:
             k, v = builder.CreateString(key), builder.CreateString(value)
@@ -258,6 +346,7 @@ def build(spec: Spec) -> bytes:
         tables_vec = vector(FbModel.StartTablesVector, tables)
         tensors_vec = vector(FbModel.StartTensorsVector, tensors)
         metadata_vec = vector(FbModel.StartMetadataVector, entries)
+        packs_vec = vector(FbModel.StartPacksVector, packs) if spec.packs is not None else None
         payload_digest = checksum(spec.payload_digest, payload)
         index_digest = None
         if spec.index_digest is not None:  # zeros now; build() fills in the real digest
@@ -280,6 +369,8 @@ def build(spec: Spec) -> bytes:
             FbModel.AddPayloadDigest(builder, payload_digest)
         if index_digest is not None:
             FbModel.AddIndexDigest(builder, index_digest)
+        if packs_vec is not None:
+            FbModel.AddPacks(builder, packs_vec)
         builder.Finish(FbModel.End(builder), file_identifier=C.FILE_IDENTIFIER)
         return bytes(builder.Output())
 
@@ -329,7 +420,10 @@ def follow(data: bytes, pos: int) -> int:
 
 MODEL_SLOTS = {name: i for i, name in enumerate(
     ["format_major", "format_minor", "required_features", "producer", "alignment", "payload_offset", "graph",
-     "codebooks", "tables", "tensors", "metadata", "payload_digest", "index_digest"]
+     "codebooks", "tables", "tensors", "metadata", "payload_digest", "index_digest", "packs"]
+)}
+PACK_SLOTS = {name: i for i, name in enumerate(
+    ["sites", "counts", "scales", "codebook", "table", "chunk_elements", "chunk_bits", "data"]
 )}
 TENSOR_SLOTS = {name: i for i, name in enumerate(
     ["path", "name", "dtype", "dims", "encoding", "data", "codebook", "table", "chunk_elements", "chunk_bits"]

@@ -176,3 +176,54 @@ def test_files_round_trip_for_random_chunk_sizes_and_dtypes(tmp_path_factory, le
 @pytest.mark.parametrize("used, expected", [(1, 15), (2, 15), (16384, 15), (16385, 16), (65536, 17), (1 << 19, 20), (1 << 20, 20)])
 def test_writer_code_length_limit(used, expected):
     assert huffman.writer_max_length(used) == expected
+
+
+@FAST
+@given(
+    st.lists(st.tuples(st.integers(0, 400), st.sampled_from([1, 10, 11, 16]), st.floats(-1e3, 1e3, allow_nan=False, width=32)),
+             min_size=1, max_size=8),
+    st.integers(1, 300),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_packs_round_trip_for_random_members_chunks_and_dtypes(tmp_path_factory, members, chunk, grid, seed):
+    """A pack's chunks ignore member boundaries: whatever the member sizes (empty ones too),
+    chunk size, decoder (lanes or bitarray), window size and member dtypes, every member
+    decodes to cast(float32(codebook[idx]) * float32(scale)) computed here in NumPy."""
+    from moub_format import dtypes, reader
+    from moub_format.writer import OWN, GridCodebook, PackSpec
+
+    rng = np.random.default_rng(seed)
+    counts = [m[0] for m in members]
+    assume(sum(counts) > 0)
+    if grid:
+        codebook = GridCodebook(int(rng.integers(-1000, 1000)), int(rng.integers(1, 300)))
+        values = codebook.values()
+    else:
+        values = np.sort(rng.standard_normal(int(rng.integers(1, 300)))).astype(np.float32)
+        codebook = values
+    indices = rng.integers(0, values.size, sum(counts))
+    sites = np.sort(rng.choice(1000, len(members), replace=False)).tolist()
+    pack = PackSpec(tuple(sites), tuple(counts), [m[2] for m in members], indices, 0, OWN)
+    data = build(b"", [codebook], [], packs=[pack], chunk_elements=chunk)
+    path = tmp_path_factory.mktemp("packprop") / "p.moub"
+    path.write_bytes(data)
+    dtype_of = dict(zip(sites, (m[1] for m in members)))
+    saved = reader.MIN_LANES
+    reader.MIN_LANES = int(rng.choice([0, 1 << 30]))
+    try:
+        with MoubFile(path, batch_elements=int(rng.integers(1, 3000))) as moub:
+            (info,) = moub.index.packs
+            assert info.sites == tuple(sites) and info.counts == tuple(counts) and len(info.chunk_bits) == -(-sum(counts) // chunk)
+            assert np.array_equal(moub.decode_indices(info), indices)
+            got = [(m.site, a) for m, a in moub.iter_pack_members(dtype_of)]
+    finally:
+        reader.MIN_LANES = saved
+    assert [s for s, _ in got] == sites
+    start = 0
+    for (site, array), (count, dtype, scale) in zip(got, members):
+        product = values[indices[start : start + count]] * np.float32(scale)
+        assert product.dtype == np.float32
+        assert array.dtype == dtypes.STORAGE_DTYPES[dtype] and (array.size == 0 or array.ctypes.data % 64 == 0)
+        assert array.tobytes() == dtypes.cast_from_float32(product, dtype).tobytes()
+        start += count

@@ -1,0 +1,317 @@
+"""Format 1.2 through the writer, the converter's encoder and the runtime: packs, grid
+codebooks, LZMA, small alignments, on a model with weights everywhere."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import modelzoo
+import moub_runtime
+import packing
+from moub_converters.encode import PackAssignment, TensorAssignment, dequantize_scaled, encode_model
+from moub_format import MoubFile, build
+from moub_format import constants as C
+from moub_format import writer
+from moub_format.writer import OWN, SMALLEST, GridCodebook, HuffmanTensor, PackSpec
+from moub_runtime.payload import clear_payload
+from moub_runtime.sites import iter_tensor_sites, tensor_sites
+
+# Members everywhere: main-graph initializers of every float dtype, a Constant node, an If
+# and a Loop subgraph, a model function; the second group is listed out of site order.
+GROUPS = [
+    ["init:W_shared", "init:W_half", "node:0/value", "func:0/node:0/value"],
+    ["node:13/body/init:W_loop", "init:W_bf16", "init:W_double", "init:small_bias", "node:12/then_branch/init:W_then"],
+]
+
+
+def _encode(model, codebooks, packs, **options) -> bytes:
+    options = {"graph_codec": C.CODEC_LZMA, "raw_codec": SMALLEST, **options}
+    return encode_model(model, codebooks, {}, {"source": "packs"}, packs=packs, **options)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    model = modelzoo.everything_model()
+    codebooks, packs = packing.uniform_packs(model, GROUPS, divisor=16.0, table=OWN)
+    path = tmp_path_factory.mktemp("packs") / "everything.moub"
+    path.write_bytes(_encode(model, codebooks, packs))
+    return model, codebooks, packs, path
+
+
+def test_members_decode_bit_exact_in_every_dtype_and_place(packed):
+    model, codebooks, packs, path = packed
+    loaded = tensor_sites(moub_runtime.load(path))
+    expected = packing.expected_members(model, codebooks, packs)
+    assert len(expected) == 9
+    dtypes_seen = set()
+    for site_path, data in expected.items():
+        tensor = loaded[site_path].tensor
+        assert tensor.raw_data == data, site_path
+        assert tensor.data_type == tensor_sites(model)[site_path].tensor.data_type
+        dtypes_seen.add(tensor.data_type)
+    assert dtypes_seen == {1, 10, 11, 16}
+
+
+def test_converter_helper_gives_the_runtime_bits(packed):
+    model, codebooks, packs, path = packed
+    decoded = dict(moub_runtime.decode_tensors(path))
+    sites = tensor_sites(model)
+    for pack in packs:
+        start = 0
+        for site_path, scale in zip(pack.paths, pack.scales):
+            tensor = sites[site_path].tensor
+            n = int(np.prod(tensor.dims))
+            mine = dequantize_scaled(codebooks[pack.codebook], pack.indices[start : start + n], scale, tensor.data_type)
+            assert mine.tobytes() == decoded[site_path].tobytes()
+            assert decoded[site_path].shape == tuple(tensor.dims)
+            start += n
+
+
+def test_everything_else_is_byte_identical(packed):
+    model, _, packs, path = packed
+    members = {p for pack in packs for p in pack.paths}
+    a, b = onnx.ModelProto(), onnx.ModelProto()
+    a.CopyFrom(model)
+    b.CopyFrom(moub_runtime.load(path))
+    for m in (a, b):
+        for site in iter_tensor_sites(m):
+            if site.path in members:
+                clear_payload(site.tensor)
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+def test_onnxruntime_runs_it_and_the_session_agrees(packed):
+    model, _, _, path = packed
+    feeds = modelzoo.sample_feeds()
+    decoded = ort.InferenceSession(moub_runtime.load(path).SerializeToString(), providers=["CPUExecutionProvider"])
+    direct = moub_runtime.InferenceSession(path)
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for got, via_session, ref in zip(decoded.run(None, feeds), direct.run(None, feeds), original.run(None, feeds)):
+        np.testing.assert_array_equal(got, via_session)
+        assert got.shape == ref.shape
+    y_ref, y = original.run(None, feeds)[0], decoded.run(None, feeds)[0]
+    assert float((y_ref * y).sum() / np.linalg.norm(y_ref) / np.linalg.norm(y)) > 0.99
+
+
+def test_streaming_yields_every_stored_site_once(packed):
+    model, _, packs, path = packed
+    seen = [p for p, _ in moub_runtime.decode_tensors(path)]
+    assert len(seen) == len(set(seen))
+    assert set(seen) >= {p for pack in packs for p in pack.paths} | {"init:table"}
+
+
+def test_the_file_uses_packs_grids_and_lzma(packed):
+    _, _, _, path = packed
+    with MoubFile(path) as moub:
+        index = moub.index
+        assert (index.format_major, index.format_minor) == (1, 2)
+        assert index.required_features == C.FEATURE_PACKS | C.FEATURE_LZMA
+        assert [p.sites for p in index.packs] == [(0, 1, 7, 10), (2, 3, 4, 8, 9)]
+        assert all(index.grids) and len(index.tables) == 2
+        assert index.graph.codec == C.CODEC_LZMA
+
+
+def test_same_input_same_bytes_whatever_the_member_order():
+    model = modelzoo.everything_model()
+    codebooks, packs = packing.uniform_packs(model, GROUPS, table=OWN)
+    first = _encode(model, codebooks, packs)
+    shuffled = []
+    for pack in reversed(packs):
+        order = list(reversed(range(len(pack.paths))))
+        sizes = [int(np.prod(tensor_sites(model)[p].tensor.dims)) for p in pack.paths]
+        starts = np.cumsum([0] + sizes)
+        indices = np.concatenate([pack.indices[starts[i] : starts[i + 1]] for i in order])
+        shuffled.append(PackAssignment(tuple(pack.paths[i] for i in order), tuple(pack.scales[i] for i in order),
+                                       indices, pack.codebook, pack.table))
+    assert _encode(modelzoo.everything_model(), codebooks, shuffled) == first
+
+
+@pytest.mark.parametrize("alignment", [1, 8, 64, 4096])
+def test_small_and_large_alignments_are_canonical_and_decode_the_same(packed, tmp_path, alignment):
+    model, codebooks, packs, path = packed
+    data = _encode(model, codebooks, packs, alignment=alignment)
+    assert _encode(model, codebooks, packs, alignment=alignment) == data
+    other = tmp_path / f"a{alignment}.moub"
+    other.write_bytes(data)
+    with MoubFile(other) as moub:
+        assert moub.index.alignment == alignment and moub.index.payload_offset % alignment == 0
+        assert all(blob.offset % alignment == 0 for _, blob in moub.index.blobs())
+    assert moub_runtime.load(other).SerializeToString() == moub_runtime.load(path).SerializeToString()
+    if alignment == 8:
+        assert len(data) < path.stat().st_size
+
+
+def test_1_1_style_files_still_need_no_feature(tmp_path):
+    model = modelzoo.everything_model()
+    codebook, assignments = modelzoo.equal_width_assignments(model, k=16)
+    path = tmp_path / "plain.moub"
+    path.write_bytes(encode_model(model, [codebook], assignments))
+    with MoubFile(path) as moub:
+        assert moub.index.required_features == 0 and not moub.index.packs and moub.index.format_minor == 2
+
+
+def test_tensors_and_packs_in_one_file_with_a_shared_table(tmp_path):
+    model = modelzoo.everything_model()
+    grid = GridCodebook(-40, 81)
+    sites = tensor_sites(model)
+    step = np.float32(0.01)
+
+    def ints(path):
+        return np.clip(np.rint(packing.tensor_as_float32(sites[path].tensor).ravel() / step), -40, 40).astype(np.int64) + 40
+
+    pack = PackAssignment(("init:W_half", "init:W_bf16"), (float(step), float(step)),
+                          np.concatenate([ints("init:W_half"), ints("init:W_bf16")]), 0)  # table None: shared
+    explicit = grid.values() * step
+    assignments = {"init:W_shared": TensorAssignment(1, ints("init:W_shared"))}
+    data = encode_model(model, [grid, explicit], assignments, packs=[pack])
+    path = tmp_path / "mixed.moub"
+    path.write_bytes(data)
+    with MoubFile(path) as moub:
+        (tensor,) = [t for t in moub.index.tensors if t.path == "init:W_shared"]
+        assert len(moub.index.tables) == 2 and moub.index.packs[0].table != tensor.table
+    loaded = tensor_sites(moub_runtime.load(path))
+    assert loaded["init:W_shared"].tensor.raw_data == explicit[ints("init:W_shared")].tobytes()
+
+
+# ---------------------------------------------------------------- writer arguments
+
+
+def _grid_pack(**changes) -> PackSpec:
+    fields = {"sites": (0, 3), "counts": (4, 4), "scales": (0.5, 0.25), "indices": np.arange(8) % 5, "codebook": 0}
+    fields.update(changes)
+    return PackSpec(**fields)
+
+
+def test_writer_builds_a_pack_without_a_graph_check():
+    with pytest.raises(ValueError, match="a site is a member of more than one pack"):
+        build(b"", [GridCodebook(-2, 5)], [], packs=[_grid_pack(), _grid_pack(sites=(3, 9))])
+    assert build(b"", [GridCodebook(-2, 5)], [], packs=[_grid_pack()]) == build(b"", [GridCodebook(-2, 5)], [], packs=[_grid_pack()])
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"sites": (3, 0)}, "strictly increasing"),
+        ({"sites": (3, 3)}, "strictly increasing"),
+        ({"sites": (0, 1 << 32)}, "strictly increasing"),
+        ({"counts": (4, 3)}, "8 indices for 7 elements"),
+        ({"counts": (4,)}, "one site, count and scale per member"),
+        ({"scales": (0.5, float("nan"))}, "finite"),
+        ({"scales": (0.5, 1e39)}, "finite"),
+        ({"scales": (0.5, 2e38)}, "overflows float32"),
+        ({"indices": np.arange(8)}, "index outside codebook 0"),
+        ({"codebook": 2}, "codebook 2 does not exist"),
+        ({"table": "mine"}, "is not an index, None or 'own'"),
+        ({"table": 5}, "table 5 does not exist"),
+    ],
+)
+def test_writer_rejects_bad_packs(changes, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        build(b"", [GridCodebook(-2, 5), GridCodebook(0, 1 << 20)], [], packs=[_grid_pack(**changes)])
+
+
+@pytest.mark.parametrize("grid", [GridCodebook(-(1 << 24), 3), GridCodebook((1 << 24) - 1, 2), GridCodebook(0, 0)])
+def test_writer_rejects_grids_out_of_bounds(grid):
+    with pytest.raises(ValueError, match="grid codebook 0"):
+        build(b"", [grid], [], packs=[_grid_pack()])
+
+
+def test_writer_drops_what_no_stream_uses():
+    data = build(b"", [np.zeros(3, np.float32), GridCodebook(-2, 5), GridCodebook(0, 1 << 20)], [], packs=[_grid_pack(codebook=1)])
+    path_free = build(b"", [GridCodebook(-2, 5)], [], packs=[_grid_pack()])
+    assert data == path_free
+
+
+def test_own_tables_for_tensors_and_packs(tmp_path):
+    tensors = [HuffmanTensor("init:a", "a", 1, (6,), np.array([0, 0, 0, 0, 1, 2]), 0, OWN)]
+    data = build(b"", [GridCodebook(-2, 5)], tensors, packs=[_grid_pack()])
+    path = tmp_path / "own.moub"
+    path.write_bytes(data)
+    with MoubFile(path) as moub:
+        assert len(moub.index.tables) == 2
+        assert {moub.index.tensors[0].table, moub.index.packs[0].table} == {0, 1}
+        assert moub.index.tables[moub.index.tensors[0].table].tolist() == [1, 2, 2, 0, 0]
+
+
+def test_encoder_rejects_bad_pack_assignments():
+    model = modelzoo.everything_model()
+    codebooks, (pack,) = packing.uniform_packs(model, [["init:W_shared"]])
+    with pytest.raises(ValueError, match="both a tensor assignment and a pack member"):
+        encode_model(model, codebooks, {"init:W_shared": TensorAssignment(0, pack.indices)}, packs=[pack])
+    with pytest.raises(ValueError, match="not a tensor site"):
+        encode_model(model, codebooks, {}, packs=[PackAssignment(("init:nope",), (1.0,), pack.indices, 0)])
+    with pytest.raises(ValueError, match="not a float type"):
+        encode_model(model, codebooks, {}, packs=[PackAssignment(("init:table",), (1.0,), np.zeros(4096, int), 0)])
+    with pytest.raises(ValueError, match="1024 indices for 2048 elements"):
+        encode_model(model, codebooks, {}, packs=[PackAssignment(("init:W_shared", "init:W_half"), (1.0, 1.0), pack.indices, 0)])
+
+
+# ---------------------------------------------------------------- LZMA in the writer
+
+
+@pytest.mark.parametrize("size, expected", [(0, 4096), (100, 4096), (4097, 8192), (1 << 20, 1 << 20), ((1 << 20) + 1, 1 << 21), (1 << 30, 1 << 23)])
+def test_lzma_dictionary_is_no_larger_than_needed(size, expected):
+    assert writer.lzma_dict_size(size) == expected
+
+
+def test_lzma_blob_is_one_xz_stream_without_check():
+    data = bytes(range(256)) * 40
+    packed = writer.xz_compress(data)
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 20)  # a 16 KiB dictionary fits
+    assert decoder.decompress(packed) == data and decoder.eof and not decoder.unused_data
+    assert decoder.check == lzma.CHECK_NONE
+    assert writer.xz_compress(data) == packed
+
+
+def test_lzma_falls_back_to_zlib_beyond_the_readers_expansion_cap():
+    stored = writer._pack(bytes(1 << 23), C.CODEC_LZMA)
+    assert stored.codec == C.CODEC_ZLIB and stored.decoded_length == 1 << 23
+
+
+def test_smallest_codec_picks_the_smallest():
+    noise = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    assert writer._pack(noise, SMALLEST).codec == C.CODEC_NONE
+    text = b"moub " * 3000
+    best = writer._pack(text, SMALLEST)
+    assert len(best.payload) == min(len(writer._pack(text, c).payload) for c in (0, 1, 2))
+
+
+# ---------------------------------------------------------------- inspect and verify
+
+
+def test_cli_inspect_shows_packs_and_verify_passes(packed, tmp_path):
+    _, _, packs, path = packed
+    moub = [sys.executable, "-m", "moub_runtime.cli"]
+    result = subprocess.run(moub + ["inspect", str(path), "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert [len(p["members"]) for p in summary["packs"]] == [4, 5]
+    assert {m["path"] for p in summary["packs"] for m in p["members"]} == {p for pack in packs for p in pack.paths}
+    assert all(p["bits_per_weight_with_index"] > p["bits_per_weight"] > 0 for p in summary["packs"])
+    assert summary["index_bytes"] + summary["graph_bytes"] + summary["tensor_bytes"] + summary["pack_bytes"] + \
+        summary["padding_bytes"] == summary["file_bytes"]
+    text = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
+    assert "pack 1: 5 members" in text.stdout and "node:13/body/init:W_loop" in text.stdout
+    verify = subprocess.run(moub + ["verify", str(path)], capture_output=True, text=True)
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr
+
+
+def test_verify_reports_members_that_decode_to_inf(tmp_path):
+    # float32 products are finite (the reader checks), but 60000 x 2 overflows a float16 member.
+    model = modelzoo.everything_model()
+    codebooks = [GridCodebook(1, 2)]
+    pack = PackAssignment(("init:W_half",), (60000.0,), np.ones(1024, dtype=np.int64), 0)
+    path = tmp_path / "inf.moub"
+    path.write_bytes(encode_model(model, codebooks, {}, packs=[pack]))
+    from moub_runtime.inspect import verify_file
+
+    problems = verify_file(path)
+    assert len(problems) == 1 and "pack 0 member 0 (site 1): decodes to non-finite values" in problems[0]
