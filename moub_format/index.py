@@ -1,10 +1,12 @@
 """The validated, plain-Python view of a .moub index.
 
-:func:`parse_index` runs the structural verifier, then reads every field
-through the generated accessors into frozen dataclasses and checks the
-semantics: versions, enums, caps, dims, counts, cross-references and the exact
-tiling of the payload section. Nothing is decoded or allocated per tensor
-before the whole index has passed.
+:func:`parse_index` runs the structural verifier, which reads every field once
+(in range), then builds frozen dataclasses and checks the semantics: versions,
+required features, enums, caps, dims, counts, codebooks (explicit and grid),
+packs (member vectors, site order, disjoint sites, scales), cross-references
+and the exact tiling of the payload section. Nothing is decoded or allocated
+per tensor before the whole index has passed. What needs the graph (pack
+members' dtypes and dims) is checked by the runtime before decoding.
 """
 
 from __future__ import annotations

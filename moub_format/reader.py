@@ -10,6 +10,12 @@ are few) bounded by declared counts, each chunk required to take exactly its
 declared bits. Indices cannot leave the codebook (the code-length table has
 one entry per codebook entry). Memory: the decoded window plus about 10 bytes
 per element of it; nothing is allocated from a size that was not checked first.
+
+Packs (format 1.2) are streams like tensors: their chunks are lanes too. A
+pack decodes to float32 codebook values, then each member is scaled and cast
+into an array of its own (:func:`scale_member`); a one-member pack decodes
+straight to its scaled values. zlib and xz blobs are decoded with a hard
+output limit (and, for xz, a decoder memory limit) and must end exactly.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from .lanes import WINDOW_SLACK, LookupTable, decode_lanes
 from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_index
 
 Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
+ValueKey = int | tuple[int, float] | None  # what a stream decodes to: an element type, (type, scale), or symbols
 
 
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
@@ -189,13 +196,17 @@ class MoubFile:
             self._lookups[table] = LookupTable(lengths) if np.count_nonzero(lengths) > 1 else None
         return self._lookups[table]
 
-    def _by_symbol(self, codebook: int, dtype: int | None) -> np.ndarray:
-        """Each symbol's decoded value in the storage dtype (dtype None: the symbol itself)."""
+    def _by_symbol(self, codebook: int, dtype: ValueKey) -> np.ndarray:
+        """Each symbol's decoded value in the storage dtype (dtype None: the symbol itself;
+        a (dtype, scale) pair: the scaled value of a one-member pack, by :func:`scale_member`,
+        so that decoding to it gives the same bits as scaling afterwards)."""
         if dtype is None:
             return np.arange(self.index.codebooks[codebook].size, dtype=np.uint32)
+        if isinstance(dtype, tuple):
+            return scale_member(self.index.codebooks[codebook], dtype[1], dtype[0])
         return dtypes.cast_from_float32(self.index.codebooks[codebook], dtype)
 
-    def _entries(self, table: int, codebook: int, dtype: int | None) -> tuple:
+    def _entries(self, table: int, codebook: int, dtype: ValueKey) -> tuple:
         key = (table, codebook, dtype)
         if key not in self._value_tables:
             self._value_tables[key] = self._lookup(table).entries(self._by_symbol(codebook, dtype))
@@ -242,7 +253,7 @@ class MoubFile:
                 fail(lane, f"padding bits after bit {int(bits[lane])} are not zero")
         return starts, bits, counts, rows
 
-    def _decode_group(self, streams: list[Stream], dtype: int | None) -> list[np.ndarray]:
+    def _decode_group(self, streams: list[Stream], dtype: ValueKey) -> list[np.ndarray]:
         """Decode Huffman streams sharing table, codebook, dtype and chunk size, all lanes at once.
 
         Returns one flat array per stream (views into one buffer) of the storage
@@ -337,7 +348,7 @@ class MoubFile:
                 )
         raise AssertionError("lane outside every stream")
 
-    def _decode_huffman(self, streams: list[Stream], dtype_of: Callable[[Stream], int | None]) -> list[np.ndarray]:
+    def _decode_huffman(self, streams: list[Stream], dtype_of: Callable[[Stream], ValueKey]) -> list[np.ndarray]:
         """Decode Huffman streams (flat arrays, in the order given), grouped so each
         group shares one lane decode."""
         groups: dict[tuple, list[int]] = {}
@@ -345,7 +356,8 @@ class MoubFile:
         for i, stream in enumerate(streams):
             dtype = dtype_of(stream)
             if stream.n_elements == 0:
-                results[i] = np.zeros(0, dtype=np.uint32 if dtype is None else dtypes.STORAGE_DTYPES[dtype])
+                element = dtype[0] if isinstance(dtype, tuple) else dtype
+                results[i] = np.zeros(0, dtype=np.uint32 if element is None else dtypes.STORAGE_DTYPES[element])
                 continue
             groups.setdefault((stream.table, stream.codebook, dtype, stream.chunk_elements), []).append(i)
         for key, positions in groups.items():
@@ -363,8 +375,13 @@ class MoubFile:
         """The tensor's values in their storage dtype (bf16 as uint16 bits), shaped."""
         storage = dtypes.STORAGE_DTYPES[tensor.dtype]
         if tensor.encoding == C.ENCODING_RAW:
-            raw = self._unpack(tensor.data, tensor.subject)
-            return np.frombuffer(raw, dtype=storage).reshape(tensor.dims)
+            out = _aligned_empty((tensor.n_elements,), storage)
+            if tensor.data.codec == C.CODEC_NONE:  # one copy, straight from the mapping
+                data = self._checked(tensor.data, tensor.subject)
+            else:
+                data = self._unpack(tensor.data, tensor.subject)
+            out.view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+            return out.reshape(tensor.dims)
         return self._decode_huffman([tensor], dtype_of=lambda t: t.dtype)[0].reshape(tensor.dims)
 
     def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
@@ -409,9 +426,15 @@ class MoubFile:
         pack bigger than that is a window of its own), then split: memory holds the
         window's float32 values (4 bytes per element of its packs) until its last
         member is yielded, plus the member being yielded and the lane decoder's
-        working memory.
+        working memory. A one-member pack decodes straight to its scaled values
+        (the scale folded into the per-symbol table: the same bits, no second pass).
         """
         lookup = dtype_of.get if isinstance(dtype_of, Mapping) else dtype_of
+
+        def dtype_at(site: int) -> int:
+            dtype = lookup(site) if lookup is not None else None
+            return dtypes.FLOAT if dtype is None else dtype
+
         packs = list(self.index.packs)
         i = 0
         while i < len(packs):
@@ -420,12 +443,17 @@ class MoubFile:
                 window.append(packs[i])
                 elements += packs[i].n_elements
                 i += 1
-            decoded = self._decode_huffman(window, dtype_of=lambda p: dtypes.FLOAT)
-            for pack in window:
+            keys = [(dtype_at(p.sites[0]), p.scales[0]) if len(p.sites) == 1 else dtypes.FLOAT for p in window]
+            key_of = {id(p): key for p, key in zip(window, keys)}
+            decoded = self._decode_huffman(window, dtype_of=lambda p: key_of[id(p)])
+            for pack, key in zip(window, keys):
                 values = decoded.pop(0)
-                for member in pack.members:
-                    dtype = dtypes.FLOAT if lookup is None else lookup(member.site)
-                    yield member, scale_member(values[member.start : member.start + member.count], member.scale, dtype)
+                if isinstance(key, tuple):
+                    (member,) = pack.members
+                    yield member, values
+                else:
+                    for member in pack.members:
+                        yield member, scale_member(values[member.start : member.start + member.count], member.scale, dtype_at(member.site))
                 del values
 
 

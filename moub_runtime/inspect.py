@@ -140,13 +140,16 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
         q_bytes += sum(12 if grid else cb.size * 4 for cb, grid in zip(index.codebooks, index.grids or [None] * len(index.codebooks)))
         q_bytes += sum(tb.size for tb in index.tables)
         decoded = index.decoded_bytes + index.graph.decoded_length
+        tables_of: dict[int, set[int]] = {}
+        for s in streams:
+            tables_of.setdefault(s.codebook, set()).add(s.table)
         codebooks = [
             {
                 "entries": int(cb.size),
                 "min": float(cb.min()),
                 "max": float(cb.max()),
                 "grid": bool(index.grids and index.grids[i]),
-                "longest_code": int(index.tables[i].max()) if i < len(index.tables) else None,
+                "longest_code": max((int(index.tables[t].max()) for t in tables_of.get(i, ())), default=None),
             }
             for i, cb in enumerate(index.codebooks)
         ]

@@ -544,3 +544,20 @@ def test_onnx_model_of_the_pack_file_runs(tmp_path):
     reference = ort.InferenceSession(moub_runtime.load(path).SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], reference.run(None, {"x": x})[0])
     onnx.checker.check_model(moub_runtime.load(path))
+
+
+@pytest.mark.parametrize("field, size", [("sites", 4), ("counts", 8), ("scales", 4), ("chunk_bits", 8)])
+def test_pack_vector_longer_than_the_buffer(tmp_path, field, size):
+    # 2^32 / size + 1 elements wrap to a few bytes in 32-bit arithmetic; Python ints do not wrap.
+    data = K.build(valid())
+    packs = K.follow(data, K.model_field(data, "packs"))
+    table = K.follow(data, packs + 4)
+    vector = K.follow(data, K.field_pos(data, table, K.PACK_SLOTS[field]))
+    count = (1 << 32) // size + 1
+    expect(tmp_path, K.patch(data, vector, count.to_bytes(4, "little")), StructureError, f"Model.packs[0].{field}", "exceeds")
+
+
+def test_pack_count_beyond_the_bytes_left(tmp_path):
+    data = K.build(valid())
+    vector = K.follow(data, K.model_field(data, "packs"))
+    expect(tmp_path, K.patch(data, vector, (1 << 31).to_bytes(4, "little")), StructureError, "Model.packs", "exceeds")

@@ -315,3 +315,17 @@ def test_verify_reports_members_that_decode_to_inf(tmp_path):
 
     problems = verify_file(path)
     assert len(problems) == 1 and "pack 0 member 0 (site 1): decodes to non-finite values" in problems[0]
+
+
+def test_session_frees_pack_members_like_tensors(packed):
+    from moub_runtime.loader import ort_copies_external_initializers
+
+    _, _, _, path = packed
+    feeds = modelzoo.sample_feeds()
+    own = moub_runtime.InferenceSession(path)
+    given = moub_runtime.InferenceSession(path, sess_options=ort.SessionOptions())
+    np.testing.assert_array_equal(own.run(None, feeds)[0], given.run(None, feeds)[0])
+    assert len(given._moub_arrays) >= 4  # main-graph members went to onnxruntime as OrtValues
+    assert all(a.ctypes.data % 64 == 0 for a in given._moub_arrays)
+    if ort_copies_external_initializers():
+        assert own._moub_arrays == [] and own._moub_weights == []
