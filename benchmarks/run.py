@@ -290,6 +290,31 @@ def readme_summary(results: list[ModelResult], peers: list[str]) -> list[str]:
     return lines
 
 
+def moub_table(results: list[ModelResult]) -> list[str]:
+    """Every moub conversion of the run: what issues 3 and 5 ask the bench to report."""
+    lines = ["| model | row | setting | ratio | test fidelity | ≥99% | search-split quality | evaluations | "
+             "search s | index bits/weight | entropy | file bits/weight |",
+             "|---|---|---|---:|---:|:---:|---|---:|---:|---:|---:|---:|"]
+    count = 0
+    for res in results:
+        for r in res.rows:
+            if not r.peer.startswith("moub_"):
+                continue
+            if r.nbytes is None:
+                lines.append(f"| {res.name} | {r.peer} | – | – | – | – | – | – | – | – | – | – |")
+                continue
+            e = r.extra
+            if "the moub_paper row's file" in str(e.get("note", "")):
+                continue
+            count += 1
+            lines.append(
+                f"| {res.name} | {r.peer} | {r.setting} | {r.ratio:.2f} | {_pct(r.fidelity.value)} | "
+                f"{'yes' if r.passes else 'no'} | {e.get('search quality', '–')} | {e.get('evaluations', '–')} | "
+                f"{_num(e.get('search s'), '.1f')} | {_num(e.get('bits/weight'), '.3f')} | "
+                f"{_num(e.get('entropy'), '.3f')} | {_num(e.get('file bits/weight'), '.3f')} |")
+    return lines if count or len(lines) > 2 else []
+
+
 def plot(results: list[ModelResult], peers: list[str], path: Path) -> None:
     import matplotlib
 
@@ -422,6 +447,19 @@ def write_markdown(path: Path, results: list[ModelResult], peers: list[str], smo
     ]
     if png.is_file():
         lines += [f"![ratio against fidelity]({os.path.relpath(png, path.parent)})", ""]
+    moub = moub_table(results)
+    if moub:
+        lines += [
+            "## moub conversions",
+            "",
+            "Each conversion of the run (search on the search split, fidelity on the test split). Search s and "
+            "evaluations are the converter's own count and wall time; index bits/weight are the Huffman bits "
+            "of the coded weights, entropy the Shannon entropy of the same index streams (per Huffman table), "
+            "file bits/weight the whole file's bits over the coded weights.",
+            "",
+            *moub,
+            "",
+        ]
     for res in results:
         lines += model_table(res)
     lines += [f"## Runtime (`benchmarks/runtime.py`, {runtime_s:.0f} s)", "", *runtime, ""]
