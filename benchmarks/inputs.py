@@ -16,6 +16,7 @@ Public API (other tools use it; keep it stable):
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -98,6 +99,14 @@ def _cache_key(name: str) -> str:
     }
     if name == "digits" and DIGITS_DATA.is_file():
         settings["data_sha256"] = hashlib.sha256(DIGITS_DATA.read_bytes()).hexdigest()
+    # The preprocessing is the wheels' own code: another version may build other inputs.
+    package = {"magika": "magika", "cls": "rapidocr-onnxruntime", "rec": "rapidocr-onnxruntime",
+               "det": "rapidocr-onnxruntime"}.get(name)
+    if package:
+        try:
+            settings["package"] = f"{package}=={importlib.metadata.version(package)}"
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
