@@ -2,6 +2,8 @@
 
     python -m benchmarks.run            # every model and method -> benchmarks/RESULTS.md, results.png
     python -m benchmarks.run --smoke    # the demo model, cheap settings -> benchmarks/out/smoke/
+    python -m benchmarks.run --models rec --peers nncodec,moub_best --out /tmp/b   # a slice
+    MOUB_BENCH_BEST_MODE=adaptive python -m benchmarks.run ...   # choose the moub_best row's mode
 
 For every model: the fp32 original, then each method of peers.PEERS (a sweep stops at the first
 setting that keeps >= 99% fidelity). Every row's fidelity comes from running its decoded model in

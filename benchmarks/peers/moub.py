@@ -185,7 +185,9 @@ def run(ctx: Context, row: str = "moub_paper") -> list[Candidate]:
         same = []
         for c in _RESULTS[(ctx.model, mode)]:
             copy = Candidate(c.setting, c.file, c.nbytes, c.encode_s, c.decoded, c.fidelity, dict(c.extra))
-            copy.extra["note"] = f"--mode {mode} is the best mode the converter offers: the moub_paper row's file"
+            why = (f"set by ${C.MOUB_BEST_MODE_ENV}" if os.environ.get(C.MOUB_BEST_MODE_ENV)
+                   else "the converter offers no other mode")
+            copy.extra["note"] = f"--mode {mode} ({why}): the moub_paper row's file"
             same.append(copy)
         return same
     drops = C.MOUB_MAX_DROPS_BY_MODEL.get(ctx.model, C.MOUB_MAX_DROPS)
