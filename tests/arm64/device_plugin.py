@@ -97,6 +97,14 @@ def _host_only_module(excinfo) -> str | None:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "host_only: skipped in the emulated arm64 root")
+    # Emulation runs numpy tens of times slower than a board: hypothesis's
+    # timing checks (200 ms deadline, too_slow) would fail for that alone.
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return
+    settings.register_profile("arm64-emulated", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("arm64-emulated")
 
 
 def pytest_collection_modifyitems(config, items):
