@@ -270,7 +270,9 @@ class MoubFile:
             for stream, data in zip(streams, stored):
                 if np.frombuffer(data, dtype=np.uint8).any():
                     raise HuffmanError(f"{self.filename}: {stream.subject}: a one-symbol stream must be all zero bits")
-                results.append(np.full(stream.n_elements, symbol_value, dtype=by_symbol.dtype))
+                filled = _aligned_empty((stream.n_elements,), by_symbol.dtype)
+                filled[...] = symbol_value
+                results.append(filled)
             return results
         for stream in streams:
             self._checked(stream.data, stream.subject)

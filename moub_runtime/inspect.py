@@ -74,13 +74,14 @@ class Summary:
         return asdict(self)
 
 
-def _member_paths(moub: MoubFile) -> list[str] | None:
-    """Site ordinal -> path, from the embedded graph (None if the file has no packs or the
-    graph does not parse: inspect still shows ordinals)."""
+def _graph_sites(moub: MoubFile) -> list[tuple[str, int]] | None:
+    """Site ordinal -> (path, element type), from the embedded graph (None if the file has
+    no packs or the graph does not parse: inspect then shows ordinals and counts pack
+    elements as float32)."""
     if not moub.index.packs:
         return None
     try:
-        return [site.path for site in iter_tensor_sites(parse_graph(moub))]
+        return [(site.path, site.tensor.data_type) for site in iter_tensor_sites(parse_graph(moub))]
     except MoubFormatError:
         return None
 
@@ -111,13 +112,19 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
         table_users: dict[int, int] = {}
         for s in streams:
             table_users[s.table] = table_users.get(s.table, 0) + s.n_elements
-        paths = _member_paths(moub)
+        graph_sites = _graph_sites(moub)
+
+        def site_info(ordinal: int) -> tuple[str | None, int]:
+            if graph_sites and ordinal < len(graph_sites) and graph_sites[ordinal][1] in dtypes.STORAGE_DTYPES:
+                return graph_sites[ordinal]
+            return None, dtypes.FLOAT
+
         packs = []
         for p in index.packs:
             table_bytes = index.tables[p.table].size * p.n_elements / max(table_users[p.table], 1)
             index_bytes = 16 * len(p.sites) + 8 * len(p.chunk_bits) + table_bytes
             members = [
-                {"site": m.site, "path": paths[m.site] if paths and m.site < len(paths) else None, "elements": m.count, "scale": m.scale}
+                {"site": m.site, "path": site_info(m.site)[0], "elements": m.count, "scale": m.scale}
                 for m in p.members
             ]
             packs.append(
@@ -139,7 +146,8 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
         q_bytes = sum(s.data.length + 8 * len(s.chunk_bits) for s in streams) + sum(16 * len(p.sites) for p in index.packs)
         q_bytes += sum(12 if grid else cb.size * 4 for cb, grid in zip(index.codebooks, index.grids or [None] * len(index.codebooks)))
         q_bytes += sum(tb.size for tb in index.tables)
-        decoded = index.decoded_bytes + index.graph.decoded_length
+        decoded = sum(t.decoded_bytes for t in index.tensors) + index.graph.decoded_length
+        decoded += sum(m.count * dtypes.STORAGE_DTYPES[site_info(m.site)[1]].itemsize for p in index.packs for m in p.members)
         tables_of: dict[int, set[int]] = {}
         for s in streams:
             tables_of.setdefault(s.codebook, set()).add(s.table)

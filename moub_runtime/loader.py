@@ -24,7 +24,7 @@ from moub_format import dtypes
 from moub_format.dtypes import BFLOAT16
 
 from .payload import element_count, fill_payload, has_payload, mark_in_memory
-from .sites import TensorSite, is_main_graph_initializer, iter_tensor_sites, tensor_sites
+from .sites import TensorSite, is_main_graph_initializer, iter_tensor_sites
 
 
 def parse_graph(moub: MoubFile) -> onnx.ModelProto:
