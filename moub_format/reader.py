@@ -59,6 +59,16 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64)
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def _aligned(view: np.ndarray, alignment: int = 64) -> np.ndarray:
+    """``view`` itself when its data is ``alignment``-aligned, else an aligned copy: streams
+    after the first in a lane buffer start wherever the previous one's rows end."""
+    if view.ctypes.data % alignment == 0:
+        return view
+    copy = _aligned_empty(view.shape, view.dtype, alignment)
+    copy[...] = view
+    return copy
+
+
 def _digest(algorithm: int, data) -> bytes:
     name = C.CHECKSUMS[algorithm][0]
     return hashlib.new(name, data).digest()
@@ -284,7 +294,7 @@ class MoubFile:
         out = _aligned_empty((row, steps), by_symbol.dtype)
         if row < MIN_LANES:
             self._decode_few(streams, rows, lane_starts, lane_bits, lane_counts, first.table, by_symbol, out)
-            return [out[r : r + n_chunks].reshape(-1)[: s.n_elements] for s, (r, n_chunks) in zip(streams, rows)]
+            return [_aligned(out[r : r + n_chunks].reshape(-1)[: s.n_elements]) for s, (r, n_chunks) in zip(streams, rows)]
         data, base = self._lane_bytes(streams)
         lane_starts -= base
         entries = self._entries(first.table, first.codebook, dtype)
@@ -306,7 +316,7 @@ class MoubFile:
         bad = np.flatnonzero(consumed != lane_bits)
         if bad.size:
             self._raise_lane(streams, rows, int(bad[0]), int(consumed[bad[0]]), int(lane_bits[bad[0]]))
-        return [out[r : r + n_chunks].reshape(-1)[: s.n_elements] for s, (r, n_chunks) in zip(streams, rows)]
+        return [_aligned(out[r : r + n_chunks].reshape(-1)[: s.n_elements]) for s, (r, n_chunks) in zip(streams, rows)]
 
     def _decode_few(self, streams, rows, starts, bits, counts, table: int, by_symbol: np.ndarray, out: np.ndarray) -> None:
         """Few, long chunks (files written with big chunks): bitarray's decoder, chunk by
