@@ -38,17 +38,22 @@ class TensorAssignment:
 @dataclass(frozen=True)
 class PackAssignment:
     """Quantized sites coded as one stream (format 1.2): one codebook and table, a scale
-    per site. ``indices`` are the sites' indices concatenated in ``paths`` order (C order
-    within each); site ``paths[i]`` decodes to ``float32(codebook[idx]) * float32(scales[i])``
-    cast to its dtype (see :func:`dequantize_scaled`). ``table``: None = the shared table
-    of ``codebook``, ``writer.OWN`` = a table of this pack's indices alone, or an index
-    into the ``tables`` build option."""
+    and an integer offset per site. ``indices`` are the sites' indices concatenated in
+    ``paths`` order (C order within each); site ``paths[i]`` decodes to
+    ``float32(codebook[idx] + offsets[i]) * float32(scales[i])`` cast to its dtype (see
+    :func:`dequantize_scaled`). ``offsets``: None = all zero; non-zero offsets need a grid
+    codebook, and every level ``first + offset .. first + count - 1 + offset`` must lie
+    within (-2^24, 2^24): with levels ``q = round(x / step)``, a member centred far from
+    zero stores ``q - offset`` on the shared grid instead of stretching it. ``table``:
+    None = the shared table of ``codebook``, ``writer.OWN`` = a table of this pack's
+    indices alone, or an index into the ``tables`` build option."""
 
     paths: tuple[str, ...]
     scales: tuple[float, ...]
     indices: np.ndarray
     codebook: int
     table: int | str | None = None
+    offsets: tuple[int, ...] | None = None
 
 
 def dequantize(codebook: np.ndarray | writer.GridCodebook, indices: np.ndarray, onnx_dtype: int) -> np.ndarray:
@@ -56,11 +61,13 @@ def dequantize(codebook: np.ndarray | writer.GridCodebook, indices: np.ndarray, 
     return dtypes.cast_from_float32(writer.codebook_values(codebook)[indices], onnx_dtype)
 
 
-def dequantize_scaled(codebook: np.ndarray | writer.GridCodebook, indices: np.ndarray, scale: float, onnx_dtype: int) -> np.ndarray:
+def dequantize_scaled(
+    codebook: np.ndarray | writer.GridCodebook, indices: np.ndarray, scale: float, onnx_dtype: int, offset: int = 0
+) -> np.ndarray:
     """The exact storage values the runtime decodes for a pack member (same function, same bits)."""
     from moub_format.reader import scale_member
 
-    return scale_member(writer.codebook_values(codebook)[indices], float(np.float32(scale)), onnx_dtype)
+    return scale_member(writer.codebook_values(codebook)[indices], float(np.float32(scale)), onnx_dtype, offset)
 
 
 def _raw_codec(data: bytes) -> int:
@@ -82,7 +89,7 @@ def container_specs(
 
 def _pack_specs(stripped: onnx.ModelProto, packs: Sequence[PackAssignment]) -> list[writer.PackSpec]:
     """Packs with site paths turned into ordinals (members sorted by ordinal, their index
-    slices and scales with them); the members' payloads are cleared in ``stripped``."""
+    slices, scales and offsets with them); the members' payloads are cleared in ``stripped``."""
     ordinals: dict[str, int] = {}
     all_sites = list(iter_tensor_sites(stripped))
     for ordinal, site in enumerate(all_sites):
@@ -91,19 +98,22 @@ def _pack_specs(stripped: onnx.ModelProto, packs: Sequence[PackAssignment]) -> l
     for pack in packs:
         if not len(pack.paths) == len(pack.scales):
             raise ValueError(f"pack of {len(pack.paths)} sites has {len(pack.scales)} scales")
+        offsets = tuple(pack.offsets) if pack.offsets is not None else (0,) * len(pack.paths)
+        if len(offsets) != len(pack.paths):
+            raise ValueError(f"pack of {len(pack.paths)} sites has {len(offsets)} offsets")
         unknown = [p for p in pack.paths if p not in ordinals]
         if unknown:
             raise ValueError(f"pack member {unknown[0]!r} is not a tensor site of the model")
         indices = np.asarray(pack.indices).reshape(-1)
         members, start = [], 0
-        for path, scale in zip(pack.paths, pack.scales):
+        for path, scale, offset in zip(pack.paths, pack.scales, offsets):
             tensor = all_sites[ordinals[path]].tensor
             if tensor.data_type not in dtypes.FLOAT_DTYPES:
                 raise ValueError(f"pack member {path!r} has element type {tensor.data_type}, not a float type")
             count = 1
             for dim in tensor.dims:
                 count *= int(dim)
-            members.append((ordinals[path], count, scale, indices[start : start + count]))
+            members.append((ordinals[path], count, scale, indices[start : start + count], offset))
             start += count
         if start != indices.size:
             raise ValueError(f"pack of {list(pack.paths)[:3]}...: {indices.size} indices for {start} elements")
@@ -113,6 +123,7 @@ def _pack_specs(stripped: onnx.ModelProto, packs: Sequence[PackAssignment]) -> l
         specs.append(writer.PackSpec(
             tuple(m[0] for m in members), tuple(m[1] for m in members), tuple(m[2] for m in members),
             np.concatenate([m[3] for m in members]) if members else indices, pack.codebook, pack.table,
+            tuple(m[4] for m in members),
         ))
     return specs
 
@@ -166,7 +177,8 @@ def encode_model(
 ) -> bytes:
     """The complete .moub bytes for ``model`` with ``assignments`` quantized and ``packs``
     stored as packs. ``build_options`` go to :func:`moub_format.writer.build` (for example
-    ``graph_codec=CODEC_LZMA``, ``raw_codec=writer.SMALLEST``, ``alignment=8``, ``tables=``)."""
+    ``graph_codec=CODEC_LZMA``, ``raw_codec=writer.SMALLEST``, ``alignment=8``, ``tables=``,
+    ``chunk_elements=4096``: one chunk size for every Huffman tensor and pack)."""
     graph, specs, pack_specs = container_parts(model, assignments, packs)
     return writer.build(graph, codebooks, specs, metadata or {}, packs=pack_specs, **build_options)
 

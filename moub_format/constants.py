@@ -53,7 +53,8 @@ LZMA_MIN_DICT = 1 << 12
 LZMA_MAX_DICT = 1 << 23
 
 # Grid codebooks: values first .. first + count - 1, exact in float32.
-GRID_LIMIT = 1 << 24         # |first| and |first + count - 1| must be below this
+GRID_LIMIT = 1 << 24         # |first| and |first + count - 1| must be below this, and so must every pack
+                             # member's levels |first + offset| and |first + count - 1 + offset|
 
 CHECKSUM_SHA256 = 1
 CHECKSUMS = {CHECKSUM_SHA256: ("sha256", 32)}

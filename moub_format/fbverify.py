@@ -80,6 +80,7 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("chunk_elements", SCALAR, 4, fmt="<I"),
         Field("chunk_bits", VECTOR, 8, fmt="<u8"),
         Field("data", TABLE, table="Blob"),
+        Field("offsets", VECTOR, 8, fmt="<i8"),
     ),
     "MetadataEntry": (
         Field("key", STRING, required=True),

@@ -3,7 +3,7 @@
 :func:`parse_index` runs the structural verifier, which reads every field once
 (in range), then builds frozen dataclasses and checks the semantics: versions,
 required features, enums, caps, dims, counts, codebooks (explicit and grid),
-packs (member vectors, site order, disjoint sites, scales), cross-references
+packs (member vectors, site order, disjoint sites, scales, offsets), cross-references
 and the exact tiling of the payload section. Nothing is decoded or allocated
 per tensor before the whole index has passed. What needs the graph (pack
 members' dtypes and dims) is checked by the runtime before decoding.
@@ -81,6 +81,7 @@ class PackMember:
     count: int               # elements
     scale: float             # a float32 value (exact as a Python float)
     start: int               # first element of the member in the pack's stream
+    offset: int = 0          # added to the grid value: level = first + symbol + offset (grid codebooks only)
 
     @property
     def subject(self) -> str:
@@ -102,16 +103,22 @@ class PackInfo:
     chunk_bits: tuple[int, ...]
     data: BlobInfo
     n_elements: int
+    offsets: tuple[int, ...] = ()   # one per member as the file stores them; () when the file has none (all zero)
 
     @property
     def subject(self) -> str:
         return f"pack {self.number}"
 
     @property
+    def member_offsets(self) -> tuple[int, ...]:
+        """Each member's offset (zeros when the file stores none)."""
+        return self.offsets or (0,) * len(self.sites)
+
+    @property
     def members(self) -> tuple[PackMember, ...]:
         out, start = [], 0
-        for i, (site, count, scale) in enumerate(zip(self.sites, self.counts, self.scales)):
-            out.append(PackMember(self.number, i, site, count, scale, start))
+        for i, (site, count, scale, offset) in enumerate(zip(self.sites, self.counts, self.scales, self.member_offsets)):
+            out.append(PackMember(self.number, i, site, count, scale, start, offset))
             start += count
         return tuple(out)
 
@@ -284,8 +291,9 @@ def _references(table, where: str, index_parts: dict, filename: str) -> tuple[in
 
 
 def _pack(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimits) -> PackInfo:
-    """One Pack (format 1.2), checked on its own: member vectors, counts, scales, chunks.
-    Cross-pack rules (order, disjoint sites) and codebook/table sizes are checked by the caller."""
+    """One Pack (format 1.2), checked on its own: member vectors, counts, scales, chunks,
+    the length of offsets. Cross-pack rules (order, disjoint sites), codebook/table sizes
+    and the offsets' ranges (they need the codebook) are checked by the caller."""
     where = f"pack {i}"
     vectors = {name: table[name] for name in ("sites", "counts", "scales")}
     lengths = {name: (v.size if v is not None else 0) for name, v in vectors.items()}
@@ -298,6 +306,11 @@ def _pack(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimit
     if members == 0:
         raise StructureError(f"{filename}: {where}: a pack needs at least one member")
     _cap(members, limits.max_pack_members, f"{where}: member count", filename)
+    offsets = table["offsets"]
+    if offsets is not None and offsets.size != members:
+        raise StructureError(
+            f"{filename}: {where}: offsets must have one entry per member ({members}) or be absent, got {offsets.size}"
+        )
     sites = vectors["sites"].astype(np.int64)
     steps = np.flatnonzero(sites[1:] <= sites[:-1])
     if steps.size:
@@ -325,7 +338,7 @@ def _pack(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimit
     chunk_elements, chunk_bits = _chunks(table, elements, data, where, filename, limits)
     return PackInfo(
         i, tuple(sites.tolist()), counts, tuple(float(x) for x in scales.tolist()), codebook, table_id,
-        chunk_elements, chunk_bits, data, elements,
+        chunk_elements, chunk_bits, data, elements, tuple(offsets.tolist()) if offsets is not None else (),
     )
 
 
@@ -370,9 +383,43 @@ def _check_references(streams, codebooks: list, tables: list, grids: list, filen
             )
 
 
+def _member_magnitudes(p: PackInfo, codebooks: list, grids: list, filename: str) -> np.ndarray:
+    """Per member, the largest |level| it can decode to before its scale (float32, exact).
+
+    Offsets (format 1.2) need a grid codebook, and every member's levels
+    ``first + offset .. first + count - 1 + offset`` must lie strictly between
+    -2^24 and 2^24 (exact in float32). Checked in int64 after a bound on the offsets
+    themselves, so no sum wraps around."""
+    offsets = np.asarray(p.offsets, dtype=np.int64)
+    if not grids[p.codebook]:
+        if offsets.size:
+            raise CodebookError(
+                f"{filename}: {p.subject}: has offsets, but codebook {p.codebook} holds explicit values "
+                f"(offsets are only allowed with a grid codebook)"
+            )
+        return np.full(len(p.sites), np.abs(codebooks[p.codebook]).max(), dtype=np.float32)
+    first, count = grids[p.codebook]
+    last = first + count - 1
+    if not offsets.size:
+        return np.full(len(p.sites), max(abs(first), abs(last)), dtype=np.float32)
+    # |first|, |last| < 2^24: an offset of magnitude 2^25 or more leaves the range whatever it is.
+    far = (offsets <= -2 * C.GRID_LIMIT) | (offsets >= 2 * C.GRID_LIMIT)
+    low, high = first + np.where(far, 0, offsets), last + np.where(far, 0, offsets)
+    bad = np.flatnonzero(far | (np.abs(low) >= C.GRID_LIMIT) | (np.abs(high) >= C.GRID_LIMIT))
+    if bad.size:
+        j = int(bad[0])
+        offset = int(offsets[j])
+        raise CodebookError(
+            f"{filename}: {p.subject}: member {j} offset {offset} puts grid codebook {p.codebook}'s values "
+            f"{first}..{last} at levels {first + offset}..{last + offset}; levels must lie strictly between -2^24 and 2^24"
+        )
+    return np.maximum(np.abs(low), np.abs(high)).astype(np.float32)
+
+
 def _check_packs(packs: list[PackInfo], codebooks: list, grids: list, tensors: int, filename: str, limits: C.ReaderLimits) -> None:
-    """Packs sorted by first site, sites disjoint across packs, every scale times the
-    largest codebook magnitude finite in float32 (so no member decodes to inf)."""
+    """Packs sorted by first site, sites disjoint across packs, offsets only over grid
+    codebooks and within the grid's exact range, every scale times its member's largest
+    magnitude finite in float32 (so no member decodes to inf)."""
     members = sum(len(p.sites) for p in packs)
     _cap(tensors + members, limits.max_tensors, "stored tensor count (tensors and pack members)", filename)
     for previous, current in zip(packs, packs[1:]):
@@ -389,19 +436,15 @@ def _check_packs(packs: list[PackInfo], codebooks: list, grids: list, tensors: i
             owners = [p.number for p in packs if site in p.sites]
             raise StructureError(f"{filename}: site {site} is a member of packs {owners}: each site belongs to one pack at most")
     for p in packs:
-        if grids[p.codebook]:
-            first, count = grids[p.codebook]
-            magnitude = np.float32(max(abs(first), abs(first + count - 1)))
-        else:
-            magnitude = np.abs(codebooks[p.codebook]).max()
+        magnitudes = _member_magnitudes(p, codebooks, grids, filename)
         with np.errstate(over="ignore"):
-            products = magnitude * np.abs(np.asarray(p.scales, dtype=np.float32))
+            products = magnitudes * np.abs(np.asarray(p.scales, dtype=np.float32))
         bad = np.flatnonzero(~np.isfinite(products))
         if bad.size:
             j = int(bad[0])
             raise CodebookError(
-                f"{filename}: {p.subject}: member {j} scale {p.scales[j]} times codebook {p.codebook}'s largest "
-                f"magnitude {float(magnitude)} overflows float32"
+                f"{filename}: {p.subject}: member {j} scale {p.scales[j]} times its largest magnitude "
+                f"{float(magnitudes[j])} (codebook {p.codebook}) overflows float32"
             )
 
 

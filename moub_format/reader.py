@@ -12,9 +12,10 @@ one entry per codebook entry). Memory: the decoded window plus about 10 bytes
 per element of it; nothing is allocated from a size that was not checked first.
 
 Packs (format 1.2) are streams like tensors: their chunks are lanes too. A
-pack decodes to float32 codebook values, then each member is scaled and cast
-into an array of its own (:func:`scale_member`); a one-member pack decodes
-straight to its scaled values. zlib and xz blobs are decoded with a hard
+pack decodes to float32 codebook values, then each member is offset, scaled
+and cast into an array of its own (:func:`scale_member`); a one-member pack
+decodes straight to its final values (offset and scale folded into the
+per-symbol table). zlib and xz blobs are decoded with a hard
 output limit (and, for xz, a decoder memory limit) and must end exactly.
 """
 
@@ -39,7 +40,7 @@ from .lanes import WINDOW_SLACK, LookupTable, decode_lanes
 from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_index
 
 Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
-ValueKey = int | tuple[int, float] | None  # what a stream decodes to: an element type, (type, scale), or symbols
+ValueKey = int | tuple[int, float, int] | None  # what a stream decodes to: an element type, (type, scale, offset), or symbols
 
 
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
@@ -208,12 +209,14 @@ class MoubFile:
 
     def _by_symbol(self, codebook: int, dtype: ValueKey) -> np.ndarray:
         """Each symbol's decoded value in the storage dtype (dtype None: the symbol itself;
-        a (dtype, scale) pair: the scaled value of a one-member pack, by :func:`scale_member`,
-        so that decoding to it gives the same bits as scaling afterwards)."""
+        a (dtype, scale, offset) triple: the final value of a one-member pack, by
+        :func:`scale_member`, so that decoding to it gives the same bits as offsetting and
+        scaling afterwards)."""
         if dtype is None:
             return np.arange(self.index.codebooks[codebook].size, dtype=np.uint32)
         if isinstance(dtype, tuple):
-            return scale_member(self.index.codebooks[codebook], dtype[1], dtype[0])
+            element, scale, offset = dtype
+            return scale_member(self.index.codebooks[codebook], scale, element, offset)
         return dtypes.cast_from_float32(self.index.codebooks[codebook], dtype)
 
     def _entries(self, table: int, codebook: int, dtype: ValueKey) -> tuple:
@@ -421,7 +424,8 @@ class MoubFile:
                     yield tensor, self.decode_tensor(tensor)
 
     def decode_pack(self, pack: PackInfo) -> np.ndarray:
-        """A pack's unscaled float32 codebook values, members concatenated (flat)."""
+        """A pack's float32 codebook values, members concatenated (flat), before each
+        member's offset and scale (:func:`scale_member` applies them)."""
         return self._decode_huffman([pack], dtype_of=lambda p: dtypes.FLOAT)[0]
 
     def iter_pack_members(
@@ -432,14 +436,15 @@ class MoubFile:
         ``dtype_of`` maps a member's site ordinal to its ONNX element type (the graph's;
         the index does not record it); None: float32 for all. Each member is yielded
         flat, in its storage dtype, as its own 64-byte-aligned array:
-        ``cast_from_float32(float32(codebook[idx]) * float32(scale), dtype)``.
+        ``cast_from_float32(float32(codebook[idx] + offset) * float32(scale), dtype)``
+        (the sum is an exact integer: offsets exist only over grid codebooks).
 
         Packs are decoded whole, in windows of about ``batch_elements`` elements (a
         pack bigger than that is a window of its own), then split: memory holds the
         window's float32 values (4 bytes per element of its packs) until its last
         member is yielded, plus the member being yielded and the lane decoder's
-        working memory. A one-member pack decodes straight to its scaled values
-        (the scale folded into the per-symbol table: the same bits, no second pass).
+        working memory. A one-member pack decodes straight to its final values
+        (offset and scale folded into the per-symbol table: the same bits, no second pass).
         """
         lookup = dtype_of.get if isinstance(dtype_of, Mapping) else dtype_of
 
@@ -455,7 +460,10 @@ class MoubFile:
                 window.append(packs[i])
                 elements += packs[i].n_elements
                 i += 1
-            keys = [(dtype_at(p.sites[0]), p.scales[0]) if len(p.sites) == 1 else dtypes.FLOAT for p in window]
+            keys = [
+                (dtype_at(p.sites[0]), p.scales[0], p.member_offsets[0]) if len(p.sites) == 1 else dtypes.FLOAT
+                for p in window
+            ]
             key_of = {id(p): key for p, key in zip(window, keys)}
             decoded = self._decode_huffman(window, dtype_of=lambda p: key_of[id(p)])
             for pack, key in zip(window, keys):
@@ -465,23 +473,46 @@ class MoubFile:
                     yield member, values
                 else:
                     for member in pack.members:
-                        yield member, scale_member(values[member.start : member.start + member.count], member.scale, dtype_at(member.site))
+                        yield member, scale_member(
+                            values[member.start : member.start + member.count], member.scale, dtype_at(member.site), member.offset
+                        )
                 del values
 
 
-def scale_member(values: np.ndarray, scale: float, dtype: int) -> np.ndarray:
-    """``cast_from_float32(values * float32(scale), dtype)`` into a fresh 64-byte-aligned array.
+def _add_offset(values: np.ndarray, offset: int, out: np.ndarray | None = None) -> np.ndarray:
+    """float32(values + offset) for float32 integers ``values`` whose sums with ``offset``
+    stay below 2^24 in magnitude: exact. An offset of magnitude at most 2^24 is itself
+    exact in float32, so one float32 add gives the exact sum; a larger one (possible
+    only when grid and levels sit near opposite ends of the range) adds in float64."""
+    if abs(offset) <= C.GRID_LIMIT:
+        return np.add(values, np.float32(offset), out=out, dtype=np.float32)
+    exact = (values.astype(np.float64) + float(offset)).astype(np.float32)
+    if out is None:
+        return exact
+    out[...] = exact
+    return out
 
-    One IEEE float32 multiply per element (no fused operation, no wider
-    intermediate), so every platform gives the same bits; the converter computes
-    its quantized weights with this same function.
+
+def scale_member(values: np.ndarray, scale: float, dtype: int, offset: int = 0) -> np.ndarray:
+    """``cast_from_float32(float32(values + offset) * float32(scale), dtype)`` into a fresh
+    64-byte-aligned array: a pack member's values (FORMAT.md §4.3).
+
+    ``values`` are float32 codebook values; with a non-zero ``offset`` they are grid
+    values (integers) and every ``value + offset`` is an integer of magnitude below 2^24
+    (the reader checks), so the sum is exact. Then one IEEE float32 multiply per element
+    (no fused operation, no wider intermediate), so every platform gives the same bits;
+    the converter computes its quantized weights with this same function (levels as
+    ``values`` and offset 0 give the same bits as grid values and their offset).
     """
     storage = dtypes.STORAGE_DTYPES[dtype]
     out = _aligned_empty((values.size,), storage)
+    offset = int(offset)
     if dtype == dtypes.FLOAT:
-        np.multiply(values, np.float32(scale), out=out, dtype=np.float32)
+        levels = _add_offset(values, offset, out=out) if offset else values
+        np.multiply(levels, np.float32(scale), out=out, dtype=np.float32)
     else:
-        out[...] = dtypes.cast_from_float32(np.multiply(values, np.float32(scale), dtype=np.float32), dtype)
+        levels = _add_offset(values, offset) if offset else values
+        out[...] = dtypes.cast_from_float32(np.multiply(levels, np.float32(scale), dtype=np.float32), dtype)
     return out
 
 

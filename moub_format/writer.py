@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import operator
 import os
 import tempfile
 import zlib
@@ -43,8 +44,8 @@ SMALLEST = "smallest"  # a codec argument: the smallest of NONE, ZLIB and LZMA (
 @dataclass(frozen=True)
 class GridCodebook:
     """A codebook of the integers ``first .. first + count - 1`` as float32 (format 1.2):
-    12 bytes in the index whatever its size. Pair it with per-member scales in a pack
-    (value = integer x scale: a uniform quantizer of step ``scale``)."""
+    12 bytes in the index whatever its size. Pair it with per-member scales (and offsets)
+    in a pack (value = (integer + offset) x scale: a uniform quantizer of step ``scale``)."""
 
     first: int
     count: int
@@ -92,8 +93,10 @@ class PackSpec:
 
     ``sites``: the members' site ordinals (``moub_runtime.sites.iter_tensor_sites``
     order), strictly increasing; ``counts``: their element counts; ``scales``: one
-    per member, rounded to float32 (member value = float32(codebook value) x
-    float32(scale), cast to the site's dtype); ``indices``: the members' codebook
+    per member, rounded to float32; ``offsets``: one integer per member, added to the
+    grid value (None or all zero: none, and the file stores no offsets vector; non-zero
+    offsets need a grid codebook); member value = float32(codebook value + offset) x
+    float32(scale), cast to the site's dtype; ``indices``: the members' codebook
     indices concatenated in ``sites`` order (1-D); ``table``: None for the shared
     table of ``codebook``, OWN for a table of this pack's own indices, or an index
     into ``tables``.
@@ -105,6 +108,7 @@ class PackSpec:
     indices: np.ndarray
     codebook: int
     table: int | str | None = None
+    offsets: Sequence[int] | np.ndarray | None = None
 
 
 TensorSpec = HuffmanTensor | RawTensor
@@ -241,15 +245,37 @@ def _normalize_pack(pack: PackSpec, codebooks: Sequence[CodebookSpec]) -> PackSp
         raise ValueError(f"{subject}: scales must be finite float32 values")
     indices = np.asarray(pack.indices)
     _check_indices(subject, indices, sum(counts), pack.codebook, codebooks)
+    offsets = _normalize_offsets(subject, pack.offsets, len(sites))
     codebook = codebooks[pack.codebook]
     if isinstance(codebook, GridCodebook):
-        magnitude = np.float32(max(abs(codebook.first), abs(codebook.first + codebook.count - 1)))
+        first, last = codebook.first, codebook.first + codebook.count - 1
+        for j, offset in enumerate(offsets):
+            if abs(first + offset) >= C.GRID_LIMIT or abs(last + offset) >= C.GRID_LIMIT:
+                raise ValueError(f"{subject}: member {j} offset {offset} puts grid codebook {pack.codebook}'s values at levels "
+                                 f"{first + offset}..{last + offset}, outside (-2^24, 2^24)")
+        magnitudes = np.array([max(abs(first + o), abs(last + o)) for o in offsets or (0,) * len(sites)], dtype=np.float32)
     else:
-        magnitude = np.float32(np.abs(codebook).max())
+        if offsets:
+            raise ValueError(f"{subject}: offsets need a grid codebook; codebook {pack.codebook} holds explicit values")
+        magnitudes = np.full(len(sites), np.abs(codebook).max(), dtype=np.float32)
     with np.errstate(over="ignore"):
-        if not np.isfinite(magnitude * np.abs(scales)).all():
+        if not np.isfinite(magnitudes * np.abs(scales)).all():
             raise ValueError(f"{subject}: a scale times codebook {pack.codebook}'s largest value overflows float32")
-    return PackSpec(sites, counts, tuple(float(x) for x in scales), indices, pack.codebook, pack.table)
+    return PackSpec(sites, counts, tuple(float(x) for x in scales), indices, pack.codebook, pack.table, offsets)
+
+
+def _normalize_offsets(subject: str, offsets, members: int) -> tuple[int, ...]:
+    """Python ints, one per member; () when there are none or all are zero (canonical:
+    the file then stores no offsets vector)."""
+    if offsets is None:
+        return ()
+    try:
+        values = tuple(operator.index(o) for o in (offsets.tolist() if isinstance(offsets, np.ndarray) else offsets))
+    except TypeError:
+        raise ValueError(f"{subject}: offsets must be integers") from None
+    if len(values) != members:
+        raise ValueError(f"{subject}: {len(values)} offsets for {members} members")
+    return values if any(values) else ()
 
 
 def _resolve_tables(
@@ -452,6 +478,7 @@ def build(
             counts = builder.CreateNumpyVector(np.asarray(pack.counts, dtype="<u8"))
             scales = builder.CreateNumpyVector(np.asarray(pack.scales, dtype="<f4"))
             bits_vec = builder.CreateNumpyVector(np.asarray(bits, dtype="<u8"))
+            offsets_vec = builder.CreateNumpyVector(np.asarray(pack.offsets, dtype="<i8")) if pack.offsets else None
             data = blob(offset, item)
             codebook_id, table_id = stream_refs[id(pack)]
             FbPack.Start(builder)
@@ -463,6 +490,8 @@ def build(
             FbPack.AddChunkElements(builder, chunk_elements)
             FbPack.AddChunkBits(builder, bits_vec)
             FbPack.AddData(builder, data)
+            if offsets_vec is not None:
+                FbPack.AddOffsets(builder, offsets_vec)
             pack_offsets.append(FbPack.End(builder))
         entry_offsets = []
         for key in sorted(metadata or {}):

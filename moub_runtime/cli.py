@@ -67,7 +67,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
         for m in p.members[:MAX_MEMBERS_SHOWN]:
             name = m["path"] if m["path"] is not None else f"site {m['site']}"
-            print(f"    {name[:56]:56} {m['elements']:>10} x {m['scale']:.6g}")
+            offset = f" offset {m['offset']:+d}" if m.get("offset") else ""
+            print(f"    {name[:56]:56} {m['elements']:>10} x {m['scale']:.6g}{offset}")
         if len(p.members) > MAX_MEMBERS_SHOWN:
             print(f"    ... {len(p.members) - MAX_MEMBERS_SHOWN} more (--json lists all)")
     if summary.metadata:

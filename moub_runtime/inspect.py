@@ -33,8 +33,9 @@ class TensorSummary:
 class PackSummary:
     """One pack: its members and what it costs. ``bits_per_weight`` counts the stored
     stream; ``bits_per_weight_with_index`` adds the pack's share of the index: 16 bytes
-    per member (site, count, scale), 8 per chunk (chunk_bits), and its Huffman table
-    (whole if only this pack uses it, else shared by elements)."""
+    per member (site, count, scale; 24 with an offset), 8 per chunk (chunk_bits), and its
+    Huffman table (whole if only this pack uses it, else shared by elements). Each member
+    lists its ``scale`` and ``offset`` (level = grid value + offset)."""
 
     number: int
     members: list[dict]
@@ -122,9 +123,9 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
         packs = []
         for p in index.packs:
             table_bytes = index.tables[p.table].size * p.n_elements / max(table_users[p.table], 1)
-            index_bytes = 16 * len(p.sites) + 8 * len(p.chunk_bits) + table_bytes
+            index_bytes = (16 + 8 * bool(p.offsets)) * len(p.sites) + 8 * len(p.chunk_bits) + table_bytes
             members = [
-                {"site": m.site, "path": site_info(m.site)[0], "elements": m.count, "scale": m.scale}
+                {"site": m.site, "path": site_info(m.site)[0], "elements": m.count, "scale": m.scale, "offset": m.offset}
                 for m in p.members
             ]
             packs.append(
@@ -143,7 +144,8 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
             )
         # Stored indices, their chunk_bits entries and pack member entries in the index,
         # codebooks (4 bytes per value, 12 per grid) and code-length tables.
-        q_bytes = sum(s.data.length + 8 * len(s.chunk_bits) for s in streams) + sum(16 * len(p.sites) for p in index.packs)
+        q_bytes = sum(s.data.length + 8 * len(s.chunk_bits) for s in streams)
+        q_bytes += sum((16 + 8 * bool(p.offsets)) * len(p.sites) for p in index.packs)
         q_bytes += sum(12 if grid else cb.size * 4 for cb, grid in zip(index.codebooks, index.grids or [None] * len(index.codebooks)))
         q_bytes += sum(tb.size for tb in index.tables)
         decoded = sum(t.decoded_bytes for t in index.tensors) + index.graph.decoded_length
@@ -221,7 +223,7 @@ def verify_file(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) 
                 for member in pack.members:
                     dtype = dtype_of.get(member.site, dtypes.FLOAT) if dtype_of else dtypes.FLOAT
                     member_values = dtypes.storage_to_float32(
-                        scale_member(values[member.start : member.start + member.count], member.scale, dtype), dtype
+                        scale_member(values[member.start : member.start + member.count], member.scale, dtype, member.offset), dtype
                     )
                     if not np.isfinite(member_values).all():
                         problems.append(f"{moub.filename}: {member.subject}: decodes to non-finite values")

@@ -7,7 +7,10 @@ uniform step = std / 16, grid codebooks; tests/packing.py): big tensors (>= 1024
 elements) one pack each with its own table, the small ones one shared pack and
 table. The same quantization is also written as one Huffman Tensor per site, each
 with an explicit float32 codebook and its own table, which decodes to the same
-model. Fidelity is not the point here (std / 16 is coarse for some tensors).
+model; and with member offsets: each small tensor stores level - round(mean / step)
+on the shared grid (the same levels, so the same model; a shorter grid and shorter
+codes for the tensors far from zero). Fidelity is not the point here (std / 16 is
+coarse for some tensors).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from moub_runtime.inspect import summarize  # noqa: E402
 def rows(name: str) -> list[tuple[str, dict]]:
     model = onnx.load(test_real_models.model_file(name))
     codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
+    centred_codebooks, centred_packs = packing.adaptive_layout(model, divisor=16.0, centre=True)
     tensor_codebooks, assignments = packing.as_tensors(model, codebooks, packs)
+    best = {"graph_codec": C.CODEC_LZMA, "raw_codec": writer.SMALLEST, "alignment": 8}
     variants = {
         "1.1 style: Tensor per site, zlib graph, align 64": lambda: encode_model(model, tensor_codebooks, assignments),
         "Tensor per site, lzma graph, align 8": lambda: encode_model(
@@ -44,8 +49,10 @@ def rows(name: str) -> list[tuple[str, dict]]:
         "1.2 packs, lzma graph, align 8": lambda: encode_model(
             model, codebooks, {}, packs=packs, graph_codec=C.CODEC_LZMA, raw_codec=writer.SMALLEST, alignment=8),
         "1.2 packs, lzma, align 8, chunks 4096": lambda: encode_model(
-            model, codebooks, {}, packs=packs, graph_codec=C.CODEC_LZMA, raw_codec=writer.SMALLEST, alignment=8,
-            chunk_elements=4096),
+            model, codebooks, {}, packs=packs, **best, chunk_elements=4096),
+        "1.2 packs + offsets, lzma, align 8": lambda: encode_model(model, centred_codebooks, {}, packs=centred_packs, **best),
+        "1.2 packs + offsets, lzma, align 8, chunks 4096": lambda: encode_model(
+            model, centred_codebooks, {}, packs=centred_packs, **best, chunk_elements=4096),
     }
     out = []
     reference = None
@@ -64,6 +71,11 @@ def rows(name: str) -> list[tuple[str, dict]]:
             }))
     print(f"{name}: {len(packing.float_paths(model))} float tensors of >= 2 elements, "
           f"{sum(p.indices.size for p in packs)} weights; fp32 .onnx {model.ByteSize()} bytes")
+    if len(packs) and len(packs[-1].paths) > 1:
+        shared, centred = packs[-1], centred_packs[-1]
+        print(f"shared pack: {len(shared.paths)} small tensors, {shared.indices.size} weights; grid of "
+              f"{codebooks[shared.codebook].count} levels, {centred_codebooks[centred.codebook].count} with offsets "
+              f"({sum(1 for o in packing.offsets_of(centred) if o)} non-zero offsets)")
     return out
 
 

@@ -86,6 +86,7 @@ class Pack:
     table: int = 0
     chunk_elements: int = 0
     chunk_bits: list[int] | None = None
+    offsets: list[int] | None = None
 
 
 @dataclass
@@ -190,10 +191,11 @@ def pack_ints() -> np.ndarray:
     return np.concatenate([np.rint(weight / SCALES[0]), np.rint(bias / SCALES[1])]).astype(np.int64)
 
 
-def pack_of(ints: np.ndarray, first: int, lengths: np.ndarray, sites=(0, 1), counts=None, scales=SCALES, chunk: int = CHUNK) -> Pack:
+def pack_of(ints: np.ndarray, first: int, lengths: np.ndarray, sites=(0, 1), counts=None, scales=SCALES, chunk: int = CHUNK,
+            offsets=None) -> Pack:
     data, bits = huffman.encode_chunks(ints - first, lengths, chunk)
     counts = list(counts) if counts is not None else [N_IN * N_OUT] * len(sites)
-    return Pack(list(sites), counts, list(scales), Blob(data), 0, 0, chunk, bits)
+    return Pack(list(sites), counts, list(scales), Blob(data), 0, 0, chunk, bits, list(offsets) if offsets is not None else None)
 
 
 def valid_pack_spec() -> Spec:
@@ -216,6 +218,23 @@ def expected_pack_values() -> list[np.ndarray]:
     ints = pack_ints().astype(np.float32)
     n = N_IN * N_OUT
     return [(ints[:n] * np.float32(SCALES[0])).reshape(N_IN, N_OUT), (ints[n:] * np.float32(SCALES[1])).reshape(N_IN, N_OUT)]
+
+
+B_OFFSET = 7   # B's levels minus this on the grid: W's and B's stored integers overlap
+
+
+def valid_offset_pack_spec() -> Spec:
+    """The pack of :func:`valid_pack_spec` with an offsets vector: W at offset 0, B's levels
+    stored as level - B_OFFSET. Decodes to the same values (:func:`expected_pack_values`)."""
+    ints = pack_ints()
+    n = N_IN * N_OUT
+    stored = np.concatenate([ints[:n], ints[n:] - B_OFFSET])
+    first, count = int(stored.min()), int(stored.max() - stored.min() + 1)
+    lengths = huffman.code_lengths(np.bincount(stored - first, minlength=count), 15)
+    spec = valid_pack_spec()
+    spec.codebooks, spec.tables = [Grid(first, count)], [lengths]
+    spec.packs = [pack_of(stored, first, lengths, offsets=[0, B_OFFSET])]
+    return spec
 
 
 # ---------------------------------------------------------------- building
@@ -320,11 +339,12 @@ def build(spec: Spec) -> bytes:
         for p in spec.packs or []:
             vectors = [
                 builder.CreateNumpyVector(np.asarray(v, dtype=dt)) if v is not None else None
-                for v, dt in ((p.sites, "<u4"), (p.counts, "<u8"), (p.scales, "<f4"), (p.chunk_bits, "<u8"))
+                for v, dt in ((p.sites, "<u4"), (p.counts, "<u8"), (p.scales, "<f4"), (p.chunk_bits, "<u8"), (p.offsets, "<i8"))
             ]
             data = blob(p.data)
             FbPack.Start(builder)
-            for add, vec in zip((FbPack.AddSites, FbPack.AddCounts, FbPack.AddScales, FbPack.AddChunkBits), vectors):
+            adders = (FbPack.AddSites, FbPack.AddCounts, FbPack.AddScales, FbPack.AddChunkBits, FbPack.AddOffsets)
+            for add, vec in zip(adders, vectors):
                 if vec is not None:
                     add(builder, vec)
             FbPack.AddCodebook(builder, p.codebook)
@@ -423,7 +443,7 @@ MODEL_SLOTS = {name: i for i, name in enumerate(
      "codebooks", "tables", "tensors", "metadata", "payload_digest", "index_digest", "packs"]
 )}
 PACK_SLOTS = {name: i for i, name in enumerate(
-    ["sites", "counts", "scales", "codebook", "table", "chunk_elements", "chunk_bits", "data"]
+    ["sites", "counts", "scales", "codebook", "table", "chunk_elements", "chunk_bits", "data", "offsets"]
 )}
 TENSOR_SLOTS = {name: i for i, name in enumerate(
     ["path", "name", "dtype", "dims", "encoding", "data", "codebook", "table", "chunk_elements", "chunk_bits"]

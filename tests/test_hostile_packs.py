@@ -238,6 +238,117 @@ def test_member_sites_inside_subgraphs_and_functions_round_trip(tmp_path):
     assert numpy_helper.to_array(sites["node:1/then_branch/init:Wt"].tensor).tobytes() == expected[1].tobytes()
 
 
+# ---------------------------------------------------------------- member offsets
+
+
+def test_a_pack_with_offsets_decodes_bit_exact(tmp_path, decoder):
+    spec = K.valid_offset_pack_spec()
+    path = write(tmp_path, spec)
+    model = full_read(path)
+    weight, bias = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    expected = K.expected_pack_values()
+    assert weight.tobytes() == expected[0].tobytes() and bias.tobytes() == expected[1].tobytes()
+    assert moub_inspect.verify_file(path) == []
+    with MoubFile(path) as moub:
+        (info,) = moub.index.packs
+        assert info.offsets == (0, K.B_OFFSET) and [m.offset for m in info.members] == [0, K.B_OFFSET]
+
+
+def test_a_one_member_pack_folds_its_offset(tmp_path):
+    spec = K.valid_offset_pack_spec()
+    ints, (grid,), (lengths,) = K.pack_ints(), spec.codebooks, spec.tables
+    n = K.N_IN * K.N_OUT
+    bias = numpy_helper.to_array(K.tiny_model().graph.initializer[1])
+    spec.tensors = [K.raw_tensor(bias, "init:B", "B")]
+    spec.packs = [K.pack_of(ints[n:] - K.B_OFFSET, grid.first, lengths, sites=[0], scales=[0.125], offsets=[K.B_OFFSET])]
+    model = full_read(write(tmp_path, spec))
+    assert numpy_helper.to_array(model.graph.initializer[0]).tobytes() == K.expected_pack_values()[1].tobytes()
+
+
+@pytest.mark.parametrize("offsets", [[0], [0, 7, 0], []])
+def test_offsets_of_another_length_than_the_members(tmp_path, offsets):
+    spec = K.valid_offset_pack_spec()
+    pack(spec).offsets = offsets
+    expect(tmp_path, spec, StructureError, "pack 0", "offsets must have one entry per member (2) or be absent", f"got {len(offsets)}")
+
+
+@pytest.mark.parametrize("offset", [1 << 24, -(1 << 24), (1 << 24) - 5, (1 << 25) + 3, (1 << 63) - 1, -(1 << 63)])
+def test_offset_that_puts_levels_outside_the_exact_range(tmp_path, offset):
+    # Grid values -16..16 here: levels must stay within (-2^24, 2^24); huge offsets must not wrap around in int64.
+    spec = K.valid_offset_pack_spec()
+    pack(spec).offsets = [0, offset]
+    expect(tmp_path, spec, CodebookError, "pack 0", f"member 1 offset {offset}", "strictly between -2^24 and 2^24")
+
+
+def test_offsets_at_the_edge_of_the_range_decode_exactly(tmp_path):
+    # The grid's lowest value at level -(2^24 - 1) for W, its highest at 2^24 - 1 for B, unit scales:
+    # every level is an integer exact in float32.
+    spec = K.valid_offset_pack_spec()
+    grid = spec.codebooks[0]
+    edge = (1 << 24) - 1
+    low, high = -edge - grid.first, edge - (grid.first + grid.count - 1)
+    pack(spec).offsets = [low, high]
+    pack(spec).scales = [1.0, 1.0]
+    model = full_read(write(tmp_path, spec))
+    weight, bias = (numpy_helper.to_array(t).ravel() for t in model.graph.initializer)
+    ints = K.pack_ints()
+    n = K.N_IN * K.N_OUT
+    assert np.array_equal(weight.astype(np.int64), ints[:n] + low)
+    assert np.array_equal(bias.astype(np.int64), ints[n:] - K.B_OFFSET + high)
+    pack(spec).offsets = [low - 1, high]
+    expect(tmp_path, spec, CodebookError, f"member 0 offset {low - 1}", f"levels {-edge - 1}..")
+    pack(spec).offsets = [low, high + 1]
+    expect(tmp_path, spec, CodebookError, f"member 1 offset {high + 1}", f"..{edge + 1};")
+
+
+def test_offsets_with_an_explicit_codebook(tmp_path):
+    spec = K.valid_offset_pack_spec()
+    grid = spec.codebooks[0]
+    spec.codebooks = [np.arange(grid.first, grid.first + grid.count, dtype=np.float32)]  # the same values, explicit
+    spec.required_features = C.FEATURE_PACKS
+    expect(tmp_path, spec, CodebookError, "pack 0", "has offsets, but codebook 0 holds explicit values")
+    pack(spec).offsets = [0, 0]  # all zero is refused too: a pack over explicit values has no offsets vector
+    expect(tmp_path, spec, CodebookError, "pack 0", "only allowed with a grid codebook")
+    pack(spec).offsets = None
+    full_read(write(tmp_path, spec, "explicit.moub"))  # without offsets: valid (B then decodes 7 levels lower)
+
+
+def test_offset_that_makes_a_scale_overflow(tmp_path):
+    # 16 x 1e32 is finite; (16 + 2^23) x 1e32 is not: the member's magnitude includes its offset.
+    spec = K.valid_offset_pack_spec()
+    pack(spec).offsets = [0, 1 << 23]
+    pack(spec).scales = [0.25, 1e32]
+    expect(tmp_path, spec, CodebookError, "pack 0", "member 1 scale", "overflows float32")
+    pack(spec).offsets = [0, 0]
+    full_read(write(tmp_path, spec, "finite.moub"))
+
+
+def test_offsets_vector_longer_than_the_buffer(tmp_path):
+    data = K.build(K.valid_offset_pack_spec())
+    packs = K.follow(data, K.model_field(data, "packs"))
+    table = K.follow(data, packs + 4)
+    vector = K.follow(data, K.field_pos(data, table, K.PACK_SLOTS["offsets"]))
+    count = (1 << 32) // 8 + 1
+    expect(tmp_path, K.patch(data, vector, count.to_bytes(4, "little")), StructureError, "Model.packs[0].offsets", "exceeds")
+
+
+def test_random_bit_flips_in_a_pack_file_with_offsets_never_decode_silently(tmp_path):
+    from moub_format import MoubFormatError
+
+    data = K.build(K.valid_offset_pack_spec())
+    rng = np.random.default_rng(13)
+    path = tmp_path / "flipped.moub"
+    offsets_at = K.follow(data, K.field_pos(data, K.follow(data, K.follow(data, K.model_field(data, "packs")) + 4),
+                                            K.PACK_SLOTS["offsets"]))
+    positions = np.concatenate([rng.integers(0, len(data), 100), np.arange(offsets_at, offsets_at + 20)])
+    for position in positions.tolist():
+        corrupted = bytearray(data)
+        corrupted[position] ^= 1 << int(rng.integers(0, 8))
+        path.write_bytes(bytes(corrupted))
+        with pytest.raises(MoubFormatError):
+            moub_runtime.load(path)
+
+
 # ---------------------------------------------------------------- sizes and caps
 
 

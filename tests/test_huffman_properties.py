@@ -188,23 +188,29 @@ def test_writer_code_length_limit(used, expected):
 )
 def test_packs_round_trip_for_random_members_chunks_and_dtypes(tmp_path_factory, members, chunk, grid, seed):
     """A pack's chunks ignore member boundaries: whatever the member sizes (empty ones too),
-    chunk size, decoder (lanes or bitarray), window size and member dtypes, every member
-    decodes to cast(float32(codebook[idx]) * float32(scale)) computed here in NumPy."""
+    chunk size, decoder (lanes or bitarray), window size, member dtypes and (over a grid)
+    member offsets anywhere in the exact range, every member decodes to
+    cast(float32(codebook[idx] + offset) * float32(scale)) computed here in NumPy (the sum
+    in int64)."""
     from moub_format import dtypes, reader
     from moub_format.writer import OWN, GridCodebook, PackSpec
 
     rng = np.random.default_rng(seed)
     counts = [m[0] for m in members]
     assume(sum(counts) > 0)
+    offsets = [0] * len(members)
     if grid:
         codebook = GridCodebook(int(rng.integers(-1000, 1000)), int(rng.integers(1, 300)))
         values = codebook.values()
+        low = -(C.GRID_LIMIT - 1) - codebook.first                       # the lowest offset allowed
+        high = C.GRID_LIMIT - 1 - (codebook.first + codebook.count - 1)   # the highest
+        offsets = [int(rng.choice([0, low, high, rng.integers(low, high + 1), rng.integers(-50, 50)])) for _ in members]
     else:
         values = np.sort(rng.standard_normal(int(rng.integers(1, 300)))).astype(np.float32)
         codebook = values
     indices = rng.integers(0, values.size, sum(counts))
     sites = np.sort(rng.choice(1000, len(members), replace=False)).tolist()
-    pack = PackSpec(tuple(sites), tuple(counts), [m[2] for m in members], indices, 0, OWN)
+    pack = PackSpec(tuple(sites), tuple(counts), [m[2] for m in members], indices, 0, OWN, offsets)
     data = build(b"", [codebook], [], packs=[pack], chunk_elements=chunk)
     path = tmp_path_factory.mktemp("packprop") / "p.moub"
     path.write_bytes(data)
@@ -215,14 +221,20 @@ def test_packs_round_trip_for_random_members_chunks_and_dtypes(tmp_path_factory,
         with MoubFile(path, batch_elements=int(rng.integers(1, 3000))) as moub:
             (info,) = moub.index.packs
             assert info.sites == tuple(sites) and info.counts == tuple(counts) and len(info.chunk_bits) == -(-sum(counts) // chunk)
+            assert info.member_offsets == tuple(offsets) and info.offsets == (tuple(offsets) if any(offsets) else ())
             assert np.array_equal(moub.decode_indices(info), indices)
             got = [(m.site, a) for m, a in moub.iter_pack_members(dtype_of)]
     finally:
         reader.MIN_LANES = saved
     assert [s for s, _ in got] == sites
     start = 0
-    for (site, array), (count, dtype, scale) in zip(got, members):
-        product = values[indices[start : start + count]] * np.float32(scale)
+    for (site, array), (count, dtype, scale), offset in zip(got, members, offsets):
+        if grid:
+            levels = codebook.first + indices[start : start + count].astype(np.int64) + offset
+            assert np.abs(levels).max(initial=0) < C.GRID_LIMIT
+            product = levels.astype(np.float32) * np.float32(scale)
+        else:
+            product = values[indices[start : start + count]] * np.float32(scale)
         assert product.dtype == np.float32
         assert array.dtype == dtypes.STORAGE_DTYPES[dtype] and (array.size == 0 or array.ctypes.data % 64 == 0)
         assert array.tobytes() == dtypes.cast_from_float32(product, dtype).tobytes()

@@ -12,12 +12,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 import modelzoo
 import moub_runtime
 import packing
 from moub_converters.encode import PackAssignment, TensorAssignment, dequantize_scaled, encode_model
-from moub_format import MoubFile, build
+from moub_format import MoubFile, build, dtypes, scale_member
 from moub_format import constants as C
 from moub_format import writer
 from moub_format.writer import OWN, SMALLEST, GridCodebook, HuffmanTensor, PackSpec
@@ -120,8 +121,9 @@ def test_the_file_uses_packs_grids_and_lzma(packed):
 
 
 def test_same_input_same_bytes_whatever_the_member_order():
-    model = modelzoo.everything_model()
-    codebooks, packs = packing.uniform_packs(model, GROUPS, table=OWN)
+    model = shifted_model()
+    codebooks, packs = packing.uniform_packs(model, GROUPS, table=OWN, centre=True)
+    assert any(pack.offsets for pack in packs)
     first = _encode(model, codebooks, packs)
     shuffled = []
     for pack in reversed(packs):
@@ -129,9 +131,10 @@ def test_same_input_same_bytes_whatever_the_member_order():
         sizes = [int(np.prod(tensor_sites(model)[p].tensor.dims)) for p in pack.paths]
         starts = np.cumsum([0] + sizes)
         indices = np.concatenate([pack.indices[starts[i] : starts[i + 1]] for i in order])
+        offsets = packing.offsets_of(pack)
         shuffled.append(PackAssignment(tuple(pack.paths[i] for i in order), tuple(pack.scales[i] for i in order),
-                                       indices, pack.codebook, pack.table))
-    assert _encode(modelzoo.everything_model(), codebooks, shuffled) == first
+                                       indices, pack.codebook, pack.table, tuple(offsets[i] for i in order)))
+    assert _encode(shifted_model(), codebooks, shuffled) == first
 
 
 @pytest.mark.parametrize("alignment", [1, 8, 64, 4096])
@@ -181,6 +184,136 @@ def test_tensors_and_packs_in_one_file_with_a_shared_table(tmp_path):
     assert loaded["init:W_shared"].tensor.raw_data == explicit[ints("init:W_shared")].tobytes()
 
 
+# ---------------------------------------------------------------- member offsets
+
+SHIFTS = {"init:small_bias": 40.0, "init:W_bf16": -3.0, "node:0/value": 1.0}  # BatchNorm-like: far from zero
+
+
+def shifted_model() -> onnx.ModelProto:
+    """The everything model with a few members moved away from zero (a BatchNorm variance near
+    40, a gain near 1...), in their own dtypes."""
+    model = modelzoo.everything_model()
+    sites = tensor_sites(model)
+    for path, shift in SHIFTS.items():
+        tensor = sites[path].tensor
+        array = numpy_helper.to_array(tensor)
+        if tensor.data_type == onnx.TensorProto.BFLOAT16:
+            shifted = packing.tensor_as_float32(tensor) + np.float32(shift)
+            tensor.raw_data = dtypes.cast_from_float32(shifted.ravel(), tensor.data_type).tobytes()
+        else:
+            tensor.CopyFrom(numpy_helper.from_array((array + shift).astype(array.dtype), tensor.name))
+    return model
+
+
+@pytest.fixture(scope="module")
+def centred(tmp_path_factory):
+    model = shifted_model()
+    codebooks, packs = packing.uniform_packs(model, GROUPS, divisor=16.0, table=OWN, centre=True)
+    plain_codebooks, plain_packs = packing.uniform_packs(model, GROUPS, divisor=16.0, table=OWN)
+    folder = tmp_path_factory.mktemp("offsets")
+    path, plain = folder / "centred.moub", folder / "plain.moub"
+    path.write_bytes(_encode(model, codebooks, packs))
+    plain.write_bytes(_encode(model, plain_codebooks, plain_packs))
+    return model, codebooks, packs, path, plain
+
+
+def test_offsets_decode_bit_exact_and_like_the_uncentred_levels(centred):
+    model, codebooks, packs, path, plain = centred
+    offsets = {p: o for pack in packs for p, o in zip(pack.paths, packing.offsets_of(pack))}
+    assert offsets["init:small_bias"] > 100 and offsets["init:W_bf16"] < -10 and offsets["node:0/value"] > 50
+    loaded = tensor_sites(moub_runtime.load(path))
+    for site_path, data in packing.expected_members(model, codebooks, packs).items():
+        assert loaded[site_path].tensor.raw_data == data, site_path
+    # The same levels, stored as level - offset on a shorter grid: the same bits, a smaller file.
+    assert moub_runtime.load(path).SerializeToString() == moub_runtime.load(plain).SerializeToString()
+    with MoubFile(path) as moub, MoubFile(plain) as other:
+        assert sum(moub.index.grids[p.codebook][1] for p in moub.index.packs) < \
+            sum(other.index.grids[p.codebook][1] for p in other.index.packs) / 4
+        assert [p.offsets != () for p in moub.index.packs] == [True, True]
+        assert all(p.offsets == () for p in other.index.packs)
+    assert path.stat().st_size < plain.stat().st_size
+
+
+def test_converter_helper_gives_the_runtime_bits_with_offsets(centred):
+    model, codebooks, packs, path, _ = centred
+    decoded = dict(moub_runtime.decode_tensors(path))
+    sites = tensor_sites(model)
+    for pack in packs:
+        start = 0
+        for site_path, scale, offset in zip(pack.paths, pack.scales, packing.offsets_of(pack)):
+            tensor = sites[site_path].tensor
+            n = int(np.prod(tensor.dims))
+            mine = dequantize_scaled(codebooks[pack.codebook], pack.indices[start : start + n], scale, tensor.data_type, offset)
+            assert mine.tobytes() == decoded[site_path].tobytes()
+            # levels straight into scale_member (what converters/uniform.py does) give the same bits
+            levels = (writer.codebook_values(codebooks[pack.codebook])[pack.indices[start : start + n]].astype(np.int64) + offset)
+            assert scale_member(levels.astype(np.float32), scale, tensor.data_type).tobytes() == mine.tobytes()
+            start += n
+
+
+def test_one_member_packs_fold_their_offset(tmp_path):
+    model = shifted_model()
+    groups = [["init:small_bias"], ["node:0/value"], ["init:W_half", "init:W_bf16"]]
+    codebooks, packs = packing.uniform_packs(model, groups, table=OWN, centre=True)
+    path = tmp_path / "one.moub"
+    path.write_bytes(_encode(model, codebooks, packs))
+    loaded = tensor_sites(moub_runtime.load(path))
+    for site_path, data in packing.expected_members(model, codebooks, packs).items():
+        assert loaded[site_path].tensor.raw_data == data, site_path
+
+
+@pytest.mark.parametrize("members", [1, 2])
+@pytest.mark.parametrize("dtype", [1, 10, 11, 16])
+def test_offsets_beyond_2_24_decode_exactly(tmp_path, members, dtype):
+    # The grid near -2^24, the levels near +2^24: |offset| > 2^24 is not exact in float32 (the reader adds in float64).
+    grid = GridCodebook(-(1 << 24) + 10, 6)
+    offset = (1 << 25) - 21                        # odd, above 2^24: float32(offset) would round
+    levels = np.arange(grid.first, grid.first + 6, dtype=np.int64) + offset
+    assert levels.max() < 1 << 24 and levels.min() > (1 << 24) - 20
+    counts = (6,) * members
+    pack = PackSpec(tuple(range(members)), counts, (0.5,) * members, np.tile(np.arange(6), members), 0, OWN,
+                    (offset,) * members)
+    path = tmp_path / "far.moub"
+    path.write_bytes(build(b"", [grid], [], packs=[pack]))
+    with MoubFile(path) as moub:
+        got = [a for _, a in moub.iter_pack_members({i: dtype for i in range(members)})]
+    expected = dtypes.cast_from_float32(levels.astype(np.float32) * np.float32(0.5), dtype)
+    assert np.array_equal(levels.astype(np.float32).astype(np.int64), levels)
+    assert all(a.tobytes() == expected.tobytes() for a in got) and len(got) == members
+
+
+def test_all_zero_offsets_are_not_stored():
+    explicit = build(b"", [GridCodebook(-2, 5)], [], packs=[_grid_pack(offsets=(0, 0))])
+    assert explicit == build(b"", [GridCodebook(-2, 5)], [], packs=[_grid_pack()])
+    assert explicit == build(b"", [GridCodebook(-2, 5)], [], packs=[_grid_pack(offsets=np.zeros(2, np.int64))])
+    assert explicit != build(b"", [GridCodebook(-2, 5)], [], packs=[_grid_pack(offsets=(0, 1))])
+    # all-zero offsets with an explicit codebook are fine too: nothing is stored
+    build(b"", [np.arange(5, dtype=np.float32)], [], packs=[_grid_pack(offsets=[0, 0])])
+
+
+def test_encode_model_passes_chunk_elements_to_packs_and_tensors(tmp_path):
+    model = modelzoo.everything_model()
+    codebooks, packs = packing.uniform_packs(model, GROUPS[1:], table=OWN)
+    grid = GridCodebook(-8, 17)
+    tensor = {"init:W_shared": TensorAssignment(len(codebooks), np.zeros(1024, dtype=np.int64))}
+    for chunk, expected in ((None, 512), (4096, 4096), (100, 100)):
+        options = {} if chunk is None else {"chunk_elements": chunk}
+        path = tmp_path / f"chunks{chunk}.moub"
+        path.write_bytes(encode_model(model, [*codebooks, grid], tensor, packs=packs, **options))
+        with MoubFile(path) as moub:
+            streams = list(moub.index.packs) + [t for t in moub.index.tensors if t.encoding == C.ENCODING_HUFFMAN]
+            assert len(streams) == 2 and {s.chunk_elements for s in streams} == {expected}
+            assert [len(p.chunk_bits) for p in moub.index.packs] == [-(-p.n_elements // expected) for p in moub.index.packs]
+        assert set(dict(moub_runtime.decode_tensors(path))) >= {p for pack in packs for p in pack.paths}
+
+
+def test_the_golden_uses_offsets():
+    from pathlib import Path
+
+    with MoubFile(Path(__file__).parent / "golden" / f"everything_v{C.FORMAT_MAJOR}_{C.FORMAT_MINOR}.moub") as moub:
+        assert any(any(p.offsets) for p in moub.index.packs)
+
+
 # ---------------------------------------------------------------- writer arguments
 
 
@@ -208,14 +341,23 @@ def test_writer_builds_a_pack_without_a_graph_check():
         ({"scales": (0.5, 1e39)}, "finite"),
         ({"scales": (0.5, 2e38)}, "overflows float32"),
         ({"indices": np.arange(8)}, "index outside codebook 0"),
-        ({"codebook": 2}, "codebook 2 does not exist"),
+        ({"codebook": 3}, "codebook 3 does not exist"),
         ({"table": "mine"}, "is not an index, None or 'own'"),
         ({"table": 5}, "table 5 does not exist"),
+        ({"offsets": (0,)}, "1 offsets for 2 members"),
+        ({"offsets": (0, 1, 2)}, "3 offsets for 2 members"),
+        ({"offsets": (0, 0.5)}, "offsets must be integers"),
+        ({"offsets": (0, (1 << 24) - 2)}, "member 1 offset 16777214 puts grid codebook 0's values at levels 16777212..16777216"),
+        ({"offsets": (-(1 << 24) + 2, 0)}, "member 0 offset -16777214"),
+        ({"offsets": (0, 1 << 70)}, "outside (-2^24, 2^24)"),
+        ({"offsets": (0, 3), "codebook": 2}, "offsets need a grid codebook; codebook 2 holds explicit values"),
+        ({"offsets": (0, 1 << 23), "scales": (0.5, 1e32)}, "overflows float32"),
     ],
 )
 def test_writer_rejects_bad_packs(changes, words):
-    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        build(b"", [GridCodebook(-2, 5), GridCodebook(0, 1 << 20)], [], packs=[_grid_pack(**changes)])
+    codebooks = [GridCodebook(-2, 5), GridCodebook(0, 1 << 20), np.arange(5, dtype=np.float32)]
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("^", r"\^")):
+        build(b"", codebooks, [], packs=[_grid_pack(**changes)])
 
 
 @pytest.mark.parametrize("grid", [GridCodebook(-(1 << 24), 3), GridCodebook((1 << 24) - 1, 2), GridCodebook(0, 0)])
@@ -252,6 +394,8 @@ def test_encoder_rejects_bad_pack_assignments():
         encode_model(model, codebooks, {}, packs=[PackAssignment(("init:table",), (1.0,), np.zeros(4096, int), 0)])
     with pytest.raises(ValueError, match="1024 indices for 2048 elements"):
         encode_model(model, codebooks, {}, packs=[PackAssignment(("init:W_shared", "init:W_half"), (1.0, 1.0), pack.indices, 0)])
+    with pytest.raises(ValueError, match="pack of 1 sites has 2 offsets"):
+        encode_model(model, codebooks, {}, packs=[PackAssignment(("init:W_shared",), (1.0,), pack.indices, 0, None, (1, 2))])
 
 
 # ---------------------------------------------------------------- LZMA in the writer
@@ -295,11 +439,24 @@ def test_cli_inspect_shows_packs_and_verify_passes(packed, tmp_path):
     summary = json.loads(result.stdout)
     assert [len(p["members"]) for p in summary["packs"]] == [4, 5]
     assert {m["path"] for p in summary["packs"] for m in p["members"]} == {p for pack in packs for p in pack.paths}
+    assert all(m["offset"] == 0 for p in summary["packs"] for m in p["members"])
     assert all(p["bits_per_weight_with_index"] > p["bits_per_weight"] > 0 for p in summary["packs"])
     assert summary["index_bytes"] + summary["graph_bytes"] + summary["tensor_bytes"] + summary["pack_bytes"] + \
         summary["padding_bytes"] == summary["file_bytes"]
     text = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
     assert "pack 1: 5 members" in text.stdout and "node:13/body/init:W_loop" in text.stdout
+    verify = subprocess.run(moub + ["verify", str(path)], capture_output=True, text=True)
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr
+
+
+def test_cli_inspect_shows_offsets(centred):
+    _, _, packs, path, _ = centred
+    moub = [sys.executable, "-m", "moub_runtime.cli"]
+    summary = json.loads(subprocess.run(moub + ["inspect", str(path), "--json"], capture_output=True, text=True).stdout)
+    offsets = {m["path"]: m["offset"] for p in summary["packs"] for m in p["members"]}
+    assert offsets == {p: o for pack in packs for p, o in zip(pack.paths, packing.offsets_of(pack))}
+    text = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True).stdout
+    assert f"offset +{offsets['init:small_bias']}" in text and f"offset {offsets['init:W_bf16']}" in text
     verify = subprocess.run(moub + ["verify", str(path)], capture_output=True, text=True)
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr
 

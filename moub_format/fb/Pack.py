@@ -8,7 +8,7 @@ np = import_numpy()
 
 # Since 1.2 (required feature bit 0): several tensors coded as one symbol
 # stream with one codebook and one Huffman table. Member i decodes to
-# float32(codebook value) * float32(scales[i]), cast to its site's dtype.
+# float32(codebook value + offsets[i]) * float32(scales[i]), cast to its site's dtype.
 class Pack(object):
     __slots__ = ['_tab']
 
@@ -171,8 +171,35 @@ class Pack(object):
             return obj
         return None
 
+    # Pack
+    def Offsets(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 8))
+        return 0
+
+    # Pack
+    def OffsetsAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Int64Flags, o)
+        return 0
+
+    # Pack
+    def OffsetsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Pack
+    def OffsetsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        return o == 0
+
 def PackStart(builder):
-    builder.StartObject(8)
+    builder.StartObject(9)
 
 def Start(builder):
     PackStart(builder)
@@ -248,6 +275,18 @@ def PackAddData(builder, data):
 
 def AddData(builder, data):
     PackAddData(builder, data)
+
+def PackAddOffsets(builder, offsets):
+    builder.PrependUOffsetTRelativeSlot(8, flatbuffers.number_types.UOffsetTFlags.py_type(offsets), 0)
+
+def AddOffsets(builder, offsets):
+    PackAddOffsets(builder, offsets)
+
+def PackStartOffsetsVector(builder, numElems):
+    return builder.StartVector(8, numElems, 8)
+
+def StartOffsetsVector(builder, numElems):
+    return PackStartOffsetsVector(builder, numElems)
 
 def PackEnd(builder):
     return builder.EndObject()

@@ -3,7 +3,8 @@
 Run: .venv/bin/python tests/golden/make_golden.py
 
 The 1.2 golden uses everything 1.2 added: a pack over a grid codebook with its
-own table holding fp16/bf16/fp64 members and a tiny vector, a pack over an
+own table holding fp16/bf16/fp64 members and a tiny vector, each member offset
+by round(mean / step) (the tiny vector's offset is non-zero), a pack over an
 explicit codebook with per-member scales whose members live in a Constant node,
 If and Loop subgraphs and a function, a plain Huffman tensor, an LZMA graph, an
 LZMA raw tensor and alignment 8. ``test_golden`` rebuilds it byte for byte.
@@ -40,7 +41,8 @@ def golden_inputs():
     codebook, assignments = modelzoo.equal_width_assignments(model, k=40)
     assignments = {"init:W_shared": assignments["init:W_shared"]}
     normalised = np.linspace(-3.0, 3.0, 25, dtype=np.float32)
-    grids, (grid_pack,) = packing.uniform_packs(model, [GRID_MEMBERS], divisor=8.0, table=writer.OWN, first_codebook=2)
+    grids, (grid_pack,) = packing.uniform_packs(
+        model, [GRID_MEMBERS], divisor=8.0, table=writer.OWN, first_codebook=2, centre=True)
     packs = [grid_pack, packing.codebook_pack(model, CODEBOOK_MEMBERS, normalised, 1)]
     options = {"chunk_elements": 300, "graph_codec": C.CODEC_LZMA, "raw_codec": C.CODEC_LZMA, "alignment": 8}
     return model, [codebook, normalised, *grids], assignments, packs, options
