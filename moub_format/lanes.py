@@ -3,19 +3,28 @@
 Every chunk of an index stream decodes on its own (FORMAT.md §4.2), so a batch
 of chunks is decoded in lock step: lane *i* is chunk *i*, and each NumPy call
 advances all lanes by one symbol. The per-call overhead of NumPy is paid once
-per step instead of once per symbol, which is what makes a pure-NumPy decoder
-fast (tens of millions of symbols per second on one core).
+per step instead of once per symbol, and the more lanes a call carries the
+smaller its share: a caller decodes thousands of lanes per call where memory
+allows (tens to hundreds of millions of symbols per second on one core).
 
-One step, for all lanes at once:
+The stream words, lane-interleaved: ``W[r, lane]`` is the r-th 64-bit word
+(big-endian bit order, as a native integer) from the lane's first byte rounded
+down to 8, so that at every step the lanes read neighbouring memory (gathers
+from the stream itself would touch a page per lane). ``W`` is about as big as
+the lanes' stream bytes.
 
-* ``w``: the 64 stream bits starting at the lane's 16-bit word (a gather from
-  ``W``, a lane-interleaved copy of the stream: row r holds word r of every
-  lane, so the lanes touch neighbouring memory at every step);
-* ``v = (w << off) >> (64 - L)``: the next ``L`` bits, L = the table's longest
-  code; one 64-bit window serves ``k = 49 // L`` symbols before the next gather;
-* ``len_table[v]`` and ``value_table[v]``: a lookup table of ``2**L`` entries
-  built from the canonical code; the value is written, the length is added to
-  the lane's bit offset.
+A refill, for all lanes at once: the 64 stream bits at the lane's bit position,
+``w = (W[r] << off) | (W[r + 1] >> (64 - off))`` (two gathers); then up to
+``k = 64 // L`` symbols (L = the table's longest code), each:
+
+* ``v = w >> (64 - L)``: the next ``L`` bits;
+* ``entry = table[v]``: a lookup table of ``2**L`` entries built from the
+  canonical code, the symbol's value in the high 32 bits, the length of its
+  code in the low bits; the entry is stored in a block of steps, whose value
+  halves go to ``out`` in one transposing copy per block;
+* ``w <<= length``, ``off += length``.
+
+After the k symbols, ``off``'s whole words move the lane's row forward.
 
 Exactness: a table with a Kraft sum of exactly 1 has no invalid ``L``-bit
 pattern and every code is at least one bit, so after exactly ``count`` steps a
@@ -24,24 +33,64 @@ with the declared ``chunk_bits``: equal means the chunk holds exactly ``count``
 symbols and nothing else (a code that straddles the end, or one more symbol,
 makes them differ). Lanes keep stepping after their own count (the last chunk
 of a tensor is short); their extra output lands in the unused tail of their
-row, and their bit position was recorded at their own count. Gathers clip
-their indices, so a corrupt lane that runs past its data reads garbage that
+row, and their bit position was recorded at their own count. ``W`` holds every
+word a valid lane reads (and zeros past the end of ``data``); gathers clip
+their indices, so a corrupt lane that runs past its words reads garbage that
 the final comparison rejects, never memory outside the arrays. Every loop is
 bounded by the declared element counts.
 """
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from .huffman import canonical_tables
 
-WORD_BITS = 16            # the window array has one 64-bit window per 16-bit word
-WORD_SHIFT = 4
-WINDOW_SLACK = 8          # zero bytes a caller appends after the last lane's data
-BLOCK_STEPS = 128         # steps decoded into a small buffer before one transposing copy
-LANES_PER_BUILD = 256     # lanes of the window array built per block
-MAX_SYMBOLS_PER_WINDOW = 6
+WINDOW_SLACK = 8          # zero bytes a caller appends after the last lane's data (not needed: kept for callers)
+BLOCK_STEPS = 128         # steps decoded into a block before one transposing copy to ``out`` (fewer when lanes are many)
+BLOCK_BYTES = 1 << 22     # at most this much block memory
+LANES_PER_BUILD = 256     # lanes of the word array built per copy
+LENGTH_MASK = np.uint64(0xFF)
+PAGE_BACKED_BYTES = 1 << 20   # arrays at least this big are anonymous mappings of their own
+
+
+def empty_pages(shape: tuple[int, ...] | int, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array; a big one (PAGE_BACKED_BYTES or more) in a
+    private anonymous mapping of its own, page-aligned, advised for transparent huge
+    pages where the system has them (like NumPy's own big allocations: far fewer page
+    faults), whose memory goes back to the system as soon as the array and its views
+    are gone, whatever the C allocator would keep."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dtype = np.dtype(dtype)
+    nbytes = dtype.itemsize
+    for dim in shape:
+        nbytes *= dim
+    if nbytes < PAGE_BACKED_BYTES or not _PRIVATE_MAPPINGS:
+        return np.empty(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if _HUGE_PAGES:
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return np.frombuffer(mapping, dtype=dtype).reshape(shape)
+
+
+_PRIVATE_MAPPINGS = hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")
+_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def _shifts_saturate() -> bool:
+    """Whether this NumPy gives 0 for uint64 shifts by 64 (the refill relies on it for
+    lanes at a word boundary, else it takes one more shift), in its vector loops and tails."""
+    ones = np.full(67, (1 << 64) - 1, dtype=np.uint64)
+    sixty_four = np.full(67, 64, dtype=np.uint64)
+    return not np.right_shift(ones, sixty_four).any() and not np.left_shift(ones, sixty_four).any()
+
+
+SHIFTS_SATURATE = _shifts_saturate()
 
 
 class LookupTable:
@@ -67,7 +116,7 @@ class LookupTable:
         # their L-bit ranges tile [0, 2**L) in that order.
         self.lengths = np.repeat(sorted_lengths.astype(np.uint64), spans)
         self.symbols = np.repeat(sorted_symbols.astype(np.uint64), spans)
-        self.symbols_per_window = max(1, min(MAX_SYMBOLS_PER_WINDOW, (64 - (WORD_BITS - 1)) // self.max_length))
+        self.symbols_per_refill = 64 // self.max_length  # a refill brings 64 bits
 
     def entries(self, by_symbol: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The packed table for decoding to ``by_symbol[symbol]``.
@@ -85,30 +134,46 @@ class LookupTable:
         return (self.symbols << np.uint64(32)) | self.lengths, by_symbol
 
 
-def _windows(data: np.ndarray, word_base: np.ndarray, rows: int) -> np.ndarray:
-    """W[r, lane] = the 64 bits (big-endian) starting at 16-bit word ``word_base[lane] + r``, flat.
 
-    ``data`` must end with at least WINDOW_SLACK bytes the lanes do not own,
-    so that every window a valid lane needs lies inside it; windows past the
-    end of ``data`` read as zero. Built LANES_PER_BUILD lanes at a time: the
-    native windows of their byte range, each lane's rows gathered from a
-    sliding-window view (one contiguous copy per lane, in C), then one
-    transposing copy into W. Besides W (4 bytes per stream byte), memory holds
-    about 3 x one block's stream.
+
+def _word_rows(data: np.ndarray, starts: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W, first_bit): ``W[r, lane]`` = the 64 bits (big-endian) of ``data`` from byte
+    ``8 * (starts[lane] // 8 + r)``, as a native integer (zero past the end of ``data``),
+    for every row a lane with ``bits[lane]`` bits from ``starts[lane]`` reads;
+    ``first_bit[lane]`` = its first bit within row 0.
+
+    Built LANES_PER_BUILD lanes at a time: each lane's words copied from a sliding-
+    window view of the stream (one contiguous copy per lane, in C), then one
+    transposing, byte-swapping copy into W. Memory: W (about the lanes' stream bytes)
+    plus one block's words.
     """
-    n_lanes = word_base.size
-    n_words = (data.size - 8) // 2 + 1
-    W = np.empty((rows, n_lanes), dtype=np.uint64)
-    for a in range(0, n_lanes, LANES_PER_BUILD):
-        b = min(n_lanes, a + LANES_PER_BUILD)
-        bases = word_base[a:b]
-        first = int(bases.min())
-        last = min(n_words, int(bases.max()) + rows)
-        words = np.zeros(last - first + rows, dtype=np.uint64)
-        words[: last - first] = np.ndarray((last - first,), dtype=">u8", buffer=data, offset=2 * first, strides=(2,))
+    n_lanes = starts.size
+    base = starts >> 3
+    first_bit = (starts & 7) * 8
+    # A valid lane's last refill starts before first_bit + bits and reads that word and the next.
+    rows = int(((first_bit + bits + 63) >> 6).max()) + 1
+    W = empty_pages((rows, n_lanes), np.uint64)
+    n_words = data.size // 8
+    words = np.ndarray((n_words,), dtype=">u8", buffer=data)
+    inside = base + rows <= n_words
+    near_end = np.flatnonzero(~inside)
+    if near_end.size:  # lanes whose rows run past the data: from a zero-padded copy of its end
+        tail_word = int(base[near_end].min())
+        tail_bytes = data[8 * tail_word :]
+        padded = np.zeros(int(base[near_end].max()) - tail_word + rows, dtype=">u8")
+        padded.view(np.uint8)[: tail_bytes.size] = tail_bytes
+        tail_windows = np.lib.stride_tricks.sliding_window_view(padded, rows)
+        W[:, near_end] = tail_windows[base[near_end] - tail_word].T
+    if n_words >= rows:
         windows = np.lib.stride_tricks.sliding_window_view(words, rows)
-        W[:, a:b] = windows[bases - first].T
-    return W.reshape(-1)
+        lanes = np.flatnonzero(inside)
+        for a in range(0, lanes.size, LANES_PER_BUILD):
+            block = lanes[a : a + LANES_PER_BUILD]
+            if block[-1] - block[0] == block.size - 1:  # consecutive lanes: a plain slice of W
+                W[:, block[0] : block[-1] + 1] = windows[base[block]].T
+            else:
+                W[:, block] = windows[base[block]].T
+    return W, first_bit
 
 
 def decode_lanes(
@@ -123,14 +188,15 @@ def decode_lanes(
 ) -> np.ndarray:
     """Decode ``len(starts)`` chunks in lock step; return the bits each consumed.
 
-    ``data``: uint8 stream bytes with WINDOW_SLACK bytes after the last lane's
-    data. Lane i starts at byte ``starts[i]``, declares ``bits[i]`` bits and
-    ``counts[i]`` symbols (1 <= counts[i] <= out.shape[1]). ``out`` is a
-    C-contiguous (lanes, steps) array of ``by_symbol``'s dtype; row i receives
-    ``by_symbol[symbol]`` for lane i's symbols in its first ``counts[i]``
+    ``data``: uint8 stream bytes. Lane i starts at byte ``starts[i]``, declares
+    ``bits[i]`` bits and ``counts[i]`` symbols (1 <= counts[i] <= out.shape[1]).
+    ``out`` is a C-contiguous (lanes, steps) array of ``by_symbol``'s dtype; row i
+    receives ``by_symbol[symbol]`` for lane i's symbols in its first ``counts[i]``
     entries (the rest is scratch). The result holds, per lane, the bits its
     ``counts[i]`` codes took; the caller compares it with ``bits``.
     ``entries``: ``table.entries(by_symbol)``, when the caller caches it.
+    Memory besides ``out``: about the lanes' stream bytes, plus 8 * BLOCK_STEPS
+    bytes and a few dozen bytes per lane.
     """
     n_lanes, steps = out.shape
     starts = np.asarray(starts, dtype=np.int64)
@@ -140,32 +206,39 @@ def decode_lanes(
     if n_lanes == 0 or steps == 0:
         return consumed
     packed, wide = entries if entries is not None else table.entries(by_symbol)
+    W, first_bit = _word_rows(data, starts, bits)
+    flat_words = W.reshape(-1)
+    take_word = flat_words.take
+    take_next_word = flat_words[n_lanes:].take   # the word one row further
     take_entry = packed.take
-    word_base = starts >> 1
-    first_bit = (starts & 1) * 8
-    rows = int(((first_bit + bits + WORD_BITS - 1) >> WORD_SHIFT).max()) + 1
-    W = _windows(data, word_base, rows)
-    take_window = W.take
 
-    # A lane's bit position is 16 * (flat // n_lanes) + offset, flat = row * n_lanes + lane.
-    flat = np.arange(n_lanes, dtype=np.int64)
+    # A lane's bit position is 64 * (flat // n_lanes) + off, flat = row * n_lanes + lane.
+    lane_ids = np.arange(n_lanes, dtype=np.int64)
+    flat = lane_ids.copy()
     flat_bits = flat.view(np.uint64)             # the same (non-negative) values, for same-type adds
-    offset = first_bit.astype(np.uint64)
+    off = first_bit.astype(np.uint64)
     window = np.empty(n_lanes, dtype=np.uint64)
+    low = np.empty(n_lanes, dtype=np.uint64)
+    shift = np.empty(n_lanes, dtype=np.uint64)
     pattern = np.empty(n_lanes, dtype=np.uint64)
     pattern_index = pattern.view(np.int64)       # < 2**L: the same bits as an index
-    advance = np.empty(n_lanes, dtype=np.uint64)
+    length = np.empty(n_lanes, dtype=np.uint64)
     stride = np.uint64(n_lanes)
     drop = np.uint64(64 - table.max_length)
-    k = table.symbols_per_window
-    block_steps = min(BLOCK_STEPS, steps)
-    block = np.empty((block_steps, n_lanes), dtype=np.uint64)
-    halves = block.view(np.uint32)               # (steps, 2 * lanes): [length, value] pairs
+    word_bits = np.uint64(64)
+    word_mask = np.uint64(63)
+    one = np.uint64(1)
+    k = table.symbols_per_refill
+    block_steps = max(1, min(BLOCK_STEPS, steps, BLOCK_BYTES // (8 * n_lanes)))
+    block = empty_pages((block_steps, n_lanes), np.uint64)
     itemsize = out.dtype.itemsize
     if wide is None:
         values = block.view(out.dtype)[:, 8 // itemsize // 2 :: 8 // itemsize]  # the high half's low bytes
     else:
-        values = halves[:, 1::2]                 # symbols, mapped through ``wide`` at each flush
+        values = block.view(np.uint32)[:, 1::2]  # symbols, mapped through ``wide`` at each flush
+
+    def position(lanes: np.ndarray) -> np.ndarray:
+        return ((flat[lanes] - lanes) // n_lanes) * 64 + off[lanes].astype(np.int64) - first_bit[lanes]
 
     # Lanes whose count ends before the last step: record their position there.
     finish: dict[int, np.ndarray] = {}
@@ -174,31 +247,45 @@ def decode_lanes(
         finish[int(c)] = short[counts[short] == c]
 
     rows_of_block = [block[i] for i in range(block_steps)]
-    lengths_of_block = [halves[i, 0::2] for i in range(block_steps)]
     step = 0
     while step < steps:
         block_start = step
         block_end = min(steps, step + block_steps)
         while step < block_end:
-            take_window(flat, None, window, "clip")
+            # refill: the 64 bits at each lane's position
+            take_word(flat, None, window, "clip")
+            take_next_word(flat, None, low, "clip")
+            np.left_shift(window, off, out=window)
+            if SHIFTS_SATURATE:
+                np.subtract(word_bits, off, out=shift)    # 64 at a word boundary: no bits from ``low``
+                np.right_shift(low, shift, out=low)
+            else:
+                np.subtract(word_mask, off, out=shift)
+                np.right_shift(low, one, out=low)
+                np.right_shift(low, shift, out=low)
+            np.bitwise_or(window, low, out=window)
             for _ in range(min(k, block_end - step)):
-                np.left_shift(window, offset, out=pattern)
-                np.right_shift(pattern, drop, out=pattern)
-                take_entry(pattern_index, None, rows_of_block[step - block_start], "clip")
-                np.add(offset, lengths_of_block[step - block_start], out=offset)
+                row = rows_of_block[step - block_start]
+                np.right_shift(window, drop, out=pattern)
+                take_entry(pattern_index, None, row, "clip")
+                np.bitwise_and(row, LENGTH_MASK, out=length)
+                np.left_shift(window, length, out=window)
+                np.add(off, length, out=off)
                 step += 1
                 done = finish.get(step)
                 if done is not None:
-                    consumed[done] = ((flat[done] - done) // n_lanes) * WORD_BITS + offset[done].astype(np.int64) - first_bit[done]
-            np.right_shift(offset, WORD_SHIFT, out=advance)
-            np.bitwise_and(offset, WORD_BITS - 1, out=offset)
-            np.multiply(advance, stride, out=advance)
-            np.add(flat_bits, advance, out=flat_bits)
+                    consumed[done] = position(done)
+            # whole words consumed move the lane one row on (at most 64 bits per refill)
+            np.right_shift(off, np.uint64(6), out=shift)
+            np.bitwise_and(off, word_mask, out=off)
+            np.multiply(shift, stride, out=shift)
+            np.add(flat_bits, shift, out=flat_bits)
         filled = block_end - block_start
         if wide is None:
             out[:, block_start:block_end] = values[:filled].T
         else:
             out[:, block_start:block_end] = wide.take(values[:filled].T)
-    full = counts >= steps
-    consumed[full] = ((flat[full] - np.flatnonzero(full)) // n_lanes) * WORD_BITS + offset[full].astype(np.int64) - first_bit[full]
+    full = np.flatnonzero(counts >= steps)
+    if full.size:
+        consumed[full] = position(full)
     return consumed

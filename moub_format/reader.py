@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import math
 import mmap
 import os
 import zlib
@@ -36,7 +37,7 @@ from . import constants as C
 from . import dtypes
 from .errors import ChecksumError, HuffmanError, LayoutError, LimitError, StructureError, TruncatedFileError
 from .huffman import CanonicalDecoder
-from .lanes import WINDOW_SLACK, LookupTable, decode_lanes
+from .lanes import PAGE_BACKED_BYTES, WINDOW_SLACK, LookupTable, decode_lanes, empty_pages
 from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_index
 
 Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
@@ -46,15 +47,20 @@ ValueKey = int | tuple[int, float, int] | None  # what a stream decodes to: an e
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
 MIN_LANES_PER_WORKER = 256       # below this a thread's NumPy calls are all overhead
 MIN_LANES = 128                  # fewer chunks than this decode faster one by one (bitarray)
+DECODER_SCRATCH_BYTES = 1 << 25  # stream words the lane decoder holds per call (all its lanes), at most
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on an ``alignment`` boundary
-    (the decoded tensors are views of it and go to onnxruntime as they are)."""
+    (the decoded tensors are views of it and go to onnxruntime as they are). Big ones
+    are page-aligned mappings of their own (:func:`.lanes.empty_pages`): freed, their
+    memory goes back to the system at once."""
     dtype = np.dtype(dtype)
     nbytes = dtype.itemsize
     for dim in shape:
         nbytes *= dim
+    if nbytes >= PAGE_BACKED_BYTES:
+        return empty_pages(shape, dtype)
     raw = np.empty(nbytes + alignment, dtype=np.uint8)
     start = -raw.ctypes.data % alignment
     return raw[start : start + nbytes].view(dtype).reshape(shape)
@@ -287,13 +293,18 @@ class MoubFile:
                 filled[...] = symbol_value
                 results.append(filled)
             return results
-        for stream in streams:
-            self._checked(stream.data, stream.subject)
+        self._check_streams(streams)
         lane_starts, lane_bits, lane_counts, rows = self._group_lanes(streams, lookup.max_length)
         row = lane_bits.size
         # Rows as long as the longest chunk (not chunk_elements: one-element tensors
-        # declaring 2**24-element chunks must not allocate 2**24 slots each).
+        # declaring 2**24-element chunks must not allocate 2**24 slots each). When every
+        # stream is one chunk, rows are rounded up to whole 64-byte lines so that every
+        # stream starts 64-byte aligned (else a stream of several chunks needs rows of
+        # exactly chunk_elements to be contiguous, and a misaligned one is copied).
         steps = int(lane_counts.max())
+        if len(streams) > 1 and all(n_chunks == 1 for _, n_chunks in rows):
+            line = 64 // math.gcd(64, by_symbol.dtype.itemsize)
+            steps = -(-steps // line) * line
         out = _aligned_empty((row, steps), by_symbol.dtype)
         if row < MIN_LANES:
             self._decode_few(streams, rows, lane_starts, lane_bits, lane_counts, first.table, by_symbol, out)
@@ -301,9 +312,14 @@ class MoubFile:
         data, base = self._lane_bytes(streams)
         lane_starts -= base
         entries = self._entries(first.table, first.codebook, dtype)
-        per_call = max(1, self.batch_elements // steps)
-        if self.decode_workers > 1:
-            per_call = max(MIN_LANES_PER_WORKER, min(per_call, -(-row // self.decode_workers)))
+        # Lanes per call: as many as the window and DECODER_SCRATCH_BYTES (the decoder's
+        # stream words, for all threads together) allow, since NumPy's per-call overhead
+        # shrinks with every lane added; shared out evenly between the threads.
+        workers = self.decode_workers
+        rows_per_lane = int(((lane_starts & 7) * 8 + lane_bits).max()) // 64 + 2
+        cap = max(1, min(self.batch_elements // steps, DECODER_SCRATCH_BYTES // (8 * rows_per_lane * workers)))
+        per_call = min(cap, max(MIN_LANES_PER_WORKER, -(-row // workers))) if workers > 1 else cap
+        per_call = -(-row // -(-row // per_call))  # equal spans
         spans = [(a, min(row, a + per_call)) for a in range(0, row, per_call)]
 
         def run(span: tuple[int, int]) -> np.ndarray:
@@ -320,6 +336,18 @@ class MoubFile:
         if bad.size:
             self._raise_lane(streams, rows, int(bad[0]), int(consumed[bad[0]]), int(lane_bits[bad[0]]))
         return [_aligned(out[r : r + n_chunks].reshape(-1)[: s.n_elements]) for s, (r, n_chunks) in zip(streams, rows)]
+
+    def _check_streams(self, streams: list[Stream]) -> None:
+        """Checksums of the streams' stored bytes, before any of them is decoded; on
+        ``decode_workers`` threads when there are several big ones (hashlib releases
+        the GIL). The first mismatch in stream order is the one reported."""
+        if self.decode_workers > 1 and len(streams) > 1 and sum(s.data.length for s in streams) >= 1 << 20:
+            with ThreadPoolExecutor(self.decode_workers) as pool:
+                for _ in pool.map(lambda s: self._checked(s.data, s.subject), streams):
+                    pass
+            return
+        for stream in streams:
+            self._checked(stream.data, stream.subject)
 
     def _decode_few(self, streams, rows, starts, bits, counts, table: int, by_symbol: np.ndarray, out: np.ndarray) -> None:
         """Few, long chunks (files written with big chunks): bitarray's decoder, chunk by
@@ -365,7 +393,11 @@ class MoubFile:
 
     def _decode_huffman(self, streams: list[Stream], dtype_of: Callable[[Stream], ValueKey]) -> list[np.ndarray]:
         """Decode Huffman streams (flat arrays, in the order given), grouped so each
-        group shares one lane decode."""
+        group shares one lane decode. Streams whose longest chunks differ by more than
+        2x decode in different groups: every lane steps as often as the group's longest
+        chunk is long, and the output buffer has rows that long, so a file mixing
+        one-element tensors with 2**24-element chunks must not give each of them a row
+        of 2**24 elements (the buffer stays within 2x the decoded size)."""
         groups: dict[tuple, list[int]] = {}
         results: list[np.ndarray | None] = [None] * len(streams)
         for i, stream in enumerate(streams):
@@ -374,7 +406,9 @@ class MoubFile:
                 element = dtype[0] if isinstance(dtype, tuple) else dtype
                 results[i] = np.zeros(0, dtype=np.uint32 if element is None else dtypes.STORAGE_DTYPES[element])
                 continue
-            groups.setdefault((stream.table, stream.codebook, dtype, stream.chunk_elements), []).append(i)
+            longest_chunk = min(stream.n_elements, stream.chunk_elements)
+            key = (stream.table, stream.codebook, dtype, stream.chunk_elements, longest_chunk.bit_length())
+            groups.setdefault(key, []).append(i)
         for key, positions in groups.items():
             for i, array in zip(positions, self._decode_group([streams[i] for i in positions], key[2])):
                 results[i] = array

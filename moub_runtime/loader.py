@@ -11,7 +11,9 @@ refused: a .moub is self-contained.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +22,11 @@ import onnx
 import onnxruntime
 
 from moub_format import DEFAULT_LIMITS, GraphError, LimitError, MoubFile, ReaderLimits
+from moub_format.reader import DECODE_BATCH_ELEMENTS
 from moub_format import dtypes
 from moub_format.dtypes import BFLOAT16
 
-from .payload import element_count, fill_payload, has_payload, mark_in_memory
+from .payload import clear_payload, element_count, fill_payload, has_payload, mark_in_memory
 from .sites import TensorSite, is_main_graph_initializer, iter_tensor_sites
 
 
@@ -145,15 +148,22 @@ def consumed_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _open(
-    path: str | os.PathLike, limits: ReaderLimits, decode_workers: int | None = 1
+    path: str | os.PathLike, limits: ReaderLimits, decode_workers: int | None = 1, batch_elements: int = DECODE_BATCH_ELEMENTS
 ) -> tuple[MoubFile, onnx.ModelProto, dict[str, TensorSite], dict[int, TensorSite]]:
-    moub = MoubFile(path, limits, decode_workers=decode_workers)
+    moub = MoubFile(path, limits, batch_elements=batch_elements, decode_workers=decode_workers)
     try:
         model = parse_graph(moub)
         return (moub, model, *_match(moub, model))
     except BaseException:
         moub.close()
         raise
+
+
+# Elements decoded together when every decoded array is kept anyway (InferenceSession):
+# the lane decoder's speed grows with the lanes (chunks) per NumPy call, and its scratch
+# is about the compressed bytes of a window (at most DECODER_SCRATCH_BYTES), so windows
+# are much bigger than for streaming (DECODE_BATCH_ELEMENTS).
+SESSION_BATCH_ELEMENTS = 1 << 25
 
 
 def decode_tensors(
@@ -168,7 +178,8 @@ def decode_tensors(
 
 
 def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1) -> onnx.ModelProto:
-    """Decode a .moub into an onnx.ModelProto with all weights inline (like onnx.load)."""
+    """Decode a .moub into an onnx.ModelProto with all weights inline (like onnx.load).
+    Memory: the model, plus one decoding window (each array is freed once copied in)."""
     moub, model, matched, members = _open(path, limits, decode_workers)
     with moub:
         for site, _, array in iter_decoded(moub, matched, members):
@@ -176,19 +187,67 @@ def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_
     return model
 
 
+# With this session config entry, onnxruntime uses the buffers given to
+# SessionOptions.add_external_initializers_from_files_in_memory in place (1.32 has it;
+# releases without it copy them, as they copy add_external_initializers' OrtValues).
+DIRECT_BUFFERS_KEY = "session.use_external_initializer_file_buffers_directly"
+_file_numbers = itertools.count()
+
+
+def _has_in_memory_files() -> bool:
+    return hasattr(onnxruntime.SessionOptions, "add_external_initializers_from_files_in_memory")
+
+
+def _in_memory_name() -> str:
+    """A name for one in-memory "file" of initializer bytes, unique in this process (a
+    caller's options object may carry the files of several sessions)."""
+    return f"moub-weights-{os.getpid()}-{next(_file_numbers)}.bin"
+
+
+def _stub(tensor: onnx.TensorProto, location: str, length: int) -> None:
+    """Make ``tensor`` an external-data reference to the whole in-memory file ``location``."""
+    clear_payload(tensor)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _hand_over(options: onnxruntime.SessionOptions, tensors: list[onnx.TensorProto], arrays: list[np.ndarray], dtypes_: list[int]) -> list:
+    """Give ``arrays`` to onnxruntime through ``options`` for the stub ``tensors``; returns
+    the objects that must stay alive as long as onnxruntime may read them.
+
+    Where the binding exists, each array is an in-memory file used in place
+    (DIRECT_BUFFERS_KEY); else they go as OrtValues (``add_external_initializers``).
+    """
+    if _has_in_memory_files():
+        names = [_in_memory_name() for _ in arrays]
+        buffers = [array.reshape(-1).view(np.uint8) for array in arrays]
+        for tensor, name, buffer in zip(tensors, names, buffers):
+            _stub(tensor, name, buffer.size)
+        options.add_session_config_entry(DIRECT_BUFFERS_KEY, "1")
+        options.add_external_initializers_from_files_in_memory(names, buffers, [b.size for b in buffers])
+        return buffers
+    values = [_ort_value(array, dtype) for array, dtype in zip(arrays, dtypes_)]
+    for tensor in tensors:
+        mark_in_memory(tensor)
+    options.add_external_initializers([t.name for t in tensors], values)
+    return values
+
+
 @functools.lru_cache(maxsize=1)
 def ort_copies_external_initializers() -> bool:
-    """Whether this onnxruntime copies the OrtValues given to ``add_external_initializers``.
+    """Whether this onnxruntime copies the weights :class:`InferenceSession` hands it.
 
-    onnxruntime 1.32 copies them during session creation; older releases may
-    borrow the buffers for the session's lifetime. Probed once per process on
-    a 64-float weight whose buffer is overwritten after the session exists.
+    onnxruntime 1.32 uses in-memory initializer files in place when asked to
+    (DIRECT_BUFFERS_KEY); older releases copy them, or the OrtValues given to
+    ``add_external_initializers``, during session creation. Probed once per
+    process on a 64-float weight whose buffer is overwritten after the session exists.
     """
     from onnx import TensorProto, helper
 
     weight = np.arange(1, 65, dtype=np.float32).reshape(1, 64)
     stub = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1, 64])
-    mark_in_memory(stub)
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "w"], ["y"])],
         "probe",
@@ -196,13 +255,14 @@ def ort_copies_external_initializers() -> bool:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
         [stub],
     )
+    options = onnxruntime.SessionOptions()
+    keep = _hand_over(options, [graph.initializer[0]], [weight], [TensorProto.FLOAT])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    options = onnxruntime.SessionOptions()
-    options.add_external_initializers(["w"], [onnxruntime.OrtValue.ortvalue_from_numpy(weight)])
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     weight[...] = 0
     (result,) = session.run(None, {"x": np.zeros((1, 64), dtype=np.float32)})
+    del keep
     return bool(np.array_equal(result, np.arange(1, 65, dtype=np.float32).reshape(1, 64)))
 
 
@@ -221,26 +281,43 @@ def _constant_node_index(path: str) -> int | None:
     return None
 
 
+def _keep_alive_with(options: onnxruntime.SessionOptions, objects: list) -> None:
+    """Keep ``objects`` alive as long as ``options`` (a caller's options object points at
+    them and may build more sessions)."""
+    weakref.finalize(options, list.clear, objects)
+
+
+def default_decode_workers() -> int:
+    """Decoding threads when none are asked for: one per core, up to 4."""
+    return min(4, os.cpu_count() or 1)
+
+
 class InferenceSession(onnxruntime.InferenceSession):
     """An onnxruntime session straight from a .moub file.
 
     Weights of the main graph (initializers, and ``Constant`` nodes, which
-    onnxruntime turns into initializers anyway) reach onnxruntime as OrtValues
-    over the decoded arrays (``SessionOptions.add_external_initializers``, the
-    graph holding external-data stubs in their place), so no serialized copy
-    of them is ever made. onnxruntime 1.32 copies those buffers while the
-    session is created; when it does (probed once, see
-    :func:`ort_copies_external_initializers`) and the session options are this
-    class's own (``sess_options`` not given), the decoded arrays are freed as
-    soon as the session exists, leaving onnxruntime's copy only; such a session
-    cannot switch providers. With ``sess_options`` given, that object keeps
-    pointers to the arrays, so they live as long as the session (memory: the
-    weights twice). Weights inside subgraphs are put back into the graph,
-    which onnxruntime cannot be handed otherwise.
+    onnxruntime turns into initializers anyway) are decoded into 64-byte-aligned
+    arrays that onnxruntime uses in place: each is an in-memory initializer file
+    (``SessionOptions.add_external_initializers_from_files_in_memory`` with
+    ``session.use_external_initializer_file_buffers_directly``, the graph holding
+    external-data stubs), so the decoded weights exist once, and this session
+    holds them for its lifetime (``set_providers`` and fallback keep working).
+    With ``sess_options`` given, that object points at the arrays too, so they
+    also live as long as it does.
 
-    ``decode_workers`` threads decode the Huffman streams (NumPy releases the
-    GIL inside its loops, so big models gain on multi-core devices; each
-    thread holds its own window buffers). Default 1; None: one per core, up to 4.
+    An onnxruntime that copies them instead (releases without that entry, or
+    without the in-memory files binding, which get OrtValues through
+    ``add_external_initializers``; see :func:`ort_copies_external_initializers`)
+    holds its own copy once the session exists: the arrays are then freed at once
+    when the options are this class's own (such a session cannot switch
+    providers), else they live as long as the caller's options object. Weights
+    inside subgraphs are put back into the graph, which onnxruntime cannot be
+    handed otherwise; so are initializers no node reads.
+
+    ``decode_workers`` threads decode the Huffman streams and check their
+    checksums (NumPy and hashlib release the GIL in their loops). Default None:
+    one per core, up to 4 (:func:`default_decode_workers`); 1 decodes on the
+    calling thread only.
     """
 
     def __init__(
@@ -249,14 +326,15 @@ class InferenceSession(onnxruntime.InferenceSession):
         sess_options: onnxruntime.SessionOptions | None = None,
         providers: list | None = None,
         limits: ReaderLimits = DEFAULT_LIMITS,
-        decode_workers: int | None = 1,
+        decode_workers: int | None = None,
         **kwargs,
     ) -> None:
         options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
-        names: list[str] = []
-        self._moub_weights: list[onnxruntime.OrtValue] = []
-        self._moub_arrays: list[np.ndarray] = []
-        moub, model, matched, members = _open(path, limits, decode_workers)
+        stubs: list[onnx.TensorProto] = []
+        arrays: list[np.ndarray] = []
+        element_types: list[int] = []
+        workers = default_decode_workers() if decode_workers is None else decode_workers
+        moub, model, matched, members = _open(path, limits, workers, SESSION_BATCH_ELEMENTS)
         consumed = consumed_names(model)
         graph_outputs = {output.name for output in model.graph.output}
         constants_to_lift: list[int] = []
@@ -266,33 +344,36 @@ class InferenceSession(onnxruntime.InferenceSession):
                 node_index = _constant_node_index(site.path)
                 name = model.graph.node[node_index].output[0] if node_index is not None else tensor.name
                 liftable = is_main_graph_initializer(site.path) or (node_index is not None and name not in graph_outputs)
-                value = _ort_value(array, dtype) if liftable and name in consumed else None
-                if value is None:
+                usable = liftable and name in consumed and (_has_in_memory_files() or _ort_value(array, dtype) is not None)
+                if not usable:
                     # onnxruntime drops unused initializers before replacing them, so those stay inline.
                     fill_payload(tensor, array)
                     continue
-                self._moub_arrays.append(array)  # the OrtValue borrows this memory
-                self._moub_weights.append(value)
-                names.append(name)
                 if node_index is None:
-                    mark_in_memory(tensor)
+                    stub = tensor
                 else:
                     stub = model.graph.initializer.add()
                     stub.name, stub.data_type = name, tensor.data_type
                     stub.dims.extend(tensor.dims)
-                    mark_in_memory(stub)
                     constants_to_lift.append(node_index)
+                stubs.append(stub)
+                arrays.append(array)
+                element_types.append(dtype)
                 del array
         for node_index in sorted(constants_to_lift, reverse=True):
             del model.graph.node[node_index]
-        if names:
-            options.add_external_initializers(names, self._moub_weights)
+        keep = _hand_over(options, stubs, arrays, element_types) if arrays else []
+        self._moub_weights: list = [] if _has_in_memory_files() else keep
+        self._moub_arrays: list[np.ndarray] = arrays  # onnxruntime reads (or copies) this memory
         graph = model.SerializeToString()
-        del model, matched, members
+        del model, matched, members, stubs
+        if arrays and sess_options is not None:
+            _keep_alive_with(sess_options, [arrays, keep])
+        del keep
         super().__init__(graph, sess_options=options, providers=providers or ["CPUExecutionProvider"], **kwargs)
         self.moub_path = Path(path)
         self._moub_released = False
-        if names and sess_options is None and ort_copies_external_initializers():
+        if arrays and sess_options is None and ort_copies_external_initializers():
             # onnxruntime holds its own copy now. Our options object still points at the
             # arrays, so it must never build a session again: no provider switch, no
             # fallback (both re-create the session from the initial options).

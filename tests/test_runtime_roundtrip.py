@@ -193,8 +193,94 @@ def test_session_frees_decoded_weights_only_when_it_owns_the_options(packed):
     given = moub_runtime.InferenceSession(path, sess_options=ort.SessionOptions())
     np.testing.assert_array_equal(own.run(None, feeds)[0], given.run(None, feeds)[0])
     assert given._moub_arrays  # the caller's options object points at them: they stay
+    assert all(a.ctypes.data % 64 == 0 for a in given._moub_arrays)
     if ort_copies_external_initializers():
         assert own._moub_arrays == [] and own._moub_weights == []
         with pytest.raises(NotImplementedError, match="cannot switch providers"):
             own.set_providers(["CPUExecutionProvider"])
         np.testing.assert_array_equal(own.run(None, feeds)[0], given.run(None, feeds)[0])
+    else:  # onnxruntime reads the decoded arrays in place: the session holds them
+        assert own._moub_arrays
+        own.set_providers(["CPUExecutionProvider"])  # re-creates the session from the same arrays
+        np.testing.assert_array_equal(own.run(None, feeds)[0], given.run(None, feeds)[0])
+
+
+def test_onnxruntime_uses_decoded_weights_in_place_where_it_can():
+    """onnxruntime 1.32 borrows in-memory initializer files (no second copy of the weights);
+    releases without the binding or the config entry copy them, and the loader knows it."""
+    from moub_runtime.loader import _has_in_memory_files, ort_copies_external_initializers
+
+    version = tuple(int(p) for p in ort.__version__.split(".")[:2])
+    if _has_in_memory_files() and version >= (1, 32):
+        assert not ort_copies_external_initializers()
+    if not _has_in_memory_files():
+        assert ort_copies_external_initializers()
+
+
+def test_callers_options_keep_the_weights_alive_as_long_as_they_live(packed):
+    """A caller's options object points at the decoded arrays (onnxruntime's API keeps raw
+    pointers there): they must outlive the session while the options can build another."""
+    import gc
+    import weakref
+
+    _, _, _, path = packed
+    feeds = modelzoo.sample_feeds()
+    expected = moub_runtime.InferenceSession(path).run(None, feeds)[0]
+    options = ort.SessionOptions()
+    session = moub_runtime.InferenceSession(path, sess_options=options)
+    arrays = [weakref.ref(a.base if a.base is not None else a) for a in session._moub_arrays]
+    del session
+    gc.collect()
+    assert all(r() is not None for r in arrays)
+    again = moub_runtime.InferenceSession(path, sess_options=options)  # a second session from the same options
+    np.testing.assert_array_equal(again.run(None, feeds)[0], expected)
+    del again, options
+    gc.collect()
+    assert all(r() is None for r in arrays)
+
+
+def test_decode_threads_and_shift_fallback_agree_bit_for_bit(packed, monkeypatch):
+    """Decoding on several threads, in small windows, with the lane decoder's shift
+    fallback (platforms where a uint64 shift by 64 is not 0) all give the same bytes."""
+    from moub_format import MoubFile, lanes
+
+    _, _, _, path = packed
+
+    def decode(**kwargs) -> dict[str, bytes]:
+        with MoubFile(path, **kwargs) as moub:
+            return {info.path: array.tobytes() for info, array in moub.iter_tensors()}
+
+    reference = decode()
+    assert decode(decode_workers=3, batch_elements=1 << 25) == reference
+    assert decode(batch_elements=700) == reference
+    monkeypatch.setattr(lanes, "SHIFTS_SATURATE", not lanes.SHIFTS_SATURATE)
+    assert decode(decode_workers=2) == reference
+
+
+def test_mixed_chunk_lengths_do_not_blow_up_the_output_buffer(tmp_path, monkeypatch):
+    """One tensor of 2**16-element chunks beside hundreds of 3-element tensors: the small
+    ones decode in their own group, so no row of 2**16 elements is allocated for each."""
+    from moub_format import MoubFile, reader
+    from moub_format.writer import HuffmanTensor, build
+
+    rng = np.random.default_rng(5)
+    codebook = np.linspace(-1, 1, 16, dtype=np.float32)
+    tensors = [HuffmanTensor("init:big", "big", 1, (1 << 17,), rng.integers(0, 16, 1 << 17), 0)]
+    tensors += [HuffmanTensor(f"init:t{i}", f"t{i}", 1, (3,), rng.integers(0, 16, 3), 0) for i in range(300)]
+    path = tmp_path / "mixed.moub"
+    path.write_bytes(build(b"", [codebook], tensors, chunk_elements=1 << 16))
+    sizes = []
+    allocate = reader._aligned_empty
+
+    def recording(shape, dtype, alignment=64):
+        array = allocate(shape, dtype, alignment)
+        sizes.append(array.size)
+        return array
+
+    monkeypatch.setattr(reader, "_aligned_empty", recording)
+    monkeypatch.setattr(reader, "MIN_LANES", 0)  # the lane decoder even for few lanes
+    with MoubFile(path, batch_elements=1 << 25) as moub:
+        decoded = {info.path: array for info, array in moub.iter_tensors()}
+    for spec in tensors:
+        assert decoded[spec.path].tobytes() == codebook[spec.indices].tobytes()
+    assert max(sizes) <= 2 * ((1 << 17) + 300 * 16)
