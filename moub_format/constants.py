@@ -14,15 +14,16 @@ FILE_EXTENSION = ".moub"
 # Versioning: a reader accepts any file whose major equals FORMAT_MAJOR, whatever
 # its minor, provided every bit of required_features is one it knows.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2             # 1.1 added Model.index_digest; 1.2 packs, grid codebooks and LZMA
+FORMAT_MINOR = 2             # 1.1 added Model.index_digest; 1.2 packs, grid codebooks, LZMA and packed tables
 
 # Required-feature bits (Model.required_features). A writer sets a bit when the
 # file uses the feature; a reader rejects every bit it does not implement, so a
 # 1.1 reader refuses a 1.2 file that needs one with a clear "requires features" error.
 FEATURE_PACKS = 1 << 0       # Model.packs or a grid codebook (Codebook.count > 0)
 FEATURE_LZMA = 1 << 1        # a blob with codec LZMA
-FEATURES = {FEATURE_PACKS: "packs and grid codebooks", FEATURE_LZMA: "LZMA blobs"}
-KNOWN_REQUIRED_FEATURES = FEATURE_PACKS | FEATURE_LZMA  # bit mask of the flags this reader implements
+FEATURE_PACKED_TABLES = 1 << 2  # a HuffmanTable with packed_lengths (a DEFLATE stream) instead of code_lengths
+FEATURES = {FEATURE_PACKS: "packs and grid codebooks", FEATURE_LZMA: "LZMA blobs", FEATURE_PACKED_TABLES: "packed code-length tables"}
+KNOWN_REQUIRED_FEATURES = FEATURE_PACKS | FEATURE_LZMA | FEATURE_PACKED_TABLES  # bit mask of the flags this reader implements
 
 # Layout
 PREAMBLE_SIZE = 8            # FlatBuffers root uoffset (4) + file identifier (4)
@@ -35,6 +36,13 @@ WRITER_CODE_LENGTH = 15      # writers' own limit when the alphabet allows (deco
 DEFAULT_CHUNK_ELEMENTS = 4096  # largest chunk writers choose by default (elements per independently decodable chunk)
 MIN_DEFAULT_CHUNK_ELEMENTS = 512  # smallest: each chunk costs 64 bits of chunk_bits + ~4 bits of padding
 DECODER_LANES = 1024         # chunks the lane decoder wants per batch; small models get smaller chunks
+
+# Packed code-length tables (1.2): HuffmanTable.packed_lengths is one raw DEFLATE stream
+# (RFC 1951, zlib wbits -15: no header, no Adler-32; the index digest covers the bytes).
+TABLE_DEFLATE_WBITS = -15
+TABLE_DEFLATE_LEVEL = 9      # writers: zlib level 9, default strategy, memLevel 9
+TABLE_DEFLATE_MEMLEVEL = 9
+PACKED_TABLE_OVERHEAD = 4    # writers pack a table only when packed bytes + this (the count field) < its entries
 
 # Enums (mirror schema/moub.fbs)
 ENCODING_HUFFMAN = 1         # codebook indices, canonical Huffman, chunked
@@ -86,6 +94,7 @@ class ReaderLimits:
     max_packs: int = 1 << 20                  # packs per file
     max_pack_members: int = 1 << 20           # members of one pack
     max_lzma_memory: int = 1 << 25            # the xz decoder's memlimit (writers' dictionaries are at most 8 MiB)
+    max_table_entries: int = 1 << 26          # code lengths of all Huffman tables together (packed ones inflated)
 
 
 DEFAULT_LIMITS = ReaderLimits()

@@ -58,7 +58,11 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("first", SCALAR, 8, fmt="<q"),
         Field("count", SCALAR, 4, fmt="<I"),
     ),
-    "HuffmanTable": (Field("code_lengths", VECTOR, 1, fmt="u1"),),
+    "HuffmanTable": (
+        Field("code_lengths", VECTOR, 1, fmt="u1"),
+        Field("packed_lengths", VECTOR, 1, fmt="u1"),
+        Field("count", SCALAR, 4, fmt="<I"),
+    ),
     "Tensor": (
         Field("path", STRING, required=True),
         Field("name", STRING),

@@ -8,17 +8,24 @@ bitarray's ``canonical_decode`` accepts over-subscribed tables silently and
 reports holes in incomplete ones as "reached end of bitarray", so every table
 is checked here to have a Kraft sum of exactly 1 (or to be the one-symbol
 table, whose single code is ``0``) before a bit is decoded.
+
+Since format 1.2 a table may also be stored *packed*: the same bytes as one raw
+DEFLATE stream (:func:`pack_lengths`), inflated by :func:`unpack_lengths` with a
+hard output limit. Long tables of grid codebooks (smooth lengths, runs of unused
+tail levels) shrink 2 to 7 times.
 """
 
 from __future__ import annotations
 
 import heapq
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 from bitarray import bitarray
 from bitarray.util import canonical_decode
 
+from . import constants as C
 from .constants import MAX_CODE_LENGTH, WRITER_CODE_LENGTH
 from .errors import HuffmanError
 
@@ -144,6 +151,43 @@ def validate_lengths(lengths: np.ndarray, max_length: int = MAX_CODE_LENGTH, sub
         raise HuffmanError(
             f"{subject}: code lengths are {state} (Kraft sum {kraft}/{1 << max_length}, must be exactly 1)"
         )
+
+
+def pack_lengths(lengths: np.ndarray) -> bytes:
+    """The packed form of a code-length table (format 1.2): one raw DEFLATE stream of its
+    bytes at fixed settings (level 9, default strategy), so the same table gives the same bytes."""
+    compressor = zlib.compressobj(C.TABLE_DEFLATE_LEVEL, zlib.DEFLATED, C.TABLE_DEFLATE_WBITS, C.TABLE_DEFLATE_MEMLEVEL)
+    return compressor.compress(np.ascontiguousarray(lengths, dtype=np.uint8).tobytes()) + compressor.flush()
+
+
+def packed_table(lengths: np.ndarray) -> bytes | None:
+    """What a writer stores for a table when it may pack: the packed stream if it saves index
+    bytes (``len(packed) + PACKED_TABLE_OVERHEAD < entries``; the count field costs 4), else
+    None (the plain ``code_lengths``). Small tables stay plain."""
+    packed = pack_lengths(lengths)
+    return packed if len(packed) + C.PACKED_TABLE_OVERHEAD < np.asarray(lengths).size else None
+
+
+def unpack_lengths(data: bytes | memoryview | np.ndarray, count: int, subject: str = "huffman table") -> np.ndarray:
+    """Inflate a packed table to exactly ``count`` code lengths (uint8), or raise HuffmanError.
+
+    The output is capped at ``count + 1`` bytes whatever the stream says (no bomb); the
+    stream must be valid DEFLATE, end exactly at the end of ``data`` and yield exactly
+    ``count`` bytes. The lengths themselves are checked by :func:`validate_lengths`."""
+    inflater = zlib.decompressobj(C.TABLE_DEFLATE_WBITS)
+    try:
+        out = inflater.decompress(bytes(data), count + 1)
+    except zlib.error as exc:
+        raise HuffmanError(f"{subject}: packed_lengths is not a valid DEFLATE stream ({exc})") from None
+    if len(out) > count:
+        raise HuffmanError(f"{subject}: packed_lengths inflates past its count of {count} code lengths")
+    if not inflater.eof:
+        raise HuffmanError(f"{subject}: packed_lengths is truncated: its DEFLATE stream does not end ({len(out)} of {count} bytes)")
+    if inflater.unused_data:
+        raise HuffmanError(f"{subject}: {len(inflater.unused_data)} bytes after the end of the packed_lengths DEFLATE stream")
+    if len(out) < count:
+        raise HuffmanError(f"{subject}: packed_lengths inflates to {len(out)} bytes, count is {count}")
+    return np.frombuffer(out, dtype=np.uint8).copy()
 
 
 def canonical_tables(lengths: np.ndarray) -> tuple[list[int], list[int]]:

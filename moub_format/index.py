@@ -3,7 +3,8 @@
 :func:`parse_index` runs the structural verifier, which reads every field once
 (in range), then builds frozen dataclasses and checks the semantics: versions,
 required features, enums, caps, dims, counts, codebooks (explicit and grid),
-packs (member vectors, site order, disjoint sites, scales, offsets), cross-references
+code-length tables (plain, or packed and inflated with a hard output limit), packs
+(member vectors, site order, disjoint sites, scales, offsets), cross-references
 and the exact tiling of the payload section. Nothing is decoded or allocated
 per tensor before the whole index has passed. What needs the graph (pack
 members' dtypes and dims) is checked by the runtime before decoding.
@@ -147,6 +148,11 @@ class Index:
     payload_digest: bytes = b""
     packs: tuple[PackInfo, ...] = ()
     grids: tuple[tuple[int, int] | None, ...] = ()   # per codebook: (first, count) of a grid codebook, else None
+    table_bytes: tuple[int, ...] = ()   # per table: bytes it stores in the index (code_lengths entries, or packed_lengths bytes)
+
+    def table_is_packed(self, table: int) -> bool:
+        """Whether table ``table`` is stored packed (format 1.2): a packed table is always shorter than its lengths."""
+        return bool(self.table_bytes) and self.table_bytes[table] < self.tables[table].size
 
     @property
     def decoded_bytes(self) -> int:
@@ -364,6 +370,41 @@ def _codebook(table, i: int, filename: str, limits: C.ReaderLimits) -> tuple[np.
     return None, (first, count)
 
 
+def _table(table, i: int, entries_so_far: int, filename: str, limits: C.ReaderLimits) -> tuple[np.ndarray, int]:
+    """One HuffmanTable: its code lengths, checked (complete code, longest at most
+    MAX_CODE_LENGTH), and the bytes it stores in the index.
+
+    Exactly one form: ``code_lengths`` (``count`` unset), or since 1.2 ``packed_lengths``,
+    a raw DEFLATE stream shorter than ``count`` bytes that inflates to exactly ``count``
+    (capped by ``max_codebook_entries``; inflated with an output limit of count + 1).
+    Every table's entries count against ``max_table_entries`` before it is inflated."""
+    from . import huffman  # local: keeps import graph flat
+
+    subject = f"{filename}: Huffman table {i}"
+    plain, packed, count = table["code_lengths"], table["packed_lengths"], table["count"]
+    if plain is not None and packed is not None:
+        raise StructureError(f"{subject}: has both code_lengths and packed_lengths; exactly one must be present")
+    if plain is None and packed is None:
+        raise StructureError(f"{subject}: has neither code_lengths nor packed_lengths; exactly one must be present")
+    if plain is not None:
+        if count:
+            raise StructureError(
+                f"{subject}: count {count} is set, but count belongs to packed_lengths only (must be 0 with code_lengths)"
+            )
+        _cap(entries_so_far + plain.size, limits.max_table_entries, "code lengths of all Huffman tables together", filename)
+        lengths, stored = plain.copy(), int(plain.size)
+    else:
+        _cap(count, limits.max_codebook_entries, f"Huffman table {i}: count", filename)
+        if packed.size >= count:
+            raise LimitError(
+                f"{subject}: packed_lengths of {packed.size} bytes must be shorter than the {count} code lengths it packs"
+            )
+        _cap(entries_so_far + count, limits.max_table_entries, "code lengths of all Huffman tables together", filename)
+        lengths, stored = huffman.unpack_lengths(packed, count, subject), int(packed.size)
+    huffman.validate_lengths(lengths, C.MAX_CODE_LENGTH, subject)
+    return lengths, stored
+
+
 def _check_references(streams, codebooks: list, tables: list, grids: list, filename: str) -> None:
     """Huffman tensors and packs against their codebook and table: sizes agree, chunks fit
     the longest code."""
@@ -448,7 +489,8 @@ def _check_packs(packs: list[PackInfo], codebooks: list, grids: list, tensors: i
             )
 
 
-def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[str, BlobInfo]], filename: str) -> None:
+def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[str, BlobInfo]], packed_tables: bool,
+                    filename: str) -> None:
     """A file that uses a 1.2 feature must declare its required-feature bit, so that an
     older reader refuses it instead of misreading it."""
     used = 0
@@ -456,6 +498,8 @@ def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[s
         used |= C.FEATURE_PACKS
     if any(blob.codec == C.CODEC_LZMA for _, blob in blobs):
         used |= C.FEATURE_LZMA
+    if packed_tables:
+        used |= C.FEATURE_PACKED_TABLES
     missing = used & ~declared
     if missing:
         names = ", ".join(name for bit, name in C.FEATURES.items() if bit & missing)
@@ -543,14 +587,12 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
         values, grid = _codebook(table, i, filename, limits)
         codebooks.append(values)
         grids.append(grid)
-    tables = []
+    tables, table_bytes, table_entries = [], [], 0
     for i, table in enumerate(huffman_tables):
-        lengths = table["code_lengths"]
-        lengths = lengths.copy() if lengths is not None else np.zeros(0, np.uint8)
-        from .huffman import validate_lengths  # local: keeps import graph flat
-
-        validate_lengths(lengths, C.MAX_CODE_LENGTH, f"{filename}: Huffman table {i}")
+        lengths, stored = _table(table, i, table_entries, filename, limits)
         tables.append(lengths)
+        table_bytes.append(stored)
+        table_entries += lengths.size
 
     tensors = [_tensor(table, i, counts, filename, limits) for i, table in enumerate(tensor_tables)]
     for previous, current in zip(tensors, tensors[1:]):
@@ -596,7 +638,8 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
 
     digest_algorithm, digest = _checksum(root["payload_digest"], "payload_digest", filename)
     blobs = [("graph", graph)] + [(t.subject, t.data) for t in tensors] + [(p.subject, p.data) for p in packs]
-    _check_features(root["required_features"], packs, grids, blobs, filename)
+    packed_tables = any(stored < lengths.size for stored, lengths in zip(table_bytes, tables))
+    _check_features(root["required_features"], packs, grids, blobs, packed_tables, filename)
     _check_layout(blobs, alignment, file_size - payload_offset, filename)
     return Index(
         filename=filename,
@@ -616,4 +659,5 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
         payload_digest=digest,
         packs=tuple(packs),
         grids=tuple(grids),
+        table_bytes=tuple(table_bytes),
     )

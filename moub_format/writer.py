@@ -2,9 +2,10 @@
 
 Canonical: tensors sorted by path, packs by first site, metadata by key, only
 the codebooks and tables some stream uses, fixed alignment and zero padding,
-zlib and xz at fixed settings, no timestamps. Atomic: the bytes go to a
-temporary file in the target folder, are fsynced, then renamed over the
-target, so a reader that has the old file mapped never sees it truncated.
+zlib, xz and packed code-length tables at fixed settings, no timestamps.
+Atomic: the bytes go to a temporary file in the target folder, are fsynced,
+then renamed over the target, so a reader that has the old file mapped never
+sees it truncated.
 """
 
 from __future__ import annotations
@@ -352,7 +353,8 @@ def build(
     CODEC_LZMA or SMALLEST; ``raw_codec``: when set, the codec of every raw
     tensor (else each RawTensor's own). Codebooks and tables no stream uses are
     not written (indices are renumbered); the required-feature bits follow from
-    what the file uses.
+    what the file uses. In a file that needs a 1.2 feature anyway, a code-length
+    table is stored packed when that is smaller (:func:`huffman.packed_table`).
     """
     codebooks = [_check_codebook(i, cb) for i, cb in enumerate(codebooks)]
     packs = sorted((_normalize_pack(p, codebooks) for p in packs), key=lambda p: p.sites[0])
@@ -403,6 +405,11 @@ def build(
         features |= C.FEATURE_PACKS
     if any(item.codec == C.CODEC_LZMA for item in stored):
         features |= C.FEATURE_LZMA
+    # Packed tables (1.2) only in a file that needs a 1.2 feature anyway: a 1.1-style file
+    # (explicit codebooks, no packs, no LZMA) stays readable by 1.1 readers.
+    packed_tables = [huffman.packed_table(lengths) if features else None for lengths in table_list]
+    if any(packed is not None for packed in packed_tables):
+        features |= C.FEATURE_PACKED_TABLES
 
     def index_bytes(payload_offset: int) -> bytes:
         builder = flatbuffers.Builder(1024)
@@ -442,10 +449,16 @@ def build(
                 FbCodebook.AddValues(builder, values)
             codebook_offsets.append(FbCodebook.End(builder))
         table_offsets = []
-        for lengths in table_list:
-            vec = builder.CreateNumpyVector(np.ascontiguousarray(lengths, dtype=np.uint8))
-            FbHuffmanTable.Start(builder)
-            FbHuffmanTable.AddCodeLengths(builder, vec)
+        for lengths, packed in zip(table_list, packed_tables):
+            if packed is None:
+                vec = builder.CreateNumpyVector(np.ascontiguousarray(lengths, dtype=np.uint8))
+                FbHuffmanTable.Start(builder)
+                FbHuffmanTable.AddCodeLengths(builder, vec)
+            else:
+                vec = builder.CreateNumpyVector(np.frombuffer(packed, dtype=np.uint8))
+                FbHuffmanTable.Start(builder)
+                FbHuffmanTable.AddPackedLengths(builder, vec)
+                FbHuffmanTable.AddCount(builder, len(lengths))
             table_offsets.append(FbHuffmanTable.End(builder))
         n_tensors = len(tensors)
         tensor_offsets = []

@@ -51,6 +51,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  bytes: index {summary.index_bytes}, graph {summary.graph_bytes}, tensors {summary.tensor_bytes}, "
         f"packs {summary.pack_bytes}, padding {summary.padding_bytes}"
     )
+    if summary.tables:
+        print(
+            f"  code-length tables: {summary.tables} ({summary.packed_tables} packed), "
+            f"{summary.table_bytes} index bytes for {summary.table_entries} code lengths"
+        )
     for i, cb in enumerate(summary.codebooks):
         kind = "grid values" if cb.get("grid") else "entries"
         print(f"  codebook {i}: {cb['entries']} {kind} in [{cb['min']:.6g}, {cb['max']:.6g}], longest code {cb['longest_code']} bits")

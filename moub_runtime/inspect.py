@@ -34,8 +34,9 @@ class PackSummary:
     """One pack: its members and what it costs. ``bits_per_weight`` counts the stored
     stream; ``bits_per_weight_with_index`` adds the pack's share of the index: 16 bytes
     per member (site, count, scale; 24 with an offset), 8 per chunk (chunk_bits), and its
-    Huffman table (whole if only this pack uses it, else shared by elements). Each member
-    lists its ``scale`` and ``offset`` (level = grid value + offset)."""
+    Huffman table as stored (one byte per code length, or its packed bytes; whole if only
+    this pack uses it, else shared by elements). Each member lists its ``scale`` and
+    ``offset`` (level = grid value + offset)."""
 
     number: int
     members: list[dict]
@@ -70,6 +71,12 @@ class Summary:
     tensor_bytes: int = 0
     pack_bytes: int = 0
     padding_bytes: int = 0
+    # Code-length tables inside the index: how many, how many stored packed (1.2), their
+    # code lengths and the bytes they take (plain: one per length; packed: the DEFLATE stream).
+    tables: int = 0
+    packed_tables: int = 0
+    table_entries: int = 0
+    table_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +121,7 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
         for s in streams:
             table_users[s.table] = table_users.get(s.table, 0) + s.n_elements
         graph_sites = _graph_sites(moub)
+        stored_table_bytes = index.table_bytes or tuple(t.size for t in index.tables)
 
         def site_info(ordinal: int) -> tuple[str | None, int]:
             if graph_sites and ordinal < len(graph_sites) and graph_sites[ordinal][1] in dtypes.STORAGE_DTYPES:
@@ -122,7 +130,7 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
 
         packs = []
         for p in index.packs:
-            table_bytes = index.tables[p.table].size * p.n_elements / max(table_users[p.table], 1)
+            table_bytes = stored_table_bytes[p.table] * p.n_elements / max(table_users[p.table], 1)
             index_bytes = (16 + 8 * bool(p.offsets)) * len(p.sites) + 8 * len(p.chunk_bits) + table_bytes
             members = [
                 {"site": m.site, "path": site_info(m.site)[0], "elements": m.count, "scale": m.scale, "offset": m.offset}
@@ -143,11 +151,11 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
                 )
             )
         # Stored indices, their chunk_bits entries and pack member entries in the index,
-        # codebooks (4 bytes per value, 12 per grid) and code-length tables.
+        # codebooks (4 bytes per value, 12 per grid) and code-length tables as stored.
         q_bytes = sum(s.data.length + 8 * len(s.chunk_bits) for s in streams)
         q_bytes += sum((16 + 8 * bool(p.offsets)) * len(p.sites) for p in index.packs)
         q_bytes += sum(12 if grid else cb.size * 4 for cb, grid in zip(index.codebooks, index.grids or [None] * len(index.codebooks)))
-        q_bytes += sum(tb.size for tb in index.tables)
+        q_bytes += sum(stored_table_bytes)
         decoded = sum(t.decoded_bytes for t in index.tensors) + index.graph.decoded_length
         decoded += sum(m.count * dtypes.STORAGE_DTYPES[site_info(m.site)[1]].itemsize for p in index.packs for m in p.members)
         tables_of: dict[int, set[int]] = {}
@@ -181,6 +189,10 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
             metadata=dict(index.metadata),
             packs=packs,
             index_bytes=index.payload_offset,
+            tables=len(index.tables),
+            packed_tables=sum(index.table_is_packed(t) for t in range(len(index.tables))),
+            table_entries=sum(int(t.size) for t in index.tables),
+            table_bytes=sum(stored_table_bytes),
             graph_bytes=index.graph.length,
             tensor_bytes=tensor_bytes,
             pack_bytes=pack_bytes,

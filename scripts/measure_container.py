@@ -10,7 +10,9 @@ with an explicit float32 codebook and its own table, which decodes to the same
 model; and with member offsets: each small tensor stores level - round(mean / step)
 on the shared grid (the same levels, so the same model; a shorter grid and shorter
 codes for the tensors far from zero). Fidelity is not the point here (std / 16 is
-coarse for some tensors).
+coarse for some tensors). The "tables" column is the code-length tables' bytes in the
+index: format 1.2 stores a long table as a DEFLATE stream (packed) when that is smaller;
+the "plain tables" row is the same file with every table plain, as before packing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -29,7 +32,7 @@ import test_real_models  # noqa: E402
 import moub_runtime  # noqa: E402
 from moub_converters.encode import encode_model  # noqa: E402
 from moub_format import constants as C  # noqa: E402
-from moub_format import writer  # noqa: E402
+from moub_format import huffman, writer  # noqa: E402
 from moub_runtime.inspect import summarize  # noqa: E402
 
 
@@ -50,6 +53,8 @@ def rows(name: str) -> list[tuple[str, dict]]:
             model, codebooks, {}, packs=packs, graph_codec=C.CODEC_LZMA, raw_codec=writer.SMALLEST, alignment=8),
         "1.2 packs, lzma, align 8, chunks 4096": lambda: encode_model(
             model, codebooks, {}, packs=packs, **best, chunk_elements=4096),
+        "1.2 packs + offsets, lzma, align 8, plain tables": lambda: plain_tables(
+            lambda: encode_model(model, centred_codebooks, {}, packs=centred_packs, **best)),
         "1.2 packs + offsets, lzma, align 8": lambda: encode_model(model, centred_codebooks, {}, packs=centred_packs, **best),
         "1.2 packs + offsets, lzma, align 8, chunks 4096": lambda: encode_model(
             model, centred_codebooks, {}, packs=centred_packs, **best, chunk_elements=4096),
@@ -68,6 +73,8 @@ def rows(name: str) -> list[tuple[str, dict]]:
                 "total": s.file_bytes, "index": s.index_bytes, "graph": s.graph_bytes,
                 "payload": s.tensor_bytes + s.pack_bytes, "padding": s.padding_bytes,
                 "entries": len(s.tensors) + sum(len(p.members) for p in s.packs), "packs": len(s.packs),
+                "tables": s.table_bytes, "lengths": s.table_entries, "packed": s.packed_tables, "n_tables": s.tables,
+                "weights": s.quantized_weights,
             }))
     print(f"{name}: {len(packing.float_paths(model))} float tensors of >= 2 elements, "
           f"{sum(p.indices.size for p in packs)} weights; fp32 .onnx {model.ByteSize()} bytes")
@@ -79,13 +86,24 @@ def rows(name: str) -> list[tuple[str, dict]]:
     return out
 
 
+def plain_tables(make):
+    """``make()`` with every code-length table stored plain (the writer before packed tables)."""
+    with mock.patch.object(huffman, "packed_table", lambda lengths: None):
+        return make()
+
+
 def main(names: list[str]) -> None:
     for name in names or ["cls"]:
         table = rows(name)
-        print(f"| {'layout':44} | total | index | graph | payload | padding |")
-        print(f"|{'-' * 46}|------:|------:|------:|--------:|--------:|")
+        print(f"| {'layout':50} | total | index | tables (packed/all) | graph | payload | padding |")
+        print(f"|{'-' * 52}|------:|------:|-------------------:|------:|--------:|--------:|")
         for label, r in table:
-            print(f"| {label:44} | {r['total']} | {r['index']} | {r['graph']} | {r['payload']} | {r['padding']} |")
+            tables = f"{r['tables']} ({r['packed']}/{r['n_tables']})"
+            print(f"| {label:50} | {r['total']} | {r['index']} | {tables:>18} | {r['graph']} | {r['payload']} | {r['padding']} |")
+        plain, packed = (dict(table)[k] for k in ("1.2 packs + offsets, lzma, align 8, plain tables", "1.2 packs + offsets, lzma, align 8"))
+        print(f"\ncode-length tables: {plain['tables']} -> {packed['tables']} bytes ({plain['lengths']} code lengths, "
+              f"{8 * plain['tables'] / plain['weights']:.3f} -> {8 * packed['tables'] / packed['weights']:.3f} bits/weight); "
+              f"file {plain['total']} -> {packed['total']} bytes ({100 * (plain['total'] - packed['total']) / plain['total']:.2f}% smaller)")
         print()
 
 

@@ -127,6 +127,14 @@ def _hostile_files() -> dict[str, bytes]:
     files["pack-scale"] = pack_with(lambda s: setattr(s.packs[0], "scales", [0.25, float("nan")]))
     files["pack-feature"] = pack_with(lambda s: setattr(s, "required_features", 1 << 7))
     files["pack-site"] = pack_with(lambda s: setattr(s.packs[0], "sites", [0, 9]))
+
+    def packed_table(spec: K.Spec, edit) -> None:  # the table as a DEFLATE stream, then ``edit(stream)``
+        spec.tables, spec.required_features = [K.packed_table(spec.tables[0])], C.FEATURE_PACKS | C.FEATURE_PACKED_TABLES
+        spec.tables[0].packed_lengths = edit(spec.tables[0].packed_lengths)
+
+    files["table-truncated"] = pack_with(lambda s: packed_table(s, lambda b: b[:-4]))
+    files["table-corrupt"] = pack_with(lambda s: packed_table(s, lambda b: b"\xff" * 8))
+    files["table-both"] = pack_with(lambda s: packed_table(s, lambda b: b) or setattr(s.tables[0], "code_lengths", np.ones(2, np.uint8)))
     return files
 
 

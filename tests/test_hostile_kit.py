@@ -77,6 +77,21 @@ class Grid:
 
 
 @dataclass
+class Table:
+    """A HuffmanTable field by field (1.2): ``code_lengths``, or ``packed_lengths`` with its
+    ``count``; any other mix makes it invalid. A plain array in ``Spec.tables`` is the plain form."""
+
+    code_lengths: np.ndarray | None = None
+    packed_lengths: bytes | None = None
+    count: int = 0
+
+
+def packed_table(lengths: np.ndarray) -> Table:
+    """The packed form of ``lengths``, as the writer makes it (whatever its size)."""
+    return Table(None, huffman.pack_lengths(lengths), len(lengths))
+
+
+@dataclass
 class Pack:
     sites: list[int] | None
     counts: list[int] | None
@@ -93,7 +108,7 @@ class Pack:
 class Spec:
     graph: Blob | None
     codebooks: list[np.ndarray | Grid]
-    tables: list[np.ndarray]
+    tables: list[np.ndarray | Table]
     tensors: list[Tensor]
     metadata: list[tuple[str | bytes, str | bytes]]
     packs: list[Pack] | None = None
@@ -305,10 +320,17 @@ def build(spec: Spec) -> bytes:
                 FbCodebook.AddValues(builder, vec)
             codebooks.append(FbCodebook.End(builder))
         tables = []
-        for lengths in spec.tables:
-            vec = builder.CreateNumpyVector(np.asarray(lengths, dtype=np.uint8))
+        for item in spec.tables:
+            item = item if isinstance(item, Table) else Table(item)
+            plain = builder.CreateNumpyVector(np.asarray(item.code_lengths, dtype=np.uint8)) if item.code_lengths is not None else None
+            packed = (builder.CreateNumpyVector(np.frombuffer(item.packed_lengths, dtype=np.uint8))
+                      if item.packed_lengths is not None else None)
             FbHuffmanTable.Start(builder)
-            FbHuffmanTable.AddCodeLengths(builder, vec)
+            if plain is not None:
+                FbHuffmanTable.AddCodeLengths(builder, plain)
+            if packed is not None:
+                FbHuffmanTable.AddPackedLengths(builder, packed)
+            FbHuffmanTable.AddCount(builder, item.count)
             tables.append(FbHuffmanTable.End(builder))
         tensors = []
         for t in spec.tensors:

@@ -1,8 +1,8 @@
 """Hostile files for what format 1.2 added: packs, grid codebooks, LZMA blobs, feature bits.
 
 Like ``test_hostile``: each file is the valid tiny 1.2 file of ``test_hostile_kit``
-(both initializers as one pack over a grid codebook) with exactly one thing
-broken, and each test asserts the exact ``MoubFormatError`` subclass and words
+(both initializers as one pack over a grid codebook; for packed code-length tables,
+with its table packed) with exactly one thing broken, and each test asserts the exact ``MoubFormatError`` subclass and words
 of the message.
 """
 
@@ -83,8 +83,8 @@ def test_a_1_1_reader_refuses_a_file_with_packs(tmp_path, monkeypatch):
 
 def test_an_unknown_required_bit_is_refused(tmp_path):
     spec = valid()
-    spec.required_features = C.FEATURE_PACKS | 1 << 2
-    expect(tmp_path, spec, VersionError, "requires features 0x4")
+    spec.required_features = C.FEATURE_PACKS | 1 << 3
+    expect(tmp_path, spec, VersionError, "requires features 0x8")
 
 
 def test_packs_without_their_feature_bit(tmp_path):
@@ -514,6 +514,201 @@ def test_pack_blob_overlapping_the_graph(tmp_path):
     spec = valid()
     pack(spec).data.offset = 0
     expect(tmp_path, spec, LayoutError, "overlaps")
+
+
+# ---------------------------------------------------------------- packed code-length tables
+
+
+def packed_spec() -> K.Spec:
+    """The valid pack file with its 33-entry table packed (27 bytes of raw DEFLATE)."""
+    spec = valid()
+    spec.tables = [K.packed_table(spec.tables[0])]
+    spec.required_features |= C.FEATURE_PACKED_TABLES
+    return spec
+
+
+def lengths_of(spec: K.Spec) -> np.ndarray:
+    return huffman.unpack_lengths(spec.tables[0].packed_lengths, spec.tables[0].count)
+
+
+def deflate(data: bytes, level: int = 9) -> bytes:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush()
+
+
+def test_a_packed_table_decodes_bit_exact(tmp_path, decoder):
+    spec = packed_spec()
+    assert len(spec.tables[0].packed_lengths) < spec.tables[0].count == 33
+    path = write(tmp_path, spec)
+    weight, bias = (numpy_helper.to_array(t) for t in full_read(path).graph.initializer)
+    expected = K.expected_pack_values()
+    assert weight.tobytes() == expected[0].tobytes() and bias.tobytes() == expected[1].tobytes()
+    assert moub_inspect.verify_file(path) == []
+    with MoubFile(path) as moub:
+        assert moub.index.tables[0].tolist() == valid().tables[0].tolist()
+        assert moub.index.table_bytes == (len(spec.tables[0].packed_lengths),) and moub.index.table_is_packed(0)
+
+
+def test_a_packed_table_without_its_feature_bit(tmp_path):
+    spec = packed_spec()
+    spec.required_features = C.FEATURE_PACKS
+    expect(tmp_path, spec, StructureError, "uses packed code-length tables", "lacks 0x4")
+
+
+def test_a_reader_without_packed_tables_refuses_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "KNOWN_REQUIRED_FEATURES", C.FEATURE_PACKS | C.FEATURE_LZMA)
+    expect(tmp_path, packed_spec(), VersionError, "requires features 0x4 this reader does not implement")
+
+
+def test_packed_table_bomb_stops_at_count_plus_one(tmp_path):
+    # 32 bytes of DEFLATE that inflate to the 33 lengths and 500 zeros more: the output stops
+    # at 34 bytes (the test below shows the bound on a big bomb).
+    spec = packed_spec()
+    bomb = deflate(lengths_of(spec).tobytes() + bytes(500))
+    assert len(bomb) < 33
+    spec.tables[0].packed_lengths = bomb
+    expect(tmp_path, spec, HuffmanError, "Huffman table 0: packed_lengths inflates past its count of 33 code lengths")
+
+
+def test_a_big_packed_table_bomb_stays_bounded_in_memory(tmp_path):
+    # 256 MiB of zeros in a 255 KiB stream, declared as 2^20 lengths: inflation stops at
+    # 2^20 + 1 bytes, before any codebook is looked at.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = b"".join(compressor.compress(bytes(1 << 24)) for _ in range(16)) + compressor.flush()
+    spec = packed_spec()
+    spec.tables[0] = K.Table(None, bomb, 1 << 20)
+    path = write(tmp_path, spec)
+    tracemalloc.start()
+    try:
+        with pytest.raises(HuffmanError, match="inflates past its count of 1048576"):
+            full_read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+@pytest.mark.parametrize("cut", [1, 3, 10])
+def test_packed_table_truncated(tmp_path, cut):
+    spec = packed_spec()
+    spec.tables[0].packed_lengths = spec.tables[0].packed_lengths[:-cut]
+    expect(tmp_path, spec, HuffmanError, "Huffman table 0: packed_lengths is truncated", "of 33 bytes")
+
+
+def test_packed_table_empty_stream(tmp_path):
+    spec = packed_spec()
+    spec.tables[0].packed_lengths = b""
+    expect(tmp_path, spec, HuffmanError, "Huffman table 0: packed_lengths is truncated", "0 of 33 bytes")
+
+
+@pytest.mark.parametrize("extra", [b"\0", b"\0\0\0", deflate(b"\1")])
+def test_packed_table_trailing_data(tmp_path, extra):
+    spec = packed_spec()
+    spec.tables[0].packed_lengths += extra
+    expect(tmp_path, spec, HuffmanError, "Huffman table 0", f"{len(extra)} bytes after the end of the packed_lengths")
+
+
+@pytest.mark.parametrize("stream", [b"\xff" * 8, b"\x07" + bytes(8), b"\x01\x05\x00\x00\x00"])
+def test_packed_table_corrupt_stream(tmp_path, stream):
+    # reserved block type 3; a stored block whose length and its complement disagree
+    spec = packed_spec()
+    spec.tables[0].packed_lengths = stream
+    expect(tmp_path, spec, HuffmanError, "Huffman table 0: packed_lengths is not a valid DEFLATE stream")
+
+
+def test_packed_table_inflates_short(tmp_path):
+    spec = packed_spec()
+    spec.tables[0].packed_lengths = huffman.pack_lengths(lengths_of(spec)[:-1])
+    expect(tmp_path, spec, HuffmanError, "Huffman table 0: packed_lengths inflates to 32 bytes, count is 33")
+
+
+def test_packed_table_with_both_forms(tmp_path):
+    spec = packed_spec()
+    spec.tables[0].code_lengths = lengths_of(spec)
+    expect(tmp_path, spec, StructureError, "Huffman table 0: has both code_lengths and packed_lengths")
+
+
+@pytest.mark.parametrize("count", [0, 33])
+def test_table_with_neither_form(tmp_path, count):
+    spec = packed_spec()
+    spec.tables[0] = K.Table(None, None, count)
+    expect(tmp_path, spec, StructureError, "Huffman table 0: has neither code_lengths nor packed_lengths")
+
+
+def test_plain_table_with_a_count(tmp_path):
+    spec = valid()
+    spec.tables[0] = K.Table(spec.tables[0], None, 33)
+    expect(tmp_path, spec, StructureError, "Huffman table 0: count 33 is set", "packed_lengths only")
+
+
+def test_packed_table_count_above_the_cap(tmp_path):
+    spec = packed_spec()
+    spec.tables[0].count = (1 << 24) + 1
+    expect(tmp_path, spec, LimitError, "Huffman table 0: count 16777217 exceeds the limit 16777216")
+
+
+def test_packed_table_count_above_a_lower_cap(tmp_path):
+    spec = packed_spec()
+    spec.codebooks = [K.Grid(0, 1)]  # within the lower cap, so the table's count is the first thing above it
+    expect(tmp_path, spec, LimitError, "Huffman table 0: count 33 exceeds the limit 32", limits=ReaderLimits(max_codebook_entries=32))
+
+
+def test_packed_table_not_shorter_than_its_count(tmp_path):
+    spec = packed_spec()
+    stored = deflate(lengths_of(spec).tobytes(), level=0)  # a stored block: 33 bytes + 5
+    spec.tables[0].packed_lengths = stored
+    expect(tmp_path, spec, LimitError, f"packed_lengths of {len(stored)} bytes must be shorter than the 33 code lengths")
+
+
+def test_packed_table_that_does_not_fit_the_codebook(tmp_path):
+    spec = packed_spec()
+    spec.tables[0] = K.packed_table(np.append(lengths_of(spec), 0))  # a complete code over 34 entries
+    expect(tmp_path, spec, HuffmanError, "pack 0: Huffman table 0 has 34 lengths for codebook 0 of 33 entries")
+
+
+@pytest.mark.parametrize("lengths, word", [
+    ([1, 1, 1] + [0] * 30, "over-subscribed"),
+    ([1, 2] + [0] * 31, "incomplete"),
+    ([3] + [0] * 32, "one-symbol table must use length 1"),
+    ([0] * 33, "no symbol has a code"),
+    ([21, 1] + [0] * 31, "code length 21 exceeds the limit 20"),
+])
+def test_packed_lengths_are_validated_like_plain_ones(tmp_path, lengths, word):
+    spec = packed_spec()
+    spec.tables[0] = K.packed_table(np.array(lengths, np.uint8))
+    expect(tmp_path, spec, HuffmanError, "Huffman table 0", word)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_table_entries_of_all_tables_are_capped(tmp_path, packed):
+    spec = packed_spec() if packed else valid()
+    expect(tmp_path, spec, LimitError, "code lengths of all Huffman tables together 33", "limit 32",
+           limits=ReaderLimits(max_table_entries=32))
+
+
+def test_resealed_flips_in_a_packed_table_are_errors_or_valid_tables(tmp_path):
+    # With the index digest recomputed (an attacker, not corruption), any change to the
+    # DEFLATE bytes must end in a MoubFormatError or a file that loads: never a crash.
+    from moub_format import MoubFormatError
+
+    spec = packed_spec()
+    data = K.build(spec)
+    stream = spec.tables[0].packed_lengths
+    start = data.index(stream)
+    rng = np.random.default_rng(3)
+    path = tmp_path / "flipped.moub"
+    outcomes = {"error": 0, "loads": 0}
+    for position in range(start, start + len(stream)):
+        for bit in rng.choice(8, 3, replace=False):
+            corrupted = bytearray(data)
+            corrupted[position] ^= 1 << int(bit)
+            path.write_bytes(K.reseal(corrupted))
+            try:
+                moub_runtime.load(path)
+                outcomes["loads"] += 1
+            except MoubFormatError:
+                outcomes["error"] += 1
+    assert outcomes["error"] > 0
 
 
 # ---------------------------------------------------------------- LZMA

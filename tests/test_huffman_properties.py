@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from moub_format import HuffmanError, MoubFile, huffman
 from moub_format import constants as C
 from moub_format.lanes import WINDOW_SLACK, LookupTable, decode_lanes
-from moub_format.writer import HuffmanTensor, build
+from moub_format.writer import HuffmanTensor, build, own_table
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -239,3 +239,62 @@ def test_packs_round_trip_for_random_members_chunks_and_dtypes(tmp_path_factory,
         assert array.dtype == dtypes.STORAGE_DTYPES[dtype] and (array.size == 0 or array.ctypes.data % 64 == 0)
         assert array.tobytes() == dtypes.cast_from_float32(product, dtype).tobytes()
         start += count
+
+
+# ---------------------------------------------------------------- packed code-length tables (format 1.2)
+
+
+def grid_tables(max_levels: int = 3000):
+    """Tables like a per-tensor uniform quantizer's: a grid of levels, a bell of frequencies
+    (short codes in the middle, up to 15 bits in the tails) and unused levels in the tails."""
+    def table(levels: int, spread: float, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        samples = np.clip(np.rint(rng.standard_t(4, 20000) * spread), -(levels // 2), levels - levels // 2 - 1).astype(np.int64)
+        return own_table(np.bincount(samples + levels // 2, minlength=levels))
+
+    return st.builds(table, st.integers(2, max_levels), st.floats(0.5, 400.0), st.integers(0, 2**32 - 1))
+
+
+@FAST
+@given(st.one_of(complete_tables(300), grid_tables()))
+def test_packed_lengths_round_trip_through_the_codec_and_a_file(tmp_path_factory, lengths):
+    """Any valid table packs to one canonical stream that inflates back to exactly it; the
+    writer stores it packed iff that saves index bytes, and a reader gets the same lengths."""
+    from moub_format.writer import GridCodebook, PackSpec
+
+    packed = huffman.pack_lengths(lengths)
+    assert packed == huffman.pack_lengths(lengths.copy())
+    assert np.array_equal(huffman.unpack_lengths(packed, lengths.size), lengths)
+    choice = huffman.packed_table(lengths)
+    assert choice == (packed if len(packed) + C.PACKED_TABLE_OVERHEAD < lengths.size else None)
+    used = np.flatnonzero(lengths)
+    indices = np.repeat(used, 2)
+    pack = PackSpec((0,), (indices.size,), (1.0,), indices, 0, 0)
+    path = tmp_path_factory.mktemp("packedtables") / "t.moub"
+    path.write_bytes(build(b"", [GridCodebook(0, lengths.size)], [], packs=[pack], tables=[lengths]))
+    with MoubFile(path) as moub:
+        assert np.array_equal(moub.index.tables[0], lengths)
+        assert moub.index.table_bytes == ((len(packed),) if choice is not None else (lengths.size,))
+        assert moub.index.table_is_packed(0) == (choice is not None)
+        assert bool(moub.index.required_features & C.FEATURE_PACKED_TABLES) == (choice is not None)
+        assert np.array_equal(moub.decode_indices(moub.index.packs[0]), indices)
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=64), complete_tables(64).map(huffman.pack_lengths)), st.integers(0, 100), st.data())
+def test_unpack_lengths_is_exact_or_a_huffman_error(stream, count, data):
+    """Whatever the bytes (random, or a real stream cut, extended or flipped), the inflater
+    returns exactly ``count`` lengths or raises HuffmanError: never more, never another error."""
+    stream = bytearray(stream)
+    edit = data.draw(st.sampled_from(["none", "cut", "extend", "flip"]))
+    if edit == "cut" and stream:
+        del stream[data.draw(st.integers(0, len(stream) - 1)):]
+    elif edit == "extend":
+        stream += data.draw(st.binary(min_size=1, max_size=8))
+    elif edit == "flip" and stream:
+        stream[data.draw(st.integers(0, len(stream) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    try:
+        lengths = huffman.unpack_lengths(bytes(stream), count)
+    except HuffmanError:
+        return
+    assert lengths.dtype == np.uint8 and lengths.size == count

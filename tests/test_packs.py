@@ -20,7 +20,7 @@ import packing
 from moub_converters.encode import PackAssignment, TensorAssignment, dequantize_scaled, encode_model
 from moub_format import MoubFile, build, dtypes, scale_member
 from moub_format import constants as C
-from moub_format import writer
+from moub_format import huffman, writer
 from moub_format.writer import OWN, SMALLEST, GridCodebook, HuffmanTensor, PackSpec
 from moub_runtime.payload import clear_payload
 from moub_runtime.sites import iter_tensor_sites, tensor_sites
@@ -114,7 +114,7 @@ def test_the_file_uses_packs_grids_and_lzma(packed):
     with MoubFile(path) as moub:
         index = moub.index
         assert (index.format_major, index.format_minor) == (1, 2)
-        assert index.required_features == C.FEATURE_PACKS | C.FEATURE_LZMA
+        assert index.required_features == C.FEATURE_PACKS | C.FEATURE_LZMA | C.FEATURE_PACKED_TABLES
         assert [p.sites for p in index.packs] == [(0, 1, 7, 10), (2, 3, 4, 8, 9)]
         assert all(index.grids) and len(index.tables) == 2
         assert index.graph.codec == C.CODEC_LZMA
@@ -398,6 +398,51 @@ def test_encoder_rejects_bad_pack_assignments():
         encode_model(model, codebooks, {}, packs=[PackAssignment(("init:W_shared",), (1.0,), pack.indices, 0, None, (1, 2))])
 
 
+# ---------------------------------------------------------------- packed code-length tables in the writer
+
+
+def _table_forms(data: bytes, tmp_path) -> list[tuple[int, int]]:
+    """(entries, stored bytes) of each table of a file."""
+    path = tmp_path / "tables.moub"
+    path.write_bytes(data)
+    with MoubFile(path) as moub:
+        return [(t.size, stored) for t, stored in zip(moub.index.tables, moub.index.table_bytes)]
+
+
+def test_writer_packs_long_tables_and_keeps_short_ones_plain(tmp_path):
+    long = PackSpec((0,), (4000,), (0.5,), np.clip(np.rint(np.random.default_rng(1).normal(0, 60, 4000)), -300, 300).astype(int) + 300, 0, OWN)
+    short = PackSpec((1,), (6,), (0.5,), np.array([0, 0, 0, 0, 1, 2]), 1, OWN)
+    data = build(b"", [GridCodebook(-300, 601), GridCodebook(-2, 5)], [], packs=[long, short])
+    (entries_long, stored_long), (entries_short, stored_short) = _table_forms(data, tmp_path)
+    assert entries_long == 601 and stored_long + C.PACKED_TABLE_OVERHEAD < 601
+    lengths = writer.own_table(np.bincount(long.indices, minlength=601))
+    assert stored_long == len(huffman.pack_lengths(lengths)) and huffman.packed_table(lengths) is not None
+    assert (entries_short, stored_short) == (5, 5)
+    path = tmp_path / "tables.moub"
+    with MoubFile(path) as moub:
+        assert moub.index.required_features == C.FEATURE_PACKS | C.FEATURE_PACKED_TABLES
+        assert moub.index.tables[0].tolist() == lengths.tolist()
+        assert moub.index.table_is_packed(0) and not moub.index.table_is_packed(1)
+    assert build(b"", [GridCodebook(-300, 601), GridCodebook(-2, 5)], [], packs=[short, long]) == data
+
+
+def test_writer_keeps_tables_plain_in_1_1_style_files(tmp_path):
+    # A long table over an explicit codebook, no packs, no LZMA: packing it would make the file
+    # need feature bit 2, so a 1.1 reader could no longer read it. The writer keeps it plain.
+    indices = np.clip(np.rint(np.random.default_rng(2).normal(0, 40, 4000)), -200, 200).astype(int) + 200
+    tensors = [HuffmanTensor("init:a", "a", 1, (4000,), indices, 0)]
+    codebook = np.arange(-200, 201, dtype=np.float32)
+    data = build(b"", [codebook], tensors)
+    assert _table_forms(data, tmp_path) == [(401, 401)]
+    with MoubFile(tmp_path / "tables.moub") as moub:
+        assert moub.index.required_features == 0
+    lzma_data = build(b"", [codebook], tensors, graph_codec=C.CODEC_LZMA)  # needs 1.2 anyway: packed
+    (entries, stored), = _table_forms(lzma_data, tmp_path)
+    assert stored < entries == 401
+    with MoubFile(tmp_path / "tables.moub") as moub:
+        assert moub.index.required_features == C.FEATURE_LZMA | C.FEATURE_PACKED_TABLES
+
+
 # ---------------------------------------------------------------- LZMA in the writer
 
 
@@ -443,8 +488,14 @@ def test_cli_inspect_shows_packs_and_verify_passes(packed, tmp_path):
     assert all(p["bits_per_weight_with_index"] > p["bits_per_weight"] > 0 for p in summary["packs"])
     assert summary["index_bytes"] + summary["graph_bytes"] + summary["tensor_bytes"] + summary["pack_bytes"] + \
         summary["padding_bytes"] == summary["file_bytes"]
+    with MoubFile(path) as index_of:
+        stored = index_of.index.table_bytes
+        entries = sum(t.size for t in index_of.index.tables)
+    assert summary["tables"] == 2 and summary["packed_tables"] == 2 and summary["table_bytes"] == sum(stored) < entries
+    assert summary["table_entries"] == entries
     text = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
     assert "pack 1: 5 members" in text.stdout and "node:13/body/init:W_loop" in text.stdout
+    assert f"code-length tables: 2 (2 packed), {sum(stored)} index bytes for {entries} code lengths" in text.stdout
     verify = subprocess.run(moub + ["verify", str(path)], capture_output=True, text=True)
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr
 

@@ -7,6 +7,7 @@ from flatbuffers.compat import import_numpy
 np = import_numpy()
 
 # Canonical Huffman code: one code length per codebook entry, 0 = unused.
+# Exactly one of code_lengths and packed_lengths is present.
 class HuffmanTable(object):
     __slots__ = ['_tab']
 
@@ -56,8 +57,42 @@ class HuffmanTable(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
         return o == 0
 
+    # HuffmanTable
+    def PackedLengths(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 1))
+        return 0
+
+    # HuffmanTable
+    def PackedLengthsAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint8Flags, o)
+        return 0
+
+    # HuffmanTable
+    def PackedLengthsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # HuffmanTable
+    def PackedLengthsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        return o == 0
+
+    # HuffmanTable
+    def Count(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
 def HuffmanTableStart(builder):
-    builder.StartObject(1)
+    builder.StartObject(3)
 
 def Start(builder):
     HuffmanTableStart(builder)
@@ -73,6 +108,24 @@ def HuffmanTableStartCodeLengthsVector(builder, numElems):
 
 def StartCodeLengthsVector(builder, numElems):
     return HuffmanTableStartCodeLengthsVector(builder, numElems)
+
+def HuffmanTableAddPackedLengths(builder, packedLengths):
+    builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(packedLengths), 0)
+
+def AddPackedLengths(builder, packedLengths):
+    HuffmanTableAddPackedLengths(builder, packedLengths)
+
+def HuffmanTableStartPackedLengthsVector(builder, numElems):
+    return builder.StartVector(1, numElems, 1)
+
+def StartPackedLengthsVector(builder, numElems):
+    return HuffmanTableStartPackedLengthsVector(builder, numElems)
+
+def HuffmanTableAddCount(builder, count):
+    builder.PrependUint32Slot(2, count, 0)
+
+def AddCount(builder, count):
+    HuffmanTableAddCount(builder, count)
 
 def HuffmanTableEnd(builder):
     return builder.EndObject()

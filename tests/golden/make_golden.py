@@ -7,7 +7,8 @@ own table holding fp16/bf16/fp64 members and a tiny vector, each member offset
 by round(mean / step) (the tiny vector's offset is non-zero), a pack over an
 explicit codebook with per-member scales whose members live in a Constant node,
 If and Loop subgraphs and a function, a plain Huffman tensor, an LZMA graph, an
-LZMA raw tensor and alignment 8. ``test_golden`` rebuilds it byte for byte.
+LZMA raw tensor and alignment 8; two of its three code-length tables are long
+enough to be stored packed (a raw DEFLATE stream), the third stays plain. ``test_golden`` rebuilds it byte for byte.
 """
 
 from __future__ import annotations
