@@ -203,7 +203,7 @@ def convert(
     population: int = ConvertOptions.population,
     generations: int = ConvertOptions.generations,
     max_bins: int = ConvertOptions.max_bins,
-    min_elements: int = ConvertOptions.min_elements,
+    min_elements: int | None = None,
     merge_budget: int = ConvertOptions.merge_budget,
     batch_size: int | None = None,
     bins: int | None = None,
@@ -219,6 +219,10 @@ def convert(
     """
     started = time.perf_counter()
     input_shapes = advanced.pop("input_shapes", None)
+    if min_elements is None:  # each mode has its own default (paper: 1024, as the method pools weights)
+        from .modes import MODES
+
+        min_elements = getattr(MODES.get(mode), "default_min_elements", ConvertOptions.min_elements)
     options = ConvertOptions(metric=metric, max_drop=max_drop, mode=mode, seed=seed, workers=workers,
                              population=population, generations=generations, max_bins=max_bins,
                              min_elements=min_elements, merge_budget=merge_budget, batch_size=batch_size,
@@ -271,21 +275,25 @@ def convert(
     front_rows = _front_rows(front, q0)
     for candidate in result.feasible[:VERIFY_CANDIDATES]:
         quant, stages = mode_impl.materialize(pool, candidate, options, result.candidates)
-        trial = encode_model(source.model, quant.codebooks, quant.assignments(pool),
-                             _metadata(source, options, chosen_metric, q0, None, front_rows))
+        trial = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, None, front_rows))
         measured = _measure(trial, baseline)
         if measured.loss <= options.max_drop + 1e-12:
             break
     else:
         raise ToleranceError(f"the written file misses --max-drop {options.max_drop} when decoded by moub_runtime "
                              f"(loss {measured.loss:.4f}); raise --max-drop or give more data")
-    moub_bytes = encode_model(source.model, quant.codebooks, quant.assignments(pool),
-                              _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
+    moub_bytes = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
     final = _measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant)
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                          time.perf_counter() - started, chosen_metric)
+
+
+def _encode(source: SourceModel, quant, pool: Pool, metadata: dict[str, str]) -> bytes:
+    """The .moub bytes of a mode's quantization (codebook assignments and, format 1.2, packs)."""
+    return encode_model(source.model, quant.codebooks, quant.assignments(pool), metadata,
+                        packs=getattr(quant, "packs", ()), **getattr(quant, "build_options", {}))
 
 
 def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float,

@@ -48,7 +48,8 @@ def build_convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=d.population, help=f"NSGA-II population (default {d.population})")
     p.add_argument("--generations", type=int, default=d.generations, help=f"at most this many generations (default {d.generations})")
     p.add_argument("--max-bins", type=int, default=d.max_bins, help=f"largest bin count searched (default {d.max_bins})")
-    p.add_argument("--min-elements", type=int, default=d.min_elements, help=f"smaller tensors stay lossless (default {d.min_elements})")
+    p.add_argument("--min-elements", type=int, default=None,
+                   help=f"smaller float tensors stay lossless (default: {d.min_elements} in paper mode, 16 in adaptive mode)")
     p.add_argument("--merge-budget", type=int, default=d.merge_budget, help=f"evaluations spent merging bins (default {d.merge_budget})")
     p.add_argument("--batch-size", type=int, help="samples per onnxruntime run (default 64)")
     p.add_argument("--bins", type=int, help="fixed-bins encode with K equal-width bins: no search, no data needed")

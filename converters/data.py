@@ -37,6 +37,16 @@ class Dataset:
     n_samples: int
     batch_size: int
 
+    def spread(self, n: int) -> np.ndarray:
+        """Indices of ``n`` samples spread evenly over the data (deterministic): runs on a few
+        samples (sensitivity) should see the whole range of the data, not its first batch."""
+        return np.unique(np.linspace(0, self.n_samples - 1, min(n, self.n_samples)).round().astype(np.int64))
+
+    def take(self, picked: np.ndarray) -> Dataset:
+        labels = None if self.labels is None else self.labels[picked]
+        return Dataset({k: v[picked] for k, v in self.inputs.items()}, labels, int(picked.size),
+                       max(1, min(self.batch_size, int(picked.size))))
+
     def batches(self):
         """(first sample, feeds) of ``batch_size`` samples each, in order (the last may be shorter)."""
         for start in range(0, self.n_samples, self.batch_size):

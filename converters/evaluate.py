@@ -169,20 +169,21 @@ class Evaluator:
             for tensor in self._prepared.inline.values():
                 clear_payload(tensor)
 
-    def _batches(self, session: ort.InferenceSession, extra_feeds: Mapping[str, np.ndarray]):
-        for start, feeds in self.dataset.batches():
+    def _batches(self, session: ort.InferenceSession, extra_feeds: Mapping[str, np.ndarray], dataset: Dataset | None = None):
+        for start, feeds in (dataset or self.dataset).batches():
             yield start, session.run(self.output_names, {**feeds, **extra_feeds})
 
-    def iter_outputs(self, arrays: Mapping[str, np.ndarray]):
+    def iter_outputs(self, arrays: Mapping[str, np.ndarray], dataset: Dataset | None = None):
         """(first sample, outputs) batch after batch with ``arrays`` (site path -> storage array)
-        as the pooled weights; stop iterating to abandon the candidate."""
+        as the pooled weights, on ``dataset`` (default: all the data); stop iterating to
+        abandon the candidate."""
         self.runs += 1
         prepared = self._prepared
         if self.strategy == "inputs":
             if self._session is None or prepared.inline:
                 self._session = self._new_session(self._graph_for(arrays), session_options(self.optimization))
             feeds = {prepared.names[s.path]: np.ascontiguousarray(arrays[s.path]) for s in prepared.fed}
-            yield from self._batches(self._session, feeds)
+            yield from self._batches(self._session, feeds, dataset)
             return
         options = session_options(self.optimization)
         keep_alive: list = []  # the OrtValues borrow these arrays' memory
@@ -195,7 +196,7 @@ class Evaluator:
             keep_alive.extend(values)
             options.add_external_initializers([prepared.names[s.path] for s in prepared.fed], values)
         session = self._new_session(self._graph_for(arrays), options)
-        yield from self._batches(session, {})
+        yield from self._batches(session, {}, dataset)
 
     def outputs(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """All outputs over all samples, concatenated along the sample axis."""
@@ -249,8 +250,13 @@ class Scorer:
     """Quality of candidate weights: the evaluator's outputs scored by the metric."""
 
     def __init__(self, evaluator: Evaluator | None, metric: str, reference: list[np.ndarray], labels: np.ndarray | None,
-                 quality_original: float, n_samples: int | None = None) -> None:
+                 quality_original: float, n_samples: int | None = None, dataset: Dataset | None = None) -> None:
+        """``dataset``: score on these samples instead of the evaluator's (``reference`` and
+        ``labels`` must then be the ones of these samples)."""
         self.evaluator = evaluator
+        self.dataset = dataset
+        if dataset is not None and n_samples is None:
+            n_samples = dataset.n_samples
         self.metric = metric
         self.reference = reference
         self.labels = labels
@@ -289,7 +295,7 @@ class Scorer:
 
     def score(self, arrays: Mapping[str, np.ndarray], max_loss: float | None = None, dominated_at: float | None = None) -> Score:
         """Evaluate candidate weights (site path -> storage array); see :meth:`accumulate`."""
-        batches = self.evaluator.iter_outputs(arrays)
+        batches = self.evaluator.iter_outputs(arrays, self.dataset)
         try:
             return self.accumulate(batches, max_loss, dominated_at)
         finally:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from ..errors import OptionError
 from .base import Candidate, Mode, ModeContext, ModeResult, Stage
+from .adaptive import AdaptiveMode
 from .paper import PaperMode
 
-MODES: dict[str, type] = {PaperMode.name: PaperMode}
+MODES: dict[str, type] = {PaperMode.name: PaperMode, AdaptiveMode.name: AdaptiveMode}
 
 
 def register(mode_class: type) -> None:

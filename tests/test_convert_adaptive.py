@@ -1,0 +1,128 @@
+"""``--mode adaptive``: per-tensor steps by sensitivity, packs, on the demo model and synthetic weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import moub_runtime
+from moub_converters import convert
+from moub_converters.intake import load_source, pool_weights
+from moub_converters.modes.adaptive import layout, tolerance
+from moub_converters.packing import plan_packs, total_bits
+from moub_converters.uniform import SiteStats, allocate_steps, site_arrays, site_stats
+from moub_runtime.inspect import summarize
+from moub_runtime.sites import tensor_sites
+
+DATA = Path(__file__).resolve().parent.parent / "converters" / "data"
+MODEL, VAL, TEST = DATA / "digits_cnn.onnx", DATA / "digits_val.npz", DATA / "digits_test.npz"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    result = convert(MODEL, data=VAL, mode="adaptive", max_drop=0.01, seed=0)
+    path = tmp_path_factory.mktemp("adaptive") / "digits.moub"
+    result.write(path)
+    return result, path
+
+
+def test_decoded_weights_are_exactly_the_chosen_quantizers(converted):
+    result, path = converted
+    source = load_source(MODEL)
+    pool = pool_weights(source.model, result.report["settings"]["min_elements"])
+    facts = result.report["search"]
+    recipe = result.report["choice"]["recipe"]
+    stats = site_stats(pool)
+    lay = layout(pool, stats, np.asarray(facts["log2_optimal_step"]), recipe["x"], recipe["gamma"])
+    expected = site_arrays(pool, lay.levels, lay.steps)
+    decoded = tensor_sites(moub_runtime.load(path))
+    for site in pool.sites:
+        got = np.frombuffer(decoded[site.path].tensor.raw_data, dtype=expected[site.path].dtype)
+        assert got.tobytes() == expected[site.path].tobytes(), site.path
+    # every float tensor of >= 16 elements is quantized (biases too), each to its own step
+    assert len(pool.sites) == 7 and len({float(s) for s in lay.steps}) == len(pool.sites)  # 10-element bias: lossless
+
+
+def test_file_uses_packs_and_lzma_and_meets_the_tolerance(converted):
+    result, path = converted
+    summary = summarize(path)
+    assert summary.format_version == "1.2" and summary.packs
+    assert result.report["file"]["bytes"] == path.stat().st_size
+    assert result.report["loss"] <= 0.01
+    # the size the search optimised is the size the file has, within a few percent
+    weights = result.report["file"]["weight_bytes"]
+    estimate = result.report["choice"]["bits_per_weight"] * result.report["pool"]["pooled_weights"] / 8
+    assert abs(estimate - weights) / weights < 0.05, (estimate, weights)
+
+
+def test_held_back_accuracy_and_beats_paper_mode(converted):
+    result, path = converted
+    data = np.load(TEST)
+    original = onnx.load(MODEL)
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = moub_runtime.InferenceSession(path)
+    acc0 = float(np.mean(ref.run(None, {"input": data["input"]})[0].argmax(1) == data["labels"]))
+    acc1 = float(np.mean(got.run(None, {"input": data["input"]})[0].argmax(1) == data["labels"]))
+    assert acc0 - acc1 <= 0.02, (acc0, acc1)  # 360 held-back digits: within 7 samples of the original
+    paper = convert(MODEL, data=VAL, mode="paper", max_drop=0.01, seed=0)
+    assert result.ratio > paper.ratio
+
+
+def test_same_inputs_same_bytes_and_report():
+    first = convert(MODEL, data=VAL, mode="adaptive", max_drop=0.01, seed=3)
+    second = convert(MODEL, data=VAL, mode="adaptive", max_drop=0.01, seed=3)
+    assert first.moub_bytes == second.moub_bytes
+    assert first.report_json() == second.report_json()
+
+
+def test_cli_adaptive_mode(tmp_path):
+    out = tmp_path / "d.moub"
+    report = tmp_path / "r.json"
+    run = subprocess.run([sys.executable, "-m", "moub_runtime.cli", "convert", str(MODEL), "-o", str(out), "--data", str(VAL),
+                          "--mode", "adaptive", "--max-drop", "0.01", "--report", str(report), "--quiet"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    stages = json.loads(report.read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["per-tensor steps", "+Huffman packs"]
+    assert stages[-1]["file_bytes"] == out.stat().st_size
+
+
+def test_steps_follow_spread_at_gamma_0_and_sensitivity_at_gamma_1():
+    stats = SiteStats(np.array([1000, 4000, 250]), np.log2(np.array([0.1, 0.02, 1.5])), np.array([1.0, 0.2, 9.0]))
+    sens = np.array([-3.0, -9.0, -1.0])
+    at0 = allocate_steps(stats, sens, -4.0, 0.0).astype(np.float64)
+    assert np.allclose(at0, 2.0 ** -4 * np.exp2(stats.log2_sigma), rtol=1e-6)  # a step proportional to each sigma
+    at1 = allocate_steps(stats, sens, -4.0, 1.0).astype(np.float64)
+    assert np.allclose(np.log2(at1) - sens, np.log2(at1[0]) - sens[0], atol=1e-6)
+    finer = allocate_steps(stats, sens, -5.0, 1.0).astype(np.float64)
+    assert np.allclose(at1 / finer, 2.0, rtol=1e-6)
+
+
+def test_packing_centres_offset_tensors_and_covers_every_site_once():
+    rng = np.random.default_rng(0)
+    levels = [np.rint(rng.standard_normal(5000) * 40).astype(np.int64),   # big: a pack of its own
+              np.rint(rng.standard_normal(64) * 3).astype(np.int64),      # small ones share a pack
+              np.rint(900 + rng.standard_normal(64) * 3).astype(np.int64),  # a variance-like vector far from 0
+              np.rint(rng.standard_normal(32) * 5).astype(np.int64)]
+    plans = plan_packs(levels)
+    members = sorted(i for p in plans for i in p.members)
+    assert members == [0, 1, 2, 3]
+    shared = next(p for p in plans if 2 in p.members)
+    offset = shared.offsets[shared.members.index(2)]
+    assert abs(offset - 900) <= 2 and shared.count < 400  # uncentred, the grid would span -155..905
+    assert total_bits(plans, np.array([q.size for q in levels]), 4096) > 0
+
+
+@pytest.mark.parametrize("units, max_drop, lost_allowed", [(6000, 0.01, 59), (300, 0.01, 2), (500, 0.01, 4), (180, 0.005, 0), (50, 0.005, 0)])
+def test_tolerance_judges_lost_units_by_the_jeffreys_estimate(units, max_drop, lost_allowed):
+    limit = tolerance("agreement", max_drop, units)
+    assert round(limit * units) == lost_allowed
+    assert tolerance("cosine", max_drop, units) == max_drop
