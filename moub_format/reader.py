@@ -3,13 +3,16 @@
 Order of operations: size check before mmap, full index verification and
 semantic validation (:mod:`.index`, including the index digest and the
 whole-model decoded size), zero padding between payload ranges, then per
-window of about DECODE_BATCH_ELEMENTS Huffman elements: checksum of each
-tensor's stored bytes, chunk checks (bit ranges, zero padding bits), decoding
-of all chunks in lock step (:mod:`.lanes`; bitarray chunk by chunk when there
-are few) bounded by declared counts, each chunk required to take exactly its
-declared bits. Indices cannot leave the codebook (the code-length table has
-one entry per codebook entry). Memory: the decoded window plus about 10 bytes
-per element of it; nothing is allocated from a size that was not checked first.
+window of about ``batch_elements`` Huffman elements (DECODE_BATCH_ELEMENTS
+by default): checksum of each tensor's stored bytes, chunk checks (bit ranges,
+zero padding bits), decoding of all chunks in lock step (:mod:`.lanes`, on
+``decode_workers`` threads; bitarray chunk by chunk when there are few)
+bounded by declared counts, each chunk required to take exactly its declared
+bits. Indices cannot leave the codebook (the code-length table has one entry
+per codebook entry). Memory: the decoded window (the arrays handed out are
+views of it) plus the lane decoder's scratch, about the window's stored bytes
+(at most DECODER_SCRATCH_BYTES) and a few MB; nothing is allocated from a size
+that was not checked first.
 
 Packs (format 1.2) are streams like tensors: their chunks are lanes too. A
 pack decodes to float32 codebook values, then each member is offset, scaled
@@ -28,7 +31,7 @@ import mmap
 import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +48,19 @@ ValueKey = int | tuple[int, float, int] | None  # what a stream decodes to: an e
 
 
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
-MIN_LANES_PER_WORKER = 256       # below this a thread's NumPy calls are all overhead
+MIN_LANES_PER_WORKER = 8192      # lanes a decoding thread needs before splitting pays (GIL turns)
 MIN_LANES = 128                  # fewer chunks than this decode faster one by one (bitarray)
 DECODER_SCRATCH_BYTES = 1 << 25  # stream words the lane decoder holds per call (all its lanes), at most
+CONCURRENT_CHECK_BYTES = 1 << 20 # stored bytes worth hashing on other threads while decoding
+
+
+def default_decode_workers() -> int:
+    """Decoding threads when none are asked for: one per core this process may run on, up to 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
@@ -96,7 +109,7 @@ class MoubFile:
         together, which bounds the decoder's working memory."""
         self.path = Path(path)
         self.batch_elements = max(1, batch_elements)
-        self.decode_workers = max(1, decode_workers if decode_workers is not None else min(4, os.cpu_count() or 1))
+        self.decode_workers = max(1, decode_workers if decode_workers is not None else default_decode_workers())
         self.filename = str(path)
         self.limits = limits
         self._mmap: mmap.mmap | None = None
@@ -293,7 +306,21 @@ class MoubFile:
                 filled[...] = symbol_value
                 results.append(filled)
             return results
-        self._check_streams(streams)
+        checks = self._start_checks(streams)
+        try:
+            results = self._decode_lanes_group(streams, dtype, by_symbol, lookup)
+        except BaseException:
+            for check in checks:  # corrupt stored bytes are the cause to report, not what decoding them did
+                failure = check.exception()
+                if isinstance(failure, ChecksumError):
+                    raise failure from None
+            raise
+        for check in checks:
+            check.result()
+        return results
+
+    def _decode_lanes_group(self, streams: list[Stream], dtype: ValueKey, by_symbol: np.ndarray, lookup: LookupTable) -> list[np.ndarray]:
+        first = streams[0]
         lane_starts, lane_bits, lane_counts, rows = self._group_lanes(streams, lookup.max_length)
         row = lane_bits.size
         # Rows as long as the longest chunk (not chunk_elements: one-element tensors
@@ -314,11 +341,13 @@ class MoubFile:
         entries = self._entries(first.table, first.codebook, dtype)
         # Lanes per call: as many as the window and DECODER_SCRATCH_BYTES (the decoder's
         # stream words, for all threads together) allow, since NumPy's per-call overhead
-        # shrinks with every lane added; shared out evenly between the threads.
-        workers = self.decode_workers
+        # shrinks with every lane added. Split between threads only when each gets
+        # MIN_LANES_PER_WORKER lanes: the threads take turns at the GIL around every
+        # NumPy call, which costs more than the calls of a few thousand lanes do.
         rows_per_lane = int(((lane_starts & 7) * 8 + lane_bits).max()) // 64 + 2
-        cap = max(1, min(self.batch_elements // steps, DECODER_SCRATCH_BYTES // (8 * rows_per_lane * workers)))
-        per_call = min(cap, max(MIN_LANES_PER_WORKER, -(-row // workers))) if workers > 1 else cap
+        in_memory = max(1, min(self.batch_elements // steps, DECODER_SCRATCH_BYTES // (8 * rows_per_lane)))
+        threads = max(1, min(self.decode_workers, row // MIN_LANES_PER_WORKER))
+        per_call = max(1, min(in_memory // threads, -(-row // threads)))
         per_call = -(-row // -(-row // per_call))  # equal spans
         spans = [(a, min(row, a + per_call)) for a in range(0, row, per_call)]
 
@@ -326,8 +355,8 @@ class MoubFile:
             a, b = span
             return decode_lanes(data, lane_starts[a:b], lane_bits[a:b], lane_counts[a:b], lookup, by_symbol, out[a:b], entries)
 
-        if self.decode_workers > 1 and len(spans) > 1:
-            with ThreadPoolExecutor(min(self.decode_workers, len(spans))) as pool:
+        if threads > 1 and len(spans) > 1:
+            with ThreadPoolExecutor(threads) as pool:
                 consumed_parts = list(pool.map(run, spans))
         else:
             consumed_parts = [run(span) for span in spans]
@@ -337,17 +366,21 @@ class MoubFile:
             self._raise_lane(streams, rows, int(bad[0]), int(consumed[bad[0]]), int(lane_bits[bad[0]]))
         return [_aligned(out[r : r + n_chunks].reshape(-1)[: s.n_elements]) for s, (r, n_chunks) in zip(streams, rows)]
 
-    def _check_streams(self, streams: list[Stream]) -> None:
-        """Checksums of the streams' stored bytes, before any of them is decoded; on
-        ``decode_workers`` threads when there are several big ones (hashlib releases
-        the GIL). The first mismatch in stream order is the one reported."""
-        if self.decode_workers > 1 and len(streams) > 1 and sum(s.data.length for s in streams) >= 1 << 20:
-            with ThreadPoolExecutor(self.decode_workers) as pool:
-                for _ in pool.map(lambda s: self._checked(s.data, s.subject), streams):
-                    pass
-            return
-        for stream in streams:
-            self._checked(stream.data, stream.subject)
+    def _start_checks(self, streams: list[Stream]) -> list[Future]:
+        """Check the streams' stored bytes against their checksums. With one decoding
+        thread, or little to hash, at once (and return nothing to wait for). Otherwise
+        on ``decode_workers - 1`` threads (hashlib releases the GIL) while the calling
+        thread decodes; the caller waits for them before handing out any result and
+        reports a mismatch (the first in stream order) before anything the decoder
+        found: the lane decoder is safe on any bytes (bounded loops, clipped gathers)."""
+        if self.decode_workers < 2 or sum(s.data.length for s in streams) < CONCURRENT_CHECK_BYTES:
+            for stream in streams:
+                self._checked(stream.data, stream.subject)
+            return []
+        pool = ThreadPoolExecutor(self.decode_workers - 1)
+        checks = [pool.submit(self._checked, stream.data, stream.subject) for stream in streams]
+        pool.shutdown(wait=False)
+        return checks
 
     def _decode_few(self, streams, rows, starts, bits, counts, table: int, by_symbol: np.ndarray, out: np.ndarray) -> None:
         """Few, long chunks (files written with big chunks): bitarray's decoder, chunk by

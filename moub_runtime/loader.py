@@ -22,7 +22,7 @@ import onnx
 import onnxruntime
 
 from moub_format import DEFAULT_LIMITS, GraphError, LimitError, MoubFile, ReaderLimits
-from moub_format.reader import DECODE_BATCH_ELEMENTS
+from moub_format.reader import DECODE_BATCH_ELEMENTS, default_decode_workers
 from moub_format import dtypes
 from moub_format.dtypes import BFLOAT16
 
@@ -192,6 +192,7 @@ def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_
 # releases without it copy them, as they copy add_external_initializers' OrtValues).
 DIRECT_BUFFERS_KEY = "session.use_external_initializer_file_buffers_directly"
 _file_numbers = itertools.count()
+_options_with_ortvalues: weakref.WeakSet = weakref.WeakSet()  # options given OrtValues (no in-memory files)
 
 
 def _has_in_memory_files() -> bool:
@@ -228,10 +229,17 @@ def _hand_over(options: onnxruntime.SessionOptions, tensors: list[onnx.TensorPro
         options.add_session_config_entry(DIRECT_BUFFERS_KEY, "1")
         options.add_external_initializers_from_files_in_memory(names, buffers, [b.size for b in buffers])
         return buffers
+    if options in _options_with_ortvalues:
+        raise ValueError(
+            f"this SessionOptions object already carries the weights of an earlier moub_runtime session, and "
+            f"onnxruntime {onnxruntime.__version__} cannot replace them (it has no in-memory initializer files): "
+            f"pass a new SessionOptions for each session"
+        )
     values = [_ort_value(array, dtype) for array, dtype in zip(arrays, dtypes_)]
     for tensor in tensors:
         mark_in_memory(tensor)
     options.add_external_initializers([t.name for t in tensors], values)
+    _options_with_ortvalues.add(options)
     return values
 
 
@@ -287,11 +295,6 @@ def _keep_alive_with(options: onnxruntime.SessionOptions, objects: list) -> None
     weakref.finalize(options, list.clear, objects)
 
 
-def default_decode_workers() -> int:
-    """Decoding threads when none are asked for: one per core, up to 4."""
-    return min(4, os.cpu_count() or 1)
-
-
 class InferenceSession(onnxruntime.InferenceSession):
     """An onnxruntime session straight from a .moub file.
 
@@ -314,10 +317,13 @@ class InferenceSession(onnxruntime.InferenceSession):
     inside subgraphs are put back into the graph, which onnxruntime cannot be
     handed otherwise; so are initializers no node reads.
 
-    ``decode_workers`` threads decode the Huffman streams and check their
-    checksums (NumPy and hashlib release the GIL in their loops). Default None:
-    one per core, up to 4 (:func:`default_decode_workers`); 1 decodes on the
-    calling thread only.
+    ``decode_workers``: threads for decoding. Default None: one per core, up
+    to 4 (:func:`default_decode_workers`). The stored bytes' checksums are then
+    computed on the other threads while the calling thread decodes (hashlib
+    releases the GIL), and windows of very many chunks are split between
+    threads; a window of a few thousand chunks is not, since threads would
+    take turns at the GIL around every NumPy call. 1: everything on the
+    calling thread.
     """
 
     def __init__(

@@ -232,9 +232,16 @@ def test_callers_options_keep_the_weights_alive_as_long_as_they_live(packed):
     del session
     gc.collect()
     assert all(r() is not None for r in arrays)
-    again = moub_runtime.InferenceSession(path, sess_options=options)  # a second session from the same options
-    np.testing.assert_array_equal(again.run(None, feeds)[0], expected)
-    del again, options
+    from moub_runtime.loader import _has_in_memory_files
+
+    if _has_in_memory_files():
+        again = moub_runtime.InferenceSession(path, sess_options=options)  # a second session from the same options
+        np.testing.assert_array_equal(again.run(None, feeds)[0], expected)
+        del again
+    else:  # OrtValues of the same names cannot be added twice: a clear error, not onnxruntime's
+        with pytest.raises(ValueError, match="new SessionOptions for each session"):
+            moub_runtime.InferenceSession(path, sess_options=options)
+    del options
     gc.collect()
     assert all(r() is None for r in arrays)
 
@@ -242,7 +249,7 @@ def test_callers_options_keep_the_weights_alive_as_long_as_they_live(packed):
 def test_decode_threads_and_shift_fallback_agree_bit_for_bit(packed, monkeypatch):
     """Decoding on several threads, in small windows, with the lane decoder's shift
     fallback (platforms where a uint64 shift by 64 is not 0) all give the same bytes."""
-    from moub_format import MoubFile, lanes
+    from moub_format import MoubFile, lanes, reader
 
     _, _, _, path = packed
 
@@ -251,6 +258,9 @@ def test_decode_threads_and_shift_fallback_agree_bit_for_bit(packed, monkeypatch
             return {info.path: array.tobytes() for info, array in moub.iter_tensors()}
 
     reference = decode()
+    monkeypatch.setattr(reader, "MIN_LANES", 0)
+    monkeypatch.setattr(reader, "MIN_LANES_PER_WORKER", 1)  # lanes split between threads
+    monkeypatch.setattr(reader, "CONCURRENT_CHECK_BYTES", 0)  # checksums beside decoding
     assert decode(decode_workers=3, batch_elements=1 << 25) == reference
     assert decode(batch_elements=700) == reference
     monkeypatch.setattr(lanes, "SHIFTS_SATURATE", not lanes.SHIFTS_SATURATE)
@@ -284,3 +294,49 @@ def test_mixed_chunk_lengths_do_not_blow_up_the_output_buffer(tmp_path, monkeypa
     for spec in tensors:
         assert decoded[spec.path].tobytes() == codebook[spec.indices].tobytes()
     assert max(sizes) <= 2 * ((1 << 17) + 300 * 16)
+
+
+def test_onnxruntime_without_in_memory_files_gets_ortvalues(packed, monkeypatch):
+    """Releases before the in-memory files binding (the pyproject floor, 1.19) get the
+    weights as OrtValues through add_external_initializers: same outputs."""
+    from moub_runtime import loader
+
+    _, _, _, path = packed
+    feeds = modelzoo.sample_feeds()
+    expected = moub_runtime.InferenceSession(path).run(None, feeds)
+    monkeypatch.setattr(loader, "_has_in_memory_files", lambda: False)
+    loader.ort_copies_external_initializers.cache_clear()
+    try:
+        copies = loader.ort_copies_external_initializers()
+        for options in (None, ort.SessionOptions()):
+            session = moub_runtime.InferenceSession(path, sess_options=options, decode_workers=1)
+            assert session._moub_weights or (copies and options is None)
+            for got, want in zip(session.run(None, feeds), expected):
+                np.testing.assert_array_equal(got, want)
+        with pytest.raises(ValueError, match="new SessionOptions for each session"):
+            moub_runtime.InferenceSession(path, sess_options=options)
+    finally:
+        loader.ort_copies_external_initializers.cache_clear()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_stream_is_a_checksum_error_even_when_hashed_beside_decoding(packed, tmp_path, monkeypatch, workers):
+    """With several decode_workers the checksums are computed on other threads while
+    the lanes decode; a corrupt stream must still be reported as a checksum mismatch."""
+    from moub_format import ChecksumError, MoubFile, reader
+    from moub_format import constants as C
+
+    _, _, _, path = packed
+    monkeypatch.setattr(reader, "CONCURRENT_CHECK_BYTES", 0)
+    monkeypatch.setattr(reader, "MIN_LANES", 0)
+    data = bytearray(path.read_bytes())
+    with MoubFile(path) as moub:
+        victim = max((t for t in moub.index.tensors if t.encoding == C.ENCODING_HUFFMAN), key=lambda t: t.data.length)
+        position = moub.index.payload_offset + victim.data.offset + victim.data.length // 2
+    data[position] ^= 0x5A
+    bad = tmp_path / "bad.moub"
+    bad.write_bytes(bytes(data))
+    with MoubFile(bad, decode_workers=workers) as moub:
+        with pytest.raises(ChecksumError, match="checksum mismatch"):
+            for _ in moub.iter_tensors():
+                pass
