@@ -43,6 +43,7 @@ bounded by the declared element counts.
 from __future__ import annotations
 
 import mmap
+from concurrent.futures import Executor, Future
 
 import numpy as np
 
@@ -185,6 +186,7 @@ def decode_lanes(
     by_symbol: np.ndarray,
     out: np.ndarray,
     entries: tuple[np.ndarray, np.ndarray | None] | None = None,
+    helper: Executor | None = None,
 ) -> np.ndarray:
     """Decode ``len(starts)`` chunks in lock step; return the bits each consumed.
 
@@ -195,8 +197,10 @@ def decode_lanes(
     entries (the rest is scratch). The result holds, per lane, the bits its
     ``counts[i]`` codes took; the caller compares it with ``bits``.
     ``entries``: ``table.entries(by_symbol)``, when the caller caches it.
-    Memory besides ``out``: about the lanes' stream bytes, plus 8 * BLOCK_STEPS
-    bytes and a few dozen bytes per lane.
+    ``helper``: an executor whose thread copies each finished block of steps into
+    ``out`` (the copy releases the GIL) while this thread decodes the next one
+    into a second block. Memory besides ``out``: about the lanes' stream bytes,
+    plus one or two blocks (at most BLOCK_BYTES each) and a few dozen bytes per lane.
     """
     n_lanes, steps = out.shape
     starts = np.asarray(starts, dtype=np.int64)
@@ -230,12 +234,19 @@ def decode_lanes(
     one = np.uint64(1)
     k = table.symbols_per_refill
     block_steps = max(1, min(BLOCK_STEPS, steps, BLOCK_BYTES // (8 * n_lanes)))
-    block = empty_pages((block_steps, n_lanes), np.uint64)
+    blocks = [empty_pages((block_steps, n_lanes), np.uint64) for _ in range(2 if helper is not None else 1)]
     itemsize = out.dtype.itemsize
-    if wide is None:
-        values = block.view(out.dtype)[:, 8 // itemsize // 2 :: 8 // itemsize]  # the high half's low bytes
-    else:
-        values = block.view(np.uint32)[:, 1::2]  # symbols, mapped through ``wide`` at each flush
+
+    def value_view(block: np.ndarray) -> np.ndarray:
+        if wide is None:
+            return block.view(out.dtype)[:, 8 // itemsize // 2 :: 8 // itemsize]  # the high half's low bytes
+        return block.view(np.uint32)[:, 1::2]  # symbols, mapped through ``wide`` at each flush
+
+    def flush(values: np.ndarray, start: int, end: int) -> None:
+        if wide is None:
+            out[:, start:end] = values.T
+        else:
+            out[:, start:end] = wide.take(values.T)
 
     def position(lanes: np.ndarray) -> np.ndarray:
         return ((flat[lanes] - lanes) // n_lanes) * 64 + off[lanes].astype(np.int64) - first_bit[lanes]
@@ -246,45 +257,61 @@ def decode_lanes(
     for c in np.unique(counts[short]).tolist():
         finish[int(c)] = short[counts[short] == c]
 
-    rows_of_block = [block[i] for i in range(block_steps)]
+    rows_of = [[block[i] for i in range(block_steps)] for block in blocks]
+    values_of = [value_view(block) for block in blocks]
+    pending: list[Future | None] = [None] * len(blocks)
+    which = 0
+    # The ufuncs as locals, and the loop body unrolled per refill: this loop makes
+    # about 7 NumPy calls per symbol, so what Python does around them counts.
+    shift_left, shift_right, subtract = np.left_shift, np.right_shift, np.subtract
+    bit_and, bit_or, add, multiply = np.bitwise_and, np.bitwise_or, np.add, np.multiply
+    saturate = SHIFTS_SATURATE
+    six = np.uint64(6)
     step = 0
-    while step < steps:
-        block_start = step
-        block_end = min(steps, step + block_steps)
-        while step < block_end:
-            # refill: the 64 bits at each lane's position
-            take_word(flat, None, window, "clip")
-            take_next_word(flat, None, low, "clip")
-            np.left_shift(window, off, out=window)
-            if SHIFTS_SATURATE:
-                np.subtract(word_bits, off, out=shift)    # 64 at a word boundary: no bits from ``low``
-                np.right_shift(low, shift, out=low)
+    try:
+        while step < steps:
+            block_start = step
+            block_end = min(steps, step + block_steps)
+            if pending[which] is not None:
+                pending[which].result()  # this block's previous contents are in ``out``
+            rows_of_block = rows_of[which]
+            while step < block_end:
+                # refill: the 64 bits at each lane's position
+                take_word(flat, None, window, "clip")
+                take_next_word(flat, None, low, "clip")
+                shift_left(window, off, window)
+                if saturate:
+                    subtract(word_bits, off, shift)    # 64 at a word boundary: no bits from ``low``
+                    shift_right(low, shift, low)
+                else:
+                    subtract(word_mask, off, shift)
+                    shift_right(low, one, low)
+                    shift_right(low, shift, low)
+                bit_or(window, low, window)
+                for row in rows_of_block[step - block_start : min(block_end, step + k) - block_start]:
+                    shift_right(window, drop, pattern)
+                    take_entry(pattern_index, None, row, "clip")
+                    bit_and(row, LENGTH_MASK, length)
+                    shift_left(window, length, window)
+                    add(off, length, off)
+                    step += 1
+                    if step in finish:
+                        consumed[finish[step]] = position(finish[step])
+                # whole words consumed move the lane one row on (at most 64 bits per refill)
+                shift_right(off, six, shift)
+                bit_and(off, word_mask, off)
+                multiply(shift, stride, shift)
+                add(flat_bits, shift, flat_bits)
+            filled = block_end - block_start
+            if helper is None:
+                flush(values_of[which][:filled], block_start, block_end)
             else:
-                np.subtract(word_mask, off, out=shift)
-                np.right_shift(low, one, out=low)
-                np.right_shift(low, shift, out=low)
-            np.bitwise_or(window, low, out=window)
-            for _ in range(min(k, block_end - step)):
-                row = rows_of_block[step - block_start]
-                np.right_shift(window, drop, out=pattern)
-                take_entry(pattern_index, None, row, "clip")
-                np.bitwise_and(row, LENGTH_MASK, out=length)
-                np.left_shift(window, length, out=window)
-                np.add(off, length, out=off)
-                step += 1
-                done = finish.get(step)
-                if done is not None:
-                    consumed[done] = position(done)
-            # whole words consumed move the lane one row on (at most 64 bits per refill)
-            np.right_shift(off, np.uint64(6), out=shift)
-            np.bitwise_and(off, word_mask, out=off)
-            np.multiply(shift, stride, out=shift)
-            np.add(flat_bits, shift, out=flat_bits)
-        filled = block_end - block_start
-        if wide is None:
-            out[:, block_start:block_end] = values[:filled].T
-        else:
-            out[:, block_start:block_end] = wide.take(values[:filled].T)
+                pending[which] = helper.submit(flush, values_of[which][:filled], block_start, block_end)
+                which = 1 - which
+    finally:
+        for done_flush in pending:
+            if done_flush is not None:
+                done_flush.result()
     full = np.flatnonzero(counts >= steps)
     if full.size:
         consumed[full] = position(full)

@@ -351,13 +351,16 @@ class MoubFile:
         per_call = -(-row // -(-row // per_call))  # equal spans
         spans = [(a, min(row, a + per_call)) for a in range(0, row, per_call)]
 
-        def run(span: tuple[int, int]) -> np.ndarray:
+        def run(span: tuple[int, int], helper: ThreadPoolExecutor | None = None) -> np.ndarray:
             a, b = span
-            return decode_lanes(data, lane_starts[a:b], lane_bits[a:b], lane_counts[a:b], lookup, by_symbol, out[a:b], entries)
+            return decode_lanes(data, lane_starts[a:b], lane_bits[a:b], lane_counts[a:b], lookup, by_symbol, out[a:b], entries, helper)
 
         if threads > 1 and len(spans) > 1:
             with ThreadPoolExecutor(threads) as pool:
                 consumed_parts = list(pool.map(run, spans))
+        elif self.decode_workers > 1:  # one more thread copies finished blocks into ``out``
+            with ThreadPoolExecutor(1) as helper:
+                consumed_parts = [run(span, helper) for span in spans]
         else:
             consumed_parts = [run(span) for span in spans]
         consumed = np.concatenate(consumed_parts)

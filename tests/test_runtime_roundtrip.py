@@ -259,8 +259,10 @@ def test_decode_threads_and_shift_fallback_agree_bit_for_bit(packed, monkeypatch
 
     reference = decode()
     monkeypatch.setattr(reader, "MIN_LANES", 0)
-    monkeypatch.setattr(reader, "MIN_LANES_PER_WORKER", 1)  # lanes split between threads
     monkeypatch.setattr(reader, "CONCURRENT_CHECK_BYTES", 0)  # checksums beside decoding
+    monkeypatch.setattr(lanes, "BLOCK_STEPS", 3)  # many blocks, copied out by a helper thread
+    assert decode(decode_workers=2, batch_elements=1 << 25) == reference
+    monkeypatch.setattr(reader, "MIN_LANES_PER_WORKER", 1)  # lanes split between threads
     assert decode(decode_workers=3, batch_elements=1 << 25) == reference
     assert decode(batch_elements=700) == reference
     monkeypatch.setattr(lanes, "SHIFTS_SATURATE", not lanes.SHIFTS_SATURATE)
