@@ -16,8 +16,9 @@ quantized with equal-width bins (k = 256, float tensors of >= 1024 elements):
   load), next to the same figure for ``.onnx`` -> ``onnxruntime.InferenceSession``,
   and the RSS once the session exists;
 * load time ``.moub`` -> session against ``.onnx`` -> session, best of a few, two ways:
-  with default arguments on both sides (onnxruntime's default threads; moub
-  decodes on one thread per core, up to 4), as wall time: what a user waits;
+  with default arguments on both sides (onnxruntime's default threads; moub's
+  default ``decode_workers``, one thread per core up to 4: checksums and output
+  copies beside the decoding thread), as wall time: what a user waits;
   and on one core (one intra-op and one inter-op thread, ``decode_workers=1``),
   as process CPU time, which other processes on a shared machine do not inflate.
 
@@ -322,7 +323,7 @@ def load_times(onnx_path: Path, moub_path: Path, repeats: int = 5) -> dict:
     """Best-of-``repeats`` time of path -> session for both formats, interleaved:
 
     * ``default``: default arguments on both sides (onnxruntime's own thread
-      settings; moub decodes on one thread per core, up to 4), wall time and process
+      settings; moub's default decode_workers), wall time and process
       CPU time (all threads);
     * ``one_core``: one intra-op and one inter-op thread, moub decoding on the calling
       thread only (``decode_workers=1``), process CPU time and wall time. On an idle
@@ -429,7 +430,7 @@ def format_table(rows: list[dict]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.runtime", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--repeats", type=int, default=5, help="best of this many runs")
+    parser.add_argument("--repeats", type=int, default=7, help="best of this many runs")
     parser.add_argument("--reference", action="store_true", help="also time bitarray's decoder (the one used before)")
     parser.add_argument("--out", default=str(OUT / "runtime.json"))
     args = parser.parse_args(argv)
