@@ -4,6 +4,7 @@ Changing a value here invalidates the cached inputs it affects (the cache key in
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -59,7 +60,9 @@ MOUB_METRIC = "agreement"
 MOUB_METRICS = {"digits": "accuracy", "det": "rel-l2"}
 MOUB_MAX_DROPS_BY_MODEL = {"det": (0.05, 0.035)}
 MOUB_SEED = 0
-MOUB_OPTIONS: dict = {}  # extra convert() keywords for full runs; empty = the converter's defaults
+# Extra convert() keywords for full runs: evaluations in one worker process per core (at most 4;
+# the converter evaluates with one onnxruntime thread per process). Same files as workers=1.
+MOUB_OPTIONS: dict = {"workers": max(1, min(4, len(os.sched_getaffinity(0))))}
 MOUB_SMOKE_OPTIONS = {"population": 4, "generations": 2, "merge_budget": 2, "workers": 1}
 MOUB_BEST_MODE_ENV = "MOUB_BENCH_BEST_MODE"  # set to force the mode of the moub_best row
 MOUB_BUDGET_S = {"digits": 60, "magika": 300, "cls": 150, "rec": 480, "det": 420}  # per row, all its conversions

@@ -491,7 +491,8 @@ METHOD_NOTES = [
     "tensors outside the pool) as the ONNX protobuf compressed with zstd -19, as moub's container deflates "
     "its graph.",
     "- **moub**: `moub_converters.convert(model, data=<search split>, metric=..., max_drop=..., mode=..., "
-    f"seed={C.MOUB_SEED})` with the converter's default settings otherwise, in a subprocess; metric "
+    f"seed={C.MOUB_SEED}{''.join(f', {k}={v!r}' for k, v in C.MOUB_OPTIONS.items())})` with the converter's "
+    "default settings otherwise, in a subprocess; metric "
     f"{C.MOUB_METRIC} ({', '.join(f'{k}: {v}' for k, v in C.MOUB_METRICS.items())}). The search holds "
     "--max-drop on the search split only, so the tolerance is swept like the peers' knobs: "
     f"{', '.join(f'{d:g}' for d in C.MOUB_MAX_DROPS)}"

@@ -197,7 +197,7 @@ def convert(
     labels=None,
     metric: str | None = None,
     max_drop: float = ConvertOptions.max_drop,
-    mode: str = "paper",
+    mode: str = ConvertOptions.mode,
     seed: int = 0,
     workers: int = 1,
     population: int = ConvertOptions.population,
@@ -219,10 +219,11 @@ def convert(
     """
     started = time.perf_counter()
     input_shapes = advanced.pop("input_shapes", None)
-    if min_elements is None:  # each mode has its own default (paper: 1024, as the method pools weights)
+    if min_elements is None:  # each mode has its own default (paper and --bins: 1024, as the paper pools weights)
         from .modes import MODES
 
-        min_elements = getattr(MODES.get(mode), "default_min_elements", ConvertOptions.min_elements)
+        min_elements = (ConvertOptions.min_elements if bins is not None
+                        else getattr(MODES.get(mode), "default_min_elements", ConvertOptions.min_elements))
     options = ConvertOptions(metric=metric, max_drop=max_drop, mode=mode, seed=seed, workers=workers,
                              population=population, generations=generations, max_bins=max_bins,
                              min_elements=min_elements, merge_budget=merge_budget, batch_size=batch_size,

@@ -42,14 +42,14 @@ def build_convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=METRICS, help="default: accuracy with labels, else agreement (classifiers) or cosine")
     p.add_argument("--max-drop", type=float, default=d.max_drop, help=f"largest loss allowed: the metric's absolute drop; for accuracy the share of "
                    f"samples the original gets right and the .moub wrong (default {d.max_drop})")
-    p.add_argument("--mode", default=d.mode, choices=sorted(MODES), help="method (default paper: the MO-UB paper, faithfully)")
+    p.add_argument("--mode", default=d.mode, choices=sorted(MODES), help=f"method (default {d.mode}; paper: the MO-UB paper, faithfully)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="worker processes for evaluations (default 1)")
     p.add_argument("--population", type=int, default=d.population, help=f"NSGA-II population (default {d.population})")
     p.add_argument("--generations", type=int, default=d.generations, help=f"at most this many generations (default {d.generations})")
     p.add_argument("--max-bins", type=int, default=d.max_bins, help=f"largest bin count searched (default {d.max_bins})")
     p.add_argument("--min-elements", type=int, default=None,
-                   help=f"smaller float tensors stay lossless (default: {d.min_elements} in paper mode, 16 in adaptive mode)")
+                   help=f"smaller float tensors stay lossless (default: {d.min_elements} in paper mode and with --bins, 16 in adaptive mode)")
     p.add_argument("--merge-budget", type=int, default=d.merge_budget, help=f"evaluations spent merging bins (default {d.merge_budget})")
     p.add_argument("--batch-size", type=int, help="samples per onnxruntime run (default 64)")
     p.add_argument("--bins", type=int, help="fixed-bins encode with K equal-width bins: no search, no data needed")

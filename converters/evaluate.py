@@ -28,7 +28,7 @@ weights and data always give the same outputs, whichever process runs them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,6 +205,17 @@ class Evaluator:
                 for i in range(len(self.output_names))]
 
 
+def subset_reference(evaluator: Evaluator, reference: Sequence[np.ndarray], n_samples: int, picked: np.ndarray,
+                     subset: Dataset, originals: Callable[[], Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+    """The original model's outputs on the samples ``picked`` (given as the Dataset ``subset``):
+    rows of ``reference`` when every output has one row per sample, else run again, because
+    rows are then not samples (a Resize that also scales the batch axis)."""
+    if all(r.ndim == 0 or r.shape[0] == n_samples for r in reference):
+        return [r[picked] if r.ndim else r for r in reference]
+    parts = [outputs for _, outputs in evaluator.iter_outputs(originals(), subset)]
+    return [np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else parts[0][i] for i in range(len(parts[0]))]
+
+
 def original_arrays(model: onnx.ModelProto, pool: Pool) -> dict[str, np.ndarray]:
     """The pooled sites' original values in storage dtype and shape."""
     from moub_format.dtypes import STORAGE_DTYPES
@@ -278,6 +289,7 @@ class Scorer:
             return Score(acc.value() if acc.units else None, acc.loss_lower_bound(), False, acc.units, reason)
 
         iterator = iter(batches)
+        row = 0  # output rows so far: a sample may give several rows (a Resize that scales the batch axis)
         while True:
             if dominated_at is not None and acc.loss_lower_bound() >= dominated_at:
                 return stopped("dominated")
@@ -285,9 +297,10 @@ class Scorer:
                 start, outputs = next(iterator)
             except StopIteration:
                 break
-            stop = start + (outputs[0].shape[0] if outputs[0].ndim else 1)
-            reference = [r[start:stop] if r.ndim else r for r in self.reference]
-            labels = None if self.labels is None else self.labels[start:stop]
+            stop = row + (outputs[0].shape[0] if outputs[0].ndim else 1)
+            reference = [r[row:stop] if r.ndim else r for r in self.reference]
+            labels = None if self.labels is None else self.labels[row:stop]
+            row = stop
             acc.add(outputs, reference, labels)
             if max_loss is not None and acc.loss_lower_bound() > max_loss:
                 return stopped("tolerance")

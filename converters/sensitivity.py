@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .context import EvalContext, Mapper
-from .evaluate import original_arrays
+from .evaluate import original_arrays, subset_reference
 from .uniform import SiteStats, dequantize, quantize
 
 TEST_STEP = 2.0 ** -4       # test step, in units of the tensor's sigma: near the steps finally chosen
@@ -66,8 +66,10 @@ def _subset(ctx: EvalContext, samples: int):
     if key not in _SUBSETS:
         _SUBSETS.clear()
         picked = ctx.dataset.spread(samples)
-        reference = [r[picked] if r.ndim else r for r in ctx.reference]
-        _SUBSETS[key] = (ctx.dataset.take(picked), reference)
+        subset = ctx.dataset.take(picked)
+        reference = subset_reference(ctx.scorer.evaluator, ctx.reference, ctx.dataset.n_samples, picked, subset,
+                                     lambda: _originals(ctx))
+        _SUBSETS[key] = (subset, reference)
     return _SUBSETS[key]
 
 
@@ -81,10 +83,11 @@ def site_distortion(ctx: EvalContext, task: tuple[int, float, int]) -> dict:
     levels = quantize(ctx.pool.values[site.start : site.stop], np.float32(step))
     arrays[site.path] = dequantize(levels, np.float32(step), site.dtype).reshape(site.dims)
     err = energy = 0.0
-    for start, outputs in ctx.scorer.evaluator.iter_outputs(arrays, dataset):
+    row = 0  # output rows, which need not be samples (see subset_reference)
+    for _, outputs in ctx.scorer.evaluator.iter_outputs(arrays, dataset):
         n = outputs[0].shape[0] if outputs[0].ndim else 1
-        e, en = relative_error(outputs, [r[start : start + n] if r.ndim else r for r in reference])
-        err, energy = err + e, energy + en
+        e, en = relative_error(outputs, [r[row : row + n] if r.ndim else r for r in reference])
+        err, energy, row = err + e, energy + en, row + n
     return {"site": number, "distortion": err / energy if energy > 0 else err, "units": dataset.n_samples, "stopped": None}
 
 

@@ -27,6 +27,16 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
+def dtype_name(code: int) -> str:
+    """ONNX's name for a TensorProto data type ("float", "float16"); the number if unknown."""
+    import onnx
+
+    try:
+        return onnx.TensorProto.DataType.Name(code).lower()
+    except ValueError:
+        return str(code)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
@@ -60,10 +70,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         kind = "grid values" if cb.get("grid") else "entries"
         print(f"  codebook {i}: {cb['entries']} {kind} in [{cb['min']:.6g}, {cb['max']:.6g}], longest code {cb['longest_code']} bits")
     if summary.tensors:
-        print(f"  {'tensor':48} {'dtype':>5} {'shape':>18} {'encoding':>8} {'bytes':>10} {'bits/w':>7}")
+        print(f"  {'tensor':48} {'dtype':>7} {'shape':>18} {'encoding':>8} {'bytes':>10} {'bits/w':>7}")
     for t in summary.tensors:
         shape = "x".join(str(d) for d in t.dims) or "scalar"
-        print(f"  {t.path[:48]:48} {t.dtype:>5} {shape[:18]:>18} {t.encoding:>8} {t.stored_bytes:>10} {t.bits_per_weight:>7.3f}")
+        print(f"  {t.path[:48]:48} {dtype_name(t.dtype):>7} {shape[:18]:>18} {t.encoding:>8} {t.stored_bytes:>10} {t.bits_per_weight:>7.3f}")
     for p in summary.packs:
         print(
             f"  pack {p.number}: {len(p.members)} members, {p.elements} weights, {p.stored_bytes} bytes in {p.chunks} chunks, "

@@ -127,10 +127,14 @@ def test_shape_scale_and_bound_inputs_are_not_weights():
     assert pool.passthrough["init:lo"].startswith("not a weight (Clip input 1)")
 
 
-def test_resize_model_converts_with_scales_untouched(tmp_path):
+@pytest.mark.parametrize("mode", ["paper", "adaptive"])
+def test_resize_model_converts_with_scales_untouched(tmp_path, mode):
+    """The Resize also doubles the batch axis: output rows are not samples (the adaptive mode's
+    data halves and sensitivity subsets run the original again instead of slicing rows)."""
     model = _resize_model(32)
     x = np.random.default_rng(0).standard_normal((20, 1, 32, 32)).astype(np.float32)
-    result = convert(model, data={"x": x}, min_elements=1, max_drop=0.01, population=6, generations=3, merge_budget=4)
+    result = convert(model, data={"x": x}, mode=mode, min_elements=1, max_drop=0.01, population=6, generations=3,
+                     merge_budget=4, batch_size=8)
     assert result.report["metric"] == "cosine"  # not classifier-shaped
     path = tmp_path / "r.moub"
     result.write(path)

@@ -33,7 +33,7 @@ MAX_DROP = 0.005
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    result = convert(MODEL, data=VAL, max_drop=MAX_DROP, seed=0)
+    result = convert(MODEL, data=VAL, max_drop=MAX_DROP, mode="paper", seed=0)
     path = tmp_path_factory.mktemp("search") / "digits.moub"
     result.write(path)
     return result, path
@@ -105,7 +105,7 @@ def test_provenance_metadata(demo):
 
 def test_same_model_data_and_seed_give_identical_bytes_and_report(demo, tmp_path):
     result, _ = demo
-    again = convert(MODEL, data=VAL, max_drop=MAX_DROP, seed=0)
+    again = convert(MODEL, data=VAL, max_drop=MAX_DROP, mode="paper", seed=0)
     assert again.moub_bytes == result.moub_bytes
     assert again.report_json() == result.report_json()  # wall time is not part of the report
     result.write_report(tmp_path / "a.json")
@@ -113,8 +113,9 @@ def test_same_model_data_and_seed_give_identical_bytes_and_report(demo, tmp_path
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
 
-def test_workers_give_the_same_result():
-    kwargs = dict(data=VAL, max_drop=MAX_DROP, seed=3, population=6, generations=3, merge_budget=4)
+@pytest.mark.parametrize("mode", ["paper", "adaptive"])
+def test_workers_give_the_same_result(mode):
+    kwargs = dict(data=VAL, max_drop=MAX_DROP, mode=mode, seed=3, population=6, generations=3, merge_budget=4)
     one = convert(MODEL, workers=1, **kwargs)
     two = convert(MODEL, workers=2, **kwargs)
     assert one.moub_bytes == two.moub_bytes
