@@ -126,3 +126,34 @@ def test_tolerance_judges_lost_units_by_the_jeffreys_estimate(units, max_drop, l
     limit = tolerance("agreement", max_drop, units)
     assert round(limit * units) == lost_allowed
     assert tolerance("cosine", max_drop, units) == max_drop
+
+
+def test_untrusted_sensitivities_get_the_typical_step():
+    """No measurable effect, or a small tensor extrapolated far coarser: both get the size-weighted
+    median step in sigma units (the PP-OCRv4 detector lost 6% to such tensors otherwise)."""
+    from moub_converters.sensitivity import TEST_STEP, log2_optimal_steps
+
+    sizes = np.array([100_000, 50_000, 60_000, 144, 24, 20_000])  # SMALL_TENSOR: 1024
+    stats = SiteStats(sizes, np.array([-3.0, -4.0, -2.0, -2.5, 24.0, -3.0]), np.ones(6))
+    relative = np.array([-1.0, 0.5, 1.0, 0.0, 5.0, 4.0])  # log2(step / sigma) each tensor should get
+    test = np.exp2(stats.log2_sigma) * TEST_STEP
+    distortions = sizes * test**2 / np.exp2(2 * (stats.log2_sigma + relative))
+    distortions[3] = 0.0  # saturated: no effect at the test step
+    got = log2_optimal_steps(stats, distortions) - stats.log2_sigma
+    typical = 0.5  # half of the 230,168 weights lie at or below 0.5
+    assert got[[0, 1, 2, 5]] == pytest.approx(relative[[0, 1, 2, 5]])  # measured, large: trusted
+    assert got[3] == pytest.approx(typical)      # unmeasured
+    assert got[4] == pytest.approx(typical)      # small and extrapolated coarser: capped
+
+
+def test_fallbacks_are_only_larger_than_every_confirm_failure():
+    """If the confirmed choice misses --max-drop on all the data, the converter may try others:
+    never one smaller than a candidate that already failed on the confirm half."""
+    from moub_converters.modes.adaptive import fallbacks
+    from moub_converters.modes.base import Candidate
+
+    ranked = [Candidate(f"c{i}", "search", 1.0, 0.0, True, float(i), 2, {}) for i in range(8)]
+    trials = [{"name": "c0", "passed": False}, {"name": "c7", "passed": True}, {"name": "c3", "passed": False},
+              {"name": "c5", "passed": True}, {"name": "c4", "passed": True}]
+    assert [c.name for c in fallbacks(ranked, [ranked[4]], trials)] == ["c5", "c6", "c7"]
+    assert [c.name for c in fallbacks(ranked, [], [{"name": "c7", "passed": False}])] == []
