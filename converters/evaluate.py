@@ -294,7 +294,7 @@ class Scorer:
             if dominated_at is not None and acc.loss_lower_bound() >= dominated_at:
                 return stopped("dominated")
             try:
-                start, outputs = next(iterator)
+                _, outputs = next(iterator)
             except StopIteration:
                 break
             stop = row + (outputs[0].shape[0] if outputs[0].ndim else 1)
