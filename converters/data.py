@@ -84,7 +84,11 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, not an .npz file") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # numpy's last guess for bytes that are neither .npz nor .npy
+            raise DataError(f"{path}: not an .npz file (neither a zip archive of arrays nor NumPy data)") from None
+        raise DataError(f"{path}: not a readable .npz file ({' '.join(str(exc).split())})") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({' '.join(str(exc).split())})") from None
 
 

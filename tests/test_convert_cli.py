@@ -64,6 +64,12 @@ def test_missing_model(tmp_path):
     assert_bad_input(moub("convert", tmp_path / "nope.onnx", "-o", out, "--data", VAL, *FAST), out, "no such file")
 
 
+def test_data_that_is_not_an_npz(tmp_path):
+    junk, out = tmp_path / "data.npz", tmp_path / "out.moub"
+    junk.write_text("not arrays\n")
+    assert_bad_input(moub("convert", MODEL, "-o", out, "--data", junk, *FAST), out, "not an .npz file")
+
+
 def test_data_missing_an_input(tmp_path, val):
     data = _npz(tmp_path / "d.npz", pixels=val[0])
     out = tmp_path / "out.moub"
