@@ -13,6 +13,8 @@ import pytest
 
 import moub_runtime
 from moub_converters import convert
+from moub_converters.bias_correction import BiasCorrector
+from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
 from moub_converters.modes.adaptive import layout, tolerance
 from moub_converters.packing import plan_packs, total_bits
@@ -39,7 +41,10 @@ def test_decoded_weights_are_exactly_the_chosen_quantizers(converted):
     facts = result.report["search"]
     recipe = result.report["choice"]["recipe"]
     stats = site_stats(pool)
-    lay = layout(pool, stats, np.asarray(facts["log2_optimal_step"]), recipe["x"], recipe["gamma"])
+    dataset = load_dataset(VAL, source.model)
+    corrector = BiasCorrector.measure(source.model, pool, dataset.take(np.arange(0, dataset.n_samples, 2)))
+    assert corrector.summary() == facts["bias_correction"] and corrector.rules
+    lay = layout(pool, stats, np.asarray(facts["log2_optimal_step"]), recipe["x"], recipe["gamma"], corrector)
     expected = site_arrays(pool, lay.levels, lay.steps)
     decoded = tensor_sites(moub_runtime.load(path))
     for site in pool.sites:
