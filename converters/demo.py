@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputError
+from .modes import MODES
+from .options import DEFAULT_MODE
 
 DATA = Path(__file__).resolve().parent / "data"
 MODEL = DATA / "digits_cnn.onnx"
@@ -26,6 +28,7 @@ MAX_DROP = 0.005
 def build_demo_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser_class(prog="moub demo", description="Convert the bundled digits CNN, load it back and test it on held-back data.")
     p.add_argument("-o", "--output-dir", default="moub-demo", help="folder for digits.moub, report.json, pareto.png (default moub-demo)")
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES), help=f"method (default {DEFAULT_MODE}, as moub convert)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -53,12 +56,12 @@ def run_demo(args: argparse.Namespace) -> int:
         raise OutputError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     moub_path, report_path, plot_path = out / "digits.moub", out / "report.json", out / "pareto.png"
     print(f"moub demo: {MODEL.name} ({MODEL.stat().st_size:,} bytes), search on {SEARCH_DATA.name}, test on {TEST_DATA.name}")
-    # Paper mode on purpose: the demo shows the paper's method and its Table I. On 360 validation
-    # digits the adaptive mode's smaller file (17.5-19.4x) does not generalise: it loses 2-5 more test
-    # digits than the original (make bench, benchmarks/RESULTS.md).
-    result = convert(MODEL, data=SEARCH_DATA, max_drop=MAX_DROP, mode="paper", seed=args.seed,
+    result = convert(MODEL, data=SEARCH_DATA, max_drop=MAX_DROP, mode=args.mode, seed=args.seed,
                      workers=args.workers, quiet=args.quiet)
     result.write(moub_path)
+    # the paper's method on the same data, for comparison (a second search of about a second)
+    paper = None if args.mode == "paper" else convert(MODEL, data=SEARCH_DATA, max_drop=MAX_DROP, mode="paper",
+                                                      seed=args.seed, workers=args.workers, quiet=True)
 
     with np.load(TEST_DATA, allow_pickle=False) as z:
         x_test, y_test = z["input"], z["labels"]
@@ -69,6 +72,7 @@ def run_demo(args: argparse.Namespace) -> int:
     acc_original = test_accuracy(original, x_test, y_test)
     acc_compressed = test_accuracy(compressed, x_test, y_test)
     result.report["demo_test"] = {
+        "mode": args.mode,
         "samples": int(y_test.size),
         "accuracy_original": round(acc_original, 6),
         "accuracy_compressed": round(acc_compressed, 6),
@@ -85,10 +89,15 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  accuracy original {acc_original:.4f}   .moub {acc_compressed:.4f}   drop {acc_original - acc_compressed:+.4f} "
           f"({'within' if acc_original - acc_compressed <= MAX_DROP + 1e-12 else 'OUTSIDE'} max drop {MAX_DROP})")
     print()
-    print(f"{'stage':10} {'bins':>6} {'bits/weight':>12} {'file bytes':>11} {'ratio':>7} {'val accuracy':>13}")
+    width = max(len("stage"), *(len(row["stage"]) for row in result.report["stages"]))
+    print(f"{'stage':{width}} {'bins':>6} {'bits/weight':>12} {'file bytes':>11} {'ratio':>7} {'search accuracy':>16}")
     for row in result.report["stages"]:
         quality = "" if row["quality"] is None else f"{row['quality']:.4f}"
-        print(f"{row['stage']:10} {row['bins']:>6} {row['bits_per_weight']:>12.3f} {row['file_bytes']:>11,} {row['file_ratio']:>6.2f}x {quality:>13}")
+        print(f"{row['stage']:{width}} {row['bins']:>6} {row['bits_per_weight']:>12.3f} {row['file_bytes']:>11,} "
+              f"{row['file_ratio']:>6.2f}x {quality:>16}")
+    if paper is not None:
+        print(f"--mode paper (the paper's method) on the same data: {paper.report['file']['bytes']:,} bytes, "
+              f"ratio {paper.ratio:.2f}x, val accuracy {paper.quality_compressed:.4f}")
     print()
     print(f"wrote {moub_path}, {report_path}, {plot_path} in {time.perf_counter() - started:.1f} s")
     return 0

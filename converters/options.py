@@ -90,4 +90,6 @@ class ConvertOptions:
         out = asdict(self)
         out.pop("workers")
         out.pop("strategy")
+        if self.mode == "paper":  # the paper's method has no bias correction: its files stay as they were
+            out.pop("bias_correction")
         return out

@@ -78,7 +78,8 @@ def plot(report: dict, path) -> None:
         if rows:
             ax.scatter([c["bits_per_weight"] for c in rows], [min(c["loss"], 1.25 * cap) for c in rows], **kw)
 
-    scatter([c for c in cands if c["stage"] == "search" and c["complete"]], s=18, c="0.55", label="search: k equal-width bins")
+    searched = "k equal-width bins" if settings["mode"] == "paper" else "per-tensor steps (x, gamma)"
+    scatter([c for c in cands if c["stage"] == "search" and c["complete"]], s=18, c="0.55", label=f"search: {searched}")
     scatter([c for c in cands if c["stage"] == "search" and not c["complete"]], s=18, marker="^", facecolors="none",
             edgecolors="0.55", label="search, stopped early (loss at least)")
     scatter([c for c in cands if c["stage"] == "merge"], s=22, c="tab:blue", label="after merging neighbouring bins")
@@ -161,7 +162,8 @@ class RichProgress:
         if "result" in event:
             r = event["result"]
             self.evaluations += 1
-            if r["complete"] and r["loss"] <= self.max_drop + 1e-12:
+            # sensitivity runs report a distortion, not a loss: they count, but are no candidate
+            if r.get("complete") and r.get("loss", math.inf) <= self.max_drop + 1e-12:
                 if self.best is None or r["bits_per_weight"] < self.best["bits_per_weight"]:
                     self.best = r
         self._progress.update(self._task, description=self._text())

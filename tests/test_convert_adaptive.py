@@ -100,6 +100,16 @@ def test_cli_adaptive_mode(tmp_path):
     assert stages[-1]["file_bytes"] == out.stat().st_size
 
 
+def test_cli_default_mode_with_progress(tmp_path):
+    """Without --quiet the progress display sees every result, sensitivity runs included (they
+    have no loss: this once ended in an internal error)."""
+    out = tmp_path / "d.moub"
+    run = subprocess.run([sys.executable, "-m", "moub_runtime.cli", "convert", str(MODEL), "-o", str(out), "--data", str(VAL)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "ratio" in run.stdout and summarize(out).packs
+
+
 def test_steps_follow_spread_at_gamma_0_and_sensitivity_at_gamma_1():
     stats = SiteStats(np.array([1000, 4000, 250]), np.log2(np.array([0.1, 0.02, 1.5])), np.array([1.0, 0.2, 9.0]))
     sens = np.array([-3.0, -9.0, -1.0])
