@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from moub_format import constants as C
@@ -203,22 +202,23 @@ def _probe_model(model: onnx.ModelProto, pool: Pool, rules: list[Rule]) -> tuple
 
 def input_means(model: onnx.ModelProto, pool: Pool, rules: list[Rule], dataset: Dataset) -> dict[str, np.ndarray]:
     """Each rule's layer input, averaged per input channel over ``dataset`` with the original weights
-    (batch means weighted by batch size; one onnxruntime thread, so every process gets the same bits)."""
+    (batch means weighted by batch size). Runs through the converter's Evaluator, so weights reach
+    onnxruntime as they do for every candidate (models beyond protobuf's 2 GB included), with one
+    thread: every process gets the same bits."""
     if not rules:
         return {}
-    from .evaluate import session_options
+    from .evaluate import Evaluator, original_arrays
 
     probe, names = _probe_model(model, pool, rules)
-    session = ort.InferenceSession(probe.SerializeToString(), sess_options=session_options(),
-                                   providers=["CPUExecutionProvider"])
-    wanted = list(names.values())
-    sums = {name: None for name in wanted}
+    evaluator = Evaluator(probe, pool, dataset)
+    positions = {out: evaluator.output_names.index(out) for out in names.values()}
+    sums: dict[str, np.ndarray] = {}
     count = 0
-    for start, feeds in dataset.batches():
-        n = next(iter(feeds.values())).shape[0] if feeds else 1
-        for name, value in zip(wanted, session.run(wanted, feeds)):
-            value = np.asarray(value, np.float64) * n
-            sums[name] = value if sums[name] is None else sums[name] + value
+    for start, outputs in evaluator.iter_outputs(original_arrays(model, pool), dataset):
+        n = min(dataset.batch_size, dataset.n_samples - start)
+        for out, position in positions.items():
+            value = np.asarray(outputs[position], np.float64) * n
+            sums[out] = value if out not in sums else sums[out] + value
         count += n
     return {source: sums[out] / max(count, 1) for source, out in names.items()}
 
