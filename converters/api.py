@@ -216,7 +216,7 @@ def convert(
     ``model_or_path`` may be a TorchScript file (``.pt``) with ``input_shapes=[(1, 3, 32, 32)]``.
     ``advanced``: ``patience``, ``representative`` ("mean" | "centre"), ``strategy``
     (how weights reach onnxruntime), ``abort_drop``,
-    ``bias_correction`` (adaptive mode; default True).
+    ``bias_correction`` and ``error_feedback`` (adaptive mode; default True).
     """
     started = time.perf_counter()
     input_shapes = advanced.pop("input_shapes", None)

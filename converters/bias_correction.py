@@ -284,25 +284,6 @@ def none() -> BiasCorrector:
     return BiasCorrector([], {})
 
 
-_CORRECTORS: dict[int, BiasCorrector] = {}
-
-
-def for_context(ctx) -> BiasCorrector:
-    """The corrector of an EvalContext, measured once per process on the search half of the data
-    (the confirm half stays unseen by every choice); ``none()`` when the option is off."""
-    key = id(ctx)
-    if key not in _CORRECTORS:
-        _CORRECTORS.clear()
-        if not ctx.options.bias_correction:
-            _CORRECTORS[key] = none()
-        else:
-            from .modes.adaptive import split_scorer
-
-            data = split_scorer(ctx, "search").dataset or ctx.dataset
-            _CORRECTORS[key] = BiasCorrector.measure(ctx.model, ctx.pool, data)
-    return _CORRECTORS[key]
-
-
 def arrays_with_bias(pool: Pool, corrector: BiasCorrector, site_index: int, weight_storage: np.ndarray,
                      arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` with the bias of site ``site_index`` (if ruled) corrected, unquantized, for the

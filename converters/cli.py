@@ -53,6 +53,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-budget", type=int, default=d.merge_budget, help=f"evaluations spent merging bins (default {d.merge_budget})")
     p.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                    help="adaptive mode: leave biases as quantized (default: each bias absorbs its layer's mean quantization shift)")
+    p.add_argument("--no-error-feedback", dest="error_feedback", action="store_false",
+                   help="adaptive mode: round every weight to its nearest level (default: layers that mix channels are rounded "
+                        "with error feedback, GPTQ)")
     p.add_argument("--batch-size", type=int, help="samples per onnxruntime run (default 64)")
     p.add_argument("--bins", type=int, help="fixed-bins encode with K equal-width bins: no search, no data needed")
     p.add_argument("--representative", choices=("mean", "centre"), default=d.representative,
@@ -88,7 +91,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         seed=args.seed, workers=args.workers, population=args.population, generations=args.generations,
         max_bins=args.max_bins, min_elements=args.min_elements, merge_budget=args.merge_budget,
         batch_size=args.batch_size, bins=args.bins, quiet=args.quiet, representative=args.representative,
-        input_shapes=shapes, bias_correction=args.bias_correction,
+        input_shapes=shapes, bias_correction=args.bias_correction, error_feedback=args.error_feedback,
     )
     written: list[Path] = []
     try:

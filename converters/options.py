@@ -49,6 +49,7 @@ class ConvertOptions:
     wave: int = WAVE
     monotone: bool = True  # a candidate is within tolerance only if no larger evaluated one is outside it
     bias_correction: bool = True  # adaptive mode: biases absorb their layer's mean quantization shift
+    error_feedback: bool = True   # adaptive mode: channel-mixing layers rounded with GPTQ's error feedback
 
     def validated(self) -> ConvertOptions:
         """Raise OptionError naming the option, its value and the allowed range."""
@@ -76,6 +77,7 @@ class ConvertOptions:
         need(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         need(isinstance(self.monotone, bool), f"monotone {self.monotone!r} must be True or False")
         need(isinstance(self.bias_correction, bool), f"bias_correction {self.bias_correction!r} must be True or False")
+        need(isinstance(self.error_feedback, bool), f"error_feedback {self.error_feedback!r} must be True or False")
         need(is_int(self.wave) and 1 <= self.wave <= 1000, f"wave {self.wave!r} must be in [1, 1000]")
         need(self.abort_drop is None or (isinstance(self.abort_drop, (int, float)) and self.abort_drop >= self.max_drop),
              f"abort_drop {self.abort_drop!r} must be at least --max-drop {self.max_drop}")
@@ -92,4 +94,5 @@ class ConvertOptions:
         out.pop("strategy")
         if self.mode == "paper":  # the paper's method has no bias correction: its files stay as they were
             out.pop("bias_correction")
+            out.pop("error_feedback")
         return out

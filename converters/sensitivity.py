@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import bias_correction
+from . import bias_correction, calibration
 from .context import EvalContext, Mapper
 from .evaluate import original_arrays, subset_reference
 from .uniform import SiteStats, dequantize, quantize
@@ -84,7 +84,7 @@ def site_distortion(ctx: EvalContext, task: tuple[int, float, int]) -> dict:
     arrays = dict(_originals(ctx))
     levels = quantize(ctx.pool.values[site.start : site.stop], np.float32(step))
     arrays[site.path] = dequantize(levels, np.float32(step), site.dtype).reshape(site.dims)
-    arrays = bias_correction.arrays_with_bias(ctx.pool, bias_correction.for_context(ctx), number, arrays[site.path], arrays)
+    arrays = bias_correction.arrays_with_bias(ctx.pool, calibration.for_context(ctx).corrector, number, arrays[site.path], arrays)
     err = energy = 0.0
     row = 0  # output rows, which need not be samples (see subset_reference)
     for _, outputs in ctx.scorer.evaluator.iter_outputs(arrays, dataset):

@@ -14,6 +14,8 @@ import pytest
 import moub_runtime
 from moub_converters import convert
 from moub_converters.bias_correction import BiasCorrector
+from moub_converters.calibration import Calibration
+from moub_converters.error_feedback import ErrorFeedback
 from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
 from moub_converters.modes.adaptive import layout, tolerance
@@ -42,9 +44,11 @@ def test_decoded_weights_are_exactly_the_chosen_quantizers(converted):
     recipe = result.report["choice"]["recipe"]
     stats = site_stats(pool)
     dataset = load_dataset(VAL, source.model)
-    corrector = BiasCorrector.measure(source.model, pool, dataset.take(np.arange(0, dataset.n_samples, 2)))
-    assert corrector.summary() == facts["bias_correction"] and corrector.rules
-    lay = layout(pool, stats, np.asarray(facts["log2_optimal_step"]), recipe["x"], recipe["gamma"], corrector)
+    half = dataset.take(np.arange(0, dataset.n_samples, 2))
+    calib = Calibration(BiasCorrector.measure(source.model, pool, half), ErrorFeedback.measure(source.model, pool, half))
+    assert calib.corrector.summary() == facts["bias_correction"] and calib.corrector.rules
+    assert calib.feedback.summary() == facts["error_feedback"] and calib.feedback.layers
+    lay = layout(pool, stats, np.asarray(facts["log2_optimal_step"]), recipe["x"], recipe["gamma"], calib)
     expected = site_arrays(pool, lay.levels, lay.steps)
     decoded = tensor_sites(moub_runtime.load(path))
     for site in pool.sites:

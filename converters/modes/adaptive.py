@@ -16,9 +16,10 @@ Beyond the paper, structure-agnostic like it (one pipeline for every graph):
 4. Refine: at the chosen ``gamma``, bisect ``x`` between the best feasible and
    the nearest infeasible decision (quality falls monotonically as the steps
    grow), within ``merge_budget`` evaluations.
-   Every candidate's biases absorb the mean output shift its quantized weights
-   cause (``bias_correction.py``; measured once on the search half), so the
-   search, the sizes and the file all see the corrected model.
+   Every candidate is rounded with error feedback where layers mix channels
+   (``error_feedback.py``) and its biases absorb the mean output shift its
+   quantized weights cause (``bias_correction.py``), both measured once on the
+   search half (``calibration.py``): the search and the file see the same model.
 5. Write format-1.2 packs (grid codebooks, one scale per tensor, shared or own
    Huffman tables), the graph LZMA-compressed, blobs 8-byte aligned.
 """
@@ -40,8 +41,8 @@ from pymoo.operators.repair.rounding import RoundingRepair
 from moub_format import constants as FC
 from moub_format import writer
 
-from .. import bias_correction, metrics, sensitivity
-from ..bias_correction import BiasCorrector
+from .. import calibration, metrics, sensitivity
+from ..calibration import Calibration
 from ..context import EvalContext
 from ..evaluate import Scorer, original_arrays, subset_reference
 from ..encode import PackAssignment
@@ -112,9 +113,9 @@ class Layout:
 
 
 def layout(pool: Pool, stats: SiteStats, log2_opt: np.ndarray, x: float, gamma: float,
-           corrector: BiasCorrector) -> Layout:
+           calib: Calibration, feedback: bool = True) -> Layout:
     steps = allocate_steps(stats, log2_opt, x, gamma)
-    levels = corrector.correct_levels(pool, steps, quantize_pool(pool, steps))
+    levels = calib.levels(pool, steps, feedback)
     plans = plan_packs(levels)
     return Layout(steps, levels, plans, total_bits(plans, stats.sizes, BUILD_OPTIONS["chunk_elements"]))
 
@@ -186,7 +187,7 @@ def score_decision(ctx: EvalContext, task: tuple[float, float, list[float], floa
     """Quantize the pool for (x, gamma) and score it (a module-level function: runs in workers)."""
     x, gamma, log2_opt, dominated_at, max_loss, stage = task
     stats = _stats(ctx)
-    lay = layout(ctx.pool, stats, np.asarray(log2_opt), x, gamma, bias_correction.for_context(ctx))
+    lay = layout(ctx.pool, stats, np.asarray(log2_opt), x, gamma, calibration.for_context(ctx))
     scorer = split_scorer(ctx, "confirm" if stage == "confirm" else "search")
     score = scorer.score(site_arrays(ctx.pool, lay.levels, lay.steps), max_loss=max_loss, dominated_at=dominated_at)
     return {
@@ -286,7 +287,7 @@ class AdaptiveMode:
         self.limits: dict[str, float] = {}
         self.log2_opt: np.ndarray | None = None
         self.stats: SiteStats | None = None
-        self.corrector: BiasCorrector = bias_correction.none()
+        self.calib: Calibration = calibration.NONE
 
     def run(self, ctx: ModeContext) -> ModeResult:
         opts, pool = ctx.options, ctx.pool
@@ -295,7 +296,7 @@ class AdaptiveMode:
         per_sample = sum(int(np.prod(a.shape[1:], dtype=np.int64)) for a in dataset.inputs.values())
         samples = sensitivity.sample_count(dataset.n_samples, per_sample, pool.n_weights, len(pool.sites))
         ctx.progress({"phase": "sensitivity"})
-        self.corrector = corrector = bias_correction.for_context(ctx.eval)
+        self.calib = calib = calibration.for_context(ctx.eval)
         distortions = sensitivity.measure(ctx.map, stats, samples)
         self.log2_opt = log2_opt = sensitivity.log2_optimal_steps(stats, distortions)
         opt_list = [float(v) for v in log2_opt]
@@ -304,7 +305,8 @@ class AdaptiveMode:
 
         def size_of(d: Decision) -> float:
             if d.key not in sizes:
-                sizes[d.key] = layout(pool, stats, log2_opt, d.x, d.gamma, corrector).bits / pool.n_weights
+                # without error feedback: a close, cheaper estimate that only orders the evaluations
+                sizes[d.key] = layout(pool, stats, log2_opt, d.x, d.gamma, calib, feedback=False).bits / pool.n_weights
             return sizes[d.key]
 
         def run_many(tasks, max_loss, stage):
@@ -336,7 +338,7 @@ class AdaptiveMode:
         facts.update({"confirm": trials, "tolerance": {k: round(v, 6) for k, v in self.limits.items()}, "split": {"search": "even samples", "confirm": "odd samples",
                                                    "min_samples": MIN_SPLIT}})
         facts.update({"refine_trials": len(refined), "sensitivity_runs": int(stats.sizes.size),
-                      "sensitivity_samples": int(samples), "bias_correction": corrector.summary(),
+                      "sensitivity_samples": int(samples), **calib.summary(),
                       "log2_optimal_step": opt_list,  # full precision: the report reproduces the steps exactly
                       "relative_distortion": [float(f"{d:.6g}") for d in distortions]})
         return ModeResult(candidates, feasible_list, facts)
@@ -470,7 +472,7 @@ class AdaptiveMode:
     def materialize(self, pool: Pool, candidate: Candidate, options: ConvertOptions,
                     candidates: list[Candidate]) -> tuple[PackedQuantization, list[Stage]]:
         assert self.log2_opt is not None and self.stats is not None, "run() first"
-        lay = layout(pool, self.stats, self.log2_opt, candidate.recipe["x"], candidate.recipe["gamma"], self.corrector)
+        lay = layout(pool, self.stats, self.log2_opt, candidate.recipe["x"], candidate.recipe["gamma"], self.calib)
         quant = PackedQuantization.from_layout(pool, lay)
         n = pool.n_weights
         fixed_index = sum(int(pool.sites[i].size) * max(1, int(np.ceil(np.log2(max(2, p.count)))))

@@ -1,0 +1,66 @@
+"""What the adaptive mode measures once on the user's data to round better than to the nearest level.
+
+Two statistics of each layer's input, both from the search half of the data (the confirm
+half stays unseen by every choice), both through the converter's Evaluator:
+
+- its mean per channel, for bias correction (``bias_correction.py``);
+- its second-moment matrix, for error feedback (``error_feedback.py``).
+
+Each process (the main one and every worker) measures them once per context, with one
+onnxruntime thread, so every process holds the same bits and rounds the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bias_correction import BiasCorrector
+from .bias_correction import none as no_correction
+from .error_feedback import ErrorFeedback
+from .intake import Pool
+from .uniform import quantize_pool
+
+
+@dataclass
+class Calibration:
+    corrector: BiasCorrector
+    feedback: ErrorFeedback | None
+
+    def levels(self, pool: Pool, steps: np.ndarray, feedback: bool = True) -> list[np.ndarray]:
+        """Every site's levels at ``steps``: nearest rounding, error feedback where it serves
+        (unless ``feedback`` is False: a cheaper size estimate), then the corrected biases."""
+        levels = quantize_pool(pool, steps)
+        if feedback and self.feedback is not None:
+            levels = self.feedback.levels(pool, steps, levels)
+        return self.corrector.correct_levels(pool, steps, levels)
+
+    def summary(self) -> dict:
+        return {"bias_correction": self.corrector.summary(),
+                "error_feedback": self.feedback.summary() if self.feedback is not None else {"layers": 0}}
+
+
+NONE = Calibration(no_correction(), None)
+_CACHE: dict[int, Calibration] = {}
+
+
+def for_context(ctx) -> Calibration:
+    """The calibration of an EvalContext, measured once per process, as its options ask."""
+    key = id(ctx)
+    if key not in _CACHE:
+        _CACHE.clear()
+        options = ctx.options
+        if not (options.bias_correction or options.error_feedback):
+            _CACHE[key] = NONE
+        else:
+            from .modes.adaptive import split_scorer
+
+            data = split_scorer(ctx, "search").dataset or ctx.dataset
+            corrector = BiasCorrector.measure(ctx.model, ctx.pool, data) if options.bias_correction else no_correction()
+            feedback = ErrorFeedback.measure(ctx.model, ctx.pool, data) if options.error_feedback else None
+            _CACHE[key] = Calibration(corrector, feedback)
+    return _CACHE[key]
+
+
+__all__ = ["Calibration", "NONE", "for_context"]
