@@ -61,7 +61,7 @@ X_WINDOW = 2 * X_RESOLUTION   # NSGA-II searches x within 2 octaves of the brack
 BRACKET_GAMMA = 0.75          # the bracketing bisection runs at this gamma
 BRACKET_WIDTH = 2             # ... until feasible and infeasible x are 1/4 octave apart
 MIN_SPLIT = 8                 # with fewer samples, search and confirm both use all of them
-CONFIRM_BUDGET = 16           # confirm-stage evaluations (bisections, unfinished ones run to the end)
+CONFIRM_BUDGET = 10           # confirm evaluations (bisections) before settling
 LOSS_FLOOR = 0.5              # losses below this share of --max-drop count as equal (the search's focus)
 GAMMA_MAX = 1.25
 GAMMA_RESOLUTION = 8          # gamma in steps of 1/8
@@ -271,13 +271,6 @@ def robust_within_gamma(candidates: list[Candidate], max_drop: float, monotone: 
     return [c for c in ok if fitted.get(id(c), c.loss) <= max_drop + 1e-12]
 
 
-def unfinished(candidates: list[Candidate], max_drop: float) -> list[Candidate]:
-    """Search candidates that stopped early as dominated while still within tolerance (their loss
-    is a lower bound): the confirm stage may run them to the end if it needs them."""
-    return [c for c in candidates if not c.complete and c.stopped == "dominated" and c.loss <= max_drop + 1e-12
-            and c.stage == "search"]
-
-
 def fallbacks(ranked: list[Candidate], confirmed: list[Candidate], trials: list[dict]) -> list[Candidate]:
     """What the converter may still try, in order, if the confirmed choice misses --max-drop on
     all the data: only candidates larger than every one that failed on the confirm half."""
@@ -338,11 +331,9 @@ class AdaptiveMode:
         ctx.progress({"phase": "refine"})
         refined = self._refine(problem, candidates, opts)
         candidates += refined
-        ranked = rank(robust_within_gamma(candidates, limit, opts.monotone) + unfinished(candidates, limit))
+        ranked = rank(robust_within_gamma(candidates, limit, opts.monotone))
         ctx.progress({"phase": "confirm"})
-        confirmed, trials, completed = self._confirm(ranked, opt_list, opts, ctx)
-        candidates += completed
-        ranked = [c for c in ranked if feasible(c, limit)]  # _confirm ran some unfinished ones to the end, in place
+        confirmed, trials = self._confirm(ranked, opt_list, opts, ctx)
         feasible_list = confirmed + fallbacks(ranked, confirmed, trials)
         facts.update({"confirm": trials, "tolerance": {k: round(v, 6) for k, v in self.limits.items()}, "split": {"search": "even samples", "confirm": "odd samples",
                                                    "min_samples": MIN_SPLIT}})
@@ -353,7 +344,7 @@ class AdaptiveMode:
         return ModeResult(candidates, feasible_list, facts)
 
     def _confirm(self, ranked: list[Candidate], opt_list: list[float], opts: ConvertOptions,
-                 ctx: ModeContext) -> tuple[list[Candidate], list[dict], list[Candidate]]:
+                 ctx: ModeContext) -> tuple[list[Candidate], list[dict]]:
         """Bisect the search-feasible candidates (smallest first) for the smallest one that also stays
         within tolerance on the confirm half. Trying the next-smallest after each failure instead
         selects on the confirm half's noise: on magika all four smallest failed (loss 0.012-0.016
@@ -361,37 +352,14 @@ class AdaptiveMode:
 
         When even the largest fails, the confirm half holds near-ties that flip under any
         quantization (magika at --max-drop 0.0075: one flip allowed in 250 files, two flipped at
-        every step); then both halves are judged together, with the tolerance of all the data.
-
-        ``ranked`` may hold search candidates that stopped early as dominated (a smaller one had
-        already done as well): one the bisection reaches is first run to the end on the search
-        half, and counts only if it is within tolerance there. Without them a confirm failure
-        could fall straight back to the bracket's coarse start (rapidocr cls, 18:14 bench run:
-        5.92 -> 7.71 bits/weight, with a dozen unfinished candidates in between)."""
+        every step); then both halves are judged together, with the tolerance of all the data."""
         trials: list[dict] = []
-        completed: list[Candidate] = []
         verdicts: dict[tuple[int, bool], bool] = {}
         units = {split: split_scorer(ctx.eval, split).total_units for split in ("search", "confirm")}
         pooled_limit = tolerance(split_scorer(ctx.eval, "confirm").metric, opts.max_drop, sum(units.values()))
 
-        def finish(i: int) -> bool:
-            """Run an unfinished candidate to the end on the search half; True if within tolerance."""
-            cand = ranked[i]
-            if cand.complete:
-                return cand.loss <= self.limits["search"] + 1e-12
-            task = (cand.recipe["x"], cand.recipe["gamma"], opt_list, None, self.limits["search"], "complete")
-            done = _candidate(ctx.map(score_decision, [task])[0])
-            completed.append(done)
-            ranked[i] = done
-            trials.append({"name": done.name, "rule": "search half, run to the end", "loss": round(done.loss, 6),
-                           "complete": done.complete, "passed": feasible(done, self.limits["search"])})
-            return feasible(done, self.limits["search"])
-
         def judge(i: int, pooled: bool) -> bool:
             if (i, pooled) not in verdicts:
-                if not finish(i):
-                    verdicts[i, pooled] = False
-                    return False
                 cand = ranked[i]
                 limit = self.limits["confirm"]
                 if pooled:  # the confirm loss that keeps the loss over both halves within pooled_limit
@@ -419,11 +387,11 @@ class AdaptiveMode:
             return hi
 
         if not ranked:
-            return [], trials, completed
+            return [], trials
         chosen = smallest(lambda i: judge(i, False))
         if chosen is None:
             chosen = smallest(lambda i: judge(i, True))
-        return ([] if chosen is None else [ranked[chosen]]), trials, completed
+        return ([] if chosen is None else [ranked[chosen]]), trials
 
     def _bracket(self, problem: StepProblem, opts: ConvertOptions) -> tuple[int, int]:
         """Bisect x at BRACKET_GAMMA for the coarsest feasible step (quality falls as steps grow):
