@@ -35,6 +35,7 @@ from moub_format.dtypes import cast_from_float32, storage_to_float32
 
 from .data import Dataset
 from .intake import Pool, is_main_graph
+from .probes import fresh_prefix, probe_copy
 
 CONV, MATMUL, GEMM, GEMM_T = "conv", "matmul", "gemm", "gemm-t"
 PROBE_PREFIX = "moub_bias_probe"
@@ -166,21 +167,16 @@ def _channels_in(rule: Rule, dims: tuple[int, ...]) -> int:
 
 def _probe_model(model: onnx.ModelProto, pool: Pool, rules: list[Rule]) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The model plus one output per distinct layer input: its mean per input channel."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe, taken = probe_copy(model)
     opset = next((o.version for o in probe.opset_import if o.domain in ("", "ai.onnx")), 13)
-    taken = {v for n in probe.graph.node for v in n.output} | {t.name for t in probe.graph.initializer} | {
-        i.name for i in probe.graph.input}
     means: dict[str, str] = {}
     for rule in rules:
         if rule.source in means:
             continue
         dims = pool.sites[rule.weight].dims
         k = len(means)
-        out = f"{PROBE_PREFIX}_{k}"
-        while out in taken:
-            out += "_"
-        taken.add(out)
+        out = fresh_prefix(f"{PROBE_PREFIX}_{k}", taken)
+        taken.update({out, f"{out}_shape", f"{out}_rows", f"{out}_axes"})
         if rule.kind == CONV:
             source, axes = rule.source, [0] + list(range(2, len(dims)))
         else:  # rows of [-1, K]

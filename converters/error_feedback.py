@@ -31,6 +31,7 @@ from moub_format import constants as C
 
 from .data import Dataset
 from .intake import Pool, is_main_graph
+from .probes import fresh_prefix, probe_copy
 
 DAMPING = 0.01        # of H's mean diagonal, added to the diagonal: GPTQ's default
 BLOCK = 128           # columns per lazy batch update
@@ -86,19 +87,14 @@ def _inputs_of(layer: Layer, dims: tuple[int, ...]) -> int:
 def _probe_model(model: onnx.ModelProto, pool: Pool, layers: list[Layer]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """The model plus, per distinct layer input, its Gram matrix X^T X over all positions
     (channels last, rows = every other axis) and the shape of X."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    taken = {v for n in probe.graph.node for v in n.output} | {t.name for t in probe.graph.initializer} | {
-        i.name for i in probe.graph.input}
+    probe, taken = probe_copy(model)
     outputs: dict[str, tuple[str, str]] = {}
     for layer in layers:
         if layer.source in outputs:
             continue
         dims = pool.sites[layer.weight].dims
         k = len(outputs)
-        base = f"{PROBE_PREFIX}_{k}"
-        while any(name.startswith(base) for name in taken):
-            base += "_"
+        base = fresh_prefix(f"{PROBE_PREFIX}_{k}", taken)
         channels = _inputs_of(layer, dims)
         source = layer.source
         if not layer.columns_last or len(dims) > 2:  # Conv: channels are axis 1
