@@ -12,7 +12,7 @@ onnxruntime thread, so every process holds the same bits and rounds the same way
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from .uniform import quantize_pool
 class Calibration:
     corrector: BiasCorrector
     feedback: ErrorFeedback | None
+    skipped: dict[str, str] = field(default_factory=dict)  # statistic -> why it could not be measured
 
     def levels(self, pool: Pool, steps: np.ndarray, feedback: bool = True) -> list[np.ndarray]:
         """Every site's levels at ``steps``: nearest rounding, error feedback where it serves
@@ -37,8 +38,11 @@ class Calibration:
         return self.corrector.correct_levels(pool, steps, levels)
 
     def summary(self) -> dict:
-        return {"bias_correction": self.corrector.summary(),
-                "error_feedback": self.feedback.summary() if self.feedback is not None else {"layers": 0}}
+        out = {"bias_correction": self.corrector.summary(),
+               "error_feedback": self.feedback.summary() if self.feedback is not None else {"layers": 0}}
+        for name, why in self.skipped.items():
+            out[name] = {**out[name], "skipped": why}
+        return out
 
 
 NONE = Calibration(no_correction(), None)
@@ -57,9 +61,21 @@ def for_context(ctx) -> Calibration:
             from .modes.adaptive import split_scorer
 
             data = split_scorer(ctx, "search").dataset or ctx.dataset
-            corrector = BiasCorrector.measure(ctx.model, ctx.pool, data) if options.bias_correction else no_correction()
-            feedback = ErrorFeedback.measure(ctx.model, ctx.pool, data) if options.error_feedback else None
-            _CACHE[key] = Calibration(corrector, feedback)
+            skipped: dict[str, str] = {}
+
+            def measured(name: str, measure, fallback):
+                # the probe outputs are extra nodes onnxruntime must accept; if it does not, the
+                # conversion goes on with nearest rounding rather than failing
+                try:
+                    return measure(ctx.model, ctx.pool, data)
+                except Exception as exc:  # onnxruntime's Fail / InvalidGraph / RuntimeException types
+                    skipped[name] = " ".join(str(exc).split())[:200]
+                    return fallback
+
+            corrector = measured("bias_correction", BiasCorrector.measure, no_correction()) if options.bias_correction \
+                else no_correction()
+            feedback = measured("error_feedback", ErrorFeedback.measure, None) if options.error_feedback else None
+            _CACHE[key] = Calibration(corrector, feedback, skipped)
     return _CACHE[key]
 
 

@@ -138,3 +138,16 @@ def test_conversion_reports_it_and_can_be_turned_off():
     assert off.report["search"]["error_feedback"] == {"layers": 0}
     assert on.report["settings"]["error_feedback"] is True and off.report["settings"]["error_feedback"] is False
     assert on.moub_bytes != off.moub_bytes
+
+
+def test_a_probe_onnxruntime_rejects_leaves_nearest_rounding_and_says_why(monkeypatch):
+    from moub_converters import error_feedback
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : probe rejected")
+
+    monkeypatch.setattr(error_feedback.ErrorFeedback, "measure", classmethod(lambda cls, *a: refuse()))
+    result = convert(DATA / "digits_cnn.onnx", data=DATA / "digits_val.npz", mode="adaptive", max_drop=0.01, seed=0)
+    facts = result.report["search"]["error_feedback"]
+    assert facts["layers"] == 0 and "probe rejected" in facts["skipped"]
+    assert result.report["search"]["bias_correction"]["layers"] == 3
