@@ -26,9 +26,14 @@ def main(argv: list[str]) -> None:
     if peer == "original":
         from .fidelity import session as load_session
     else:
+        import importlib
+
         from .peers import module
 
-        load_session = module(peer).load_session
+        peer_module = module(peer)
+        for name in getattr(peer_module, "LOADER_IMPORTS", ()):  # the loader's own package, e.g. moub_runtime
+            importlib.import_module(name)
+        load_session = peer_module.load_session
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     sess = load_session(path)

@@ -197,7 +197,7 @@ def canonical_tables(lengths: np.ndarray) -> tuple[list[int], list[int]]:
     count = np.bincount(lengths, minlength=longest + 1).tolist()
     count[0] = 0
     order = np.lexsort((np.arange(lengths.size), lengths))
-    symbols = [int(s) for s in order if lengths[s] > 0]
+    symbols = order[lengths[order] > 0].tolist()  # one vector step: per-symbol indexing cost ms per table
     return count, symbols
 
 

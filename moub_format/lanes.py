@@ -137,6 +137,29 @@ class LookupTable:
 
 
 
+class MixedTables:
+    """Several validated lookup tables decoded in one lock step: lanes of different
+    tables advance together, so a file of many small packs (one code table each) pays
+    NumPy's per-call overhead once per step instead of once per table and step.
+
+    The tables' packed entries are concatenated; lane *i* looks its pattern up at
+    ``base[i] + (window >> drop[i])`` (its own table's ``L`` bits, so a lane never
+    reads another table's entries), and a refill brings ``64 // L`` symbols for the
+    longest ``L`` of all the tables (every table's codes then fit in 64 bits)."""
+
+    def __init__(self, tables: list[LookupTable], entries: list[np.ndarray]) -> None:
+        self.max_length = max(t.max_length for t in tables)
+        self.symbols_per_refill = 64 // self.max_length
+        sizes = np.array([e.size for e in entries], dtype=np.int64)
+        self.bases = (np.cumsum(sizes) - sizes).astype(np.uint64)
+        self.drops = np.array([64 - t.max_length for t in tables], dtype=np.uint64)
+        self.entries = np.concatenate(entries)
+
+    def lane_arrays(self, lane_tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(drop, base) per lane, for lanes of the tables numbered ``lane_tables``."""
+        return self.drops[lane_tables], self.bases[lane_tables]
+
+
 def _word_rows(data: np.ndarray, starts: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(W, first_bit): ``W[r, lane]`` = the 64 bits (big-endian) of ``data`` from byte
     ``8 * (starts[lane] // 8 + r)``, as a native integer (zero past the end of ``data``),
@@ -187,6 +210,7 @@ def decode_lanes(
     out: np.ndarray,
     entries: tuple[np.ndarray, np.ndarray | None] | None = None,
     helper: Executor | None = None,
+    lane_tables: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Decode ``len(starts)`` chunks in lock step; return the bits each consumed.
 
@@ -201,6 +225,9 @@ def decode_lanes(
     ``out`` (the copy releases the GIL) while this thread decodes the next one
     into a second block. Memory besides ``out``: about the lanes' stream bytes,
     plus one or two blocks (at most BLOCK_BYTES each) and a few dozen bytes per lane.
+    ``lane_tables``: (drop, base) per lane from :meth:`MixedTables.lane_arrays`, with
+    ``table`` the :class:`MixedTables` and ``entries`` its concatenated entries: lanes
+    of several tables at once.
     """
     n_lanes, steps = out.shape
     starts = np.asarray(starts, dtype=np.int64)
@@ -228,7 +255,7 @@ def decode_lanes(
     pattern_index = pattern.view(np.int64)       # < 2**L: the same bits as an index
     length = np.empty(n_lanes, dtype=np.uint64)
     stride = np.uint64(n_lanes)
-    drop = np.uint64(64 - table.max_length)
+    drop, base = (np.uint64(64 - table.max_length), None) if lane_tables is None else lane_tables
     word_bits = np.uint64(64)
     word_mask = np.uint64(63)
     one = np.uint64(1)
@@ -254,7 +281,7 @@ def decode_lanes(
     # Lanes whose count ends before the last step: record their position there.
     finish: dict[int, np.ndarray] = {}
     short = np.flatnonzero(counts < steps)
-    for c in np.unique(counts[short]).tolist():
+    for c in sorted(set(counts[short].tolist())):  # not np.unique: its first call imports numpy.ma (30 ms)
         finish[int(c)] = short[counts[short] == c]
 
     rows_of = [[block[i] for i in range(block_steps)] for block in blocks]
@@ -290,6 +317,8 @@ def decode_lanes(
                 bit_or(window, low, window)
                 for row in rows_of_block[step - block_start : min(block_end, step + k) - block_start]:
                     shift_right(window, drop, pattern)
+                    if base is not None:
+                        add(pattern, base, pattern)
                     take_entry(pattern_index, None, row, "clip")
                     bit_and(row, LENGTH_MASK, length)
                     shift_left(window, length, window)

@@ -40,7 +40,7 @@ from . import constants as C
 from . import dtypes
 from .errors import ChecksumError, HuffmanError, LayoutError, LimitError, StructureError, TruncatedFileError
 from .huffman import CanonicalDecoder
-from .lanes import PAGE_BACKED_BYTES, WINDOW_SLACK, LookupTable, decode_lanes, empty_pages
+from .lanes import PAGE_BACKED_BYTES, WINDOW_SLACK, LookupTable, MixedTables, decode_lanes, empty_pages
 from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_index
 
 Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
@@ -131,6 +131,7 @@ class MoubFile:
             raise
         self._lookups: dict[int, LookupTable | None] = {}
         self._value_tables: dict[tuple, np.ndarray] = {}
+        self._symbol_values: dict[tuple, np.ndarray] = {}
         self._bitarray_decoders: dict[int, CanonicalDecoder] = {}
 
     # lifecycle -------------------------------------------------------------
@@ -238,16 +239,24 @@ class MoubFile:
             return scale_member(self.index.codebooks[codebook], scale, element, offset)
         return dtypes.cast_from_float32(self.index.codebooks[codebook], dtype)
 
+    def _values(self, codebook: int, dtype: ValueKey) -> np.ndarray:
+        """:meth:`_by_symbol`, computed once per (codebook, dtype)."""
+        key = (codebook, dtype)
+        if key not in self._symbol_values:
+            self._symbol_values[key] = self._by_symbol(codebook, dtype)
+        return self._symbol_values[key]
+
     def _entries(self, table: int, codebook: int, dtype: ValueKey) -> tuple:
         key = (table, codebook, dtype)
         if key not in self._value_tables:
-            self._value_tables[key] = self._lookup(table).entries(self._by_symbol(codebook, dtype))
+            self._value_tables[key] = self._lookup(table).entries(self._values(codebook, dtype))
         return self._value_tables[key]
 
-    def _group_lanes(self, streams: list[Stream], max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    def _group_lanes(self, streams: list[Stream], max_length: int | list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """The chunks of ``streams`` as lanes: absolute start byte, declared bits, element
         count, and each stream's (first lane, lanes). Checked, for the whole group at
-        once: bits possible for codes of 1..max_length bits, padding bits zero."""
+        once: bits possible for codes of 1..max_length bits (per stream, when a list),
+        padding bits zero."""
         bits_parts, counts_parts, offsets, rows = [], [], [], []
         row = 0
         for stream in streams:
@@ -271,10 +280,11 @@ class MoubFile:
             t = int(np.searchsorted(first_lanes, lane, side="right")) - 1
             raise HuffmanError(f"{self.filename}: {streams[t].subject}: chunk {lane - rows[t][0]}: {message}")
 
-        bad = np.flatnonzero((bits < counts) | (bits > counts * max_length))
+        longest = np.repeat(np.broadcast_to(np.asarray(max_length, dtype=np.int64), (len(streams),)), lanes_per_stream)
+        bad = np.flatnonzero((bits < counts) | (bits > counts * longest))
         if bad.size:
             lane = int(bad[0])
-            fail(lane, f"chunk_bits {int(bits[lane])} is impossible for {int(counts[lane])} codes of 1..{max_length} bits")
+            fail(lane, f"chunk_bits {int(bits[lane])} is impossible for {int(counts[lane])} codes of 1..{int(longest[lane])} bits")
         tail = bits & 7
         ragged = np.flatnonzero(tail)
         if ragged.size:
@@ -285,16 +295,18 @@ class MoubFile:
                 fail(lane, f"padding bits after bit {int(bits[lane])} are not zero")
         return starts, bits, counts, rows
 
-    def _decode_group(self, streams: list[Stream], dtype: ValueKey) -> list[np.ndarray]:
-        """Decode Huffman streams sharing table, codebook, dtype and chunk size, all lanes at once.
+    def _decode_group(self, streams: list[Stream], value_keys: list[ValueKey]) -> list[np.ndarray]:
+        """Decode Huffman streams sharing a chunk size and a value dtype of at most 4 bytes
+        (each with its own table, codebook and values), or sharing table, codebook and
+        value key, all lanes at once.
 
         Returns one flat array per stream (views into one buffer) of the storage
-        dtype, or of uint32 symbols when ``dtype`` is None.
+        dtype, or of uint32 symbols when its value key is None.
         """
-        first = streams[0]
-        by_symbol = self._by_symbol(first.codebook, dtype)
+        first, dtype = streams[0], value_keys[0]
+        by_symbol = self._values(first.codebook, dtype)
         lookup = self._lookup(first.table)
-        if lookup is None:  # one used symbol, code "0" of one bit: the stream is count zero bits
+        if lookup is None:  # only ever grouped with streams of the same table and values  # one used symbol, code "0" of one bit: the stream is count zero bits
             symbol_value = by_symbol[int(np.flatnonzero(self.index.tables[first.table])[0])]
             stored = [self._checked(stream.data, stream.subject) for stream in streams]
             self._group_lanes(streams, 1)  # 1-bit codes: bits == count for every chunk
@@ -308,7 +320,7 @@ class MoubFile:
             return results
         checks = self._start_checks(streams)
         try:
-            results = self._decode_lanes_group(streams, dtype, by_symbol, lookup)
+            results = self._decode_lanes_group(streams, value_keys)
         except BaseException:
             for check in checks:  # corrupt stored bytes are the cause to report, not what decoding them did
                 failure = check.exception()
@@ -319,9 +331,11 @@ class MoubFile:
             check.result()
         return results
 
-    def _decode_lanes_group(self, streams: list[Stream], dtype: ValueKey, by_symbol: np.ndarray, lookup: LookupTable) -> list[np.ndarray]:
-        first = streams[0]
-        lane_starts, lane_bits, lane_counts, rows = self._group_lanes(streams, lookup.max_length)
+    def _decode_lanes_group(self, streams: list[Stream], value_keys: list[ValueKey]) -> list[np.ndarray]:
+        keys = [(s.table, s.codebook, v) for s, v in zip(streams, value_keys)]
+        lookups = [self._lookup(table) for table, _, _ in keys]
+        by_symbol = self._values(keys[0][1], keys[0][2])  # the group's dtype (shared by all its streams)
+        lane_starts, lane_bits, lane_counts, rows = self._group_lanes(streams, [lk.max_length for lk in lookups])
         row = lane_bits.size
         # Rows as long as the longest chunk (not chunk_elements: one-element tensors
         # declaring 2**24-element chunks must not allocate 2**24 slots each). When every
@@ -334,11 +348,22 @@ class MoubFile:
             steps = -(-steps // line) * line
         out = _aligned_empty((row, steps), by_symbol.dtype)
         if row < MIN_LANES:
-            self._decode_few(streams, rows, lane_starts, lane_bits, lane_counts, first.table, by_symbol, out)
+            for stream, stream_rows, (table, codebook, value_key) in zip(streams, rows, keys):
+                self._decode_few([stream], [stream_rows], lane_starts, lane_bits, lane_counts, table,
+                                 self._values(codebook, value_key), out)
             return [_aligned(out[r : r + n_chunks].reshape(-1)[: s.n_elements]) for s, (r, n_chunks) in zip(streams, rows)]
         data, base = self._lane_bytes(streams)
         lane_starts -= base
-        entries = self._entries(first.table, first.codebook, dtype)
+        distinct = list(dict.fromkeys(keys))
+        lane_tables = None
+        if len(distinct) == 1:
+            lookup, entries = lookups[0], self._entries(*distinct[0])
+        else:  # lanes of every table in one lock step
+            lookup = MixedTables([self._lookup(table) for table, _, _ in distinct], [self._entries(*k)[0] for k in distinct])
+            entries = (lookup.entries, None)
+            number = {k: i for i, k in enumerate(distinct)}
+            lane_ids = np.repeat(np.array([number[k] for k in keys], dtype=np.int64), [n for _, n in rows])
+            lane_tables = lookup.lane_arrays(lane_ids)
         # Lanes per call: as many as the window and DECODER_SCRATCH_BYTES (the decoder's
         # stream words, for all threads together) allow, since NumPy's per-call overhead
         # shrinks with every lane added. Split between threads only when each gets
@@ -353,7 +378,9 @@ class MoubFile:
 
         def run(span: tuple[int, int], helper: ThreadPoolExecutor | None = None) -> np.ndarray:
             a, b = span
-            return decode_lanes(data, lane_starts[a:b], lane_bits[a:b], lane_counts[a:b], lookup, by_symbol, out[a:b], entries, helper)
+            span_tables = None if lane_tables is None else (lane_tables[0][a:b], lane_tables[1][a:b])
+            return decode_lanes(data, lane_starts[a:b], lane_bits[a:b], lane_counts[a:b], lookup, by_symbol, out[a:b], entries,
+                                helper, span_tables)
 
         if threads > 1 and len(spans) > 1:
             with ThreadPoolExecutor(threads) as pool:
@@ -429,24 +456,35 @@ class MoubFile:
 
     def _decode_huffman(self, streams: list[Stream], dtype_of: Callable[[Stream], ValueKey]) -> list[np.ndarray]:
         """Decode Huffman streams (flat arrays, in the order given), grouped so each
-        group shares one lane decode. Streams whose longest chunks differ by more than
+        group shares one lane decode: streams of any tables whose values have the same
+        dtype of at most 4 bytes decode together (a default-mode file has a table per
+        pack: decoding them one by one made rec's load 4x the plain .onnx's). Streams
+        of the one-symbol table, or of wider values, group by table, codebook and
+        values. Streams whose longest chunks differ by more than
         2x decode in different groups: every lane steps as often as the group's longest
         chunk is long, and the output buffer has rows that long, so a file mixing
         one-element tensors with 2**24-element chunks must not give each of them a row
         of 2**24 elements (the buffer stays within 2x the decoded size)."""
         groups: dict[tuple, list[int]] = {}
         results: list[np.ndarray | None] = [None] * len(streams)
+        value_keys: list[ValueKey] = [None] * len(streams)
         for i, stream in enumerate(streams):
-            dtype = dtype_of(stream)
+            value_keys[i] = dtype = dtype_of(stream)
             if stream.n_elements == 0:
                 element = dtype[0] if isinstance(dtype, tuple) else dtype
                 results[i] = np.zeros(0, dtype=np.uint32 if element is None else dtypes.STORAGE_DTYPES[element])
                 continue
             longest_chunk = min(stream.n_elements, stream.chunk_elements)
-            key = (stream.table, stream.codebook, dtype, stream.chunk_elements, longest_chunk.bit_length())
+            shape = (stream.chunk_elements, longest_chunk.bit_length())
+            value_dtype = self._values(stream.codebook, dtype).dtype
+            if self._lookup(stream.table) is None or value_dtype.itemsize > 4:
+                key = ("own", stream.table, stream.codebook, dtype, *shape)
+            else:
+                key = ("shared", value_dtype.str, *shape)
             groups.setdefault(key, []).append(i)
-        for key, positions in groups.items():
-            for i, array in zip(positions, self._decode_group([streams[i] for i in positions], key[2])):
+        for positions in groups.values():
+            decoded = self._decode_group([streams[i] for i in positions], [value_keys[i] for i in positions])
+            for i, array in zip(positions, decoded):
                 results[i] = array
         return results
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -169,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERNAL)
+    except BrokenPipeError:
+        # the reader went away (``moub inspect f.moub | head``): not an error of ours, so no
+        # message; stdout goes to devnull so that the interpreter's final flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERNAL
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, exit 1
         return _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from moub_format import HuffmanError, MoubFile, huffman
 from moub_format import constants as C
-from moub_format.lanes import WINDOW_SLACK, LookupTable, decode_lanes
+from moub_format.lanes import WINDOW_SLACK, LookupTable, MixedTables, decode_lanes
 from moub_format.writer import HuffmanTensor, build, own_table
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -113,6 +113,43 @@ def test_numpy_encoder_matches_bitarray_and_round_trips(lengths, data):
     assert consumed.tolist() == bits
     decoded = np.concatenate([out[i, : counts[i]] for i in range(len(bits))])
     assert np.array_equal(decoded, indices)
+
+
+@FAST
+@given(st.lists(complete_tables(), min_size=2, max_size=5), st.integers(1, 300), st.data())
+def test_lanes_of_several_tables_decode_like_each_alone(tables, chunk, data):
+    """Lanes of different tables in one lock step (MixedTables) give each lane the symbols
+    and bit counts its own table gives it alone; values come from each table's own entries."""
+    streams, lanes = [], []
+    for t, lengths in enumerate(tables):
+        n = data.draw(st.integers(1, 900))
+        indices = np.array(data.draw(st.lists(st.integers(0, lengths.size - 1), min_size=n, max_size=n)), dtype=np.int64)
+        stream, bits = huffman.encode_chunks(indices, lengths, chunk)
+        streams.append(stream)
+        lanes += [(t, b, min(chunk, n - s), indices[s : s + chunk]) for s, b in zip(range(0, n, chunk), bits)]
+    order = data.draw(st.permutations(range(len(lanes))))  # lanes of the tables interleaved
+    offsets = np.cumsum([0] + [len(s) for s in streams])
+    byte_starts, position = [], 0
+    for t, stream in enumerate(streams):
+        for lane in (lane for lane in lanes if lane[0] == t):
+            byte_starts.append(offsets[t] * 8 + position)  # bit position within the stream
+            position += (lane[1] + 7) // 8 * 8
+        position = 0
+    starts = np.array([bs // 8 for bs in byte_starts], dtype=np.int64)[list(order)]
+    picked = [lanes[i] for i in order]
+    lookups = [LookupTable(lengths) for lengths in tables]
+    values = [np.arange(lengths.size, dtype=np.uint32) * 7 + t for t, lengths in enumerate(tables)]
+    mixed = MixedTables(lookups, [lk.entries(v)[0] for lk, v in zip(lookups, values)])
+    table_of = np.array([lane[0] for lane in picked], dtype=np.int64)
+    counts = np.array([lane[2] for lane in picked], dtype=np.int64)
+    declared = np.array([lane[1] for lane in picked], dtype=np.int64)
+    buffer = np.frombuffer(b"".join(streams) + bytes(WINDOW_SLACK), dtype=np.uint8)
+    out = np.empty((len(picked), int(counts.max())), dtype=np.uint32)
+    consumed = decode_lanes(buffer, starts, declared, counts, mixed, values[0], out, (mixed.entries, None),
+                            lane_tables=mixed.lane_arrays(table_of))
+    assert consumed.tolist() == declared.tolist()
+    for i, (t, _, count, indices) in enumerate(picked):
+        assert np.array_equal(out[i, :count], values[t][indices])
 
 
 @FAST

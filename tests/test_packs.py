@@ -537,3 +537,36 @@ def test_session_frees_pack_members_like_tensors(packed):
     assert all(a.ctypes.data % 64 == 0 for a in given._moub_arrays)
     if ort_copies_external_initializers():
         assert own._moub_arrays == [] and own._moub_weights == []
+
+
+def test_many_packs_with_own_tables_decode_in_one_lock_step_bit_exact(tmp_path, monkeypatch):
+    """A default-mode file has a code table per pack. With enough chunks for the lane
+    decoder, the reader decodes the lanes of all those tables together (MixedTables);
+    every member must still come out bit-exact, and the session must agree."""
+    import moub_format.reader as reader_module
+
+    model = modelzoo.everything_model()
+    groups = [[p] for group in GROUPS for p in group]  # one-member packs, each its own table
+    codebooks, packs = packing.uniform_packs(model, groups, divisor=24.0, table=OWN)
+    path = tmp_path / "many_tables.moub"
+    path.write_bytes(_encode(model, codebooks, packs, chunk_elements=16))
+    built = []
+    real = reader_module.MixedTables
+    monkeypatch.setattr(reader_module, "MixedTables", lambda *a: built.append(real(*a)) or built[-1])
+    with MoubFile(path) as moub:
+        assert len({p.table for p in moub.index.packs}) >= 5
+        assert sum(len(p.chunk_bits) for p in moub.index.packs) >= reader_module.MIN_LANES
+    loaded = tensor_sites(moub_runtime.load(path))
+    assert built and len(built[0].drops) >= 3  # several tables really shared one decode
+    for site_path, data in packing.expected_members(model, codebooks, packs).items():
+        assert loaded[site_path].tensor.raw_data == data, site_path
+
+
+def test_cli_inspect_into_a_closed_pipe_is_quiet(packed):
+    """``moub inspect f.moub | head -1``: the reader leaves early; no traceback and no
+    "internal error" line (it said "internal error: BrokenPipeError" before)."""
+    _, _, _, path = packed
+    command = f"{sys.executable} -m moub_runtime.cli inspect {path} | head -c 1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
+    assert len(result.stdout) == 1
+    assert result.stderr == ""
