@@ -114,9 +114,11 @@ class LookupTable:
         if int(spans.sum()) != 1 << self.max_length:
             raise ValueError("lookup tables need a complete code (Kraft sum exactly 1)")
         # Canonical codes in (length, symbol) order are consecutive prefixes:
-        # their L-bit ranges tile [0, 2**L) in that order.
-        self.lengths = np.repeat(sorted_lengths.astype(np.uint64), spans)
-        self.symbols = np.repeat(sorted_symbols.astype(np.uint64), spans)
+        # their L-bit ranges tile [0, 2**L) in that order. Kept per used symbol; the
+        # 2**L entries are spread out once, already packed, by :meth:`entries`.
+        self._sorted_symbols = sorted_symbols
+        self._sorted_lengths = sorted_lengths.astype(np.uint64)
+        self._spans = spans
         self.symbols_per_refill = 64 // self.max_length  # a refill brings 64 bits
 
     def entries(self, by_symbol: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -131,8 +133,10 @@ class LookupTable:
             raise ValueError(f"{by_symbol.size} values for an alphabet of {self.alphabet}")
         if by_symbol.dtype.itemsize <= 4:
             bits = by_symbol.view(f"<u{by_symbol.dtype.itemsize}").astype(np.uint64)
-            return (bits[self.symbols.astype(np.intp)] << np.uint64(32)) | self.lengths, None
-        return (self.symbols << np.uint64(32)) | self.lengths, by_symbol
+            packed = (bits[self._sorted_symbols] << np.uint64(32)) | self._sorted_lengths
+            return np.repeat(packed, self._spans), None
+        packed = (self._sorted_symbols.astype(np.uint64) << np.uint64(32)) | self._sorted_lengths
+        return np.repeat(packed, self._spans), by_symbol
 
 
 
