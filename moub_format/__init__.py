@@ -20,7 +20,20 @@ from .errors import (
 )
 from .index import PackInfo, PackMember, TensorInfo
 from .reader import MoubFile, open_moub, scale_member
-from .writer import OWN, SMALLEST, GridCodebook, HuffmanTensor, PackSpec, RawTensor, build, write, write_atomic
+
+# The writer loads on first use: a device that only reads .moub files does not pay
+# for importing it (and its FlatBuffers builders) at every process start.
+_WRITER_NAMES = frozenset({"OWN", "SMALLEST", "GridCodebook", "HuffmanTensor", "PackSpec", "RawTensor", "build", "write",
+                           "write_atomic"})
+
+
+def __getattr__(name: str):
+    if name in _WRITER_NAMES:
+        from . import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_LIMITS", "FORMAT_MAJOR", "FORMAT_MINOR", "ReaderLimits",

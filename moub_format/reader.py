@@ -50,6 +50,7 @@ ValueKey = int | tuple[int, float, int] | None  # what a stream decodes to: an e
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
 MIN_LANES_PER_WORKER = 8192      # lanes a decoding thread needs before splitting pays (GIL turns)
 MIN_LANES = 128                  # fewer chunks than this decode faster one by one (bitarray)
+MIN_LANES_FOR_COPY_THREAD = 2048 # lanes before a second thread copying finished blocks pays
 DECODER_SCRATCH_BYTES = 1 << 25  # stream words the lane decoder holds per call (all its lanes), at most
 CONCURRENT_CHECK_BYTES = 1 << 20 # stored bytes worth hashing on other threads while decoding
 
@@ -385,7 +386,9 @@ class MoubFile:
         if threads > 1 and len(spans) > 1:
             with ThreadPoolExecutor(threads) as pool:
                 consumed_parts = list(pool.map(run, spans))
-        elif self.decode_workers > 1:  # one more thread copies finished blocks into ``out``
+        elif self.decode_workers > 1 and row >= MIN_LANES_FOR_COPY_THREAD:
+            # one more thread copies finished blocks into ``out`` (with fewer lanes the copies are
+            # small and the decoding thread only waits for the GIL: det's load took 1.5x longer)
             with ThreadPoolExecutor(1) as helper:
                 consumed_parts = [run(span, helper) for span in spans]
         else:
