@@ -307,7 +307,8 @@ class MoubFile:
         first, dtype = streams[0], value_keys[0]
         by_symbol = self._values(first.codebook, dtype)
         lookup = self._lookup(first.table)
-        if lookup is None:  # only ever grouped with streams of the same table and values  # one used symbol, code "0" of one bit: the stream is count zero bits
+        if lookup is None:  # one used symbol, code "0" of one bit: the stream is count zero bits
+            # (such streams are grouped only with streams of the same table and values)
             symbol_value = by_symbol[int(np.flatnonzero(self.index.tables[first.table])[0])]
             stored = [self._checked(stream.data, stream.subject) for stream in streams]
             self._group_lanes(streams, 1)  # 1-bit codes: bits == count for every chunk
