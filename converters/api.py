@@ -34,6 +34,7 @@ from .modes.base import Candidate, ModeContext, Stage
 from .modes.paper import fixed_bins
 from .options import ConvertOptions
 from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
+from .resolution import resolution
 from .solution import Quantization
 
 LOSS_MEASURES = {
@@ -287,7 +288,7 @@ def convert(
     moub_bytes = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
     final = _measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
-                     len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant)
+                     len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                          time.perf_counter() - started, chosen_metric)
 
@@ -315,13 +316,15 @@ def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: fl
     chosen = Candidate(f"k={options.bins}", "fixed", measured.quality if known else 0.0, measured.loss if known else 0.0,
                        known, stages[-1].size.bits_per_weight, quant.bins_used(), {"k": options.bins, "merges": []})
     report = _report(source, pool, options, metric, q0, measured, baseline.dataset if baseline else None, stages, final,
-                     len(moub_bytes), [], [], chosen, {"method": "fixed bins"}, _Counter(None), quant)
+                     len(moub_bytes), [], [], chosen, {"method": "fixed bins"}, _Counter(None), quant,
+                     baseline.reference if baseline else None)
     return ConvertResult(moub_bytes, report, [], q0, measured.quality, 0, time.perf_counter() - started, metric)
 
 
 def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0, measured: _Measured, dataset: Dataset | None,
             stages: list[Stage], final: _Measured, file_bytes: int, candidates: list[Candidate],
-            front: list[Candidate], chosen: Candidate, facts: dict, counter: _Counter, quant: Quantization) -> dict:
+            front: list[Candidate], chosen: Candidate, facts: dict, counter: _Counter, quant: Quantization,
+            reference: list[np.ndarray] | None = None) -> dict:
     q1 = measured.quality
     rows = stage_rows(stages, final.weight_bytes, file_bytes, source.original_bytes, pool.n_weights)
     bits_file = rows[-1]["bits_per_weight"]
@@ -348,6 +351,7 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "quality_compressed": None if q1 is None else round(q1, 6),
         "loss": None if measured.loss is None else round(measured.loss, 6),
         "loss_measure": None if metric is None else LOSS_MEASURES[metric],
+        "resolution": None if reference is None else resolution(metric, reference, measured.loss, options.max_drop),
         "data": None if dataset is None else {"samples": dataset.n_samples, "batch_size": dataset.batch_size,
                                               "labels": dataset.labels is not None},
         "pool": pool.summary(),

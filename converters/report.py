@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .modes.base import Candidate, Stage
+from .resolution import summary_lines
 from .search import pareto_front
 
 REPORT_VERSION = 1
@@ -120,6 +121,7 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
         q0, q1 = report["quality_original"], report["quality_compressed"]
         loss = f", loss {report['loss']:.4f}" if report["metric"] == "accuracy" else ""
         lines.append(f"{report['metric']:16}{q0:>16.4f}{q1:>16.4f}   drop {q0 - q1:+.4f}{loss} (max {report['settings']['max_drop']})")
+        lines += summary_lines(report.get("resolution"), report["metric"], report["settings"]["max_drop"])
     choice = report.get("choice") or {}
     if choice:
         lines.append(f"{'weights':16}{'32 bits':>16}{choice['bits_per_weight_file']:>11.3f} bits   {choice['bins']} bins ({choice['name']})")

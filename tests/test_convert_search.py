@@ -21,6 +21,7 @@ from moub_converters.merge import Groups, merge_cheapest
 from moub_converters.modes.base import Candidate
 from moub_converters.modes.paper import monotone_losses, robust_feasible
 from moub_converters.metrics import Accumulator, quality
+from moub_converters.resolution import resolution, samples_to_resolve, upper_rate
 from moub_converters.search import bin_grid, pareto_front
 from moub_converters.solution import Quantization
 from moub_format import MoubFile
@@ -220,3 +221,44 @@ def test_evaluation_strategies_agree():
     for s in ("inputs", "serialize"):
         np.testing.assert_allclose(outs[s], outs["initializers"], atol=1e-4)
         assert np.array_equal(outs[s].argmax(1), outs["initializers"].argmax(1))
+
+
+def test_resolution_counts_the_samples_the_file_turns_wrong(demo):
+    """The report's resolution entry: broken samples counted again here by running the written
+    file on the search data, and the bound the closing table prints."""
+    result, path = demo
+    with np.load(VAL) as z:
+        x, y = z["input"], z["labels"]
+    original = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    compressed = moub_runtime.InferenceSession(path)
+    right = np.argmax(original.run(None, {original.get_inputs()[0].name: x})[0], axis=1) == y
+    still = np.argmax(compressed.run(None, {compressed.get_inputs()[0].name: x})[0], axis=1) == y
+    entry = result.report["resolution"]
+    assert entry["samples"] == len(y)
+    assert entry["broken"] == int(np.sum(right & ~still))
+    assert entry["upper_rate"] == pytest.approx(upper_rate(entry["broken"], len(y)), abs=1e-6)
+    assert entry["resolves_max_drop"] is (upper_rate(0, len(y)) <= MAX_DROP)
+    table = result.closing_table()
+    assert f"{entry['broken']} of {len(y)}" in table and "samples turned wrong" in table
+    assert ("about 598 could" in table) is (not entry["resolves_max_drop"])
+
+
+def test_upper_rate_is_the_clopper_pearson_bound():
+    from scipy.stats import binom
+
+    for broken, n in [(0, 300), (2, 300), (5, 500), (0, 20), (19, 20)]:
+        bound = upper_rate(broken, n)
+        assert binom.cdf(broken, n, bound) == pytest.approx(0.05, abs=1e-9)  # seeing so few is a 5% event there
+    assert upper_rate(0, 300) == pytest.approx(3 / 300, rel=0.01)  # the rule of three
+    assert upper_rate(20, 20) == 1.0
+    n = samples_to_resolve(0.0075)
+    assert upper_rate(0, n) <= 0.0075 < upper_rate(0, n - 1)
+
+
+def test_resolution_only_where_samples_are_counted():
+    scores = np.zeros((40, 3), dtype=np.float32)
+    assert resolution("agreement", [scores], 0.05, 0.01)["broken"] == 2
+    assert resolution("accuracy", [scores], 0.0, 0.01)["resolves_max_drop"] is False  # 40 samples: 7.2%
+    assert resolution("cosine", [scores], 0.0, 0.01) is None
+    assert resolution("f1", [scores], 0.0, 0.01) is None
+    assert resolution("agreement", [np.zeros((40, 7, 3), dtype=np.float32)], 0.0, 0.01) is None  # time steps
