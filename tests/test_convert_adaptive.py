@@ -176,3 +176,64 @@ def test_fallbacks_are_only_larger_than_every_confirm_failure():
               {"name": "c5", "passed": True}, {"name": "c4", "passed": True}]
     assert [c.name for c in fallbacks(ranked, [ranked[4]], trials)] == ["c5", "c6", "c7"]
     assert [c.name for c in fallbacks(ranked, [], [{"name": "c7", "passed": False}])] == []
+
+
+def _gap_mode(threshold_x: float, confirm_threshold_x: float, calls: list):
+    """An AdaptiveMode whose evaluations pass on the search half below ``threshold_x`` and on
+    the confirm half below ``confirm_threshold_x`` (finer steps are never worse)."""
+    from types import SimpleNamespace
+
+    from moub_converters.modes import adaptive
+
+    mode = adaptive.AdaptiveMode()
+    mode.limits = {"search": 0.01, "confirm": 0.01}
+
+    def result(x: float, gamma: float, stage: str, threshold: float) -> dict:
+        calls.append((stage, x))
+        loss = 0.0 if x < threshold else 0.05
+        return {"name": f"x={x:+.4f} gamma={gamma:.3f}", "stage": stage, "quality": 1 - loss, "loss": loss,
+                "complete": True, "stopped": None, "units": 100, "bins": 10, "bits_per_weight": 8 - x,
+                "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}}
+
+    problem = SimpleNamespace(run_many=lambda tasks, max_loss, stage: [result(d.x, d.gamma, stage, threshold_x)
+                                                                       for d, _ in tasks])
+    ctx = SimpleNamespace(map=lambda fn, tasks: [result(t[0], t[1], t[5], confirm_threshold_x) for t in tasks])
+    return mode, problem, ctx
+
+
+def _searched(x: float, gamma: float = 0.75) -> "Candidate":
+    from moub_converters.modes.base import Candidate
+
+    return Candidate(f"x={x:+.4f} gamma={gamma:.3f}", "search", 1.0, 0.0, True, 8 - x, 10, {"x": x, "gamma": gamma})
+
+
+def test_gap_between_the_confirmed_choice_and_the_failure_below_is_bisected_on_both_halves():
+    """rapidocr cls: the confirm half failed x=-3.25 and the next finished candidate was the
+    bracket's x=-5.0; the grid between them is bisected, each point on the search half first."""
+    calls: list = []
+    mode, problem, ctx = _gap_mode(threshold_x=-3.3, confirm_threshold_x=-3.8, calls=calls)
+    failed, safe = _searched(-3.25), _searched(-5.0)
+    trials = [{"name": failed.name, "rule": "confirm half", "passed": False},
+              {"name": safe.name, "rule": "confirm half", "passed": True}]
+    confirmed, tried = mode._fill_gap(problem, [failed, safe], [safe], trials, [], ctx)
+    assert confirmed[0].recipe["x"] == -3.875  # the coarsest grid step (1/8 octave) that passes the confirm half
+    assert [c.recipe["x"] for c in tried] == [-4.125, -3.75, -4.0, -3.875]
+    assert [x for stage, x in calls if stage == "confirm"] == [-4.125, -3.75, -4.0, -3.875]
+    assert [t["passed"] for t in trials[2:]] == [True, False, True, True]
+
+
+def test_gap_fill_respects_gamma_the_search_half_and_the_budget():
+    from moub_converters.modes.adaptive import CONFIRM_BUDGET
+
+    calls: list = []
+    mode, problem, ctx = _gap_mode(threshold_x=-5.0, confirm_threshold_x=0.0, calls=calls)
+    failed, safe = _searched(-3.25), _searched(-5.0)
+    trials = [{"name": failed.name, "rule": "confirm half", "passed": False},
+              {"name": safe.name, "rule": "confirm half", "passed": True}]
+    confirmed, tried = mode._fill_gap(problem, [failed, safe], [safe], list(trials), [], ctx)
+    assert confirmed == [safe] and all(stage != "confirm" for stage, _ in calls)  # failed the search half: no confirm run
+    assert [c.recipe["x"] for c in tried] == [-4.125, -4.625, -4.875]
+    other_gamma = _searched(-3.25, gamma=1.0)
+    assert mode._fill_gap(problem, [other_gamma, safe], [safe], [{**trials[0], "name": other_gamma.name}, trials[1]], [], ctx) == ([safe], [])
+    full = trials + [{"name": f"t{i}", "rule": "confirm half", "passed": True} for i in range(CONFIRM_BUDGET - 2)]
+    assert mode._fill_gap(problem, [failed, safe], [safe], full, [], ctx) == ([safe], [])

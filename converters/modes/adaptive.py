@@ -334,7 +334,9 @@ class AdaptiveMode:
         ranked = rank(robust_within_gamma(candidates, limit, opts.monotone))
         ctx.progress({"phase": "confirm"})
         confirmed, trials = self._confirm(ranked, opt_list, opts, ctx)
-        feasible_list = confirmed + fallbacks(ranked, confirmed, trials)
+        confirmed, gap = self._fill_gap(problem, ranked, confirmed, trials, opt_list, ctx)
+        candidates += gap
+        feasible_list = confirmed + fallbacks(rank(ranked + [c for c in gap if feasible(c, limit)]), confirmed, trials)
         facts.update({"confirm": trials, "tolerance": {k: round(v, 6) for k, v in self.limits.items()}, "split": {"search": "even samples", "confirm": "odd samples",
                                                    "min_samples": MIN_SPLIT}})
         facts.update({"refine_trials": len(refined), "sensitivity_runs": int(stats.sizes.size),
@@ -392,6 +394,49 @@ class AdaptiveMode:
         if chosen is None:
             chosen = smallest(lambda i: judge(i, True))
         return ([] if chosen is None else [ranked[chosen]]), trials
+
+    def _fill_gap(self, problem: StepProblem, ranked: list[Candidate], confirmed: list[Candidate], trials: list[dict],
+                  opt_list: list[float], ctx: ModeContext) -> tuple[list[Candidate], list[Candidate]]:
+        """Bisect the search grid between the confirmed choice and the failure just below it, when
+        they share gamma and the grid has points between them: the confirm bisection can only pick
+        among candidates the search finished, and where the search stopped the ones in between as
+        dominated the choice falls far (rapidocr cls: from 5.92 bits/weight, which failed the
+        confirm half, to the bracket's safe end at 7.71). Each midpoint must pass the search half
+        then the confirm half; the trials count against CONFIRM_BUDGET. Returns the (possibly
+        new) confirmed choice and the candidates evaluated here."""
+        if not confirmed or not any(t["name"] == confirmed[0].name and t["rule"] == "confirm half" and t["passed"]
+                                    for t in trials):
+            return confirmed, []
+        chosen = confirmed[0]
+        failed = {t["name"] for t in trials if not t["passed"]}
+        below = [c for c in ranked if c.name in failed and c.bits_per_weight < chosen.bits_per_weight]
+        if not below:
+            return confirmed, []
+        nearest = max(below, key=lambda c: c.bits_per_weight)
+        gamma = chosen.recipe["gamma"]
+        if nearest.recipe["gamma"] != gamma:
+            return confirmed, []
+        gi = int(round(gamma * GAMMA_RESOLUTION))
+        # grid indices strictly between the passing x (finer steps) and the failing x (coarser)
+        good = math.floor((chosen.recipe["x"] - X_RANGE[0]) * X_RESOLUTION + 1e-9)
+        bad = math.ceil((nearest.recipe["x"] - X_RANGE[0]) * X_RESOLUTION - 1e-9)
+        tried: list[Candidate] = []
+        while bad - good > 1 and len(trials) < CONFIRM_BUDGET:
+            mid = Decision((good + bad) // 2, gi)
+            search = _candidate(problem.run_many([(mid, None)], self.limits["search"], "gap")[0])
+            tried.append(search)
+            passed = feasible(search, self.limits["search"])
+            if passed:
+                task = (mid.x, mid.gamma, opt_list, None, self.limits["confirm"], "confirm")
+                result = ctx.map(score_decision, [task])[0]
+                passed = bool(result["complete"] and result["loss"] <= self.limits["confirm"] + 1e-12)
+                trials.append({"name": search.name, "rule": "confirm half", "loss": round(float(result["loss"]), 6),
+                               "complete": bool(result["complete"]), "passed": passed})
+            if passed:
+                good, chosen = mid.xi, search
+            else:
+                bad = mid.xi
+        return [chosen], tried
 
     def _bracket(self, problem: StepProblem, opts: ConvertOptions) -> tuple[int, int]:
         """Bisect x at BRACKET_GAMMA for the coarsest feasible step (quality falls as steps grow):
