@@ -279,6 +279,17 @@ def fallbacks(ranked: list[Candidate], confirmed: list[Candidate], trials: list[
     return [c for c in ranked if c not in confirmed and c.name not in failed and c.bits_per_weight > floor]
 
 
+def _confirm_trial(cand: Candidate, limit: float, rule: str, opt_list: list[float], ctx: ModeContext,
+                   trials: list[dict]) -> bool:
+    """Run ``cand`` on the confirm half; whether its loss there stays within ``limit`` (recorded in ``trials``)."""
+    task = (cand.recipe["x"], cand.recipe["gamma"], opt_list, None, max(limit, 0.0), "confirm")
+    result = ctx.map(score_decision, [task])[0]
+    passed = bool(result["complete"] and result["loss"] <= limit + 1e-12)
+    trials.append({"name": cand.name, "rule": rule, "loss": round(float(result["loss"]), 6),
+                   "complete": bool(result["complete"]), "passed": passed})
+    return passed
+
+
 class AdaptiveMode:
     name = "adaptive"
     default_min_elements = 16
@@ -366,12 +377,8 @@ class AdaptiveMode:
                 limit = self.limits["confirm"]
                 if pooled:  # the confirm loss that keeps the loss over both halves within pooled_limit
                     limit = (pooled_limit * sum(units.values()) - cand.loss * units["search"]) / units["confirm"]
-                task = (cand.recipe["x"], cand.recipe["gamma"], opt_list, None, max(limit, 0.0), "confirm")
-                result = ctx.map(score_decision, [task])[0]
-                verdicts[i, pooled] = bool(result["complete"] and result["loss"] <= limit + 1e-12)
-                trials.append({"name": cand.name, "rule": "both halves" if pooled else "confirm half",
-                               "loss": round(float(result["loss"]), 6), "complete": bool(result["complete"]),
-                               "passed": verdicts[i, pooled]})
+                verdicts[i, pooled] = _confirm_trial(cand, limit, "both halves" if pooled else "confirm half",
+                                                     opt_list, ctx, trials)
             return verdicts[i, pooled]
 
         def smallest(ok) -> int | None:
@@ -425,14 +432,8 @@ class AdaptiveMode:
             mid = Decision((good + bad) // 2, gi)
             search = _candidate(problem.run_many([(mid, None)], self.limits["search"], "gap")[0])
             tried.append(search)
-            passed = feasible(search, self.limits["search"])
-            if passed:
-                task = (mid.x, mid.gamma, opt_list, None, self.limits["confirm"], "confirm")
-                result = ctx.map(score_decision, [task])[0]
-                passed = bool(result["complete"] and result["loss"] <= self.limits["confirm"] + 1e-12)
-                trials.append({"name": search.name, "rule": "confirm half", "loss": round(float(result["loss"]), 6),
-                               "complete": bool(result["complete"]), "passed": passed})
-            if passed:
+            if feasible(search, self.limits["search"]) and _confirm_trial(search, self.limits["confirm"], "confirm half",
+                                                                          opt_list, ctx, trials):
                 good, chosen = mid.xi, search
             else:
                 bad = mid.xi
