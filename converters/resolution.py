@@ -75,6 +75,7 @@ def summary_lines(entry: dict | None, metric: str | None, max_drop: float) -> li
     lines = [f"{'check':16}{f'{broken} of {n}':>16}   samples {what}: a rate up to "
              f"{100 * entry['upper_rate']:.2f}% fits that ({100 * entry['confidence']:.0f}% bound)"]
     if not entry["resolves_max_drop"]:
-        lines.append(f"{'':32}   {n} samples cannot show a rate below max drop {max_drop}; "
-                     f"about {entry['samples_to_resolve_max_drop']} could")
+        needed = entry["samples_to_resolve_max_drop"]
+        could = f"about {needed} could" if needed is not None else "no finite number of samples can show a rate of 0"
+        lines.append(f"{'':32}   {n} samples cannot show a rate below max drop {max_drop}; {could}")
     return lines

@@ -21,7 +21,7 @@ from moub_converters.merge import Groups, merge_cheapest
 from moub_converters.modes.base import Candidate
 from moub_converters.modes.paper import monotone_losses, robust_feasible
 from moub_converters.metrics import Accumulator, quality
-from moub_converters.resolution import resolution, samples_to_resolve, upper_rate
+from moub_converters.resolution import resolution, samples_to_resolve, summary_lines, upper_rate
 from moub_converters.search import bin_grid, pareto_front
 from moub_converters.solution import Quantization
 from moub_format import MoubFile
@@ -262,3 +262,6 @@ def test_resolution_only_where_samples_are_counted():
     assert resolution("cosine", [scores], 0.0, 0.01) is None
     assert resolution("f1", [scores], 0.0, 0.01) is None
     assert resolution("agreement", [np.zeros((40, 7, 3), dtype=np.float32)], 0.0, 0.01) is None  # time steps
+    zero = resolution("agreement", [scores], 0.0, 0.0)  # --max-drop 0: no sample count resolves it
+    assert zero["samples_to_resolve_max_drop"] is None
+    assert "no finite number of samples" in summary_lines(zero, "agreement", 0.0)[1]
