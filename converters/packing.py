@@ -25,11 +25,11 @@ from moub_format import constants as C
 from moub_format import huffman, writer
 
 PACK_INDEX_BITS = 8 * 152     # a Pack's own index bytes: table, vtable, Blob with SHA-256, average padding
-MEMBER_INDEX_BITS = 8 * 16    # per member: site ordinal (4), count (8), scale (4)
-OFFSET_INDEX_BITS = 8 * 8     # per member of a pack that stores offsets
+MEMBER_INDEX_BITS = 8 * 12    # per member: site ordinal (4), count (4, format 1.3), scale (4)
+OFFSET_INDEX_BITS = 8 * 4     # per member of a pack that stores offsets (32-bit since 1.3)
 CODEBOOK_INDEX_BITS = 8 * 28  # a grid codebook entry in the index
 TABLE_ENTRY_BITS = 8          # one code length per grid level (plain tables; long ones are DEFLATE-packed)
-CHUNK_BITS = 64 + 4           # a chunk's chunk_bits entry and its average padding
+CHUNK_BITS = 32 + 4           # a chunk's chunk_bits32 entry (1.3) and its average padding
 MAX_ROUNDS = 8
 
 

@@ -14,7 +14,7 @@ FILE_EXTENSION = ".moub"
 # Versioning: a reader accepts any file whose major equals FORMAT_MAJOR, whatever
 # its minor, provided every bit of required_features is one it knows.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2             # 1.1 added Model.index_digest; 1.2 packs, grid codebooks, LZMA and packed tables
+FORMAT_MINOR = 3             # 1.1 Model.index_digest; 1.2 packs, grid codebooks, LZMA, packed tables; 1.3 compact packs
 
 # Required-feature bits (Model.required_features). A writer sets a bit when the
 # file uses the feature; a reader rejects every bit it does not implement, so a
@@ -22,8 +22,14 @@ FORMAT_MINOR = 2             # 1.1 added Model.index_digest; 1.2 packs, grid cod
 FEATURE_PACKS = 1 << 0       # Model.packs or a grid codebook (Codebook.count > 0)
 FEATURE_LZMA = 1 << 1        # a blob with codec LZMA
 FEATURE_PACKED_TABLES = 1 << 2  # a HuffmanTable with packed_lengths (a DEFLATE stream) instead of code_lengths
-FEATURES = {FEATURE_PACKS: "packs and grid codebooks", FEATURE_LZMA: "LZMA blobs", FEATURE_PACKED_TABLES: "packed code-length tables"}
-KNOWN_REQUIRED_FEATURES = FEATURE_PACKS | FEATURE_LZMA | FEATURE_PACKED_TABLES  # bit mask of the flags this reader implements
+FEATURE_COMPACT_PACKS = 1 << 3  # a Pack with counts32, chunk_bits32 and offsets32 instead of the 64-bit vectors
+FEATURES = {
+    FEATURE_PACKS: "packs and grid codebooks",
+    FEATURE_LZMA: "LZMA blobs",
+    FEATURE_PACKED_TABLES: "packed code-length tables",
+    FEATURE_COMPACT_PACKS: "compact (32-bit) pack vectors",
+}
+KNOWN_REQUIRED_FEATURES = FEATURE_PACKS | FEATURE_LZMA | FEATURE_PACKED_TABLES | FEATURE_COMPACT_PACKS  # bit mask of the flags this reader implements
 
 # Layout
 PREAMBLE_SIZE = 8            # FlatBuffers root uoffset (4) + file identifier (4)

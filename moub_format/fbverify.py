@@ -85,6 +85,9 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("chunk_bits", VECTOR, 8, fmt="<u8"),
         Field("data", TABLE, table="Blob"),
         Field("offsets", VECTOR, 8, fmt="<i8"),
+        Field("counts32", VECTOR, 4, fmt="<u4"),
+        Field("chunk_bits32", VECTOR, 4, fmt="<u4"),
+        Field("offsets32", VECTOR, 4, fmt="<i4"),
     ),
     "MetadataEntry": (
         Field("key", STRING, required=True),

@@ -105,6 +105,7 @@ class PackInfo:
     data: BlobInfo
     n_elements: int
     offsets: tuple[int, ...] = ()   # one per member as the file stores them; () when the file has none (all zero)
+    compact: bool = False           # stored with the 32-bit vectors (format 1.3)
 
     @property
     def subject(self) -> str:
@@ -296,26 +297,49 @@ def _references(table, where: str, index_parts: dict, filename: str) -> tuple[in
     return codebook, table_id
 
 
+WIDE_PACK_VECTORS = ("counts", "chunk_bits", "offsets")
+COMPACT_PACK_VECTORS = ("counts32", "chunk_bits32", "offsets32")   # since 1.3
+
+
+def _pack_vectors(table, where: str, filename: str) -> tuple[dict, bool]:
+    """The pack's counts, chunk_bits and offsets (None where absent) from exactly one
+    form: the 64-bit vectors, or since 1.3 the 32-bit ones (never a mix); and whether
+    the compact form was used (it needs FEATURE_COMPACT_PACKS, checked by the caller)."""
+    wide = [name for name in WIDE_PACK_VECTORS if table[name] is not None]
+    compact = [name for name in COMPACT_PACK_VECTORS if table[name] is not None]
+    if wide and compact:
+        raise StructureError(
+            f"{filename}: {where}: mixes 64-bit vectors ({', '.join(wide)}) with 32-bit ones ({', '.join(compact)}); "
+            f"a pack uses one form"
+        )
+    names = COMPACT_PACK_VECTORS if compact else WIDE_PACK_VECTORS
+    vectors = {plain: table[name] for plain, name in zip(WIDE_PACK_VECTORS, names)}
+    if vectors["chunk_bits"] is not None:
+        vectors["chunk_bits"] = vectors["chunk_bits"].astype(np.uint64)
+    return vectors, bool(compact)
+
+
 def _pack(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimits) -> PackInfo:
-    """One Pack (format 1.2), checked on its own: member vectors, counts, scales, chunks,
-    the length of offsets. Cross-pack rules (order, disjoint sites), codebook/table sizes
-    and the offsets' ranges (they need the codebook) are checked by the caller."""
+    """One Pack (format 1.2; compact vectors since 1.3), checked on its own: member vectors,
+    counts, scales, chunks, the length of offsets. Cross-pack rules (order, disjoint sites),
+    codebook/table sizes and the offsets' ranges (they need the codebook) are checked by the caller."""
     where = f"pack {i}"
-    vectors = {name: table[name] for name in ("sites", "counts", "scales")}
+    sized, compact = _pack_vectors(table, where, filename)
+    vectors = {"sites": table["sites"], "counts": sized["counts"], "scales": table["scales"]}
     lengths = {name: (v.size if v is not None else 0) for name, v in vectors.items()}
     if len(set(lengths.values())) != 1:
         raise StructureError(
-            f"{filename}: {where}: sites, counts and scales must have one entry per member, got "
+            f"{filename}: {where}: sites, {'counts32' if compact else 'counts'} and scales must have one entry per member, got "
             f"{lengths['sites']}, {lengths['counts']} and {lengths['scales']}"
         )
     members = lengths["sites"]
     if members == 0:
         raise StructureError(f"{filename}: {where}: a pack needs at least one member")
     _cap(members, limits.max_pack_members, f"{where}: member count", filename)
-    offsets = table["offsets"]
+    offsets = sized["offsets"]
     if offsets is not None and offsets.size != members:
         raise StructureError(
-            f"{filename}: {where}: offsets must have one entry per member ({members}) or be absent, got {offsets.size}"
+            f"{filename}: {where}: {'offsets32' if compact else 'offsets'} must have one entry per member ({members}) or be absent, got {offsets.size}"
         )
     sites = vectors["sites"].astype(np.int64)
     steps = np.flatnonzero(sites[1:] <= sites[:-1])
@@ -341,10 +365,11 @@ def _pack(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimit
             f"{filename}: {where}: {4 * elements} decoded bytes exceed {limits.max_expansion_ratio} x the {data.length} stored bytes"
         )
     codebook, table_id = _references(table, where, index_parts, filename)
-    chunk_elements, chunk_bits = _chunks(table, elements, data, where, filename, limits)
+    chunks = {"chunk_elements": table["chunk_elements"], "chunk_bits": sized["chunk_bits"]}
+    chunk_elements, chunk_bits = _chunks(chunks, elements, data, where, filename, limits)
     return PackInfo(
         i, tuple(sites.tolist()), counts, tuple(float(x) for x in scales.tolist()), codebook, table_id,
-        chunk_elements, chunk_bits, data, elements, tuple(offsets.tolist()) if offsets is not None else (),
+        chunk_elements, chunk_bits, data, elements, tuple(offsets.tolist()) if offsets is not None else (), compact,
     )
 
 
@@ -491,7 +516,7 @@ def _check_packs(packs: list[PackInfo], codebooks: list, grids: list, tensors: i
 
 def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[str, BlobInfo]], packed_tables: bool,
                     filename: str) -> None:
-    """A file that uses a 1.2 feature must declare its required-feature bit, so that an
+    """A file that uses a 1.2 or 1.3 feature must declare its required-feature bit, so that an
     older reader refuses it instead of misreading it."""
     used = 0
     if packs or any(grids):
@@ -500,6 +525,8 @@ def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[s
         used |= C.FEATURE_LZMA
     if packed_tables:
         used |= C.FEATURE_PACKED_TABLES
+    if any(p.compact for p in packs):
+        used |= C.FEATURE_COMPACT_PACKS
     missing = used & ~declared
     if missing:
         names = ", ".join(name for bit, name in C.FEATURES.items() if bit & missing)

@@ -29,11 +29,23 @@ class TensorSummary:
     codebook: int | None
 
 
+def _chunk_entry_bytes(stream) -> int:
+    """Index bytes of one chunk_bits entry: 8, or 4 in a compact pack (1.3)."""
+    return 4 if getattr(stream, "compact", False) else 8
+
+
+def _member_index_bytes(pack) -> int:
+    """Index bytes of a pack's member vectors (site, count, scale, offset if any)."""
+    per_member = (12 + 4 * bool(pack.offsets)) if pack.compact else (16 + 8 * bool(pack.offsets))
+    return per_member * len(pack.sites)
+
+
 @dataclass
 class PackSummary:
     """One pack: its members and what it costs. ``bits_per_weight`` counts the stored
     stream; ``bits_per_weight_with_index`` adds the pack's share of the index: 16 bytes
-    per member (site, count, scale; 24 with an offset), 8 per chunk (chunk_bits), and its
+    per member (site, count, scale; 24 with an offset), 8 per chunk (chunk_bits); 12, 16
+    and 4 with the compact vectors of format 1.3; and its
     Huffman table as stored (one byte per code length, or its packed bytes; whole if only
     this pack uses it, else shared by elements). Each member lists its ``scale`` and
     ``offset`` (level = grid value + offset)."""
@@ -131,7 +143,7 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
         packs = []
         for p in index.packs:
             table_bytes = stored_table_bytes[p.table] * p.n_elements / max(table_users[p.table], 1)
-            index_bytes = (16 + 8 * bool(p.offsets)) * len(p.sites) + 8 * len(p.chunk_bits) + table_bytes
+            index_bytes = _member_index_bytes(p) + _chunk_entry_bytes(p) * len(p.chunk_bits) + table_bytes
             members = [
                 {"site": m.site, "path": site_info(m.site)[0], "elements": m.count, "scale": m.scale, "offset": m.offset}
                 for m in p.members
@@ -152,8 +164,8 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
             )
         # Stored indices, their chunk_bits entries and pack member entries in the index,
         # codebooks (4 bytes per value, 12 per grid) and code-length tables as stored.
-        q_bytes = sum(s.data.length + 8 * len(s.chunk_bits) for s in streams)
-        q_bytes += sum((16 + 8 * bool(p.offsets)) * len(p.sites) for p in index.packs)
+        q_bytes = sum(s.data.length + _chunk_entry_bytes(s) * len(s.chunk_bits) for s in streams)
+        q_bytes += sum(_member_index_bytes(p) for p in index.packs)
         q_bytes += sum(12 if grid else cb.size * 4 for cb, grid in zip(index.codebooks, index.grids or [None] * len(index.codebooks)))
         q_bytes += sum(stored_table_bytes)
         decoded = sum(t.decoded_bytes for t in index.tensors) + index.graph.decoded_length

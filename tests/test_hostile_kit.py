@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import flatbuffers
 import numpy as np
@@ -102,6 +102,15 @@ class Pack:
     chunk_elements: int = 0
     chunk_bits: list[int] | None = None
     offsets: list[int] | None = None
+    counts32: list[int] | None = None       # the 1.3 forms (FEATURE_COMPACT_PACKS)
+    chunk_bits32: list[int] | None = None
+    offsets32: list[int] | None = None
+
+
+def compact(pack: Pack) -> Pack:
+    """The same pack with its counts, chunk_bits and offsets in the 32-bit vectors of format 1.3."""
+    return replace(pack, counts=None, chunk_bits=None, offsets=None,
+                   counts32=pack.counts, chunk_bits32=pack.chunk_bits, offsets32=pack.offsets)
 
 
 @dataclass
@@ -361,11 +370,13 @@ def build(spec: Spec) -> bytes:
         for p in spec.packs or []:
             vectors = [
                 builder.CreateNumpyVector(np.asarray(v, dtype=dt)) if v is not None else None
-                for v, dt in ((p.sites, "<u4"), (p.counts, "<u8"), (p.scales, "<f4"), (p.chunk_bits, "<u8"), (p.offsets, "<i8"))
+                for v, dt in ((p.sites, "<u4"), (p.counts, "<u8"), (p.scales, "<f4"), (p.chunk_bits, "<u8"), (p.offsets, "<i8"),
+                              (p.counts32, "<u4"), (p.chunk_bits32, "<u4"), (p.offsets32, "<i4"))
             ]
             data = blob(p.data)
             FbPack.Start(builder)
-            adders = (FbPack.AddSites, FbPack.AddCounts, FbPack.AddScales, FbPack.AddChunkBits, FbPack.AddOffsets)
+            adders = (FbPack.AddSites, FbPack.AddCounts, FbPack.AddScales, FbPack.AddChunkBits, FbPack.AddOffsets,
+                      FbPack.AddCounts32, FbPack.AddChunkBits32, FbPack.AddOffsets32)
             for add, vec in zip(adders, vectors):
                 if vec is not None:
                     add(builder, vec)
@@ -465,7 +476,8 @@ MODEL_SLOTS = {name: i for i, name in enumerate(
      "codebooks", "tables", "tensors", "metadata", "payload_digest", "index_digest", "packs"]
 )}
 PACK_SLOTS = {name: i for i, name in enumerate(
-    ["sites", "counts", "scales", "codebook", "table", "chunk_elements", "chunk_bits", "data", "offsets"]
+    ["sites", "counts", "scales", "codebook", "table", "chunk_elements", "chunk_bits", "data", "offsets",
+     "counts32", "chunk_bits32", "offsets32"]
 )}
 TENSOR_SLOTS = {name: i for i, name in enumerate(
     ["path", "name", "dtype", "dims", "encoding", "data", "codebook", "table", "chunk_elements", "chunk_bits"]

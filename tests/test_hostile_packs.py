@@ -78,13 +78,109 @@ def test_a_pack_and_tensors_mix(tmp_path):
 
 def test_a_1_1_reader_refuses_a_file_with_packs(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "KNOWN_REQUIRED_FEATURES", 0)  # what a 1.1 reader implements
-    expect(tmp_path, valid(), VersionError, "format 1.2 requires features 0x1 this reader does not implement")
+    spec = valid()
+    spec.format_minor = 2
+    expect(tmp_path, spec, VersionError, "format 1.2 requires features 0x1 this reader does not implement")
 
 
 def test_an_unknown_required_bit_is_refused(tmp_path):
     spec = valid()
-    spec.required_features = C.FEATURE_PACKS | 1 << 3
-    expect(tmp_path, spec, VersionError, "requires features 0x8")
+    spec.required_features = C.FEATURE_PACKS | 1 << 4
+    expect(tmp_path, spec, VersionError, "requires features 0x10")
+
+
+# ---------------------------------------------------------------- compact (32-bit) pack vectors, 1.3
+
+
+def compact_spec(offsets: bool = False) -> K.Spec:
+    spec = K.valid_offset_pack_spec() if offsets else valid()
+    spec.packs = [K.compact(p) for p in spec.packs]
+    spec.required_features |= C.FEATURE_COMPACT_PACKS
+    return spec
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_a_compact_pack_decodes_like_the_wide_one(tmp_path, decoder, offsets):
+    wide = K.valid_offset_pack_spec() if offsets else valid()
+    compact_file = write(tmp_path, compact_spec(offsets), "compact.moub")
+    wide_file = write(tmp_path, wide, "wide.moub")
+    assert compact_file.stat().st_size < wide_file.stat().st_size
+    weight, bias = (numpy_helper.to_array(t) for t in full_read(compact_file).graph.initializer)
+    expected = K.expected_pack_values()
+    assert weight.tobytes() == expected[0].tobytes() and bias.tobytes() == expected[1].tobytes()
+    assert moub_inspect.verify_file(compact_file) == []
+    with MoubFile(compact_file) as moub, MoubFile(wide_file) as reference:
+        (info,), (ref,) = moub.index.packs, reference.index.packs
+        assert info.compact and not ref.compact
+        assert (info.counts, info.chunk_bits, info.offsets) == (ref.counts, ref.chunk_bits, ref.offsets)
+
+
+def test_a_1_2_reader_refuses_compact_packs(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "KNOWN_REQUIRED_FEATURES", C.FEATURE_PACKS | C.FEATURE_LZMA | C.FEATURE_PACKED_TABLES)
+    expect(tmp_path, compact_spec(), VersionError, "format 1.3 requires features 0x8 this reader does not implement")
+
+
+def test_compact_packs_without_their_feature_bit(tmp_path):
+    spec = compact_spec()
+    spec.required_features = C.FEATURE_PACKS
+    expect(tmp_path, spec, StructureError, "uses compact (32-bit) pack vectors", "lacks 0x8")
+
+
+@pytest.mark.parametrize("wide_field, compact_field", [("counts", "chunk_bits32"), ("chunk_bits", "counts32"),
+                                                        ("offsets", "counts32")])
+def test_a_pack_mixing_wide_and_compact_vectors(tmp_path, wide_field, compact_field):
+    spec = compact_spec(offsets=True)
+    p = K.valid_offset_pack_spec().packs[0]
+    setattr(pack(spec), wide_field, getattr(p, wide_field))
+    for name in ("counts", "chunk_bits", "offsets"):
+        if name != wide_field and f"{name}32" != compact_field:
+            setattr(pack(spec), f"{name}32", None)
+    expect(tmp_path, spec, StructureError, "pack 0: mixes 64-bit vectors", wide_field, compact_field)
+
+
+def test_compact_counts_of_another_length(tmp_path):
+    spec = compact_spec()
+    pack(spec).counts32 = pack(spec).counts32[:1]
+    expect(tmp_path, spec, StructureError, "pack 0", "sites, counts32 and scales must have one entry per member", "2, 1 and 2")
+
+
+def test_compact_pack_without_counts(tmp_path):
+    spec = compact_spec()
+    pack(spec).counts32 = None
+    expect(tmp_path, spec, StructureError, "pack 0", "sites, counts32 and scales must have one entry per member", "2, 0 and 2")
+
+
+def test_compact_offsets_of_another_length(tmp_path):
+    spec = compact_spec(offsets=True)
+    pack(spec).offsets32 = [0]
+    expect(tmp_path, spec, StructureError, "pack 0", "offsets32 must have one entry per member (2)", "got 1")
+
+
+@pytest.mark.parametrize("offset", [1 << 24, -(1 << 31), (1 << 31) - 1])
+def test_compact_offset_outside_the_exact_range(tmp_path, offset):
+    spec = compact_spec(offsets=True)
+    pack(spec).offsets32 = [0, offset]
+    expect(tmp_path, spec, CodebookError, "pack 0", f"member 1 offset {offset}", "strictly between -2^24 and 2^24")
+
+
+def test_compact_chunk_bits_impossible(tmp_path):
+    spec = compact_spec()
+    pack(spec).chunk_bits32[0] = 3
+    expect(tmp_path, spec, HuffmanError, "pack 0: chunk_bits[0] = 3 is impossible for 16 codes")
+
+
+def test_compact_chunk_bits_that_do_not_match_the_bytes(tmp_path):
+    spec = compact_spec()
+    pack(spec).chunk_bits32[0] += 8
+    expect(tmp_path, spec, StructureError, "pack 0", "chunk_bits need")
+
+
+def test_compact_member_counts_above_the_caps(tmp_path):
+    expect(tmp_path, compact_spec(), LimitError, "pack 0: member 0 count 64 exceeds the limit 63",
+           limits=ReaderLimits(max_tensor_elements=63))
+    spec = compact_spec()
+    pack(spec).counts32 = [(1 << 32) - 1, 32]
+    expect(tmp_path, spec, LimitError, "pack 0: 17179869308 decoded bytes exceed 4096 x the")
 
 
 def test_packs_without_their_feature_bit(tmp_path):

@@ -113,8 +113,10 @@ def test_the_file_uses_packs_grids_and_lzma(packed):
     _, _, _, path = packed
     with MoubFile(path) as moub:
         index = moub.index
-        assert (index.format_major, index.format_minor) == (1, 2)
-        assert index.required_features == C.FEATURE_PACKS | C.FEATURE_LZMA | C.FEATURE_PACKED_TABLES
+        assert (index.format_major, index.format_minor) == (1, 3)
+        assert index.required_features == (C.FEATURE_PACKS | C.FEATURE_LZMA | C.FEATURE_PACKED_TABLES
+                                           | C.FEATURE_COMPACT_PACKS)
+        assert all(p.compact for p in index.packs)
         assert [p.sites for p in index.packs] == [(0, 1, 7, 10), (2, 3, 4, 8, 9)]
         assert all(index.grids) and len(index.tables) == 2
         assert index.graph.codec == C.CODEC_LZMA
@@ -158,7 +160,7 @@ def test_1_1_style_files_still_need_no_feature(tmp_path):
     path = tmp_path / "plain.moub"
     path.write_bytes(encode_model(model, [codebook], assignments))
     with MoubFile(path) as moub:
-        assert moub.index.required_features == 0 and not moub.index.packs and moub.index.format_minor == 2
+        assert moub.index.required_features == 0 and not moub.index.packs and moub.index.format_minor == C.FORMAT_MINOR
 
 
 def test_tensors_and_packs_in_one_file_with_a_shared_table(tmp_path):
@@ -420,7 +422,7 @@ def test_writer_packs_long_tables_and_keeps_short_ones_plain(tmp_path):
     assert (entries_short, stored_short) == (5, 5)
     path = tmp_path / "tables.moub"
     with MoubFile(path) as moub:
-        assert moub.index.required_features == C.FEATURE_PACKS | C.FEATURE_PACKED_TABLES
+        assert moub.index.required_features == C.FEATURE_PACKS | C.FEATURE_PACKED_TABLES | C.FEATURE_COMPACT_PACKS
         assert moub.index.tables[0].tolist() == lengths.tolist()
         assert moub.index.table_is_packed(0) and not moub.index.table_is_packed(1)
     assert build(b"", [GridCodebook(-300, 601), GridCodebook(-2, 5)], [], packs=[short, long]) == data
@@ -570,3 +572,37 @@ def test_cli_inspect_into_a_closed_pipe_is_quiet(packed):
     result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
     assert len(result.stdout) == 1
     assert result.stderr == ""
+
+
+# ---------------------------------------------------------------- compact pack vectors (1.3)
+
+
+def test_compact_vectors_fit_below_two_to_the_32():
+    assert writer.compact_pack_fits([(1 << 32) - 1, 5], [(1 << 32) - 1])
+    assert not writer.compact_pack_fits([1 << 32], [5])
+    assert not writer.compact_pack_fits([5], [1 << 32])
+
+
+def test_writer_falls_back_to_the_wide_vectors_when_a_count_does_not_fit(tmp_path, monkeypatch):
+    """A pack whose counts or chunk bit lengths reach 2^32 keeps the 64-bit vectors (no feature
+    bit); both forms decode to the same tensors, and the compact one saves 8 bytes per member
+    (count and offset) and 4 per chunk."""
+    model = shifted_model()
+    codebooks, packs = packing.uniform_packs(model, GROUPS, divisor=16.0, table=OWN, centre=True)
+    compact_path, wide_path = tmp_path / "compact.moub", tmp_path / "wide.moub"
+    compact_path.write_bytes(_encode(model, codebooks, packs, alignment=1))
+    monkeypatch.setattr(writer, "compact_pack_fits", lambda counts, bits: False)
+    wide_path.write_bytes(_encode(model, codebooks, packs, alignment=1))
+    with MoubFile(compact_path) as compact, MoubFile(wide_path) as wide:
+        assert all(p.compact for p in compact.index.packs) and not any(p.compact for p in wide.index.packs)
+        assert compact.index.required_features & C.FEATURE_COMPACT_PACKS
+        assert not wide.index.required_features & C.FEATURE_COMPACT_PACKS
+        members = sum(len(p.sites) for p in compact.index.packs)
+        chunks = sum(len(p.chunk_bits) for p in compact.index.packs)
+        assert all(any(p.offsets) for p in compact.index.packs)
+        saved = wide.index.payload_offset - compact.index.payload_offset
+    # FlatBuffers aligns each vector to its element size: padding moves by up to 4 bytes per vector.
+    assert abs(saved - (8 * members + 4 * chunks)) <= 4 * 3 * len(packs)
+    assert dict(moub_runtime.decode_tensors(compact_path)).keys() == dict(moub_runtime.decode_tensors(wide_path)).keys()
+    for (name, a), (_, b) in zip(moub_runtime.decode_tensors(compact_path), moub_runtime.decode_tensors(wide_path)):
+        assert a.tobytes() == b.tobytes(), name

@@ -198,8 +198,89 @@ class Pack(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
         return o == 0
 
+    # Pack
+    def Counts32(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return 0
+
+    # Pack
+    def Counts32AsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint32Flags, o)
+        return 0
+
+    # Pack
+    def Counts32Length(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Pack
+    def Counts32IsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        return o == 0
+
+    # Pack
+    def ChunkBits32(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return 0
+
+    # Pack
+    def ChunkBits32AsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint32Flags, o)
+        return 0
+
+    # Pack
+    def ChunkBits32Length(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Pack
+    def ChunkBits32IsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        return o == 0
+
+    # Pack
+    def Offsets32(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Int32Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return 0
+
+    # Pack
+    def Offsets32AsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Int32Flags, o)
+        return 0
+
+    # Pack
+    def Offsets32Length(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Pack
+    def Offsets32IsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        return o == 0
+
 def PackStart(builder):
-    builder.StartObject(9)
+    builder.StartObject(12)
 
 def Start(builder):
     PackStart(builder)
@@ -287,6 +368,42 @@ def PackStartOffsetsVector(builder, numElems):
 
 def StartOffsetsVector(builder, numElems):
     return PackStartOffsetsVector(builder, numElems)
+
+def PackAddCounts32(builder, counts32):
+    builder.PrependUOffsetTRelativeSlot(9, flatbuffers.number_types.UOffsetTFlags.py_type(counts32), 0)
+
+def AddCounts32(builder, counts32):
+    PackAddCounts32(builder, counts32)
+
+def PackStartCounts32Vector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartCounts32Vector(builder, numElems):
+    return PackStartCounts32Vector(builder, numElems)
+
+def PackAddChunkBits32(builder, chunkBits32):
+    builder.PrependUOffsetTRelativeSlot(10, flatbuffers.number_types.UOffsetTFlags.py_type(chunkBits32), 0)
+
+def AddChunkBits32(builder, chunkBits32):
+    PackAddChunkBits32(builder, chunkBits32)
+
+def PackStartChunkBits32Vector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartChunkBits32Vector(builder, numElems):
+    return PackStartChunkBits32Vector(builder, numElems)
+
+def PackAddOffsets32(builder, offsets32):
+    builder.PrependUOffsetTRelativeSlot(11, flatbuffers.number_types.UOffsetTFlags.py_type(offsets32), 0)
+
+def AddOffsets32(builder, offsets32):
+    PackAddOffsets32(builder, offsets32)
+
+def PackStartOffsets32Vector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartOffsets32Vector(builder, numElems):
+    return PackStartOffsets32Vector(builder, numElems)
 
 def PackEnd(builder):
     return builder.EndObject()

@@ -8,7 +8,10 @@ by round(mean / step) (the tiny vector's offset is non-zero), a pack over an
 explicit codebook with per-member scales whose members live in a Constant node,
 If and Loop subgraphs and a function, a plain Huffman tensor, an LZMA graph, an
 LZMA raw tensor and alignment 8; two of its three code-length tables are long
-enough to be stored packed (a raw DEFLATE stream), the third stays plain. ``test_golden`` rebuilds it byte for byte.
+enough to be stored packed (a raw DEFLATE stream), the third stays plain.
+The 1.3 golden is the same file with what 1.3 added: both packs store their
+counts, chunk bit lengths and offsets in the 32-bit vectors, and the LZMA
+blobs are the smallest of the writer's LZMA2 tunings. ``test_golden`` rebuilds it byte for byte.
 """
 
 from __future__ import annotations
