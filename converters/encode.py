@@ -20,6 +20,7 @@ import onnx
 
 from moub_format import constants as C
 from moub_format import dtypes, writer
+from moub_runtime.constant_names import elide_constant_names as elide_names
 from moub_runtime.payload import clear_payload
 from moub_runtime.sites import iter_tensor_sites, tensor_sites
 
@@ -133,8 +134,12 @@ def container_parts(
     assignments: Mapping[str, TensorAssignment],
     packs: Sequence[PackAssignment] = (),
     raw_min_bytes: int = RAW_MIN_BYTES,
-) -> tuple[bytes, list[writer.TensorSpec], list[writer.PackSpec]]:
-    """Strip stored payloads from a copy of ``model``; return (graph bytes, tensor specs, pack specs)."""
+    elide_constant_names: bool = False,
+) -> tuple[bytes, list[writer.TensorSpec], list[writer.PackSpec], int]:
+    """Strip stored payloads from a copy of ``model``; return (graph bytes, tensor specs,
+    pack specs, the graph's required-feature bits). With ``elide_constant_names``,
+    Constant tensors named like their node's output lose the copy of the name where
+    a reader can restore it (:mod:`moub_runtime.constant_names`)."""
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     sites = tensor_sites(stripped)
@@ -164,7 +169,8 @@ def container_parts(
             data = bytes(tensor.raw_data)
             specs.append(writer.RawTensor(path, tensor.name, tensor.data_type, dims, data, _raw_codec(data)))
             clear_payload(tensor)
-    return stripped.SerializeToString(deterministic=True), specs, pack_specs
+    features = C.FEATURE_CONSTANT_NAMES if elide_constant_names and elide_names(stripped) else 0
+    return stripped.SerializeToString(deterministic=True), specs, pack_specs, features
 
 
 def encode_model(
@@ -173,14 +179,19 @@ def encode_model(
     assignments: Mapping[str, TensorAssignment],
     metadata: Mapping[str, str] | None = None,
     packs: Sequence[PackAssignment] = (),
+    elide_constant_names: bool = False,
     **build_options,
 ) -> bytes:
     """The complete .moub bytes for ``model`` with ``assignments`` quantized and ``packs``
     stored as packs. ``build_options`` go to :func:`moub_format.writer.build` (for example
     ``graph_codec=CODEC_LZMA``, ``raw_codec=writer.SMALLEST``, ``alignment=8``, ``tables=``,
-    ``chunk_elements=4096``: one chunk size for every Huffman tensor and pack)."""
-    graph, specs, pack_specs = container_parts(model, assignments, packs)
-    return writer.build(graph, codebooks, specs, metadata or {}, packs=pack_specs, **build_options)
+    ``chunk_elements=4096``: one chunk size for every Huffman tensor and pack).
+    ``elide_constant_names``: see :func:`container_parts` (a 1.3 feature bit, so only
+    for files that need a newer reader anyway)."""
+    graph, specs, pack_specs, graph_features = container_parts(model, assignments, packs,
+                                                               elide_constant_names=elide_constant_names)
+    return writer.build(graph, codebooks, specs, metadata or {}, packs=pack_specs, graph_features=graph_features,
+                        **build_options)
 
 
 def write_model(path: str | os.PathLike, *args, **kwargs) -> int:

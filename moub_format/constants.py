@@ -23,13 +23,16 @@ FEATURE_PACKS = 1 << 0       # Model.packs or a grid codebook (Codebook.count > 
 FEATURE_LZMA = 1 << 1        # a blob with codec LZMA
 FEATURE_PACKED_TABLES = 1 << 2  # a HuffmanTable with packed_lengths (a DEFLATE stream) instead of code_lengths
 FEATURE_COMPACT_PACKS = 1 << 3  # a Pack with counts32, chunk_bits32 and offsets32 instead of the 64-bit vectors
+FEATURE_CONSTANT_NAMES = 1 << 4  # the graph's Constant tensors named like their node's output are stored unnamed
 FEATURES = {
     FEATURE_PACKS: "packs and grid codebooks",
     FEATURE_LZMA: "LZMA blobs",
     FEATURE_PACKED_TABLES: "packed code-length tables",
     FEATURE_COMPACT_PACKS: "compact (32-bit) pack vectors",
+    FEATURE_CONSTANT_NAMES: "Constant tensor names left out of the graph",
 }
-KNOWN_REQUIRED_FEATURES = FEATURE_PACKS | FEATURE_LZMA | FEATURE_PACKED_TABLES | FEATURE_COMPACT_PACKS  # bit mask of the flags this reader implements
+KNOWN_REQUIRED_FEATURES = (FEATURE_PACKS | FEATURE_LZMA | FEATURE_PACKED_TABLES | FEATURE_COMPACT_PACKS
+                           | FEATURE_CONSTANT_NAMES)  # bit mask of the flags this reader implements
 
 # Layout
 PREAMBLE_SIZE = 8            # FlatBuffers root uoffset (4) + file identifier (4)

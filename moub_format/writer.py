@@ -366,6 +366,7 @@ def build(
     graph_codec: int | str = C.CODEC_ZLIB,
     raw_codec: int | str | None = None,
     producer: str = PRODUCER,
+    graph_features: int = 0,
 ) -> bytes:
     """Assemble a complete .moub file in memory and return its bytes.
 
@@ -376,7 +377,11 @@ def build(
     not written (indices are renumbered); the required-feature bits follow from
     what the file uses. In a file that needs a 1.2 feature anyway, a code-length
     table is stored packed when that is smaller (:func:`huffman.packed_table`).
+    ``graph_features``: required-feature bits of what was done to ``graph`` (which
+    this module does not parse), so far only FEATURE_CONSTANT_NAMES.
     """
+    if graph_features & ~C.FEATURE_CONSTANT_NAMES:
+        raise ValueError(f"graph_features 0x{graph_features:x}: only FEATURE_CONSTANT_NAMES describes a graph")
     codebooks = [_check_codebook(i, cb) for i, cb in enumerate(codebooks)]
     packs = sorted((_normalize_pack(p, codebooks) for p in packs), key=lambda p: p.sites[0])
     if chunk_elements is None:
@@ -421,7 +426,7 @@ def build(
     payload = bytearray(position)
     for offset, item in zip(offsets, stored):
         payload[offset : offset + len(item.payload)] = item.payload
-    features = 0
+    features = graph_features
     if packs or any(isinstance(cb, GridCodebook) for cb in codebooks):
         features |= C.FEATURE_PACKS
     if any(item.codec == C.CODEC_LZMA for item in stored):

@@ -24,20 +24,25 @@ import onnxruntime
 from moub_format import DEFAULT_LIMITS, GraphError, LimitError, MoubFile, ReaderLimits
 from moub_format.reader import DECODE_BATCH_ELEMENTS, default_decode_workers
 from moub_format import dtypes
+from moub_format.constants import FEATURE_CONSTANT_NAMES
 from moub_format.dtypes import BFLOAT16
 
+from .constant_names import restore_constant_names
 from .payload import clear_payload, element_count, fill_payload, has_payload, mark_in_memory
 from .sites import TensorSite, is_main_graph_initializer, iter_tensor_sites
 
 
 def parse_graph(moub: MoubFile) -> onnx.ModelProto:
-    """The embedded ModelProto, parsed after the byte-length cap and checksum."""
+    """The embedded ModelProto, parsed after the byte-length cap and checksum, with
+    Constant tensor names restored where the file left them out (format 1.3)."""
     data = moub.graph_bytes()  # checksum, bounded inflate: MoubFormatErrors of their own
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning variants
         raise GraphError(f"{moub.filename}: graph: embedded ONNX model does not parse ({exc})") from None
+    if moub.index.required_features & FEATURE_CONSTANT_NAMES:
+        restore_constant_names(model, moub.filename)
     return model
 
 

@@ -33,6 +33,7 @@ class TensorSite:
     path: str
     tensor: onnx.TensorProto
     kind: str
+    node: onnx.NodeProto | None = None   # the Constant node of a KIND_CONSTANT site
 
 
 def _walk_nodes(nodes, prefix: str) -> Iterator[TensorSite]:
@@ -40,7 +41,7 @@ def _walk_nodes(nodes, prefix: str) -> Iterator[TensorSite]:
         node_prefix = f"{prefix}node:{index}"
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                yield TensorSite(f"{node_prefix}/{attr.name}", attr.t, KIND_CONSTANT)
+                yield TensorSite(f"{node_prefix}/{attr.name}", attr.t, KIND_CONSTANT, node)
             elif attr.type == onnx.AttributeProto.GRAPH:
                 yield from _walk_graph(attr.g, f"{node_prefix}/{attr.name}/")
             elif attr.type == onnx.AttributeProto.GRAPHS:

@@ -163,12 +163,6 @@ def test_compact_offset_outside_the_exact_range(tmp_path, offset):
     expect(tmp_path, spec, CodebookError, "pack 0", f"member 1 offset {offset}", "strictly between -2^24 and 2^24")
 
 
-def test_compact_chunk_bits_impossible(tmp_path):
-    spec = compact_spec()
-    pack(spec).chunk_bits32[0] = 3
-    expect(tmp_path, spec, HuffmanError, "pack 0: chunk_bits[0] = 3 is impossible for 16 codes")
-
-
 def test_compact_chunk_bits_that_do_not_match_the_bytes(tmp_path):
     spec = compact_spec()
     pack(spec).chunk_bits32[0] += 8
@@ -569,9 +563,10 @@ def test_pack_chunk_count_does_not_match(tmp_path):
     expect(tmp_path, spec, StructureError, "pack 0", "8 chunks", "need 4")
 
 
-def test_pack_chunk_bits_impossible(tmp_path):
-    spec = valid()
-    pack(spec).chunk_bits[0] = 3
+@pytest.mark.parametrize("compact", [False, True])
+def test_pack_chunk_bits_impossible(tmp_path, compact):
+    spec = compact_spec() if compact else valid()
+    getattr(pack(spec), "chunk_bits32" if compact else "chunk_bits")[0] = 3
     expect(tmp_path, spec, HuffmanError, "pack 0: chunk_bits[0] = 3 is impossible for 16 codes")
 
 
