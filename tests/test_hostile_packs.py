@@ -85,8 +85,8 @@ def test_a_1_1_reader_refuses_a_file_with_packs(tmp_path, monkeypatch):
 
 def test_an_unknown_required_bit_is_refused(tmp_path):
     spec = valid()
-    spec.required_features = C.FEATURE_PACKS | 1 << 4
-    expect(tmp_path, spec, VersionError, "requires features 0x10")
+    spec.required_features = C.FEATURE_PACKS | 1 << 5
+    expect(tmp_path, spec, VersionError, "requires features 0x20")
 
 
 # ---------------------------------------------------------------- compact (32-bit) pack vectors, 1.3

@@ -10,8 +10,10 @@ If and Loop subgraphs and a function, a plain Huffman tensor, an LZMA graph, an
 LZMA raw tensor and alignment 8; two of its three code-length tables are long
 enough to be stored packed (a raw DEFLATE stream), the third stays plain.
 The 1.3 golden is the same file with what 1.3 added: both packs store their
-counts, chunk bit lengths and offsets in the 32-bit vectors, and the LZMA
-blobs are the smallest of the writer's LZMA2 tunings. ``test_golden`` rebuilds it byte for byte.
+counts, chunk bit lengths and offsets in the 32-bit vectors, the function's
+Constant tensor (named like its node's output) is stored unnamed while the main
+graph's (named otherwise) keeps its name, and the LZMA blobs are the smallest of
+the writer's LZMA2 tunings. ``test_golden`` rebuilds it byte for byte.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def golden_inputs():
     grids, (grid_pack,) = packing.uniform_packs(
         model, [GRID_MEMBERS], divisor=8.0, table=writer.OWN, first_codebook=2, centre=True)
     packs = [grid_pack, packing.codebook_pack(model, CODEBOOK_MEMBERS, normalised, 1)]
-    options = {"chunk_elements": 300, "graph_codec": C.CODEC_LZMA, "raw_codec": C.CODEC_LZMA, "alignment": 8}
+    options = {"chunk_elements": 300, "graph_codec": C.CODEC_LZMA, "raw_codec": C.CODEC_LZMA, "alignment": 8,
+               "elide_constant_names": True}
     return model, [codebook, normalised, *grids], assignments, packs, options
 
 
