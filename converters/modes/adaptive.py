@@ -70,7 +70,7 @@ MIN_POPULATION = 10           # two decisions need a somewhat larger population 
 INITIAL_GAMMAS = (1.0, 0.5, 0.75, 0.0, 1.25, 0.25)
 BUILD_OPTIONS = {"graph_codec": FC.CODEC_LZMA, "raw_codec": writer.SMALLEST, "alignment": 8,
                  "chunk_elements": 4096,  # 32-bit chunk entries every 4096 weights: 0.009 bits/weight
-                 "elide_constant_names": True}  # Paddle exports name each Constant twice: 672 B of rapidocr cls
+                 "elide_constant_names": True}  # Paddle exports name each Constant twice: 680 B of rapidocr cls
 
 
 @dataclass(frozen=True)
