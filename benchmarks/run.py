@@ -270,7 +270,7 @@ def headline_table(results: list[ModelResult], peers: list[str]) -> list[str]:
 
 
 SHORT = {"zstd": "zstd -19", "fp16": "fp16", "int8": "ORT int8", "kmeans": "k-means+Huffman",
-         "nncodec": "NNCodec", "moub_paper": "moub paper", "moub_best": "moub best"}
+         "nncodec": "NNCodec", "moub_paper": "moub paper", "moub_best": "moub best", "moub_swept": "moub best, x swept"}
 
 
 def readme_summary(results: list[ModelResult], peers: list[str]) -> list[str]:
@@ -503,6 +503,12 @@ METHOD_NOTES = [
     "The table's fidelity is the decoded `.moub` (`moub_runtime.load`) on the test split. Bits/weight vs "
     "entropy: Huffman index bits per coded weight against the Shannon entropy of the same index streams "
     "(per table), decoded from the file.",
+    "- **moub best, x swept** (the moub_swept row): the peers' rows are the coarsest setting of their sweep "
+    "that passes on the test split, while moub best is the converter's own choice on the search split. This "
+    "row rebuilds moub best's conversion (`Replay`: the same sensitivities, gamma and calibration; the "
+    "converter's metadata) at other step scales x, in 1/8-octave steps from 2 octaves coarser to 1 finer than "
+    "its choice, bisected on the test split like NNCodec's qp: the quantizers compared apart from how each "
+    "chooses. Search s is the calibration, measured again; encode s one rebuild.",
 ]
 
 

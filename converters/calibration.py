@@ -49,34 +49,40 @@ NONE = Calibration(no_correction(), None)
 _CACHE: dict[int, Calibration] = {}
 
 
+def measure(model, pool: Pool, data, options) -> Calibration:
+    """Both statistics of ``model``'s layers on ``data`` (the search half), as ``options`` ask.
+
+    The probe outputs are extra nodes onnxruntime must accept; if it does not, the conversion
+    goes on with nearest rounding for that statistic rather than failing, and says why."""
+    if not (options.bias_correction or options.error_feedback):
+        return NONE
+    skipped: dict[str, str] = {}
+
+    def measured(name: str, measure_one, fallback):
+        try:
+            return measure_one(model, pool, data)
+        except Exception as exc:  # onnxruntime's Fail / InvalidGraph / RuntimeException types
+            skipped[name] = " ".join(str(exc).split())[:200]
+            return fallback
+
+    corrector = measured("bias_correction", BiasCorrector.measure, no_correction()) if options.bias_correction \
+        else no_correction()
+    feedback = measured("error_feedback", ErrorFeedback.measure, None) if options.error_feedback else None
+    return Calibration(corrector, feedback, skipped)
+
+
 def for_context(ctx) -> Calibration:
     """The calibration of an EvalContext, measured once per process, as its options ask."""
     key = id(ctx)
     if key not in _CACHE:
         _CACHE.clear()
-        options = ctx.options
-        if not (options.bias_correction or options.error_feedback):
-            _CACHE[key] = NONE
-        else:
+        data = ctx.dataset
+        if ctx.options.bias_correction or ctx.options.error_feedback:
             from .modes.adaptive import split_scorer
 
             data = split_scorer(ctx, "search").dataset or ctx.dataset
-            skipped: dict[str, str] = {}
-
-            def measured(name: str, measure, fallback):
-                # the probe outputs are extra nodes onnxruntime must accept; if it does not, the
-                # conversion goes on with nearest rounding rather than failing
-                try:
-                    return measure(ctx.model, ctx.pool, data)
-                except Exception as exc:  # onnxruntime's Fail / InvalidGraph / RuntimeException types
-                    skipped[name] = " ".join(str(exc).split())[:200]
-                    return fallback
-
-            corrector = measured("bias_correction", BiasCorrector.measure, no_correction()) if options.bias_correction \
-                else no_correction()
-            feedback = measured("error_feedback", ErrorFeedback.measure, None) if options.error_feedback else None
-            _CACHE[key] = Calibration(corrector, feedback, skipped)
+        _CACHE[key] = measure(ctx.model, ctx.pool, data, ctx.options)
     return _CACHE[key]
 
 
-__all__ = ["Calibration", "NONE", "for_context"]
+__all__ = ["Calibration", "NONE", "for_context", "measure"]

@@ -123,3 +123,43 @@ def test_sweep_bisects_to_first_pass():
     done = sweep(ctx, list(range(11)), encode, midpoint=None, bisect=True)
     assert [c.setting for c in done if ctx.passes(c.fidelity)][0] == "s=6"
     assert len(calls) <= 4 and 5 in calls
+
+
+@pytest.mark.skipif(not _converter_available(), reason="needs the converter")
+def test_swept_row_rebuilds_moub_best_at_other_step_scales(tmp_path):
+    """The moub_swept row bisects the step scale of moub_best's own conversion on the test split:
+    its files carry moub_best's gamma and metadata, differ only in x, and the coarsest it tries is
+    smaller than moub_best's file."""
+    import json
+
+    from benchmarks import run
+    from moub_format import MoubFile
+
+    assert run.main(["--smoke", "--peers", "moub_best,moub_swept", "--out", str(tmp_path), "--no-runtime"]) == 0
+    work = tmp_path / "work" / "digits"
+    best = sorted((work / "moub_best").glob("*.moub"))[0]
+    report = json.loads(best.with_suffix(".report.json").read_text())
+    swept = sorted((work / "moub_swept").glob("*.moub"))
+    assert len(swept) >= 2
+    gamma = report["choice"]["recipe"]["gamma"]
+    with MoubFile(best) as moub:
+        metadata = dict(moub.index.metadata)
+    xs = []
+    for path in swept:
+        xs.append(float(path.stem.removeprefix("moub_swept_x")))
+        with MoubFile(path) as moub:
+            assert dict(moub.index.metadata) == metadata
+    assert max(xs) > report["choice"]["recipe"]["x"]
+    coarsest = work / "moub_swept" / f"moub_swept_x{max(xs):+.4f}.moub"
+    assert coarsest.stat().st_size < best.stat().st_size
+    md = (tmp_path / "RESULTS.md").read_text()
+    rows = [r for r in _rows(md, "digits") if r[0].startswith("moub best (--mode adaptive), step swept")]
+    assert len(rows) == len(swept) and all(f"gamma={gamma:g}" in r[1] for r in rows)
+
+
+def test_swept_row_needs_moub_best(tmp_path):
+    from benchmarks import run
+
+    assert run.main(["--smoke", "--peers", "moub_swept", "--out", str(tmp_path), "--no-runtime"]) == 0
+    rows = _rows((tmp_path / "RESULTS.md").read_text(), "digits")
+    assert any("needs the moub_best row" in r[-1] for r in rows)

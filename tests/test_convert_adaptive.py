@@ -19,7 +19,7 @@ from moub_converters.calibration import Calibration
 from moub_converters.error_feedback import ErrorFeedback
 from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
-from moub_converters.modes.adaptive import layout, tolerance
+from moub_converters.modes.adaptive import Replay, layout, tolerance
 from moub_converters.packing import plan_packs, total_bits
 from moub_converters.uniform import SiteStats, allocate_steps, site_arrays, site_stats
 from moub_runtime.inspect import summarize
@@ -57,6 +57,37 @@ def test_decoded_weights_are_exactly_the_chosen_quantizers(converted):
         assert got.tobytes() == expected[site.path].tobytes(), site.path
     # every float tensor of >= 16 elements is quantized (biases too), each to its own step
     assert len(pool.sites) == 7 and len({float(s) for s in lay.steps}) == len(pool.sites)  # 10-element bias: lossless
+
+
+def test_replay_rebuilds_the_file_from_its_report_and_other_steps_from_it(converted, tmp_path):
+    """Replay (what the bench's swept row uses) at the report's recipe writes the converted file
+    byte for byte; a coarser step scale a smaller file on the same tensors, a finer one a larger."""
+    from moub_converters.encode import encode_model
+
+    result, path = converted
+    recipe = result.report["choice"]["recipe"]
+    replay = Replay.from_report(load_source(MODEL).model, VAL, json.loads(json.dumps(result.report)))
+    with MoubFile(path) as moub:
+        metadata = dict(moub.index.metadata)
+
+    def written(x: float) -> bytes:
+        q = replay.quantization(x, recipe["gamma"])
+        return encode_model(replay.model, q.codebooks, {}, metadata, packs=q.packs, **q.build_options)
+
+    assert written(recipe["x"]) == path.read_bytes()
+    coarser, finer = written(recipe["x"] + 1.0), written(recipe["x"] - 1.0)
+    assert len(coarser) < path.stat().st_size < 0.9 * len(finer)
+    (tmp_path / "coarser.moub").write_bytes(coarser)
+    decoded = tensor_sites(moub_runtime.load(tmp_path / "coarser.moub"))
+    assert {s.path for s in replay.pool.sites} <= set(decoded)
+
+
+def test_replay_refuses_a_report_of_another_mode(converted):
+    result, _ = converted
+    report = json.loads(json.dumps(result.report))
+    report["settings"]["mode"] = "paper"
+    with pytest.raises(ValueError, match="not adaptive"):
+        Replay.from_report(load_source(MODEL).model, VAL, report)
 
 
 def test_file_uses_packs_and_lzma_and_meets_the_tolerance(converted):

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from ..fidelity import Fidelity
 
-# Table order. "moub_paper" and "moub_best" are two rows of the one adapter module peers/moub.py.
-PEERS = ("zstd", "fp16", "int8", "kmeans", "nncodec", "moub_paper", "moub_best")
+# Table order. "moub_paper", "moub_best" and "moub_swept" are rows of the one adapter module peers/moub.py.
+PEERS = ("zstd", "fp16", "int8", "kmeans", "nncodec", "moub_paper", "moub_best", "moub_swept")
 
 
 class Unavailable(RuntimeError):

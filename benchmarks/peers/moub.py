@@ -1,9 +1,15 @@
-"""moub itself, through the converter's Python API (`moub_converters.convert`), in two rows:
+"""moub itself, through the converter's Python API (`moub_converters.convert`), in three rows:
 
     moub_paper  --mode paper, the paper's method (one global equal-width codebook, NSGA-II, merge, Huffman)
     moub_best   the best mode the converter offers: the mode named by $MOUB_BENCH_BEST_MODE, else the
                 converter's default when that is not "paper", else its first other mode, else paper
                 (then the row repeats paper's file rather than spending the search twice)
+    moub_swept  moub_best's quantizer with its step scale chosen like the peers' knobs: on the test
+                split. The peers' rows are the coarsest setting of their sweep that passes there
+                (NNCodec's qp, k-means' k); moub_best is the converter's own choice on the search
+                split. This row keeps everything moub_best's search chose (sensitivities, gamma,
+                calibration) and bisects only x, in 1/8-octave steps from 2 octaves coarser to 1
+                finer than its choice, so the quantizers compare apart from how each one chooses.
 
 The search tunes on the search split (a converter DATA.npz); the table's fidelity is the decoded
 .moub (`moub_runtime.load`) run in onnxruntime on the test split, which the converter never sees.
@@ -27,7 +33,8 @@ import onnx
 from .. import config as C
 from . import Candidate, Context, Unavailable
 
-ROWS = ("moub_paper", "moub_best")
+ROWS = ("moub_paper", "moub_best", "moub_swept")
+SWEPT_OCTAVES = (2.0, 1.0)  # how far moub_swept looks coarser and finer than the converter's choice
 LOADER_IMPORTS = ("moub_runtime",)  # imported before loadtime.py starts its clock, like the other peers' loaders
 _RESULTS: dict[tuple[str, str], list[Candidate]] = {}  # (model, mode) -> candidates, for moub_best == paper
 
@@ -77,6 +84,8 @@ def method_name(row: str) -> str:
     if row == "moub_paper":
         return "moub --mode paper"
     try:
+        if row == "moub_swept":
+            return f"moub best (--mode {best_mode()}), step swept on the test split like the peers"
         return f"moub best (--mode {best_mode()})"
     except Unavailable:
         return "moub best mode"
@@ -181,6 +190,8 @@ def run(ctx: Context, row: str = "moub_paper") -> list[Candidate]:
     the model's moub budget is spent).
     """
     _converter()
+    if row == "moub_swept":
+        return _swept(ctx)
     mode = "paper" if row == "moub_paper" else best_mode()
     if row == "moub_best" and (ctx.model, mode) in _RESULTS:
         same = []
@@ -214,6 +225,51 @@ def run(ctx: Context, row: str = "moub_paper") -> list[Candidate]:
             break
     _RESULTS[(ctx.model, mode)] = done
     return done
+
+
+def _swept(ctx: Context) -> list[Candidate]:
+    """moub_best's conversion rebuilt at other step scales x (``Replay``), bisected on the test split."""
+    from moub_converters.encode import encode_model
+    from moub_converters.modes.adaptive import X_RESOLUTION, Replay
+    from moub_format import MoubFile
+
+    import moub_runtime
+
+    from . import sweep
+
+    mode = best_mode()
+    # this run's conversions only: another run in the same process wrote elsewhere
+    done = [c for c in _RESULTS.get((ctx.model, mode), []) if c.file.parent.parent == ctx.work.parent]
+    if not done:
+        raise Unavailable("needs the moub_best row of the same run (its conversion's report)")
+    base = next((c for c in done if ctx.passes(c.fidelity)), done[-1])
+    report = json.loads(base.file.with_suffix(".report.json").read_text())
+    if report.get("settings", {}).get("mode") != "adaptive":
+        raise Unavailable(f"--mode {mode} has no step scale to sweep")
+    t = time.perf_counter()
+    replay = Replay.from_report(onnx.load(str(ctx.onnx_path)), ctx.search_npz, report)
+    calibration_s = time.perf_counter() - t
+    with MoubFile(base.file) as moub:  # the converter's own provenance: only the weights differ
+        metadata = dict(moub.index.metadata)
+    x0, gamma = report["choice"]["recipe"]["x"], report["choice"]["recipe"]["gamma"]
+    coarser, finer = (int(o * X_RESOLUTION) for o in SWEPT_OCTAVES)
+    xs = [x0 + k / X_RESOLUTION for k in range(coarser, -finer - 1, -1)]  # smallest file first
+
+    def one(x: float) -> Candidate:
+        started = time.perf_counter()
+        q = replay.quantization(x, gamma)
+        out = ctx.work / f"moub_swept_x{x:+.4f}.moub"
+        out.write_bytes(encode_model(replay.model, q.codebooks, {}, metadata, packs=q.packs, **q.build_options))
+        encode_s = time.perf_counter() - started
+        decoded = out.with_suffix(".onnx")
+        onnx.save(moub_runtime.load(out), str(decoded))
+        extra = dict(index_stats(out))
+        extra["search s"] = calibration_s
+        extra["note"] = (f"x {x - x0:+.3f} octaves from the converter's choice ({base.setting}), picked on the "
+                         f"test split; search s: the calibration, measured again")
+        return Candidate(f"x={x:+.4f} gamma={gamma:g}", out, out.stat().st_size, encode_s, decoded, extra=extra)
+
+    return sweep(ctx, xs, one, bisect=True)
 
 
 def load_session(path: Path):
