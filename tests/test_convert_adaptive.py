@@ -62,20 +62,14 @@ def test_decoded_weights_are_exactly_the_chosen_quantizers(converted):
 def test_replay_rebuilds_the_file_from_its_report_and_other_steps_from_it(converted, tmp_path):
     """Replay (what the bench's swept row uses) at the report's recipe writes the converted file
     byte for byte; a coarser step scale a smaller file on the same tensors, a finer one a larger."""
-    from moub_converters.encode import encode_model
-
     result, path = converted
     recipe = result.report["choice"]["recipe"]
     replay = Replay.from_report(load_source(MODEL).model, VAL, json.loads(json.dumps(result.report)))
     with MoubFile(path) as moub:
         metadata = dict(moub.index.metadata)
 
-    def written(x: float) -> bytes:
-        q = replay.quantization(x, recipe["gamma"])
-        return encode_model(replay.model, q.codebooks, {}, metadata, packs=q.packs, **q.build_options)
-
-    assert written(recipe["x"]) == path.read_bytes()
-    coarser, finer = written(recipe["x"] + 1.0), written(recipe["x"] - 1.0)
+    assert replay.encode(recipe["x"], recipe["gamma"], metadata) == path.read_bytes()
+    coarser, finer = (replay.encode(recipe["x"] + d, recipe["gamma"], metadata) for d in (1.0, -1.0))
     assert len(coarser) < path.stat().st_size < 0.9 * len(finer)
     (tmp_path / "coarser.moub").write_bytes(coarser)
     decoded = tensor_sites(moub_runtime.load(tmp_path / "coarser.moub"))

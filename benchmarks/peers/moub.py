@@ -229,7 +229,6 @@ def run(ctx: Context, row: str = "moub_paper") -> list[Candidate]:
 
 def _swept(ctx: Context) -> list[Candidate]:
     """moub_best's conversion rebuilt at other step scales x (``Replay``), bisected on the test split."""
-    from moub_converters.encode import encode_model
     from moub_converters.modes.adaptive import X_RESOLUTION, Replay
     from moub_format import MoubFile
 
@@ -257,9 +256,8 @@ def _swept(ctx: Context) -> list[Candidate]:
 
     def one(x: float) -> Candidate:
         started = time.perf_counter()
-        q = replay.quantization(x, gamma)
         out = ctx.work / f"moub_swept_x{x:+.4f}.moub"
-        out.write_bytes(encode_model(replay.model, q.codebooks, {}, metadata, packs=q.packs, **q.build_options))
+        out.write_bytes(replay.encode(x, gamma, metadata))
         encode_s = time.perf_counter() - started
         decoded = out.with_suffix(".onnx")
         onnx.save(moub_runtime.load(out), str(decoded))

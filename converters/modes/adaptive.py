@@ -602,6 +602,13 @@ class Replay:
         return layout(self.pool, self.stats, self.log2_opt, x, gamma, self.calib)
 
     def quantization(self, x: float, gamma: float) -> PackedQuantization:
-        """What the container stores for decision (x, gamma): ``encode.encode_model(model,
-        q.codebooks, {}, metadata, packs=q.packs, **q.build_options)`` writes it."""
+        """What the container stores for decision (x, gamma)."""
         return PackedQuantization.from_layout(self.pool, self.layout(x, gamma))
+
+    def encode(self, x: float, gamma: float, metadata: dict[str, str]) -> bytes:
+        """The .moub bytes for decision (x, gamma), written as the converter writes its files
+        (with the converted file's own metadata, the report's recipe gives that file exactly)."""
+        from ..encode import encode_model
+
+        q = self.quantization(x, gamma)
+        return encode_model(self.model, q.codebooks, {}, metadata, packs=q.packs, **q.build_options)
