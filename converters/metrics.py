@@ -172,3 +172,37 @@ def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.n
     if metric == "f1":
         return macro_f1(np.argmax(outputs[0], axis=-1), labels, outputs[0].shape[-1])
     return float(unit_scores(metric, outputs, reference, labels).mean())
+
+
+def log_scores(scores: np.ndarray, like: np.ndarray | None = None) -> np.ndarray:
+    """Class scores as [units, classes] float64, probabilities as log-probabilities (decided on
+    ``like``, the original model's scores, so a candidate's scores get the same transform)."""
+    y = np.asarray(scores, dtype=np.float64).reshape(-1, scores.shape[-1])
+    ref = y if like is None else np.asarray(like, dtype=np.float64).reshape(-1, like.shape[-1])
+    if (ref >= 0).all() and np.allclose(ref.sum(axis=-1), 1.0, atol=1e-3):
+        return np.log(np.maximum(y, 1e-30))
+    return y
+
+
+def expected_flip_rate(reference: np.ndarray, outputs: np.ndarray) -> float:
+    """The share of unseen units whose top-1 the candidate would change, estimated from every
+    unit rather than counted on the few that flip.
+
+    Each unit's margin m_i (the original top-1 score minus the runner-up's) is set against the
+    change d_j the candidate makes to that margin on every unit j: the estimate is the mean over
+    i of the share of j with d_j >= m_i. Counting flips on a few hundred samples is unbiased but
+    noisy (on magika's 500 test files the count did not even fall as the step shrank: 4 flips at
+    5.47 bits/weight, 6 at 5.95, 3 at 6.08); this estimate rises steadily with the step. It
+    assumes the change does not depend on the margin and the units are independent: on magika's
+    and rapidocr cls's samples it follows the counts' trend, on PP-OCRv4 rec's time steps it
+    went from 0.5% to 13% between neighbouring steps where the
+    counted flips only doubled (``scripts/flip_estimate.py``)."""
+    ref = log_scores(reference)
+    got = log_scores(outputs, reference)
+    rows = np.arange(ref.shape[0])
+    order = np.argsort(ref, axis=-1, kind="stable")
+    top, runner = order[:, -1], order[:, -2]
+    margin = ref[rows, top] - ref[rows, runner]
+    change = (got[rows, runner] - got[rows, top]) - (ref[rows, runner] - ref[rows, top])
+    at_least = change.size - np.searchsorted(np.sort(change), margin, side="left")
+    return float(np.mean(at_least / change.size))

@@ -20,6 +20,7 @@ from moub_converters.error_feedback import ErrorFeedback
 from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
 from moub_converters.modes.adaptive import Replay, layout, tolerance
+from moub_converters.options import ConvertOptions
 from moub_converters.packing import plan_packs, total_bits
 from moub_converters.uniform import SiteStats, allocate_steps, site_arrays, site_stats
 from moub_runtime.inspect import summarize
@@ -265,3 +266,93 @@ def test_gap_fill_respects_gamma_the_search_half_and_the_budget():
     assert mode._fill_gap(problem, [other_gamma, safe], [safe], [{**trials[0], "name": other_gamma.name}, trials[1]], [], ctx) == ([safe], [])
     full = trials + [{"name": f"t{i}", "rule": "confirm half", "passed": True} for i in range(CONFIRM_BUDGET - 2)]
     assert mode._fill_gap(problem, [failed, safe], [safe], full, [], ctx) == ([safe], [])
+
+
+def test_expected_flip_rate_on_the_demo_models_outputs():
+    """Zero for the original weights, larger for coarser steps, the same on probabilities as on
+    their logarithms, and the mean over the samples' margins of the share of changes that reach them."""
+    from moub_converters.evaluate import Evaluator, original_arrays
+    from moub_converters.metrics import expected_flip_rate
+
+    source = load_source(MODEL)
+    pool = pool_weights(source.model)
+    stats = site_stats(pool)
+    evaluator = Evaluator(source.model, pool, load_dataset(VAL, source.model))
+    reference = evaluator.outputs(original_arrays(source.model, pool))[0]
+    assert expected_flip_rate(reference, reference) == 0.0
+
+    def outputs(x: float) -> np.ndarray:
+        steps = allocate_steps(stats, np.zeros(len(pool.sites)), x, 0.0)
+        levels = [np.rint(pool.values[s.start : s.stop] / steps[i]).astype(np.int64) for i, s in enumerate(pool.sites)]
+        return evaluator.outputs(site_arrays(pool, levels, steps))[0]
+
+    rates = [expected_flip_rate(reference, outputs(x)) for x in (-2.0, 0.0, 1.5)]
+    assert 0.0 < rates[0] < rates[1] < rates[2] <= 1.0
+    coarse = outputs(0.0)
+    order = np.sort(reference, axis=1)
+    margin = order[:, -1] - order[:, -2]
+    rows = np.arange(len(reference))
+    top, runner = reference.argmax(1), np.argsort(reference, axis=1)[:, -2]
+    change = (coarse[rows, runner] - coarse[rows, top]) - (reference[rows, runner] - reference[rows, top])
+    assert rates[1] == pytest.approx(np.mean([(change >= m).mean() for m in margin]))
+
+    def softmax(y: np.ndarray) -> np.ndarray:
+        e = np.exp(y - y.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    assert expected_flip_rate(softmax(reference), softmax(coarse)) == pytest.approx(
+        expected_flip_rate(np.log(softmax(reference)), np.log(softmax(coarse))))
+
+
+def _coarsen_mode(expected_at, flips_at, wave: int = 2):
+    """An AdaptiveMode whose coarsening trials see ``expected_at(x)`` on both halves of 100
+    samples each and ``flips_at(x)`` flips on each half."""
+    from types import SimpleNamespace
+
+    from moub_converters.modes import adaptive
+    from moub_converters.options import ConvertOptions
+
+    calls: list = []
+
+    def result(x: float, gamma: float) -> dict:
+        calls.append(x)
+        half = {"flips": flips_at(x), "units": 100, "expected": expected_at(x)}
+        return {"name": f"x={x:+.4f} gamma={gamma:.3f}", "bins": 10, "bits_per_weight": 8 - x,
+                "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}, "search": dict(half), "confirm": dict(half)}
+
+    ctx = SimpleNamespace(map=lambda fn, tasks: [result(t[0], t[1]) for t in tasks], eval=SimpleNamespace(metric="agreement"))
+    return adaptive.AdaptiveMode(), ctx, ConvertOptions(max_drop=0.01, wave=wave), calls
+
+
+def test_coarsening_walks_while_the_estimate_and_the_pooled_count_hold():
+    chosen = _searched(-4.0)
+    mode, ctx, opts, calls = _coarsen_mode(lambda x: 0.004 if x <= -3.5 else 0.02, lambda x: 0)
+    passed, trials = mode._coarsen(chosen, [], opts, ctx)
+    assert [c.recipe["x"] for c in passed] == [-3.875, -3.75, -3.625, -3.5]  # coarsest last
+    assert all(c.complete and c.stage == "coarsen" for c in passed)
+    assert [t["passed"] for t in trials] == [True, True, True, True, False]  # the first failure ends the walk
+    assert calls == [-3.875, -3.75, -3.625, -3.5, -3.375, -3.25]  # the rest of the last wave is not reported
+    # the pooled count (200 samples at --max-drop 0.01: 1 flip) stops it even where the estimate holds
+    mode, ctx, opts, _ = _coarsen_mode(lambda x: 0.0, lambda x: 0 if x <= -3.75 else 1)
+    passed, trials = mode._coarsen(chosen, [], opts, ctx)
+    assert [c.recipe["x"] for c in passed] == [-3.875, -3.75] and trials[-1]["flips"] == [1, 1]
+    # the same walk with waves of 1 and 3: the same candidates and report
+    for wave in (1, 3):
+        mode, ctx, opts, _ = _coarsen_mode(lambda x: 0.004 if x <= -3.5 else 0.02, lambda x: 0, wave)
+        assert mode._coarsen(chosen, [], opts, ctx)[1] == mode._coarsen(chosen, [], ConvertOptions(max_drop=0.01), ctx)[1]
+
+
+def test_coarsening_on_the_demo_with_agreement():
+    """The converter's own run: the choice is the coarsest step the walk passed (or the confirmed
+    one), and every passed step kept the estimate within --max-drop on both halves."""
+    result = convert(MODEL, data=VAL, mode="adaptive", metric="agreement", max_drop=0.01, seed=0)
+    report = json.loads(result.report_json())
+    trials = report["search"]["coarsen"]
+    assert trials and all(max(t["expected"]) <= 0.01 for t in trials if t["passed"])
+    assert all(t["passed"] for t in trials[:-1])
+    passed = [t for t in trials if t["passed"]]
+    chosen = report["choice"]["name"]
+    confirmed = [t["name"] for t in report["search"]["confirm"] if t["passed"]]
+    assert chosen == (passed[-1]["name"] if passed else confirmed[-1])
+    # an accuracy conversion (the demo's default metric) has no such walk
+    assert "coarsen" not in json.loads(convert(MODEL, data=VAL, mode="adaptive", max_drop=0.01, seed=0).report_json())["search"]

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -265,3 +266,25 @@ def test_resolution_only_where_samples_are_counted():
     zero = resolution("agreement", [scores], 0.0, 0.0)  # --max-drop 0: no sample count resolves it
     assert zero["samples_to_resolve_max_drop"] is None
     assert "no finite number of samples" in summary_lines(zero, "agreement", 0.0)[1]
+
+
+def test_samples_per_run_do_not_change_the_outputs():
+    """The converter runs 2 samples per onnxruntime call (faster on one thread) because the
+    outputs are the same bits at any batch size: on the demo CNN and on rapidocr's classifier."""
+    from moub_converters.data import DEFAULT_BATCH_SIZE, Dataset
+
+    from test_real_models import model_file
+
+    rng = np.random.default_rng(0)
+    demo = load_source(MODEL).model
+    cls = onnx.load(model_file("cls"))
+    inputs = {"demo": load_dataset(VAL, demo).inputs,
+              "cls": {"x": rng.standard_normal((7, 3, 48, 192)).astype(np.float32)}}
+    for name, model in (("demo", demo), ("cls", cls)):
+        pool = pool_weights(model)
+        arrays = original_arrays(model, pool)
+        n = len(next(iter(inputs[name].values())))
+        outs = [Evaluator(model, pool, Dataset(inputs[name], None, n, size)).outputs(arrays)[0]
+                for size in (n, DEFAULT_BATCH_SIZE, 1)]
+        assert DEFAULT_BATCH_SIZE < n
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), name
