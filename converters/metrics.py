@@ -194,9 +194,9 @@ def expected_flip_rate(reference: np.ndarray, outputs: np.ndarray) -> float:
     noisy (on magika's 500 test files the count did not even fall as the step shrank: 4 flips at
     5.47 bits/weight, 6 at 5.95, 3 at 6.08); this estimate rises steadily with the step. It
     assumes the change does not depend on the margin and the units are independent: on magika's
-    and rapidocr cls's samples it follows the counts' trend, on PP-OCRv4 rec's time steps it
-    went from 0.5% to 13% between neighbouring steps where the
-    counted flips only doubled (``scripts/flip_estimate.py``)."""
+    and rapidocr cls's samples it follows the counts' trend; on PP-OCRv4 rec's time steps it went
+    from 0.5% to 13% between neighbouring steps where the counted flips only doubled
+    (``scripts/flip_estimate.py``)."""
     ref = log_scores(reference)
     got = log_scores(outputs, reference)
     rows = np.arange(ref.shape[0])

@@ -442,10 +442,9 @@ class AdaptiveMode:
         the quantizer (magika: 5.05x in one run, 4.52x after a change that altered no output).
         The estimate uses every sample's margin and rises steadily with the step. Only for one
         prediction per sample ([N, C] scores): the time steps of a sequence are not independent,
-        and on PP-OCRv4 rec's the estimate went from 0.5% to 13% between neighbouring steps where the
-        counted flips only doubled.
-        Steps run a wave at a time; the first that fails ends the walk. Returns the passing
-        candidates (coarsest last) and the trials for the report."""
+        and on PP-OCRv4 rec's the estimate went from 0.5% to 13% between neighbouring steps
+        where the counted flips only doubled. Steps run a wave at a time; the first that fails
+        ends the walk. Returns the passing candidates (coarsest last) and the trials for the report."""
         x0, gamma = chosen.recipe["x"], chosen.recipe["gamma"]
         steps = [x0 + k / X_RESOLUTION for k in range(1, COARSEN_STEPS + 1) if x0 + k / X_RESOLUTION <= X_RANGE[1]]
         wave = max(1, opts.wave)  # not --workers: the same evaluations, and report, with any number of workers
