@@ -191,7 +191,8 @@ def load_dataset(
 
 # Samples per onnxruntime run. Small batches are faster with one thread: the activations stay in
 # cache. Search-half evaluations, best of 5, seconds per candidate at 64 / 16 / 4 / 2 samples
-# (2026-11-27, this machine; outputs bit-identical at every size): PP-OCRv4 rec 4.90 / 3.36 /
+# (2026-11-27, this machine, ``scripts/batch_timing.py``; outputs bit-identical from 64 down to 2; one
+# sample takes other kernels on magika, within 3.6e-3): PP-OCRv4 rec 4.90 / 3.36 /
 # 2.86 / 2.64, magika 3.33 / 2.62 / 2.37 / 2.28, rapidocr cls 0.36 / 0.29 / 0.20 / 0.18,
 # PP-OCRv4 det 2.12 / 2.46 / 2.17 / 2.13. Smaller batches also let a failing candidate stop sooner.
 DEFAULT_BATCH_SIZE = 2
