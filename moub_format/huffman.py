@@ -192,13 +192,21 @@ def unpack_lengths(data: bytes | memoryview | np.ndarray, count: int, subject: s
 
 def canonical_tables(lengths: np.ndarray) -> tuple[list[int], list[int]]:
     """(count, symbol) lists as DEFLATE and bitarray's canonical_decode use them."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    longest = int(lengths.max())
-    count = np.bincount(lengths, minlength=longest + 1).tolist()
+    count, symbols = canonical_order(lengths)
+    return count, symbols.tolist()
+
+
+def canonical_order(lengths: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Codes per length (index 0 unused) and the used symbols in canonical (length, symbol)
+    order, as an int64 array. ``lengths`` is a validated table."""
+    lengths = np.asarray(lengths)
+    used = np.flatnonzero(lengths)
+    used_lengths = lengths[used].astype(np.uint8)  # validated: 1..MAX_CODE_LENGTH
+    count = np.bincount(used_lengths, minlength=int(used_lengths.max()) + 1).tolist()
     count[0] = 0
-    order = np.lexsort((np.arange(lengths.size), lengths))
-    symbols = order[lengths[order] > 0].tolist()  # one vector step: per-symbol indexing cost ms per table
-    return count, symbols
+    # Only the used symbols are sorted, stably by length (a radix sort on uint8): grid tables
+    # run to 726,035 mostly unused entries (PP-OCRv4 det), where a lexsort of all took 10 ms.
+    return count, used[np.argsort(used_lengths, kind="stable")]
 
 
 def canonical_codes(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

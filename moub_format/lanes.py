@@ -47,7 +47,7 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from .huffman import canonical_tables
+from .huffman import canonical_order
 
 WINDOW_SLACK = 8          # zero bytes a caller appends after the last lane's data (not needed: kept for callers)
 BLOCK_STEPS = 128         # steps decoded into a block before one transposing copy to ``out`` (fewer when lanes are many)
@@ -104,12 +104,11 @@ class LookupTable:
     """
 
     def __init__(self, code_lengths: np.ndarray) -> None:
-        code_lengths = np.asarray(code_lengths, dtype=np.int64)
-        count, symbols = canonical_tables(code_lengths)
+        code_lengths = np.asarray(code_lengths)
+        count, sorted_symbols = canonical_order(code_lengths)
         self.max_length = len(count) - 1
         self.alphabet = code_lengths.size
-        sorted_symbols = np.asarray(symbols, dtype=np.int64)
-        sorted_lengths = code_lengths[sorted_symbols]
+        sorted_lengths = code_lengths[sorted_symbols].astype(np.int64)
         spans = np.left_shift(1, self.max_length - sorted_lengths)
         if int(spans.sum()) != 1 << self.max_length:
             raise ValueError("lookup tables need a complete code (Kraft sum exactly 1)")

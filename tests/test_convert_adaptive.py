@@ -19,7 +19,8 @@ from moub_converters.calibration import Calibration
 from moub_converters.error_feedback import ErrorFeedback
 from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
-from moub_converters.modes.adaptive import Replay, layout, tolerance
+from moub_converters.modes import adaptive
+from moub_converters.modes.adaptive import Replay, chunk_elements, layout, tolerance
 from moub_converters.options import ConvertOptions
 from moub_converters.packing import plan_packs, total_bits
 from moub_converters.uniform import SiteStats, allocate_steps, site_arrays, site_stats
@@ -75,6 +76,40 @@ def test_replay_rebuilds_the_file_from_its_report_and_other_steps_from_it(conver
     (tmp_path / "coarser.moub").write_bytes(coarser)
     decoded = tensor_sites(moub_runtime.load(tmp_path / "coarser.moub"))
     assert {s.path for s in replay.pool.sites} <= set(decoded)
+
+
+def test_chunk_size_gives_the_lane_decoder_enough_chunks(converted, tmp_path, monkeypatch):
+    """Chunks of 1024..4096 elements, as many as the reader's lock-step decoder wants; models
+    too small for it keep 4096. The demo (72k weights) writes 4096; told that 8 chunks make a
+    lock step, the same decision writes 1024-element chunks that decode to the same weights,
+    and the search's size estimate still matches the file."""
+    sizes = (72_000, 131_071, 131_072, 784_214, 1_171_580, 2_670_000, 5_000_000)
+    assert [chunk_elements(n) for n in sizes] == [4096, 4096, 1024, 1024, 1024, 2048, 4096]
+    result, path = converted
+    with MoubFile(path) as moub:
+        assert {p.chunk_elements for p in moub.index.packs} == {4096}
+    recipe = result.report["choice"]["recipe"]
+    replay = Replay.from_report(load_source(MODEL).model, VAL, json.loads(json.dumps(result.report)))
+    estimate_4096 = replay.layout(recipe["x"], recipe["gamma"]).bits
+    monkeypatch.setattr(adaptive, "MIN_LANES", 8)
+    assert chunk_elements(replay.pool.n_weights) == 1024
+    with MoubFile(path) as moub:
+        metadata = dict(moub.index.metadata)
+        chunks_4096 = sum(len(p.chunk_bits) for p in moub.index.packs)
+    small = tmp_path / "small_chunks.moub"
+    small.write_bytes(replay.encode(recipe["x"], recipe["gamma"], metadata))
+    with MoubFile(small) as moub:
+        assert {p.chunk_elements for p in moub.index.packs} == {1024}
+        chunks_1024 = sum(len(p.chunk_bits) for p in moub.index.packs)
+    assert chunks_1024 > 3 * chunks_4096
+    before, after = tensor_sites(moub_runtime.load(path)), tensor_sites(moub_runtime.load(small))
+    for site in replay.pool.sites:
+        assert after[site.path].tensor.raw_data == before[site.path].tensor.raw_data, site.path
+    # the file grows by about what the search's size model charges per chunk (entry + padding)
+    grown = 8 * (small.stat().st_size - path.stat().st_size)
+    charged = replay.layout(recipe["x"], recipe["gamma"]).bits - estimate_4096
+    assert charged == 36 * (chunks_1024 - chunks_4096)
+    assert 0.5 * charged < grown < 1.5 * charged, (grown, charged)
 
 
 def test_replay_refuses_a_report_of_another_mode(converted):
