@@ -12,12 +12,18 @@ and the shared table entries only it needed. The size is exact for the payload
 (the writer's length-limited canonical code lengths over the same counts) and a
 close estimate for the index (measured constants below); the converter states
 the real file size anyway.
+
+A pack of one tensor whose levels are few and far apart lists them as an explicit
+codebook instead of a grid (the same float32 levels, so the same decoded bits): a grid
+needs a code length for every integer between its first and last level. PP-OCRv4
+det has a 16-element tensor whose 12 levels span 726,035 grid values: 784 index bytes
+and a table the reader inflated, checked and sorted on every load, for 8 bytes of payload.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -30,6 +36,7 @@ OFFSET_INDEX_BITS = 8 * 4     # per member of a pack that stores offsets (32-bit
 CODEBOOK_INDEX_BITS = 8 * 28  # a grid codebook entry in the index
 TABLE_ENTRY_BITS = 8          # one code length per grid level (plain tables; long ones are DEFLATE-packed)
 CHUNK_BITS = 32 + 4           # a chunk's chunk_bits32 entry (1.3) and its average padding
+VALUE_BITS = 32               # one float32 of an explicit codebook's values
 MAX_ROUNDS = 8
 
 
@@ -43,10 +50,17 @@ class PackPlan:
     first: int
     lengths: np.ndarray
     payload_bits: int
+    levels: tuple[int, ...] | None = None  # an explicit codebook of these levels (ascending), not a grid
 
     @property
     def count(self) -> int:
         return int(self.lengths.size)
+
+    def symbols(self, levels: np.ndarray, offset: int = 0) -> np.ndarray:
+        """Codebook indices of a member's integer ``levels`` (member level = symbol's value + offset)."""
+        if self.levels is None:
+            return levels - offset - self.first
+        return np.searchsorted(np.asarray(self.levels, dtype=np.int64), levels)
 
 
 @dataclass(frozen=True)
@@ -97,9 +111,29 @@ def table_bits(lengths: np.ndarray) -> int:
     return TABLE_ENTRY_BITS * (lengths.size if packed is None else len(packed) + C.PACKED_TABLE_OVERHEAD)
 
 
+def codebook_bits(lengths: np.ndarray, explicit: bool) -> int:
+    """Bits of a pack's code-length table plus what its codebook's values add to the index: a
+    grid's run of values costs nothing beyond its entry, an explicit codebook one float32 per
+    used level (its table then covers only those)."""
+    if not explicit:
+        return table_bits(lengths)
+    return table_bits(lengths[lengths > 0]) + VALUE_BITS * int(np.count_nonzero(lengths))
+
+
 def _own_bits(h: _Hist) -> int:
     lengths = _lengths(h.counts)
-    return huffman.encoded_bits(h.counts, lengths) + _fixed_bits(0, 1) + table_bits(lengths)
+    table = min(codebook_bits(lengths, False), codebook_bits(lengths, True))
+    return huffman.encoded_bits(h.counts, lengths) + _fixed_bits(0, 1) + table
+
+
+def _sparse(plan: PackPlan) -> PackPlan:
+    """``plan`` over an explicit codebook of its used levels when that takes fewer bits (only
+    without offsets, which need a grid). The code lengths of the used symbols, and so the
+    payload, are the same: canonical codes order symbols by value either way."""
+    if any(plan.offsets) or codebook_bits(plan.lengths, True) >= codebook_bits(plan.lengths, False):
+        return plan
+    used = np.flatnonzero(plan.lengths)
+    return replace(plan, lengths=plan.lengths[used], levels=tuple(int(plan.first + u) for u in used))
 
 
 def _plan(members: list[int], hists: list[_Hist], offsets: list[int]) -> PackPlan:
@@ -142,7 +176,7 @@ def plan_packs(levels: list[np.ndarray]) -> list[PackPlan]:
                       huffman.encoded_bits(alone_hists[i].counts, _lengths(alone_hists[i].counts))) for i in alone]
     if shared:
         plans.append(_plan(shared, hists, offsets))
-    return sorted(plans, key=lambda p: p.members[0])
+    return sorted((_sparse(p) for p in plans), key=lambda p: p.members[0])
 
 
 def total_bits(plans: list[PackPlan], sizes: np.ndarray, chunk_elements: int | None = None) -> int:
@@ -152,5 +186,6 @@ def total_bits(plans: list[PackPlan], sizes: np.ndarray, chunk_elements: int | N
     for plan in plans:
         elements = int(sum(int(sizes[i]) for i in plan.members))
         bits += plan.payload_bits + CHUNK_BITS * math.ceil(elements / chunk)
-        bits += _fixed_bits(0, len(plan.members), any(plan.offsets)) + table_bits(plan.lengths)
+        bits += _fixed_bits(0, len(plan.members), any(plan.offsets))
+        bits += table_bits(plan.lengths) + (0 if plan.levels is None else VALUE_BITS * plan.count)
     return bits

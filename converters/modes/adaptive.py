@@ -622,9 +622,10 @@ class PackedQuantization:
     def from_layout(cls, pool: Pool, lay: Layout) -> PackedQuantization:
         codebooks, packs = [], []
         for number, plan in enumerate(lay.plans):
-            codebooks.append(writer.GridCodebook(plan.first, plan.count))
+            codebooks.append(writer.GridCodebook(plan.first, plan.count) if plan.levels is None
+                             else np.asarray(plan.levels, dtype=np.float32))  # exact: |level| < 2^22
             members = list(plan.members)
-            indices = np.concatenate([lay.levels[i] - offset - plan.first
+            indices = np.concatenate([plan.symbols(lay.levels[i], offset)
                                       for i, offset in zip(members, plan.offsets)]).astype(np.int64)
             packs.append(PackAssignment(tuple(pool.sites[i].path for i in members),
                                         tuple(float(lay.steps[i]) for i in members), indices, number, writer.OWN,
