@@ -239,6 +239,7 @@ def test_a_tensor_of_few_far_apart_levels_gets_an_explicit_codebook(tmp_path):
     paths = {}
     for name, chosen in (("explicit", plans), ("grid", grid_plans)):
         quant = PackedQuantization.from_layout(pool, Layout(steps, levels, chosen, total_bits(chosen, sizes, 4096)))
+        assert quant.bins_used() == sum(p.count for p in chosen)  # what the report states as "bins"
         paths[name] = tmp_path / f"{name}.moub"
         paths[name].write_bytes(encode_model(model, quant.codebooks, {}, {}, packs=quant.packs, **quant.build_options))
     assert total_bits(plans, sizes, 4096) + 8 * 500 < total_bits(grid_plans, sizes, 4096)

@@ -640,7 +640,7 @@ class PackedQuantization:
         return self.arrays
 
     def bins_used(self) -> int:
-        return int(sum(cb.count for cb in self.codebooks))
+        return int(sum(cb.count if isinstance(cb, writer.GridCodebook) else len(cb) for cb in self.codebooks))
 
 
 @dataclass
