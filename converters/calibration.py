@@ -39,7 +39,7 @@ class Calibration:
 
     def summary(self) -> dict:
         out = {"bias_correction": self.corrector.summary(),
-               "error_feedback": self.feedback.summary() if self.feedback is not None else {"layers": 0}}
+               "error_feedback": self.feedback.summary() if self.feedback is not None else {"layers": 0, "zeroed_weights": 0}}
         for name, why in self.skipped.items():
             out[name] = {**out[name], "skipped": why}
         return out

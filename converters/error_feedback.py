@@ -18,6 +18,15 @@ weight: ``Conv`` with 1x1 kernels and one group, ``MatMul`` with a 2-D weight, `
 (transA 0), in the main graph. ``H`` is computed inside onnxruntime (a Gram matrix per
 layer input), so no activation leaves the session.
 
+An input channel that is exactly zero on every sample of the data (a ReLU that never fires)
+leaves its weights free: whatever they hold, the layer's output on that data is the same bits.
+GPTQ sets them to zero, and so does :meth:`ErrorFeedback.levels`: level 0 is the most frequent
+level of a weight tensor and takes the shortest code. On the bench's search splits such
+channels hold 6.5% of PP-OCRv4 det's weights, 2.7% of rapidocr cls's and 1.4% of rec's (none
+of magika's, whose layers read LayerNorm-ed inputs); of the channels dead on the search split,
+5 of 261 (det), 3 of 29 (cls) and 5 of 91 (rec) carry some signal on the test split, at most
+4% of the layer's mean channel energy.
+
 Wider kernels and grouped Convs are not served, by measurement (branch
 ``experiment/wide-error-feedback``: im2col inside the graph, one ``H`` per group;
 ``scripts/sweep_steps.py`` at gamma 0.75, samples lost on the confirm half plus the test
@@ -184,12 +193,14 @@ class ErrorFeedback:
 
     layers: list[Layer]
     factors: dict[str, np.ndarray]
+    dead: dict[str, np.ndarray]  # per layer input: the channels that were zero on every sample
+    zeroed_weights: int = 0      # weights that read such a channel: set to level 0
 
     @classmethod
     def measure(cls, model: onnx.ModelProto, pool: Pool, dataset: Dataset) -> ErrorFeedback:
         layers = find_layers(model, pool)
         moments = second_moments(model, pool, layers, dataset)
-        usable, factors = [], {}
+        usable, factors, dead, zeroed = [], {}, {}, 0
         for layer in layers:
             h = moments.get(layer.source)
             n = _inputs_of(layer, pool.sites[layer.weight].dims)
@@ -200,12 +211,15 @@ class ErrorFeedback:
                     factors[layer.source] = _inverse_factor(h)
                 except np.linalg.LinAlgError:
                     continue
+                dead[layer.source] = np.diag(h) <= 0
             usable.append(layer)
-        return cls(usable, factors)
+            zeroed += int(dead[layer.source].sum()) * (pool.sites[layer.weight].size // n)
+        return cls(usable, factors, dead, zeroed)
 
     def levels(self, pool: Pool, steps: np.ndarray, levels: list[np.ndarray]) -> list[np.ndarray]:
-        """``levels`` with every served layer's weight re-rounded by error feedback at its step
-        (a layer whose levels would leave the grid codebook's range keeps nearest rounding)."""
+        """``levels`` with every served layer's weight re-rounded by error feedback at its step,
+        the weights that read a dead input channel at level 0 (a layer whose levels would leave
+        the grid codebook's range keeps nearest rounding)."""
         out = list(levels)
         for layer in self.layers:
             site = pool.sites[layer.weight]
@@ -213,13 +227,14 @@ class ErrorFeedback:
             dims = site.dims
             matrix = values.reshape(dims[0], -1).T if layer.columns_last else values.reshape(dims[0], -1)
             q = feedback_levels(np.ascontiguousarray(matrix), float(steps[layer.weight]), self.factors[layer.source])
+            q[:, self.dead[layer.source]] = 0
             if q.size and int(np.abs(q).max()) >= C.GRID_LIMIT // 4:
                 continue
             out[layer.weight] = np.ascontiguousarray(q.T if layer.columns_last else q).reshape(-1)
         return out
 
     def summary(self) -> dict:
-        return {"layers": len(self.layers)}
+        return {"layers": len(self.layers), "zeroed_weights": self.zeroed_weights}
 
 
 __all__ = ["ErrorFeedback", "Layer", "feedback_levels", "find_layers", "second_moments"]

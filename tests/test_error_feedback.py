@@ -121,6 +121,39 @@ def test_feedback_keeps_layer_outputs_closer_than_nearest_rounding_on_unseen_inp
     assert better < 0.7 * plain, (better, plain)
 
 
+def test_weights_reading_a_dead_input_channel_are_set_to_level_zero():
+    """Input channel 2 of x is zero on every sample: P's weights on it are free (the layer's output
+    on such data is the same bits whatever they hold), so they take level 0, the cheapest."""
+    model = _model()
+    pool = pool_weights(model, min_elements=1)
+    x = _correlated(64, 1)
+    x[:, 2] = 0.0
+    feedback = ErrorFeedback.measure(model, pool, Dataset({"x": x}, None, 64, 64))
+    np.testing.assert_array_equal(feedback.dead["x"], [False, False, True, False, False, False])
+    assert not feedback.dead["gt"].any()
+    assert feedback.zeroed_weights == 8 == feedback.summary()["zeroed_weights"]  # P: 8 outputs x 1 dead input
+    number = next(i for i, s in enumerate(pool.sites) if s.name == "P")
+    site = pool.sites[number]
+    steps = np.full(len(pool.sites), np.float32(0.15))
+    nearest = [np.rint(pool.values[s.start : s.stop] / 0.15).astype(np.int64) for s in pool.sites]
+    fed = feedback.levels(pool, steps, nearest)[number].reshape(site.dims)
+    assert not fed[:, 2].any() and nearest[number].reshape(site.dims)[:, 2].any()
+    assert fed[:, [0, 1, 3, 4, 5]].any()
+    # the same bits out of the layer as with the dead column rounded like the others, on fresh data
+    unseen = _correlated(16, 2)
+    unseen[:, 2] = 0.0
+    kept = fed.copy()
+    kept[:, 2] = nearest[number].reshape(site.dims)[:, 2]
+    outputs = []
+    for levels in (fed, kept):
+        m = _with_output(model, "p")
+        for t in m.graph.initializer:
+            if t.name == "P":
+                t.CopyFrom(numpy_helper.from_array((levels * np.float32(0.15)).astype(np.float32), "P"))
+        outputs.append(ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["p"], {"x": unseen})[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 200), st.floats(0.01, 1.0), st.integers(0, 2**31 - 1))
 def test_uncorrelated_inputs_give_nearest_rounding(outputs, inputs, step, seed):
@@ -134,8 +167,10 @@ def test_conversion_reports_it_and_can_be_turned_off():
     on = convert(DATA / "digits_cnn.onnx", data=DATA / "digits_val.npz", mode="adaptive", max_drop=0.01, seed=0)
     off = convert(DATA / "digits_cnn.onnx", data=DATA / "digits_val.npz", mode="adaptive", max_drop=0.01, seed=0,
                   error_feedback=False)
-    assert on.report["search"]["error_feedback"] == {"layers": 2}  # the two Gemms; the 3x3 convs are not served
-    assert off.report["search"]["error_feedback"] == {"layers": 0}
+    facts = on.report["search"]["error_feedback"]
+    assert facts["layers"] == 2  # the two Gemms; the 3x3 convs are not served
+    assert facts["zeroed_weights"] > 0  # the first Gemm reads flattened ReLU maps: some positions never fire
+    assert off.report["search"]["error_feedback"] == {"layers": 0, "zeroed_weights": 0}
     assert on.report["settings"]["error_feedback"] is True and off.report["settings"]["error_feedback"] is False
     assert on.moub_bytes != off.moub_bytes
 
