@@ -197,6 +197,14 @@ def expected_flip_rate(reference: np.ndarray, outputs: np.ndarray) -> float:
     and rapidocr cls's samples it follows the counts' trend; on PP-OCRv4 rec's time steps it went
     from 0.5% to 13% between neighbouring steps where the counted flips only doubled
     (``scripts/flip_estimate.py``)."""
+    margin, change = margins_and_changes(reference, outputs)
+    at_least = change.size - np.searchsorted(np.sort(change), margin, side="left")
+    return float(np.mean(at_least / change.size))
+
+
+def margins_and_changes(reference: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: the original top-1 log-score minus the runner-up's (the margin), and how much the
+    candidate closes that gap (a change at least the margin flips the unit)."""
     ref = log_scores(reference)
     got = log_scores(outputs, reference)
     rows = np.arange(ref.shape[0])
@@ -204,5 +212,4 @@ def expected_flip_rate(reference: np.ndarray, outputs: np.ndarray) -> float:
     top, runner = order[:, -1], order[:, -2]
     margin = ref[rows, top] - ref[rows, runner]
     change = (got[rows, runner] - got[rows, top]) - (ref[rows, runner] - ref[rows, top])
-    at_least = change.size - np.searchsorted(np.sort(change), margin, side="left")
-    return float(np.mean(at_least / change.size))
+    return margin, change
