@@ -46,6 +46,24 @@ Conv_0 has 1280 patch columns and only 250 files behind them, and GPTQ fits that
 The search then trusted its half too far: the bench's cls failed its test split (98.67% at
 6.15x, against 5.02x passing), magika fell from 5.05x to 4.69x, and ``moub demo`` lost
 1.1% of its held-back digits (4 of 360).
+
+Tried again on 2026-11-27 on top of the margin-based coarsening and the dead-input rule (branch
+``experiment/wide-error-feedback-2``, grouped Convs left out). On magika's Conv_0 alone
+(``scripts/patch_feedback_gain.py``: ``H`` from half of the bench's search split, every other
+tensor fp32, judged on the 500 test files) GPTQ on patches does generalize: at 6.04 bits/weight the relative output
+error went 1.63e-4 -> 1.21e-4 (1.15e-4 on the half that measured ``H``) and the scores' KL
+divergence 2.25e-4 -> 1.81e-4; at 5.54 bits/weight 5.13e-4 -> 3.30e-4; damping of 0.1 to 1 of
+the mean diagonal, or ``H`` from the whole split, did no better. ``make bench``'s moub rows
+(``--models digits,cls,magika``) against the 05:54 run: the step swept on the test split went
+magika 5.82x -> 6.26x, cls 6.01x -> 6.40x, digits 21.78x -> 22.23x; the converter's own choice
+magika 4.59x -> 4.67x, cls 5.54x -> 5.53x, and the bench's digits file passed its test split
+(97.22% at 21.87x). But ``moub demo`` chose x = +2.0, the grid's coarse end, with 0 of 180
+flipped on each half, and lost 4 of its 360 held-back digits (1.1%, against its 0.5%): the
+better rounding moves the choice to steps where a few hundred samples no longer resolve
+--max-drop (``resolution.py``). With grouped Convs served too, cls's choice fell one grid step
+short of a cliff (0 + 1 of 300 flipped, 45 of 150 at the next step) and lost 5 of 300 test
+samples, though their ``H`` generalizes (fitted on one quarter of cls's search split, the
+rounding leaves 0.44-0.80 of nearest rounding's error on the other quarter, as on its own).
 """
 
 from __future__ import annotations
