@@ -50,7 +50,8 @@ The search then trusted its half too far: the bench's cls failed its test split 
 Tried again on 2026-11-27 on top of the margin-based coarsening and the dead-input rule (branch
 ``experiment/wide-error-feedback-2``, grouped Convs left out). On magika's Conv_0 alone
 (``scripts/patch_feedback_gain.py``: ``H`` from half of the bench's search split, every other
-tensor fp32, judged on the 500 test files) GPTQ on patches does generalize: at 6.04 bits/weight the relative output
+tensor fp32, judged on the 500 test files) GPTQ on patches does generalize, so "GPTQ fits that half" above is not
+what held it back: at 6.04 bits/weight the relative output
 error went 1.63e-4 -> 1.21e-4 (1.15e-4 on the half that measured ``H``) and the scores' KL
 divergence 2.25e-4 -> 1.81e-4; at 5.54 bits/weight 5.13e-4 -> 3.30e-4; damping of 0.1 to 1 of
 the mean diagonal, or ``H`` from the whole split, did no better. ``make bench``'s moub rows
