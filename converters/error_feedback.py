@@ -209,7 +209,7 @@ def feedback_levels(weights: np.ndarray, step: float, factor: np.ndarray) -> np.
             levels = np.rint(block[:, i] / step)
             q[:, a + i] = levels.astype(np.int64)
             error = (block[:, i] - levels * step) / f[i, i]
-            block[:, i:] -= np.outer(error, f[i, i:])
+            block[:, i + 1 :] -= error[:, None] * f[i, i + 1 :]  # np.outer's products, without its overhead
             errors[:, i] = error
         w[:, b:] -= errors @ factor[a:b, b:]
     return q

@@ -80,10 +80,17 @@ def _hist(q: np.ndarray, offset: int = 0) -> _Hist:
     return _Hist(first, np.bincount(q - offset - first).astype(np.int64))
 
 
-def centre(q: np.ndarray) -> int:
-    """The offset that centres a tensor's levels in a shared grid (its median level):
-    BatchNorm gains and variances sit far from zero, everything else around it."""
-    return int(np.round(np.median(q))) if q.size else 0
+def centre(h: _Hist) -> int:
+    """The offset that centres a tensor's levels in a shared grid (its median level,
+    rounded half to even, as ``np.round(np.median(levels))``): BatchNorm gains and
+    variances sit far from zero, everything else around it. From the histogram, which
+    the planner has anyway, rather than a partition of every level."""
+    total = int(h.counts.sum())
+    if total == 0:
+        return 0
+    cumulative = np.cumsum(h.counts)
+    low, high = np.searchsorted(cumulative, [(total - 1) // 2, total // 2], side="right") + h.first
+    return int(np.round((int(low) + int(high)) / 2))
 
 
 def _lengths(counts: np.ndarray) -> np.ndarray:
@@ -120,10 +127,14 @@ def codebook_bits(lengths: np.ndarray, explicit: bool) -> int:
     return table_bits(lengths[lengths > 0]) + VALUE_BITS * int(np.count_nonzero(lengths))
 
 
-def _own_bits(h: _Hist) -> int:
+def _own(h: _Hist) -> tuple[int, np.ndarray]:
+    """Bits of a pack of this histogram alone (grid or explicit codebook, whichever is
+    smaller), and its code lengths (kept: a tensor that leaves the shared pack uses them)."""
     lengths = _lengths(h.counts)
-    table = min(codebook_bits(lengths, False), codebook_bits(lengths, True))
-    return huffman.encoded_bits(h.counts, lengths) + _fixed_bits(0, 1) + table
+    table = codebook_bits(lengths, False)
+    if VALUE_BITS * int(np.count_nonzero(lengths)) < table:  # else an explicit codebook cannot be smaller
+        table = min(table, codebook_bits(lengths, True))
+    return huffman.encoded_bits(h.counts, lengths) + _fixed_bits(0, 1) + table, lengths
 
 
 def _sparse(plan: PackPlan) -> PackPlan:
@@ -144,11 +155,23 @@ def _plan(members: list[int], hists: list[_Hist], offsets: list[int]) -> PackPla
                     huffman.encoded_bits(merged.counts, lengths))
 
 
+def _others_extreme(values: np.ndarray, smallest: bool) -> np.ndarray:
+    """For each position, the min (or max) of all the other values: the extreme, or at the
+    extreme's own position the runner-up (what ``np.delete`` per position gave, in one pass)."""
+    keyed = values if smallest else -values
+    order = np.argsort(keyed, kind="stable")
+    best, second = keyed[order[0]], keyed[order[1]]
+    out = np.full(values.size, best)
+    out[order[0]] = second
+    return out if smallest else -out
+
+
 def plan_packs(levels: list[np.ndarray]) -> list[PackPlan]:
     """Packs for the pooled sites' integer levels (see the module docstring)."""
-    own_bits = [_own_bits(_hist(q)) for q in levels]
-    offsets = [centre(q) for q in levels]
-    hists = [_hist(q, o) for q, o in zip(levels, offsets)]  # centred, as members of the shared pack
+    own_hists = [_hist(q) for q in levels]
+    own_bits, own_lengths = zip(*(_own(h) for h in own_hists)) if levels else ((), ())
+    offsets = [centre(h) for h in own_hists]
+    hists = [_hist(q, o) if o else h for q, o, h in zip(levels, offsets, own_hists)]  # centred, as members of the shared pack
     shared = list(range(len(levels)))
     alone: list[int] = []
     for _ in range(MAX_ROUNDS):
@@ -156,24 +179,22 @@ def plan_packs(levels: list[np.ndarray]) -> list[PackPlan]:
             break
         merged = _merged([hists[i] for i in shared])
         lengths = _lengths(merged.counts)
-        firsts = np.array([hists[i].first for i in shared])
-        lasts = np.array([hists[i].last for i in shared])
+        others_first = _others_extreme(np.array([hists[i].first for i in shared]), smallest=True)
+        others_last = _others_extreme(np.array([hists[i].last for i in shared]), smallest=False)
         leaving = []
         for j, i in enumerate(shared):
             h = hists[i]
             in_shared = huffman.encoded_bits(h.counts, lengths[h.first - merged.first : h.last - merged.first + 1])
-            others_first = np.min(np.delete(firsts, j))
-            others_last = np.max(np.delete(lasts, j))
-            table_saved = TABLE_ENTRY_BITS * (merged.counts.size - (others_last - others_first + 1))
+            table_saved = TABLE_ENTRY_BITS * (merged.counts.size - (int(others_last[j]) - int(others_first[j]) + 1))
             if own_bits[i] < in_shared + table_saved + MEMBER_INDEX_BITS + OFFSET_INDEX_BITS:
                 leaving.append(i)
         if not leaving:
             break
         alone.extend(leaving)
-        shared = [i for i in shared if i not in set(leaving)]
-    alone_hists = {i: _hist(levels[i]) for i in alone}  # a pack of its own needs no offset
-    plans = [PackPlan((i,), (0,), alone_hists[i].first, _lengths(alone_hists[i].counts),
-                      huffman.encoded_bits(alone_hists[i].counts, _lengths(alone_hists[i].counts))) for i in alone]
+        gone = set(leaving)
+        shared = [i for i in shared if i not in gone]
+    plans = [PackPlan((i,), (0,), own_hists[i].first, own_lengths[i],
+                      huffman.encoded_bits(own_hists[i].counts, own_lengths[i])) for i in alone]
     if shared:
         plans.append(_plan(shared, hists, offsets))
     return sorted((_sparse(p) for p in plans), key=lambda p: p.members[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from fractions import Fraction
 
 import numpy as np
@@ -55,6 +56,38 @@ def test_length_limiting_costs_little_over_plain_huffman(freq):
     entropy = -sum(f / total * np.log2(f / total) for f in freq if f) * total
     assert entropy - 1e-6 * total <= plain <= limited
     assert limited <= plain + 0.02 * total + 64  # the 15-bit limit is nearly free
+
+
+def heap_huffman_lengths(freq: np.ndarray) -> np.ndarray:
+    """Plain Huffman lengths from a heap of (frequency, id), leaves numbered by symbol and
+    merged nodes after every symbol: the form ``code_lengths`` had before its two queues,
+    whose ties decide which of several optimal codes the writer stores."""
+    heap = [(int(freq[s]), int(s)) for s in np.flatnonzero(freq)]
+    heapq.heapify(heap)
+    parent: dict[int, int] = {}
+    next_id = freq.size
+    while len(heap) > 1:
+        (f1, a), (f2, b) = heapq.heappop(heap), heapq.heappop(heap)
+        parent[a] = parent[b] = next_id
+        heapq.heappush(heap, (f1 + f2, next_id))
+        next_id += 1
+    lengths = np.zeros(freq.size, np.int64)
+    for s in np.flatnonzero(freq):
+        node = int(s)
+        while node in parent:
+            node = parent[node]
+            lengths[s] += 1
+    return lengths
+
+
+tied_frequencies = st.lists(st.integers(0, 6), min_size=2, max_size=300).map(lambda f: np.array(f, dtype=np.int64))
+
+
+@FAST
+@given(st.one_of(frequencies, tied_frequencies))
+def test_code_lengths_are_the_heap_huffman_ones_ties_included(freq):
+    assume(np.count_nonzero(freq) >= 2)
+    assert np.array_equal(huffman.code_lengths(freq, 60), heap_huffman_lengths(freq))
 
 
 lengths_tables = st.lists(st.integers(0, 22), min_size=1, max_size=40)
