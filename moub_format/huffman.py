@@ -38,8 +38,8 @@ def _unlimited_lengths(frequencies: np.ndarray, used: np.ndarray) -> np.ndarray:
     exactly what a heap of (frequency, id) would, with leaves numbered by symbol and
     merged nodes numbered after every symbol: the same tree, so the same lengths as
     this function's earlier heap form. Why: the converter sizes every candidate's packs
-    with these lengths, thousands of tables per search, and the heap with its
-    per-node dictionaries was a third of a small model's conversion time.
+    with these lengths, thousands of tables per search; with the heap and its per-node
+    dictionaries, pack planning took 29% of rapidocr cls's conversion (12.7 of 43.8 s).
     """
     freq = frequencies[used]
     order = np.lexsort((used, freq))
@@ -161,7 +161,7 @@ def validate_lengths(lengths: np.ndarray, max_length: int = MAX_CODE_LENGTH, sub
         )
 
 
-MIN_DEFLATE_BYTES = 3  # a raw DEFLATE stream of at least one byte: 3 header bits, a literal, end of block
+MIN_DEFLATE_BYTES = 3  # the shortest raw DEFLATE stream of a non-empty input: 3 header bits, a literal, end of block
 
 
 def pack_lengths(lengths: np.ndarray) -> bytes:
