@@ -188,14 +188,37 @@ def encode_model(
     ``chunk_elements=4096``: one chunk size for every Huffman tensor and pack).
     ``elide_constant_names``: see :func:`container_parts` (a 1.3 feature bit, so only
     for files that need a newer reader anyway)."""
+    return b"".join(_model_pieces(model, codebooks, assignments, metadata, packs, elide_constant_names, **build_options))
+
+
+def _model_pieces(
+    model: onnx.ModelProto,
+    codebooks: Sequence[np.ndarray | writer.GridCodebook],
+    assignments: Mapping[str, TensorAssignment],
+    metadata: Mapping[str, str] | None,
+    packs: Sequence[PackAssignment],
+    elide_constant_names: bool,
+    **build_options,
+) -> list[bytes | memoryview]:
+    """The file's pieces (:func:`moub_format.writer.assemble`), for joining or streaming."""
     graph, specs, pack_specs, graph_features = container_parts(model, assignments, packs,
                                                                elide_constant_names=elide_constant_names)
-    return writer.build(graph, codebooks, specs, metadata or {}, packs=pack_specs, graph_features=graph_features,
-                        **build_options)
+    return writer.assemble(graph, codebooks, specs, metadata or {}, packs=pack_specs, graph_features=graph_features,
+                           **build_options)
 
 
-def write_model(path: str | os.PathLike, *args, **kwargs) -> int:
-    """:func:`encode_model`, written atomically to ``path``; returns the file size."""
-    data = encode_model(*args, **kwargs)
-    writer.write_atomic(path, data)
-    return len(data)
+def write_model(
+    path: str | os.PathLike,
+    model: onnx.ModelProto,
+    codebooks: Sequence[np.ndarray | writer.GridCodebook],
+    assignments: Mapping[str, TensorAssignment],
+    metadata: Mapping[str, str] | None = None,
+    packs: Sequence[PackAssignment] = (),
+    elide_constant_names: bool = False,
+    **build_options,
+) -> int:
+    """:func:`encode_model`, written atomically to ``path`` piece by piece (never joined
+    in memory); returns the file size."""
+    pieces = _model_pieces(model, codebooks, assignments, metadata, packs, elide_constant_names, **build_options)
+    writer.write_atomic(path, pieces)
+    return sum(len(piece) for piece in pieces)

@@ -304,13 +304,13 @@ def encode_chunks(indices: np.ndarray, lengths: np.ndarray, chunk_elements: int)
     indices = np.asarray(indices).reshape(-1)
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= len(lengths)):
         raise ValueError("an index lies outside the code-length table")
-    indices = indices.astype(np.intp, copy=False)
     codes, code_len = canonical_codes(lengths)
     step = max(1, ENCODE_SLICE_ELEMENTS // chunk_elements) * chunk_elements
     parts: list[bytes] = []
     bits: list[int] = []
     for start in range(0, indices.size, step):
-        data, chunk_bits = _encode_slice(indices[start : start + step], codes, code_len, chunk_elements)
+        piece = indices[start : start + step].astype(np.intp, copy=False)  # per slice: no index-sized copy
+        data, chunk_bits = _encode_slice(piece, codes, code_len, chunk_elements)
         parts.append(data)
         bits.extend(chunk_bits)
     return b"".join(parts), bits

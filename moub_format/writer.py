@@ -6,6 +6,9 @@ zlib, xz and packed code-length tables at fixed settings, no timestamps.
 Atomic: the bytes go to a temporary file in the target folder, are fsynced,
 then renamed over the target, so a reader that has the old file mapped never
 sees it truncated.
+Streamed: :func:`write` never assembles the file in memory; it writes the index,
+then each encoded stream, so its peak memory is the encoded streams once (about
+the file's size), not the three or four copies an in-memory assembly makes.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import operator
 import os
 import tempfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +81,15 @@ class HuffmanTensor:
 
 @dataclass(frozen=True)
 class RawTensor:
-    """A pass-through tensor: its raw little-endian bytes, optionally compressed."""
+    """A pass-through tensor: its raw little-endian bytes, optionally compressed.
+    ``data``: bytes or any C-contiguous buffer (a NumPy array, a memoryview), used
+    without a copy when stored uncompressed."""
 
     path: str
     name: str
     dtype: int
     dims: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview
     codec: int | str = C.CODEC_NONE   # CODEC_NONE, CODEC_ZLIB, CODEC_LZMA or SMALLEST
 
 
@@ -117,12 +122,24 @@ TensorSpec = HuffmanTensor | RawTensor
 
 @dataclass(frozen=True)
 class _Stored:
-    payload: bytes
+    """One payload blob as written, with its SHA-256 (hashed once: the index is built twice)."""
+
+    payload: bytes | memoryview
     codec: int
     decoded_length: int
+    digest: bytes
 
 
-def _sha256(data: bytes) -> bytes:
+def _stored(payload: bytes | memoryview, codec: int, decoded_length: int) -> _Stored:
+    return _Stored(payload, codec, decoded_length, _sha256(payload))
+
+
+def _byte_view(data) -> bytes | memoryview:
+    """``data`` as a flat byte buffer, without a copy (len() is then its size in bytes)."""
+    return data if isinstance(data, bytes) else memoryview(data).cast("B")
+
+
+def _sha256(data: bytes | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
@@ -153,19 +170,20 @@ def xz_compress(data: bytes) -> bytes:
     return best
 
 
-def _pack(data: bytes, codec: int | str) -> _Stored:
+def _pack(data: bytes | memoryview, codec: int | str) -> _Stored:
+    data = _byte_view(data)
     if codec == SMALLEST:
         candidates = [_pack(data, c) for c in (C.CODEC_NONE, C.CODEC_ZLIB, C.CODEC_LZMA)]
         return min(candidates, key=lambda s: (len(s.payload), s.codec))
     if codec == C.CODEC_NONE:
-        return _Stored(data, codec, len(data))
+        return _stored(data, codec, len(data))
     if codec == C.CODEC_ZLIB:
-        return _Stored(zlib.compress(data, ZLIB_LEVEL), codec, len(data))
+        return _stored(zlib.compress(data, ZLIB_LEVEL), codec, len(data))
     if codec == C.CODEC_LZMA:
         packed = xz_compress(data)
         if len(data) > max(len(packed), 1) * C.DEFAULT_LIMITS.max_expansion_ratio:
             return _pack(data, C.CODEC_ZLIB)  # readers refuse ratios beyond 4096 (bombs); zlib stays below 1032
-        return _Stored(packed, codec, len(data))
+        return _stored(packed, codec, len(data))
     raise ValueError(f"unknown codec {codec!r}")
 
 
@@ -180,8 +198,24 @@ def shared_tables(codebooks: Sequence[CodebookSpec], tensors: Sequence[TensorSpe
     frequencies = [np.zeros(_codebook_size(cb), dtype=np.int64) for cb in codebooks]
     for tensor in tensors:
         if isinstance(tensor, (HuffmanTensor, PackSpec)):
-            frequencies[tensor.codebook] += np.bincount(tensor.indices, minlength=frequencies[tensor.codebook].size)
+            frequencies[tensor.codebook] += symbol_counts(tensor.indices, frequencies[tensor.codebook].size)
     return [own_table(freq) for freq in frequencies]
+
+
+def symbol_counts(indices: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount(indices, minlength)``, a slice at a time: bincount converts its whole
+    input to intp first, 8 bytes per index, where the indices may be 2."""
+    indices = np.asarray(indices).reshape(-1)
+    step = huffman.ENCODE_SLICE_ELEMENTS
+    counts = np.bincount(indices[:step], minlength=minlength)
+    for start in range(step, indices.size, step):
+        part = np.bincount(indices[start : start + step], minlength=counts.size)
+        if part.size > counts.size:
+            part[: counts.size] += counts
+            counts = part
+        else:
+            counts += part
+    return counts
 
 
 def own_table(frequencies: np.ndarray) -> np.ndarray:
@@ -247,8 +281,8 @@ def _validate_spec(tensor: TensorSpec, codebooks: Sequence[CodebookSpec]) -> Non
         if tensor.dtype not in dtypes.FLOAT_DTYPES:
             raise ValueError(f"tensor {tensor.path!r}: codebook tensors must be float, not type {tensor.dtype}")
         _check_indices(f"tensor {tensor.path!r}", tensor.indices, elements, tensor.codebook, codebooks)
-    elif len(tensor.data) != elements * dtypes.STORAGE_DTYPES[tensor.dtype].itemsize:
-        raise ValueError(f"tensor {tensor.path!r}: {len(tensor.data)} bytes do not match dims {tensor.dims}")
+    elif (size := len(_byte_view(tensor.data))) != elements * dtypes.STORAGE_DTYPES[tensor.dtype].itemsize:
+        raise ValueError(f"tensor {tensor.path!r}: {size} bytes do not match dims {tensor.dims}")
 
 
 def _normalize_pack(pack: PackSpec, codebooks: Sequence[CodebookSpec]) -> PackSpec:
@@ -331,12 +365,12 @@ def _resolve_tables(
             if not 0 <= ref < n_codebooks:
                 raise ValueError(f"table {ref} does not exist ({n_codebooks} shared tables, one per codebook)")
             freq = frequencies.setdefault(ref, np.zeros(_codebook_size(codebooks[ref]), dtype=np.int64))
-            freq += np.bincount(s.indices, minlength=freq.size)[: freq.size]
+            freq += symbol_counts(s.indices, freq.size)[: freq.size]
         base = [own_table(frequencies[c]) if c in frequencies else np.zeros(0, np.uint8) for c in range(n_codebooks)]
     ids, out = [], list(base)
     for s, ref in zip(streams, refs):
         if ref is None:
-            out.append(own_table(np.bincount(s.indices, minlength=_codebook_size(codebooks[s.codebook]))))
+            out.append(own_table(symbol_counts(s.indices, _codebook_size(codebooks[s.codebook]))))
             ref = len(out) - 1
         if not 0 <= ref < len(out):
             raise ValueError(f"table {ref} does not exist ({len(out)} tables)")
@@ -353,7 +387,12 @@ def _compact(items: list, ids: list[int]) -> tuple[list, list[int]]:
     return [items[i] for i in used], [renumber[i] for i in ids]
 
 
-def build(
+def build(*args, **kwargs) -> bytes:
+    """Assemble a complete .moub file in memory and return its bytes (arguments: :func:`assemble`)."""
+    return b"".join(assemble(*args, **kwargs))
+
+
+def assemble(
     graph: bytes,
     codebooks: Sequence[CodebookSpec],
     tensors: Sequence[TensorSpec],
@@ -367,8 +406,10 @@ def build(
     raw_codec: int | str | None = None,
     producer: str = PRODUCER,
     graph_features: int = 0,
-) -> bytes:
-    """Assemble a complete .moub file in memory and return its bytes.
+) -> list[bytes | memoryview]:
+    """The pieces of a complete .moub file, in order: the index (padded to the
+    payload), then each payload blob and the zero padding between blobs. Joined,
+    they are the file; nothing is copied into one buffer here.
 
     ``codebooks``: float32 arrays or :class:`GridCodebook`; ``packs``: streams of
     several tensors (format 1.2); ``graph_codec``: CODEC_NONE, CODEC_ZLIB,
@@ -416,16 +457,22 @@ def build(
             chunk_bits.append([])
             continue
         data, bits = huffman.encode_chunks(stream.indices, table_list[stream_refs[id(stream)][1]], chunk_elements)
-        stored.append(_Stored(data, C.CODEC_NONE, len(data)))
+        stored.append(_stored(data, C.CODEC_NONE, len(data)))
         chunk_bits.append(bits)
+    # The payload section: each blob at an aligned offset, zero bytes between them.
+    payload: list[bytes | memoryview] = []
     offsets, position = [], 0
     for item in stored:
-        position = -(-position // alignment) * alignment
-        offsets.append(position)
-        position += len(item.payload)
-    payload = bytearray(position)
-    for offset, item in zip(offsets, stored):
-        payload[offset : offset + len(item.payload)] = item.payload
+        start = -(-position // alignment) * alignment
+        if start > position:
+            payload.append(bytes(start - position))
+        offsets.append(start)
+        payload.append(item.payload)
+        position = start + len(item.payload)
+    payload_hash = hashlib.sha256()
+    for piece in payload:
+        payload_hash.update(piece)
+    payload_digest = payload_hash.digest()
     features = graph_features
     if packs or any(isinstance(cb, GridCodebook) for cb in codebooks):
         features |= C.FEATURE_PACKS
@@ -451,7 +498,7 @@ def build(
             return FbChecksum.End(builder)
 
         def blob(offset: int, item: _Stored) -> int:
-            digest = checksum(_sha256(item.payload))
+            digest = checksum(item.digest)
             FbBlob.Start(builder)
             FbBlob.AddOffset(builder, offset)
             FbBlob.AddLength(builder, len(item.payload))
@@ -558,7 +605,7 @@ def build(
         tensors_vec = table_vector(FbModel.StartTensorsVector, tensor_offsets)
         metadata_vec = table_vector(FbModel.StartMetadataVector, entry_offsets)
         packs_vec = table_vector(FbModel.StartPacksVector, pack_offsets) if pack_offsets else None
-        digest = checksum(_sha256(bytes(payload)))
+        digest = checksum(payload_digest)
         index_digest = checksum(bytes(32))  # placeholder, filled in by index_digest_position
         FbModel.Start(builder)
         FbModel.AddFormatMajor(builder, C.FORMAT_MAJOR)
@@ -587,8 +634,8 @@ def build(
         raise AssertionError("index size changed between passes")
     head = bytearray(index + bytes(payload_offset - len(index)))
     position = index_digest_position(head)
-    head[position : position + 32] = _sha256(bytes(head))
-    return bytes(head) + bytes(payload)
+    head[position : position + 32] = _sha256(head)
+    return [bytes(head), *payload]
 
 
 def index_digest_position(index: bytes | bytearray | memoryview) -> int:
@@ -598,14 +645,17 @@ def index_digest_position(index: bytes | bytearray | memoryview) -> int:
     return table._tab.Vector(table._tab.Offset(6))  # slot 1 of Checksum: digest
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename."""
+def write_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Write ``data`` (bytes, or pieces written one after the other) to ``path`` via a
+    temp file in the same folder, fsync, rename; on any failure no file is left behind."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
+    pieces = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for piece in pieces:
+                handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o644)
@@ -619,7 +669,8 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write(path: str | os.PathLike, *args, **kwargs) -> int:
-    """Build a .moub (same arguments as :func:`build`) and write it atomically; return its size."""
-    data = build(*args, **kwargs)
-    write_atomic(path, data)
-    return len(data)
+    """Write a .moub (arguments: :func:`assemble`) atomically, piece by piece (the same
+    bytes as :func:`build`, never joined in memory); return its size."""
+    pieces = assemble(*args, **kwargs)
+    write_atomic(path, pieces)
+    return sum(len(piece) for piece in pieces)
