@@ -307,6 +307,7 @@ def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: fl
     quant, stages = fixed_bins(pool, options.bins, options.representative)
     trial = encode_model(source.model, quant.codebooks, quant.assignments(pool), _metadata(source, options, metric, q0, None, []))
     measured = _measure(trial, baseline)
+    del trial  # not beside the final file
     for stage in stages:
         stage.quality = measured.quality
     moub_bytes = encode_model(source.model, quant.codebooks, quant.assignments(pool),

@@ -43,15 +43,38 @@ def index_dtype(k: int) -> np.dtype:
     return np.dtype(np.uint16) if k <= 1 << 16 else np.dtype(np.int32)
 
 
+SLICE_ELEMENTS = 1 << 22  # weights binned per pass: float64 temporaries of one slice, not of the pool
+
+
 def assign(values: np.ndarray, lo: float, hi: float, k: int) -> np.ndarray:
-    """Interval number (0..k-1) of every value for k equal-width intervals over [lo, hi]."""
+    """Interval number (0..k-1) of every value for k equal-width intervals over [lo, hi], in
+    the smallest index dtype for k (uint16 up to 65536), a slice at a time: float64
+    temporaries of one slice, not of the whole pool."""
     if k < 1:
         raise ValueError(f"bin count must be at least 1, not {k}")
     if not hi > lo:
-        return np.zeros(values.shape, dtype=np.int32)
-    bins = np.floor((values.astype(np.float64) - float(lo)) / (float(hi) - float(lo)) * k)
-    np.clip(bins, 0, k - 1, out=bins)
-    return bins.astype(np.int32)
+        return np.zeros(values.shape, dtype=index_dtype(k))
+    out = np.empty(values.shape, dtype=index_dtype(k))
+    flat_values, flat_out = values.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_values.size, SLICE_ELEMENTS):
+        part = flat_values[start : start + SLICE_ELEMENTS]
+        bins = np.floor((part.astype(np.float64) - float(lo)) / (float(hi) - float(lo)) * k)
+        np.clip(bins, 0, k - 1, out=bins)
+        flat_out[start : start + part.size] = bins
+    return out
+
+
+def bin_sums(bins: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(members, float64 sum of members) of each of k bins, a slice at a time. The sums
+    are added in element order, as one ``np.bincount`` pass adds them (the first slice
+    is that pass; later ones continue it with ``np.add.at``), so they are the same bits."""
+    counts = np.bincount(bins[:SLICE_ELEMENTS], minlength=k).astype(np.int64)
+    sums = np.bincount(bins[:SLICE_ELEMENTS], weights=values[:SLICE_ELEMENTS], minlength=k)
+    for start in range(SLICE_ELEMENTS, bins.size, SLICE_ELEMENTS):
+        part = bins[start : start + SLICE_ELEMENTS]
+        counts += np.bincount(part, minlength=k)
+        np.add.at(sums, part, values[start : start + SLICE_ELEMENTS].astype(np.float64))
+    return counts, sums
 
 
 def representatives(sums: np.ndarray, counts: np.ndarray, lows: np.ndarray, highs: np.ndarray, how: str) -> np.ndarray:
@@ -68,15 +91,17 @@ def uniform_binning(values: np.ndarray, k: int, representative: str = "mean") ->
     values = np.asarray(values, dtype=np.float32)
     if values.size == 0:
         raise ValueError("nothing to bin: the pool is empty")
+    values = values.reshape(-1)
     lo, hi = float(values.min()), float(values.max())
     bins = assign(values, lo, hi, k)
-    counts_all = np.bincount(bins, minlength=k)
+    counts_all, sums_all = bin_sums(bins, values, k)
     used = np.flatnonzero(counts_all)
-    remap = np.zeros(k, dtype=np.int64)
+    remap = np.zeros(k, dtype=index_dtype(used.size))
     remap[used] = np.arange(used.size)
-    indices = remap[bins].astype(index_dtype(used.size))
-    sums = np.bincount(bins, weights=values, minlength=k)[used]
-    counts = counts_all[used].astype(np.int64)
+    indices = remap[bins]
+    del bins
+    sums = sums_all[used]
+    counts = counts_all[used]
     width = (hi - lo) / k if hi > lo else 0.0
     lows = lo + used * width
     highs = lo + (used + 1) * width

@@ -232,26 +232,34 @@ def pool_weights(model: onnx.ModelProto, min_elements: int = 1024) -> Pool:
     """Pool every quantizable float weight of ``model`` (see the module docstring)."""
     used, non_weight = consumer_roles(model)
     constant_outputs = _constant_outputs(model)
-    sites: list[PoolSite] = []
-    chunks: list[np.ndarray] = []
-    passthrough: dict[str, str] = {}
-    offset = 0
+    # Two passes, so the pool is one array filled in place: no per-tensor copies joined at
+    # the end (twice the weights at the peak). The first decides from the graph alone.
+    plan: list[tuple] = []
     for site in iter_tensor_sites(model):
         tensor = site.tensor
         name = constant_outputs.get(site.path, tensor.name) if site.kind == KIND_CONSTANT else tensor.name
         if tensor.data_type not in dtypes.FLOAT_DTYPES:
-            passthrough[site.path] = REASON_NON_FLOAT
+            plan.append((site, name, REASON_NON_FLOAT, 0))
             continue
         n = element_count(tensor)
         if n < max(1, min_elements):
-            passthrough[site.path] = REASON_SMALL
+            reason = REASON_SMALL
+        elif name in non_weight:
+            reason = f"{REASON_NOT_WEIGHT} ({non_weight[name]})"
+        elif name not in used:
+            reason = REASON_UNUSED
+        else:
+            reason = None
+        plan.append((site, name, reason, n))
+    pooled = np.empty(sum(n for *_, reason, n in plan if reason is None), dtype=np.float32)
+    sites: list[PoolSite] = []
+    passthrough: dict[str, str] = {}
+    offset = 0
+    for site, name, reason, n in plan:
+        if reason is not None:
+            passthrough[site.path] = reason
             continue
-        if name in non_weight:
-            passthrough[site.path] = f"{REASON_NOT_WEIGHT} ({non_weight[name]})"
-            continue
-        if name not in used:
-            passthrough[site.path] = REASON_UNUSED
-            continue
+        tensor = site.tensor
         values = tensor_to_float32(tensor)
         if values.size != n:
             raise ModelError(f"tensor {tensor.name!r}: {values.size} values for dims {list(tensor.dims)}")
@@ -259,9 +267,10 @@ def pool_weights(model: onnx.ModelProto, min_elements: int = 1024) -> Pool:
             passthrough[site.path] = REASON_NON_FINITE
             continue
         sites.append(PoolSite(site.path, name, site.kind, int(tensor.data_type), tuple(int(d) for d in tensor.dims), offset, offset + n))
-        chunks.append(values)
+        pooled[offset : offset + n] = values
         offset += n
-    pooled = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    if offset < pooled.size:  # a tensor with non-finite values stayed out
+        pooled = pooled[:offset].copy()
     return Pool(sites, pooled, passthrough)
 
 

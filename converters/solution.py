@@ -66,8 +66,10 @@ class Quantization:
         }
 
     def assignments(self, pool: Pool) -> dict[str, TensorAssignment]:
+        """Each site's codebook and indices: views of ``indices`` (no copy; the writer
+        takes any integer dtype)."""
         return {
-            site.path: TensorAssignment(self.codebook_of(i), np.asarray(self.indices[site.start : site.stop], dtype=np.int64))
+            site.path: TensorAssignment(self.codebook_of(i), self.indices[site.start : site.stop])
             for i, site in enumerate(pool.sites)
         }
 

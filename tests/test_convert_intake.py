@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import modelzoo
@@ -13,7 +15,8 @@ import moub_runtime
 from moub_converters import convert
 from moub_converters.encode import dequantize
 from moub_converters.errors import ModelError
-from moub_converters.intake import REASON_NON_FLOAT, REASON_SMALL, load_source, pool_weights
+from moub_converters import binning
+from moub_converters.intake import REASON_NON_FINITE, REASON_NON_FLOAT, REASON_SMALL, load_source, pool_weights
 from moub_format import dtypes
 from moub_runtime.sites import tensor_sites
 
@@ -41,6 +44,42 @@ def test_pool_covers_every_site_kind_once():
     for site in pool.sites:
         expected = modelzoo.tensor_as_float32(sites[site.path].tensor).ravel()
         np.testing.assert_array_equal(pool.values[site.start : site.stop], expected)
+
+
+def test_a_tensor_with_non_finite_values_stays_out_of_the_pool_and_the_rest_close_up():
+    model = modelzoo.everything_model()
+    sites = tensor_sites(model)
+    bad = sites["init:W_half"].tensor
+    values = numpy_helper.to_array(bad).copy()
+    values[3, 5] = np.inf
+    bad.CopyFrom(numpy_helper.from_array(values, bad.name))
+    pool = pool_weights(model, min_elements=1024)
+    assert pool.passthrough["init:W_half"] == REASON_NON_FINITE
+    assert "W_half" not in {s.name for s in pool.sites}
+    assert pool.n_weights == 7 * modelzoo.N * modelzoo.N == pool.values.size
+    assert [(s.start, s.stop) for s in pool.sites] == [(i * modelzoo.N**2, (i + 1) * modelzoo.N**2) for i in range(7)]
+    for site in pool.sites:
+        expected = modelzoo.tensor_as_float32(sites[site.path].tensor).ravel()
+        np.testing.assert_array_equal(pool.values[site.start : site.stop], expected)
+    # reasons are listed in site order, as the report shows them
+    order = [path for path in tensor_sites(model) if path in pool.passthrough]
+    assert list(pool.passthrough) == order
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 70000), st.integers(0, 2**32 - 1), st.sampled_from([1, 7, 1000]))
+def test_binning_a_slice_at_a_time_is_binning_in_one_pass(n, k, seed, slice_elements):
+    values = (np.random.default_rng(seed).standard_normal(n) * 3).astype(np.float32)
+    whole = binning.uniform_binning(values, k)  # every pool here fits in one slice
+    old = binning.SLICE_ELEMENTS
+    binning.SLICE_ELEMENTS = slice_elements
+    try:
+        sliced = binning.uniform_binning(values, k)
+    finally:
+        binning.SLICE_ELEMENTS = old
+    assert sliced.indices.dtype == whole.indices.dtype
+    for field in ("codebook", "indices", "counts", "sums", "lows", "highs"):
+        assert np.array_equal(getattr(sliced, field), getattr(whole, field)), field  # the same bits
 
 
 def test_fixed_bins_round_trip_is_bit_exact(tmp_path):
