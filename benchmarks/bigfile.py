@@ -12,11 +12,14 @@ cannot show that those offsets work; this builds a real file past 2^32 bytes:
   with the writer's peak RSS above the table it was given;
 * loaded in a fresh process with ``moub_runtime.InferenceSession`` (every blob's SHA-256
   checked, the pack decoded from beyond 4 GiB), timed, with that process's peak RSS;
-  then run on rows at the start, middle and end of the table and compared with NumPy.
+  then run on rows at the start, middle and end of the table and compared with NumPy;
+* decoded to a runnable ONNX model with its data file (``moub decode``:
+  :func:`moub_runtime.decode_to_onnx`) in another fresh process, timed, with its peak RSS;
+  onnxruntime loads that model and its rows are compared with NumPy too.
 
 Run: ``.venv/bin/python -m benchmarks.bigfile [--gib 4.25] [--dir DIR]``. Needs about
-GIB + 1 GB of free disk in DIR (default: the system's temp folder) and about 2 x GIB of
-memory; the file is deleted afterwards. Prints a markdown table (``make bench`` puts it in
+2 x GIB + 1 GB of free disk in DIR (default: the system's temp folder) and about 2 x GIB of
+memory; the files are deleted afterwards. Prints a markdown table (``make bench`` puts it in
 RESULTS.md).
 """
 
@@ -153,39 +156,66 @@ def load_and_run(path: Path) -> dict:
             "session": session}
 
 
-def check_file(path: Path, rows: int, weights: np.ndarray) -> dict:
-    """Load and run the file; compare with NumPy on rows at the start, middle and end."""
-    result = load_and_run(path)
-    session = result.pop("session")
+def _compare(session, rows: int, weights: np.ndarray) -> dict:
     ids = check_ids(rows)
     y = session.run(None, {"ids": ids})[0]
     expected = np.stack([table_rows(int(i), int(i) + 1)[0] for i in ids]).astype(np.float32) @ weights
     # Float sums in another order differ in the last bits: compare relative to the output's scale.
-    result["max_rel_error"] = float(np.abs(y - expected).max() / np.abs(expected).max())
-    result["matches"] = bool(result["max_rel_error"] < MATCH_TOLERANCE)
-    return result
+    error = float(np.abs(y - expected).max() / np.abs(expected).max())
+    return {"max_rel_error": error, "matches": bool(error < MATCH_TOLERANCE)}
+
+
+def check_file(path: Path, rows: int, weights: np.ndarray) -> dict:
+    """Load and run the file; compare with NumPy on rows at the start, middle and end."""
+    result = load_and_run(path)
+    session = result.pop("session")
+    return {**result, **_compare(session, rows, weights)}
+
+
+def check_decode(path: Path, out: Path, rows: int, weights: np.ndarray) -> dict:
+    """``moub decode`` to ``out`` (+ ``out.data``), timed with its peak RSS; then run the ONNX file."""
+    import onnxruntime
+
+    from moub_runtime import decode_to_onnx
+
+    _reset_peak()
+    rss_before = _status_mb("VmRSS")
+    t = time.perf_counter()
+    decode_to_onnx(path, out)
+    seconds = time.perf_counter() - t
+    peak_above = _status_mb("VmHWM") - rss_before
+    files = {p.name: p.stat().st_size for p in out.parent.iterdir() if p.name.startswith(out.name)}
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    compared = _compare(session, rows, weights)
+    return {"decode_s": seconds, "decode_peak_above_mb": peak_above, "onnx_files": files,
+            "onnx_matches": compared["matches"], "onnx_max_rel_error": compared["max_rel_error"]}
+
+
+def _run_child(args: list[str]) -> dict:
+    """Run ``python -m benchmarks.bigfile ARGS`` in a fresh process (its peak RSS is its own)."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bigfile", *args], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"benchmarks.bigfile {' '.join(args)} failed:\n{run.stderr.strip()}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def measure(gib: float, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    need = int(gib * 2**30) + FREE_DISK_MARGIN
+    need = 2 * int(gib * 2**30) + FREE_DISK_MARGIN  # the .moub, then the decoded .onnx + .data
     free = shutil.disk_usage(folder).free
     if free < need:
         return {"skipped": f"{free / 2**30:.1f} GiB free in {folder}, {need / 2**30:.1f} GiB needed"}
     with tempfile.TemporaryDirectory(dir=folder, prefix="moub-bigfile-") as tmp:
         path = Path(tmp) / "big.moub"
         written = write_file(path, gib)
-        np.save(Path(tmp) / "weights.npy", written.pop("weights"))
-        run = subprocess.run(  # a fresh process: its peak RSS is the load's
-            [sys.executable, "-m", "benchmarks.bigfile", "--child", str(path), str(written["rows"]),
-             str(Path(tmp) / "weights.npy")],
-            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, check=False,
-        )
-        if run.returncode != 0:
-            raise RuntimeError(f"loading {path} failed:\n{run.stderr.strip()}")
-        loaded = json.loads(run.stdout.strip().splitlines()[-1])
+        weights_path = Path(tmp) / "weights.npy"
+        np.save(weights_path, written.pop("weights"))
+        rows = str(written["rows"])
+        loaded = _run_child(["--child", str(path), rows, str(weights_path)])
+        decoded = _run_child(["--decode-child", str(path), str(Path(tmp) / "onnx" / "big.onnx"), rows, str(weights_path)])
         file_size = path.stat().st_size
-    return {**written, **loaded, "file_size": file_size}
+    return {**written, **loaded, **decoded, "file_size": file_size}
 
 
 def format_table(result: dict) -> list[str]:
@@ -202,6 +232,16 @@ def format_table(result: dict) -> list[str]:
         f"{result['load_peak_above_mb']:.0f} MB above the imports | 5 (first, second, middle, last two) | "
         f"{'matches' if result['matches'] else 'DIFFERS from'} NumPy (max error {result['max_rel_error']:.1e} "
         "of the largest output) |",
+        "",
+        "`moub decode` of the same file (`moub_runtime.decode_to_onnx`, in a fresh process), then onnxruntime "
+        "on the ONNX file and its data file:",
+        "",
+        "| ONNX files | decode s | decode peak RSS | output |",
+        "|---|---:|---:|---|",
+        f"| {', '.join(f'{name} {size:,} bytes' for name, size in sorted(result['onnx_files'].items()))} | "
+        f"{result['decode_s']:.1f} | {result['decode_peak_above_mb']:.0f} MB above the imports | "
+        f"{'matches' if result['onnx_matches'] else 'DIFFERS from'} NumPy (max error "
+        f"{result['onnx_max_rel_error']:.1e} of the largest output) |",
     ]
 
 
@@ -210,14 +250,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gib", type=float, default=4.25, help="size of the pass-through table (GiB)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the file is written (then deleted)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--decode-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(check_file(Path(args.child[0]), int(args.child[1]), np.load(args.child[2]))))
         return 0
+    if args.decode_child:
+        path, out, rows, weights = args.decode_child
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(check_decode(Path(path), Path(out), int(rows), np.load(weights))))
+        return 0
     result = measure(args.gib, Path(args.dir))
     for line in format_table(result):
         print(line)
-    if "skipped" not in result and not result["matches"]:
+    if "skipped" not in result and not (result["matches"] and result["onnx_matches"]):
         print("FAIL: the decoded model's output differs from NumPy's", file=sys.stderr)
         return 1
     return 0

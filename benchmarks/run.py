@@ -424,9 +424,10 @@ BIGFILE_NOTE = (
     "2^32 bytes: a model whose uint8 embedding table (a pass-through tensor) is 4.25 GiB, with a quantized "
     "matrix in a pack placed after it, streamed by `moub_format.writer.write`; then, in a fresh process, "
     "`moub_runtime.InferenceSession` opens it (every blob's SHA-256 checked, the pack decoded from beyond "
-    "4 GiB) and onnxruntime runs it on table rows at the start, middle and end, against NumPy. Peak RSS: "
-    "the writer's above the table it was handed; the loading process's above its imports. The file is "
-    "deleted afterwards."
+    "4 GiB) and onnxruntime runs it on table rows at the start, middle and end, against NumPy; in another "
+    "fresh process `moub decode` (`moub_runtime.decode_to_onnx`) writes the runnable ONNX model with its "
+    "data file, which onnxruntime loads and runs the same way. Peak RSS: the writer's above the table it "
+    "was handed; the other processes' above their imports. The files are deleted afterwards."
 )
 
 
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="folder for RESULTS.md and results.png (default: benchmarks/, smoke: benchmarks/out/smoke)")
     ap.add_argument("--load-repeats", type=int, help=f"fresh processes per load timing (default {C.LOAD_REPEATS}; smoke 1)")
     ap.add_argument("--no-runtime", action="store_true", help="skip the runtime section")
-    ap.add_argument("--no-bigfile", action="store_true", help="skip the file beyond 4 GiB (needs ~5.5 GB of disk)")
+    ap.add_argument("--no-bigfile", action="store_true", help="skip the file beyond 4 GiB (needs ~10 GB of disk)")
     args = ap.parse_args(argv)
 
     models = args.models.split(",") if args.models else list(C.SMOKE_MODELS if args.smoke else C.MODELS)

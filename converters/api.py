@@ -21,6 +21,7 @@ import onnx
 
 from moub_format import writer
 from moub_format.writer import PRODUCER
+from moub_runtime.output import unwritable_reason
 
 from . import metrics
 from .context import EvalContext, candidate_map
@@ -101,16 +102,9 @@ class ConvertResult:
 
 def check_writable(path: str | os.PathLike) -> None:
     """Fail before any work if ``path`` cannot be written (folder missing or read-only, a directory)."""
-    p = Path(path)
-    if p.is_dir():
-        raise OutputError(f"{p}: is a directory")
-    folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{p}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{p}: folder {folder} is not writable")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise OutputError(f"{p}: exists and is not writable")
+    reason = unwritable_reason(path)
+    if reason:
+        raise OutputError(reason)
 
 
 def _metadata(source: SourceModel, options: ConvertOptions, metric: str | None, q0: float | None,

@@ -4,7 +4,7 @@ Imports numpy, flatbuffers, bitarray, onnx and onnxruntime only: never torch,
 pymoo or the converter (a test checks it).
 """
 
-from .loader import InferenceSession, decode_tensors, load, save_onnx
+from .loader import InferenceSession, decode_tensors, decode_to_onnx, load, save_onnx
 from .sites import iter_tensor_sites, tensor_sites
 
-__all__ = ["InferenceSession", "decode_tensors", "load", "save_onnx", "iter_tensor_sites", "tensor_sites"]
+__all__ = ["InferenceSession", "decode_tensors", "decode_to_onnx", "load", "save_onnx", "iter_tensor_sites", "tensor_sites"]

@@ -96,10 +96,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .loader import load, save_onnx
+    from .loader import decode_to_onnx
+    from .output import unwritable_reason
 
-    model = load(args.file)
-    save_onnx(model, args.output)
+    reason = unwritable_reason(args.output)
+    if reason:
+        return _fail(reason)
+    decode_to_onnx(args.file, args.output)
     print(f"wrote {args.output}")
     return EXIT_OK
 

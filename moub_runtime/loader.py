@@ -404,6 +404,7 @@ class InferenceSession(onnxruntime.InferenceSession):
 
 EXTERNAL_MIN_BYTES = 1024     # tensors at least this big go to the data file of a large model
 EXTERNAL_ALIGNMENT = 4096     # offsets in the data file: page-aligned, so onnxruntime can map them
+EXTERNAL_THRESHOLD = 2**31 - 2**26  # a model this big gets a data file (protobuf's hard limit is 2 GiB)
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -411,48 +412,121 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield site.tensor
 
 
-def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike, external_threshold: int = 2**31 - 2**26) -> None:
+def _fits_inline(model: onnx.ModelProto, external_threshold: int) -> bool:
+    """Whether ``model`` serializes below ``external_threshold`` bytes (a protobuf near or
+    past 2 GiB cannot even be measured: its ByteSize raises, which means no)."""
+    try:
+        return model.ByteSize() < external_threshold
+    except Exception:  # google.protobuf.message.EncodeError: "Failed to serialize proto"
+        return False
+
+
+class _DataFile:
+    """The ``OUT.data`` file of a large model, written to a temporary name: tensors go
+    in one after the other at page-aligned offsets and become external-data references
+    (onnx's relative-location convention)."""
+
+    def __init__(self, out: Path) -> None:
+        folder = out.parent if str(out.parent) else Path(".")
+        self.name = out.name + ".data"
+        self.final = folder / self.name
+        self.tmp = folder / f".{self.name}.tmp"
+        self.handle = open(self.tmp, "wb")
+        self.position = 0
+
+    def put(self, tensor: onnx.TensorProto, data) -> None:
+        """Write ``data`` (bytes or an array) and point ``tensor`` at it."""
+        if isinstance(data, np.ndarray):
+            view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        else:
+            view = memoryview(data).cast("B")
+        self.position = -(-self.position // EXTERNAL_ALIGNMENT) * EXTERNAL_ALIGNMENT
+        self.handle.seek(self.position)
+        self.handle.write(view)
+        clear_payload(tensor)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.name), ("offset", str(self.position)), ("length", str(view.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.position += view.nbytes
+
+    def move_inline_tensors(self, model: onnx.ModelProto) -> None:
+        """Move every inline tensor of at least EXTERNAL_MIN_BYTES to the file, one at a time."""
+        for tensor in _all_tensors(model):
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                self.put(tensor, tensor.raw_data)
+
+    def commit(self, model: onnx.ModelProto, out: Path) -> None:
+        """fsync the data, write the model beside it, rename both into place."""
+        from moub_format.writer import write_atomic
+
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        write_atomic(out, model.SerializeToString())
+        os.replace(self.tmp, self.final)
+
+    def discard(self) -> None:
+        self.handle.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike, external_threshold: int = EXTERNAL_THRESHOLD) -> None:
     """Save ``model`` atomically as ONNX.
 
     A model whose protobuf would reach ``external_threshold`` bytes (protobuf's
     hard limit is 2 GiB) is written with external data: every tensor of at least
     1 KiB goes to ``OUT.data`` beside ``OUT`` (page-aligned offsets, onnx's
-    relative-location convention), moved out of ``model`` one tensor at a time so
-    memory never holds two copies; ``model`` is left referring to that file. Both
-    files are written to temporary names in the target folder, fsynced and renamed.
+    relative-location convention), moved out of ``model`` one tensor at a time;
+    ``model`` is left referring to that file. Both files are written to temporary
+    names in the target folder, fsynced and renamed.
     """
     from moub_format.writer import write_atomic
 
     out = Path(out_path)
-    if model.ByteSize() < external_threshold:
+    if _fits_inline(model, external_threshold):
         write_atomic(out, model.SerializeToString())
         return
-    folder = out.parent if str(out.parent) else Path(".")
-    data_name = out.name + ".data"
-    data_tmp = folder / f".{data_name}.tmp"
-    model_tmp = folder / f".{out.name}.tmp"
+    data = _DataFile(out)
     try:
-        with open(data_tmp, "wb") as handle:
-            position = 0
-            for tensor in _all_tensors(model):
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
-                    continue
-                position = -(-position // EXTERNAL_ALIGNMENT) * EXTERNAL_ALIGNMENT
-                handle.seek(position)
-                handle.write(tensor.raw_data)
-                length = len(tensor.raw_data)
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data_name), ("offset", str(position)), ("length", str(length))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-                position += length
-            handle.flush()
-            os.fsync(handle.fileno())
-        write_atomic(model_tmp, model.SerializeToString())
-        os.replace(data_tmp, folder / data_name)
-        os.replace(model_tmp, out)
+        data.move_inline_tensors(model)
+        data.commit(model, out)
     except BaseException:
-        for leftover in (data_tmp, model_tmp):
-            leftover.unlink(missing_ok=True)
+        data.discard()
         raise
+
+
+def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS,
+                   external_threshold: int = EXTERNAL_THRESHOLD) -> None:
+    """``moub decode``: write the runnable ONNX model of a .moub, atomically.
+
+    A model whose decoded tensors and graph reach ``external_threshold`` bytes is
+    written as :func:`save_onnx` writes a large model, but each stored tensor goes to
+    ``OUT.data`` as soon as it is decoded: memory holds one decoded tensor (or one
+    window of packs) at a time, never the model, and no protobuf near 2 GiB is built
+    (:func:`load` then :func:`save_onnx` holds the model twice: 13.4 GB at the peak for
+    a 4.25 GiB model, and protobuf could not serialize it).
+    """
+    out = Path(out_path)
+    moub, model, matched, members = _open(path, limits)
+    with moub:
+        sites = [*matched.values(), *members.values()]
+        decoded = sum(element_count(s.tensor) * dtypes.STORAGE_DTYPES[s.tensor.data_type].itemsize for s in sites)
+        if decoded < external_threshold and _fits_inline(model, external_threshold - decoded):
+            for site, _, array in iter_decoded(moub, matched, members):
+                fill_payload(site.tensor, array)
+            save_onnx(model, out, external_threshold)
+            return
+        data = _DataFile(out)
+        try:
+            for site, _, array in iter_decoded(moub, matched, members):
+                if array.nbytes >= EXTERNAL_MIN_BYTES:
+                    data.put(site.tensor, array)
+                else:
+                    fill_payload(site.tensor, array)
+                del array
+            data.move_inline_tensors(model)
+            data.commit(model, out)
+        except BaseException:
+            data.discard()
+            raise

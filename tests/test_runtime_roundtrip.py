@@ -116,6 +116,16 @@ def test_external_data_model_round_trips(tmp_path):
     moub_runtime.InferenceSession(out).run(None, modelzoo.sample_feeds())
 
 
+def test_cli_decode_to_a_missing_folder_says_so_in_one_line(packed, tmp_path):
+    _, _, _, path = packed
+    out = tmp_path / "nowhere" / "decoded.onnx"
+    result = subprocess.run([sys.executable, "-m", "moub_runtime.cli", "decode", str(path), "-o", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"moub: {out}: folder {out.parent} does not exist"]
+    assert not out.parent.exists()
+
+
 def test_cli_decode_inspect_verify(packed, tmp_path):
     model, _, _, path = packed
     moub = [sys.executable, "-m", "moub_runtime.cli"]
@@ -172,6 +182,58 @@ def test_large_models_are_saved_with_external_data(packed, tmp_path):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
     for a, b in zip(expected, got):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("threshold", [1000, None])
+def test_decode_to_onnx_streams_a_large_model_to_its_data_file(packed, tmp_path, threshold):
+    """``moub decode``: with the threshold lowered, every stored tensor goes to OUT.data as it
+    is decoded (no whole model in memory); the files load and run like ``load``'s model."""
+    from moub_runtime import decode_to_onnx
+
+    _, _, _, path = packed
+    reference = moub_runtime.load(path)
+    out = tmp_path / "out" / "decoded.onnx"
+    out.parent.mkdir()
+    for _ in range(2):  # a second decode replaces both files
+        if threshold is None:
+            decode_to_onnx(path, out)
+        else:
+            decode_to_onnx(path, out, external_threshold=threshold)
+    names = sorted(p.name for p in out.parent.iterdir())
+    if threshold is None:
+        assert names == ["decoded.onnx"]
+        assert out.read_bytes() == reference.SerializeToString()
+        return
+    assert names == ["decoded.onnx", "decoded.onnx.data"]
+    skeleton = onnx.load(out, load_external_data=False)
+    external = [s.tensor for s in tensor_sites(skeleton).values() if s.tensor.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) >= 8 and all(t.name for t in external)
+    onnx.checker.check_model(str(out))
+    reloaded = onnx.load(out)
+    for site_path, site in tensor_sites(reference).items():
+        assert onnx.numpy_helper.to_array(tensor_sites(reloaded)[site_path].tensor).tobytes() == \
+            onnx.numpy_helper.to_array(site.tensor).tobytes(), site_path
+    feeds = modelzoo.sample_feeds()
+    expected = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_decode_to_onnx_leaves_nothing_behind_on_a_bad_file(packed, tmp_path):
+    from moub_format.errors import MoubFormatError
+    from moub_runtime import decode_to_onnx
+
+    _, _, _, path = packed
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # inside the last payload blob: its checksum fails while decoding
+    bad = tmp_path / "bad.moub"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out" / "decoded.onnx"
+    out.parent.mkdir()
+    with pytest.raises(MoubFormatError):
+        decode_to_onnx(bad, out, external_threshold=1000)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_small_models_are_saved_whole(packed, tmp_path):
