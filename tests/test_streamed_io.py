@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import modelzoo
-import moub_runtime
 import packing
 from moub_converters.encode import encode_model, write_model
 from moub_format import MoubFile, huffman, reader, writer
