@@ -173,7 +173,7 @@ def container_parts(
     return stripped.SerializeToString(deterministic=True), specs, pack_specs, features
 
 
-def encode_model(
+def model_pieces(
     model: onnx.ModelProto,
     codebooks: Sequence[np.ndarray | writer.GridCodebook],
     assignments: Mapping[str, TensorAssignment],
@@ -181,44 +181,29 @@ def encode_model(
     packs: Sequence[PackAssignment] = (),
     elide_constant_names: bool = False,
     **build_options,
-) -> bytes:
-    """The complete .moub bytes for ``model`` with ``assignments`` quantized and ``packs``
-    stored as packs. ``build_options`` go to :func:`moub_format.writer.build` (for example
-    ``graph_codec=CODEC_LZMA``, ``raw_codec=writer.SMALLEST``, ``alignment=8``, ``tables=``,
-    ``chunk_elements=4096``: one chunk size for every Huffman tensor and pack).
-    ``elide_constant_names``: see :func:`container_parts` (a 1.3 feature bit, so only
-    for files that need a newer reader anyway)."""
-    return b"".join(_model_pieces(model, codebooks, assignments, metadata, packs, elide_constant_names, **build_options))
-
-
-def _model_pieces(
-    model: onnx.ModelProto,
-    codebooks: Sequence[np.ndarray | writer.GridCodebook],
-    assignments: Mapping[str, TensorAssignment],
-    metadata: Mapping[str, str] | None,
-    packs: Sequence[PackAssignment],
-    elide_constant_names: bool,
-    **build_options,
 ) -> list[bytes | memoryview]:
-    """The file's pieces (:func:`moub_format.writer.assemble`), for joining or streaming."""
+    """The pieces of the .moub file (:func:`moub_format.writer.assemble`) for ``model``
+    with ``assignments`` quantized and ``packs`` stored as packs, for joining
+    (:func:`encode_model`) or streaming to a file (:func:`write_model`).
+    ``build_options`` go to the writer (for example ``graph_codec=CODEC_LZMA``,
+    ``raw_codec=writer.SMALLEST``, ``alignment=8``, ``tables=``, ``chunk_elements=4096``:
+    one chunk size for every Huffman tensor and pack). ``elide_constant_names``: see
+    :func:`container_parts` (a 1.3 feature bit, so only for files that need a newer
+    reader anyway)."""
     graph, specs, pack_specs, graph_features = container_parts(model, assignments, packs,
                                                                elide_constant_names=elide_constant_names)
     return writer.assemble(graph, codebooks, specs, metadata or {}, packs=pack_specs, graph_features=graph_features,
                            **build_options)
 
 
-def write_model(
-    path: str | os.PathLike,
-    model: onnx.ModelProto,
-    codebooks: Sequence[np.ndarray | writer.GridCodebook],
-    assignments: Mapping[str, TensorAssignment],
-    metadata: Mapping[str, str] | None = None,
-    packs: Sequence[PackAssignment] = (),
-    elide_constant_names: bool = False,
-    **build_options,
-) -> int:
-    """:func:`encode_model`, written atomically to ``path`` piece by piece (never joined
-    in memory); returns the file size."""
-    pieces = _model_pieces(model, codebooks, assignments, metadata, packs, elide_constant_names, **build_options)
+def encode_model(*args, **kwargs) -> bytes:
+    """The complete .moub bytes (arguments: :func:`model_pieces`)."""
+    return b"".join(model_pieces(*args, **kwargs))
+
+
+def write_model(path: str | os.PathLike, *args, **kwargs) -> int:
+    """The .moub file (arguments: :func:`model_pieces`), written atomically to ``path``
+    piece by piece, never joined in memory; returns its size."""
+    pieces = model_pieces(*args, **kwargs)
     writer.write_atomic(path, pieces)
     return sum(len(piece) for piece in pieces)
