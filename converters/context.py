@@ -24,6 +24,8 @@ import onnx
 from pymoo.core.problem import LoopedElementwiseEvaluation
 from pymoo.parallelization.starmap import StarmapParallelization
 
+from moub_runtime.loader import EXTERNAL_THRESHOLD, fits_inline
+
 from .data import Dataset
 from .evaluate import Evaluator, Scorer
 from .intake import Pool
@@ -97,7 +99,12 @@ def candidate_map(ctx: EvalContext, workers: int, on_result: Callable[[dict], No
 
     ``fn`` must be a module-level function (it is pickled by name for workers).
     ``on_result`` sees each result as it is collected (progress reporting).
+    A model past protobuf's 2 GiB runs in this process whatever ``workers`` says: the context
+    reaches a worker as one serialized model, which protobuf cannot make past 2 GiB (and each
+    worker would hold the model again). Every mapping gives the same results either way.
     """
+    if workers > 1 and not fits_inline(ctx.model, EXTERNAL_THRESHOLD):
+        workers = 1
     if workers <= 1:
         runner = LoopedElementwiseEvaluation()
 

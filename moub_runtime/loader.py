@@ -412,7 +412,7 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield site.tensor
 
 
-def _fits_inline(model: onnx.ModelProto, external_threshold: int) -> bool:
+def fits_inline(model: onnx.ModelProto, external_threshold: int) -> bool:
     """Whether ``model`` serializes below ``external_threshold`` bytes (a protobuf near or
     past 2 GiB cannot even be measured: its ByteSize raises, which means no)."""
     try:
@@ -484,7 +484,7 @@ def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike, external_thre
     from moub_format.writer import write_atomic
 
     out = Path(out_path)
-    if _fits_inline(model, external_threshold):
+    if fits_inline(model, external_threshold):
         write_atomic(out, model.SerializeToString())
         return
     data = _DataFile(out)
@@ -512,7 +512,7 @@ def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits:
     with moub:
         sites = [*matched.values(), *members.values()]
         decoded = sum(element_count(s.tensor) * dtypes.STORAGE_DTYPES[s.tensor.data_type].itemsize for s in sites)
-        if decoded < external_threshold and _fits_inline(model, external_threshold - decoded):
+        if decoded < external_threshold and fits_inline(model, external_threshold - decoded):
             for site, _, array in iter_decoded(moub, matched, members):
                 fill_payload(site.tensor, array)
             save_onnx(model, out, external_threshold)

@@ -124,6 +124,20 @@ def test_workers_give_the_same_result(mode):
     assert one.report_json() == two.report_json()
 
 
+def test_a_model_past_protobufs_limit_is_searched_in_this_process(monkeypatch):
+    """Workers get the model as one protobuf message, which cannot pass 2 GiB: such a model
+    runs in the converter's own process, with the same result. The limit is lowered here so
+    that the demo CNN counts as past it; no worker process may start."""
+    from moub_converters import context
+
+    kwargs = dict(data=VAL, max_drop=MAX_DROP, mode="paper", seed=3, population=6, generations=3, merge_budget=4)
+    one = convert(MODEL, workers=1, **kwargs)
+    monkeypatch.setattr(context, "EXTERNAL_THRESHOLD", 1024)
+    monkeypatch.setattr(context.multiprocessing, "get_context", lambda *a: pytest.fail("a worker pool was started"))
+    two = convert(MODEL, workers=2, **kwargs)
+    assert one.moub_bytes == two.moub_bytes
+
+
 def test_plot_is_written(demo, tmp_path):
     result, _ = demo
     result.write_plot(tmp_path / "p.png")
@@ -289,3 +303,16 @@ def test_samples_per_run_do_not_change_the_outputs():
                 for size in (n, DEFAULT_BATCH_SIZE, 1)]
         assert DEFAULT_BATCH_SIZE < n
         assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), name
+
+
+def test_the_original_values_are_read_only_views_of_the_pool():
+    """No copy per caller (reference run, calibrations, sensitivity cache): on big models each
+    cost the model's size for the whole search. Read-only, since onnxruntime borrows them."""
+    source = load_source(MODEL)
+    pool = pool_weights(source.model)
+    originals = original_arrays(source.model, pool)
+    for site in pool.sites:
+        view = originals[site.path]
+        assert view.shape == site.dims and np.shares_memory(view, pool.values) and not view.flags.writeable
+        with pytest.raises(ValueError):
+            view.reshape(-1)[0] = 1.0

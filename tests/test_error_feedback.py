@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moub_converters import convert
 from moub_converters.data import Dataset
-from moub_converters.error_feedback import ErrorFeedback, feedback_levels, find_layers
+from moub_converters import error_feedback
+from moub_converters.error_feedback import ErrorFeedback, feedback_levels, find_layers, within_budget, work
 from moub_converters.intake import pool_weights
 
 DATA = Path(__file__).resolve().parent.parent / "converters" / "data"
@@ -186,3 +187,29 @@ def test_a_probe_onnxruntime_rejects_leaves_nearest_rounding_and_says_why(monkey
     facts = result.report["search"]["error_feedback"]
     assert facts["layers"] == 0 and "probe rejected" in facts["skipped"]
     assert result.report["search"]["bias_correction"]["layers"] == 3
+
+
+def test_a_level_past_the_limit_stops_the_rounding():
+    """The caller keeps nearest rounding for such a layer; int32 levels never wrap unnoticed."""
+    w = np.array([[0.5, 3.0e6], [1.0, 2.0]])
+    factor = np.eye(2)
+    assert feedback_levels(w, 0.1, factor, limit=2**24) is None
+    assert feedback_levels(w, 1.0, factor, limit=2**24).dtype == np.int32
+
+
+def test_layers_beyond_the_work_budget_keep_nearest_rounding(monkeypatch):
+    """The cheapest layers are served first; the report counts the others. On the demo CNN the
+    first Gemm (512 inputs, 91% of the weights) costs 3.4e7 multiply-adds a candidate, the
+    second 1.1e6: a budget between them serves only the second."""
+    source = onnx.load(DATA / "digits_cnn.onnx")
+    pool = pool_weights(source, 16)
+    layers = find_layers(source, pool)
+    costs = sorted(work(layer, pool) for layer in layers)
+    assert within_budget(layers, pool, budget=sum(costs)) == layers
+    assert [work(layer, pool) for layer in within_budget(layers, pool, budget=costs[0])] == [costs[0]]
+    assert within_budget(layers, pool, budget=costs[0] - 1) == []
+
+    monkeypatch.setattr(error_feedback, "MAX_WORK", costs[0])
+    result = convert(DATA / "digits_cnn.onnx", data=DATA / "digits_val.npz", mode="adaptive", max_drop=0.01, seed=0)
+    facts = result.report["search"]["error_feedback"]
+    assert facts["layers"] == 1 and facts["over_budget"] == 1
