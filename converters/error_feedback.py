@@ -91,10 +91,11 @@ from .probes import fresh_prefix, probe_copy
 DAMPING = 0.01        # of H's mean diagonal, added to the diagonal: GPTQ's default
 BLOCK = 128           # columns per lazy batch update
 # Multiply-adds (a layer's inputs x its weights, summed over layers) that error feedback may
-# add to every candidate the search scores. Measured on this kind of machine: PP-OCRv4 rec's
-# 30 layers, 6.0e8, take 0.7 s a candidate; one 8192 x 8192 MatMul, 5.5e11, takes 35 s and a
-# 0.5 GB factor, so a search over a 2.4 GB model of nine would spend hours rounding. The
-# bench's models need at most 6.0e8; layers beyond the budget keep nearest rounding.
+# add to every candidate the search scores. On this kind of machine PP-OCRv4 rec's 30 layers,
+# 6.0e8, take 0.3 s a candidate; one 8192 x 8192 MatMul, 5.5e11, took 35-40 s (with another job
+# on the CPUs) and a 0.5 GB factor, so a search over a 2.4 GB model of nine such layers would
+# spend hours rounding, and ran out of 23 GB. The bench's models need at most 6.0e8; layers
+# beyond the budget, the costliest first, keep nearest rounding.
 MAX_WORK = 10**10
 PROBE_PREFIX = "moub_gram"
 

@@ -20,7 +20,7 @@ from moub_converters.error_feedback import ErrorFeedback
 from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
 from moub_converters.modes import adaptive
-from moub_converters.modes.adaptive import Replay, chunk_elements, layout, tolerance
+from moub_converters.modes.adaptive import PackedQuantization, Replay, chunk_elements, layout, tolerance
 from moub_converters.options import ConvertOptions
 from moub_converters.packing import plan_packs, total_bits
 from moub_converters.uniform import SiteStats, allocate_steps, site_arrays, site_stats
@@ -54,9 +54,12 @@ def test_decoded_weights_are_exactly_the_chosen_quantizers(converted):
     lay = layout(pool, stats, np.asarray(facts["log2_optimal_step"]), recipe["x"], recipe["gamma"], calib)
     expected = site_arrays(pool, lay.levels, lay.steps)
     decoded = tensor_sites(moub_runtime.load(path))
+    from_packs = PackedQuantization.from_layout(pool, lay)
+    assert all(pack.indices.dtype == np.int32 for pack in from_packs.packs)
+    packed = from_packs.site_arrays(pool)
     for site in pool.sites:
         got = np.frombuffer(decoded[site.path].tensor.raw_data, dtype=expected[site.path].dtype)
-        assert got.tobytes() == expected[site.path].tobytes(), site.path
+        assert got.tobytes() == expected[site.path].tobytes() == packed[site.path].tobytes(), site.path
     # every float tensor of >= 16 elements is quantized (biases too), each to its own step
     assert len(pool.sites) == 7 and len({float(s) for s in lay.steps}) == len(pool.sites)  # 10-element bias: lossless
 

@@ -47,7 +47,7 @@ from .. import calibration, metrics, sensitivity
 from ..calibration import Calibration
 from ..context import EvalContext
 from ..evaluate import Scorer, original_arrays, subset_reference
-from ..encode import PackAssignment
+from ..encode import PackAssignment, dequantize_scaled
 from ..intake import Pool
 from ..options import ConvertOptions
 from ..packing import PackPlan, plan_packs, total_bits
@@ -611,11 +611,13 @@ class AdaptiveMode:
 
 @dataclass(frozen=True)
 class PackedQuantization:
-    """A layout as the container stores it: grid codebooks, packs, and the build options."""
+    """A layout as the container stores it: grid codebooks, packs, and the build options.
 
-    codebooks: tuple[writer.GridCodebook, ...]
+    Pack indices are int32 and the decoded weights are not kept: on a model of N weights the
+    final encode held 8N bytes of int64 indices and 4N of float32 weights beside the model."""
+
+    codebooks: tuple[writer.GridCodebook | np.ndarray, ...]
     packs: tuple[PackAssignment, ...]
-    arrays: dict
     build_options: dict = field(default_factory=lambda: dict(BUILD_OPTIONS))
 
     @classmethod
@@ -625,19 +627,29 @@ class PackedQuantization:
             codebooks.append(writer.GridCodebook(plan.first, plan.count) if plan.levels is None
                              else np.asarray(plan.levels, dtype=np.float32))  # exact: |level| < 2^22
             members = list(plan.members)
-            indices = np.concatenate([plan.symbols(lay.levels[i], offset)
-                                      for i, offset in zip(members, plan.offsets)]).astype(np.int64)
+            indices = np.concatenate([plan.symbols(lay.levels[i], offset).astype(np.int32, copy=False)
+                                      for i, offset in zip(members, plan.offsets)])  # count < 2^25
             packs.append(PackAssignment(tuple(pool.sites[i].path for i in members),
                                         tuple(float(lay.steps[i]) for i in members), indices, number, writer.OWN,
                                         offsets=plan.offsets))
-        return cls(tuple(codebooks), tuple(packs), site_arrays(pool, lay.levels, lay.steps),
-                   dict(BUILD_OPTIONS, chunk_elements=chunk_elements(pool.n_weights)))
+        return cls(tuple(codebooks), tuple(packs), dict(BUILD_OPTIONS, chunk_elements=chunk_elements(pool.n_weights)))
 
     def assignments(self, pool: Pool) -> dict:
         return {}
 
     def site_arrays(self, pool: Pool) -> dict:
-        return self.arrays
+        """Each site's weights as the runtime decodes them, from the packs."""
+        by_path = {site.path: site for site in pool.sites}
+        arrays = {}
+        for pack in self.packs:
+            position = 0
+            offsets = pack.offsets or (0,) * len(pack.paths)
+            for path, scale, offset in zip(pack.paths, pack.scales, offsets):
+                site = by_path[path]
+                chunk = pack.indices[position : position + site.size]
+                arrays[path] = dequantize_scaled(self.codebooks[pack.codebook], chunk, scale, site.dtype, offset).reshape(site.dims)
+                position += site.size
+        return arrays
 
     def bins_used(self) -> int:
         return int(sum(cb.count if isinstance(cb, writer.GridCodebook) else len(cb) for cb in self.codebooks))
