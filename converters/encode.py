@@ -118,13 +118,15 @@ def _pack_specs(stripped: onnx.ModelProto, packs: Sequence[PackAssignment]) -> l
             start += count
         if start != indices.size:
             raise ValueError(f"pack of {list(pack.paths)[:3]}...: {indices.size} indices for {start} elements")
+        in_site_order = all(a[0] < b[0] for a, b in zip(members, members[1:]))
         members.sort(key=lambda m: m[0])
         for ordinal, *_ in members:
             clear_payload(all_sites[ordinal].tensor)
+        # already in site order (the adaptive mode's packs are): no copy of the pack's indices
+        ordered = indices if in_site_order or not members else np.concatenate([m[3] for m in members])
         specs.append(writer.PackSpec(
             tuple(m[0] for m in members), tuple(m[1] for m in members), tuple(m[2] for m in members),
-            np.concatenate([m[3] for m in members]) if members else indices, pack.codebook, pack.table,
-            tuple(m[4] for m in members),
+            ordered, pack.codebook, pack.table, tuple(m[4] for m in members),
         ))
     return specs
 
