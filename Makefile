@@ -26,7 +26,7 @@ bench-smoke: $(STAMP)
 
 # Regenerate the committed FlatBuffers bindings from schema/moub.fbs.
 schema: $(STAMP)
-	$(PY) scripts/generate_schema.py
+	$(PY) tools/generate_schema.py
 
 -include arm64.mk
 

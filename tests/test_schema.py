@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_committed_bindings_are_up_to_date():
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "tools"))
     generate_schema = importlib.import_module("generate_schema")
     try:
         flatc = generate_schema.find_flatc()

@@ -1,7 +1,7 @@
 """Would steps per channel group of one big tensor beat one step for the whole tensor?
 
 Run (after ``make bench``, which writes the search split):
-    .venv/bin/python scripts/channel_sensitivity.py magika [WEIGHT-NAME] [--samples 200] [--groups 32]
+    .venv/bin/python experiments/channel_sensitivity.py magika [WEIGHT-NAME] [--samples 200] [--groups 32]
 
 The adaptive mode gives every tensor one uniform step. A tensor whose output channels (or
 input channels) differ in how much their rounding error costs would gain from a step per

@@ -1,7 +1,7 @@
 """Flips on both halves of the search data and on the bench's test split, for fixed (x, gamma).
 
 Run (after ``make bench``, which writes the search split and the adaptive report):
-    .venv/bin/python scripts/sweep_steps.py [--no-error-feedback] cls 0.5,1.0 -- -3.0,-2.75,-2.5
+    .venv/bin/python experiments/sweep_steps.py [--no-error-feedback] cls 0.5,1.0 -- -3.0,-2.75,-2.5
 
 For each gamma and x of the adaptive mode's grid (the report's measured sensitivities,
 the same calibration the converter uses) it prints the index bits/weight and the samples
@@ -22,14 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.inputs import load_model_and_inputs  # noqa: E402
 from benchmarks.models import model_path  # noqa: E402
-from converters import calibration  # noqa: E402
-from converters.context import EvalContext  # noqa: E402
-from converters.data import load_dataset  # noqa: E402
-from converters.evaluate import Evaluator, Scorer, reference_outputs  # noqa: E402
-from converters.intake import load_source, pool_weights  # noqa: E402
-from converters.modes import adaptive  # noqa: E402
-from converters.options import ConvertOptions  # noqa: E402
-from converters.uniform import site_arrays, site_stats  # noqa: E402
+from moub_converters import calibration  # noqa: E402
+from moub_converters.context import EvalContext  # noqa: E402
+from moub_converters.data import load_dataset  # noqa: E402
+from moub_converters.evaluate import Evaluator, Scorer, reference_outputs  # noqa: E402
+from moub_converters.intake import load_source, pool_weights  # noqa: E402
+from moub_converters.modes import adaptive  # noqa: E402
+from moub_converters.options import ConvertOptions  # noqa: E402
+from moub_converters.uniform import site_arrays, site_stats  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "full"
 

@@ -1,7 +1,7 @@
 """Re-run one of ``make bench``'s moub conversions and time it.
 
 Run (after ``make bench``, which writes each conversion's job file):
-    .venv/bin/python scripts/convert_job.py benchmarks/out/full/det/moub_best/moub_adaptive_drop0.05.job.json
+    .venv/bin/python tools/convert_job.py benchmarks/out/full/det/moub_best/moub_adaptive_drop0.05.job.json
 
 Converts the job's model on its search split with its settings (``--workers``, default the
 bench's 2), prints the wall time of the whole search and whether the file is byte for byte

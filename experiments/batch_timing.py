@@ -1,7 +1,7 @@
 """Seconds per search-half evaluation at several batch sizes, and whether the outputs differ.
 
 Run after ``make bench`` (it reads the bench's search split):
-    .venv/bin/python scripts/batch_timing.py rec magika cls det
+    .venv/bin/python experiments/batch_timing.py rec magika cls det
 
 Why: ``converters/data.DEFAULT_BATCH_SIZE`` (2) rests on these figures. With one onnxruntime
 thread small batches keep the activations in cache. The outputs should be the same bits, or the

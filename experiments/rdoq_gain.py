@@ -1,6 +1,6 @@
 """What rate-distortion-optimised rounding (NNCodec's RDOQ idea) would save on one tensor.
 
-Run: .venv/bin/python scripts/rdoq_gain.py [magika|cls|rec|det] [TENSOR-NAME-SUFFIX]
+Run: .venv/bin/python experiments/rdoq_gain.py [magika|cls|rec|det] [TENSOR-NAME-SUFFIX]
 
 For a grid of uniform steps it rounds the tensor to the nearest level (what moub does) and
 with RDOQ: each weight takes the lower or upper neighbouring level, whichever costs less

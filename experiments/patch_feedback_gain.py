@@ -1,6 +1,6 @@
 """What error feedback on kernel patches would do for magika's Conv_0 (84% of its weights).
 
-Run: .venv/bin/python scripts/patch_feedback_gain.py     (about 3 minutes; needs the bench's magika data)
+Run: .venv/bin/python experiments/patch_feedback_gain.py     (about 3 minutes; needs the bench's magika data)
 
 Conv_0 is a 5x1 Conv, which ``converters/error_feedback.py`` leaves to nearest rounding. Here
 its weights alone are rounded at three steps, nearest and with GPTQ on the im2col patches
@@ -25,7 +25,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.inputs import load_model_and_inputs  # noqa: E402
-from converters.error_feedback import feedback_levels  # noqa: E402
+from moub_converters.error_feedback import feedback_levels  # noqa: E402
 
 KERNEL = 5
 BATCH = 25

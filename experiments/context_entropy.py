@@ -1,7 +1,7 @@
 """How much a context (the previous index) would save over the order-0 entropy that Huffman meets.
 
 Run (on any .moub written by the adaptive mode, e.g. after ``make bench``):
-    .venv/bin/python scripts/context_entropy.py benchmarks/out/full/magika/moub_best/*.moub
+    .venv/bin/python experiments/context_entropy.py benchmarks/out/full/magika/moub_best/*.moub
 
 Each pack member of at least 5000 weights is turned back into its integer levels
 (value / scale) and compared: H(level), H(level | |previous level| capped at 15) and

@@ -1,6 +1,6 @@
 """Where the bytes of a .moub go: format 1.2 packs vs one Tensor per site (1.1 style).
 
-Run: .venv/bin/python scripts/measure_container.py [cls|rec|det|magika] ...
+Run: .venv/bin/python experiments/measure_container.py [cls|rec|det|magika] ...
 
 Every float tensor of >= 2 elements is quantized at one fixed setting (per-tensor
 uniform step = std / 16, grid codebooks; tests/packing.py): big tensors (>= 1024

@@ -1,7 +1,7 @@
 """How many top-1 flips a step scale really costs: counted flips beside a smooth estimate.
 
 Run after ``make bench`` (it reads the bench's moub_best report and search split):
-    .venv/bin/python scripts/flip_estimate.py magika [cls ...]
+    .venv/bin/python experiments/flip_estimate.py magika [cls ...]
 
 For each step scale ``x`` on the 1/8-octave grid from half an octave finer to two octaves
 coarser than the converter's choice (its gamma kept), the conversion is rebuilt (``Replay``)
