@@ -53,8 +53,9 @@ FP16_MAX = 65504.0
 # --max-drop is swept loosest first (each point is a whole search) until the test split passes,
 # within a per-model time budget for all of a row's conversions. The sweep starts below 0.01:
 # a search that holds 1% on a few hundred samples lands on either side of 1% on the test split
-# (run of 2026-11-26 15:30 at 0.01: rec 98.90% adaptive, 98.82% paper; magika 99.20%, 99.40%),
-# and a second point of rec's sweep costs 4-7 minutes that the 30-minute bench does not have.
+# (at 0.01: rec 98.90% adaptive, 98.82% paper; magika 99.20%, 99.40%), and a second point of
+# rec's sweep costs 4-7 minutes that the 30-minute bench does not have
+# (docs/decisions/0009-bench-sweeps-max-drop.md).
 MOUB_MAX_DROPS = (0.0075, 0.005)
 MOUB_METRIC = "agreement"
 # det's output is a probability map: the converter has no mask IoU, so it holds the relative L2

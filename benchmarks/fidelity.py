@@ -25,8 +25,9 @@ METRIC_NAMES = {
     "det": "mask IoU @0.3",
 }
 # samples per run on the test split: small batches are faster (cache) and give the same bits.
-# Measured 2026-11-27, seconds for the test split at 256 / 32 / 8 / 2 samples: magika 3.81 / 2.61 /
-# 2.56 / 2.38, cls 0.65 / 0.37 / 0.29 / 0.48, rec 5.72 / 4.02 / 3.77 / 3.21, det 3.47 / 2.79 / 2.24 / 2.04.
+# Seconds for the test split at 256 / 32 / 8 / 2 samples: magika 3.81 / 2.61 / 2.56 / 2.38,
+# cls 0.65 / 0.37 / 0.29 / 0.48, rec 5.72 / 4.02 / 3.77 / 3.21, det 3.47 / 2.79 / 2.24 / 2.04
+# (docs/decisions/0021-batch-size.md).
 _BATCH = {"det": 2}
 DEFAULT_BATCH = 8
 

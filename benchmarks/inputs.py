@@ -1,8 +1,10 @@
 """Real, seeded, cached inputs for the benchmark models.
 
-magika: real files on this machine, turned into model inputs by magika's own feature extraction.
-cls / rec / det: text lines and pages of real text (licenses, Python sources on this machine)
-rendered with Pillow and a DejaVu font, preprocessed by rapidocr's own resize/normalise code.
+magika: real files of the host's system folders (config.MAGIKA_ROOTS), turned into model inputs
+by magika's own feature extraction.
+cls / rec / det: text lines and pages of real text (the host's licenses and Python sources,
+config.TEXT_SOURCES) rendered with Pillow and a DejaVu font, preprocessed by rapidocr's own
+resize/normalise code.
 digits: the demo's committed test set (converters/data/digits_test.npz).
 
 Every model's samples are split once, with the seed, into a "search" split (what a converter may
@@ -223,7 +225,7 @@ _PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 def _text_lines(n: int, seed: int) -> list[str]:
-    """Distinct lines of real text from this machine's licenses and Python sources."""
+    """Distinct lines of real text from the host's licenses and Python sources (config.TEXT_SOURCES)."""
     lines: set[str] = set()
     for root in C.TEXT_SOURCES:
         for dirpath, dirnames, filenames in os.walk(root):

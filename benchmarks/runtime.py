@@ -6,10 +6,10 @@ quantized with equal-width bins (k = 256, float tensors of >= 1024 elements):
 
 * decode throughput: Huffman-coded weights decoded per second on ONE core
   (process CPU time, ``decode_workers=1``), in the windows ``InferenceSession``
-  uses, and in the smaller windows of ``load`` and streaming ``decode_tensors``. ``--reference`` adds bitarray's ``canonical_decode`` (the
-  decoder this project used before) on the same file, and "before": that decoder
-  on the file written as before (65536-element chunks, codes up to 20 bits), plus
-  today's reader on that old file;
+  uses, and in the smaller windows of ``load`` and streaming ``decode_tensors``.
+  ``--reference`` adds a baseline: bitarray's ``canonical_decode``, chunk by chunk, on the
+  same file, and on the same model in the baseline layout (65536-element chunks, codes up
+  to 20 bits; reported as "before"), plus the lane decoder on that baseline file;
 * peak RSS of ``.moub`` -> ``moub_runtime.InferenceSession`` in a fresh
   subprocess (default arguments), counted above the RSS right after importing
   numpy, onnx and onnxruntime (importing moub_runtime is counted against the
@@ -22,7 +22,7 @@ quantized with equal-width bins (k = 256, float tensors of >= 1024 elements):
   and on one core (one intra-op and one inter-op thread, ``decode_workers=1``),
   as process CPU time, which other processes on a shared machine do not inflate.
 
-Targets (issue 2): >= 25 M weights/s on one core; peak RSS <= 1.3 x decoded
+Targets: >= 25 M weights/s on one core; peak RSS <= 1.3 x decoded
 fp32 size + 64 MB; load time <= 2 x the plain ONNX load (judged on the wall
 time with default arguments; the one-core CPU ratio is reported beside it).
 
@@ -230,7 +230,7 @@ def decode_throughput(moub_path: Path, repeats: int = 3, reference: bool = False
         old = old_style_file(name)
         with MoubFile(old, batch_elements=SESSION_BATCH_ELEMENTS, decode_workers=1) as moub:
             huff = [t for t in moub.index.tensors if t.encoding == C.ENCODING_HUFFMAN]
-            result["before_weights_per_s"] = _reference_throughput(moub, huff)  # old decoder on old files
+            result["before_weights_per_s"] = _reference_throughput(moub, huff)  # baseline decoder on the baseline layout
             cpu = time.process_time()
             weights = _decode_all(moub)
             result["old_file_weights_per_s"] = weights / (time.process_time() - cpu)
@@ -238,7 +238,7 @@ def decode_throughput(moub_path: Path, repeats: int = 3, reference: bool = False
 
 
 def old_style_file(name: str) -> Path:
-    """The model written as this project wrote it before the lane decoder: 65536-element
+    """The model in the baseline layout, for a decoder that reads chunk by chunk: 65536-element
     chunks and codes of up to 20 bits (cached)."""
     import onnx
     from moub_converters.encode import container_specs
@@ -261,7 +261,7 @@ def old_style_file(name: str) -> Path:
 
 
 def _reference_throughput(moub, tensors) -> float:
-    """bitarray canonical_decode chunk by chunk: the decoder before the lane decoder."""
+    """bitarray canonical_decode chunk by chunk: the baseline the lane decoder is measured against."""
     from moub_format.huffman import CanonicalDecoder
 
     weights = sum(t.n_elements for t in tensors)
@@ -381,9 +381,8 @@ def decoded_fp32_bytes(moub_path: Path) -> int:
 def converter_bench_file(name: str) -> Path | None:
     """The smallest default-mode (``moub_best``) file the converter bench wrote for this
     model in this run's output folder, if any: the k = 256 files above have one code
-    table, while the converter's default writes a table per pack, which loads
-    differently (a fresh-process load of PP-OCRv4 rec's took 4x the .onnx's before the
-    reader decoded every table's lanes in one lock step)."""
+    table, while the converter's default writes a table per pack, and its load depends on
+    how the reader interleaves many tables' lanes: these are the files users get."""
     folder = OUT / "full" / name / "moub_best"
     files = sorted(folder.glob("*.moub")) if folder.is_dir() else []
     return min(files, key=lambda f: (f.stat().st_size, f.name)) if files else None
