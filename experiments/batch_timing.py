@@ -7,6 +7,7 @@ Why: ``converters/data.DEFAULT_BATCH_SIZE`` (2) rests on these figures. With one
 thread small batches keep the activations in cache. The outputs should be the same bits, or the
 batch size changes what the search sees: they are from 64 down to 2 samples on the bench's
 models; one sample takes other kernels on magika (outputs within 3.6e-3, no top-1 changed).
+The figures: docs/decisions/0021-batch-size.md.
 """
 from __future__ import annotations
 

@@ -16,9 +16,10 @@ measures both sides of that on the bench's search split, with onnxruntime:
 * input channels (Conv, MatMul, Gemm weights): the mean square of the layer's input per input
   channel, the diagonal of the H that error feedback uses.
 
-Why: magika's Conv_0 holds 84% of its weights, and magika is the one model where moub stays
-behind NNCodec. On it both savings are under 0.01 bits/weight (a LayerNorm feeds the layer
-and another follows its max-pool), so per-channel steps are not worth a format feature.
+Why: magika's Conv_0 holds 84% of its weights, and magika is the bench model where moub's own
+choice stays behind NNCodec. On it both savings are under 0.01 bits/weight (a LayerNorm feeds the
+layer and another follows its max-pool), so per-channel steps are not worth a format feature
+(docs/decisions/0019-per-channel-steps.md).
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ Run (on any .moub written by the adaptive mode, e.g. after ``make bench``):
 Each pack member of at least 5000 weights is turned back into its integer levels
 (value / scale) and compared: H(level), H(level | |previous level| capped at 15) and
 H(level | previous level clipped to +-20), in bits per weight. A context-adaptive coder
-(DeepCABAC-like) can only gain what the conditional entropy is below H(level).
+(DeepCABAC-like) can only gain what the conditional entropy is below H(level); on the bench's
+files that is about 0.01 bits/weight (docs/decisions/0018-context-coding.md).
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ the test split's count does not even fall monotonically with the step. The estim
 every sample's margin instead of the few samples that flip. The last line per model says what
 the converter's coarsening step (``AdaptiveMode._coarsen``) does with it: the coarsest step (of
 those printed, at the converter's gamma) up to which the estimate on each half of the search
-split stays within the conversion's --max-drop, and how many test units that file flips.
+split stays within the conversion's --max-drop, and how many test units that file flips
+(docs/decisions/0022-coarsening-by-expected-flip-rate.md).
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def stratified_flip_rate(reference: np.ndarray, outputs: np.ndarray, strata: int
     On PP-OCRv4 rec's time steps it does (a confident blank step's runner-up log-probability
     moves by whole units while the step keeps its argmax), and the pooled estimate jumped from
     0.5% to 13% between neighbouring steps. Within strata it stays near the counts (rec's search
-    split, six steps around the 04:48 run's choice: 1.9-2.7 expected per 500 time steps against
-    2.3-3.8 counted, where the pooled estimate read 1.4-6.6)."""
+    split, six steps around a bench choice: 1.9-2.7 expected per 500 time steps against 2.3-3.8
+    counted, where the pooled estimate read 1.4-6.6). Not the converter's rule: see
+    docs/decisions/0026-stratified-flip-estimate.md."""
     margin, change = margins_and_changes(reference, outputs)
     stratum = np.argsort(np.argsort(margin, kind="stable"), kind="stable") * strata // margin.size
     total = 0.0

@@ -12,7 +12,8 @@ on the shared grid (the same levels, so the same model; a shorter grid and short
 codes for the tensors far from zero). Fidelity is not the point here (std / 16 is
 coarse for some tensors). The "tables" column is the code-length tables' bytes in the
 index: format 1.2 stores a long table as a DEFLATE stream (packed) when that is smaller;
-the "plain tables" row is the same file with every table plain, as before packing.
+the "plain tables" row is the same file with every table plain, as a format-1.1 writer stores them.
+What it decided: docs/decisions/0006-shared-huffman-packs.md.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def rows(name: str) -> list[tuple[str, dict]]:
 
 
 def plain_tables(make):
-    """``make()`` with every code-length table stored plain (the writer before packed tables)."""
+    """``make()`` with every code-length table stored plain (as a format-1.1 writer stores them)."""
     with mock.patch.object(huffman, "packed_table", lambda lengths: None):
         return make()
 

@@ -7,10 +7,10 @@ its weights alone are rounded at three steps, nearest and with GPTQ on the im2co
 (``H`` from half of the bench's search split, or all of it, at several dampings), every other
 tensor fp32; each rounding is judged on the 500 test files: KL divergence of the scores,
 top-1 flips, and the relative output error ``tr(D H D^T) / tr(W H W^T)`` under the ``H`` of the
-half that fitted it and of the test files. Why: on 2026-11-27 this showed that GPTQ on patches
-generalizes here (6.04 bits/weight: output error 1.63e-4 -> 1.21e-4 on the test files, 1.15e-4
-on the fitting half; KL 2.25e-4 -> 1.81e-4), so the branch experiment/wide-error-feedback-2
-failed on selection, not on overfitting.
+half that fitted it and of the test files. Why: it shows that GPTQ on patches generalizes here
+(6.04 bits/weight: output error 1.63e-4 -> 1.21e-4 on the test files, 1.15e-4 on the fitting
+half; KL 2.25e-4 -> 1.81e-4), so wide-kernel error feedback fails on selection, not on
+overfitting (docs/decisions/0016-wide-kernel-error-feedback.md).
 """
 from __future__ import annotations
 

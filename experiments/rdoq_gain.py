@@ -9,7 +9,8 @@ ideal ones (-log2 p) of the levels' own histogram, iterated 4 times. It prints e
 point's entropy and weight MSE, and how many bits nearest rounding needs for the same MSE
 (interpolated in log MSE between its own points). Why: on magika's Conv_0 (84% of its
 weights, at 4.5 to 6.5 bits/weight) it saves at most 0.007 bits/weight at equal MSE:
-entropy-coded uniform rounding is already close to the best scalar quantizer at these rates.
+entropy-coded uniform rounding is already close to the best scalar quantizer at these rates
+(docs/decisions/0017-rdoq.md).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ For each gamma and x of the adaptive mode's grid (the report's measured sensitiv
 the same calibration the converter uses) it prints the index bits/weight and the samples
 whose top-1 changes on the search half, the confirm half and the test split. Why: on
 rapidocr cls the flips are not monotone in the step (at 5.3-6.6 bits/weight the 300
-test samples lose 1 to 7), so which candidate passes the 99% bar there is mostly chance.
+test samples lose 1 to 7), so which candidate passes the 99% bar there is mostly chance
+(docs/decisions/0013-confirm-gap-fill.md, 0016-wide-kernel-error-feedback.md).
 """
 from __future__ import annotations
 
