@@ -23,6 +23,7 @@ from moub_format import dtypes, writer
 from moub_runtime.constant_names import elide_constant_names as elide_names
 from moub_runtime.payload import clear_payload
 from moub_runtime.sites import iter_tensor_sites, tensor_sites
+from moub_runtime.tensor_walk import describe_external_reference, first_external_reference
 
 RAW_MIN_BYTES = 4096
 ZLIB_MIN_SAVING = 0.05  # pack a raw tensor only if zlib saves at least this fraction
@@ -152,12 +153,13 @@ def container_parts(
     both = sorted(packed & set(assignments))
     if both:
         raise ValueError(f"site {both[0]!r} is both a tensor assignment and a pack member")
+    reference = first_external_reference(stripped)
+    if reference is not None:
+        raise ValueError(f"{describe_external_reference(reference)}; load the model with its data")
     pack_specs = _pack_specs(stripped, packs)
     specs: list[writer.TensorSpec] = []
     for path, site in sites.items():
         tensor = site.tensor
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise ValueError(f"tensor {tensor.name!r} still refers to external data; load the model with its data")
         dims = tuple(int(d) for d in tensor.dims)
         if path in assignments:
             assignment = assignments[path]

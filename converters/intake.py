@@ -25,6 +25,13 @@ from onnx import numpy_helper
 from moub_format import dtypes
 from moub_runtime.payload import element_count
 from moub_runtime.sites import KIND_CONSTANT, iter_tensor_sites
+from moub_runtime.tensor_walk import (
+    describe_external_reference,
+    external_location,
+    first_external_reference,
+    iter_reachable_tensors,
+    refers_to_external_data,
+)
 
 from .errors import ModelError
 
@@ -111,20 +118,15 @@ class SourceModel:
 
 
 def _external_files(model: onnx.ModelProto) -> set[str]:
-    files = set()
-    for site in iter_tensor_sites(model):
-        for entry in site.tensor.external_data:
-            if entry.key == "location":
-                files.add(entry.value)
-    return files
+    return {external_location(item.tensor) for item in iter_reachable_tensors(model) if refers_to_external_data(item.tensor)}
 
 
 def _check_loaded(model: onnx.ModelProto, label: str) -> None:
     if model.ir_version <= 0 or not len(model.opset_import) or not len(model.graph.node):
         raise ModelError(f"{label}: not an ONNX model (no IR version, opset or graph nodes)")
-    for site in iter_tensor_sites(model):
-        if site.tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise ModelError(f"{label}: tensor {site.tensor.name!r} still refers to external data that was not loaded")
+    reference = first_external_reference(model)  # onnx loads initializers and attributes, not sparse tensors
+    if reference is not None:
+        raise ModelError(f"{label}: {describe_external_reference(reference)} that was not loaded")
 
 
 def load_source(model_or_path: str | os.PathLike | onnx.ModelProto | bytes, input_shapes=None) -> SourceModel:
@@ -173,9 +175,9 @@ def load_source(model_or_path: str | os.PathLike | onnx.ModelProto | bytes, inpu
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:  # missing file, path escaping the folder, short read
             raise ModelError(f"{label}: external data cannot be loaded ({' '.join(str(exc).split())})") from None
-        for name in sorted(external):
-            original += (path.parent / name).stat().st_size
     _check_loaded(model, label)
+    for name in sorted(external):  # every one was loaded: each names a file in the model's folder
+        original += (path.parent / name).stat().st_size
     return SourceModel(model, hashlib.sha256(raw).hexdigest(), original, label)
 
 

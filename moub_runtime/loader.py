@@ -30,17 +30,22 @@ from moub_format.dtypes import BFLOAT16
 from .constant_names import restore_constant_names
 from .payload import clear_payload, element_count, fill_payload, has_payload, mark_in_memory
 from .sites import TensorSite, is_main_graph_initializer, iter_tensor_sites
+from .tensor_walk import describe_external_reference, first_external_reference
 
 
 def parse_graph(moub: MoubFile) -> onnx.ModelProto:
-    """The embedded ModelProto, parsed after the byte-length cap and checksum, with
-    Constant tensor names restored where the file left them out (format 1.3)."""
+    """The embedded ModelProto, parsed after the byte-length cap and checksum, refused if any
+    tensor in it (initializer, sparse tensor or attribute, at any depth) refers to external
+    data, with Constant tensor names restored where the file left them out (format 1.3)."""
     data = moub.graph_bytes()  # checksum, bounded inflate: MoubFormatErrors of their own
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning variants
         raise GraphError(f"{moub.filename}: graph: embedded ONNX model does not parse ({exc})") from None
+    reference = first_external_reference(model)
+    if reference is not None:
+        raise GraphError(f"{moub.filename}: graph {describe_external_reference(reference)}; a .moub must be self-contained")
     if moub.index.required_features & FEATURE_CONSTANT_NAMES:
         restore_constant_names(model, moub.filename)
     return model
@@ -57,10 +62,6 @@ def _match(moub: MoubFile, model: onnx.ModelProto) -> tuple[dict[str, TensorSite
     is within ``limits.max_decoded_bytes``.
     """
     all_sites = list(iter_tensor_sites(model))
-    for site in all_sites:
-        tensor = site.tensor
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
-            raise GraphError(f"{moub.filename}: graph tensor {site.path!r} refers to external data; a .moub must be self-contained")
     ordinal_of: dict[str, int] = {}
     for ordinal, site in enumerate(all_sites):
         ordinal_of.setdefault(site.path, ordinal)
