@@ -31,6 +31,13 @@ FEATURES = {
     FEATURE_COMPACT_PACKS: "compact (32-bit) pack vectors",
     FEATURE_CONSTANT_NAMES: "Constant tensor names left out of the graph",
 }
+FEATURE_SINCE_MINOR = {     # the format minor version that defined each bit; a file of an older minor must not set it
+    FEATURE_PACKS: 2,
+    FEATURE_LZMA: 2,
+    FEATURE_PACKED_TABLES: 2,
+    FEATURE_COMPACT_PACKS: 3,
+    FEATURE_CONSTANT_NAMES: 3,
+}
 KNOWN_REQUIRED_FEATURES = (FEATURE_PACKS | FEATURE_LZMA | FEATURE_PACKED_TABLES | FEATURE_COMPACT_PACKS
                            | FEATURE_CONSTANT_NAMES)  # bit mask of the flags this reader implements
 
@@ -104,6 +111,10 @@ class ReaderLimits:
     max_pack_members: int = 1 << 20           # members of one pack
     max_lzma_memory: int = 1 << 25            # the xz decoder's memlimit (writers' dictionaries are at most 8 MiB)
     max_table_entries: int = 1 << 26          # code lengths of all Huffman tables together (packed ones inflated)
+    # Bytes reading one file may materialise: index objects, code tables, the decoded model, the
+    # graph and working memory, all counted before they are created (moub_format.budget).
+    # None: derived from the machine when a file is opened (budget.default_memory_budget).
+    memory_budget: int | None = None
 
 
 DEFAULT_LIMITS = ReaderLimits()

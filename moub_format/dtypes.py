@@ -24,6 +24,9 @@ UINT32 = 12
 UINT64 = 13
 BFLOAT16 = 16
 
+NAMES = {FLOAT: "float", UINT8: "uint8", INT8: "int8", UINT16: "uint16", INT16: "int16", INT32: "int32", INT64: "int64",
+         BOOL: "bool", FLOAT16: "float16", DOUBLE: "double", UINT32: "uint32", UINT64: "uint64", BFLOAT16: "bfloat16"}
+
 # Floating types whose weights may be quantized (pooled as float32).
 FLOAT_DTYPES = frozenset({FLOAT, FLOAT16, BFLOAT16, DOUBLE})
 

@@ -9,6 +9,13 @@ value as it goes. It is the one bounded read primitive: the reader uses the
 values :func:`verify_tree` returns (no generated accessor runs on hostile
 bytes), and after :func:`verify` passes every accessor of the generated code
 would read in range too.
+
+The index is a tree: no table is reached twice, and no two vectors or strings
+share a byte. FlatBuffers allows many fields to point at one vector, and a
+reader that copies per field would then materialise one stored vector once per
+reference (4096 codebooks naming one 4 MB vector: 16 GB). Each table visited is
+charged to the file's memory budget as it is read, since the walk itself
+creates an object per table.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .budget import MemoryBudget
 from .constants import FILE_IDENTIFIER, PREAMBLE_SIZE, ReaderLimits
 from .errors import StructureError, TruncatedFileError, VersionError
 
@@ -112,18 +120,24 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
 }
 ROOT_TABLE = "Model"
 
+# What one table of the index costs once read: its field dict, the NumPy views of its vectors
+# and what the reader builds from it (about 750 bytes measured per table, with margin).
+INDEX_TABLE_BYTES = 1024
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 
 
 class _Verifier:
-    def __init__(self, buf: memoryview, limits: ReaderLimits, filename: str) -> None:
+    def __init__(self, buf: memoryview, limits: ReaderLimits, filename: str, budget: MemoryBudget | None = None) -> None:
         self.buf = buf
         self.size = len(buf)
         self.limits = limits
         self.filename = filename
+        self.budget = budget
         self.tables_seen: set[int] = set()
+        self.ranges: list[tuple[int, int, str]] = []  # [start, end) of every vector and string, and its field
         self.end = PREAMBLE_SIZE  # highest byte used by the index, exclusive
 
     def fail(self, where: str, message: str) -> StructureError:
@@ -162,6 +176,8 @@ class _Verifier:
         self.tables_seen.add(pos)
         if len(self.tables_seen) > self.limits.max_flatbuffer_tables:
             raise self.fail(where, f"more than {self.limits.max_flatbuffer_tables} tables")
+        if self.budget is not None:
+            self.budget.charge(INDEX_TABLE_BYTES, f"index table {where}")
         vtable = pos - self.i32(pos, where + " soffset")
         vtable_len = self.u16(vtable, where + " vtable")
         table_len = self.u16(vtable + 2, where + " vtable")
@@ -206,16 +222,24 @@ class _Verifier:
                 ]
         return out
 
-    def vector(self, pos: int, elem_size: int, where: str) -> int:
+    def vector(self, pos: int, elem_size: int, where: str, terminator: int = 0) -> int:
         count = self.u32(pos, where + " length")
         remaining = self.size - (pos + 4)
         if count * elem_size > remaining:
             raise self.fail(where, f"vector of {count} x {elem_size} bytes exceeds the {remaining} bytes remaining")
         self.need(pos + 4, count * elem_size, where)
+        self.ranges.append((pos, pos + 4 + count * elem_size + terminator, where))
         return count
 
+    def check_disjoint(self) -> None:
+        """No two vectors or strings share a byte (each belongs to one field)."""
+        self.ranges.sort()
+        for (_, end, first), (start, _, second) in zip(self.ranges, self.ranges[1:]):
+            if start < end:
+                raise self.fail(second, f"shares bytes with {first} (from byte {start}); every vector and string belongs to one field")
+
     def string(self, pos: int, where: str) -> str:
-        length = self.vector(pos, 1, where)
+        length = self.vector(pos, 1, where, terminator=1)
         if length > self.limits.max_string_bytes:
             raise self.fail(where, f"string of {length} bytes exceeds the limit {self.limits.max_string_bytes}")
         self.need(pos + 4 + length, 1, where + " terminator")
@@ -236,15 +260,17 @@ def check_preamble(buf: memoryview | bytes, filename: str) -> None:
         raise VersionError(f"{filename}: file identifier {identifier!r} is not {FILE_IDENTIFIER!r}: not a .moub file")
 
 
-def verify_tree(buf: memoryview, limits: ReaderLimits, filename: str) -> tuple[int, dict]:
+def verify_tree(buf: memoryview, limits: ReaderLimits, filename: str, budget: MemoryBudget | None = None) -> tuple[int, dict]:
     """Verify the whole index in ``buf``; return the end of the bytes it uses and the
-    root table's fields (see :meth:`_Verifier.table`), read once, in range."""
+    root table's fields (see :meth:`_Verifier.table`), read once, in range. Each table
+    read is charged to ``budget``."""
     check_preamble(buf, filename)
-    verifier = _Verifier(buf, limits, filename)
+    verifier = _Verifier(buf, limits, filename, budget)
     root = verifier.follow(0, "root offset")
     if root + 4 > len(buf):
         raise verifier.fail("root offset", f"root offset {root} lies outside the {len(buf)}-byte index")
     tree = verifier.table(root, ROOT_TABLE, 1, ROOT_TABLE)
+    verifier.check_disjoint()
     return verifier.end, tree
 
 

@@ -8,6 +8,11 @@ code-length tables (plain, or packed and inflated with a hard output limit), pac
 and the exact tiling of the payload section. Nothing is decoded or allocated
 per tensor before the whole index has passed. What needs the graph (pack
 members' dtypes and dims) is checked by the runtime before decoding.
+
+What parsing materialises beyond views of the file -- codebook values, code
+lengths (packed ones inflated), grid codebooks, chunk tables, pack member
+records -- is charged to the file's memory budget from the verified vector
+sizes before any of it is created (:func:`_charge_parsing`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 from . import constants as C
 from . import dtypes, fbverify
+from .budget import MemoryBudget
 from .errors import (
     ChecksumError,
     CodebookError,
@@ -30,6 +36,11 @@ from .errors import (
     StructureError,
     VersionError,
 )
+
+
+NO_CHUNKS = np.zeros(0, dtype=np.int64)
+NO_CHUNKS.flags.writeable = False
+PACK_MEMBER_BYTES = 512   # Python objects of one pack member once parsed (site, count, scale, offset, PackMember)
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,7 @@ class TensorInfo:
     codebook: int = 0
     table: int = 0
     chunk_elements: int = 0
-    chunk_bits: tuple[int, ...] = ()
+    chunk_bits: np.ndarray = field(default_factory=lambda: NO_CHUNKS, compare=False)   # int64, read-only: exact bits per chunk
 
     @property
     def n_elements(self) -> int:
@@ -101,7 +112,7 @@ class PackInfo:
     codebook: int
     table: int
     chunk_elements: int
-    chunk_bits: tuple[int, ...]
+    chunk_bits: np.ndarray = field(compare=False)   # int64, read-only
     data: BlobInfo
     n_elements: int
     offsets: tuple[int, ...] = ()   # one per member as the file stores them; () when the file has none (all zero)
@@ -209,9 +220,9 @@ def _cap(value: int, limit: int, what: str, filename: str) -> None:
         raise LimitError(f"{filename}: {what} {value} exceeds the limit {limit}")
 
 
-def _chunks(table, elements: int, data: BlobInfo, where: str, filename: str, limits: C.ReaderLimits) -> tuple[int, tuple[int, ...]]:
+def _chunks(table, elements: int, data: BlobInfo, where: str, filename: str, limits: C.ReaderLimits) -> tuple[int, np.ndarray]:
     """Check the chunk table of a Huffman stream of ``elements`` codes (a tensor or a pack)
-    against its stored bytes; return (chunk_elements, chunk_bits)."""
+    against its stored bytes; return (chunk_elements, chunk_bits as a read-only int64 array)."""
     if data.codec != C.CODEC_NONE:
         raise StructureError(f"{filename}: {where}: data.codec {data.codec}: Huffman streams are stored without a codec")
     chunk_elements = table["chunk_elements"]
@@ -242,7 +253,9 @@ def _chunks(table, elements: int, data: BlobInfo, where: str, filename: str, lim
         raise StructureError(
             f"{filename}: {where}: chunk_bits need {stored_bytes} bytes, data.length is {data.length}"
         )
-    return chunk_elements, tuple(bits.tolist())
+    owned = bits.astype(np.int64)  # < 2^63: at most MAX_CODE_LENGTH x 2^24 bits per chunk
+    owned.flags.writeable = False
+    return chunk_elements, owned
 
 
 def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLimits) -> TensorInfo:
@@ -441,10 +454,10 @@ def _check_references(streams, codebooks: list, tables: list, grids: list, filen
                 f"{filename}: {s.subject}: Huffman table {s.table} has {size} lengths for codebook {s.codebook} of {entries} entries"
             )
         longest = int(tables[s.table].max())
-        if s.chunk_bits and max(s.chunk_bits) > s.chunk_elements * longest:
-            c = s.chunk_bits.index(max(s.chunk_bits))
+        if len(s.chunk_bits) and int(s.chunk_bits.max()) > s.chunk_elements * longest:
+            c = int(np.argmax(s.chunk_bits))
             raise HuffmanError(
-                f"{filename}: {s.subject}: chunk_bits[{c}] = {s.chunk_bits[c]} exceeds {s.chunk_elements} codes of "
+                f"{filename}: {s.subject}: chunk_bits[{c}] = {int(s.chunk_bits[c])} exceeds {s.chunk_elements} codes of "
                 f"at most {longest} bits (Huffman table {s.table})"
             )
 
@@ -514,6 +527,69 @@ def _check_packs(packs: list[PackInfo], codebooks: list, grids: list, tensors: i
             )
 
 
+def _used_symbols(table: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(table)
+
+
+def _overflows(magnitudes: np.ndarray, dtype: int) -> np.ndarray:
+    """Which float32 magnitudes become infinite in element type ``dtype`` (float16 and
+    bfloat16 have smaller ranges; casting rounds to nearest, so the largest magnitude decides)."""
+    if dtype not in (dtypes.FLOAT16, dtypes.BFLOAT16):
+        return np.zeros(magnitudes.shape, dtype=bool)
+    with np.errstate(over="ignore"):
+        cast = dtypes.storage_to_float32(dtypes.cast_from_float32(magnitudes.astype(np.float32), dtype), dtype)
+    return ~np.isfinite(cast)
+
+
+def check_tensor_ranges(tensors: list[TensorInfo], codebooks: list, tables: list, filename: str) -> None:
+    """No Huffman tensor decodes to infinity: the largest magnitude among the codebook values
+    its table can produce must be finite in the tensor's element type."""
+    for t in tensors:
+        if t.encoding != C.ENCODING_HUFFMAN or t.dtype not in (dtypes.FLOAT16, dtypes.BFLOAT16):
+            continue
+        largest = np.abs(codebooks[t.codebook][_used_symbols(tables[t.table])]).max(initial=0).astype(np.float32)
+        if _overflows(np.asarray([largest]), t.dtype)[0]:
+            raise CodebookError(
+                f"{filename}: {t.subject}: codebook {t.codebook} value of magnitude {float(largest):g} overflows "
+                f"the tensor's element type {dtypes.NAMES.get(t.dtype, t.dtype)}"
+            )
+
+
+def member_magnitudes(p: PackInfo, codebooks: tuple, grids: tuple, tables: tuple) -> np.ndarray:
+    """Per member, the largest float32 magnitude it decodes to: its largest level among the
+    symbols the pack's table codes, times its scale (an exact float32 product, as decoded)."""
+    used = _used_symbols(tables[p.table])
+    if grids[p.codebook]:
+        first = grids[p.codebook][0]
+        offsets = np.asarray(p.member_offsets, dtype=np.int64)
+        low, high = first + int(used[0]) + offsets, first + int(used[-1]) + offsets  # checked: below 2^24 in magnitude
+        levels = np.maximum(np.abs(low), np.abs(high)).astype(np.float32)
+    else:
+        levels = np.full(len(p.sites), np.abs(codebooks[p.codebook][used]).max(), dtype=np.float32)
+    with np.errstate(over="ignore"):
+        return levels * np.abs(np.asarray(p.scales, dtype=np.float32))
+
+
+def check_member_ranges(index: Index, dtype_of) -> None:
+    """No pack member decodes to infinity in its site's element type (``dtype_of(site)``,
+    from the graph): float32 products are checked with the index; float16 and bfloat16
+    members have smaller ranges."""
+    for p in index.packs:
+        member_dtypes = np.array([dtype_of(site) for site in p.sites])
+        narrow = np.isin(member_dtypes, [dtypes.FLOAT16, dtypes.BFLOAT16])
+        if not narrow.any():
+            continue
+        magnitudes = member_magnitudes(p, index.codebooks, index.grids, index.tables)
+        for dtype in (dtypes.FLOAT16, dtypes.BFLOAT16):
+            bad = np.flatnonzero((member_dtypes == dtype) & _overflows(magnitudes, dtype))
+            if bad.size:
+                j = int(bad[0])
+                raise CodebookError(
+                    f"{index.filename}: pack {p.number} member {j} (site {p.sites[j]}): values up to {float(magnitudes[j]):g} "
+                    f"(scale {p.scales[j]:g}) overflow the site's element type {dtypes.NAMES[dtype]}"
+                )
+
+
 def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[str, BlobInfo]], packed_tables: bool,
                     filename: str) -> None:
     """A file that uses a 1.2 or 1.3 feature must declare its required-feature bit, so that an
@@ -553,6 +629,17 @@ def _check_layout(blobs: list[tuple[str, BlobInfo]], alignment: int, payload_siz
         raise LayoutError(f"{filename}: {payload_size - position} bytes after the last payload range")
 
 
+def _check_feature_versions(required: int, minor: int, filename: str) -> None:
+    """Each feature bit belongs to the version that defined it: a file labelled 1.0 (which
+    needs no index digest) must not set a 1.2 bit and so have its index read unprotected."""
+    for bit, since in C.FEATURE_SINCE_MINOR.items():
+        if required & bit and minor < since:
+            raise VersionError(
+                f"{filename}: format {C.FORMAT_MAJOR}.{minor} sets feature 0x{bit:x} ({C.FEATURES[bit]}), "
+                f"which format {C.FORMAT_MAJOR}.{since} defined; the file must say {C.FORMAT_MAJOR}.{since} or later"
+            )
+
+
 def _check_index_digest(buf: memoryview, root: dict, file_size: int, minor: int, filename: str) -> None:
     """Model.index_digest (format 1.1): SHA-256 of [0, payload_offset) with its own 32 bytes zeroed.
 
@@ -576,16 +663,41 @@ def _check_index_digest(buf: memoryview, root: dict, file_size: int, minor: int,
         raise ChecksumError(f"{filename}: index_digest mismatch: the index (bytes [0, {end})) is corrupt")
 
 
-def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> Index:
-    """Verify and read the index of a .moub file held in ``buf`` (the whole file)."""
+def _charge_parsing(root: dict, budget: MemoryBudget) -> None:
+    """Charge, from the verified vector sizes and counts, what parsing creates beyond views
+    of the file: codebook copies, grid codebooks (float32 values made from an int32 range),
+    code lengths (a packed table's inflated bytes twice: zlib's output and the array),
+    chunk tables (int64) and pack member records."""
+
+    def size(vector) -> int:
+        return 0 if vector is None else int(vector.size)
+
+    codebooks = root["codebooks"] or []
+    budget.charge(sum(4 * size(cb["values"]) for cb in codebooks), "the codebook values")
+    budget.charge(sum(8 * cb["count"] for cb in codebooks if not size(cb["values"])), "the grid codebooks' values")
+    tables = root["tables"] or []
+    budget.charge(sum(size(t["code_lengths"]) + (2 * t["count"] if t["packed_lengths"] is not None else 0) for t in tables),
+                  "the code-length tables")
+    streams = (root["tensors"] or []) + (root["packs"] or [])
+    chunks = sum(size(t["chunk_bits"]) for t in streams) + sum(size(p["chunk_bits32"]) for p in root["packs"] or [])
+    budget.charge(8 * chunks, "the chunk tables")
+    budget.charge(PACK_MEMBER_BYTES * sum(size(p["sites"]) for p in root["packs"] or []), "the pack member records")
+
+
+def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.ReaderLimits = C.DEFAULT_LIMITS,
+                budget: MemoryBudget | None = None) -> Index:
+    """Verify and read the index of a .moub file held in ``buf`` (the whole file), charging
+    what it materialises to ``budget`` (default: a budget of ``limits``) first."""
+    budget = budget if budget is not None else MemoryBudget.of(limits, filename)
     index_view = buf[: min(file_size, limits.max_index_bytes)]
-    index_end, root = fbverify.verify_tree(index_view, limits, filename)
+    index_end, root = fbverify.verify_tree(index_view, limits, filename, budget)
     major, minor = root["format_major"], root["format_minor"]
     if major != C.FORMAT_MAJOR:
         raise VersionError(f"{filename}: format version {major}.{minor}; this reader reads major version {C.FORMAT_MAJOR}")
     unknown = root["required_features"] & ~C.KNOWN_REQUIRED_FEATURES
     if unknown:
         raise VersionError(f"{filename}: format {major}.{minor} requires features 0x{unknown:x} this reader does not implement")
+    _check_feature_versions(root["required_features"], minor, filename)
     _check_index_digest(buf, root, file_size, minor, filename)
     alignment = root["alignment"]
     if alignment == 0 or alignment & (alignment - 1) or alignment > C.MAX_ALIGNMENT:
@@ -607,6 +719,7 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
     _cap(len(tensor_tables), limits.max_tensors, "tensor count", filename)
     _cap(len(pack_tables), limits.max_packs, "pack count", filename)
     _cap(len(metadata_tables), limits.max_metadata_entries, "metadata entry count", filename)
+    _charge_parsing(root, budget)
 
     codebooks: list[np.ndarray | None] = []
     grids: list[tuple[int, int] | None] = []
@@ -631,8 +744,8 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
     huffman_streams = [t for t in tensors if t.encoding == C.ENCODING_HUFFMAN] + packs
     _check_references(huffman_streams, codebooks, tables, grids, filename)
     _check_packs(packs, codebooks, grids, len(tensors), filename, limits)
-    # A grid codebook costs 12 index bytes whatever its count: materialize only those some
-    # stream uses, whose table holds one byte per entry (memory <= 4 x the index size).
+    # A grid codebook costs 12 index bytes whatever its count: only those some stream uses are
+    # materialised (an unused one is invalid), each charged above.
     used_codebooks = {s.codebook for s in huffman_streams}
     for i, grid in enumerate(grids):
         if grid is None:
@@ -640,7 +753,8 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
         if i not in used_codebooks:
             raise CodebookError(f"{filename}: grid codebook {i} is used by no tensor or pack")
         first, count = grid
-        codebooks[i] = np.arange(first, first + count, dtype=np.int64).astype(np.float32)
+        codebooks[i] = np.arange(first, first + count, dtype=np.int32).astype(np.float32)  # |values| < 2^24: exact
+    check_tensor_ranges(tensors, codebooks, tables, filename)
     decoded_total = sum(t.decoded_bytes for t in tensors) + sum(p.decoded_bytes for p in packs)
     _cap(decoded_total, limits.max_decoded_bytes, "decoded model size in bytes", filename)
 

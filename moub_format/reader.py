@@ -24,11 +24,14 @@ output limit (and, for xz, a decoder memory limit) and must end exactly.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import lzma
 import math
 import mmap
 import os
+import stat
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,9 +41,10 @@ import numpy as np
 
 from . import constants as C
 from . import dtypes
+from .budget import MemoryBudget
 from .errors import ChecksumError, HuffmanError, LayoutError, LimitError, StructureError, TruncatedFileError
 from .huffman import CanonicalDecoder
-from .lanes import PAGE_BACKED_BYTES, WINDOW_SLACK, LookupTable, MixedTables, decode_lanes, empty_pages
+from .lanes import BLOCK_BYTES, PAGE_BACKED_BYTES, WINDOW_SLACK, LookupTable, MixedTables, decode_lanes, empty_pages
 from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_index
 
 Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
@@ -54,6 +58,11 @@ MIN_LANES_FOR_COPY_THREAD = 2048 # lanes before a second thread copying finished
 DECODER_SCRATCH_BYTES = 1 << 25  # stream words the lane decoder holds per call (all its lanes), at most
 CONCURRENT_CHECK_BYTES = 1 << 20 # stored bytes worth hashing on other threads while decoding
 RAW_COPY_WINDOW = 1 << 26        # bytes of a stored raw tensor hashed and copied per step
+INFLATE_PIECE = 1 << 20          # bytes a compressed blob inflates per step, straight into its destination
+INFLATE_INPUT = 1 << 16          # stored bytes handed to the inflater per step
+LOOKUP_SYMBOL_BYTES = 80         # per used symbol of a table: the lookup table's sorted arrays, bitarray's symbol list
+LANE_BYTES = 128                 # per chunk: the lane decoder's per-lane state (positions, counts, tables)
+WORKING_BYTES = 1 << 20          # small buffers of any decode (inflate pieces, hashers)
 
 
 def default_decode_workers() -> int:
@@ -108,36 +117,118 @@ class MoubFile:
         limits: C.ReaderLimits = C.DEFAULT_LIMITS,
         batch_elements: int = DECODE_BATCH_ELEMENTS,
         decode_workers: int | None = 1,
+        plan_decoding: bool = True,
     ) -> None:
         """Open and validate ``path``. ``decode_workers``: threads that decode Huffman
         lanes (None: up to 4, one per core); ``batch_elements``: elements decoded
-        together, which bounds the decoder's working memory."""
+        together, which bounds the decoder's working memory. Everything reading the file
+        may materialise is charged to ``self.budget`` (``limits.memory_budget``) before
+        it is created: the index as it is parsed, the graph, and with ``plan_decoding``
+        (False: the index is all the caller reads) the decoding of every tensor and pack."""
         self.path = Path(path)
         self.batch_elements = max(1, batch_elements)
         self.decode_workers = max(1, decode_workers if decode_workers is not None else default_decode_workers())
         self.filename = str(path)
         self.limits = limits
+        self.budget = MemoryBudget.of(limits, self.filename)
         self._mmap: mmap.mmap | None = None
-        with open(self.path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < C.PREAMBLE_SIZE:
-                raise TruncatedFileError(
-                    f"{self.filename}: {size} bytes is shorter than the {C.PREAMBLE_SIZE}-byte preamble"
-                )
-            if size > limits.max_file_bytes:
-                raise LimitError(f"{self.filename}: file size {size} exceeds the limit {limits.max_file_bytes}")
-            self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        self._view = memoryview(self._mmap)
-        try:
-            self.index: Index = parse_index(self._view, size, self.filename, limits)
-            self._check_padding()
-        except BaseException:
-            self.close()
-            raise
         self._lookups: dict[int, LookupTable | None] = {}
         self._value_tables: dict[tuple, np.ndarray] = {}
         self._symbol_values: dict[tuple, np.ndarray] = {}
         self._bitarray_decoders: dict[int, CanonicalDecoder] = {}
+        self._planned_values: dict[int, int] = {}    # codebook -> per-symbol value arrays the plan charged
+        self._planned_entries: dict[int, int] = {}   # table -> lookup-entry arrays the plan charged
+        self._mmap, size = self._map(limits)
+        self._view = memoryview(self._mmap)
+        try:
+            self.index: Index = parse_index(self._view, size, self.filename, limits, self.budget)
+            self._check_padding()
+            self.budget.charge(3 * self.index.graph.decoded_length, "the graph (inflated, parsed and serialized again)")
+            if plan_decoding:
+                self._charge_decoding()
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, limits: C.ReaderLimits) -> tuple[mmap.mmap, int]:
+        """Map the file read-only once it is known to be a regular file of a size within
+        the limits (a FIFO or device is refused before it can block or mislead)."""
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.path, flags)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise StructureError(f"{self.filename}: not a regular file")
+            size = info.st_size
+            if size < C.PREAMBLE_SIZE:
+                raise TruncatedFileError(f"{self.filename}: {size} bytes is shorter than the {C.PREAMBLE_SIZE}-byte preamble")
+            if size > limits.max_file_bytes:
+                raise LimitError(f"{self.filename}: file size {size} exceeds the limit {limits.max_file_bytes}")
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), size
+        finally:
+            os.close(fd)
+
+    # the memory plan --------------------------------------------------------
+    def _value_slots(self) -> dict[tuple[int, int], int]:
+        """Per (table, codebook): how many per-symbol value arrays and lookup tables decoding
+        builds, one per distinct element type (one-member packs: one each, their scale and
+        offset are folded into their values)."""
+        keys: set[tuple] = set()
+        for t in self.index.tensors:
+            if t.encoding == C.ENCODING_HUFFMAN:
+                keys.add((t.table, t.codebook, t.dtype))
+        for p in self.index.packs:
+            keys.add((p.table, p.codebook, ("member", p.number) if len(p.sites) == 1 else dtypes.FLOAT))
+        slots: dict[tuple[int, int], int] = {}
+        for table, codebook, _ in keys:
+            slots[(table, codebook)] = slots.get((table, codebook), 0) + 1
+        return slots
+
+    def _entries_bytes(self, table: int) -> int:
+        """A lookup table's packed entries (2^L of 8 bytes), twice: the cached array and its
+        copy when lanes of several tables decode together (:class:`MixedTables`); 0 for the
+        one-symbol table, which decodes without one."""
+        lengths = self.index.tables[table]
+        if np.count_nonzero(lengths) < 2:
+            return 0
+        return 2 * 8 * (1 << int(lengths.max()))
+
+    def _charge_decoding(self) -> None:
+        """Charge what decoding every tensor and pack creates, before any of it is: code
+        tables (each table in use, and per distinct value type its per-symbol values and its
+        2^L lookup entries), the decoded model (pack elements at 4 bytes; the runtime adds
+        what wider element types need), and working memory (two windows of the largest
+        decode, the lane decoder's scratch and blocks, the xz decoder)."""
+        index, budget = self.index, self.budget
+        streams: list[Stream] = [t for t in index.tensors if t.encoding == C.ENCODING_HUFFMAN] + list(index.packs)
+        used_tables = {s.table for s in streams}
+        budget.charge(sum(LOOKUP_SYMBOL_BYTES * int(np.count_nonzero(index.tables[t])) for t in used_tables),
+                      "the decoders of the code-length tables in use")
+        slots = self._value_slots()
+        for (table, codebook), count in slots.items():
+            self._planned_values[codebook] = self._planned_values.get(codebook, 0) + count
+            self._planned_entries[table] = self._planned_entries.get(table, 0) + count
+        budget.charge(sum(count * 8 * index.codebooks[codebook].size for (_, codebook), count in slots.items()),
+                      "the per-symbol values of the codebooks in use")
+        budget.charge(sum(count * self._entries_bytes(table) for (table, _), count in slots.items()),
+                      f"the lookup tables of {len(used_tables)} code-length tables (2^L entries each)")
+        budget.charge(index.decoded_bytes, "the decoded model")
+        huffman_bytes = sum(s.decoded_bytes for s in streams)
+        largest = max([t.decoded_bytes for t in index.tensors] + [p.decoded_bytes for p in index.packs], default=0)
+        window = max(largest, min(huffman_bytes, DECODE_BATCH_ELEMENTS * 8))
+        chunks = sum(len(s.chunk_bits) for s in streams)
+        stream_words = min(DECODER_SCRATCH_BYTES, 2 * sum(s.data.length for s in streams) + LANE_BYTES * chunks)
+        blocks = min(2 * BLOCK_BYTES, 16 * sum(s.n_elements for s in streams))
+        lzma_memory = self.limits.max_lzma_memory if any(b.codec == C.CODEC_LZMA for _, b in index.blobs()) else 0
+        budget.charge(2 * window + stream_words + blocks + lzma_memory + WORKING_BYTES, "the decoding working memory")
+
+    def _charge_unplanned(self, planned: dict[int, int], owner: int, nbytes: int, what: str) -> None:
+        """Use up one array the plan charged for ``owner``, or charge ``nbytes`` now (a caller
+        asking for values the plan did not foresee, such as :meth:`decode_indices`)."""
+        if planned.get(owner, 0) > 0:
+            planned[owner] -= 1
+        else:
+            self.budget.charge(nbytes, what)
 
     # lifecycle -------------------------------------------------------------
     def close(self) -> None:
@@ -175,22 +266,27 @@ class MoubFile:
             raise ChecksumError(f"{self.filename}: {subject}: checksum mismatch of the {blob.length} stored bytes")
         return data
 
-    def _copy_checked(self, blob: BlobInfo, subject: str, out: np.ndarray) -> None:
-        """Copy a stored blob into ``out`` (bytes) and check its digest on the way, a
-        window at a time; the caller uses ``out`` only once this returns. Each window's
-        pages of the mapping are let go after it: kept, they would count as this process's
-        memory beside ``out``, twice the tensor at the peak (4.25 GiB tensor: 8.5 GiB)."""
+    def _check_windows(self, blob: BlobInfo, subject: str) -> None:
+        """Check a stored blob's digest a window at a time, letting each window's pages of
+        the mapping go after it: kept, they would count as this process's memory (a 4 GiB
+        tensor would cost 4 GiB before its array exists)."""
         start = self.index.payload_offset + blob.offset
         hasher = hashlib.new(C.CHECKSUMS[blob.checksum_algorithm][0])
         for begin in range(0, blob.length, RAW_COPY_WINDOW):
             end = min(blob.length, begin + RAW_COPY_WINDOW)
-            window = self._view[start + begin : start + end]
-            hasher.update(window)
-            out[begin:end] = np.frombuffer(window, dtype=np.uint8)
-            del window
+            hasher.update(self._view[start + begin : start + end])
             self._release_pages(start + begin, end - begin)
         if hasher.digest() != blob.checksum:
             raise ChecksumError(f"{self.filename}: {subject}: checksum mismatch of the {blob.length} stored bytes")
+
+    def _copy_windows(self, blob: BlobInfo, out: np.ndarray) -> None:
+        """Copy a stored blob (already checked) into ``out`` (bytes), a window at a time,
+        each window's pages of the mapping let go after it."""
+        start = self.index.payload_offset + blob.offset
+        for begin in range(0, blob.length, RAW_COPY_WINDOW):
+            end = min(blob.length, begin + RAW_COPY_WINDOW)
+            out[begin:end] = np.frombuffer(self._view[start + begin : start + end], dtype=np.uint8)
+            self._release_pages(start + begin, end - begin)
 
     def _release_pages(self, start: int, length: int) -> None:
         """Drop this range's pages from the mapping (not from the page cache; read again,
@@ -204,54 +300,111 @@ class MoubFile:
         except (OSError, ValueError):
             pass
 
-    def _unpack(self, blob: BlobInfo, subject: str) -> bytes:
-        data = self._checked(blob, subject)
-        if blob.codec == C.CODEC_NONE:
-            return bytes(data)
+    def _inflate_into(self, data: memoryview, blob: BlobInfo, subject: str, out: memoryview) -> None:
+        """Inflate a checked zlib or xz blob straight into ``out`` (exactly ``decoded_length``
+        bytes), INFLATE_PIECE bytes at a time: never more output than one byte past the
+        declared length, no second copy of the output, the stream must end exactly with its
+        input. xz decoding is bounded by ``limits.max_lzma_memory`` as well."""
+        n = blob.decoded_length
+        kind = "xz" if blob.codec == C.CODEC_LZMA else "zlib"
         if blob.codec == C.CODEC_LZMA:
-            return self._unxz(data, blob.decoded_length, subject)
-        inflater = zlib.decompressobj()
+            decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=self.limits.max_lzma_memory)
+            errors: tuple[type[Exception], ...] = (lzma.LZMAError,)
+        else:
+            decoder = zlib.decompressobj()
+            errors = (zlib.error,)
+        position, pending, fed, ended = 0, b"", 0, False
         try:
-            out = inflater.decompress(data, blob.decoded_length + 1)
-        except zlib.error as exc:
-            raise StructureError(f"{self.filename}: {subject}: zlib stream is corrupt ({exc})") from None
-        if len(out) != blob.decoded_length or not inflater.eof or inflater.unused_data:
-            raise StructureError(
-                f"{self.filename}: {subject}: zlib stream does not inflate to exactly {blob.decoded_length} bytes"
-            )
-        return out
-
-    def _unxz(self, data: memoryview, decoded_length: int, subject: str) -> bytes:
-        """Decode one .xz stream to exactly ``decoded_length`` bytes: output bounded to one
-        byte more, decoder memory bounded by ``limits.max_lzma_memory`` (the dictionary a
-        hostile header asks for), the stream must end exactly with the input."""
-        decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=self.limits.max_lzma_memory)
-        try:
-            out = decoder.decompress(data, decoded_length + 1)
-        except lzma.LZMAError as exc:
-            if "memory" in str(exc).lower():
+            while not ended:
+                # input goes in INFLATE_INPUT pieces: handing zlib the whole blob would copy its
+                # unconsumed tail (most of the blob) at every step of INFLATE_PIECE output
+                if blob.codec == C.CODEC_LZMA:
+                    feed = data[fed : fed + INFLATE_INPUT] if decoder.needs_input else b""
+                    fed += len(feed)
+                    piece = decoder.decompress(feed, min(INFLATE_PIECE, n + 1 - position))
+                    progress = bool(piece) or bool(feed)
+                else:
+                    if not pending:
+                        pending = data[fed : fed + INFLATE_INPUT]
+                        fed += len(pending)
+                    before = len(pending)
+                    piece = decoder.decompress(pending, min(INFLATE_PIECE, n + 1 - position))
+                    pending = decoder.unconsumed_tail
+                    progress = bool(piece) or len(pending) < before
+                ended = decoder.eof
+                if position + len(piece) > n:
+                    position += len(piece)
+                    break
+                out[position : position + len(piece)] = piece
+                position += len(piece)
+                if not progress:  # the input is used up and the stream has not ended: cut short
+                    break
+        except errors as exc:
+            if blob.codec == C.CODEC_LZMA and "memory" in str(exc).lower():
                 raise LimitError(
                     f"{self.filename}: {subject}: the xz stream needs more decoder memory than the limit "
                     f"{self.limits.max_lzma_memory} bytes ({exc})"
                 ) from None
-            raise StructureError(f"{self.filename}: {subject}: xz stream is corrupt ({exc})") from None
-        if len(out) != decoded_length or not decoder.eof or decoder.unused_data:
+            raise StructureError(f"{self.filename}: {subject}: {kind} stream is corrupt ({exc})") from None
+        unused = (len(decoder.unused_data) + len(data) - fed) if ended else 0
+        if position != n or not ended or unused:
+            verb = "decode" if kind == "xz" else "inflate"
             raise StructureError(
-                f"{self.filename}: {subject}: xz stream does not decode to exactly {decoded_length} bytes "
-                f"(got {len(out)}{'' if decoder.eof else ', stream not ended'}"
-                f"{f', {len(decoder.unused_data)} bytes after its end' if decoder.unused_data else ''})"
+                f"{self.filename}: {subject}: {kind} stream does not {verb} to exactly {n} bytes "
+                f"(got {min(position, n + 1)}{'' if ended else ', stream not ended'}"
+                f"{f', {unused} bytes after its end' if unused else ''})"
             )
-        return out
 
-    def graph_bytes(self) -> bytes:
-        """The serialized ONNX ModelProto (payloads of stored tensors removed)."""
-        return self._unpack(self.index.graph, "graph")
+    def graph_bytes(self) -> bytes | bytearray:
+        """The serialized ONNX ModelProto (payloads of stored tensors removed), checked,
+        then inflated into a buffer of its declared length."""
+        graph = self.index.graph
+        with self.allocating("graph"):
+            data = self._checked(graph, "graph")
+            if graph.codec == C.CODEC_NONE:
+                return bytes(data)
+            out = bytearray(graph.decoded_length)
+            self._inflate_into(data, graph, "graph", memoryview(out))
+            return out
+
+    def identity(self) -> bytes:
+        """A digest naming this file's content: SHA-256 of its index bytes (codebooks, tables,
+        dims: everything outside the blobs) and of its payload digest (the blobs)."""
+        return hashlib.sha256(bytes(self._view[: self.index.payload_offset]) + self.index.payload_digest).digest()
 
     def verify_payload_digest(self) -> None:
+        """The whole-payload digest, a window at a time (each window's mapped pages let go)."""
         start = self.index.payload_offset
-        digest = _digest(self.index.payload_digest_algorithm, self._view[start:])
-        if digest != self.index.payload_digest:
+        hasher = hashlib.new(C.CHECKSUMS[self.index.payload_digest_algorithm][0])
+        for begin in range(start, self.index.file_size, RAW_COPY_WINDOW):
+            end = min(self.index.file_size, begin + RAW_COPY_WINDOW)
+            hasher.update(self._view[begin:end])
+            self._release_pages(begin, end - begin)
+        if hasher.digest() != self.index.payload_digest:
             raise ChecksumError(f"{self.filename}: whole-payload digest mismatch")
+
+    def start_payload_check(self) -> Callable[[], None]:
+        """Check the whole-payload digest: now with one decoding thread, else on a thread of
+        its own (hashlib releases the GIL) while the caller decodes. Returns what the caller
+        calls before handing out any result, to wait for the check and raise its error."""
+        if self.decode_workers < 2:
+            self.verify_payload_digest()
+            return lambda: None
+        pool = ThreadPoolExecutor(1)
+        check = pool.submit(self.verify_payload_digest)
+        pool.shutdown(wait=False)
+        return check.result
+
+    def blob_problems(self) -> list[str]:
+        """Every tensor and pack blob whose stored bytes do not match their checksum, by name
+        (the graph's is checked when it is read)."""
+        problems = []
+        for subject, blob in self.index.blobs()[1:]:
+            try:
+                self._check_windows(blob, subject)
+            except ChecksumError as exc:
+                problems.append(str(exc))
+        return problems
 
     # decoding --------------------------------------------------------------
     def _lookup(self, table: int) -> LookupTable | None:
@@ -277,12 +430,16 @@ class MoubFile:
         """:meth:`_by_symbol`, computed once per (codebook, dtype)."""
         key = (codebook, dtype)
         if key not in self._symbol_values:
+            self._charge_unplanned(self._planned_values, codebook, 8 * self.index.codebooks[codebook].size,
+                                   f"per-symbol values of codebook {codebook}")
             self._symbol_values[key] = self._by_symbol(codebook, dtype)
         return self._symbol_values[key]
 
     def _entries(self, table: int, codebook: int, dtype: ValueKey) -> tuple:
         key = (table, codebook, dtype)
         if key not in self._value_tables:
+            self._charge_unplanned(self._planned_entries, table, self._entries_bytes(table),
+                                   f"the lookup table of Huffman table {table}")
             self._value_tables[key] = self._lookup(table).entries(self._values(codebook, dtype))
         return self._value_tables[key]
 
@@ -492,6 +649,14 @@ class MoubFile:
         raise AssertionError("lane outside every stream")
 
     def _decode_huffman(self, streams: list[Stream], dtype_of: Callable[[Stream], ValueKey]) -> list[np.ndarray]:
+        """:meth:`_decode_streams`, with a failed allocation reported as a LimitError."""
+        if not streams:
+            return []
+        subject = streams[0].subject if len(streams) == 1 else f"{streams[0].subject} and {len(streams) - 1} more streams"
+        with self.allocating(subject):
+            return self._decode_streams(streams, dtype_of)
+
+    def _decode_streams(self, streams: list[Stream], dtype_of: Callable[[Stream], ValueKey]) -> list[np.ndarray]:
         """Decode Huffman streams (flat arrays, in the order given), grouped so each
         group shares one lane decode: streams of any tables whose values have the same
         dtype of at most 4 bytes decode together (a default-mode file has a table per
@@ -532,16 +697,45 @@ class MoubFile:
         return self._decode_huffman([stream], dtype_of=lambda s: None)[0]
 
     def decode_tensor(self, tensor: TensorInfo) -> np.ndarray:
-        """The tensor's values in their storage dtype (bf16 as uint16 bits), shaped."""
+        """The tensor's values in their storage dtype (bf16 as uint16 bits), shaped. A raw
+        tensor's array is allocated only once its stored bytes' checksum has passed, then
+        filled straight from the mapping (window by window) or by inflating into it."""
         storage = dtypes.STORAGE_DTYPES[tensor.dtype]
         if tensor.encoding == C.ENCODING_RAW:
-            out = _aligned_empty((tensor.n_elements,), storage)
-            if tensor.data.codec == C.CODEC_NONE:  # one copy, straight from the mapping
-                self._copy_checked(tensor.data, tensor.subject, out.view(np.uint8))
-            else:
-                out.view(np.uint8)[:] = np.frombuffer(self._unpack(tensor.data, tensor.subject), dtype=np.uint8)
-            return out.reshape(tensor.dims)
+            with self.allocating(tensor.subject):
+                blob = tensor.data
+                if blob.codec == C.CODEC_NONE:
+                    self._check_windows(blob, tensor.subject)
+                    out = _aligned_empty((tensor.n_elements,), storage)
+                    self._copy_windows(blob, out.view(np.uint8).reshape(-1))
+                else:
+                    data = self._checked(blob, tensor.subject)
+                    out = _aligned_empty((tensor.n_elements,), storage)
+                    self._inflate_into(data, blob, tensor.subject, memoryview(out.view(np.uint8).reshape(-1)))
+                return out.reshape(tensor.dims)
         return self._decode_huffman([tensor], dtype_of=lambda t: t.dtype)[0].reshape(tensor.dims)
+
+    @contextlib.contextmanager
+    def allocating(self, subject: str) -> Iterator[None]:
+        """Turn a failed allocation while decoding ``subject`` into a LimitError: the file's
+        plan was within the budget, but this process could not get the memory (the budget
+        is larger than what the machine has free)."""
+        try:
+            yield
+        except MemoryError:
+            raise self.out_of_memory(subject) from None
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise self.out_of_memory(subject) from None
+
+    def out_of_memory(self, subject: str) -> LimitError:
+        """The error for a failed allocation while decoding ``subject``."""
+        return LimitError(
+            f"{self.filename}: {subject}: out of memory while decoding; the file's plan ({self.budget.used} bytes) is within "
+            f"the memory budget of {self.budget.limit} bytes, which is more than this process can allocate "
+            f"(set a lower ReaderLimits.memory_budget or moub --memory-budget)"
+        )
 
     def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
         """Decode one tensor at a time, in file order (streaming). Pack members come
@@ -617,9 +811,12 @@ class MoubFile:
                     yield member, values
                 else:
                     for member in pack.members:
-                        yield member, scale_member(
-                            values[member.start : member.start + member.count], member.scale, dtype_at(member.site), member.offset
-                        )
+                        with self.allocating(member.subject):
+                            scaled = scale_member(
+                                values[member.start : member.start + member.count], member.scale, dtype_at(member.site), member.offset
+                            )
+                        yield member, scaled
+                        del scaled
                 del values
 
 

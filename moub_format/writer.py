@@ -17,17 +17,16 @@ import hashlib
 import lzma
 import operator
 import os
-import tempfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import flatbuffers
 import numpy as np
 
 from . import constants as C
 from . import dtypes, huffman
+from .atomic import write_atomic
 from .fb import Blob as FbBlob
 from .fb import Checksum as FbChecksum
 from .fb import Codebook as FbCodebook
@@ -643,29 +642,6 @@ def index_digest_position(index: bytes | bytearray | memoryview) -> int:
     root = FbModel.Model.GetRootAs(index, 0)
     table = root.IndexDigest()
     return table._tab.Vector(table._tab.Offset(6))  # slot 1 of Checksum: digest
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes | memoryview]) -> None:
-    """Write ``data`` (bytes, or pieces written one after the other) to ``path`` via a
-    temp file in the same folder, fsync, rename; on any failure no file is left behind."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    pieces = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for piece in pieces:
-                handle.write(piece)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write(path: str | os.PathLike, *args, **kwargs) -> int:

@@ -3,6 +3,11 @@
 Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal
 failure. ``convert`` and ``demo`` live in the converter package and are
 imported only when asked for, so the device runtime never loads it.
+
+Everything printed that comes from a file (names, producer, metadata, error
+messages quoting them) goes through :func:`printable`, so a file cannot drive
+the terminal: no escape sequences, carriage returns or bidirectional overrides
+reach it, only their escaped spelling.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -23,9 +29,36 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+_SHOWN_AS_IS = frozenset({"\t"})
+_INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cs", "Zl", "Zp"})  # controls, format (bidi, zero-width), private, surrogates, separators
+
+
+def printable(text: object) -> str:
+    """``text`` with every character that could steer a terminal (C0/C1 controls, escape
+    sequences, carriage return, bidirectional and zero-width format characters, line and
+    paragraph separators) written as a visible escape: ``\x1b``, ``\r``, ``\u202e``."""
+    out = []
+    for ch in str(text):
+        if ch not in _SHOWN_AS_IS and unicodedata.category(ch) in _INVISIBLE:
+            code = ord(ch)
+            out.append({"\n": "\\n", "\r": "\\r"}.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+                                                               if code < 0x10000 else f"\\U{code:08x}"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"moub: {' '.join(str(message).split())}", file=sys.stderr)
+    print(f"moub: {printable(' '.join(str(message).split()))}", file=sys.stderr)
     return code
+
+
+def _limits(args: argparse.Namespace):
+    from moub_format import DEFAULT_LIMITS, ReaderLimits
+
+    if args.memory_budget is None:
+        return DEFAULT_LIMITS
+    return ReaderLimits(memory_budget=args.memory_budget)
 
 
 def dtype_name(code: int) -> str:
@@ -49,11 +82,11 @@ def _human(n: float) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import summarize
 
-    summary = summarize(args.file)
-    if args.json:
+    summary = summarize(args.file, _limits(args))
+    if args.json:  # JSON escapes every control character itself
         print(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"{summary.file}: .moub format {summary.format_version}, written by {summary.producer}")
+    print(f"{printable(summary.file)}: .moub format {summary.format_version}, written by {printable(summary.producer)}")
     print(
         f"  file {_human(summary.file_bytes)}, decoded {_human(summary.decoded_bytes)} (ratio {summary.ratio:.2f}x); "
         f"{summary.quantized_weights} quantized weights at {summary.bits_per_weight:.3f} bits/weight incl. tables"
@@ -74,7 +107,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {'tensor':48} {'dtype':>7} {'shape':>18} {'encoding':>8} {'bytes':>10} {'bits/w':>7}")
     for t in summary.tensors:
         shape = "x".join(str(d) for d in t.dims) or "scalar"
-        print(f"  {t.path[:48]:48} {dtype_name(t.dtype):>7} {shape[:18]:>18} {t.encoding:>8} {t.stored_bytes:>10} {t.bits_per_weight:>7.3f}")
+        print(f"  {printable(t.path)[:48]:48} {dtype_name(t.dtype):>7} {shape[:18]:>18} {t.encoding:>8} {t.stored_bytes:>10} "
+              f"{t.bits_per_weight:>7.3f}")
     for p in summary.packs:
         print(
             f"  pack {p.number}: {len(p.members)} members, {p.elements} weights, {p.stored_bytes} bytes in {p.chunks} chunks, "
@@ -82,7 +116,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{p.bits_per_weight_with_index:.3f} with its index share ({p.index_bytes} bytes)"
         )
         for m in p.members[:MAX_MEMBERS_SHOWN]:
-            name = m["path"] if m["path"] is not None else f"site {m['site']}"
+            name = printable(m["path"]) if m["path"] is not None else f"site {m['site']}"
             offset = f" offset {m['offset']:+d}" if m.get("offset") else ""
             print(f"    {name[:56]:56} {m['elements']:>10} x {m['scale']:.6g}{offset}")
         if len(p.members) > MAX_MEMBERS_SHOWN:
@@ -90,8 +124,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if summary.metadata:
         print("  provenance:")
         for key, value in summary.metadata.items():
-            shown = value if len(value) <= 100 else value[:97] + "..."
-            print(f"    {key}: {shown}")
+            shown = printable(value)
+            shown = shown if len(shown) <= 100 else shown[:97] + "..."
+            print(f"    {printable(key)}: {shown}")
     return EXIT_OK
 
 
@@ -102,8 +137,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     reason = unwritable_reason(args.output)
     if reason:
         return _fail(reason)
-    decode_to_onnx(args.file, args.output)
-    print(f"wrote {args.output}")
+    decode_to_onnx(args.file, args.output, _limits(args))
+    print(f"wrote {printable(args.output)}")
     return EXIT_OK
 
 
@@ -112,12 +147,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if bool(args.model) != bool(args.data):
         return _fail("verify: --model and --data go together")
-    problems = verify_file(args.file)
+    problems = verify_file(args.file, _limits(args))
     for problem in problems:
-        print(f"FAIL {problem}")
+        print(f"FAIL {printable(problem)}")
     if problems:
         return _fail(f"{args.file}: {len(problems)} problem(s) found")
-    print(f"{args.file}: structure, checksums, graph and every tensor and pack decode: OK")
+    print(f"{printable(args.file)}: structure, checksums, graph and every tensor and pack decode: OK")
     if args.model:
         from .compare import compare_outputs
 
@@ -135,21 +170,39 @@ def _dispatch_converter(name: str, argv: list[str]) -> int:
     return getattr(converter_cli, f"{name}_main")(argv)
 
 
+def _size(text: str) -> int:
+    from moub_format.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_memory_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", type=_size, metavar="SIZE",
+                   help="most memory reading the file may take, e.g. 300M or 2G (default: half of this machine's memory, "
+                        "at most 64G); a file that needs more is refused before anything is decoded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moub", description="Compress ONNX models into .moub files and load them back.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("inspect", help="tensors, codebooks, bits/weight, ratio, provenance")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
+    _add_memory_budget(p)
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("decode", help="write the runnable ONNX model with decoded weights")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
+    _add_memory_budget(p)
     p.set_defaults(func=cmd_decode)
     p = sub.add_parser("verify", help="checksums, structure, decode; optionally compare with the original")
     p.add_argument("file")
     p.add_argument("--model", help="original .onnx to compare outputs with")
     p.add_argument("--data", help=".npz inputs for the comparison")
+    _add_memory_budget(p)
     p.set_defaults(func=cmd_verify)
     sub.add_parser("convert", help="compress an ONNX model (needs moub[convert]); see moub convert -h", add_help=False)
     sub.add_parser("demo", help="the bundled default end to end", add_help=False)
@@ -167,8 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except MoubFormatError as exc:
         return _fail(str(exc))
-    except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
-        return _fail(f"{exc.filename or args.file}: {exc.strerror}")
     except ValueError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -178,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # message; stdout goes to devnull so that the interpreter's final flush stays quiet
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_INTERNAL
+    except OSError as exc:  # a file that is missing or unreadable, a disk that is full: the input or the place, not us
+        return _fail(f"{exc.filename or args.file}: {exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, exit 1
         return _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
 

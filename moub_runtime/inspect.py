@@ -1,19 +1,20 @@
 """What a .moub holds, and whether it is intact: the library behind
-``moub inspect`` and ``moub verify``."""
+``moub inspect`` and ``moub verify``.
+
+``verify`` takes the validation path every loader takes (:mod:`.validation`), so it accepts
+exactly the files ``load`` accepts; it adds only the reporting of every damaged blob by name."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
-from moub_format import DEFAULT_LIMITS, MoubFile, MoubFormatError, ReaderLimits, scale_member
+from moub_format import DEFAULT_LIMITS, MoubFile, MoubFormatError, ReaderLimits
 from moub_format import constants as C
 from moub_format import dtypes
 
-from .loader import _match, parse_graph
 from .sites import iter_tensor_sites
+from .validation import open_checked, parse_graph
 
 
 @dataclass
@@ -108,7 +109,7 @@ def _graph_sites(moub: MoubFile) -> list[tuple[str, int]] | None:
 
 def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> Summary:
     """Read the index (and, for pack member names, the graph; no weights are decoded) and summarise it."""
-    with MoubFile(path, limits) as moub:
+    with MoubFile(path, limits, plan_decoding=False) as moub:
         index = moub.index
         tensors = []
         for t in index.tensors:
@@ -213,44 +214,28 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
 
 
 def verify_file(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> list[str]:
-    """Check structure, every checksum, the payload digest, the graph and every decode.
+    """Check a file exactly as loading it does; return its problems (empty list: intact).
 
-    Structural failures raise (nothing else can be trusted after them); per-tensor
-    problems are collected so that all of them are reported. Empty list = intact.
+    What fails before decoding (structure, index digest, memory plan, graph, sites) raises,
+    as it does for ``load``: nothing else can be trusted after it. Then the whole-payload
+    digest and every blob's checksum are checked, each mismatch reported by name; if all
+    match, every tensor and pack is decoded as ``load`` decodes them, and the first problem
+    met is reported.
     """
-    problems: list[str] = []
-    with MoubFile(path, limits) as moub:
+    with open_checked(path, limits) as checked:
+        moub = checked.moub
+        problems: list[str] = []
         try:
             moub.verify_payload_digest()
         except MoubFormatError as exc:
             problems.append(str(exc))
-        members = None
+        problems += moub.blob_problems()
+        if problems:
+            return problems
         try:
-            model = parse_graph(moub)
-            _, members = _match(moub, model)
+            with moub.allocating("the decoded model"):
+                for _ in checked.decoded(payload_checked=True):
+                    pass
         except MoubFormatError as exc:
             problems.append(str(exc))
-        for tensor in moub.index.tensors:
-            try:
-                values = moub.decode_tensor(tensor)
-                if tensor.dtype in dtypes.FLOAT_DTYPES and tensor.encoding == C.ENCODING_HUFFMAN:
-                    as_float = dtypes.storage_to_float32(values, tensor.dtype)
-                    if not np.isfinite(as_float).all():
-                        problems.append(f"{moub.filename}: tensor {tensor.path!r}: decodes to non-finite values")
-            except MoubFormatError as exc:
-                problems.append(str(exc))
-        # Packs need the graph's element types; without a matching graph they decode as float32.
-        dtype_of = {ordinal: site.tensor.data_type for ordinal, site in members.items()} if members else None
-        for pack in moub.index.packs:
-            try:
-                values = moub.decode_pack(pack)
-                for member in pack.members:
-                    dtype = dtype_of.get(member.site, dtypes.FLOAT) if dtype_of else dtypes.FLOAT
-                    member_values = dtypes.storage_to_float32(
-                        scale_member(values[member.start : member.start + member.count], member.scale, dtype, member.offset), dtype
-                    )
-                    if not np.isfinite(member_values).all():
-                        problems.append(f"{moub.filename}: {member.subject}: decodes to non-finite values")
-            except MoubFormatError as exc:
-                problems.append(str(exc))
     return problems

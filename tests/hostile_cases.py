@@ -203,7 +203,7 @@ def deep_tables_file(tensors: int = 300) -> bytes:
 
 
 def _graph_with(tensor_name: str, dims: list[int], dtype: int = TensorProto.FLOAT) -> K.Blob:
-    x = helper.make_tensor(tensor_name, dtype, dims, [])
+    x = TensorProto(name=tensor_name, data_type=dtype, dims=dims)  # no payload: the file stores it
     graph = helper.make_graph([helper.make_node("Identity", [tensor_name], ["y"])], "one", [],
                               [helper.make_tensor_value_info("y", dtype, None)], [x])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -236,10 +236,17 @@ def _zeros(total: int, piece: int = 1 << 24):
         total -= piece
 
 
+def _incompressible_tail(decoded_bytes: int) -> bytes:
+    """Random letters, 1/5000 of ``decoded_bytes``: xz compresses zeros further than the reader's
+    4096x expansion cap, so a bomb at the cap needs some bytes that do not compress."""
+    return bytes(np.random.default_rng(5).integers(97, 123, max(1, decoded_bytes // 5000), dtype=np.uint8))
+
+
 def lzma_tensor_file(decoded_bytes: int = 1 << 30) -> bytes:
-    """One raw float tensor of ``decoded_bytes`` zeros stored as xz (the report's 272 KB file
-    decoding to a 1 GiB tensor): valid, only big."""
-    stored = _xz(_zeros(decoded_bytes))
+    """One raw tensor of ``decoded_bytes`` (zeros, then a few random letters) stored as xz (the
+    report's 272 KB file decoding to a 1 GiB tensor): valid, only big."""
+    tail = _incompressible_tail(decoded_bytes)
+    stored = _xz([*_zeros(decoded_bytes - len(tail)), tail])
     tensor = K.Tensor("init:X", "X", TensorProto.FLOAT, [decoded_bytes // 4], C.ENCODING_RAW,
                       K.Blob(stored, C.CODEC_LZMA, decoded_length=decoded_bytes))
     return K.build(K.Spec(graph=_graph_with("X", [decoded_bytes // 4]), codebooks=[], tables=[], tensors=[tensor], metadata=[],
@@ -261,7 +268,7 @@ def lzma_graph_file(doc_bytes: int = (1 << 31) - (1 << 20)) -> bytes:
     1/4096 of the graph with a tail of random letters, so the expansion-ratio cap passes."""
     head = K.stripped_graph(codec=C.CODEC_NONE).payload + b"\x32" + _varint(doc_bytes)  # field 6 (doc_string), bytes
     decoded = len(head) + doc_bytes
-    tail = bytes(np.random.default_rng(5).integers(97, 123, 300_000, dtype=np.uint8))
+    tail = _incompressible_tail(doc_bytes)
     pieces = [head, *_zeros(doc_bytes - len(tail)), tail]
     stored = _xz(pieces, preset=1)
     assert decoded <= len(stored) * C.DEFAULT_LIMITS.max_expansion_ratio, (decoded, len(stored))
@@ -307,7 +314,7 @@ def terminal_control_file() -> bytes:
 def negative_dims_file() -> bytes:
     """A graph initializer with dims [-1] and no data, which the file does not provide."""
     model = K.tiny_model()
-    model.graph.initializer.append(helper.make_tensor("N", TensorProto.FLOAT, [-1], []))
+    model.graph.initializer.append(TensorProto(name="N", data_type=TensorProto.FLOAT, dims=[-1]))
     spec = K.valid_spec()
     spec.graph = stored_stripped(model)
     return K.build(spec)
@@ -315,7 +322,6 @@ def negative_dims_file() -> bytes:
 
 def shadowed_weight_file() -> bytes:
     """The stored W, and a second initializer W with other values inline after it."""
-    model = K.tiny_model()
     shadow = numpy_helper.from_array(np.full((K.N_IN, K.N_OUT), 1000.0, np.float32), "W")
     spec = K.valid_spec()
     stripped = onnx.ModelProto()

@@ -601,7 +601,9 @@ def test_20_payload_digest_mismatch(tmp_path):
     spec = valid()
     spec.payload_digest = K.Checksum(digest=bytes(32))
     path = write(tmp_path, spec)
-    full_read(path)  # every blob is intact: loading does not need the whole-payload digest
+    # every blob is intact, but verify and load accept the same files: both check the digest
+    with pytest.raises(ChecksumError, match="whole-payload digest mismatch"):
+        full_read(path)
     problems = moub_inspect.verify_file(path)
     assert len(problems) == 1 and "whole-payload digest mismatch" in problems[0] and str(path) in problems[0]
 

@@ -112,7 +112,7 @@ def test_a_compact_pack_decodes_like_the_wide_one(tmp_path, decoder, offsets):
     with MoubFile(compact_file) as moub, MoubFile(wide_file) as reference:
         (info,), (ref,) = moub.index.packs, reference.index.packs
         assert info.compact and not ref.compact
-        assert (info.counts, info.chunk_bits, info.offsets) == (ref.counts, ref.chunk_bits, ref.offsets)
+        assert (info.counts, info.chunk_bits.tolist(), info.offsets) == (ref.counts, ref.chunk_bits.tolist(), ref.offsets)
 
 
 def test_a_1_2_reader_refuses_compact_packs(tmp_path, monkeypatch):
@@ -292,7 +292,7 @@ def test_member_site_with_negative_dims_in_the_graph(tmp_path):
     model.graph.initializer[1].dims[:] = [-8, -8]  # product 64, like the count
     spec = valid()
     spec.graph = K.stripped_graph(model)
-    expect(tmp_path, spec, GraphError, "pack 0 member 1", "dims [-8, -8]")
+    expect(tmp_path, spec, GraphError, "graph tensor 'init:B' has negative dims [-8, -8]")
 
 
 def test_graph_site_no_tensor_or_member_provides(tmp_path):

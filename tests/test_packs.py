@@ -18,7 +18,7 @@ import modelzoo
 import moub_runtime
 import packing
 from moub_converters.encode import PackAssignment, TensorAssignment, dequantize_scaled, encode_model
-from moub_format import MoubFile, build, dtypes, scale_member
+from moub_format import CodebookError, MoubFile, build, dtypes, scale_member
 from moub_format import constants as C
 from moub_format import huffman, writer
 from moub_format.writer import OWN, SMALLEST, GridCodebook, HuffmanTensor, PackSpec
@@ -514,7 +514,7 @@ def test_cli_inspect_shows_offsets(centred):
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr
 
 
-def test_verify_reports_members_that_decode_to_inf(tmp_path):
+def test_verify_and_load_refuse_members_that_decode_to_inf(tmp_path):
     # float32 products are finite (the reader checks), but 60000 x 2 overflows a float16 member.
     model = modelzoo.everything_model()
     codebooks = [GridCodebook(1, 2)]
@@ -523,8 +523,10 @@ def test_verify_reports_members_that_decode_to_inf(tmp_path):
     path.write_bytes(encode_model(model, codebooks, {}, packs=[pack]))
     from moub_runtime.inspect import verify_file
 
-    problems = verify_file(path)
-    assert len(problems) == 1 and "pack 0 member 0 (site 1): decodes to non-finite values" in problems[0]
+    for check in (verify_file, moub_runtime.load):  # verify and load refuse it alike, before decoding
+        with pytest.raises(CodebookError, match=r"pack 0 member 0 \(site 1\): values up to 120000 \(scale 60000\) overflow "
+                                                r"the site's element type float16"):
+            check(path)
 
 
 def test_session_frees_pack_members_like_tensors(packed):

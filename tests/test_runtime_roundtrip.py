@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -163,17 +164,18 @@ def test_large_models_are_saved_with_external_data(packed, tmp_path):
     expected = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     out = tmp_path / "big" / "decoded.onnx"
     out.parent.mkdir()
-    for _ in range(2):  # a second save replaces the data file instead of appending to it
+    for _ in range(2):  # a second save replaces the pair: the same data file name (named by its content), no leftovers
         model = moub_runtime.load(path)
         save_onnx(model, out, external_threshold=1000)
-        data = out.parent / "decoded.onnx.data"
-        assert data.exists() and sorted(p.name for p in out.parent.iterdir()) == ["decoded.onnx", "decoded.onnx.data"]
+        names = sorted(p.name for p in out.parent.iterdir())
+        assert len(names) == 2 and names[0] == "decoded.onnx" and re.fullmatch(r"decoded\.onnx\.[0-9a-f]{16}\.data", names[1])
+        data = out.parent / names[1]
         size = data.stat().st_size
     assert out.stat().st_size < size
     external = [s.tensor for s in tensor_sites(onnx.load(out, load_external_data=False)).values()
                 if s.tensor.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) >= 8  # initializers, subgraph initializers and Constant values alike
-    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"decoded.onnx.data"}
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {data.name}
     onnx.checker.check_model(str(out))
     reloaded = onnx.load(out)
     for site_path, site in tensor_sites(reference).items():
@@ -186,8 +188,8 @@ def test_large_models_are_saved_with_external_data(packed, tmp_path):
 
 @pytest.mark.parametrize("threshold", [1000, None])
 def test_decode_to_onnx_streams_a_large_model_to_its_data_file(packed, tmp_path, threshold):
-    """``moub decode``: with the threshold lowered, every stored tensor goes to OUT.data as it
-    is decoded (no whole model in memory); the files load and run like ``load``'s model."""
+    """``moub decode``: with the threshold lowered, every stored tensor goes to the data file as
+    it is decoded (no whole model in memory); the files load and run like ``load``'s model."""
     from moub_runtime import decode_to_onnx
 
     _, _, _, path = packed
@@ -204,7 +206,7 @@ def test_decode_to_onnx_streams_a_large_model_to_its_data_file(packed, tmp_path,
         assert names == ["decoded.onnx"]
         assert out.read_bytes() == reference.SerializeToString()
         return
-    assert names == ["decoded.onnx", "decoded.onnx.data"]
+    assert len(names) == 2 and names[0] == "decoded.onnx" and re.fullmatch(r"decoded\.onnx\.[0-9a-f]{16}\.data", names[1])
     skeleton = onnx.load(out, load_external_data=False)
     external = [s.tensor for s in tensor_sites(skeleton).values() if s.tensor.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) >= 8 and all(t.name for t in external)
