@@ -4,6 +4,11 @@
 optionally ``labels``. Every input must be present with the model's element
 type and, on every axis but the first, the model's fixed dimensions. Nothing
 is cast silently: a float64 array for a float32 input is an error that says so.
+
+The archive is read with caps: each member's declared shape and element type are read from its
+.npy header and checked (against the bytes the archive holds for it, and the total against
+:func:`data_byte_cap`) before any array is allocated, and a dataset has at most MAX_SAMPLES
+samples, since every candidate of the search runs on every sample.
 """
 
 from __future__ import annotations
@@ -18,9 +23,18 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from moub_format.budget import default_memory_budget
+
 from .errors import DataError
 
 LABELS_KEY = "labels"
+MAX_SAMPLES = 100_000  # a few hundred to a few thousand samples resolve a tolerance; millions would run for days
+
+
+def data_byte_cap() -> int:
+    """Bytes the arrays of a DATA.npz may declare in all: half the memory budget, since the
+    loader holds them twice while it shuffles them."""
+    return default_memory_budget() // 2
 
 
 @dataclass(frozen=True)
@@ -72,11 +86,62 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def _too_many_samples(source: str, n: int) -> str:
+    return (f"{source}: {n} samples; the converter runs every candidate on every sample and takes at most {MAX_SAMPLES} "
+            f"(a few hundred to a few thousand resolve the tolerance: pass a subset)")
+
+
+def _npy_header(member) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header bytes) of one .npy stream, read without its data."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    return tuple(shape), np.dtype(dtype), member.tell()
+
+
+def check_declared_sizes(path: Path, cap: int | None = None) -> None:
+    """Read each member's .npy header and refuse, before any array is allocated: a header
+    whose shape and element type need other than the bytes the archive holds for it (a
+    header claiming 4 TiB in a few hundred bytes), and arrays whose declared sizes add up to
+    more than ``cap`` (default :func:`data_byte_cap`; a few MB of zeros can inflate to GBs)."""
+    cap = data_byte_cap() if cap is None else cap
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            with archive.open(info) as member:
+                try:
+                    shape, dtype, header_bytes = _npy_header(member)
+                except ValueError as exc:
+                    raise DataError(f"{path}: array {name!r}: not NumPy data ({' '.join(str(exc).split())})") from None
+            if dtype.hasobject:
+                raise DataError(f"{path}: array {name!r} holds Python objects; --data wants numeric arrays")
+            declared = dtype.itemsize
+            for dim in shape:
+                declared *= dim
+            if header_bytes + declared != info.file_size:
+                raise DataError(
+                    f"{path}: array {name!r}: its header declares shape {list(shape)} of {dtype} ({declared} bytes), "
+                    f"the archive holds {info.file_size - header_bytes} bytes of data for it"
+                )
+            if shape and shape[0] > MAX_SAMPLES:
+                raise DataError(_too_many_samples(f"{path}: array {name!r}", shape[0]))
+            total += declared
+            if total > cap:
+                raise DataError(
+                    f"{path}: its arrays declare {total} bytes or more (array {name!r}: shape {list(shape)} of {dtype}); "
+                    f"the converter reads at most {cap} bytes of data (half its memory budget)"
+                )
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise DataError(f"{path}: a single array; --data wants an .npz with one array per model input")
+            check_declared_sizes(path)
             return {key: archive[key] for key in archive.files}
     except DataError:
         raise
@@ -92,10 +157,32 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({' '.join(str(exc).split())})") from None
 
 
+def _check_npy_size(path: Path) -> None:
+    """A .npy file's header must declare the bytes the file holds (before numpy allocates them)."""
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            return  # not .npy (an .npz is refused by the caller; anything else by np.load)
+        handle.seek(0)
+        try:
+            shape, dtype, header_bytes = _npy_header(handle)
+        except ValueError as exc:
+            raise DataError(f"{path}: not a readable .npy file ({' '.join(str(exc).split())})") from None
+        declared = dtype.itemsize
+        for dim in shape:
+            declared *= dim
+        size = os.fstat(handle.fileno()).st_size
+    if header_bytes + declared != size:
+        raise DataError(f"{path}: its header declares shape {list(shape)} of {dtype} ({declared} bytes), the file holds "
+                        f"{size - header_bytes} bytes of data")
+    if shape and shape[0] > MAX_SAMPLES:
+        raise DataError(_too_many_samples(str(path), shape[0]))
+
+
 def _read_labels(labels) -> np.ndarray:
     if isinstance(labels, (str, os.PathLike)):
         path = Path(labels)
         try:
+            _check_npy_size(path)
             array = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise DataError(f"{path}: no such file") from None
@@ -167,6 +254,8 @@ def load_dataset(
     assert n_samples is not None
     if n_samples == 0:
         raise DataError(f"{source}: no samples (first axis has length 0)")
+    if n_samples > MAX_SAMPLES:
+        raise DataError(_too_many_samples(source, n_samples))
     if labels is not None:
         label_source = str(labels) if isinstance(labels, (str, os.PathLike)) else "labels"
         label_array = _check_labels(_read_labels(labels), n_samples, label_source)
