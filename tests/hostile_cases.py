@@ -331,6 +331,16 @@ def shadowed_weight_file() -> bytes:
     return K.build(spec)
 
 
+def constant_shadow_file() -> bytes:
+    """The stored W, and a Constant node before the MatMul that also outputs W (values 1000)."""
+    model = K.tiny_model()
+    shadow = numpy_helper.from_array(np.full((K.N_IN, K.N_OUT), 1000.0, np.float32), "W")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["W"], value=shadow))
+    spec = K.valid_spec()
+    spec.graph = stored_stripped(model)
+    return K.build(spec)
+
+
 def old_version_with_new_features_file() -> bytes:
     """Labelled 1.0 (no index digest needed) while setting the 1.2 packs bit: the index is
     unprotected, and the feature bit says it needs a reader that checks it."""
