@@ -172,7 +172,7 @@ def check_file(path: Path, rows: int, weights: np.ndarray) -> dict:
 
 
 def check_decode(path: Path, out: Path, rows: int, weights: np.ndarray) -> dict:
-    """``moub decode`` to ``out`` (+ ``out.data``), timed with its peak RSS; then run the ONNX file."""
+    """``moub decode`` to ``out`` (+ its data file), timed with its peak RSS; then run the ONNX file."""
     import onnxruntime
 
     from moub_runtime import decode_to_onnx

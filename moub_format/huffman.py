@@ -36,10 +36,10 @@ def _unlimited_lengths(frequencies: np.ndarray, used: np.ndarray) -> np.ndarray:
     and the merged nodes, which come out in order of frequency as they are made. Taking
     the leaf on equal frequencies and the older merged node among merged ones pops
     exactly what a heap of (frequency, id) would, with leaves numbered by symbol and
-    merged nodes numbered after every symbol: the same tree, so the same lengths as
-    this function's earlier heap form. Why: the converter sizes every candidate's packs
-    with these lengths, thousands of tables per search; with the heap and its per-node
-    dictionaries, pack planning took 29% of rapidocr cls's conversion (12.7 of 43.8 s).
+    merged nodes numbered after every symbol: the same tree, so the same lengths as a
+    heap gives. Why two queues: the converter sizes every candidate's packs with these
+    lengths, thousands of tables per search, and a heap with a dictionary per node makes
+    that a large share of a whole conversion.
     """
     freq = frequencies[used]
     order = np.lexsort((used, freq))
@@ -218,7 +218,8 @@ def canonical_order(lengths: np.ndarray) -> tuple[list[int], np.ndarray]:
     count = np.bincount(used_lengths, minlength=int(used_lengths.max()) + 1).tolist()
     count[0] = 0
     # Only the used symbols are sorted, stably by length (a radix sort on uint8): grid tables
-    # run to 726,035 mostly unused entries (PP-OCRv4 det), where a lexsort of all took 10 ms.
+    # run to hundreds of thousands of mostly unused entries, and sorting all of them costs
+    # milliseconds per table.
     return count, used[np.argsort(used_lengths, kind="stable")]
 
 

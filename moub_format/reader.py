@@ -1,25 +1,27 @@
 """Read .moub files from untrusted storage.
 
-Order of operations: size check before mmap, full index verification and
-semantic validation (:mod:`.index`, including the index digest and the
-whole-model decoded size), zero padding between payload ranges, then per
-window of about ``batch_elements`` Huffman elements (DECODE_BATCH_ELEMENTS
-by default): checksum of each tensor's stored bytes, chunk checks (bit ranges,
-zero padding bits), decoding of all chunks in lock step (:mod:`.lanes`, on
-``decode_workers`` threads; bitarray chunk by chunk when there are few)
-bounded by declared counts, each chunk required to take exactly its declared
-bits. Indices cannot leave the codebook (the code-length table has one entry
-per codebook entry). Memory: the decoded window (the arrays handed out are
-views of it) plus the lane decoder's scratch, about the window's stored bytes
-(at most DECODER_SCRATCH_BYTES) and a few MB; nothing is allocated from a size
-that was not checked first.
+Order of operations: a regular file of a size within the cap is mapped; the
+whole index is verified and validated (:mod:`.index`, including the index
+digest), everything reading it may materialise charged to the file's memory
+budget (:mod:`.budget`) before it is created; zero padding between payload
+ranges is checked. Then, per window of about ``batch_elements`` Huffman elements
+(DECODE_BATCH_ELEMENTS by default): checksum of each tensor's stored bytes,
+chunk checks (bit ranges, zero padding bits), decoding of all chunks in lock
+step (:mod:`.lanes`, on ``decode_workers`` threads; bitarray chunk by chunk
+when there are few) bounded by declared counts, each chunk required to take
+exactly its declared bits. Indices cannot leave the codebook (the code-length
+table has one entry per codebook entry). A raw tensor's array is allocated only
+after its stored bytes' checksum has passed, then filled from the mapping or by
+inflating into it. Memory: what the plan charged, never more: the decoded
+window (the arrays handed out are views of it) plus the lane decoder's scratch,
+about the window's stored bytes (at most DECODER_SCRATCH_BYTES) and a few MB.
 
 Packs (format 1.2) are streams like tensors: their chunks are lanes too. A
 pack decodes to float32 codebook values, then each member is offset, scaled
 and cast into an array of its own (:func:`scale_member`); a one-member pack
 decodes straight to its final values (offset and scale folded into the
-per-symbol table). zlib and xz blobs are decoded with a hard
-output limit (and, for xz, a decoder memory limit) and must end exactly.
+per-symbol table). zlib and xz blobs are decoded with a hard output limit
+(and, for xz, a decoder memory limit) and must end exactly.
 """
 
 from __future__ import annotations
@@ -579,7 +581,7 @@ class MoubFile:
                 consumed_parts = list(pool.map(run, spans))
         elif self.decode_workers > 1 and row >= MIN_LANES_FOR_COPY_THREAD:
             # one more thread copies finished blocks into ``out`` (with fewer lanes the copies are
-            # small and the decoding thread only waits for the GIL: det's load took 1.5x longer)
+            # small, and the decoding thread would only wait for the GIL at every block)
             with ThreadPoolExecutor(1) as helper:
                 consumed_parts = [run(span, helper) for span in spans]
         else:
@@ -660,7 +662,8 @@ class MoubFile:
         """Decode Huffman streams (flat arrays, in the order given), grouped so each
         group shares one lane decode: streams of any tables whose values have the same
         dtype of at most 4 bytes decode together (a default-mode file has a table per
-        pack: decoding them one by one made rec's load 4x the plain .onnx's). Streams
+        pack, and decoding packs one by one pays NumPy's per-call cost once per pack and
+        step: several times the load time of the plain .onnx). Streams
         of the one-symbol table, or of wider values, group by table, codebook and
         values. Streams whose longest chunks differ by more than
         2x decode in different groups: every lane steps as often as the group's longest

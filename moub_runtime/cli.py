@@ -181,7 +181,7 @@ def _size(text: str) -> int:
 
 def _add_memory_budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", type=_size, metavar="SIZE",
-                   help="most memory reading the file may take, e.g. 300M or 2G (default: half of this machine's memory, "
+                   help="most memory reading the file may take, e.g. 300M or 2G (default: half of the memory available, "
                         "at most 64G); a file that needs more is refused before anything is decoded")
 
 
