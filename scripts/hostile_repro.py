@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -82,7 +81,29 @@ CASES = [
     Case("7", "version-1.0-with-1.2-bits", _file("version-1.0-with-1.2-bits", H.old_version_with_new_features_file), ("verify", "load")),
     Case("7", "decode-onto-input", _file("decode-onto-input", lambda: H.K.build(H.K.valid_spec())), ("decode-self",)),
     Case("7", "output-mode", _file("output-mode", lambda: H.K.build(H.K.valid_spec())), ("decode-umask077",)),
+    Case("7", "pair", lambda folder: _two_versions(folder), ("pair-crash", "pair-race")),
+    Case("7", "full-disk", _file("full-disk", lambda: _raw_file(1 << 20)), ("decode-full-disk",)),
+    Case("7", "killed-writes", _file("killed-writes", lambda: H.K.build(H.K.valid_spec())), ("kill-write",)),
 ]
+
+
+def _two_versions(folder: Path) -> Path:
+    """v1 and v2 of one model (W and B of 4 KiB each, so they go to the data file), for the pair cases."""
+    first, second = folder / "pair.moub", folder / "pair.v2.moub"
+    if not first.exists():
+        v1, v2 = H.weight_versions()
+        first.write_bytes(v1)
+        second.write_bytes(v2)
+    return first
+
+
+def _raw_file(n: int) -> bytes:
+    import numpy as np
+    from moub_format import constants as C
+
+    data = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8).tobytes()
+    tensor = H.K.Tensor("init:X", "X", 2, [n], C.ENCODING_RAW, H.K.Blob(data))
+    return H.K.build(H.K.Spec(graph=H._graph_with("X", [n], 2), codebooks=[], tables=[], tensors=[tensor], metadata=[]))
 
 
 def _external_onnx(folder: Path) -> Path:
@@ -114,6 +135,62 @@ try:
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         y = session.run(None, {"x": np.ones((1, 8), np.float32)})[0]
         report(0, f"loaded; onnxruntime runs it: y[0, :3] = {y[0, :3].round(2).tolist()}")
+    if action in ("pair-crash", "pair-race"):
+        import os, subprocess, onnx, moub_runtime
+        v1, v2, out = path, path.replace(".moub", ".v2.moub"), os.path.join(workdir, "model.onnx")
+        def decode(source):
+            moub_runtime.decode_to_onnx(source, out, external_threshold=100)  # the model gets a data file
+        references = {}
+        def weights():  # "model vX, data vY": what the model file says, whose weights it loads
+            model = onnx.load(out)
+            data = b"".join(onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer)
+            return f"model {model.doc_string}, weights {references.get(data, 'of neither')}"
+        for name, source in (("v1", v1), ("v2", v2)):
+            decode(source)
+            references[b"".join(onnx.numpy_helper.to_array(t).tobytes() for t in onnx.load(out).graph.initializer)] = name
+        if action == "pair-crash":
+            decode(v1)
+            real, calls = os.replace, []
+            def crash_on_second(*args, **kwargs):  # the process dies between the two renames
+                calls.append(args)
+                if len(calls) == 2:
+                    raise KeyboardInterrupt
+                return real(*args, **kwargs)
+            os.replace = crash_on_second
+            try:
+                decode(v2)
+            except KeyboardInterrupt:
+                pass
+            os.replace = real
+            try:
+                got = weights()
+            except Exception as exc:
+                got = f"unloadable ({type(exc).__name__})"
+            data_names = sorted(n for n in os.listdir(workdir) if ".data" in n)
+            report(0, f"after a crash between the renames of decoding v2 over v1: {got}"
+                      f"{' (the old pair, intact)' if got == 'model v1, weights v1' else ' (a mismatched pair)'}; data files: {data_names}")
+        code = "import sys, moub_runtime\nfor _ in range(10): moub_runtime.decode_to_onnx(sys.argv[1], sys.argv[2], external_threshold=100)\n"
+        children = [subprocess.Popen([sys.executable, "-c", code, source, out], stderr=subprocess.DEVNULL) for source in (v1, v2, v1, v2)]
+        codes = [child.wait() for child in children]
+        try:
+            got = weights()
+        except Exception as exc:
+            got = f"unloadable ({type(exc).__name__})"
+        left = sorted(name for name in os.listdir(workdir) if name not in ("model.onnx", "secret.txt"))
+        report(0, f"4 concurrent decoders x 10 (exit codes {codes}): {got}; beside model.onnx: {left}")
+    if action == "kill-write":
+        import os, signal, subprocess
+        from moub_format.writer import write_atomic
+        target = os.path.join(workdir, "model.onnx")
+        killer = ("import os, signal, sys\nfrom moub_format.writer import write_atomic\n"
+                  "def pieces():\n    yield b'x' * 4096\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "write_atomic(sys.argv[1], pieces())\n")
+        for _ in range(5):
+            subprocess.run([sys.executable, "-c", killer, target])
+        after_kills = len([n for n in os.listdir(workdir) if n.endswith(".tmp")])
+        write_atomic(target, b"complete")
+        after_write = len([n for n in os.listdir(workdir) if n.endswith(".tmp")])
+        report(0, f"5 writes killed: {after_kills} temp file(s) left; after one more successful write: {after_write}")
     if action == "session":
         import numpy as np, moub_runtime
         session = moub_runtime.InferenceSession(path)
@@ -146,6 +223,11 @@ def command_for(action: str, path: Path, work: Path, python: str) -> tuple[list[
     if action == "decode-umask077":
         return ["sh", "-c", f"umask 077 && {python} -m moub_runtime.cli decode {path} -o {work / 'private.onnx'} "
                             f"&& stat -c 'mode %a' {work / 'private.onnx'}"], env
+    if action == "decode-full-disk":
+        full = work / "full"
+        return ["sh", "-c", f"mkdir -p {full} && mount -t tmpfs -o size=256k tmpfs {full} && "
+                            f"{{ {python} -m moub_runtime.cli decode {path} -o {full / 'out.onnx'}; code=$?; "
+                            f"echo \"left in the folder: $(ls -A {full} | wc -l) file(s)\"; umount {full}; exit $code; }}"], env
     if action == "convert":
         return _cli(python, "convert", str(path), "-o", str(work / "converted.moub"), "--data",
                     str(ROOT / "converters" / "data" / "digits_val.npz"), "--quiet"), env
@@ -190,7 +272,7 @@ def measure(command: list[str], env: dict, cwd: Path, as_limit: int, timeout: fl
 def summary(action: str, result: dict) -> tuple[int | str, str]:
     if result["timed_out"]:
         return "timeout", f"still running after the time limit (peak {result['peak_mb']} MB so far)"
-    if action in ("load", "load-as-2g", "session", "load-run"):
+    if action in ("load", "load-as-2g", "session", "load-run", "pair-crash", "pair-race", "kill-write"):
         try:
             line = json.loads(result["out"].strip().splitlines()[-1])
             return line["code"], line["text"]
@@ -200,8 +282,8 @@ def summary(action: str, result: dict) -> tuple[int | str, str]:
     lines = text.splitlines() or ["(no output)"]
     if action == "inspect-raw":
         return result["returncode"], repr(result["out"][:160])
-    if action == "decode-umask077":
-        return result["returncode"], " / ".join(lines[-2:])
+    if action in ("decode-umask077", "decode-full-disk"):
+        return result["returncode"], " / ".join((result["err"].strip().splitlines() or [""])[-1:] + result["out"].strip().splitlines()[-1:])
     shown = lines[0] if len(lines) == 1 else f"{lines[0]} [+{len(lines) - 1} lines]"
     return result["returncode"], shown
 

@@ -341,6 +341,36 @@ def constant_shadow_file() -> bytes:
     return K.build(spec)
 
 
+def weight_versions(size: int = 32) -> tuple[bytes, bytes]:
+    """Two valid files of one model, x[1, size] -> MatMul W -> Add B, whose W (Huffman) and B
+    (raw) are big enough (4 KiB each at 32) to go to a data file when decoded with a low
+    threshold; the second file's codebook is the first's doubled."""
+    rng = np.random.default_rng(11)
+    lengths = np.array([3, 2, 1, 4, 4], dtype=np.uint8)
+    indices = rng.integers(0, K.CODEBOOK.size, size * size)
+    bias = rng.standard_normal((size, size)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])], "versions",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
+        [TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[size, size]),
+         TensorProto(name="B", data_type=TensorProto.FLOAT, dims=[size, size])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    files = []
+    for scale in (1, 2):
+        model.doc_string = f"v{scale}"  # the model file says which version it is; its data file may not agree
+        files.append(K.build(K.Spec(
+            graph=K.stripped_graph(model),
+            codebooks=[K.CODEBOOK * np.float32(scale)],
+            tables=[lengths],
+            tensors=[K.raw_tensor(bias, "init:B", "B"), K.huffman_tensor(indices, lengths, dims=[size, size])],
+            metadata=[],
+        )))
+    return files[0], files[1]
+
+
 def old_version_with_new_features_file() -> bytes:
     """Labelled 1.0 (no index digest needed) while setting the 1.2 packs bit: the index is
     unprotected, and the feature bit says it needs a reader that checks it."""

@@ -330,20 +330,30 @@ def test_moub_convert_refuses_the_4_tib_header_in_one_line(tmp_path):
 
 @pytest.fixture
 def two_versions(tmp_path):
-    """Two valid .moub files of the tiny model that decode to different weights."""
-    first = write(tmp_path, K.build(K.valid_spec()), "v1.moub")
-    spec = K.valid_spec()
-    spec.codebooks = [K.CODEBOOK * np.float32(2)]
-    second = write(tmp_path, K.build(spec), "v2.moub")
-    return first, second
+    """Two valid .moub files of one model whose W and B (4 KiB each) go to the data file when
+    decoded with a low threshold, and whose graphs say which version they are."""
+    first, second = H.weight_versions()
+    return write(tmp_path, first, "v1.moub"), write(tmp_path, second, "v2.moub")
 
 
-def _weights(out: Path) -> bytes:
-    return onnx.numpy_helper.to_array(onnx.load(out).graph.initializer[0]).tobytes()
+def _pair(out: Path, versions: dict[bytes, str]) -> str:
+    """'model vX, weights vY': what the model file says it is, and whose weights it loads."""
+    model = onnx.load(out)
+    weights = b"".join(onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer)
+    return f"model {model.doc_string}, weights {versions.get(weights, 'of neither')}"
 
 
 def _decode(source: Path, out: Path) -> None:
-    moub_runtime.decode_to_onnx(source, out, external_threshold=100)  # B and W go to a data file
+    moub_runtime.decode_to_onnx(source, out, external_threshold=100)  # W and B go to the data file
+
+
+def _versions(files: tuple[Path, Path], out: Path) -> dict[bytes, str]:
+    versions = {}
+    for name, source in zip(("v1", "v2"), files):
+        _decode(source, out)
+        versions[b"".join(onnx.numpy_helper.to_array(t).tobytes() for t in onnx.load(out).graph.initializer)] = name
+    assert len(versions) == 2
+    return versions
 
 
 def test_a_model_and_its_data_file_are_replaced_as_a_pair(two_versions, tmp_path, monkeypatch):
@@ -352,8 +362,9 @@ def test_a_model_and_its_data_file_are_replaced_as_a_pair(two_versions, tmp_path
     first, second = two_versions
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
+    versions = _versions(two_versions, out)
     _decode(first, out)
-    expected_first = _weights(out)
+    assert _pair(out, versions) == "model v1, weights v1"
     real_write = onnx_output.write_atomic
 
     def crash(*args, **kwargs):  # the process dies after the new data file is in place, before the model is
@@ -362,11 +373,11 @@ def test_a_model_and_its_data_file_are_replaced_as_a_pair(two_versions, tmp_path
     monkeypatch.setattr(onnx_output, "write_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
         _decode(second, out)
-    assert _weights(out) == expected_first  # the old model still has its own data file
+    assert _pair(out, versions) == "model v1, weights v1"  # the old model still has its own data file
     assert len(list(out.parent.glob("model.onnx.*.data"))) == 2  # and the new one waits as an orphan
     monkeypatch.setattr(onnx_output, "write_atomic", real_write)
     _decode(second, out)
-    assert _weights(out) != expected_first and len(list(out.parent.glob("model.onnx.*.data"))) == 1
+    assert _pair(out, versions) == "model v2, weights v2" and len(list(out.parent.glob("model.onnx.*.data"))) == 1
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
 
 
@@ -374,14 +385,11 @@ def test_concurrent_decodes_to_one_path_end_with_one_complete_pair(two_versions,
     first, second = two_versions
     out = tmp_path / "race" / "model.onnx"
     out.parent.mkdir()
-    expected = set()
-    for source in (first, second):
-        _decode(source, out)
-        expected.add(_weights(out))
+    versions = _versions(two_versions, out)
     code = "import sys, moub_runtime\nfor _ in range(15): moub_runtime.decode_to_onnx(sys.argv[1], sys.argv[2], external_threshold=100)\n"
     children = [subprocess.Popen([sys.executable, "-c", code, str(source), str(out)]) for source in (first, second, first, second)]
     assert [child.wait(timeout=300) for child in children] == [0, 0, 0, 0]
-    assert _weights(out) in expected
+    assert _pair(out, versions) in ("model v1, weights v1", "model v2, weights v2")
     names = sorted(p.name for p in out.parent.iterdir())
     assert len(names) == 2 and names[0] == "model.onnx", names  # no temp file, no second data file
 
