@@ -133,6 +133,9 @@ def encoded_bits(frequencies: np.ndarray, lengths: np.ndarray) -> int:
     return int(np.dot(np.asarray(frequencies, dtype=np.int64), np.asarray(lengths, dtype=np.int64)))
 
 
+LENGTHS_BINCOUNT_MAX = 1 << 16  # tables up to this many lengths are counted in one bincount
+
+
 def validate_lengths(lengths: np.ndarray, max_length: int = MAX_CODE_LENGTH, subject: str = "huffman table") -> None:
     """Raise HuffmanError unless ``lengths`` is a complete prefix code.
 
@@ -145,7 +148,10 @@ def validate_lengths(lengths: np.ndarray, max_length: int = MAX_CODE_LENGTH, sub
     longest = int(lengths.max())
     if longest > max_length:
         raise HuffmanError(f"{subject}: code length {longest} exceeds the limit {max_length}")
-    histogram = np.bincount(lengths.astype(np.int64), minlength=max_length + 1)
+    if lengths.size <= LENGTHS_BINCOUNT_MAX:
+        histogram = np.bincount(lengths.astype(np.int64), minlength=max_length + 1).tolist()
+    else:  # length by length: bincount would first widen every length to 8 bytes (128 MiB for 2^24)
+        histogram = [int(np.count_nonzero(lengths == length)) for length in range(max_length + 1)]
     used = int(lengths.size - histogram[0])
     if used == 0:
         raise HuffmanError(f"{subject}: no symbol has a code")

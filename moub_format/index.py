@@ -152,7 +152,7 @@ class Index:
     payload_offset: int
     file_size: int
     graph: BlobInfo
-    codebooks: tuple[np.ndarray, ...]
+    codebooks: tuple[np.ndarray | None, ...]   # explicit values; None for a grid codebook (:meth:`codebook_values`)
     tables: tuple[np.ndarray, ...]
     tensors: tuple[TensorInfo, ...]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -161,6 +161,20 @@ class Index:
     packs: tuple[PackInfo, ...] = ()
     grids: tuple[tuple[int, int] | None, ...] = ()   # per codebook: (first, count) of a grid codebook, else None
     table_bytes: tuple[int, ...] = ()   # per table: bytes it stores in the index (code_lengths entries, or packed_lengths bytes)
+
+    def codebook_size(self, codebook: int) -> int:
+        grid = self.grids[codebook] if self.grids else None
+        return grid[1] if grid else int(self.codebooks[codebook].size)
+
+    def codebook_values(self, codebook: int) -> np.ndarray:
+        """A codebook's float32 values: the explicit ones, or a grid's integers made now (a grid
+        of 2^24 values costs 64 MiB and 12 index bytes, so it is made only when decoding needs
+        it, which the file's memory plan has charged)."""
+        grid = self.grids[codebook] if self.grids else None
+        if grid is None:
+            return self.codebooks[codebook]
+        first, count = grid
+        return np.arange(first, first + count, dtype=np.int32).astype(np.float32)  # |values| < 2^24: exact
 
     def table_is_packed(self, table: int) -> bool:
         """Whether table ``table`` is stored packed (format 1.2): a packed table is always shorter than its lengths."""
@@ -541,13 +555,18 @@ def _overflows(magnitudes: np.ndarray, dtype: int) -> np.ndarray:
     return ~np.isfinite(cast)
 
 
-def check_tensor_ranges(tensors: list[TensorInfo], codebooks: list, tables: list, filename: str) -> None:
+def check_tensor_ranges(tensors: list[TensorInfo], codebooks: list, grids: list, tables: list, filename: str) -> None:
     """No Huffman tensor decodes to infinity: the largest magnitude among the codebook values
     its table can produce must be finite in the tensor's element type."""
     for t in tensors:
         if t.encoding != C.ENCODING_HUFFMAN or t.dtype not in (dtypes.FLOAT16, dtypes.BFLOAT16):
             continue
-        largest = np.abs(codebooks[t.codebook][_used_symbols(tables[t.table])]).max(initial=0).astype(np.float32)
+        used = _used_symbols(tables[t.table])
+        if grids[t.codebook]:
+            first = grids[t.codebook][0]
+            largest = np.float32(max(abs(first + int(used[0])), abs(first + int(used[-1]))))
+        else:
+            largest = np.abs(codebooks[t.codebook][used]).max(initial=0).astype(np.float32)
         if _overflows(np.asarray([largest]), t.dtype)[0]:
             raise CodebookError(
                 f"{filename}: {t.subject}: codebook {t.codebook} value of magnitude {float(largest):g} overflows "
@@ -665,8 +684,8 @@ def _check_index_digest(buf: memoryview, root: dict, file_size: int, minor: int,
 
 def _charge_parsing(root: dict, budget: MemoryBudget) -> None:
     """Charge, from the verified vector sizes and counts, what parsing creates beyond views
-    of the file: codebook copies, grid codebooks (float32 values made from an int32 range),
-    code lengths (a packed table's inflated bytes twice: zlib's output and the array),
+    of the file: codebook copies (a grid codebook's values are made only to decode, in the
+    reader's plan), code lengths (a packed table's inflated bytes twice: zlib's output and the array),
     chunk tables (int64) and pack member records."""
 
     def size(vector) -> int:
@@ -674,7 +693,6 @@ def _charge_parsing(root: dict, budget: MemoryBudget) -> None:
 
     codebooks = root["codebooks"] or []
     budget.charge(sum(4 * size(cb["values"]) for cb in codebooks), "the codebook values")
-    budget.charge(sum(8 * cb["count"] for cb in codebooks if not size(cb["values"])), "the grid codebooks' values")
     tables = root["tables"] or []
     budget.charge(sum(size(t["code_lengths"]) + (2 * t["count"] if t["packed_lengths"] is not None else 0) for t in tables),
                   "the code-length tables")
@@ -744,17 +762,13 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
     huffman_streams = [t for t in tensors if t.encoding == C.ENCODING_HUFFMAN] + packs
     _check_references(huffman_streams, codebooks, tables, grids, filename)
     _check_packs(packs, codebooks, grids, len(tensors), filename, limits)
-    # A grid codebook costs 12 index bytes whatever its count: only those some stream uses are
-    # materialised (an unused one is invalid), each charged above.
+    # A grid codebook costs 12 index bytes whatever its count: its values are made only when a
+    # stream that uses it decodes (an unused one is invalid), charged in the reader's plan.
     used_codebooks = {s.codebook for s in huffman_streams}
     for i, grid in enumerate(grids):
-        if grid is None:
-            continue
-        if i not in used_codebooks:
+        if grid is not None and i not in used_codebooks:
             raise CodebookError(f"{filename}: grid codebook {i} is used by no tensor or pack")
-        first, count = grid
-        codebooks[i] = np.arange(first, first + count, dtype=np.int32).astype(np.float32)  # |values| < 2^24: exact
-    check_tensor_ranges(tensors, codebooks, tables, filename)
+    check_tensor_ranges(tensors, codebooks, grids, tables, filename)
     decoded_total = sum(t.decoded_bytes for t in tensors) + sum(p.decoded_bytes for p in packs)
     _cap(decoded_total, limits.max_decoded_bytes, "decoded model size in bytes", filename)
 

@@ -210,8 +210,8 @@ class MoubFile:
         for (table, codebook), count in slots.items():
             self._planned_values[codebook] = self._planned_values.get(codebook, 0) + count
             self._planned_entries[table] = self._planned_entries.get(table, 0) + count
-        budget.charge(sum(count * 8 * index.codebooks[codebook].size for (_, codebook), count in slots.items()),
-                      "the per-symbol values of the codebooks in use")
+        budget.charge(sum(count * 8 * index.codebook_size(codebook) for (_, codebook), count in slots.items()),
+                      "the per-symbol values of the codebooks in use (grid codebooks made then)")
         budget.charge(sum(count * self._entries_bytes(table) for (table, _), count in slots.items()),
                       f"the lookup tables of {len(used_tables)} code-length tables (2^L entries each)")
         budget.charge(index.decoded_bytes, "the decoded model")
@@ -422,17 +422,17 @@ class MoubFile:
         :func:`scale_member`, so that decoding to it gives the same bits as offsetting and
         scaling afterwards)."""
         if dtype is None:
-            return np.arange(self.index.codebooks[codebook].size, dtype=np.uint32)
+            return np.arange(self.index.codebook_size(codebook), dtype=np.uint32)
         if isinstance(dtype, tuple):
             element, scale, offset = dtype
-            return scale_member(self.index.codebooks[codebook], scale, element, offset)
-        return dtypes.cast_from_float32(self.index.codebooks[codebook], dtype)
+            return scale_member(self.index.codebook_values(codebook), scale, element, offset)
+        return dtypes.cast_from_float32(self.index.codebook_values(codebook), dtype)
 
     def _values(self, codebook: int, dtype: ValueKey) -> np.ndarray:
         """:meth:`_by_symbol`, computed once per (codebook, dtype)."""
         key = (codebook, dtype)
         if key not in self._symbol_values:
-            self._charge_unplanned(self._planned_values, codebook, 8 * self.index.codebooks[codebook].size,
+            self._charge_unplanned(self._planned_values, codebook, 8 * self.index.codebook_size(codebook),
                                    f"per-symbol values of codebook {codebook}")
             self._symbol_values[key] = self._by_symbol(codebook, dtype)
         return self._symbol_values[key]

@@ -156,7 +156,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.model:
         from .compare import compare_outputs
 
-        report = compare_outputs(args.model, args.file, args.data)
+        report = compare_outputs(args.model, args.file, args.data, _limits(args))
         for line in report.lines():
             print(line)
     return EXIT_OK

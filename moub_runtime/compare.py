@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime
 
+from moub_format import DEFAULT_LIMITS, ReaderLimits
+
 from .loader import InferenceSession
 
 
@@ -42,9 +44,10 @@ def load_inputs(data_path: str | os.PathLike, session: onnxruntime.InferenceSess
         return {n: data[n] for n in names}
 
 
-def compare_outputs(model_path: str | os.PathLike, moub_path: str | os.PathLike, data_path: str | os.PathLike) -> ComparisonReport:
+def compare_outputs(model_path: str | os.PathLike, moub_path: str | os.PathLike, data_path: str | os.PathLike,
+                    limits: ReaderLimits = DEFAULT_LIMITS) -> ComparisonReport:
     original = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    decoded = InferenceSession(moub_path)
+    decoded = InferenceSession(moub_path, limits=limits)
     feeds = load_inputs(data_path, original)
     ref = original.run(None, feeds)
     got = decoded.run(None, feeds)

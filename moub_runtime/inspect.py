@@ -167,7 +167,7 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
         # codebooks (4 bytes per value, 12 per grid) and code-length tables as stored.
         q_bytes = sum(s.data.length + _chunk_entry_bytes(s) * len(s.chunk_bits) for s in streams)
         q_bytes += sum(_member_index_bytes(p) for p in index.packs)
-        q_bytes += sum(12 if grid else cb.size * 4 for cb, grid in zip(index.codebooks, index.grids or [None] * len(index.codebooks)))
+        q_bytes += sum(12 if index.grids and index.grids[i] else 4 * index.codebook_size(i) for i in range(len(index.codebooks)))
         q_bytes += sum(stored_table_bytes)
         decoded = sum(t.decoded_bytes for t in index.tensors) + index.graph.decoded_length
         decoded += sum(m.count * dtypes.STORAGE_DTYPES[site_info(m.site)[1]].itemsize for p in index.packs for m in p.members)
@@ -176,9 +176,9 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
             tables_of.setdefault(s.codebook, set()).add(s.table)
         codebooks = [
             {
-                "entries": int(cb.size),
-                "min": float(cb.min()),
-                "max": float(cb.max()),
+                "entries": index.codebook_size(i),
+                "min": float(index.grids[i][0]) if index.grids and index.grids[i] else float(cb.min()),
+                "max": float(sum(index.grids[i]) - 1) if index.grids and index.grids[i] else float(cb.max()),
                 "grid": bool(index.grids and index.grids[i]),
                 "longest_code": max((int(index.tables[t].max()) for t in tables_of.get(i, ())), default=None),
             }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -311,7 +312,9 @@ def main() -> int:
             work.mkdir(exist_ok=True)
             (work / "secret.txt").write_bytes(SECRET)
             for stale in work.iterdir():
-                if stale.name != "secret.txt":
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif stale.name != "secret.txt":
                     stale.unlink()
             command, env = command_for(action, path, work, args.python)
             result = measure(command, env, work, int(args.as_limit * (1 << 30)), args.timeout)

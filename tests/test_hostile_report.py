@@ -144,12 +144,15 @@ def test_a_string_shared_by_two_fields_is_refused(tmp_path):
 GIB = 1 << 30
 
 
-def test_grid_codebooks_are_counted_before_they_are_materialised(tmp_path):
+def test_grid_codebooks_are_made_only_to_decode_and_counted_before(tmp_path):
     path = write(tmp_path, H.grid_tables_file(codebooks=11))
     budget = ReaderLimits(memory_budget=512 << 20)
     tracemalloc.start()
-    for action in (moub_inspect.summarize, moub_runtime.load, moub_inspect.verify_file):
-        with pytest.raises(LimitError, match="the grid codebooks' values would take 1476395008 bytes.*memory budget of 536870912"):
+    summary = moub_inspect.summarize(path, budget)  # 12 index bytes per grid: inspect makes none of the values
+    assert [cb["entries"] for cb in summary.codebooks] == [1 << 24] * 11 and summary.codebooks[0]["min"] == -(1 << 23)
+    for action in (moub_runtime.load, moub_inspect.verify_file):
+        with pytest.raises(LimitError, match=r"the per-symbol values of the codebooks in use \(grid codebooks made then\) "
+                                             r"would take 1476395008 bytes.*memory budget of 536870912"):
             action(path, budget)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -607,3 +610,12 @@ def test_the_older_corpus_under_a_2_gib_address_space(tmp_path):
     assert result.returncode == 0, result.stderr
     outcomes = json.loads(result.stdout.strip().splitlines()[-1])
     assert not [k for k, v in outcomes.items() if v in ("ok",) or v.startswith("FOREIGN")], outcomes
+
+
+def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path, capsys):
+    fifo = tmp_path / "pipe.moub"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(StructureError, match="not a regular file"):
+            moub_runtime.load(path)
+        one_line_exit_2(["verify", str(path)], capsys)

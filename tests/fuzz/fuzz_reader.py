@@ -2,7 +2,8 @@
 
 Every input is written to a file and read as a device reads it: ``moub_runtime.load`` (open,
 index, memory plan, graph, sites, decode) and ``moub verify``'s path. The promise checked: any
-bytes end in a ``MoubFormatError`` or a valid model, never another exception, a hang or an
+bytes end in a ``MoubFormatError`` or a valid model, never another exception (NumPy's runtime
+warnings, such as an overflow in a cast, count as exceptions here), a hang or an
 allocation beyond the memory budget (set to FUZZ_BUDGET, and the process runs under
 libFuzzer's ``-rss_limit_mb``). The seed corpus is the valid files of the hostile kit (tensors,
 packs, offsets, compact vectors, packed tables, LZMA) and the golden files of every version.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import atheris
@@ -125,6 +127,7 @@ def main() -> None:
         for name, data in seeds().items():
             (seed_folder / name).write_bytes(data)
         sys.argv.append(str(seed_folder))
+    warnings.simplefilter("error", RuntimeWarning)
     atheris.Setup(sys.argv, read_like_a_device)
     atheris.Fuzz()
 
