@@ -2,7 +2,7 @@
 
 Each builder returns the bytes of one crafted file (or writes a converter input), made with
 ``test_hostile_kit`` like the rest of the corpus, so that a test can assert what the reader
-does with it and ``scripts/hostile_repro.py`` can measure it in a fresh process. Builders take a
+does with it and ``tools/hostile_repro.py`` can measure it in a fresh process. Builders take a
 size where the report's file is big: the tests use small ones, the script the report's.
 """
 

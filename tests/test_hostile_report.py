@@ -1,7 +1,7 @@
 """The reproductions of the hostile-file report, each asserting what the reader does now.
 
 The files come from ``hostile_cases`` (built byte by byte with ``test_hostile_kit``), at sizes
-that keep the suite fast; ``scripts/hostile_repro.py`` runs the report's full-size files in
+that keep the suite fast; ``tools/hostile_repro.py`` runs the report's full-size files in
 fresh processes and measures their peak memory.
 """
 

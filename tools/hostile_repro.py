@@ -5,8 +5,8 @@ The files are built with this checkout's ``tests/hostile_cases.py`` (byte by byt
 test corpus); the reader measured is the ``moub`` of ``--python`` (default: this interpreter),
 so the same files can be run through an older checkout's virtualenv for a before/after table::
 
-    .venv/bin/python scripts/hostile_repro.py --out /tmp/repro                      # after
-    .venv/bin/python scripts/hostile_repro.py --out /tmp/repro --python OLD/.venv/bin/python
+    .venv/bin/python tools/hostile_repro.py --out /tmp/repro                      # after
+    .venv/bin/python tools/hostile_repro.py --out /tmp/repro --python OLD/.venv/bin/python
 
 Every child runs under an address-space limit (``--as-limit``, default 8 GiB) so that a reader
 that over-allocates fails there instead of exhausting the machine, and with a time limit.
