@@ -775,7 +775,9 @@ class MoubFile:
         """Decode pack members one at a time, packs in file order (streaming).
 
         ``dtype_of`` maps a member's site ordinal to its ONNX element type (the graph's;
-        the index does not record it); None: float32 for all. Each member is yielded
+        the index does not record it); None: float32 for all. Whether a member overflows its
+        element type is checked with the graph, by :func:`.index.check_member_ranges` (the
+        runtime's validation runs it before decoding); this method casts as told. Each member is yielded
         flat, in its storage dtype, as its own 64-byte-aligned array:
         ``cast_from_float32(float32(codebook[idx] + offset) * float32(scale), dtype)``
         (the sum is an exact integer: offsets exist only over grid codebooks).
