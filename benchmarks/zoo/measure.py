@@ -106,10 +106,31 @@ def measure(model: ZooModel, work: Path, max_samples: int, modes: tuple[str, ...
     result = Measurement(model.name, model.path().stat().st_size, n_search, len(test.feeds),
                          str(written.get("data")) if "data" in written else None, zstd_ratio(model.path()))
     result.reference = model.score(model.path(), test).describe()
-    if "data" in written:
+    data = written.get("data") or same_shape_data(model, work / model.name / "search-same-shape.npz", max_samples)
+    if data is not None:
+        result.data = str(data)
         for mode in modes:
-            result.conversions.append(convert(model, written["data"], mode, work))
+            result.conversions.append(convert(model, data, mode, work))
     return result
+
+
+def same_shape_data(model: ZooModel, path: Path, max_samples: int) -> Path | None:
+    """For feeds that do not stack (lengths that follow the input): a DATA.npz of the largest set of
+    search feeds that share one shape, so the current converter can be tried at all."""
+    import numpy as np
+
+    feeds = model.split("search").feeds
+    by_shape: dict[tuple, list] = {}
+    for feed in feeds:
+        by_shape.setdefault(tuple((k, v.shape) for k, v in sorted(feed.items())), []).append(feed)
+    group = max(by_shape.values(), key=len)
+    if len(group) < 2:
+        return None
+    group = group[:max_samples]
+    np.savez(path, **{k: np.concatenate([f[k] for f in group], axis=0) for k in group[0]})
+    print(f"{model.name}: feeds do not stack; DATA.npz holds the {len(group)} search feeds of one shape "
+          f"(of {len(feeds)})", flush=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
