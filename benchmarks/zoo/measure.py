@@ -108,6 +108,10 @@ def measure(model: ZooModel, work: Path, max_samples: int, modes: tuple[str, ...
     result.reference = model.score(model.path(), test).describe()
     data = written.get("data") or same_shape_data(model, work / model.name / "search-same-shape.npz", max_samples)
     if data is not None:
+        import numpy as np
+
+        with np.load(data) as z:
+            result.search_samples = max(len(z[k]) for k in z.files if z[k].ndim)
         result.data = str(data)
         for mode in modes:
             result.conversions.append(convert(model, data, mode, work))

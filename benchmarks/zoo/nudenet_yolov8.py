@@ -67,7 +67,7 @@ class NudeNetYolov8(ZooModel):
     dist = "nudenet"
     module = "nudenet"
     file = "320n.onnx"
-    licence = "AGPL-3.0 (the package); the model's metadata names Ultralytics' AGPL-3.0"
+    licence = "AGPL-3.0 (the wheel's LICENSE file and the model's Ultralytics metadata; its METADATA says MIT)"
     inputs_made = ("2x2 mosaics of random crops of the photographs scikit-image and matplotlib ship, with 0-4 LFW "
                    "faces (skimage.data.lfw_subset) pasted in; the package's _read_image")
     criterion = "detection F1 at IoU 0.5, same class, after the package's postprocess+NMS, against the shipped model"
