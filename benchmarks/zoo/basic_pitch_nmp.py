@@ -24,7 +24,7 @@ import numpy as np
 
 from ..fidelity import Fidelity
 from . import sources
-from .core import Memo, Samples, Split, ZooModel
+from .core import Memo, Samples, Split, ZooModel, ragged, ragged_item
 
 RATE = 22050  # basic_pitch.constants.AUDIO_SAMPLE_RATE
 N_OVERLAPPING_FRAMES = 30  # run_inference's overlap
@@ -104,16 +104,14 @@ class BasicPitch(ZooModel):
                     feeds.append({"serving_default_input_2:0": w})
                     groups.append(g)
                 audio.append(clip)
-        offsets = np.cumsum([0] + [len(a) for a in audio])
-        return Samples(feeds, np.asarray(groups), {"audio": np.concatenate(audio), "audio_offsets": offsets})
+        return Samples(feeds, np.asarray(groups), ragged(audio, "audio"))
 
     def _notes(self, model_path: Path, test: Split) -> list[np.ndarray]:
-        off = test.side["audio_offsets"]
         out = []
         with tempfile.TemporaryDirectory() as tmp:
             for g in test.group_ids:
                 wav = Path(tmp) / f"{g}.wav"
-                _write_wav(wav, test.side["audio"][off[g]:off[g + 1]])
+                _write_wav(wav, ragged_item(test.side, "audio", g))
                 out.append(transcribe(model_path, wav))
         return out
 

@@ -244,6 +244,35 @@ def cosine(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     return np.sum(ref * out, axis=1) / den
 
 
+class Recorder:
+    """Stands in for a package's onnxruntime session: forwards every run and keeps copies of its feeds
+    and first outputs, so the feeds are exactly those the package's own code builds."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.feeds: list[Feed] = []
+        self.outputs: list[np.ndarray] = []
+
+    def run(self, names, feed, *args, **kwargs):
+        out = self.inner.run(names, feed, *args, **kwargs)
+        self.feeds.append({k: np.array(v, copy=True) for k, v in feed.items()})
+        self.outputs.append(np.array(out[0], copy=True))
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def ragged(parts: list[np.ndarray], key: str) -> dict[str, np.ndarray]:
+    """Side arrays of different lengths (clips, encoded images) as one flat array and its offsets."""
+    return {key: np.concatenate(parts), f"{key}_offsets": np.cumsum([0] + [len(p) for p in parts])}
+
+
+def ragged_item(side: dict[str, np.ndarray], key: str, group: int) -> np.ndarray:
+    off = side[f"{key}_offsets"]
+    return side[key][off[group]:off[group + 1]]
+
+
 @dataclass
 class Memo:
     """Reference outputs computed once per (model, split) within a process."""

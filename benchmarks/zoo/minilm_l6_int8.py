@@ -20,18 +20,10 @@ import numpy as np
 from .. import config as C
 from ..fidelity import Fidelity
 from . import sources
-from .core import Feed, Memo, Samples, Split, ZooModel
+from .core import Feed, Memo, Recorder, Samples, Split, ZooModel
 from .embedding import embedding_fidelity, embedding_passes
 
 
-class _Recorder:
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.feeds: list[Feed] = []
-
-    def run(self, names, feed):
-        self.feeds.append({k: np.array(v, copy=True) for k, v in feed.items()})
-        return self.inner.run(names, feed)
 
 
 def embed(model_path: Path, texts: list[str]) -> tuple[list[Feed], np.ndarray]:
@@ -40,7 +32,7 @@ def embed(model_path: Path, texts: list[str]) -> tuple[list[Feed], np.ndarray]:
 
     provider = OnnxEmbeddingProvider(model_path=model_path)
     provider._ensure_loaded()
-    recorder = _Recorder(provider._session)
+    recorder = Recorder(provider._session)
     provider._session = recorder
     vectors = np.stack(provider.embed_batch(texts))
     return recorder.feeds, vectors

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..fidelity import Fidelity
 from . import sources
-from .core import Feed, Memo, Samples, Split, ZooModel, cosine, package_dir, session
+from .core import Feed, Memo, Recorder, Samples, Split, ZooModel, cosine, package_dir, ragged, ragged_item, session
 
 RATE = 16000
 THRESHOLD = 0.5
@@ -28,14 +28,6 @@ PHRASES = ("Alexa.", "Hey Jarvis.", "Hey Mycroft.", "Hey Rhasspy.", "Set a timer
            "What's the weather today?")
 
 
-class _Recorder:
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.feeds: list[Feed] = []
-
-    def run(self, names, feed):
-        self.feeds.append({k: np.array(v, copy=True) for k, v in feed.items()})
-        return self.inner.run(names, feed)
 
 
 def features(embedding_model: Path, audio: np.ndarray) -> tuple[list[Feed], np.ndarray]:
@@ -43,7 +35,7 @@ def features(embedding_model: Path, audio: np.ndarray) -> tuple[list[Feed], np.n
     from openwakeword.utils import AudioFeatures
 
     af = AudioFeatures(inference_framework="onnx", embedding_model_path=str(embedding_model), ncpu=1)
-    recorder = _Recorder(af.embedding_model)
+    recorder = Recorder(af.embedding_model)
     af.embedding_model = recorder
     pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
     emb = np.asarray(af._get_embeddings(pcm)).reshape(-1, 96)
@@ -109,23 +101,18 @@ class OpenWakeWordEmbedding(ZooModel):
             feeds += clip_feeds
             groups += [g] * len(clip_feeds)
             audio.append(clip)
-        offsets = np.cumsum([0] + [len(a) for a in audio])
-        return Samples(feeds, np.asarray(groups), {"audio": np.concatenate(audio), "audio_offsets": offsets})
+        return Samples(feeds, np.asarray(groups), ragged(audio, "audio"))
 
     def _classifiers(self) -> dict:
         folder = package_dir(self.module) / "resources" / "models"
         return {name: session(folder / f"{name}.onnx") for name in CLASSIFIERS}
-
-    def _clip(self, test: Split, g: int) -> np.ndarray:
-        off = test.side["audio_offsets"]
-        return test.side["audio"][off[g]:off[g + 1]]
 
     def _reference(self, test: Split) -> list[tuple[np.ndarray, np.ndarray]]:
         def make():
             sessions = self._classifiers()
             out = []
             for g in test.group_ids:
-                emb = features(self.path(), self._clip(test, int(g)))[1]
+                emb = features(self.path(), ragged_item(test.side, "audio", g))[1]
                 out.append((emb, peak_scores(emb, sessions)))
             return out
         return self._memo.get((self.name, test.name), make)
@@ -134,7 +121,7 @@ class OpenWakeWordEmbedding(ZooModel):
         sessions = self._classifiers()
         agree, total, worst, cos = 0, 0, 0.0, []
         for g, (ref_emb, ref_peaks) in zip(test.group_ids, self._reference(test)):
-            emb = features(candidate, self._clip(test, int(g)))[1]
+            emb = features(candidate, ragged_item(test.side, "audio", g))[1]
             peaks = peak_scores(emb, sessions)
             agree += int(np.sum((peaks >= THRESHOLD) == (ref_peaks >= THRESHOLD)))
             total += len(peaks)

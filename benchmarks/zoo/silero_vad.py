@@ -19,25 +19,12 @@ import numpy as np
 
 from ..fidelity import Fidelity
 from . import sources
-from .core import Feed, Memo, Samples, Split, ZooModel
+from .core import Feed, Memo, Recorder, Samples, Split, ZooModel, ragged, ragged_item
 
 RATE = 16000
 THRESHOLD = 0.5  # get_speech_timestamps' default
 
 
-class _Recorder:
-    """Stands in for the wrapper's onnxruntime session: forwards each run and keeps feeds and outputs."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.feeds: list[Feed] = []
-        self.outputs: list[np.ndarray] = []
-
-    def run(self, names, feed):
-        out = self.inner.run(names, feed)
-        self.feeds.append({k: np.array(v, copy=True) for k, v in feed.items()})
-        self.outputs.append(np.array(out[0], copy=True))
-        return out
 
 
 def stream(model_path: Path, audio: np.ndarray) -> tuple[list[Feed], np.ndarray, list[dict]]:
@@ -47,7 +34,7 @@ def stream(model_path: Path, audio: np.ndarray) -> tuple[list[Feed], np.ndarray,
 
     torch.set_num_threads(1)
     wrapper = OnnxWrapper(str(model_path), force_onnx_cpu=True)
-    recorder = _Recorder(wrapper.session)
+    recorder = Recorder(wrapper.session)
     wrapper.session = recorder
     segments = get_speech_timestamps(torch.from_numpy(audio), wrapper, threshold=THRESHOLD, sampling_rate=RATE)
     probs = np.concatenate([o.reshape(-1) for o in recorder.outputs])
@@ -101,8 +88,7 @@ class SileroVad(ZooModel):
             feeds += clip_feeds
             groups += [g] * len(clip_feeds)
             audio.append(clip)
-        offsets = np.cumsum([0] + [len(a) for a in audio])
-        return Samples(feeds, np.asarray(groups), {"audio": np.concatenate(audio), "audio_offsets": offsets})
+        return Samples(feeds, np.asarray(groups), ragged(audio, "audio"))
 
     def stack(self, feeds: list[Feed]) -> Feed:
         """input [N, 576]; state [2, N, 128] (its batch axis is 1); sr one scalar shared by all."""
@@ -110,24 +96,20 @@ class SileroVad(ZooModel):
                 "state": np.concatenate([f["state"] for f in feeds], axis=1),
                 "sr": feeds[0]["sr"]}
 
-    def _clip(self, test: Split, g: int) -> np.ndarray:
-        off = test.side["audio_offsets"]
-        return test.side["audio"][off[g]:off[g + 1]]
-
     def _reference(self, test: Split) -> list[tuple[np.ndarray, list[dict]]]:
         def make():
-            return [stream(self.path(), self._clip(test, int(g)))[1:] for g in test.group_ids]
+            return [stream(self.path(), ragged_item(test.side, "audio", g))[1:] for g in test.group_ids]
         return self._memo.get((self.name, test.name), make)
 
     def score(self, candidate: Path, test: Split) -> Fidelity:
         agree, n, inter, union, worst = 0, 0, 0, 0, 0.0
         for g, (ref_p, ref_seg) in zip(test.group_ids, self._reference(test)):
-            _, p, seg = stream(candidate, self._clip(test, int(g)))
+            clip = ragged_item(test.side, "audio", g)
+            _, p, seg = stream(candidate, clip)
             agree += int(np.sum((p >= THRESHOLD) == (ref_p >= THRESHOLD)))
             n += len(p)
             worst = max(worst, float(np.abs(p - ref_p).max()))
-            size = len(self._clip(test, int(g)))
-            a, b = _mask(ref_seg, size), _mask(seg, size)
+            a, b = _mask(ref_seg, len(clip)), _mask(seg, len(clip))
             inter += int(np.count_nonzero(a & b))
             union += int(np.count_nonzero(a | b))
         return Fidelity(agree / n, "frame decision agreement",
