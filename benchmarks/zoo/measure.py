@@ -66,7 +66,8 @@ def _peak_rss_mb(time_report: str) -> float | None:
 def _closing_lines(stdout: str, stderr: str) -> list[str]:
     """The converter's closing table (its last lines of output), else its error line."""
     lines = [ln.rstrip() for ln in stdout.splitlines() if ln.strip()]
-    errors = [ln.rstrip() for ln in stderr.split("\tCommand being timed")[0].splitlines() if ln.strip()]
+    own = stderr.split("\tCommand being timed")[0]  # what /usr/bin/time -v adds starts there
+    errors = [ln.rstrip() for ln in own.splitlines() if ln.strip() and not ln.startswith("Command exited")]
     return (lines[-14:] if lines else []) + errors[-3:]
 
 
