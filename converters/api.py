@@ -38,13 +38,6 @@ from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of
 from .resolution import resolution
 from .solution import Quantization
 
-LOSS_MEASURES = {
-    "accuracy": "share of samples the original classifies right and the .moub wrong",
-    "f1": "drop of macro F1",
-    "agreement": "share of samples whose top-1 differs from the original's",
-    "cosine": "mean of 1 - cosine similarity with the original's outputs",
-    "rel-l2": "mean relative L2 distance to the original's outputs",
-}
 VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
 
 
@@ -345,7 +338,7 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "quality_original": None if q0 is None else round(q0, 6),
         "quality_compressed": None if q1 is None else round(q1, 6),
         "loss": None if measured.loss is None else round(measured.loss, 6),
-        "loss_measure": None if metric is None else LOSS_MEASURES[metric],
+        "loss_measure": None if metric is None else metrics.METRICS[metric].loss_measure,
         "resolution": None if reference is None else resolution(metric, reference, measured.loss, options.max_drop),
         "data": None if dataset is None else {"samples": dataset.n_samples, "batch_size": dataset.batch_size,
                                               "labels": dataset.labels is not None},

@@ -43,7 +43,7 @@ from moub_runtime.sites import tensor_sites
 from .data import Dataset
 from .errors import ModelError
 from .intake import Pool, PoolSite, is_main_graph
-from .metrics import Accumulator
+from .metrics import METRICS, Accumulator
 
 STRATEGIES = ("auto", "inputs", "initializers", "serialize")
 WEIGHT_SUFFIX = "__moub_weight"
@@ -293,7 +293,7 @@ class Scorer:
         self.labels = labels
         self.quality_original = quality_original
         first = reference[0]
-        if metric in ("accuracy", "agreement", "f1"):
+        if METRICS[metric].top1:  # a unit is a row of the top-1: a sample or a time step
             self.total_units = int(np.prod(first.shape[:-1]))
         else:
             self.total_units = n_samples if n_samples is not None else evaluator.dataset.n_samples

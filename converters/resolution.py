@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .metrics import METRICS, counts_units
+
 CONFIDENCE = 0.95
-COUNTED_METRICS = ("accuracy", "agreement")
 
 
 def upper_rate(failures: int, trials: int, confidence: float = CONFIDENCE) -> float:
@@ -49,7 +50,7 @@ def samples_to_resolve(max_drop: float, confidence: float = CONFIDENCE) -> int |
 def resolution(metric: str | None, reference: Sequence[np.ndarray], loss: float | None, max_drop: float) -> dict | None:
     """The report's ``resolution`` entry for the chosen file's measured ``loss`` on all the
     samples, or None where the metric has no count of broken samples."""
-    if metric not in COUNTED_METRICS or loss is None or not reference or reference[0].ndim != 2:
+    if not counts_units(metric) or loss is None or not reference or reference[0].ndim != 2:
         return None
     samples = int(reference[0].shape[0])
     broken = int(round(loss * samples))
@@ -71,7 +72,7 @@ def summary_lines(entry: dict | None, metric: str | None, max_drop: float) -> li
     if not entry:
         return []
     n, broken = entry["samples"], entry["broken"]
-    what = "changed top-1" if metric == "agreement" else "turned wrong"
+    what = METRICS[metric].lost_unit
     lines = [f"{'check':16}{f'{broken} of {n}':>16}   samples {what}: a rate up to "
              f"{100 * entry['upper_rate']:.2f}% fits that ({100 * entry['confidence']:.0f}% bound)"]
     if not entry["resolves_max_drop"]:

@@ -282,6 +282,30 @@ def test_resolution_only_where_samples_are_counted():
     assert "no finite number of samples" in summary_lines(zero, "agreement", 0.0)[1]
 
 
+def test_every_metric_is_declared_whole_in_the_registry():
+    """One entry says what a metric is; the parts of the converter that judge it agree with it."""
+    from moub_converters.cli import build_convert_parser
+    from moub_converters.metrics import METRICS, unit_scores
+
+    assert list(METRICS) == ["accuracy", "f1", "agreement", "cosine", "rel-l2"]
+    scores = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    labels = np.array([0, 1, 2, 1])
+    for name, metric in METRICS.items():
+        assert metric.name == name and metric.loss_measure
+        assert (metric.unit_scores is None) != (metric.whole_score is None), name  # per unit, or whole
+        assert metric.confirm in METRICS and not metric.needs_labels or metric.confirm != name
+        assert not metric.counts_flips or metric.counts_units
+        assert bool(metric.lost_unit) == metric.counts_units
+        assert metric.needs_labels <= metric.top1
+        if metric.unit_scores is not None:
+            assert unit_scores(name, [scores], [scores], labels).max() <= 1.0
+        assert (resolution(name, [scores], 0.0, 0.01) is not None) == metric.counts_units
+        q = quality(name, [scores], [scores], labels)  # the original against itself, or against labels it misses once
+        assert q < 1.0 if metric.needs_labels else q == pytest.approx(1.0)
+    metric_flag = next(a for a in build_convert_parser()._actions if a.dest == "metric")
+    assert list(metric_flag.choices) == list(METRICS)
+
+
 def test_samples_per_run_do_not_change_the_outputs():
     """The converter runs 2 samples per onnxruntime call (faster on one thread) because the
     outputs are the same bits as with larger batches: on the demo CNN and on rapidocr's

@@ -71,7 +71,6 @@ REFINE_RESOLUTION = 64        # refinement goes down to 1/64 octave
 MIN_POPULATION = 10           # two decisions need a somewhat larger population than one
 INITIAL_GAMMAS = (1.0, 0.5, 0.75, 0.0, 1.25, 0.25)
 COARSEN_STEPS = 8             # the estimate may coarsen the confirmed choice by up to one octave, in grid steps
-COARSEN_METRICS = ("agreement",)  # metrics whose flips the estimate models (top-1 against the original's)
 BUILD_OPTIONS = {"graph_codec": FC.CODEC_LZMA, "raw_codec": writer.SMALLEST, "alignment": 8,
                  "elide_constant_names": True}  # Paddle exports name each Constant twice: 680 B of rapidocr cls
 MAX_CHUNK_ELEMENTS = 4096     # 32-bit chunk entries (plus ~4 padding bits) every 4096 weights: 0.009 bits/weight
@@ -173,13 +172,10 @@ def split_scorer(ctx: EvalContext, split: str) -> Scorer:
         reference = subset_reference(ctx.scorer.evaluator, ctx.reference, n, picked, half,
                                      lambda: original_arrays(ctx.model, ctx.pool))
         labels = None if ctx.dataset.labels is None else ctx.dataset.labels[picked]
-        metric = confirm_metric(ctx.metric) if split == "confirm" else ctx.metric
+        metric = metrics.METRICS[ctx.metric].confirm if split == "confirm" else ctx.metric
         q0 = metrics.quality(metric, reference, reference, labels)
         _SCORERS[key] = Scorer(ctx.scorer.evaluator, metric, reference, labels, q0, dataset=half)
     return _SCORERS[key]
-
-
-UNIT_METRICS = ("accuracy", "agreement")  # losses that count units (samples or time steps) lost
 
 
 def tolerance(metric: str, max_drop: float, units: int) -> float:
@@ -190,17 +186,9 @@ def tolerance(metric: str, max_drop: float, units: int) -> float:
     one unit more or less is chance, and the search would otherwise pick candidates that
     were merely lucky. It changes nothing on thousands of units (PP-OCRv4 rec's time
     steps) and allows no lost unit where max_drop * units is below one half."""
-    if metric not in UNIT_METRICS or units <= 0:
+    if not metrics.counts_units(metric) or units <= 0:
         return max_drop
     return max(0.0, math.floor(max_drop * (units + 1) - 0.5 + 1e-9)) / units
-
-
-def confirm_metric(metric: str) -> str:
-    """The confirm half judges label metrics by agreement with the original: a prediction that
-    changes either way (a right one lost, or a wrong one "fixed") shows a decision boundary
-    that unseen samples will cross. On the demo digits the smallest candidate that lost none
-    of 360 labelled samples (and fixed one) lost 5 of the 360 held-back ones."""
-    return "agreement" if metric in ("accuracy", "f1") else metric
 
 
 def score_decision(ctx: EvalContext, task: tuple[float, float, list[float], float | None, float, str]) -> dict:
@@ -386,7 +374,7 @@ class AdaptiveMode:
         confirmed, gap = self._fill_gap(problem, ranked, confirmed, trials, opt_list, ctx)
         candidates += gap
         feasible_list = confirmed + fallbacks(rank(ranked + [c for c in gap if feasible(c, limit)]), confirmed, trials)
-        if (confirmed and ctx.eval.metric in COARSEN_METRICS and ctx.eval.reference[0].ndim == 2
+        if (confirmed and metrics.METRICS[ctx.eval.metric].counts_flips and ctx.eval.reference[0].ndim == 2
                 and ctx.eval.dataset.n_samples >= MIN_SPLIT):
             ctx.progress({"phase": "coarsen"})
             coarser, facts["coarsen"] = self._coarsen(confirmed[0], opt_list, opts, ctx)
