@@ -31,7 +31,8 @@ from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceE
 from .evaluate import Evaluator, Scorer, reference_outputs, session_options
 from .intake import Pool, SourceModel, load_source, pool_weights
 from .modes import get_mode
-from .modes.base import Candidate, ModeContext, Stage
+from .candidates import Candidate, Stage
+from .modes.base import ModeContext
 from .modes.paper import fixed_bins
 from .options import ConvertOptions
 from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows

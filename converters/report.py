@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .metrics import METRICS
-from .modes.base import Candidate, Stage
+from .candidates import Candidate, Stage
 from .resolution import summary_lines
 from .search import pareto_front
 

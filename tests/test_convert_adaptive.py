@@ -20,9 +20,10 @@ from moub_converters.error_feedback import ErrorFeedback
 from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
 from moub_converters.modes import adaptive
-from moub_converters.modes.adaptive import PackedQuantization, Replay, chunk_elements, layout, tolerance
+from moub_converters.modes.adaptive import PackedQuantization, Replay, chunk_elements, layout
 from moub_converters.options import ConvertOptions
 from moub_converters.packing import plan_packs, total_bits
+from moub_converters.selection import tolerance
 from moub_converters.uniform import SiteStats, allocate_steps, site_arrays, site_stats
 from moub_runtime.inspect import summarize
 from moub_runtime.sites import tensor_sites
@@ -295,8 +296,8 @@ def test_untrusted_sensitivities_get_the_typical_step():
 def test_fallbacks_are_only_larger_than_every_confirm_failure():
     """If the confirmed choice misses --max-drop on all the data, the converter may try others:
     never one smaller than a candidate that already failed on the confirm half."""
-    from moub_converters.modes.adaptive import fallbacks
-    from moub_converters.modes.base import Candidate
+    from moub_converters.candidates import Candidate
+    from moub_converters.selection import fallbacks
 
     ranked = [Candidate(f"c{i}", "search", 1.0, 0.0, True, float(i), 2, {}) for i in range(8)]
     trials = [{"name": "c0", "passed": False}, {"name": "c7", "passed": True}, {"name": "c3", "passed": False},
@@ -329,7 +330,7 @@ def _gap_mode(threshold_x: float, confirm_threshold_x: float, calls: list):
 
 
 def _searched(x: float, gamma: float = 0.75) -> "Candidate":
-    from moub_converters.modes.base import Candidate
+    from moub_converters.candidates import Candidate
 
     return Candidate(f"x={x:+.4f} gamma={gamma:.3f}", "search", 1.0, 0.0, True, 8 - x, 10, {"x": x, "gamma": gamma})
 

@@ -19,11 +19,11 @@ from moub_converters.data import load_dataset
 from moub_converters.evaluate import Evaluator, Scorer, original_arrays
 from moub_converters.intake import load_source, pool_weights
 from moub_converters.merge import Groups, merge_cheapest
-from moub_converters.modes.base import Candidate
-from moub_converters.modes.paper import monotone_losses, robust_feasible
+from moub_converters.candidates import Candidate
 from moub_converters.metrics import Accumulator, quality
 from moub_converters.resolution import resolution, samples_to_resolve, summary_lines, upper_rate
 from moub_converters.search import bin_grid, pareto_front
+from moub_converters.selection import monotone_losses, robust_feasible
 from moub_converters.solution import Quantization
 from moub_format import MoubFile
 from moub_runtime.inspect import summarize

@@ -53,8 +53,9 @@ from ..options import ConvertOptions
 from ..packing import PackPlan, plan_packs, total_bits
 from ..solution import Size
 from ..uniform import SiteStats, allocate_steps, quantize_pool, site_arrays, site_stats
-from .base import Candidate, ModeContext, ModeResult, Stage
-from .paper import feasible, monotone_losses, rank
+from ..candidates import Candidate, Stage, candidate_from_result
+from ..selection import fallbacks, feasible, rank, robust_within_gamma, tolerance
+from .base import ModeContext, ModeResult
 
 X_RANGE = (-12.0, 2.0)        # log2 step in sigmas: 2^-12 (about 14 bits/weight) .. 4 (about 1)
 X_RESOLUTION = 8              # search grid: 1/8 octave of step (about 0.125 bits/weight)
@@ -178,19 +179,6 @@ def split_scorer(ctx: EvalContext, split: str) -> Scorer:
     return _SCORERS[key]
 
 
-def tolerance(metric: str, max_drop: float, units: int) -> float:
-    """The loss a candidate may show on ``units`` units and still count as within ``max_drop``.
-
-    For metrics that count lost units the count is judged by (lost + 1/2) / (units + 1)
-    (the Jeffreys estimate of the rate) rather than lost / units: on a few hundred units
-    one unit more or less is chance, and the search would otherwise pick candidates that
-    were merely lucky. It changes nothing on thousands of units (PP-OCRv4 rec's time
-    steps) and allows no lost unit where max_drop * units is below one half."""
-    if not metrics.counts_units(metric) or units <= 0:
-        return max_drop
-    return max(0.0, math.floor(max_drop * (units + 1) - 0.5 + 1e-9)) / units
-
-
 def score_decision(ctx: EvalContext, task: tuple[float, float, list[float], float | None, float, str]) -> dict:
     """Quantize the pool for (x, gamma) and score it (a module-level function: runs in workers)."""
     x, gamma, log2_opt, dominated_at, max_loss, stage = task
@@ -221,11 +209,6 @@ def estimate_decision(ctx: EvalContext, task: tuple[float, float, list[float]]) 
         result[split] = {"flips": flips, "units": int(reference[..., 0].size),
                          "expected": metrics.expected_flip_rate(reference, outputs)}
     return result
-
-
-def _candidate(result: dict) -> Candidate:
-    return Candidate(result["name"], result["stage"], result["quality"], float(result["loss"]), bool(result["complete"]),
-                     float(result["bits_per_weight"]), int(result["bins"]), result["recipe"], result["stopped"])
 
 
 class SpreadSampling(Sampling):
@@ -282,27 +265,6 @@ class StepProblem(Problem):
         decisions = self.decisions(X)
         self.evaluate_decisions(decisions)
         out["F"] = np.array([self.objectives(d.key) for d in decisions], dtype=np.float64)
-
-
-def robust_within_gamma(candidates: list[Candidate], max_drop: float, monotone: bool) -> list[Candidate]:
-    """Feasible candidates whose loss, fitted non-increasing in size among candidates of the
-    same gamma (where only the step scale differs, so more bits should never be worse),
-    stays within the tolerance: the winner's curse guard of the paper mode, per gamma."""
-    ok = [c for c in candidates if feasible(c, max_drop)]
-    if not monotone:
-        return ok
-    fitted: dict[int, float] = {}
-    for gamma in {c.recipe["gamma"] for c in candidates}:
-        fitted.update(monotone_losses([c for c in candidates if c.recipe["gamma"] == gamma], max_drop))
-    return [c for c in ok if fitted.get(id(c), c.loss) <= max_drop + 1e-12]
-
-
-def fallbacks(ranked: list[Candidate], confirmed: list[Candidate], trials: list[dict]) -> list[Candidate]:
-    """What the converter may still try, in order, if the confirmed choice misses --max-drop on
-    all the data: only candidates larger than every one that failed on the confirm half."""
-    failed = {t["name"] for t in trials if not t["passed"]}
-    floor = max((c.bits_per_weight for c in ranked if c.name in failed), default=-math.inf)
-    return [c for c in ranked if c not in confirmed and c.name not in failed and c.bits_per_weight > floor]
 
 
 def _confirm_trial(cand: Candidate, limit: float, rule: str, opt_list: list[float], ctx: ModeContext,
@@ -362,7 +324,7 @@ class AdaptiveMode:
         facts["bracket"] = {"gamma": BRACKET_GAMMA, "x_feasible": round(Decision(boundary, 0).x, 9),
                             "evaluations": bracket_runs, "x_window": [round(Decision(int(problem.xl[0]), 0).x, 9),
                                                                       round(Decision(int(problem.xu[0]), 0).x, 9)]}
-        candidates = [_candidate(problem.cache[k]) for k in problem.order]
+        candidates = [candidate_from_result(problem.cache[k]) for k in problem.order]
         facts["search_evaluations"] = len(candidates)
 
         ctx.progress({"phase": "refine"})
@@ -497,7 +459,7 @@ class AdaptiveMode:
         tried: list[Candidate] = []
         while bad - good > 1 and len(trials) < CONFIRM_BUDGET:
             mid = Decision((good + bad) // 2, gi)
-            search = _candidate(problem.run_many([(mid, None)], self.limits["search"], "gap")[0])
+            search = candidate_from_result(problem.run_many([(mid, None)], self.limits["search"], "gap")[0])
             tried.append(search)
             if feasible(search, self.limits["search"]) and _confirm_trial(search, self.limits["confirm"], "confirm half",
                                                                           opt_list, ctx, trials):
@@ -515,7 +477,7 @@ class AdaptiveMode:
             mid = Decision((good + bad) // 2, gi)
             problem.evaluate_decisions([mid], stage="bracket")
             runs += 1
-            if feasible(_candidate(problem.cache[mid.key]), self.limits["search"]):
+            if feasible(candidate_from_result(problem.cache[mid.key]), self.limits["search"]):
                 good = mid.xi
             else:
                 bad = mid.xi
@@ -574,7 +536,7 @@ class AdaptiveMode:
             mid = Decision((good + bad) // 2, gi, scale)
             problem.evaluate_decisions([mid], max_loss=limit, stage="refine")
             result = problem.cache[mid.key]
-            cand = _candidate(result)
+            cand = candidate_from_result(result)
             refined.append(cand)
             if feasible(cand, limit):
                 good = mid.xi

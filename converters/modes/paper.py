@@ -24,7 +24,9 @@ from ..merge import Groups, merge_cheapest
 from ..options import STEPS_PER_OCTAVE, ConvertOptions
 from ..search import bin_grid, pareto_front, run_search
 from ..solution import Quantization, chunk_overhead_bits, counts_size, fixed_length_size, huffman_size
-from .base import Candidate, ModeContext, ModeResult, Stage
+from ..candidates import Candidate, Stage, candidate_from_result
+from ..selection import rank, robust_feasible
+from .base import ModeContext, ModeResult
 
 MERGE_STARTS = 3  # feasible front solutions that get merge chains
 
@@ -76,11 +78,6 @@ def score_merge(ctx: EvalContext, recipe: dict) -> dict:
     return _result(name, "merge", score, groups.size, size, {"k": int(recipe["k"]), "merges": list(recipe["merges"])})
 
 
-def to_candidate(result: dict) -> Candidate:
-    return Candidate(result["name"], result["stage"], result["quality"], float(result["loss"]), bool(result["complete"]),
-                     float(result["bits_per_weight"]), int(result["bins"]), result["recipe"], result["stopped"])
-
-
 @dataclass
 class _Chain:
     """Merge trials from one front solution.
@@ -113,55 +110,6 @@ class _Chain:
             self.bad = merges
 
 
-def feasible(candidate: Candidate, max_drop: float) -> bool:
-    return candidate.complete and candidate.loss <= max_drop + 1e-12
-
-
-def monotone_losses(candidates: list[Candidate], max_drop: float) -> dict[int, float]:
-    """id(candidate) -> its loss fitted as a non-increasing function of size (isotonic
-    regression, pool-adjacent-violators, equal weights).
-
-    More bins should never be worse; measured on a few hundred samples, losses are
-    noisy, and picking the smallest candidate whose measured loss happens to be low
-    is the winner's curse: on rapidocr's cls model (300 search samples) the raw rule
-    picked k=54 (search loss 0.33%, larger k=64 at 3.7%) whose held-back loss was
-    2.3%. The fit uses complete evaluations and, of those stopped early, the ones
-    whose loss is already known to exceed ``max_drop`` (at their lower bound: the
-    true loss is higher still); a smaller bound says nothing about feasibility.
-    """
-    points = [c for c in candidates if c.complete or c.loss > max_drop]
-    points.sort(key=lambda c: (-c.bits_per_weight, c.name))
-    blocks: list[list] = []  # [sum, count, members]; non-decreasing loss as size falls
-    for c in points:
-        blocks.append([c.loss, 1, [c]])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            s, n, members = blocks.pop()
-            blocks[-1][0] += s
-            blocks[-1][1] += n
-            blocks[-1][2].extend(members)
-    fitted: dict[int, float] = {}
-    for s, n, members in blocks:
-        for c in members:
-            fitted[id(c)] = s / n
-    return fitted
-
-
-def robust_feasible(candidates: list[Candidate], max_drop: float, monotone: bool) -> list[Candidate]:
-    """Candidates within tolerance: measured, and (``monotone``) not contradicted by a larger one."""
-    ok = [c for c in candidates if feasible(c, max_drop)]
-    if not monotone:
-        return ok
-    fitted = monotone_losses(candidates, max_drop)
-    for c in candidates:
-        c.fitted_loss = fitted.get(id(c))
-    return [c for c in ok if fitted.get(id(c), c.loss) <= max_drop + 1e-12]
-
-
-def rank(candidates: list[Candidate]) -> list[Candidate]:
-    """Smallest first; ties: smaller loss, fewer bins, name."""
-    return sorted(candidates, key=lambda c: (c.bits_per_weight, c.loss, c.bins, c.name))
-
-
 class PaperMode:
     name = "paper"
 
@@ -183,7 +131,7 @@ class PaperMode:
         problem, facts = run_search(grid, score_many, size_of, opts.population, opts.generations, opts.patience, opts.seed,
                                     on_generation=lambda g, p: ctx.progress({"phase": "search", "generation": g}),
                                     loss_cap=opts.effective_abort_drop(), wave=opts.wave)
-        candidates = [to_candidate(problem.cache[k]) for k in problem.order]
+        candidates = [candidate_from_result(problem.cache[k]) for k in problem.order]
         facts = {**facts, "grid": {"points": int(len(grid)), "min": int(grid[0]), "max": int(grid[-1]),
                                    "steps_per_octave": STEPS_PER_OCTAVE},
                  "search_evaluations": len(candidates)}
@@ -205,7 +153,7 @@ class PaperMode:
                 chain.update(result, ok)
                 if ok:
                     accepted += 1
-                    candidates.append(to_candidate(result))
+                    candidates.append(candidate_from_result(result))
         facts.update({"merge_starts": [c.name for c in starts], "merge_trials": trials, "merge_accepted": accepted})
         return ModeResult(candidates, rank(robust_feasible(candidates, opts.max_drop, opts.monotone)), facts)
 
