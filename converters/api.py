@@ -24,7 +24,6 @@ from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
 from . import metrics
-from .context import EvalContext, candidate_map
 from .data import Dataset, load_dataset
 from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
@@ -37,7 +36,9 @@ from .modes.paper import fixed_bins
 from .options import ConvertOptions
 from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
+from .session import ConversionSession
 from .solution import Quantization
+from .workers import candidate_map
 
 VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
 
@@ -245,13 +246,13 @@ def convert(
     if options.bins is not None:
         return _fixed(source, pool, options, started, baseline)
 
-    ctx = EvalContext(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy)
-    ctx.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0))
+    session = ConversionSession(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy)
+    session.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0))
     bar = RichProgress(q0, options.max_drop) if progress is None and not quiet else None
     counter = _Counter(progress or bar)
     try:
-        with candidate_map(ctx, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
-            result = mode_impl.run(ModeContext(pool, ctx, options, mapper, counter))
+        with candidate_map(session, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
+            result = mode_impl.run(ModeContext(pool, session, options, mapper, counter))
     finally:
         if bar:
             bar.close()

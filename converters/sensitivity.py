@@ -26,26 +26,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import bias_correction, calibration
-from .context import EvalContext, Mapper
-from .evaluate import original_arrays, subset_reference
+from . import bias_correction
+from .session import ConversionSession
 from .uniform import SiteStats, dequantize, quantize
+from .workers import Mapper
 
 TEST_STEP = 2.0 ** -4       # test step, in units of the tensor's sigma: near the steps finally chosen
 SAMPLE_BUDGET = 2.4e14      # sensitivity work: samples x input values per sample x pooled weights x tensors
 MIN_SAMPLES, MAX_SAMPLES = 1, 32
 SMALL_TENSOR = 1024          # below this, a tensor's step is never coarser than the typical one
-
-_ORIGINALS: dict[int, dict[str, np.ndarray]] = {}
-
-
-def _originals(ctx: EvalContext) -> dict[str, np.ndarray]:
-    key = id(ctx)
-    if key not in _ORIGINALS:
-        _ORIGINALS.clear()
-        _ORIGINALS[key] = original_arrays(ctx.model, ctx.pool)
-    return _ORIGINALS[key]
-
 
 def relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float]:
     """(sum of squared errors, sum of squared reference values) over the float outputs."""
@@ -59,35 +48,20 @@ def relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray
     return err, energy
 
 
-_SUBSETS: dict[tuple[int, int], tuple] = {}
-
-
-def _subset(ctx: EvalContext, samples: int):
-    """The ``samples`` spread-out samples and the original's outputs on them (cached per process)."""
-    key = (id(ctx), samples)
-    if key not in _SUBSETS:
-        _SUBSETS.clear()
-        picked = ctx.dataset.spread(samples)
-        subset = ctx.dataset.take(picked)
-        reference = subset_reference(ctx.scorer.evaluator, ctx.reference, ctx.dataset.n_samples, picked, subset,
-                                     lambda: _originals(ctx))
-        _SUBSETS[key] = (subset, reference)
-    return _SUBSETS[key]
-
-
-def site_distortion(ctx: EvalContext, task: tuple[int, float, int]) -> dict:
+def site_distortion(session: ConversionSession, task: tuple[int, float, int]) -> dict:
     """Relative output error with only pool site ``task[0]`` quantized at step ``task[1]``,
     on ``task[2]`` samples spread over the data (a module-level function: it runs in workers)."""
     number, step, samples = task
-    site = ctx.pool.sites[number]
-    dataset, reference = _subset(ctx, samples)
-    arrays = dict(_originals(ctx))
-    levels = quantize(ctx.pool.values[site.start : site.stop], np.float32(step))
+    pool = session.pool
+    site = pool.sites[number]
+    dataset, reference = session.sample_subset(samples)
+    arrays = dict(session.originals)
+    levels = quantize(pool.values[site.start : site.stop], np.float32(step))
     arrays[site.path] = dequantize(levels, np.float32(step), site.dtype).reshape(site.dims)
-    arrays = bias_correction.arrays_with_bias(ctx.pool, calibration.for_context(ctx).corrector, number, arrays[site.path], arrays)
+    arrays = bias_correction.arrays_with_bias(pool, session.calibration.corrector, number, arrays[site.path], arrays)
     err = energy = 0.0
     row = 0  # output rows, which need not be samples (see subset_reference)
-    for _, outputs in ctx.scorer.evaluator.iter_outputs(arrays, dataset):
+    for _, outputs in session.scorer.evaluator.iter_outputs(arrays, dataset):
         n = outputs[0].shape[0] if outputs[0].ndim else 1
         e, en = relative_error(outputs, [r[row : row + n] if r.ndim else r for r in reference])
         err, energy, row = err + e, energy + en, row + n

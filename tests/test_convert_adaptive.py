@@ -419,7 +419,7 @@ def _coarsen_mode(expected_at, flips_at, wave: int = 2):
         return {"name": f"x={x:+.4f} gamma={gamma:.3f}", "bins": 10, "bits_per_weight": 8 - x,
                 "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}, "search": dict(half), "confirm": dict(half)}
 
-    ctx = SimpleNamespace(map=lambda fn, tasks: [result(t[0], t[1]) for t in tasks], eval=SimpleNamespace(metric="agreement"))
+    ctx = SimpleNamespace(map=lambda fn, tasks: [result(t[0], t[1]) for t in tasks], session=SimpleNamespace(metric="agreement"))
     return adaptive.AdaptiveMode(), ctx, ConvertOptions(max_drop=0.01, wave=wave), calls
 
 
@@ -455,3 +455,30 @@ def test_coarsening_on_the_demo_with_agreement():
     assert chosen == (passed[-1]["name"] if passed else confirmed[-1])
     # an accuracy conversion (the demo's default metric) has no such walk
     assert "coarsen" not in json.loads(convert(MODEL, data=VAL, mode="adaptive", max_drop=0.01, seed=0).report_json())["search"]
+
+
+def test_the_session_computes_once_and_sends_workers_only_its_inputs():
+    """What a conversion computes once (halves, calibration, statistics, originals) lives on its
+    session: computed on first use, kept, and left out when the session is sent to a worker."""
+    import pickle
+
+    from moub_converters.evaluate import Evaluator, Scorer, reference_outputs
+    from moub_converters.session import ConversionSession
+
+    source = load_source(MODEL)
+    pool = pool_weights(source.model, 16)
+    dataset = load_dataset(VAL, source.model)
+    evaluator = Evaluator(source.model, pool, dataset)
+    reference = reference_outputs(evaluator, source.model, "digits")
+    session = ConversionSession(source.model, pool, dataset, "accuracy", reference, 1.0, ConvertOptions(max_drop=0.01))
+    session.use_scorer(Scorer(evaluator, "accuracy", reference, dataset.labels, 1.0))
+    search, confirm = session.half("search"), session.half("confirm")
+    assert search is session.half("search") and search.dataset.n_samples + confirm.dataset.n_samples == dataset.n_samples
+    assert np.array_equal(search.dataset.inputs["input"], dataset.inputs["input"][::2])
+    assert (search.metric, confirm.metric) == ("accuracy", "agreement")  # the confirm half judges by agreement
+    assert session.calibration is session.calibration and session.calibration.feedback.layers
+    assert session.site_stats is session.site_stats and session.originals is session.originals
+    sent = pickle.loads(pickle.dumps(session))
+    assert sent._halves == {} and sent._calibration is None and sent._scorer is None and sent._originals is None
+    assert sent.model.SerializeToString() == source.model.SerializeToString()
+    assert sent.calibration.summary() == session.calibration.summary()  # measured again, the same

@@ -128,12 +128,12 @@ def test_a_model_past_protobufs_limit_is_searched_in_this_process(monkeypatch):
     """Workers get the model as one protobuf message, which cannot pass 2 GiB: such a model
     runs in the converter's own process, with the same result. The limit is lowered here so
     that the demo CNN counts as past it; no worker process may start."""
-    from moub_converters import context
+    from moub_converters import workers
 
     kwargs = dict(data=VAL, max_drop=MAX_DROP, mode="paper", seed=3, population=6, generations=3, merge_budget=4)
     one = convert(MODEL, workers=1, **kwargs)
-    monkeypatch.setattr(context, "EXTERNAL_THRESHOLD", 1024)
-    monkeypatch.setattr(context.multiprocessing, "get_context", lambda *a: pytest.fail("a worker pool was started"))
+    monkeypatch.setattr(workers, "EXTERNAL_THRESHOLD", 1024)
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda *a: pytest.fail("a worker pool was started"))
     two = convert(MODEL, workers=2, **kwargs)
     assert one.moub_bytes == two.moub_bytes
 

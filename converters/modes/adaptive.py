@@ -45,16 +45,16 @@ from moub_format.reader import MIN_LANES
 
 from .. import calibration, metrics, sensitivity
 from ..calibration import Calibration
-from ..context import EvalContext
-from ..evaluate import Scorer, original_arrays, subset_reference
 from ..encode import PackAssignment, dequantize_scaled
 from ..intake import Pool
 from ..options import ConvertOptions
+from ..session import ConversionSession
 from ..packing import PackPlan, plan_packs, total_bits
 from ..solution import Size
 from ..uniform import SiteStats, allocate_steps, quantize_pool, site_arrays, site_stats
 from ..candidates import Candidate, Stage, candidate_from_result
 from ..selection import fallbacks, feasible, rank, robust_within_gamma, tolerance
+from ..split import HALVES, MIN_SPLIT, is_split, search_half
 from .base import ModeContext, ModeResult
 
 X_RANGE = (-12.0, 2.0)        # log2 step in sigmas: 2^-12 (about 14 bits/weight) .. 4 (about 1)
@@ -63,7 +63,6 @@ X_POINTS = int((X_RANGE[1] - X_RANGE[0]) * X_RESOLUTION)
 X_WINDOW = 2 * X_RESOLUTION   # NSGA-II searches x within 2 octaves of the bracketed boundary
 BRACKET_GAMMA = 0.75          # the bracketing bisection runs at this gamma
 BRACKET_WIDTH = 2             # ... until feasible and infeasible x are 1/4 octave apart
-MIN_SPLIT = 8                 # with fewer samples, search and confirm both use all of them
 CONFIRM_BUDGET = 10           # confirm evaluations (bisections) before settling
 LOSS_FLOOR = 0.5              # losses below this share of --max-drop count as equal (the search's focus)
 GAMMA_MAX = 1.25
@@ -140,69 +139,31 @@ def layout(pool: Pool, stats: SiteStats, log2_opt: np.ndarray, x: float, gamma: 
     return Layout(steps, levels, plans, total_bits(plans, stats.sizes, chunk_elements(pool.n_weights)))
 
 
-_STATS: dict[int, SiteStats] = {}
-
-
-def _stats(ctx: EvalContext) -> SiteStats:
-    key = id(ctx)
-    if key not in _STATS:
-        _STATS.clear()
-        _STATS[key] = site_stats(ctx.pool)
-    return _STATS[key]
-
-
-_SCORERS: dict[tuple[int, str], Scorer] = {}
-
-
-def split_scorer(ctx: EvalContext, split: str) -> Scorer:
-    """A scorer on one half of the data: ``search`` (even samples) steers the search,
-    ``confirm`` (odd samples) checks its choice on samples the choice was not made on.
-
-    Picking the smallest of many candidates whose loss, measured on a few hundred
-    samples, happens to be within the tolerance is the winner's curse: on the demo
-    digits (360 samples) the smallest candidate within 0.5% on them lost 1.1 points
-    on the held-back test digits. A candidate is chosen only if the half it was not
-    selected on confirms it. With fewer than MIN_SPLIT samples both halves are all."""
-    key = (id(ctx), split)
-    if key not in _SCORERS:
-        n = ctx.dataset.n_samples
-        if n < MIN_SPLIT:
-            return ctx.scorer
-        picked = np.arange(0 if split == "search" else 1, n, 2)
-        half = ctx.dataset.take(picked)
-        reference = subset_reference(ctx.scorer.evaluator, ctx.reference, n, picked, half,
-                                     lambda: original_arrays(ctx.model, ctx.pool))
-        labels = None if ctx.dataset.labels is None else ctx.dataset.labels[picked]
-        metric = metrics.METRICS[ctx.metric].confirm if split == "confirm" else ctx.metric
-        q0 = metrics.quality(metric, reference, reference, labels)
-        _SCORERS[key] = Scorer(ctx.scorer.evaluator, metric, reference, labels, q0, dataset=half)
-    return _SCORERS[key]
-
-
-def score_decision(ctx: EvalContext, task: tuple[float, float, list[float], float | None, float, str]) -> dict:
+def score_decision(session: ConversionSession, task: tuple[float, float, list[float], float | None, float, str]) -> dict:
     """Quantize the pool for (x, gamma) and score it (a module-level function: runs in workers)."""
     x, gamma, log2_opt, dominated_at, max_loss, stage = task
-    stats = _stats(ctx)
-    lay = layout(ctx.pool, stats, np.asarray(log2_opt), x, gamma, calibration.for_context(ctx))
-    scorer = split_scorer(ctx, "confirm" if stage == "confirm" else "search")
-    score = scorer.score(site_arrays(ctx.pool, lay.levels, lay.steps), max_loss=max_loss, dominated_at=dominated_at)
+    pool = session.pool
+    lay = layout(pool, session.site_stats, np.asarray(log2_opt), x, gamma, session.calibration)
+    scorer = session.half("confirm" if stage == "confirm" else "search")
+    score = scorer.score(site_arrays(pool, lay.levels, lay.steps), max_loss=max_loss, dominated_at=dominated_at)
     return {
         "name": f"x={x:+.4f} gamma={gamma:.3f}", "stage": stage, "quality": score.quality, "loss": score.loss,
         "complete": score.complete, "stopped": score.stopped, "units": score.units, "bins": lay.bins(),
-        "bits_per_weight": lay.bits / ctx.pool.n_weights, "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)},
+        "bits_per_weight": lay.bits / pool.n_weights, "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)},
     }
 
 
-def estimate_decision(ctx: EvalContext, task: tuple[float, float, list[float]]) -> dict:
+def estimate_decision(session: ConversionSession, task: tuple[float, float, list[float]]) -> dict:
     """Quantize the pool for (x, gamma) and run it on both halves: per half the counted flips
     and the expected flip rate (``metrics.expected_flip_rate``); runs in workers."""
     x, gamma, log2_opt = task
-    lay = layout(ctx.pool, _stats(ctx), np.asarray(log2_opt), x, gamma, calibration.for_context(ctx))
-    arrays = site_arrays(ctx.pool, lay.levels, lay.steps)
-    result = {"name": f"x={x:+.4f} gamma={gamma:.3f}", "bins": lay.bins(), "bits_per_weight": lay.bits / ctx.pool.n_weights,
+    pool = session.pool
+    lay = layout(pool, session.site_stats, np.asarray(log2_opt), x, gamma, session.calibration)
+    arrays = site_arrays(pool, lay.levels, lay.steps)
+    result = {"name": f"x={x:+.4f} gamma={gamma:.3f}", "bins": lay.bins(), "bits_per_weight": lay.bits / pool.n_weights,
               "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}}
     for split in ("search", "confirm"):
-        scorer = split_scorer(ctx, split)
+        scorer = session.half(split)
         parts = [outputs[0] for _, outputs in scorer.evaluator.iter_outputs(arrays, scorer.dataset)]
         outputs, reference = np.concatenate(parts, axis=0), scorer.reference[0]
         flips = int(np.count_nonzero(outputs.argmax(-1) != reference.argmax(-1)))
@@ -290,12 +251,12 @@ class AdaptiveMode:
 
     def run(self, ctx: ModeContext) -> ModeResult:
         opts, pool = ctx.options, ctx.pool
-        self.stats = stats = site_stats(pool)
-        dataset = ctx.eval.dataset
+        self.stats = stats = ctx.session.site_stats
+        dataset = ctx.session.dataset
         per_sample = sum(int(np.prod(a.shape[1:], dtype=np.int64)) for a in dataset.inputs.values())
         samples = sensitivity.sample_count(dataset.n_samples, per_sample, pool.n_weights, len(pool.sites))
         ctx.progress({"phase": "sensitivity"})
-        self.calib = calib = calibration.for_context(ctx.eval)
+        self.calib = calib = ctx.session.calibration
         distortions = sensitivity.measure(ctx.map, stats, samples)
         self.log2_opt = log2_opt = sensitivity.log2_optimal_steps(stats, distortions)
         opt_list = [float(v) for v in log2_opt]
@@ -311,8 +272,8 @@ class AdaptiveMode:
         def run_many(tasks, max_loss, stage):
             return ctx.map(score_decision, [(d.x, d.gamma, opt_list, bound, max_loss, stage) for d, bound in tasks])
 
-        self.limits = {split: tolerance(split_scorer(ctx.eval, split).metric, opts.max_drop, split_scorer(ctx.eval, split).total_units)
-                       for split in ("search", "confirm")}
+        self.limits = {half: tolerance(ctx.session.half(half).metric, opts.max_drop, ctx.session.half(half).total_units)
+                       for half in HALVES}
         limit = self.limits["search"]
         problem = StepProblem(run_many, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
         ctx.progress({"phase": "bracket"})
@@ -336,8 +297,8 @@ class AdaptiveMode:
         confirmed, gap = self._fill_gap(problem, ranked, confirmed, trials, opt_list, ctx)
         candidates += gap
         feasible_list = confirmed + fallbacks(rank(ranked + [c for c in gap if feasible(c, limit)]), confirmed, trials)
-        if (confirmed and metrics.METRICS[ctx.eval.metric].counts_flips and ctx.eval.reference[0].ndim == 2
-                and ctx.eval.dataset.n_samples >= MIN_SPLIT):
+        if (confirmed and metrics.METRICS[ctx.session.metric].counts_flips and ctx.session.reference[0].ndim == 2
+                and is_split(ctx.session.dataset.n_samples)):
             ctx.progress({"phase": "coarsen"})
             coarser, facts["coarsen"] = self._coarsen(confirmed[0], opt_list, opts, ctx)
             candidates += coarser
@@ -363,8 +324,8 @@ class AdaptiveMode:
         every step); then both halves are judged together, with the tolerance of all the data."""
         trials: list[dict] = []
         verdicts: dict[tuple[int, bool], bool] = {}
-        units = {split: split_scorer(ctx.eval, split).total_units for split in ("search", "confirm")}
-        pooled_limit = tolerance(split_scorer(ctx.eval, "confirm").metric, opts.max_drop, sum(units.values()))
+        units = {half: ctx.session.half(half).total_units for half in HALVES}
+        pooled_limit = tolerance(ctx.session.half("confirm").metric, opts.max_drop, sum(units.values()))
 
         def judge(i: int, pooled: bool) -> bool:
             if (i, pooled) not in verdicts:
@@ -421,7 +382,7 @@ class AdaptiveMode:
             for r in results:
                 flips, units = (r["search"][k] + r["confirm"][k] for k in ("flips", "units"))
                 expected = max(r["search"]["expected"], r["confirm"]["expected"])
-                ok = expected <= opts.max_drop and flips <= tolerance(ctx.eval.metric, opts.max_drop, units) * units + 1e-9
+                ok = expected <= opts.max_drop and flips <= tolerance(ctx.session.metric, opts.max_drop, units) * units + 1e-9
                 trials.append({"name": r["name"], "expected": [round(r[h]["expected"], 6) for h in ("search", "confirm")],
                                "flips": [r["search"]["flips"], r["confirm"]["flips"]], "passed": ok})
                 if not ok:
@@ -636,8 +597,7 @@ class Replay:
         if log2_opt.shape != (len(pool.sites),):
             raise ValueError(f"the report has {log2_opt.size} sensitivities for a pool of {len(pool.sites)} tensors")
         dataset = load_dataset(data, model, batch_size=options.batch_size)
-        half = dataset if dataset.n_samples < MIN_SPLIT else dataset.take(np.arange(0, dataset.n_samples, 2))
-        return cls(model, pool, site_stats(pool), log2_opt, calibration.measure(model, pool, half, options))
+        return cls(model, pool, site_stats(pool), log2_opt, calibration.measure(model, pool, search_half(dataset), options))
 
     def layout(self, x: float, gamma: float) -> Layout:
         return layout(self.pool, self.stats, self.log2_opt, x, gamma, self.calib)

@@ -1,6 +1,6 @@
 """The interface every conversion mode implements.
 
-A mode gets a :class:`ModeContext` (the pool, the scoring context, the
+A mode gets a :class:`ModeContext` (the pool, the conversion's session, the
 options, a parallel map and a progress hook) and returns a :class:`ModeResult`:
 every candidate it evaluated (for the front and the plot), the feasible ones
 best first, and for any candidate the quantization to write plus the stage
@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..candidates import Candidate, Stage
-from ..context import EvalContext, Mapper
 from ..intake import Pool
 from ..options import ConvertOptions
+from ..session import ConversionSession
 from ..solution import Quantization
+from ..workers import Mapper
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ModeResult:
 @dataclass
 class ModeContext:
     pool: Pool
-    eval: EvalContext
+    session: ConversionSession
     options: ConvertOptions
     map: Mapper
     progress: Callable[[dict], None]

@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..binning import Binning, uniform_binning
-from ..context import EvalContext
 from ..intake import Pool
 from ..merge import Groups, merge_cheapest
 from ..options import STEPS_PER_OCTAVE, ConvertOptions
 from ..search import bin_grid, pareto_front, run_search
+from ..session import ConversionSession
 from ..solution import Quantization, chunk_overhead_bits, counts_size, fixed_length_size, huffman_size
 from ..candidates import Candidate, Stage, candidate_from_result
 from ..selection import rank, robust_feasible
@@ -55,24 +55,24 @@ def bins_size(pool: Pool, k: int, representative: str):
     return binning, counts_size(binning.counts, pool.n_weights, chunk_overhead_bits(pool))
 
 
-def score_bins(ctx: EvalContext, task: tuple[int, float | None]) -> dict:
+def score_bins(session: ConversionSession, task: tuple[int, float | None]) -> dict:
     """Evaluate equal-width binning with k bins (runs in a worker when parallel); stop once
     the loss exceeds the search's cap or reaches ``dominated_at``."""
     k, dominated_at = task
-    pool = ctx.pool
-    binning, size = bins_size(pool, k, ctx.options.representative)
+    pool = session.pool
+    binning, size = bins_size(pool, k, session.options.representative)
     q = Quantization((binning.codebook,), binning.indices)
-    score = ctx.scorer.score(q.site_arrays(pool), max_loss=ctx.search_max_loss, dominated_at=dominated_at)
+    score = session.scorer.score(q.site_arrays(pool), max_loss=session.search_max_loss, dominated_at=dominated_at)
     return _result(f"k={k}", "search", score, binning.bins_used, size, {"k": int(k), "merges": []})
 
 
-def score_merge(ctx: EvalContext, recipe: dict) -> dict:
+def score_merge(session: ConversionSession, recipe: dict) -> dict:
     """Evaluate bins of k after the recipe's merge steps; stops early once infeasible."""
-    pool, rep = ctx.pool, ctx.options.representative
+    pool, rep = session.pool, session.options.representative
     binning = _binning(pool, recipe["k"], rep)
     groups = _replay(binning, recipe["merges"])
     q = Quantization((groups.codebook(rep),), groups.group_of_bin[binning.indices].astype(binning.indices.dtype))
-    score = ctx.scorer.score(q.site_arrays(pool), max_loss=ctx.feasible_max_loss)
+    score = session.scorer.score(q.site_arrays(pool), max_loss=session.feasible_max_loss)
     size = counts_size(groups.counts, pool.n_weights, chunk_overhead_bits(pool))
     name = f"k={recipe['k']} merged to {groups.size} bins"
     return _result(name, "merge", score, groups.size, size, {"k": int(recipe["k"]), "merges": list(recipe["merges"])})
