@@ -323,7 +323,7 @@ def _gap_mode(threshold_x: float, confirm_threshold_x: float, calls: list):
                 "complete": True, "stopped": None, "units": 100, "bins": 10, "bits_per_weight": 8 - x,
                 "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}}
 
-    problem = SimpleNamespace(run_many=lambda tasks, max_loss, stage: [result(d.x, d.gamma, stage, threshold_x)
+    problem = SimpleNamespace(run=lambda tasks, max_loss, stage: [result(d.x, d.gamma, stage, threshold_x)
                                                                        for d, _ in tasks])
     ctx = SimpleNamespace(map=lambda fn, tasks: [result(t[0], t[1], t[5], confirm_threshold_x) for t in tasks])
     return mode, problem, ctx

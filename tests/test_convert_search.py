@@ -22,7 +22,8 @@ from moub_converters.merge import Groups, merge_cheapest
 from moub_converters.candidates import Candidate
 from moub_converters.metrics import Accumulator, quality
 from moub_converters.resolution import resolution, samples_to_resolve, summary_lines, upper_rate
-from moub_converters.search import bin_grid, pareto_front
+from moub_converters.bin_search import bin_grid
+from moub_converters.search import pareto_front
 from moub_converters.selection import monotone_losses, robust_feasible
 from moub_converters.solution import Quantization
 from moub_format import MoubFile

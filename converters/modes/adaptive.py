@@ -27,17 +27,11 @@ Beyond the paper, structure-agnostic like it (one pipeline for every graph):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from pymoo.algorithms.moo.nsga2 import NSGA2
-from pymoo.core.problem import Problem
 from pymoo.core.sampling import Sampling
-from pymoo.operators.crossover.sbx import SBX
-from pymoo.operators.mutation.pm import PM
-from pymoo.operators.repair.rounding import RoundingRepair
 
 from moub_format import constants as FC
 from moub_format import writer
@@ -51,8 +45,9 @@ from ..options import ConvertOptions
 from ..session import ConversionSession
 from ..packing import PackPlan, plan_packs, total_bits
 from ..solution import Size
-from ..uniform import SiteStats, allocate_steps, quantize_pool, site_arrays, site_stats
+from ..uniform import SiteStats, allocate_steps, site_arrays, site_stats
 from ..candidates import Candidate, Stage, candidate_from_result
+from ..search import CachedProblem, Runner, run_nsga2
 from ..selection import fallbacks, feasible, rank, robust_within_gamma, tolerance
 from ..split import HALVES, MIN_SPLIT, is_split, search_half
 from .base import ModeContext, ModeResult
@@ -69,6 +64,7 @@ GAMMA_MAX = 1.25
 GAMMA_RESOLUTION = 8          # gamma in steps of 1/8
 REFINE_RESOLUTION = 64        # refinement goes down to 1/64 octave
 MIN_POPULATION = 10           # two decisions need a somewhat larger population than one
+MUTATION_PROB = 0.5           # of each offspring (two variables)
 INITIAL_GAMMAS = (1.0, 0.5, 0.75, 0.0, 1.25, 0.25)
 COARSEN_STEPS = 8             # the estimate may coarsen the confirmed choice by up to one octave, in grid steps
 BUILD_OPTIONS = {"graph_codec": FC.CODEC_LZMA, "raw_codec": writer.SMALLEST, "alignment": 8,
@@ -181,51 +177,19 @@ class SpreadSampling(Sampling):
         return np.column_stack([xs, np.round(gs)])
 
 
-class StepProblem(Problem):
-    """Minimise (quality loss, bits/weight) over the (x, gamma) grid; evaluations cached."""
+class StepProblem(CachedProblem):
+    """Minimise (quality loss, bits/weight) over the (x, gamma) grid; evaluations cached by decision."""
 
-    def __init__(self, run_many, size_of, loss_cap: float = float("inf"), wave: int = 2, loss_floor: float = 0.0) -> None:
-        super().__init__(n_var=2, n_obj=2, xl=np.array([0.0, 0.0]),
-                         xu=np.array([float(X_POINTS), GAMMA_MAX * GAMMA_RESOLUTION]), vtype=float)
-        self.run_many = run_many
-        self.size_of = size_of
-        self.loss_cap = loss_cap
-        self.loss_floor = loss_floor
-        self.wave = max(1, wave)
-        self.cache: dict[tuple, dict] = {}
-        self.order: list[tuple] = []
+    def __init__(self, run: Runner, size_of, loss_cap: float = float("inf"), wave: int = 2, loss_floor: float = 0.0) -> None:
+        super().__init__([0.0, 0.0], [float(X_POINTS), GAMMA_MAX * GAMMA_RESOLUTION], run, size_of, loss_cap, wave,
+                         loss_floor)
 
     def decisions(self, X: np.ndarray) -> list[Decision]:
         X = np.clip(np.round(np.asarray(X, dtype=np.float64)), self.xl, self.xu).astype(np.int64)
         return [Decision(int(a), int(b)) for a, b in X]
 
-    def dominance_bound(self, bits: float) -> float | None:
-        """The least loss of the evaluated smaller candidates: a candidate that provably reaches it
-        is dominated. Below the floor losses count as equal, so once a smaller candidate is below
-        it, a larger one cannot win at all and is not run (bound 0)."""
-        known = [r["loss"] for r in self.cache.values() if r["complete"] and r["bits_per_weight"] < bits]
-        if not known:
-            return None
-        best = min(known)
-        return 0.0 if best <= self.loss_floor else best
-
-    def objectives(self, key: tuple) -> tuple[float, float]:
-        r = self.cache[key]
-        return min(max(r["loss"], self.loss_floor), self.loss_cap), r["bits_per_weight"]
-
-    def evaluate_decisions(self, decisions: list[Decision], max_loss: float | None = None, stage: str = "search") -> None:
-        todo = sorted({d.key: d for d in decisions if d.key not in self.cache}.values(), key=lambda d: (self.size_of(d), d.key))
-        for start in range(0, len(todo), self.wave):
-            wave = todo[start : start + self.wave]
-            tasks = [(d, self.dominance_bound(self.size_of(d)) if stage == "search" else None) for d in wave]
-            for d, result in zip(wave, self.run_many(tasks, self.loss_cap if max_loss is None else max_loss, stage)):
-                self.cache[d.key] = result
-                self.order.append(d.key)
-
-    def _evaluate(self, X, out, *args, **kwargs):
-        decisions = self.decisions(X)
-        self.evaluate_decisions(decisions)
-        out["F"] = np.array([self.objectives(d.key) for d in decisions], dtype=np.float64)
+    def key(self, decision: Decision) -> tuple[float, float]:
+        return decision.key
 
 
 def _confirm_trial(cand: Candidate, limit: float, rule: str, opt_list: list[float], ctx: ModeContext,
@@ -420,7 +384,7 @@ class AdaptiveMode:
         tried: list[Candidate] = []
         while bad - good > 1 and len(trials) < CONFIRM_BUDGET:
             mid = Decision((good + bad) // 2, gi)
-            search = candidate_from_result(problem.run_many([(mid, None)], self.limits["search"], "gap")[0])
+            search = candidate_from_result(problem.run([(mid, None)], self.limits["search"], "gap")[0])
             tried.append(search)
             if feasible(search, self.limits["search"]) and _confirm_trial(search, self.limits["confirm"], "confirm half",
                                                                           opt_list, ctx, trials):
@@ -445,35 +409,10 @@ class AdaptiveMode:
         return good, runs
 
     def _search(self, problem: StepProblem, opts: ConvertOptions, ctx: ModeContext) -> dict:
-        algorithm = NSGA2(
-            pop_size=max(opts.population, MIN_POPULATION),
-            sampling=SpreadSampling(),
-            crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-            mutation=PM(prob=0.5, eta=20, vtype=float, repair=RoundingRepair()),
-            eliminate_duplicates=True,
-        )
-        algorithm.setup(problem, termination=("n_gen", opts.generations), seed=opts.seed, verbose=False)
-        previous, unchanged, generation, stopped = None, 0, 0, "generation limit"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            while algorithm.has_next():
-                before = len(problem.cache)
-                algorithm.next()
-                generation += 1
-                ctx.progress({"phase": "search", "generation": generation})
-                opt = algorithm.opt
-                front = tuple(sorted(d.key for d in problem.decisions(opt.get("X")))) if opt is not None else ()
-                unchanged = unchanged + 1 if front == previous else 0
-                previous = front
-                if unchanged >= opts.patience:
-                    stopped = f"front unchanged for {opts.patience} generations"
-                    break
-                if generation > 1 and len(problem.cache) == before and unchanged >= 1:
-                    stopped = "no new decisions to evaluate"
-                    break
-        return {"method": "nsga2", "generations": generation, "stopped": stopped,
-                "decisions": {"x": list(X_RANGE), "x_resolution": X_RESOLUTION, "gamma": [0.0, GAMMA_MAX],
-                              "gamma_resolution": GAMMA_RESOLUTION}}
+        facts = run_nsga2(problem, SpreadSampling(), max(opts.population, MIN_POPULATION), opts.generations, opts.patience,
+                          opts.seed, MUTATION_PROB, lambda g: ctx.progress({"phase": "search", "generation": g}))
+        return {**facts, "decisions": {"x": list(X_RANGE), "x_resolution": X_RESOLUTION, "gamma": [0.0, GAMMA_MAX],
+                                       "gamma_resolution": GAMMA_RESOLUTION}}
 
     def _refine(self, problem: StepProblem, candidates: list[Candidate], opts: ConvertOptions) -> list[Candidate]:
         """Bisect x at the best feasible candidate's gamma, on a finer grid."""

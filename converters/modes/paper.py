@@ -3,7 +3,7 @@
 1. Pool every weight; equal-width bins over the pool's [min, max] into one
    shared codebook (``binning.py``).
 2. NSGA-II over the bin count k: quality loss vs encoded bits per weight
-   (``search.py``).
+   (``bin_search.py``, on the shared engine of ``search.py``).
 3. For the front's solutions within ``max_drop``, merge neighbouring bins,
    cheapest first, while quality holds, within ``merge_budget`` evaluations
    (``merge.py``; how many merges hold is found by bisection along the greedy path).
@@ -21,7 +21,8 @@ from ..binning import Binning, uniform_binning
 from ..intake import Pool
 from ..merge import Groups, merge_cheapest
 from ..options import STEPS_PER_OCTAVE, ConvertOptions
-from ..search import bin_grid, pareto_front, run_search
+from ..bin_search import bin_grid, search_bin_counts
+from ..search import pareto_front
 from ..session import ConversionSession
 from ..solution import Quantization, chunk_overhead_bits, counts_size, fixed_length_size, huffman_size
 from ..candidates import Candidate, Stage, candidate_from_result
@@ -124,13 +125,13 @@ class PaperMode:
                 sizes[k] = bins_size(ctx.pool, k, opts.representative)[1].bits_per_weight
             return sizes[k]
 
-        def score_many(tasks: list[tuple[int, float | None]]) -> list[dict]:
-            return ctx.map(score_bins, tasks)
+        def run(tasks: list[tuple[int, float | None]], max_loss: float, stage: str) -> list[dict]:
+            return ctx.map(score_bins, tasks)  # score_bins stops at the search's own cap
 
         ctx.progress({"phase": "search"})
-        problem, facts = run_search(grid, score_many, size_of, opts.population, opts.generations, opts.patience, opts.seed,
-                                    on_generation=lambda g, p: ctx.progress({"phase": "search", "generation": g}),
-                                    loss_cap=opts.effective_abort_drop(), wave=opts.wave)
+        problem, facts = search_bin_counts(grid, run, size_of, opts.population, opts.generations, opts.patience, opts.seed,
+                                           on_generation=lambda g: ctx.progress({"phase": "search", "generation": g}),
+                                           loss_cap=opts.effective_abort_drop(), wave=opts.wave)
         candidates = [candidate_from_result(problem.cache[k]) for k in problem.order]
         facts = {**facts, "grid": {"points": int(len(grid)), "min": int(grid[0]), "max": int(grid[-1]),
                                    "steps_per_octave": STEPS_PER_OCTAVE},
