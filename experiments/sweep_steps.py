@@ -26,9 +26,9 @@ from benchmarks.models import model_path  # noqa: E402
 from moub_converters.data import load_dataset  # noqa: E402
 from moub_converters.evaluate import Evaluator, Scorer, reference_outputs  # noqa: E402
 from moub_converters.intake import load_source, pool_weights  # noqa: E402
-from moub_converters.modes import adaptive  # noqa: E402
 from moub_converters.options import ConvertOptions  # noqa: E402
 from moub_converters.session import ConversionSession  # noqa: E402
+from moub_converters.step_layout import layout  # noqa: E402
 from moub_converters.uniform import site_arrays  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "full"
@@ -63,7 +63,7 @@ def main() -> None:
     calib, stats = session.calibration, session.site_stats
     for gamma in (float(g) for g in args.gammas.split(",")):
         for x in (float(v) for v in args.xs.split(",")):
-            lay = adaptive.layout(pool, stats, log2_opt, x, gamma, calib, feedback=feedback)
+            lay = layout(pool, stats, log2_opt, x, gamma, calib, feedback=feedback)
             arrays = site_arrays(pool, lay.levels, lay.steps)
             row = {"x": x, "gamma": gamma, "bits_per_weight": round(lay.bits / pool.n_weights, 3)}
             for split in ("search", "confirm"):

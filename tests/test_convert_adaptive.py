@@ -19,8 +19,9 @@ from moub_converters.calibration import Calibration
 from moub_converters.error_feedback import ErrorFeedback
 from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
-from moub_converters.modes import adaptive
-from moub_converters.modes.adaptive import PackedQuantization, Replay, chunk_elements, layout
+from moub_converters import step_layout
+from moub_converters.replay import Replay
+from moub_converters.step_layout import PackedQuantization, chunk_elements, layout
 from moub_converters.options import ConvertOptions
 from moub_converters.packing import plan_packs, total_bits
 from moub_converters.selection import tolerance
@@ -95,7 +96,7 @@ def test_chunk_size_gives_the_lane_decoder_enough_chunks(converted, tmp_path, mo
     recipe = result.report["choice"]["recipe"]
     replay = Replay.from_report(load_source(MODEL).model, VAL, json.loads(json.dumps(result.report)))
     estimate_4096 = replay.layout(recipe["x"], recipe["gamma"]).bits
-    monkeypatch.setattr(adaptive, "MIN_LANES", 8)
+    monkeypatch.setattr(step_layout, "MIN_LANES", 8)
     assert chunk_elements(replay.pool.n_weights) == 1024
     with MoubFile(path) as moub:
         metadata = dict(moub.index.metadata)
@@ -216,7 +217,7 @@ def test_a_tensor_of_few_far_apart_levels_gets_an_explicit_codebook(tmp_path):
     from dataclasses import replace
 
     from moub_converters.encode import encode_model
-    from moub_converters.modes.adaptive import Layout, PackedQuantization
+    from moub_converters.step_layout import Layout, PackedQuantization
     from moub_converters.uniform import quantize_pool
     from onnx import TensorProto, helper, numpy_helper
 

@@ -27,169 +27,32 @@ Beyond the paper, structure-agnostic like it (one pipeline for every graph):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from pymoo.core.sampling import Sampling
 
-from moub_format import constants as FC
-from moub_format import writer
-from moub_format.reader import MIN_LANES
-
-from .. import calibration, metrics, sensitivity
+from .. import metrics, sensitivity
+from ..calibration import NONE as NO_CALIBRATION
 from ..calibration import Calibration
-from ..encode import PackAssignment, dequantize_scaled
+from ..candidates import Candidate, Stage, candidate_from_result
 from ..intake import Pool
 from ..options import ConvertOptions
-from ..session import ConversionSession
-from ..packing import PackPlan, plan_packs, total_bits
-from ..solution import Size
-from ..uniform import SiteStats, allocate_steps, site_arrays, site_stats
-from ..candidates import Candidate, Stage, candidate_from_result
-from ..search import CachedProblem, Runner, run_nsga2
+from ..search import run_nsga2
 from ..selection import fallbacks, feasible, rank, robust_within_gamma, tolerance
-from ..split import HALVES, MIN_SPLIT, is_split, search_half
+from ..solution import Size
+from ..split import HALVES, MIN_SPLIT, is_split
+from ..step_layout import PackedQuantization, layout
+from ..step_search import (GAMMA_MAX, GAMMA_RESOLUTION, MUTATION_PROB, REFINE_RESOLUTION, X_POINTS, X_RANGE, X_RESOLUTION,
+                           Decision, SpreadSampling, StepProblem, estimate_decision, score_decision)
+from ..uniform import SiteStats
 from .base import ModeContext, ModeResult
 
-X_RANGE = (-12.0, 2.0)        # log2 step in sigmas: 2^-12 (about 14 bits/weight) .. 4 (about 1)
-X_RESOLUTION = 8              # search grid: 1/8 octave of step (about 0.125 bits/weight)
-X_POINTS = int((X_RANGE[1] - X_RANGE[0]) * X_RESOLUTION)
 X_WINDOW = 2 * X_RESOLUTION   # NSGA-II searches x within 2 octaves of the bracketed boundary
 BRACKET_GAMMA = 0.75          # the bracketing bisection runs at this gamma
 BRACKET_WIDTH = 2             # ... until feasible and infeasible x are 1/4 octave apart
 CONFIRM_BUDGET = 10           # confirm evaluations (bisections) before settling
 LOSS_FLOOR = 0.5              # losses below this share of --max-drop count as equal (the search's focus)
-GAMMA_MAX = 1.25
-GAMMA_RESOLUTION = 8          # gamma in steps of 1/8
-REFINE_RESOLUTION = 64        # refinement goes down to 1/64 octave
 MIN_POPULATION = 10           # two decisions need a somewhat larger population than one
-MUTATION_PROB = 0.5           # of each offspring (two variables)
-INITIAL_GAMMAS = (1.0, 0.5, 0.75, 0.0, 1.25, 0.25)
 COARSEN_STEPS = 8             # the estimate may coarsen the confirmed choice by up to one octave, in grid steps
-BUILD_OPTIONS = {"graph_codec": FC.CODEC_LZMA, "raw_codec": writer.SMALLEST, "alignment": 8,
-                 "elide_constant_names": True}  # Paddle exports name each Constant twice: 680 B of rapidocr cls
-MAX_CHUNK_ELEMENTS = 4096     # 32-bit chunk entries (plus ~4 padding bits) every 4096 weights: 0.009 bits/weight
-MIN_CHUNK_ELEMENTS = 1024     # ... every 1024: 0.035 bits/weight
-
-
-def chunk_elements(n_weights: int) -> int:
-    """Elements per independently decodable chunk of an adaptive file.
-
-    The reader decodes all chunks in lock step, one NumPy call per step for all of them, so
-    a model with few chunks pays NumPy's per-call overhead on nearly every weight: with
-    4096-element chunks, loading magika's 0.78 M weights (191 chunks) took 3.6x its plain
-    ``.onnx``, det's 1.17 M 3.9x. So the chunk is the largest power of two in [1024, 4096]
-    that gives about ``DECODER_LANES`` chunks (:func:`moub_format.writer.default_chunk_elements`);
-    models too small for lock-step decoding even at 1024 (fewer than ``MIN_LANES`` chunks:
-    the reader decodes them one by one) keep 4096, where chunks cost least."""
-    chunk = min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, writer.default_chunk_elements(n_weights)))
-    return MAX_CHUNK_ELEMENTS if n_weights // chunk < MIN_LANES else chunk
-
-
-@dataclass(frozen=True)
-class Decision:
-    """(x, gamma) on the search grid: x = X_RANGE[0] + xi / resolution, gamma = gi / GAMMA_RESOLUTION."""
-
-    xi: int
-    gi: int
-    resolution: int = X_RESOLUTION
-
-    @property
-    def x(self) -> float:
-        return X_RANGE[0] + self.xi / self.resolution
-
-    @property
-    def gamma(self) -> float:
-        return self.gi / GAMMA_RESOLUTION
-
-    @property
-    def key(self) -> tuple[float, float]:
-        return (round(self.x, 9), round(self.gamma, 9))
-
-    def name(self) -> str:
-        return f"x={self.x:+.4f} gamma={self.gamma:.3f}"
-
-    def recipe(self) -> dict:
-        return {"x": round(self.x, 9), "gamma": round(self.gamma, 9)}
-
-
-@dataclass
-class Layout:
-    """A decision turned into steps, levels and packs (computed where it is needed)."""
-
-    steps: np.ndarray
-    levels: list[np.ndarray]
-    plans: list[PackPlan]
-    bits: int
-
-    def bins(self) -> int:
-        return int(sum(p.count for p in self.plans))
-
-
-def layout(pool: Pool, stats: SiteStats, log2_opt: np.ndarray, x: float, gamma: float,
-           calib: Calibration, feedback: bool = True) -> Layout:
-    steps = allocate_steps(stats, log2_opt, x, gamma)
-    levels = calib.levels(pool, steps, feedback)
-    plans = plan_packs(levels)
-    return Layout(steps, levels, plans, total_bits(plans, stats.sizes, chunk_elements(pool.n_weights)))
-
-
-def score_decision(session: ConversionSession, task: tuple[float, float, list[float], float | None, float, str]) -> dict:
-    """Quantize the pool for (x, gamma) and score it (a module-level function: runs in workers)."""
-    x, gamma, log2_opt, dominated_at, max_loss, stage = task
-    pool = session.pool
-    lay = layout(pool, session.site_stats, np.asarray(log2_opt), x, gamma, session.calibration)
-    scorer = session.half("confirm" if stage == "confirm" else "search")
-    score = scorer.score(site_arrays(pool, lay.levels, lay.steps), max_loss=max_loss, dominated_at=dominated_at)
-    return {
-        "name": f"x={x:+.4f} gamma={gamma:.3f}", "stage": stage, "quality": score.quality, "loss": score.loss,
-        "complete": score.complete, "stopped": score.stopped, "units": score.units, "bins": lay.bins(),
-        "bits_per_weight": lay.bits / pool.n_weights, "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)},
-    }
-
-
-def estimate_decision(session: ConversionSession, task: tuple[float, float, list[float]]) -> dict:
-    """Quantize the pool for (x, gamma) and run it on both halves: per half the counted flips
-    and the expected flip rate (``metrics.expected_flip_rate``); runs in workers."""
-    x, gamma, log2_opt = task
-    pool = session.pool
-    lay = layout(pool, session.site_stats, np.asarray(log2_opt), x, gamma, session.calibration)
-    arrays = site_arrays(pool, lay.levels, lay.steps)
-    result = {"name": f"x={x:+.4f} gamma={gamma:.3f}", "bins": lay.bins(), "bits_per_weight": lay.bits / pool.n_weights,
-              "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}}
-    for split in ("search", "confirm"):
-        scorer = session.half(split)
-        parts = [outputs[0] for _, outputs in scorer.evaluator.iter_outputs(arrays, scorer.dataset)]
-        outputs, reference = np.concatenate(parts, axis=0), scorer.reference[0]
-        flips = int(np.count_nonzero(outputs.argmax(-1) != reference.argmax(-1)))
-        result[split] = {"flips": flips, "units": int(reference[..., 0].size),
-                         "expected": metrics.expected_flip_rate(reference, outputs)}
-    return result
-
-
-class SpreadSampling(Sampling):
-    """A deterministic initial population: x evenly over its range, gamma cycling over INITIAL_GAMMAS."""
-
-    def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
-        xs = np.round(np.linspace(problem.xl[0], problem.xu[0], n_samples))
-        gs = [INITIAL_GAMMAS[i % len(INITIAL_GAMMAS)] * GAMMA_RESOLUTION for i in range(n_samples)]
-        return np.column_stack([xs, np.round(gs)])
-
-
-class StepProblem(CachedProblem):
-    """Minimise (quality loss, bits/weight) over the (x, gamma) grid; evaluations cached by decision."""
-
-    def __init__(self, run: Runner, size_of, loss_cap: float = float("inf"), wave: int = 2, loss_floor: float = 0.0) -> None:
-        super().__init__([0.0, 0.0], [float(X_POINTS), GAMMA_MAX * GAMMA_RESOLUTION], run, size_of, loss_cap, wave,
-                         loss_floor)
-
-    def decisions(self, X: np.ndarray) -> list[Decision]:
-        X = np.clip(np.round(np.asarray(X, dtype=np.float64)), self.xl, self.xu).astype(np.int64)
-        return [Decision(int(a), int(b)) for a, b in X]
-
-    def key(self, decision: Decision) -> tuple[float, float]:
-        return decision.key
 
 
 def _confirm_trial(cand: Candidate, limit: float, rule: str, opt_list: list[float], ctx: ModeContext,
@@ -211,7 +74,7 @@ class AdaptiveMode:
         self.limits: dict[str, float] = {}
         self.log2_opt: np.ndarray | None = None
         self.stats: SiteStats | None = None
-        self.calib: Calibration = calibration.NONE
+        self.calib: Calibration = NO_CALIBRATION
 
     def run(self, ctx: ModeContext) -> ModeResult:
         opts, pool = ctx.options, ctx.pool
@@ -459,96 +322,3 @@ class AdaptiveMode:
         return quant, stages
 
 
-@dataclass(frozen=True)
-class PackedQuantization:
-    """A layout as the container stores it: grid codebooks, packs, and the build options.
-
-    Pack indices are int32 and the decoded weights are not kept: on a model of N weights the
-    final encode held 8N bytes of int64 indices and 4N of float32 weights beside the model."""
-
-    codebooks: tuple[writer.GridCodebook | np.ndarray, ...]
-    packs: tuple[PackAssignment, ...]
-    build_options: dict = field(default_factory=lambda: dict(BUILD_OPTIONS))
-
-    @classmethod
-    def from_layout(cls, pool: Pool, lay: Layout) -> PackedQuantization:
-        codebooks, packs = [], []
-        for number, plan in enumerate(lay.plans):
-            codebooks.append(writer.GridCodebook(plan.first, plan.count) if plan.levels is None
-                             else np.asarray(plan.levels, dtype=np.float32))  # exact: |level| < 2^22
-            members = list(plan.members)
-            indices = np.concatenate([plan.symbols(lay.levels[i], offset).astype(np.int32, copy=False)
-                                      for i, offset in zip(members, plan.offsets)])  # count < 2^25
-            packs.append(PackAssignment(tuple(pool.sites[i].path for i in members),
-                                        tuple(float(lay.steps[i]) for i in members), indices, number, writer.OWN,
-                                        offsets=plan.offsets))
-        return cls(tuple(codebooks), tuple(packs), dict(BUILD_OPTIONS, chunk_elements=chunk_elements(pool.n_weights)))
-
-    def assignments(self, pool: Pool) -> dict:
-        return {}
-
-    def site_arrays(self, pool: Pool) -> dict:
-        """Each site's weights as the runtime decodes them, from the packs."""
-        by_path = {site.path: site for site in pool.sites}
-        arrays = {}
-        for pack in self.packs:
-            position = 0
-            offsets = pack.offsets or (0,) * len(pack.paths)
-            for path, scale, offset in zip(pack.paths, pack.scales, offsets):
-                site = by_path[path]
-                chunk = pack.indices[position : position + site.size]
-                arrays[path] = dequantize_scaled(self.codebooks[pack.codebook], chunk, scale, site.dtype, offset).reshape(site.dims)
-                position += site.size
-        return arrays
-
-    def bins_used(self) -> int:
-        return int(sum(cb.count if isinstance(cb, writer.GridCodebook) else len(cb) for cb in self.codebooks))
-
-
-@dataclass
-class Replay:
-    """An adaptive conversion at any decision (x, gamma), without its search.
-
-    The report holds what the search measured (``log2_optimal_step``) and the settings; the
-    calibration is measured again on the same search half, so ``layout`` at the report's own
-    recipe gives the converted file's weights exactly. Why: the bench sweeps the step scale ``x``
-    on its test split, as it sweeps every peer's knob, to compare the quantizers apart from how
-    each chooses; and a file can be rebuilt at a nearby step without a new search."""
-
-    model: onnx.ModelProto
-    pool: Pool
-    stats: SiteStats
-    log2_opt: np.ndarray
-    calib: Calibration
-
-    @classmethod
-    def from_report(cls, model: onnx.ModelProto, data, report: dict) -> Replay:
-        """``model`` and ``data`` (a DATA.npz path or arrays): those the report's conversion used."""
-        from ..data import load_dataset
-        from ..intake import pool_weights
-
-        settings = report["settings"]
-        if settings.get("mode") != "adaptive":
-            raise ValueError(f"the report is of --mode {settings.get('mode')}, not adaptive")
-        options = ConvertOptions(**{k: v for k, v in settings.items() if k in ConvertOptions.__dataclass_fields__})
-        pool = pool_weights(model, options.min_elements)
-        log2_opt = np.asarray(report["search"]["log2_optimal_step"], np.float64)
-        if log2_opt.shape != (len(pool.sites),):
-            raise ValueError(f"the report has {log2_opt.size} sensitivities for a pool of {len(pool.sites)} tensors")
-        dataset = load_dataset(data, model, batch_size=options.batch_size)
-        return cls(model, pool, site_stats(pool), log2_opt, calibration.measure(model, pool, search_half(dataset), options))
-
-    def layout(self, x: float, gamma: float) -> Layout:
-        return layout(self.pool, self.stats, self.log2_opt, x, gamma, self.calib)
-
-    def quantization(self, x: float, gamma: float) -> PackedQuantization:
-        """What the container stores for decision (x, gamma)."""
-        return PackedQuantization.from_layout(self.pool, self.layout(x, gamma))
-
-    def encode(self, x: float, gamma: float, metadata: dict[str, str]) -> bytes:
-        """The .moub bytes for decision (x, gamma), written as the converter writes its files
-        (with the converted file's own metadata, the report's recipe gives that file exactly)."""
-        from ..encode import encode_model
-
-        q = self.quantization(x, gamma)
-        return encode_model(self.model, q.codebooks, {}, metadata, packs=q.packs, **q.build_options)
