@@ -8,11 +8,12 @@ session (what the report states) -> report.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .modes import get_mode
 from .candidates import Candidate, Stage
 from .modes.base import ModeContext
 from .modes.paper import fixed_bins
-from .options import ConvertOptions
+from .options import ConvertOptions, describe, keyword_parameters
 from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
 from .session import ConversionSession
@@ -185,40 +186,23 @@ def convert(
     model_or_path: str | os.PathLike | onnx.ModelProto,
     data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     labels=None,
-    metric: str | None = None,
-    max_drop: float = ConvertOptions.max_drop,
-    mode: str = ConvertOptions.mode,
-    seed: int = 0,
-    workers: int = 1,
-    population: int = ConvertOptions.population,
-    generations: int = ConvertOptions.generations,
-    max_bins: int = ConvertOptions.max_bins,
-    min_elements: int | None = None,
-    merge_budget: int = ConvertOptions.merge_budget,
-    batch_size: int | None = None,
-    bins: int | None = None,
+    *,
     quiet: bool = True,
     progress: Callable[[dict], None] | None = None,
-    **advanced,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    **options,
 ) -> ConvertResult:
-    """Compress an ONNX model into .moub bytes; see DESIGN.md for the method and options.
+    """Compress an ONNX model into .moub bytes; ``docs/method.md`` describes the method.
 
     ``model_or_path`` may be a TorchScript file (``.pt``) with ``input_shapes=[(1, 3, 32, 32)]``.
-    ``advanced``: ``patience``, ``representative`` ("mean" | "centre"), ``strategy``
-    (how weights reach onnxruntime), ``abort_drop``,
-    ``bias_correction`` and ``error_feedback`` (adaptive mode; default True).
+    ``quiet``: no progress bar; ``progress``: a function that sees every progress event instead.
+    The options are keywords, one per field of :class:`~.options.ConvertOptions` (the CLI's flags
+    are the same options):
+
+{options}
     """
     started = time.perf_counter()
-    input_shapes = advanced.pop("input_shapes", None)
-    if min_elements is None:  # each mode has its own default (paper and --bins: 1024, as the paper pools weights)
-        from .modes import MODES
-
-        min_elements = (ConvertOptions.min_elements if bins is not None
-                        else getattr(MODES.get(mode), "default_min_elements", ConvertOptions.min_elements))
-    options = ConvertOptions(metric=metric, max_drop=max_drop, mode=mode, seed=seed, workers=workers,
-                             population=population, generations=generations, max_bins=max_bins,
-                             min_elements=min_elements, merge_budget=merge_budget, batch_size=batch_size,
-                             bins=bins, **advanced).validated()
+    options = ConvertOptions.from_keywords(options)
     mode_impl = get_mode(options.mode)
     source = load_source(model_or_path, input_shapes)
     pool = pool_weights(source.model, options.min_elements)
@@ -280,6 +264,13 @@ def convert(
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                          time.perf_counter() - started, chosen_metric)
+
+
+if convert.__doc__:  # None under python -OO
+    convert.__doc__ = convert.__doc__.format(options=describe())
+convert.__signature__ = inspect.signature(convert).replace(parameters=[  # the options as keywords, from their declaration
+    *(p for p in inspect.signature(convert).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD),
+    *keyword_parameters()])
 
 
 def _encode(source: SourceModel, quant, pool: Pool, metadata: dict[str, str]) -> bytes:

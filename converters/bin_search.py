@@ -17,7 +17,8 @@ from pymoo.core.sampling import Sampling
 
 from .search import CachedProblem, Runner, run_nsga2
 
-MUTATION_PROB = 1.0  # one variable: mutate every offspring
+STEPS_PER_OCTAVE = 4  # bin counts searched: round(2^(j/4)), about 19% apart; merging refines between them
+MUTATION_PROB = 1.0   # one variable: mutate every offspring
 
 
 def bin_grid(max_bins: int, steps_per_octave: int, low: int = 2) -> np.ndarray:

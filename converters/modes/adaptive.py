@@ -68,7 +68,6 @@ def _confirm_trial(cand: Candidate, limit: float, rule: str, opt_list: list[floa
 
 class AdaptiveMode:
     name = "adaptive"
-    default_min_elements = 16
 
     def __init__(self) -> None:
         self.limits: dict[str, float] = {}

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from ..binning import Binning, uniform_binning
 from ..intake import Pool
 from ..merge import Groups, merge_cheapest
-from ..options import STEPS_PER_OCTAVE, ConvertOptions
-from ..bin_search import bin_grid, search_bin_counts
+from ..options import ConvertOptions
+from ..bin_search import STEPS_PER_OCTAVE, bin_grid, search_bin_counts
 from ..search import pareto_front
 from ..session import ConversionSession
 from ..solution import Quantization, chunk_overhead_bits, counts_size, fixed_length_size, huffman_size
