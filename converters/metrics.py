@@ -254,12 +254,10 @@ def expected_flip_rate(reference: np.ndarray, outputs: np.ndarray) -> float:
     Each unit's margin m_i (the original top-1 score minus the runner-up's) is set against the
     change d_j the candidate makes to that margin on every unit j: the estimate is the mean over
     i of the share of j with d_j >= m_i. Counting flips on a few hundred samples is unbiased but
-    noisy (on magika's 500 test files the count did not even fall as the step shrank: 4 flips at
-    5.47 bits/weight, 6 at 5.95, 3 at 6.08); this estimate rises steadily with the step. It
-    assumes the change does not depend on the margin and the units are independent: on magika's
-    and rapidocr cls's samples it follows the counts' trend; on PP-OCRv4 rec's time steps it went
-    from 0.5% to 13% between neighbouring steps where the counted flips only doubled
-    (``scripts/flip_estimate.py``)."""
+    noisy: the count need not even fall as the step shrinks; this estimate rises steadily with
+    the step. It assumes the change does not depend on the margin and the units are independent,
+    which holds for one prediction per sample, not for the time steps of a sequence
+    (docs/decisions/)."""
     margin, change = margins_and_changes(reference, outputs)
     at_least = change.size - np.searchsorted(np.sort(change), margin, side="left")
     return float(np.mean(at_least / change.size))

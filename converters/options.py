@@ -148,7 +148,8 @@ class ConvertOptions:
 
     def settings(self) -> dict:
         """What determines the result (provenance): every option but those that give the same file
-        whatever their value, and those the mode does not read (the paper's files stay as they were)."""
+        whatever their value, and those the mode does not read (a paper-mode file names only
+        what the paper's method uses)."""
         out = asdict(self)
         for f in fields(self):
             modes = f.metadata["modes"]

@@ -3,17 +3,15 @@
 A loss of 0 on N samples does not mean the file loses nothing on new data. With
 one decision per sample (a classifier's top-1), a change rate up to about 3/N
 goes unseen 5% of the time (the "rule of three"; the exact figure is the one-sided
-Clopper-Pearson bound). What that means: with a looser selection rule (commit
-0cf3d49, reverted), rapidocr's classifier, converted on 300 samples at --max-drop
-0.0075, got a file with 0 of 300 changed that lost 2.3% on the bench's held-back
-test split. The search picks among many candidates on the same samples, so unseen
-data can do worse than the bound; it says only what even one honest check on
-these samples cannot rule out.
+Clopper-Pearson bound): a file with no changed sample among a few hundred can still
+lose a few percent on unseen data (docs/decisions/). The search picks among many
+candidates on the same samples, so unseen data can do worse than the bound; it says
+only what even one honest check on these samples cannot rule out.
 
-Only for ``accuracy`` and ``agreement`` on outputs of one prediction per sample
-([N, C] scores): their loss counts broken samples. Time-step units of sequence
-outputs are not independent, and ``f1``, ``cosine`` and ``rel-l2`` have no count
-of broken samples, so no bound is given for them.
+Only for metrics whose loss counts lost units (``Metric.counts_units``: accuracy and
+agreement) on outputs of one prediction per sample ([N, C] scores). Time-step units of
+sequence outputs are not independent, and the other metrics have no count of broken
+samples, so no bound is given for them.
 """
 
 from __future__ import annotations

@@ -24,11 +24,11 @@ def monotone_losses(candidates: list[Candidate], max_drop: float) -> dict[int, f
 
     More bins should never be worse; measured on a few hundred samples, losses are
     noisy, and picking the smallest candidate whose measured loss happens to be low
-    is the winner's curse: on rapidocr's cls model (300 search samples) the raw rule
-    picked k=54 (search loss 0.33%, larger k=64 at 3.7%) whose held-back loss was
-    2.3%. The fit uses complete evaluations and, of those stopped early, the ones
-    whose loss is already known to exceed ``max_drop`` (at their lower bound: the
-    true loss is higher still); a smaller bound says nothing about feasibility.
+    is the winner's curse: a candidate within tolerance beside larger ones far outside
+    it is lucky, not good (docs/decisions/). The fit uses complete evaluations and, of
+    those stopped early, the ones whose loss is already known to exceed ``max_drop`` (at
+    their lower bound: the true loss is higher still); a smaller bound says nothing about
+    feasibility.
     """
     points = [c for c in candidates if c.complete or c.loss > max_drop]
     points.sort(key=lambda c: (-c.bits_per_weight, c.name))

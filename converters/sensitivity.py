@@ -4,20 +4,17 @@ For every pooled tensor ``t`` the model runs once (on a few samples) with only
 that tensor quantized at a test step ``s_t = sigma_t * TEST_STEP``; the relative
 squared error of the outputs, ``D_t``, divided by ``s_t^2`` is its sensitivity
 ``a_t`` (for small uniform noise the distortion grows with the step squared).
-Measured on PP-OCRv4 rec, the steps these give (``uniform.allocate_steps``)
-keep 99.1% per-step agreement at 5.06 bits/weight where one step for all tensors
-needs 6.94: a few tensors dominate the error, and they get the fine steps.
+A few tensors dominate the error; the steps these give (``uniform.allocate_steps``)
+put the fine steps there, and need fewer bits than one step for all tensors at the
+same fidelity (docs/decisions/).
 
 The distortion is a smooth measure, unlike top-1 agreement, so a few samples
 spread over the data rank tensors well enough for the search, which tunes how
-far to trust them (``gamma``): on PP-OCRv4 rec, 5 and 16 samples give log2
-distortions that differ by 1.2 (standard deviation over tensors), 16 and 32 less.
-How many samples is a deterministic function of the model's size, the input's
-size and the number of tensors (never of a clock: the same inputs must give the
-same file), about 16 for rec, 1 page for the PP-OCRv4 detector, 32 for small
-models. (Measured alternatives: the squared change of the top classes'
-log-scores was steadier across samples but gave no better steps; re-measuring
-each tensor's share at the operating point, leave-one-out, gave far worse ones.)
+far to trust them (``gamma``). How many samples is a deterministic function of the
+model's size, the input's size and the number of tensors (never of a clock: the same
+inputs must give the same file): a few for large models and inputs, up to
+``MAX_SAMPLES`` for small ones. Other measures of sensitivity rank tensors no better
+(docs/decisions/).
 """
 
 from __future__ import annotations
@@ -87,12 +84,11 @@ def log2_optimal_steps(stats: SiteStats, distortions: np.ndarray) -> np.ndarray:
 
     Two kinds of tensor get the size-weighted median step (in units of their sigma) instead:
     tensors without measurable effect at the test step, and tensors under SMALL_TENSOR values
-    whose extrapolated step would be coarser. Both failed on the PP-OCRv4 detector measured on
-    one page: a squeeze-excitation block saturated by a hard sigmoid showed no effect at
-    sigma/16 and, at the coarsest step, cost a constant 6% output error whatever the other
-    tensors' steps; a 24-value constant near 1e7 extrapolated to a step 30x its sigma. The
-    step formula assumes small noise; far from the test step it is a guess, and on a tensor
-    of a few hundred values a guess saves a few bytes at best."""
+    whose extrapolated step would be coarser. The step formula assumes small noise; far from
+    the test step it is a guess: a block saturated by a hard sigmoid shows no effect at the test
+    step yet costs a constant error at a coarse one, and a small constant of large values can
+    extrapolate to a step many times its sigma. On a tensor of a few hundred values a guess
+    saves a few bytes at best (docs/decisions/)."""
     test = np.exp2(stats.log2_sigma) * TEST_STEP
     a = distortions / (test.astype(np.float64) ** 2)
     positive = a > 0

@@ -32,12 +32,12 @@ def chunk_elements(n_weights: int) -> int:
     """Elements per independently decodable chunk of an adaptive file.
 
     The reader decodes all chunks in lock step, one NumPy call per step for all of them, so
-    a model with few chunks pays NumPy's per-call overhead on nearly every weight: with
-    4096-element chunks, loading magika's 0.78 M weights (191 chunks) took 3.6x its plain
-    ``.onnx``, det's 1.17 M 3.9x. So the chunk is the largest power of two in [1024, 4096]
-    that gives about ``DECODER_LANES`` chunks (:func:`moub_format.writer.default_chunk_elements`);
-    models too small for lock-step decoding even at 1024 (fewer than ``MIN_LANES`` chunks:
-    the reader decodes them one by one) keep 4096, where chunks cost least."""
+    a model with few chunks pays NumPy's per-call overhead on nearly every weight and loads
+    several times slower than its plain ``.onnx`` (docs/decisions/). So the chunk is the
+    largest power of two in [1024, 4096] that gives about ``DECODER_LANES`` chunks
+    (:func:`moub_format.writer.default_chunk_elements`); models too small for lock-step
+    decoding even at 1024 (fewer than ``MIN_LANES`` chunks: the reader decodes them one by
+    one) keep 4096, where chunks cost least."""
     chunk = min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, writer.default_chunk_elements(n_weights)))
     return MAX_CHUNK_ELEMENTS if n_weights // chunk < MIN_LANES else chunk
 

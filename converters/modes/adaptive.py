@@ -1,27 +1,24 @@
 """``--mode adaptive``: per-tensor uniform steps chosen by sensitivity, packed and Huffman-coded.
 
-Beyond the paper, structure-agnostic like it (one pipeline for every graph):
+Beyond the paper and structure-agnostic like it (one pipeline for every graph). The phases:
 
-1. Pool every float tensor of at least ``min_elements`` (16 here: BatchNorm
-   vectors and biases are a large share of small models' files, and quantized
-   with their own fine steps they cost little quality).
-2. Measure each tensor's sensitivity: one onnxruntime run per tensor on a few
-   samples with only that tensor quantized (``sensitivity.py``).
-3. NSGA-II (pymoo) over two decisions, the overall step ``x`` (log2, in units of a
-   typical tensor's sigma) and ``gamma``, how far the steps follow the measured
-   sensitivity instead of each tensor's spread (``uniform.allocate_steps``);
-   objectives: quality loss by real onnxruntime runs on the user's data, and the
-   bits the packs take (``packing.py``). Evaluations are cached by decision, stop
-   early once beyond the tolerance or dominated, run in worker processes.
-4. Refine: at the chosen ``gamma``, bisect ``x`` between the best feasible and
-   the nearest infeasible decision (quality falls monotonically as the steps
-   grow), within ``merge_budget`` evaluations.
-   Every candidate is rounded with error feedback where layers mix channels
-   (``error_feedback.py``) and its biases absorb the mean output shift its
-   quantized weights cause (``bias_correction.py``), both measured once on the
-   search half (``calibration.py``): the search and the file see the same model.
-5. Write format-1.2 packs (grid codebooks, one scale per tensor, shared or own
-   Huffman tables), the graph LZMA-compressed, blobs 8-byte aligned.
+1. Sensitivity: one onnxruntime run per pooled tensor, on a few samples, with only that
+   tensor quantized (``sensitivity.py``), gives each tensor's optimal step.
+2. Bracket: bisect the overall step ``x`` at one ``gamma`` for the tolerance's boundary, so
+   the search spends its evaluations around it, not across the whole range.
+3. Search: NSGA-II over (x, gamma) (``step_search.py``, on the engine of ``search.py``):
+   the quality loss on the search half of the data against the bits the packs take.
+4. Refine: bisect ``x`` at the best candidate's ``gamma`` on a finer grid.
+5. Confirm: the smallest candidate the confirm half accepts too (``split.py``); the grid
+   between it and the failure just below it is bisected on both halves.
+6. Coarsen: where the loss counts top-1 flips, step coarser while the flip rate estimated
+   from every sample's margin stays within the tolerance.
+
+Every candidate is rounded with error feedback where layers mix channels and its biases
+absorb the mean shift its quantized weights cause, both measured once on the search half
+(``calibration.py``), so the search and the file see the same model. The file holds
+format-1.2 packs (``step_layout.py``): grid codebooks, one scale per tensor, shared or own
+Huffman tables, the graph LZMA-compressed.
 """
 
 from __future__ import annotations
@@ -142,12 +139,10 @@ class AdaptiveMode:
                  ctx: ModeContext) -> tuple[list[Candidate], list[dict]]:
         """Bisect the search-feasible candidates (smallest first) for the smallest one that also stays
         within tolerance on the confirm half. Trying the next-smallest after each failure instead
-        selects on the confirm half's noise: on magika all four smallest failed (loss 0.012-0.016
-        against 0.008) and a fifth, unconfirmed, lost 1.4% on unseen files.
+        would select on the confirm half's noise (docs/decisions/).
 
         When even the largest fails, the confirm half holds near-ties that flip under any
-        quantization (magika at --max-drop 0.0075: one flip allowed in 250 files, two flipped at
-        every step); then both halves are judged together, with the tolerance of all the data."""
+        quantization; then both halves are judged together, with the tolerance of all the data."""
         trials: list[dict] = []
         verdicts: dict[tuple[int, bool], bool] = {}
         units = {half: ctx.session.half(half).total_units for half in HALVES}
@@ -191,13 +186,11 @@ class AdaptiveMode:
         counted on both halves together stay within the tolerance of all the data.
 
         Why: near the tolerance the counts are 0 to 3 flips per half, so the confirm rule picks
-        among candidates by chance and the choice moves between runs for reasons unrelated to
-        the quantizer (magika: 5.05x in one run, 4.52x after a change that altered no output).
+        among candidates by chance and the choice moves for reasons unrelated to the quantizer.
         The estimate uses every sample's margin and rises steadily with the step. Only for one
-        prediction per sample ([N, C] scores): the time steps of a sequence are not independent,
-        and on PP-OCRv4 rec's the estimate went from 0.5% to 13% between neighbouring steps
-        where the counted flips only doubled. Steps run a wave at a time; the first that fails
-        ends the walk. Returns the passing candidates (coarsest last) and the trials for the report."""
+        prediction per sample ([N, C] scores): the time steps of a sequence are not independent
+        (docs/decisions/). Steps run a wave at a time; the first that fails ends the walk.
+        Returns the passing candidates (coarsest last) and the trials for the report."""
         x0, gamma = chosen.recipe["x"], chosen.recipe["gamma"]
         steps = [x0 + k / X_RESOLUTION for k in range(1, COARSEN_STEPS + 1) if x0 + k / X_RESOLUTION <= X_RANGE[1]]
         wave = max(1, opts.wave)  # not --workers: the same evaluations, and report, with any number of workers
@@ -223,8 +216,7 @@ class AdaptiveMode:
         """Bisect the search grid between the confirmed choice and the failure just below it, when
         they share gamma and the grid has points between them: the confirm bisection can only pick
         among candidates the search finished, and where the search stopped the ones in between as
-        dominated the choice falls far (rapidocr cls: from 5.92 bits/weight, which failed the
-        confirm half, to the bracket's safe end at 7.71). Each midpoint must pass the search half
+        dominated the choice would fall far, to the bracket's safe end. Each midpoint must pass the search half
         then the confirm half; the trials count against CONFIRM_BUDGET. Returns the (possibly
         new) confirmed choice and the candidates evaluated here."""
         if not confirmed or not any(t["name"] == confirmed[0].name and t["rule"] == "confirm half" and t["passed"]
