@@ -7,7 +7,7 @@ BatchNorm-folded layers ``E[x]`` is far from zero. Subtracting the shift from th
 layer's bias (Nagel et al., "Data-Free Quantization", 2019, section 4.2, here with
 ``E[x]`` measured on the user's data) removes it at no cost in bits: the bias is
 stored on its own grid anyway. A corrected file can take coarser steps than an
-uncorrected one of the same output error (docs/decisions/).
+uncorrected one of the same output error (docs/decisions/0010).
 
 It applies where a pooled weight is read by ``Conv`` (with a bias input, or whose
 only consumer is an ``Add`` of a per-channel constant or a BatchNormalization, whose

@@ -5,7 +5,7 @@ its interval; empty intervals are dropped; each used interval's shared value
 is the mean of its members (``"mean"``) or the interval's midpoint, the
 cluster centre of the paper (``"centre"``). The mean is the default: it is the
 least-squares value for its members, so it keeps the same accuracy with fewer bins
-(docs/decisions/).
+(docs/decisions/0001).
 """
 
 from __future__ import annotations

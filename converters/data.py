@@ -191,7 +191,7 @@ def load_dataset(
 
 # Samples per onnxruntime run. Small batches are faster with one thread (the activations stay in
 # cache) and let a failing candidate stop sooner; from 2 samples up the outputs are the same bits
-# as with larger batches, while one sample can take other kernels (docs/decisions/).
+# as with larger batches, while one sample can take other kernels (docs/decisions/0021).
 DEFAULT_BATCH_SIZE = 2
 SHUFFLE_SEED = 0
 

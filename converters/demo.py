@@ -1,6 +1,6 @@
 """``moub demo``: the bundled example end to end.
 
-A small CNN trained on scikit-learn's handwritten digits (``scripts/train_demo_model.py``)
+A small CNN trained on scikit-learn's handwritten digits (``tools/train_demo_model.py``)
 is converted with the search on its validation split, written as a .moub, loaded back
 with ``moub_runtime`` and scored on the held-back test split that the search never saw.
 Writes ``digits.moub``, ``report.json`` and ``pareto.png`` to ``moub-demo/`` (or ``-o DIR``).

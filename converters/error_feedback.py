@@ -4,23 +4,23 @@ Rounding every weight to its nearest level ignores that a layer's inputs are cor
 error of one weight can be cancelled by nudging the levels of the weights that see correlated
 inputs. GPTQ (Frantar et al., 2023) does this column by column with the inverse of the input
 second-moment matrix ``H = E[x x^T]``, on the same uniform grid, so the file format and the
-step sizes stay as they are and the output error at a given step is lower. The adaptive mode
-rounds every candidate it scores this way (``step_layout.py``), so the search and the file see
-the same model.
+step sizes stay as they are and the output error at a given step is lower (docs/decisions/0011).
+The adaptive mode rounds every candidate it scores this way (``step_layout.py``), so the search
+and the file see the same model.
 
 It serves layers whose output mixes input channels linearly with a 2-D view of the weight:
 ``Conv`` with 1x1 kernels and one group, ``MatMul`` with a 2-D weight, ``Gemm`` (transA 0), in
 the main graph. ``H`` is computed inside onnxruntime (a Gram matrix per layer input), so no
 activation leaves the session. Wider kernels and grouped Convs keep nearest rounding: serving
 them made some files smaller but moved other conversions to choices that failed held-back data
-(docs/decisions/).
+(docs/decisions/0016).
 
 An input channel that is exactly zero on every sample of the data (a ReLU that never fires)
 leaves its weights free: whatever they hold, the layer's output on that data is the same bits.
 GPTQ sets them to zero, and so does :meth:`ErrorFeedback.levels`: level 0 is the most frequent
-level of a weight tensor and takes the shortest code. Coarser steps for the input channels that
-carry little signal do not pay: a channel's energy does not say what its weights are worth
-downstream (docs/decisions/).
+level of a weight tensor and takes the shortest code (docs/decisions/0025). Coarser steps for
+the input channels that carry little signal do not pay: a channel's energy does not say what
+its weights are worth downstream (docs/decisions/0027).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ BLOCK = 128           # columns per lazy batch update
 # weights and the factor with its inputs squared: one 8192 x 8192 MatMul takes tens of seconds
 # and half a gigabyte per candidate, so a search over a model of such layers would spend hours
 # rounding. The bench's models need at most 6.0e8; layers beyond the budget, the costliest
-# first, keep nearest rounding.
+# first, keep nearest rounding (docs/decisions/0029).
 MAX_WORK = 10**10
 PROBE_PREFIX = "moub_gram"
 

@@ -15,7 +15,7 @@ Three ways to get a candidate's weights into onnxruntime (``strategy``):
 
 ``auto`` is ``initializers``, the fastest of the three where they differ: weights fed as
 inputs lose onnxruntime's BatchNorm folding and weight pre-packing, and serializing the
-model per candidate costs a protobuf copy (docs/decisions/). Weights inside subgraphs and
+model per candidate costs a protobuf copy (docs/decisions/0004). Weights inside subgraphs and
 functions, which neither ``initializers`` nor ``inputs`` can hand over, are put back into the
 graph and serialized per candidate; so are bfloat16 weights (numpy has no bfloat16).
 

@@ -8,7 +8,7 @@ drop of the metric (the original scores 1 on every unit). For ``accuracy`` it is
 units the original gets right and the candidate wrong: units a candidate happens to fix do not
 offset the ones it breaks, since on a few hundred samples such gains are mostly luck, and
 counting them lets the search pick candidates that are lucky on the search data
-(docs/decisions/). The net accuracy drop is never larger than this loss. ``f1`` (macro) has no
+(docs/decisions/0002). The net accuracy drop is never larger than this loss. ``f1`` (macro) has no
 per-unit form: its loss is the net drop.
 
 Because the loss is a mean of non-negative deficits, an evaluation can stop as soon as the
@@ -115,7 +115,7 @@ class Metric:
 
 # A label metric is confirmed by agreement with the original: a prediction that changes either
 # way (a right one lost, or a wrong one "fixed") shows a decision boundary that unseen samples
-# will cross (docs/decisions/).
+# will cross (docs/decisions/0007).
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("accuracy", "share of samples the original classifies right and the .moub wrong", _accuracy_scores,
            needs_labels=True, top1=True, counts_units=True, loss_is_drop=False, confirmed_as="agreement",
@@ -257,7 +257,7 @@ def expected_flip_rate(reference: np.ndarray, outputs: np.ndarray) -> float:
     noisy: the count need not even fall as the step shrinks; this estimate rises steadily with
     the step. It assumes the change does not depend on the margin and the units are independent,
     which holds for one prediction per sample, not for the time steps of a sequence
-    (docs/decisions/)."""
+    (docs/decisions/0022)."""
     margin, change = margins_and_changes(reference, outputs)
     at_least = change.size - np.searchsorted(np.sort(change), margin, side="left")
     return float(np.mean(at_least / change.size))

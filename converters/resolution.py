@@ -4,7 +4,7 @@ A loss of 0 on N samples does not mean the file loses nothing on new data. With
 one decision per sample (a classifier's top-1), a change rate up to about 3/N
 goes unseen 5% of the time (the "rule of three"; the exact figure is the one-sided
 Clopper-Pearson bound): a file with no changed sample among a few hundred can still
-lose a few percent on unseen data (docs/decisions/). The search picks among many
+lose a few percent on unseen data (docs/decisions/0014). The search picks among many
 candidates on the same samples, so unseen data can do worse than the bound; it says
 only what even one honest check on these samples cannot rule out.
 

@@ -25,7 +25,7 @@ def monotone_losses(candidates: list[Candidate], max_drop: float) -> dict[int, f
     More bins should never be worse; measured on a few hundred samples, losses are
     noisy, and picking the smallest candidate whose measured loss happens to be low
     is the winner's curse: a candidate within tolerance beside larger ones far outside
-    it is lucky, not good (docs/decisions/). The fit uses complete evaluations and, of
+    it is lucky, not good (docs/decisions/0003). The fit uses complete evaluations and, of
     those stopped early, the ones whose loss is already known to exceed ``max_drop`` (at
     their lower bound: the true loss is higher still); a smaller bound says nothing about
     feasibility.

@@ -6,7 +6,7 @@ squared error of the outputs, ``D_t``, divided by ``s_t^2`` is its sensitivity
 ``a_t`` (for small uniform noise the distortion grows with the step squared).
 A few tensors dominate the error; the steps these give (``uniform.allocate_steps``)
 put the fine steps there, and need fewer bits than one step for all tensors at the
-same fidelity (docs/decisions/).
+same fidelity (docs/decisions/0005).
 
 The distortion is a smooth measure, unlike top-1 agreement, so a few samples
 spread over the data rank tensors well enough for the search, which tunes how
@@ -14,7 +14,7 @@ far to trust them (``gamma``). How many samples is a deterministic function of t
 model's size, the input's size and the number of tensors (never of a clock: the same
 inputs must give the same file): a few for large models and inputs, up to
 ``MAX_SAMPLES`` for small ones. Other measures of sensitivity rank tensors no better
-(docs/decisions/).
+(docs/decisions/0005).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def log2_optimal_steps(stats: SiteStats, distortions: np.ndarray) -> np.ndarray:
     the test step it is a guess: a block saturated by a hard sigmoid shows no effect at the test
     step yet costs a constant error at a coarse one, and a small constant of large values can
     extrapolate to a step many times its sigma. On a tensor of a few hundred values a guess
-    saves a few bytes at best (docs/decisions/)."""
+    saves a few bytes at best (docs/decisions/0008)."""
     test = np.exp2(stats.log2_sigma) * TEST_STEP
     a = distortions / (test.astype(np.float64) ** 2)
     positive = a > 0

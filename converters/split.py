@@ -3,7 +3,7 @@
 The search steers on one half of the samples (the even ones); a candidate it picks is chosen
 only if the other half (the odd ones), which no choice was made on, confirms it. Picking the
 smallest of many candidates whose loss, measured on a few hundred samples, happens to be within
-the tolerance is the winner's curse: the confirm half is the honest check (docs/decisions/).
+the tolerance is the winner's curse: the confirm half is the honest check (docs/decisions/0007).
 It judges label metrics by agreement with the original (``Metric.confirmed_as``). With fewer
 than ``MIN_SPLIT`` samples there is nothing to split: both halves are all the data.
 """

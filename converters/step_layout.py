@@ -33,7 +33,7 @@ def chunk_elements(n_weights: int) -> int:
 
     The reader decodes all chunks in lock step, one NumPy call per step for all of them, so
     a model with few chunks pays NumPy's per-call overhead on nearly every weight and loads
-    several times slower than its plain ``.onnx`` (docs/decisions/). So the chunk is the
+    several times slower than its plain ``.onnx`` (docs/decisions/0023). So the chunk is the
     largest power of two in [1024, 4096] that gives about ``DECODER_LANES`` chunks
     (:func:`moub_format.writer.default_chunk_elements`); models too small for lock-step
     decoding even at 1024 (fewer than ``MIN_LANES`` chunks: the reader decodes them one by

@@ -139,7 +139,7 @@ class AdaptiveMode:
                  ctx: ModeContext) -> tuple[list[Candidate], list[dict]]:
         """Bisect the search-feasible candidates (smallest first) for the smallest one that also stays
         within tolerance on the confirm half. Trying the next-smallest after each failure instead
-        would select on the confirm half's noise (docs/decisions/).
+        would select on the confirm half's noise (docs/decisions/0007).
 
         When even the largest fails, the confirm half holds near-ties that flip under any
         quantization; then both halves are judged together, with the tolerance of all the data."""
@@ -189,7 +189,7 @@ class AdaptiveMode:
         among candidates by chance and the choice moves for reasons unrelated to the quantizer.
         The estimate uses every sample's margin and rises steadily with the step. Only for one
         prediction per sample ([N, C] scores): the time steps of a sequence are not independent
-        (docs/decisions/). Steps run a wave at a time; the first that fails ends the walk.
+        (docs/decisions/0022). Steps run a wave at a time; the first that fails ends the walk.
         Returns the passing candidates (coarsest last) and the trials for the report."""
         x0, gamma = chosen.recipe["x"], chosen.recipe["gamma"]
         steps = [x0 + k / X_RESOLUTION for k in range(1, COARSEN_STEPS + 1) if x0 + k / X_RESOLUTION <= X_RANGE[1]]
@@ -216,9 +216,9 @@ class AdaptiveMode:
         """Bisect the search grid between the confirmed choice and the failure just below it, when
         they share gamma and the grid has points between them: the confirm bisection can only pick
         among candidates the search finished, and where the search stopped the ones in between as
-        dominated the choice would fall far, to the bracket's safe end. Each midpoint must pass the search half
-        then the confirm half; the trials count against CONFIRM_BUDGET. Returns the (possibly
-        new) confirmed choice and the candidates evaluated here."""
+        dominated the choice would fall far, to the bracket's safe end (docs/decisions/0013). Each
+        midpoint must pass the search half then the confirm half; the trials count against
+        CONFIRM_BUDGET. Returns the (possibly new) confirmed choice and the candidates evaluated here."""
         if not confirmed or not any(t["name"] == confirmed[0].name and t["rule"] == "confirm half" and t["passed"]
                                     for t in trials):
             return confirmed, []
