@@ -190,7 +190,7 @@ def convert(
     quiet: bool = True,
     progress: Callable[[dict], None] | None = None,
     input_shapes: Sequence[Sequence[int]] | None = None,
-    **options,
+    **option_keywords,
 ) -> ConvertResult:
     """Compress an ONNX model into .moub bytes; ``docs/method.md`` describes the method.
 
@@ -202,7 +202,7 @@ def convert(
 {options}
     """
     started = time.perf_counter()
-    options = ConvertOptions.from_keywords(options)
+    options = ConvertOptions.from_keywords(option_keywords)
     mode_impl = get_mode(options.mode)
     source = load_source(model_or_path, input_shapes)
     pool = pool_weights(source.model, options.min_elements)

@@ -92,13 +92,13 @@ class AdaptiveMode:
                 sizes[d.key] = layout(pool, stats, log2_opt, d.x, d.gamma, calib, feedback=False).bits / pool.n_weights
             return sizes[d.key]
 
-        def run_many(tasks, max_loss, stage):
+        def run(tasks, max_loss, stage):
             return ctx.map(score_decision, [(d.x, d.gamma, opt_list, bound, max_loss, stage) for d, bound in tasks])
 
         self.limits = {half: tolerance(ctx.session.half(half).metric, opts.max_drop, ctx.session.half(half).total_units)
                        for half in HALVES}
         limit = self.limits["search"]
-        problem = StepProblem(run_many, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
+        problem = StepProblem(run, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
         ctx.progress({"phase": "bracket"})
         boundary, bracket_runs = self._bracket(problem, opts)
         problem.xl[0] = float(max(0, boundary - X_WINDOW))
@@ -127,8 +127,8 @@ class AdaptiveMode:
             candidates += coarser
             if coarser:
                 feasible_list = [coarser[-1]] + feasible_list
-        facts.update({"confirm": trials, "tolerance": {k: round(v, 6) for k, v in self.limits.items()}, "split": {"search": "even samples", "confirm": "odd samples",
-                                                   "min_samples": MIN_SPLIT}})
+        facts.update({"confirm": trials, "tolerance": {k: round(v, 6) for k, v in self.limits.items()},
+                      "split": {"search": "even samples", "confirm": "odd samples", "min_samples": MIN_SPLIT}})
         facts.update({"refine_trials": len(refined), "sensitivity_runs": int(stats.sizes.size),
                       "sensitivity_samples": int(samples), **calib.summary(),
                       "log2_optimal_step": opt_list,  # full precision: the report reproduces the steps exactly
