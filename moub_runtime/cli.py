@@ -128,6 +128,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 COMMAND_GROUP = "moub.commands"  # entry points: name -> function(argv) -> exit code
+BUILT_IN = ("inspect", "decode", "verify")  # found without reading the installed packages' metadata
 
 
 def plugin_commands() -> dict:
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    plugins = plugin_commands() if argv else {}
+    plugins = plugin_commands() if argv and argv[0] not in BUILT_IN and not argv[0].startswith("-") else {}
     if argv and argv[0] in plugins:
         return _run_plugin(plugins[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
