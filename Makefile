@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench bench-smoke schema test-arm64 clean
 
+# setuptools announces every editable install made through an import finder (as this one, where
+# converters/ installs as moub_converters); that notice is information only, so it is filtered.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[convert,dev,torch,bench]'
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[convert,dev,torch,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -8,11 +8,12 @@ session (what the report states) -> report.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,27 +25,22 @@ from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
 from . import metrics
-from .context import EvalContext, candidate_map
 from .data import Dataset, load_dataset
 from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
 from .evaluate import Evaluator, Scorer, reference_outputs, session_options
 from .intake import Pool, SourceModel, load_source, pool_weights
 from .modes import get_mode
-from .modes.base import Candidate, ModeContext, Stage
+from .candidates import Candidate, Stage
+from .modes.base import ModeContext
 from .modes.paper import fixed_bins
-from .options import ConvertOptions
+from .options import ConvertOptions, describe, keyword_parameters
 from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
+from .session import ConversionSession
 from .solution import Quantization
+from .workers import candidate_map
 
-LOSS_MEASURES = {
-    "accuracy": "share of samples the original classifies right and the .moub wrong",
-    "f1": "drop of macro F1",
-    "agreement": "share of samples whose top-1 differs from the original's",
-    "cosine": "mean of 1 - cosine similarity with the original's outputs",
-    "rel-l2": "mean relative L2 distance to the original's outputs",
-}
 VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
 
 
@@ -190,40 +186,23 @@ def convert(
     model_or_path: str | os.PathLike | onnx.ModelProto,
     data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     labels=None,
-    metric: str | None = None,
-    max_drop: float = ConvertOptions.max_drop,
-    mode: str = ConvertOptions.mode,
-    seed: int = 0,
-    workers: int = 1,
-    population: int = ConvertOptions.population,
-    generations: int = ConvertOptions.generations,
-    max_bins: int = ConvertOptions.max_bins,
-    min_elements: int | None = None,
-    merge_budget: int = ConvertOptions.merge_budget,
-    batch_size: int | None = None,
-    bins: int | None = None,
+    *,
     quiet: bool = True,
     progress: Callable[[dict], None] | None = None,
-    **advanced,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    **option_keywords,
 ) -> ConvertResult:
-    """Compress an ONNX model into .moub bytes; see DESIGN.md for the method and options.
+    """Compress an ONNX model into .moub bytes; ``docs/method.md`` describes the method.
 
     ``model_or_path`` may be a TorchScript file (``.pt``) with ``input_shapes=[(1, 3, 32, 32)]``.
-    ``advanced``: ``patience``, ``representative`` ("mean" | "centre"), ``strategy``
-    (how weights reach onnxruntime), ``abort_drop``,
-    ``bias_correction`` and ``error_feedback`` (adaptive mode; default True).
+    ``quiet``: no progress bar; ``progress``: a function that sees every progress event instead.
+    The options are keywords, one per field of :class:`~.options.ConvertOptions` (the CLI's flags
+    are the same options):
+
+{options}
     """
     started = time.perf_counter()
-    input_shapes = advanced.pop("input_shapes", None)
-    if min_elements is None:  # each mode has its own default (paper and --bins: 1024, as the paper pools weights)
-        from .modes import MODES
-
-        min_elements = (ConvertOptions.min_elements if bins is not None
-                        else getattr(MODES.get(mode), "default_min_elements", ConvertOptions.min_elements))
-    options = ConvertOptions(metric=metric, max_drop=max_drop, mode=mode, seed=seed, workers=workers,
-                             population=population, generations=generations, max_bins=max_bins,
-                             min_elements=min_elements, merge_budget=merge_budget, batch_size=batch_size,
-                             bins=bins, **advanced).validated()
+    options = ConvertOptions.from_keywords(option_keywords)
     mode_impl = get_mode(options.mode)
     source = load_source(model_or_path, input_shapes)
     pool = pool_weights(source.model, options.min_elements)
@@ -251,13 +230,13 @@ def convert(
     if options.bins is not None:
         return _fixed(source, pool, options, started, baseline)
 
-    ctx = EvalContext(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy)
-    ctx.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0))
+    session = ConversionSession(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy)
+    session.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0))
     bar = RichProgress(q0, options.max_drop) if progress is None and not quiet else None
     counter = _Counter(progress or bar)
     try:
-        with candidate_map(ctx, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
-            result = mode_impl.run(ModeContext(pool, ctx, options, mapper, counter))
+        with candidate_map(session, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
+            result = mode_impl.run(ModeContext(pool, session, options, mapper, counter))
     finally:
         if bar:
             bar.close()
@@ -285,6 +264,13 @@ def convert(
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                          time.perf_counter() - started, chosen_metric)
+
+
+if convert.__doc__:  # None under python -OO
+    convert.__doc__ = convert.__doc__.format(options=describe())
+convert.__signature__ = inspect.signature(convert).replace(parameters=[  # the options as keywords, from their declaration
+    *(p for p in inspect.signature(convert).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD),
+    *keyword_parameters()])
 
 
 def _encode(source: SourceModel, quant, pool: Pool, metadata: dict[str, str]) -> bytes:
@@ -345,7 +331,7 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "quality_original": None if q0 is None else round(q0, 6),
         "quality_compressed": None if q1 is None else round(q1, 6),
         "loss": None if measured.loss is None else round(measured.loss, 6),
-        "loss_measure": None if metric is None else LOSS_MEASURES[metric],
+        "loss_measure": None if metric is None else metrics.METRICS[metric].loss_measure,
         "resolution": None if reference is None else resolution(metric, reference, measured.loss, options.max_drop),
         "data": None if dataset is None else {"samples": dataset.n_samples, "batch_size": dataset.batch_size,
                                               "labels": dataset.labels is not None},

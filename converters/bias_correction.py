@@ -6,12 +6,8 @@ shift of every output of a channel, and after ReLU-like activations and
 BatchNorm-folded layers ``E[x]`` is far from zero. Subtracting the shift from the
 layer's bias (Nagel et al., "Data-Free Quantization", 2019, section 4.2, here with
 ``E[x]`` measured on the user's data) removes it at no cost in bits: the bias is
-stored on its own grid anyway.
-
-Measured on PP-OCRv4 det with the per-tensor steps of the bench's adaptive file
-(4 pages): relative output error 0.044 -> 0.034; with every step 2^0.5 coarser
-(0.5 bits/weight fewer) 0.063 -> 0.047, i.e. the corrected coarser file is as good
-as the uncorrected finer one.
+stored on its own grid anyway. A corrected file can take coarser steps than an
+uncorrected one of the same output error (docs/decisions/0010).
 
 It applies where a pooled weight is read by ``Conv`` (with a bias input, or whose
 only consumer is an ``Add`` of a per-channel constant or a BatchNormalization, whose

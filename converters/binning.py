@@ -4,8 +4,8 @@
 its interval; empty intervals are dropped; each used interval's shared value
 is the mean of its members (``"mean"``) or the interval's midpoint, the
 cluster centre of the paper (``"centre"``). The mean is the default: it is the
-least-squares value for its members, and on the demo model it keeps the same
-accuracy with fewer bins (see the report of issue 3).
+least-squares value for its members, so it keeps the same accuracy with fewer bins
+(docs/decisions/0001).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ half stays unseen by every choice), both through the converter's Evaluator:
 - its mean per channel, for bias correction (``bias_correction.py``);
 - its second-moment matrix, for error feedback (``error_feedback.py``).
 
-Each process (the main one and every worker) measures them once per context, with one
-onnxruntime thread, so every process holds the same bits and rounds the same way.
+Each process (the main one and every worker) measures them once per conversion, as an
+attribute of its session (``session.py``), with one onnxruntime thread, so every process holds
+the same bits and rounds the same way.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ class Calibration:
 
 
 NONE = Calibration(no_correction(), None)
-_CACHE: dict[int, Calibration] = {}
 
 
 def measure(model, pool: Pool, data, options) -> Calibration:
@@ -71,18 +71,4 @@ def measure(model, pool: Pool, data, options) -> Calibration:
     return Calibration(corrector, feedback, skipped)
 
 
-def for_context(ctx) -> Calibration:
-    """The calibration of an EvalContext, measured once per process, as its options ask."""
-    key = id(ctx)
-    if key not in _CACHE:
-        _CACHE.clear()
-        data = ctx.dataset
-        if ctx.options.bias_correction or ctx.options.error_feedback:
-            from .modes.adaptive import split_scorer
-
-            data = split_scorer(ctx, "search").dataset or ctx.dataset
-        _CACHE[key] = measure(ctx.model, ctx.pool, data, ctx.options)
-    return _CACHE[key]
-
-
-__all__ = ["Calibration", "NONE", "for_context", "measure"]
+__all__ = ["Calibration", "NONE", "measure"]

@@ -11,9 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import options
 from .errors import ConvertError, OptionError
-from .metrics import METRICS
-from .options import ConvertOptions
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -32,34 +31,13 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 def build_convert_parser() -> argparse.ArgumentParser:
     from .modes import MODES
 
-    d = ConvertOptions()
     p = _Parser(prog="moub convert", description="Compress an ONNX (or TorchScript) model into a .moub file by "
                 "multi-objective uniform binning: a search for the smallest file within --max-drop of the original's quality.")
     p.add_argument("model", help="MODEL.onnx (external data is read from its folder) or model.pt with --input-shape")
     p.add_argument("-o", "--output", required=True, help="OUT.moub")
     p.add_argument("--data", help="DATA.npz: one array per model input, first axis = samples (optional 'labels')")
     p.add_argument("--labels", help="labels.npy, one class per sample (else the 'labels' array of DATA.npz)")
-    p.add_argument("--metric", choices=METRICS, help="default: accuracy with labels, else agreement (classifiers) or cosine")
-    p.add_argument("--max-drop", type=float, default=d.max_drop, help=f"largest loss allowed: the metric's absolute drop; for accuracy the share of "
-                   f"samples the original gets right and the .moub wrong (default {d.max_drop})")
-    p.add_argument("--mode", default=d.mode, choices=sorted(MODES), help=f"method (default {d.mode}; paper: the MO-UB paper, faithfully)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=d.workers, help="worker processes for evaluations (default 1)")
-    p.add_argument("--population", type=int, default=d.population, help=f"NSGA-II population (default {d.population})")
-    p.add_argument("--generations", type=int, default=d.generations, help=f"at most this many generations (default {d.generations})")
-    p.add_argument("--max-bins", type=int, default=d.max_bins, help=f"largest bin count searched (default {d.max_bins})")
-    p.add_argument("--min-elements", type=int, default=None,
-                   help=f"smaller float tensors stay lossless (default: {d.min_elements} in paper mode and with --bins, 16 in adaptive mode)")
-    p.add_argument("--merge-budget", type=int, default=d.merge_budget, help=f"evaluations spent merging bins (default {d.merge_budget})")
-    p.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
-                   help="adaptive mode: leave biases as quantized (default: each bias absorbs its layer's mean quantization shift)")
-    p.add_argument("--no-error-feedback", dest="error_feedback", action="store_false",
-                   help="adaptive mode: round every weight to its nearest level (default: layers that mix channels are rounded "
-                        "with error feedback, GPTQ)")
-    p.add_argument("--batch-size", type=int, help="samples per onnxruntime run (default 2: faster than large batches on one thread)")
-    p.add_argument("--bins", type=int, help="fixed-bins encode with K equal-width bins: no search, no data needed")
-    p.add_argument("--representative", choices=("mean", "centre"), default=d.representative,
-                   help="each bin's value: member mean (default) or interval centre")
+    options.add_arguments(p, choices={"mode": sorted(MODES)})
     p.add_argument("--input-shape", action="append", help="TorchScript only: example input shape, e.g. 1,3,32,32 (repeat per input)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--plot", help="write the Pareto plot (PNG) here")
@@ -86,13 +64,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.plot and args.bins is not None:
         raise OptionError("--plot needs a search; --bins K encodes without one")
     shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
-    result = convert(
-        args.model, data=args.data, labels=args.labels, metric=args.metric, max_drop=args.max_drop, mode=args.mode,
-        seed=args.seed, workers=args.workers, population=args.population, generations=args.generations,
-        max_bins=args.max_bins, min_elements=args.min_elements, merge_budget=args.merge_budget,
-        batch_size=args.batch_size, bins=args.bins, quiet=args.quiet, representative=args.representative,
-        input_shapes=shapes, bias_correction=args.bias_correction, error_feedback=args.error_feedback,
-    )
+    result = convert(args.model, data=args.data, labels=args.labels, quiet=args.quiet, input_shapes=shapes,
+                     **options.from_arguments(args))
     written: list[Path] = []
     try:
         result.write(args.output)

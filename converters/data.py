@@ -278,12 +278,9 @@ def load_dataset(
     return Dataset(inputs, label_array, n_samples, batch_size or DEFAULT_BATCH_SIZE)
 
 
-# Samples per onnxruntime run. Small batches are faster with one thread: the activations stay in
-# cache. Search-half evaluations, best of 5, seconds per candidate at 64 / 16 / 4 / 2 samples
-# (2026-11-27, this machine, ``scripts/batch_timing.py``; outputs bit-identical from 64 down to 2; one
-# sample takes other kernels on magika, within 3.6e-3): PP-OCRv4 rec 4.90 / 3.36 /
-# 2.86 / 2.64, magika 3.33 / 2.62 / 2.37 / 2.28, rapidocr cls 0.36 / 0.29 / 0.20 / 0.18,
-# PP-OCRv4 det 2.12 / 2.46 / 2.17 / 2.13. Smaller batches also let a failing candidate stop sooner.
+# Samples per onnxruntime run. Small batches are faster with one thread (the activations stay in
+# cache) and let a failing candidate stop sooner; from 2 samples up the outputs are the same bits
+# as with larger batches, while one sample can take other kernels (docs/decisions/0021).
 DEFAULT_BATCH_SIZE = 2
 SHUFFLE_SEED = 0
 

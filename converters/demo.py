@@ -1,6 +1,6 @@
 """``moub demo``: the bundled example end to end.
 
-A small CNN trained on scikit-learn's handwritten digits (``scripts/train_demo_model.py``)
+A small CNN trained on scikit-learn's handwritten digits (``tools/train_demo_model.py``)
 is converted with the search on its validation split, written as a .moub, loaded back
 with ``moub_runtime`` and scored on the held-back test split that the search never saw.
 Writes ``digits.moub``, ``report.json`` and ``pareto.png`` to ``moub-demo/`` (or ``-o DIR``).
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import options
 from .errors import OutputError
 from .modes import MODES
-from .options import DEFAULT_MODE
 
 DATA = Path(__file__).resolve().parent / "data"
 MODEL = DATA / "digits_cnn.onnx"
@@ -28,9 +28,7 @@ MAX_DROP = 0.005
 def build_demo_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser_class(prog="moub demo", description="Convert the bundled digits CNN, load it back and test it on held-back data.")
     p.add_argument("-o", "--output-dir", default="moub-demo", help="folder for digits.moub, report.json, pareto.png (default moub-demo)")
-    p.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES), help=f"method (default {DEFAULT_MODE}, as moub convert)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
+    options.add_arguments(p, names=("mode", "seed", "workers"), choices={"mode": sorted(MODES)})
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

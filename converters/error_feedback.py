@@ -1,77 +1,26 @@
 """Error feedback: round a layer's weights so that its outputs, not its weights, stay close.
 
-Rounding every weight to its nearest level (what the search evaluates) ignores that a
-layer's inputs are correlated: the error of one weight can be cancelled by nudging the
-levels of the weights that see correlated inputs. GPTQ (Frantar et al., 2023) does this
-column by column with the inverse of the input second-moment matrix ``H = E[x x^T]``, on
-the same uniform grid, so the file format and the step sizes stay as they are.
+Rounding every weight to its nearest level ignores that a layer's inputs are correlated: the
+error of one weight can be cancelled by nudging the levels of the weights that see correlated
+inputs. GPTQ (Frantar et al., 2023) does this column by column with the inverse of the input
+second-moment matrix ``H = E[x x^T]``, on the same uniform grid, so the file format and the
+step sizes stay as they are and the output error at a given step is lower (docs/decisions/0011).
+The adaptive mode rounds every candidate it scores this way (``step_layout.py``), so the search
+and the file see the same model.
 
-Measured on PP-OCRv4 det's pointwise convolutions (86% of its weights; H from 5 search
-pages, checked on the other 5, bias correction in both arms): at the steps the search
-chose, relative output error 0.0385 -> 0.0326; with every step 2^0.5 coarser (0.5
-bits/weight fewer) 0.0773 -> 0.0568. The adaptive mode rounds every candidate it scores
-this way (``modes/adaptive.py``), so the search and the file see the same model: about
-0.04 s per candidate on cls, 0.2 s on det and 0.7 s on rec.
-
-It serves layers whose output mixes input channels linearly with a 2-D view of the
-weight: ``Conv`` with 1x1 kernels and one group, ``MatMul`` with a 2-D weight, ``Gemm``
-(transA 0), in the main graph. ``H`` is computed inside onnxruntime (a Gram matrix per
-layer input), so no activation leaves the session.
+It serves layers whose output mixes input channels linearly with a 2-D view of the weight:
+``Conv`` with 1x1 kernels and one group, ``MatMul`` with a 2-D weight, ``Gemm`` (transA 0), in
+the main graph. ``H`` is computed inside onnxruntime (a Gram matrix per layer input), so no
+activation leaves the session. Wider kernels and grouped Convs keep nearest rounding: serving
+them made some files smaller but moved other conversions to choices that failed held-back data
+(docs/decisions/0016).
 
 An input channel that is exactly zero on every sample of the data (a ReLU that never fires)
 leaves its weights free: whatever they hold, the layer's output on that data is the same bits.
 GPTQ sets them to zero, and so does :meth:`ErrorFeedback.levels`: level 0 is the most frequent
-level of a weight tensor and takes the shortest code. On the halves of the bench's search
-splits the converter measures on, such channels hold 6.9% of PP-OCRv4 det's weights, 3.6% of
-rapidocr cls's and 1.5% of rec's (none of magika's, whose layers read LayerNorm-ed inputs); of
-those channels, 16 of 276 (det), 11 of 39 (cls) and 9 of 97 (rec) carry some signal on the test
-split, at most 3.9% (det) of the layer's mean channel energy.
-
-Coarser steps for the input channels that carry little signal were measured and not adopted.
-High-rate theory says a step per input channel proportional to 1/sqrt(E[x_i^2]) would save
-0.52-0.57 bits/weight on det, rec and cls; on the shared grid (column i rounded to multiples
-of m_i = floor(sqrt(E_ref / E[x_i^2])) levels, so the format need not change) it did the
-opposite on det at the bench's gamma (throwaway sweep of x on the test split): at 99.18% mask
-IoU the file is 657 KB with m_i = 1, about 664 KB with E_ref the channels' median and about
-745 KB with their 90th percentile. A channel's energy does not say what its weights are worth
-downstream.
-
-Wider kernels and grouped Convs are not served, by measurement (branch
-``experiment/wide-error-feedback``: im2col inside the graph, one ``H`` per group;
-``scripts/sweep_steps.py`` at gamma 0.75, samples lost on the confirm half plus the test
-split, summed over the swept steps, against this module's scope). rapidocr cls lost 13
-against 24 and the digits 14 against 31 (gamma 0.25 and 0.5), but magika 83 against 86,
-while its search half, the one that also measures ``H``, lost 11 against 23: its 5x1
-Conv_0 has 1280 patch columns and only 250 files behind them, and GPTQ fits that half.
-The search then trusted its half too far: the bench's cls failed its test split (98.67% at
-6.15x, against 5.02x passing), magika fell from 5.05x to 4.69x, and ``moub demo`` lost
-1.1% of its held-back digits (4 of 360).
-
-Tried again on 2026-11-27 on top of the margin-based coarsening and the dead-input rule (branch
-``experiment/wide-error-feedback-2``, grouped Convs left out). On magika's Conv_0 alone
-(``scripts/patch_feedback_gain.py``: ``H`` from half of the bench's search split, every other
-tensor fp32, judged on the 500 test files) GPTQ on patches does generalize, so "GPTQ fits that half" above is not
-what held it back: at 6.04 bits/weight the relative output
-error went 1.63e-4 -> 1.21e-4 (1.15e-4 on the half that measured ``H``) and the scores' KL
-divergence 2.25e-4 -> 1.81e-4; at 5.54 bits/weight 5.13e-4 -> 3.30e-4; damping of 0.1 to 1 of
-the mean diagonal, or ``H`` from the whole split, did no better. ``make bench``'s moub rows
-(``--models digits,cls,magika``) against the 05:54 run: the step swept on the test split went
-magika 5.82x -> 6.26x, cls 6.01x -> 6.40x, digits 21.78x -> 22.23x; the converter's own choice
-magika 4.59x -> 4.67x, cls 5.54x -> 5.53x, and the bench's digits file passed its test split
-(97.22% at 21.87x). But ``moub demo`` chose x = +2.0, the grid's coarse end, with 0 of 180
-flipped on each half, and lost 4 of its 360 held-back digits (1.1%, against its 0.5%): the
-better rounding moves the choice to steps where a few hundred samples no longer resolve
---max-drop (``resolution.py``). With grouped Convs served too, cls's choice fell one grid step
-short of a cliff (0 + 1 of 300 flipped, 45 of 150 at the next step) and lost 5 of 300 test
-samples, though their ``H`` generalizes (fitted on one quarter of cls's search split, the
-rounding leaves 0.44-0.80 of nearest rounding's error on the other quarter, as on its own).
-On PP-OCRv4's 3x3 convolutions (same branch with main merged, with the back-off guard of its
-18e6bc3; ``python -m benchmarks.run --models rec,det --peers moub_best,moub_swept --no-runtime``,
-15.7 min, against the 05:54 run) it did not pay either: rec's own choice failed its test split
-(98.82% per-step agreement at 7.77x, where 7.20x passed) and its swept step stayed put (7.37x
-against 7.39x); det's own choice fell from 6.84x to 6.28x, its swept step 7.38x -> 7.46x; the
-searches took 314 s and 253 s against 307 s and 198 s. So the 1x1 scope stays, for good reasons
-on every bench model but magika.
+level of a weight tensor and takes the shortest code (docs/decisions/0025). Coarser steps for
+the input channels that carry little signal do not pay: a channel's energy does not say what
+its weights are worth downstream (docs/decisions/0027).
 """
 
 from __future__ import annotations
@@ -91,11 +40,11 @@ from .probes import fresh_prefix, probe_copy
 DAMPING = 0.01        # of H's mean diagonal, added to the diagonal: GPTQ's default
 BLOCK = 128           # columns per lazy batch update
 # Multiply-adds (a layer's inputs x its weights, summed over layers) that error feedback may
-# add to every candidate the search scores. On this kind of machine PP-OCRv4 rec's 30 layers,
-# 6.0e8, take 0.3 s a candidate; one 8192 x 8192 MatMul, 5.5e11, took 35-40 s (with another job
-# on the CPUs) and a 0.5 GB factor, so a search over a 2.4 GB model of nine such layers would
-# spend hours rounding, and ran out of 23 GB. The bench's models need at most 6.0e8; layers
-# beyond the budget, the costliest first, keep nearest rounding.
+# add to every candidate the search scores. The work grows with a layer's inputs times its
+# weights and the factor with its inputs squared: one 8192 x 8192 MatMul takes tens of seconds
+# and half a gigabyte per candidate, so a search over a model of such layers would spend hours
+# rounding. The bench's models need at most 6.0e8; layers beyond the budget, the costliest
+# first, keep nearest rounding (docs/decisions/0029).
 MAX_WORK = 10**10
 PROBE_PREFIX = "moub_gram"
 
@@ -214,10 +163,9 @@ def feedback_levels(weights: np.ndarray, step: float, factor: np.ndarray, limit:
     lazy batches); None as soon as a level reaches ``limit`` in magnitude.
 
     Works on the transpose, a column per row, so that each column's update touches
-    contiguous memory (1.4-2.3x faster on det's and rec's layer shapes); every product,
-    difference and matrix product is the one the column-major form computed, so the
-    levels are the same bits. One float64 copy of the layer and int32 levels: 20 bytes per
-    weight at the peak, where three float64 copies and int64 levels took 40."""
+    contiguous memory; every product, difference and matrix product is the one the
+    column-major form computes, so the levels are the same bits. One float64 copy of the
+    layer and int32 levels: 20 bytes per weight at the peak."""
     w = np.ascontiguousarray(weights.T, dtype=np.float64)
     n = w.shape[0]
     q = np.empty(w.shape, np.int32)

@@ -13,14 +13,11 @@ Three ways to get a candidate's weights into onnxruntime (``strategy``):
 ``serialize``     the whole model with the candidate's weights is serialized and a
                   session is built from it (the naive way; the reference).
 
-``auto`` is ``initializers``: CPU seconds per candidate (one thread, measured on
-this machine) were, for rapidocr's cls model on 300 text lines, 0.55 s with
-``initializers``, 0.60 s with ``serialize`` and 0.92 s with ``inputs`` (weights fed
-as inputs lose onnxruntime's BatchNorm folding and weight pre-packing); on the
-demo CNN all three take 5-6 ms; on magika inference dominates and the three are
-within noise. Weights inside subgraphs and functions, which neither
-``initializers`` nor ``inputs`` can hand over, are put back into the graph and
-serialized per candidate; so are bfloat16 weights (numpy has no bfloat16).
+``auto`` is ``initializers``, the fastest of the three where they differ: weights fed as
+inputs lose onnxruntime's BatchNorm folding and weight pre-packing, and serializing the
+model per candidate costs a protobuf copy (docs/decisions/0004). Weights inside subgraphs and
+functions, which neither ``initializers`` nor ``inputs`` can hand over, are put back into the
+graph and serialized per candidate; so are bfloat16 weights (numpy has no bfloat16).
 
 Sessions run with one intra-op and one inter-op thread, sequentially: the same
 weights and data always give the same outputs, whichever process runs them.
@@ -43,7 +40,7 @@ from moub_runtime.sites import tensor_sites
 from .data import Dataset
 from .errors import ModelError
 from .intake import Pool, PoolSite, is_main_graph
-from .metrics import Accumulator
+from .metrics import METRICS, Accumulator
 
 STRATEGIES = ("auto", "inputs", "initializers", "serialize")
 WEIGHT_SUFFIX = "__moub_weight"
@@ -137,8 +134,8 @@ def _prepare(model: onnx.ModelProto, pool: Pool, strategy: str) -> _Prepared:
 
 def _compact(prepared: _Prepared) -> _Prepared:
     """The stripped copy parsed afresh: protobuf keeps a cleared payload's bytes in the
-    copy's arena until the copy dies, so the stripped graph held a whole model's size
-    (0.77 GB of an 805 MB model) for the life of the Evaluator."""
+    copy's arena until the copy dies, so the stripped graph would hold a whole model's size
+    for the life of the Evaluator."""
     graph = onnx.ModelProto()
     graph.ParseFromString(prepared.graph.SerializeToString())
     sites = tensor_sites(graph)
@@ -231,8 +228,8 @@ def original_arrays(model: onnx.ModelProto, pool: Pool) -> dict[str, np.ndarray]
     """The pooled sites' original values in storage dtype and shape.
 
     float32 sites are read-only views of the pool, which holds their exact values: a copy
-    per caller (the reference run, both calibrations, the sensitivity runs' cache) cost one
-    model size each; on an 805 MB model the search's resting memory fell by 0.77 GB."""
+    per caller (the reference run, the calibration, the sensitivity runs) would cost one
+    model size each."""
     from moub_format.dtypes import FLOAT, STORAGE_DTYPES
     from onnx import numpy_helper
 
@@ -293,7 +290,7 @@ class Scorer:
         self.labels = labels
         self.quality_original = quality_original
         first = reference[0]
-        if metric in ("accuracy", "agreement", "f1"):
+        if METRICS[metric].top1:  # a unit is a row of the top-1: a sample or a time step
             self.total_units = int(np.prod(first.shape[:-1]))
         else:
             self.total_units = n_samples if n_samples is not None else evaluator.dataset.n_samples

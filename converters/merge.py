@@ -7,10 +7,10 @@ entries on sparse tails; merging those costs almost nothing in error and saves
 codebook, table and index bits.
 
 :func:`merge_cheapest` performs ``n`` successive cheapest merges (a heap over
-neighbour pairs, O(n log m)). The driver in the paper mode tries a step of
-many merges at once, keeps it if the model's quality stays within the
-tolerance, and halves the step when it does not: each evaluation is one trial,
-so the budget bounds the evaluations, not the merges.
+neighbour pairs, O(n log m)). Successive cheapest merges trace one fixed path, so
+the paper mode bisects along it for the most merges that keep the model's quality
+within the tolerance: each evaluation is one trial, so the budget bounds the
+evaluations, not the merges.
 """
 
 from __future__ import annotations

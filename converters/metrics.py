@@ -1,39 +1,136 @@
-"""Quality of a compressed model's outputs: higher is better for every metric.
+"""Each metric, declared once: how it scores, what its loss counts, how the converter judges it.
 
-``accuracy`` and ``f1`` (macro) compare the first output's top-1 with labels;
-``agreement`` compares it with the original model's top-1; ``cosine`` is the
-mean per-sample cosine similarity with the original over all float outputs;
-``rel-l2`` is reported as 1 - ||y - y0|| / ||y0|| (per sample, averaged) so
-that, like the others, 1.0 is perfect and ``max_drop`` is an absolute drop.
-Top-1 is taken over the last axis, so sequence outputs [N, T, C] count every
-time step.
+A metric turns a compressed model's outputs into a quality, higher is better and 1.0 perfect
+for every metric, and a *loss*, the measure ``--max-drop`` bounds: the mean of per-unit
+deficits (a unit is a sample, or a time step of sequence outputs [N, T, C], whose top-1 is
+taken over the last axis). For ``agreement``, ``cosine`` and ``rel-l2`` the loss is exactly the
+drop of the metric (the original scores 1 on every unit). For ``accuracy`` it is the share of
+units the original gets right and the candidate wrong: units a candidate happens to fix do not
+offset the ones it breaks, since on a few hundred samples such gains are mostly luck, and
+counting them lets the search pick candidates that are lucky on the search data
+(docs/decisions/0002). The net accuracy drop is never larger than this loss. ``f1`` (macro) has no
+per-unit form: its loss is the net drop.
 
-Tolerance is checked on a *loss*, the mean of per-unit deficits (a unit is a
-sample, or a time step for sequence outputs): for ``agreement``, ``cosine`` and
-``rel-l2`` that is exactly the drop of the metric (the original scores 1 on
-every unit). For ``accuracy`` it is the fraction of units the original gets
-right and the candidate gets wrong: units the candidate happens to fix do not
-offset the ones it breaks. On a few hundred samples those gains are mostly
-noise, and letting them count makes the search pick candidates that are lucky
-on the search data (measured on the demo: net-accuracy selection picked 5 bins
-whose held-back test drop was 1.7 points; see the converter issue's report).
-The net accuracy drop is never larger than this loss. ``f1`` has no per-unit
-form: its loss is the net drop.
+Because the loss is a mean of non-negative deficits, an evaluation can stop as soon as the
+deficits seen so far exceed a bound (:class:`Accumulator`).
 
-Because the loss is a mean of non-negative deficits, an evaluation can stop as
-soon as the deficits seen so far exceed a bound (:class:`Accumulator`).
+The evaluator, the report, the resolution check and the modes read what they need of a metric
+from :data:`METRICS`; a new metric is one entry there and its per-unit score function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import DataError, OptionError
 
-METRICS = ("accuracy", "f1", "agreement", "cosine", "rel-l2")
-LABEL_METRICS = ("accuracy", "f1")
+UnitScores = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], "np.ndarray | None"], np.ndarray]
+
+
+def _flat_float(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Float outputs flattened per sample and concatenated across outputs (float64)."""
+    got, ref = [], []
+    for o, r in zip(outputs, reference):
+        if r.dtype.kind != "f" or r.ndim == 0:
+            continue
+        n = r.shape[0]
+        got.append(np.asarray(o, dtype=np.float64).reshape(n, -1))
+        ref.append(np.asarray(r, dtype=np.float64).reshape(n, -1))
+    return np.concatenate(got, axis=1), np.concatenate(ref, axis=1)
+
+
+def _finite_rows(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(candidate rows with non-finite rows zeroed, reference rows, which rows were finite)."""
+    got, ref = _flat_float(outputs, reference)
+    finite = np.isfinite(got).all(axis=1)
+    return np.where(finite[:, None], got, 0.0), ref, finite
+
+
+def _accuracy_scores(outputs, reference, labels) -> np.ndarray:
+    return (np.argmax(outputs[0], axis=-1) == labels).astype(np.float64).ravel()
+
+
+def _agreement_scores(outputs, reference, labels) -> np.ndarray:
+    return (np.argmax(outputs[0], axis=-1) == np.argmax(reference[0], axis=-1)).astype(np.float64).ravel()
+
+
+def _cosine_scores(outputs, reference, labels) -> np.ndarray:
+    got, ref, finite = _finite_rows(outputs, reference)
+    g_norm, r_norm = np.linalg.norm(got, axis=1), np.linalg.norm(ref, axis=1)
+    norms = g_norm * r_norm
+    cos = np.where(norms > 0, (got * ref).sum(axis=1) / np.where(norms > 0, norms, 1.0), np.where((g_norm == 0) & (r_norm == 0), 1.0, 0.0))
+    return np.where(finite, np.clip(cos, -1.0, 1.0), -1.0)
+
+
+def _rel_l2_scores(outputs, reference, labels) -> np.ndarray:
+    got, ref, finite = _finite_rows(outputs, reference)
+    r_norm = np.linalg.norm(ref, axis=1)
+    err = np.linalg.norm(got - ref, axis=1)
+    rel = np.where(r_norm > 0, err / np.where(r_norm > 0, r_norm, 1.0), np.where(err > 0, 1.0, 0.0))
+    return np.where(finite, 1.0 - rel, -1.0)
+
+
+def macro_f1(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
+    """Macro F1 over the classes that occur in the labels or the predictions."""
+    pred, truth = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
+    tp = np.bincount(truth[pred == truth], minlength=n_classes).astype(np.float64)
+    predicted = np.bincount(pred, minlength=n_classes).astype(np.float64)
+    actual = np.bincount(truth, minlength=n_classes).astype(np.float64)
+    denom = predicted + actual
+    present = denom > 0
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
+    return float(f1[present].mean()) if present.any() else 1.0
+
+
+def _broken_right_answers(outputs, reference, labels, scores) -> np.ndarray:
+    """Accuracy's deficit: the original's top-1 was right and the candidate's is wrong."""
+    original_right = (np.argmax(reference[0], axis=-1) == labels).ravel()
+    return (original_right & (scores == 0)).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What the converter needs to know of a metric."""
+
+    name: str
+    loss_measure: str          # how its loss reads (the report's ``loss_measure``)
+    unit_scores: UnitScores | None  # per-unit scores (each at most 1) whose mean is the quality
+    needs_labels: bool = False  # compares the first output's top-1 with labels
+    top1: bool = False         # judged on the first output's top-1 over its last axis: one unit per row of it
+    counts_units: bool = False  # the loss is a share of units lost: a count, judged as one (Jeffreys, resolution)
+    counts_flips: bool = False  # the lost units are top-1 changes against the original's (expected_flip_rate)
+    loss_is_drop: bool = True  # the loss equals the metric's drop (else the closing table shows both)
+    confirmed_as: str | None = None  # the metric the confirm half judges it by (None: itself)
+    lost_unit: str = ""        # what a lost unit did, in the closing table's check line
+    unit_deficits: Callable | None = None  # per-unit loss from the scores (None: 1 - score, at least 0)
+    whole_score: Callable | None = None  # no per-unit form: quality of all top-1s against the labels at once
+
+    @property
+    def confirm(self) -> str:
+        return self.confirmed_as or self.name
+
+
+# A label metric is confirmed by agreement with the original: a prediction that changes either
+# way (a right one lost, or a wrong one "fixed") shows a decision boundary that unseen samples
+# will cross (docs/decisions/0007).
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("accuracy", "share of samples the original classifies right and the .moub wrong", _accuracy_scores,
+           needs_labels=True, top1=True, counts_units=True, loss_is_drop=False, confirmed_as="agreement",
+           lost_unit="turned wrong", unit_deficits=_broken_right_answers),
+    Metric("f1", "drop of macro F1", None, needs_labels=True, top1=True, confirmed_as="agreement", whole_score=macro_f1),
+    Metric("agreement", "share of samples whose top-1 differs from the original's", _agreement_scores,
+           top1=True, counts_units=True, counts_flips=True, lost_unit="changed top-1"),
+    Metric("cosine", "mean of 1 - cosine similarity with the original's outputs", _cosine_scores),
+    Metric("rel-l2", "mean relative L2 distance to the original's outputs", _rel_l2_scores),
+)}
+
+
+def counts_units(metric: str | None) -> bool:
+    """Whether ``metric``'s loss is a share of units lost (False for None: no metric)."""
+    return metric is not None and METRICS[metric].counts_units
 
 
 def is_classifier_shaped(output: np.ndarray) -> bool:
@@ -52,8 +149,9 @@ def check_metric(metric: str, labels: np.ndarray | None, reference: Sequence[np.
     """Raise DataError/OptionError if ``metric`` cannot be computed for these outputs and labels."""
     if metric not in METRICS:
         raise OptionError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    info = METRICS[metric]
     first = reference[0]
-    if metric in LABEL_METRICS:
+    if info.needs_labels:
         if labels is None:
             raise DataError(f"--metric {metric} needs labels (--labels FILE.npy or a 'labels' array in the data)")
         if first.dtype.kind != "f" or first.ndim < 2 or first.shape[:-1] != labels.shape:
@@ -63,64 +161,26 @@ def check_metric(metric: str, labels: np.ndarray | None, reference: Sequence[np.
             )
         if labels.min() < 0 or labels.max() >= first.shape[-1]:
             raise DataError(f"--metric {metric}: labels span {labels.min()}..{labels.max()}, the model has {first.shape[-1]} classes")
-    if metric == "agreement" and (first.dtype.kind != "f" or first.ndim < 2 or first.shape[-1] < 2):
-        raise DataError(f"--metric agreement needs class scores on the first output's last axis, got shape {list(first.shape)}")
-    if metric in ("cosine", "rel-l2") and not any(o.dtype.kind == "f" and o.ndim >= 1 for o in reference):
+    elif info.top1 and (first.dtype.kind != "f" or first.ndim < 2 or first.shape[-1] < 2):
+        raise DataError(f"--metric {metric} needs class scores on the first output's last axis, got shape {list(first.shape)}")
+    elif not info.top1 and not any(o.dtype.kind == "f" and o.ndim >= 1 for o in reference):
         raise DataError(f"--metric {metric} needs at least one float output with a sample axis")
 
 
-def _flat_float(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Float outputs flattened per sample and concatenated across outputs (float64)."""
-    got, ref = [], []
-    for o, r in zip(outputs, reference):
-        if r.dtype.kind != "f" or r.ndim == 0:
-            continue
-        n = r.shape[0]
-        got.append(np.asarray(o, dtype=np.float64).reshape(n, -1))
-        ref.append(np.asarray(r, dtype=np.float64).reshape(n, -1))
-    return np.concatenate(got, axis=1), np.concatenate(ref, axis=1)
-
-
 def unit_scores(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
-    """Per-unit scores (each at most 1) whose mean is the metric; not for ``f1``."""
-    first = outputs[0]
-    if metric == "accuracy":
-        return (np.argmax(first, axis=-1) == labels).astype(np.float64).ravel()
-    if metric == "agreement":
-        return (np.argmax(first, axis=-1) == np.argmax(reference[0], axis=-1)).astype(np.float64).ravel()
-    got, ref = _flat_float(outputs, reference)
-    finite = np.isfinite(got).all(axis=1)
-    got = np.where(finite[:, None], got, 0.0)
-    g_norm, r_norm = np.linalg.norm(got, axis=1), np.linalg.norm(ref, axis=1)
-    if metric == "cosine":
-        norms = g_norm * r_norm
-        cos = np.where(norms > 0, (got * ref).sum(axis=1) / np.where(norms > 0, norms, 1.0), np.where((g_norm == 0) & (r_norm == 0), 1.0, 0.0))
-        return np.where(finite, np.clip(cos, -1.0, 1.0), -1.0)
-    if metric == "rel-l2":
-        err = np.linalg.norm(got - ref, axis=1)
-        rel = np.where(r_norm > 0, err / np.where(r_norm > 0, r_norm, 1.0), np.where(err > 0, 1.0, 0.0))
-        return np.where(finite, 1.0 - rel, -1.0)
-    raise OptionError(f"metric {metric!r} has no per-unit scores")
-
-
-def macro_f1(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
-    """Macro F1 over the classes that occur in the labels or the predictions."""
-    pred, truth = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
-    tp = np.bincount(truth[pred == truth], minlength=n_classes).astype(np.float64)
-    predicted = np.bincount(pred, minlength=n_classes).astype(np.float64)
-    actual = np.bincount(truth, minlength=n_classes).astype(np.float64)
-    denom = predicted + actual
-    present = denom > 0
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
-    return float(f1[present].mean()) if present.any() else 1.0
+    """Per-unit scores (each at most 1) whose mean is the metric; not for a whole-set metric (``f1``)."""
+    scores = METRICS[metric].unit_scores
+    if scores is None:
+        raise OptionError(f"metric {metric!r} has no per-unit scores")
+    return scores(outputs, reference, labels)
 
 
 def unit_deficits(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None,
                   scores: np.ndarray) -> np.ndarray:
-    """Per-unit loss (>= 0) whose mean is the tolerance measure; not for ``f1``."""
-    if metric == "accuracy":
-        original_right = (np.argmax(reference[0], axis=-1) == labels).ravel()
-        return (original_right & (scores == 0)).astype(np.float64)
+    """Per-unit loss (>= 0) whose mean is the tolerance measure; not for a whole-set metric (``f1``)."""
+    deficits = METRICS[metric].unit_deficits
+    if deficits is not None:
+        return deficits(outputs, reference, labels, scores)
     return np.maximum(1.0 - scores, 0.0)
 
 
@@ -133,6 +193,7 @@ class Accumulator:
 
     def __init__(self, metric: str, total_units: int, n_classes: int = 0) -> None:
         self.metric = metric
+        self.whole_score = METRICS[metric].whole_score
         self.total_units = total_units
         self.n_classes = n_classes
         self.score_sum = 0.0
@@ -142,7 +203,7 @@ class Accumulator:
         self._truth: list[np.ndarray] = []
 
     def add(self, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> None:
-        if self.metric == "f1":
+        if self.whole_score is not None:
             self._pred.append(np.argmax(outputs[0], axis=-1).ravel())
             self._truth.append(np.asarray(labels).ravel())
             self.units += self._pred[-1].size
@@ -153,24 +214,26 @@ class Accumulator:
         self.units += scores.size
 
     def loss_lower_bound(self) -> float:
-        return 0.0 if self.metric == "f1" else self.deficit_sum / self.total_units
+        """A whole-set metric is known only at the end: no bound before it."""
+        return 0.0 if self.whole_score is not None else self.deficit_sum / self.total_units
 
     def value(self) -> float:
-        if self.metric == "f1":
-            return macro_f1(np.concatenate(self._pred), np.concatenate(self._truth), self.n_classes)
+        if self.whole_score is not None:
+            return self.whole_score(np.concatenate(self._pred), np.concatenate(self._truth), self.n_classes)
         return self.score_sum / self.units if self.units else 0.0
 
     def loss(self, quality_original: float) -> float:
         """The tolerance measure over everything seen (all units once complete)."""
-        if self.metric == "f1":
+        if self.whole_score is not None:
             return quality_original - self.value()
         return self.deficit_sum / self.units if self.units else 0.0
 
 
 def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> float:
     """The metric over whole outputs (compressed model) against ``reference`` (original) or labels."""
-    if metric == "f1":
-        return macro_f1(np.argmax(outputs[0], axis=-1), labels, outputs[0].shape[-1])
+    whole_score = METRICS[metric].whole_score
+    if whole_score is not None:
+        return whole_score(np.argmax(outputs[0], axis=-1), labels, outputs[0].shape[-1])
     return float(unit_scores(metric, outputs, reference, labels).mean())
 
 
@@ -191,12 +254,10 @@ def expected_flip_rate(reference: np.ndarray, outputs: np.ndarray) -> float:
     Each unit's margin m_i (the original top-1 score minus the runner-up's) is set against the
     change d_j the candidate makes to that margin on every unit j: the estimate is the mean over
     i of the share of j with d_j >= m_i. Counting flips on a few hundred samples is unbiased but
-    noisy (on magika's 500 test files the count did not even fall as the step shrank: 4 flips at
-    5.47 bits/weight, 6 at 5.95, 3 at 6.08); this estimate rises steadily with the step. It
-    assumes the change does not depend on the margin and the units are independent: on magika's
-    and rapidocr cls's samples it follows the counts' trend; on PP-OCRv4 rec's time steps it went
-    from 0.5% to 13% between neighbouring steps where the counted flips only doubled
-    (``scripts/flip_estimate.py``)."""
+    noisy: the count need not even fall as the step shrinks; this estimate rises steadily with
+    the step. It assumes the change does not depend on the margin and the units are independent,
+    which holds for one prediction per sample, not for the time steps of a sequence
+    (docs/decisions/0022)."""
     margin, change = margins_and_changes(reference, outputs)
     at_least = change.size - np.searchsorted(np.sort(change), margin, side="left")
     return float(np.mean(at_least / change.size))

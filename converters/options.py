@@ -1,55 +1,115 @@
-"""Every converter option in one typed, validated structure (the CLI and the API share it)."""
+"""Every converter option, declared once: its type, default, CLI flag, help and allowed values.
+
+:class:`ConvertOptions` is the one declaration. Each field's metadata (:func:`option`) carries
+what the CLI needs (flag, help, choices); :func:`add_arguments` builds ``moub convert``'s flags
+from it, and ``convert()`` takes the same names as keywords (its signature is derived from the
+fields, ``api.py``). A field whose default differs by mode declares it ``per_mode`` and
+defaults to None until the options are built. The method behind the defaults is described in
+``docs/method.md``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import Field, asdict, dataclass, field, fields
 
 from .binning import REPRESENTATIVES
+from .data import DEFAULT_BATCH_SIZE
 from .errors import OptionError
 from .evaluate import STRATEGIES
 from .metrics import METRICS
 
-# Defaults, with the reasons measured in issue 3's report.
 MAX_DROP = 0.005
 POPULATION = 8           # one decision variable: a small population covers the range
 GENERATIONS = 12
-PATIENCE = 2             # stop when the front's bin counts have not changed for this many generations
-MAX_BINS = 65536         # BatchNorm-folded models need up to 2^16 bins (DESIGN.md); log-scaled variable
-STEPS_PER_OCTAVE = 4     # bin counts searched: round(2^(j/4)), about 19% apart; merging refines between them
-MIN_ELEMENTS = 1024
+PATIENCE = 2             # stop when the front's decisions have not changed for this many generations
+MAX_BINS = 65536         # BatchNorm-folded models need up to 2^16 bins; the bin count is searched on a log scale
+MIN_ELEMENTS = 1024      # the paper pools tensors of at least this many weights
+ADAPTIVE_MIN_ELEMENTS = 16  # biases and BatchNorm vectors too: a large share of small models' files
 MERGE_BUDGET = 8         # evaluations spent merging bins of the front's feasible solutions
 ABORT_FACTOR = 4.0       # an evaluation stops once its drop is proven >= max(ABORT_FACTOR * max_drop, ABORT_MIN)
 ABORT_MIN = 0.02
 WAVE = 2                 # search candidates evaluated together; later waves know earlier results
-# The default method: measured to give smaller files than the paper's at the same fidelity on the
-# bench's real models (benchmarks/RESULTS.md); `--mode paper` stays the paper's method, unchanged.
+# The default method gives smaller files than the paper's at the same fidelity on the bench's
+# real models (benchmarks/RESULTS.md); `--mode paper` stays the paper's method, unchanged.
 DEFAULT_MODE = "adaptive"
+PAPER_MODE = "paper"     # ``--bins K`` encodes the paper's way, so it takes the paper's defaults
 MAX_BINS_LIMIT = 1 << 20  # the container's Huffman codes are at most 20 bits long
+
+
+def option(default, flag: str | None = None, help: str | None = None, *, type=None, choices: Sequence[str] | None = None,
+           per_mode: Mapping[str, object] | None = None, negated: bool = False, provenance: bool = True,
+           modes: Sequence[str] | None = None) -> Field:
+    """A ConvertOptions field and what the CLI and the report need to know of it.
+
+    ``flag``: the CLI flag (None: a keyword of ``convert()`` only); ``help`` may name
+    ``{default}`` and each mode of ``per_mode``; ``negated``: the flag turns a True default off;
+    ``provenance``: whether the value determines the file (the report's settings); ``modes``:
+    the modes that read it (the settings of other modes leave it out)."""
+    meta = {"flag": flag, "help": help, "type": type, "choices": choices, "per_mode": per_mode, "negated": negated,
+            "provenance": provenance, "modes": modes}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    metric: str | None = None
-    max_drop: float = MAX_DROP
-    mode: str = DEFAULT_MODE
-    seed: int = 0
-    workers: int = 1
-    population: int = POPULATION
-    generations: int = GENERATIONS
-    patience: int = PATIENCE
-    max_bins: int = MAX_BINS
-    min_elements: int = MIN_ELEMENTS
-    merge_budget: int = MERGE_BUDGET
-    batch_size: int | None = None
-    bins: int | None = None
-    representative: str = "mean"
-    strategy: str = "auto"
-    abort_drop: float | None = None  # None: max(ABORT_FACTOR * max_drop, ABORT_MIN); inf: never stop early
-    wave: int = WAVE
-    monotone: bool = True  # a candidate is within tolerance only if no larger evaluated one is outside it
-    bias_correction: bool = True  # adaptive mode: biases absorb their layer's mean quantization shift
-    error_feedback: bool = True   # adaptive mode: channel-mixing layers rounded with GPTQ's error feedback
+    metric: str | None = option(None, "--metric", "default: accuracy with labels, else agreement (classifiers) or cosine",
+                                choices=tuple(METRICS))
+    max_drop: float = option(MAX_DROP, "--max-drop", "largest loss allowed: the metric's absolute drop; for accuracy the "
+                             "share of samples the original gets right and the .moub wrong (default {default})", type=float)
+    mode: str = option(DEFAULT_MODE, "--mode", "method (default {default}; paper: the MO-UB paper, faithfully)")
+    seed: int = option(0, "--seed", "seeds the search: the same model, data and seed give the same file (default {default})",
+                       type=int)
+    workers: int = option(1, "--workers", "worker processes for evaluations (default {default})", type=int,
+                          provenance=False)  # the same file with any number of workers
+    population: int = option(POPULATION, "--population", "NSGA-II population (default {default})", type=int)
+    generations: int = option(GENERATIONS, "--generations", "at most this many generations (default {default})", type=int)
+    max_bins: int = option(MAX_BINS, "--max-bins", "largest bin count searched (default {default})", type=int)
+    min_elements: int | None = option(None, "--min-elements", "smaller float tensors stay lossless (default: {paper} in "
+                                      "paper mode and with --bins, {adaptive} in adaptive mode)", type=int,
+                                      per_mode={PAPER_MODE: MIN_ELEMENTS, "adaptive": ADAPTIVE_MIN_ELEMENTS})
+    merge_budget: int = option(MERGE_BUDGET, "--merge-budget", "evaluations spent merging bins (default {default})", type=int)
+    bias_correction: bool = option(True, "--no-bias-correction", "adaptive mode: leave biases as quantized (default: each "
+                                   "bias absorbs its layer's mean quantization shift)", negated=True, modes=("adaptive",))
+    error_feedback: bool = option(True, "--no-error-feedback", "adaptive mode: round every weight to its nearest level "
+                                  "(default: layers that mix channels are rounded with error feedback, GPTQ)", negated=True,
+                                  modes=("adaptive",))
+    batch_size: int | None = option(None, "--batch-size", f"samples per onnxruntime run (default {DEFAULT_BATCH_SIZE}: "
+                                    "faster than large batches on one thread)", type=int)  # may change float rounding
+    bins: int | None = option(None, "--bins", "fixed-bins encode with K equal-width bins: no search, no data needed", type=int)
+    representative: str = option("mean", "--representative", "each bin's value: member mean (default) or interval centre",
+                                 choices=REPRESENTATIVES)
+    # keywords of convert() only
+    patience: int = option(PATIENCE, help="the search stops when its front has not changed for this many generations "
+                           "(default {default})")
+    strategy: str = option("auto", help="how candidate weights reach onnxruntime: " + ", ".join(STRATEGIES) +
+                           " (the same outputs; default {default})", choices=STRATEGIES, provenance=False)
+    abort_drop: float | None = option(None, help=f"an evaluation stops once its loss provably exceeds this (default: "
+                                      f"the larger of {ABORT_FACTOR:g} x max_drop and {ABORT_MIN}; inf: never)")
+    wave: int = option(WAVE, help="search candidates evaluated together, each wave knowing the results of the waves "
+                       "before it (default {default})")
+    monotone: bool = option(True, help="a candidate is within tolerance only if no larger evaluated one is outside it "
+                            "(default {default})")
+
+    def __post_init__(self) -> None:
+        """Fill the per-mode defaults left at None, for this mode (the paper's for ``--bins``)."""
+        mode = PAPER_MODE if self.bins is not None else self.mode
+        for f in fields(self):
+            per_mode = f.metadata.get("per_mode")
+            if per_mode and getattr(self, f.name) is None:
+                object.__setattr__(self, f.name, per_mode.get(mode, per_mode[PAPER_MODE]))
+
+    @classmethod
+    def from_keywords(cls, keywords: Mapping[str, object]) -> ConvertOptions:
+        """The validated options of ``convert(**keywords)``; an unknown name is a TypeError, as for any function."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(keywords) - known)
+        if unknown:
+            raise TypeError(f"convert() got an unexpected keyword argument {unknown[0]!r}")
+        return cls(**keywords).validated()
 
     def validated(self) -> ConvertOptions:
         """Raise OptionError naming the option, its value and the allowed range."""
@@ -87,12 +147,58 @@ class ConvertOptions:
         return self.abort_drop if self.abort_drop is not None else max(ABORT_FACTOR * self.max_drop, ABORT_MIN)
 
     def settings(self) -> dict:
-        """What determines the result (provenance). Workers and batch size do not: same
-        file whatever they are (batch size can change float rounding, so it is kept)."""
+        """What determines the result (provenance): every option but those that give the same file
+        whatever their value, and those the mode does not read (a paper-mode file names only
+        what the paper's method uses)."""
         out = asdict(self)
-        out.pop("workers")
-        out.pop("strategy")
-        if self.mode == "paper":  # the paper's method has no bias correction: its files stay as they were
-            out.pop("bias_correction")
-            out.pop("error_feedback")
+        for f in fields(self):
+            modes = f.metadata["modes"]
+            if not f.metadata["provenance"] or (modes is not None and self.mode not in modes):
+                out.pop(f.name)
         return out
+
+
+def _help(f: Field) -> str | None:
+    text = f.metadata["help"]
+    if text is None:
+        return None
+    return text.format(default=f.default, **(f.metadata["per_mode"] or {}))
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None = None,
+                  choices: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Add the CLI flags of the options (all with a flag, or those ``names``), in declaration order.
+
+    ``choices``: the allowed values of options that come from a registry (``--mode``: the modes)."""
+    for f in fields(ConvertOptions):
+        meta = f.metadata
+        if meta["flag"] is None or (names is not None and f.name not in names):
+            continue
+        if meta["negated"]:
+            parser.add_argument(meta["flag"], dest=f.name, action="store_false", help=_help(f))
+            continue
+        allowed = (choices or {}).get(f.name, meta["choices"])
+        parser.add_argument(meta["flag"], dest=f.name, type=meta["type"], default=f.default, choices=allowed, help=_help(f))
+
+
+def from_arguments(args: argparse.Namespace) -> dict[str, object]:
+    """The option keywords of a namespace parsed with :func:`add_arguments`."""
+    return {f.name: getattr(args, f.name) for f in fields(ConvertOptions) if hasattr(args, f.name)}
+
+
+def keyword_parameters() -> list[inspect.Parameter]:
+    """Every option as a keyword-only parameter with its default (for ``convert()``'s signature)."""
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+            for f in fields(ConvertOptions)]
+
+
+def describe() -> str:
+    """One line per option, for ``convert()``'s docstring."""
+    lines = []
+    for f in fields(ConvertOptions):
+        flag = f" [{f.metadata['flag']}]" if f.metadata["flag"] else ""
+        lines.append(f"    {f.name} = {f.default!r}{flag}: {_help(f) or ''}".rstrip())
+    return "\n".join(lines)
+
+
+__all__ = ["ConvertOptions", "DEFAULT_MODE", "add_arguments", "from_arguments", "keyword_parameters", "describe"]

@@ -15,9 +15,10 @@ the real file size anyway.
 
 A pack of one tensor whose levels are few and far apart lists them as an explicit
 codebook instead of a grid (the same float32 levels, so the same decoded bits): a grid
-needs a code length for every integer between its first and last level. PP-OCRv4
-det has a 16-element tensor whose 16 levels span 726,035 grid values: 784 index bytes
-and a table the reader inflated, checked and sorted on every load, for 8 bytes of payload.
+needs a code length for every integer between its first and last level (PP-OCRv4 det
+has a 16-element tensor whose 16 levels span 726,035 grid values: as a grid, hundreds of
+index bytes and a table the reader inflates, checks and sorts on every load, for 8 bytes
+of payload).
 """
 
 from __future__ import annotations

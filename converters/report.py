@@ -18,7 +18,8 @@ import math
 import sys
 from collections.abc import Sequence
 
-from .modes.base import Candidate, Stage
+from .metrics import METRICS
+from .candidates import Candidate, Stage
 from .resolution import summary_lines
 from .search import pareto_front
 
@@ -119,7 +120,7 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     ]
     if report.get("quality_original") is not None:
         q0, q1 = report["quality_original"], report["quality_compressed"]
-        loss = f", loss {report['loss']:.4f}" if report["metric"] == "accuracy" else ""
+        loss = "" if METRICS[report["metric"]].loss_is_drop else f", loss {report['loss']:.4f}"
         lines.append(f"{report['metric']:16}{q0:>16.4f}{q1:>16.4f}   drop {q0 - q1:+.4f}{loss} (max {report['settings']['max_drop']})")
         lines += summary_lines(report.get("resolution"), report["metric"], report["settings"]["max_drop"])
     choice = report.get("choice") or {}

@@ -3,17 +3,15 @@
 A loss of 0 on N samples does not mean the file loses nothing on new data. With
 one decision per sample (a classifier's top-1), a change rate up to about 3/N
 goes unseen 5% of the time (the "rule of three"; the exact figure is the one-sided
-Clopper-Pearson bound). What that means: with a looser selection rule (commit
-0cf3d49, reverted), rapidocr's classifier, converted on 300 samples at --max-drop
-0.0075, got a file with 0 of 300 changed that lost 2.3% on the bench's held-back
-test split. The search picks among many candidates on the same samples, so unseen
-data can do worse than the bound; it says only what even one honest check on
-these samples cannot rule out.
+Clopper-Pearson bound): a file with no changed sample among a few hundred can still
+lose a few percent on unseen data (docs/decisions/0014). The search picks among many
+candidates on the same samples, so unseen data can do worse than the bound; it says
+only what even one honest check on these samples cannot rule out.
 
-Only for ``accuracy`` and ``agreement`` on outputs of one prediction per sample
-([N, C] scores): their loss counts broken samples. Time-step units of sequence
-outputs are not independent, and ``f1``, ``cosine`` and ``rel-l2`` have no count
-of broken samples, so no bound is given for them.
+Only for metrics whose loss counts lost units (``Metric.counts_units``: accuracy and
+agreement) on outputs of one prediction per sample ([N, C] scores). Time-step units of
+sequence outputs are not independent, and the other metrics have no count of broken
+samples, so no bound is given for them.
 """
 
 from __future__ import annotations
@@ -23,8 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .metrics import METRICS, counts_units
+
 CONFIDENCE = 0.95
-COUNTED_METRICS = ("accuracy", "agreement")
 
 
 def upper_rate(failures: int, trials: int, confidence: float = CONFIDENCE) -> float:
@@ -49,7 +48,7 @@ def samples_to_resolve(max_drop: float, confidence: float = CONFIDENCE) -> int |
 def resolution(metric: str | None, reference: Sequence[np.ndarray], loss: float | None, max_drop: float) -> dict | None:
     """The report's ``resolution`` entry for the chosen file's measured ``loss`` on all the
     samples, or None where the metric has no count of broken samples."""
-    if metric not in COUNTED_METRICS or loss is None or not reference or reference[0].ndim != 2:
+    if not counts_units(metric) or loss is None or not reference or reference[0].ndim != 2:
         return None
     samples = int(reference[0].shape[0])
     broken = int(round(loss * samples))
@@ -71,7 +70,7 @@ def summary_lines(entry: dict | None, metric: str | None, max_drop: float) -> li
     if not entry:
         return []
     n, broken = entry["samples"], entry["broken"]
-    what = "changed top-1" if metric == "agreement" else "turned wrong"
+    what = METRICS[metric].lost_unit
     lines = [f"{'check':16}{f'{broken} of {n}':>16}   samples {what}: a rate up to "
              f"{100 * entry['upper_rate']:.2f}% fits that ({100 * entry['confidence']:.0f}% bound)"]
     if not entry["resolves_max_drop"]:

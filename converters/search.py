@@ -1,36 +1,28 @@
-"""NSGA-II (pymoo) over the bin count k, with cached and optionally parallel evaluations.
+"""The search both modes share: a cached, wave-based pymoo problem and one NSGA-II loop.
 
-The decision variable is the position of k on a log-spaced grid
-(k = round(2^(j / steps_per_octave)), deduplicated, within [2, max_bins]):
-equal steps of the variable are equal *ratios* of k, so one search covers
-k = 2 ... 65536 evenly, where the paper's linear k <= 1024 would spend almost
-all of a 2^16 range on counts that differ by a fraction of a bit per weight.
-Two objectives, both minimised: quality loss (the tolerance measure of
-metrics.py: the metric's drop, or for accuracy the share of samples lost,
-measured by onnxruntime on the user's data) and encoded bits per
-weight including codebook and Huffman table, computed from the bin counts.
+A mode's decisions (a bin count; a step scale and gamma) sit on an integer grid. Two
+objectives, both minimised: quality loss (the tolerance measure of ``metrics.py``, measured by
+onnxruntime on the user's data) and the bits per weight the candidate will take, known before
+it runs. Evaluations are cached by decision; the uncached ones of a generation go through the
+mode's runner (in this process or worker processes, ``workers.py``).
 
-Evaluations are cached by k; the uncached ones of each generation go through
-pymoo's elementwise runner (a loop, or worker processes with ``workers > 1``).
-The size of a candidate is known before it runs, so each evaluation is told the
-least loss of the already-evaluated candidates that are smaller: once its own
-loss provably reaches that, it is dominated and stops (possibly before running
-at all). A generation's new candidates run in waves of ``wave`` (smallest first),
-each wave knowing the results of the waves before it: with the initial population
-spread up to 2^16 bins, the largest candidates are then usually skipped. The wave
-size is a fixed setting, not the worker count, so the result does not depend on
-``--workers`` (which therefore speeds up at most ``wave`` evaluations at a time).
-The initial population is spread evenly over the grid; the run is seeded and
-stops early when the front's set of bin counts has not changed for
-``patience`` generations. With no more grid points than the population, the
-grid is evaluated exhaustively instead (the exact front, fewer evaluations).
+The size of a candidate is known before it runs, so each search evaluation is told the least
+loss of the already-evaluated smaller candidates: once its own loss provably reaches that, it
+is dominated and stops (possibly before running at all). New candidates run in waves of
+``wave`` (smallest first), each wave knowing the results of the waves before it, so the largest
+candidates of a generation are usually skipped. The wave is a fixed setting, not the worker
+count: the result does not depend on ``--workers``. Losses beyond ``loss_cap`` (where
+evaluations stop early) all count as the cap, and below ``loss_floor`` as the floor: that far
+from the tolerance the exact loss should not steer the search.
+
+The NSGA-II run is seeded and stops early when the front's decisions have not changed for
+``patience`` generations, or when a generation brings nothing new to evaluate.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -40,109 +32,85 @@ from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
 
-
-def bin_grid(max_bins: int, steps_per_octave: int, low: int = 2) -> np.ndarray:
-    """Sorted unique k = round(2^(j/steps)) in [low, max_bins], always including both ends."""
-    top = int(np.ceil(np.log2(max_bins) * steps_per_octave))
-    ks = np.unique(np.round(2.0 ** (np.arange(0, top + 1) / steps_per_octave)).astype(np.int64))
-    ks = ks[(ks >= low) & (ks <= max_bins)]
-    return np.unique(np.concatenate([[low, max_bins], ks]))
+# (decision, dominated_at) tasks, the loss an evaluation may stop beyond, the stage -> result dicts
+Runner = Callable[[list[tuple[object, float | None]], float, str], list[dict]]
 
 
-class EvenSampling(Sampling):
-    """The initial population spread evenly over the variable's range (deterministic)."""
+class CachedProblem(Problem):
+    """Minimise (quality loss, bits per weight) over a grid of decisions, every evaluation cached.
 
-    def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
-        return np.round(np.linspace(problem.xl[0], problem.xu[0], n_samples)).reshape(-1, 1)
+    A subclass says what a row of X decides (:meth:`decisions`) and what a decision is cached by
+    (:meth:`key`); ``size_of(decision)`` gives its bits per weight before it runs. Results are
+    dicts with at least ``loss``, ``complete`` and ``bits_per_weight``; ``cache`` holds them by
+    key and ``order`` the keys in evaluation order."""
 
+    what = "decisions"  # what the decisions are, as the stop reason names them
 
-@dataclass
-class SearchRecord:
-    """One evaluated bin count."""
-
-    k: int
-    result: dict  # from the scoring function: quality, complete, bits, bins ...
-
-
-class BinCountProblem(Problem):
-    """Minimise (quality loss, bits per weight) over the grid position of k."""
-
-    def __init__(self, grid: np.ndarray, score_many: Callable[[list[tuple[int, float | None]]], list[dict]],
-                 size_of: Callable[[int], float], loss_cap: float = float("inf"), wave: int = 2) -> None:
-        super().__init__(n_var=1, n_obj=2, xl=np.array([0.0]), xu=np.array([float(len(grid) - 1)]), vtype=float)
-        self.grid = grid
-        self.loss_cap = loss_cap
-        self.score_many = score_many
+    def __init__(self, xl: Sequence[float], xu: Sequence[float], run: Runner, size_of: Callable[[object], float],
+                 loss_cap: float = float("inf"), wave: int = 2, loss_floor: float | None = None) -> None:
+        super().__init__(n_var=len(xl), n_obj=2, xl=np.array(xl, dtype=float), xu=np.array(xu, dtype=float), vtype=float)
+        self.run = run
         self.size_of = size_of
+        self.loss_cap = loss_cap
+        self.loss_floor = loss_floor
         self.wave = max(1, wave)
-        self.cache: dict[int, dict] = {}
-        self.order: list[int] = []  # k in evaluation order
+        self.cache: dict[Hashable, dict] = {}
+        self.order: list[Hashable] = []
 
-    def ks(self, X: np.ndarray) -> list[int]:
-        positions = np.clip(np.round(np.asarray(X, dtype=np.float64)[:, 0]), 0, len(self.grid) - 1).astype(np.int64)
-        return [int(self.grid[p]) for p in positions]
+    def decisions(self, X: np.ndarray) -> list:
+        raise NotImplementedError
+
+    def key(self, decision) -> Hashable:
+        return decision
 
     def dominance_bound(self, bits: float) -> float | None:
-        """Least loss among evaluated candidates smaller than ``bits`` (None: none yet)."""
+        """The least loss of the evaluated smaller candidates (None: none yet): a candidate that
+        provably reaches it is dominated. Below the floor losses count as equal, so once a smaller
+        candidate is below it, a larger one cannot win at all and is not run (bound 0)."""
         known = [r["loss"] for r in self.cache.values() if r["complete"] and r["bits_per_weight"] < bits]
-        return min(known) if known else None
+        if not known:
+            return None
+        best = min(known)
+        return 0.0 if self.loss_floor is not None and best <= self.loss_floor else best
 
-    def evaluate_ks(self, ks: Sequence[int]) -> None:
-        todo = sorted(set(k for k in ks if k not in self.cache), key=lambda k: (self.size_of(k), k))
+    def objectives(self, key: Hashable) -> tuple[float, float]:
+        r = self.cache[key]
+        loss = r["loss"] if self.loss_floor is None else max(r["loss"], self.loss_floor)
+        return min(loss, self.loss_cap), r["bits_per_weight"]
+
+    def evaluate_decisions(self, decisions: Sequence, max_loss: float | None = None, stage: str = "search") -> None:
+        """Evaluate the uncached ``decisions``, smallest first, a wave at a time (only ``search``
+        evaluations are told the dominance bound)."""
+        todo = sorted({self.key(d): d for d in decisions if self.key(d) not in self.cache}.values(),
+                      key=lambda d: (self.size_of(d), self.key(d)))
         for start in range(0, len(todo), self.wave):
             wave = todo[start : start + self.wave]
-            tasks = [(k, self.dominance_bound(self.size_of(k))) for k in wave]
-            for k, result in zip(wave, self.score_many(tasks)):
-                self.cache[k] = result
-                self.order.append(k)
+            tasks = [(d, self.dominance_bound(self.size_of(d)) if stage == "search" else None) for d in wave]
+            for d, result in zip(wave, self.run(tasks, self.loss_cap if max_loss is None else max_loss, stage)):
+                self.cache[self.key(d)] = result
+                self.order.append(self.key(d))
 
-    def objectives(self, k: int) -> tuple[float, float]:
-        """(loss, bits/weight). Losses beyond ``loss_cap`` (where evaluations stop early) all
-        count as the cap: that far from the tolerance the exact loss should not steer the search."""
-        r = self.cache[k]
-        return min(r["loss"], self.loss_cap), r["bits_per_weight"]
+    def front_keys(self, X: np.ndarray) -> tuple:
+        return tuple(sorted({self.key(d) for d in self.decisions(X)}))
 
     def _evaluate(self, X, out, *args, **kwargs):
-        ks = self.ks(X)
-        self.evaluate_ks(ks)
-        out["F"] = np.array([self.objectives(k) for k in ks], dtype=np.float64)
+        decisions = self.decisions(X)
+        self.evaluate_decisions(decisions)
+        out["F"] = np.array([self.objectives(self.key(d)) for d in decisions], dtype=np.float64)
 
 
-def _front_ks(algorithm: NSGA2, problem: BinCountProblem) -> tuple[int, ...]:
-    opt = algorithm.opt
-    if opt is None or len(opt) == 0:
-        return ()
-    return tuple(sorted(set(problem.ks(opt.get("X")))))
-
-
-def run_search(
-    grid: np.ndarray,
-    score_many: Callable[[list[tuple[int, float | None]]], list[dict]],
-    size_of: Callable[[int], float],
-    population: int,
-    generations: int,
-    patience: int,
-    seed: int,
-    on_generation: Callable[[int, BinCountProblem], None] | None = None,
-    loss_cap: float = float("inf"),
-    wave: int = 2,
-) -> tuple[BinCountProblem, dict]:
-    """Run the search; return the problem (its cache holds every evaluation) and run facts."""
-    problem = BinCountProblem(grid, score_many, size_of, loss_cap, wave)
-    if len(grid) <= population:
-        problem.evaluate_ks([int(k) for k in grid])
-        if on_generation:
-            on_generation(1, problem)
-        return problem, {"method": "exhaustive", "generations": 1, "stopped": "grid exhausted"}
+def run_nsga2(problem: CachedProblem, sampling: Sampling, population: int, generations: int, patience: int, seed: int,
+              mutation_prob: float, on_generation: Callable[[int], None] | None = None) -> dict:
+    """Run NSGA-II on ``problem`` (its cache then holds every evaluation); return the run's facts."""
     algorithm = NSGA2(
         pop_size=population,
-        sampling=EvenSampling(),
+        sampling=sampling,
         crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-        mutation=PM(prob=1.0, eta=20, vtype=float, repair=RoundingRepair()),
+        mutation=PM(prob=mutation_prob, eta=20, vtype=float, repair=RoundingRepair()),
         eliminate_duplicates=True,
     )
     algorithm.setup(problem, termination=("n_gen", generations), seed=seed, verbose=False)
-    previous: tuple[int, ...] | None = None
+    previous: tuple | None = None
     unchanged = 0
     stopped = "generation limit"
     generation = 0
@@ -153,17 +121,18 @@ def run_search(
             algorithm.next()
             generation += 1
             if on_generation:
-                on_generation(generation, problem)
-            front = _front_ks(algorithm, problem)
+                on_generation(generation)
+            opt = algorithm.opt
+            front = problem.front_keys(opt.get("X")) if opt is not None and len(opt) else ()
             unchanged = unchanged + 1 if front == previous else 0
             previous = front
             if unchanged >= patience:
                 stopped = f"front unchanged for {patience} generations"
                 break
             if generation > 1 and len(problem.cache) == before and unchanged >= 1:
-                stopped = "no new bin counts to evaluate"
+                stopped = f"no new {problem.what} to evaluate"
                 break
-    return problem, {"method": "nsga2", "generations": generation, "stopped": stopped}
+    return {"method": "nsga2", "generations": generation, "stopped": stopped}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

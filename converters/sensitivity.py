@@ -4,20 +4,17 @@ For every pooled tensor ``t`` the model runs once (on a few samples) with only
 that tensor quantized at a test step ``s_t = sigma_t * TEST_STEP``; the relative
 squared error of the outputs, ``D_t``, divided by ``s_t^2`` is its sensitivity
 ``a_t`` (for small uniform noise the distortion grows with the step squared).
-Measured on PP-OCRv4 rec, the steps these give (``uniform.allocate_steps``)
-keep 99.1% per-step agreement at 5.06 bits/weight where one step for all tensors
-needs 6.94: a few tensors dominate the error, and they get the fine steps.
+A few tensors dominate the error; the steps these give (``uniform.allocate_steps``)
+put the fine steps there, and need fewer bits than one step for all tensors at the
+same fidelity (docs/decisions/0005).
 
 The distortion is a smooth measure, unlike top-1 agreement, so a few samples
 spread over the data rank tensors well enough for the search, which tunes how
-far to trust them (``gamma``): on PP-OCRv4 rec, 5 and 16 samples give log2
-distortions that differ by 1.2 (standard deviation over tensors), 16 and 32 less.
-How many samples is a deterministic function of the model's size, the input's
-size and the number of tensors (never of a clock: the same inputs must give the
-same file), about 16 for rec, 1 page for the PP-OCRv4 detector, 32 for small
-models. (Measured alternatives: the squared change of the top classes'
-log-scores was steadier across samples but gave no better steps; re-measuring
-each tensor's share at the operating point, leave-one-out, gave far worse ones.)
+far to trust them (``gamma``). How many samples is a deterministic function of the
+model's size, the input's size and the number of tensors (never of a clock: the same
+inputs must give the same file): a few for large models and inputs, up to
+``MAX_SAMPLES`` for small ones. Other measures of sensitivity rank tensors no better
+(docs/decisions/0005).
 """
 
 from __future__ import annotations
@@ -26,26 +23,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import bias_correction, calibration
-from .context import EvalContext, Mapper
-from .evaluate import original_arrays, subset_reference
+from . import bias_correction
+from .session import ConversionSession
 from .uniform import SiteStats, dequantize, quantize
+from .workers import Mapper
 
 TEST_STEP = 2.0 ** -4       # test step, in units of the tensor's sigma: near the steps finally chosen
 SAMPLE_BUDGET = 2.4e14      # sensitivity work: samples x input values per sample x pooled weights x tensors
 MIN_SAMPLES, MAX_SAMPLES = 1, 32
 SMALL_TENSOR = 1024          # below this, a tensor's step is never coarser than the typical one
-
-_ORIGINALS: dict[int, dict[str, np.ndarray]] = {}
-
-
-def _originals(ctx: EvalContext) -> dict[str, np.ndarray]:
-    key = id(ctx)
-    if key not in _ORIGINALS:
-        _ORIGINALS.clear()
-        _ORIGINALS[key] = original_arrays(ctx.model, ctx.pool)
-    return _ORIGINALS[key]
-
 
 def relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float]:
     """(sum of squared errors, sum of squared reference values) over the float outputs."""
@@ -59,35 +45,20 @@ def relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray
     return err, energy
 
 
-_SUBSETS: dict[tuple[int, int], tuple] = {}
-
-
-def _subset(ctx: EvalContext, samples: int):
-    """The ``samples`` spread-out samples and the original's outputs on them (cached per process)."""
-    key = (id(ctx), samples)
-    if key not in _SUBSETS:
-        _SUBSETS.clear()
-        picked = ctx.dataset.spread(samples)
-        subset = ctx.dataset.take(picked)
-        reference = subset_reference(ctx.scorer.evaluator, ctx.reference, ctx.dataset.n_samples, picked, subset,
-                                     lambda: _originals(ctx))
-        _SUBSETS[key] = (subset, reference)
-    return _SUBSETS[key]
-
-
-def site_distortion(ctx: EvalContext, task: tuple[int, float, int]) -> dict:
+def site_distortion(session: ConversionSession, task: tuple[int, float, int]) -> dict:
     """Relative output error with only pool site ``task[0]`` quantized at step ``task[1]``,
     on ``task[2]`` samples spread over the data (a module-level function: it runs in workers)."""
     number, step, samples = task
-    site = ctx.pool.sites[number]
-    dataset, reference = _subset(ctx, samples)
-    arrays = dict(_originals(ctx))
-    levels = quantize(ctx.pool.values[site.start : site.stop], np.float32(step))
+    pool = session.pool
+    site = pool.sites[number]
+    dataset, reference = session.sample_subset(samples)
+    arrays = dict(session.originals)
+    levels = quantize(pool.values[site.start : site.stop], np.float32(step))
     arrays[site.path] = dequantize(levels, np.float32(step), site.dtype).reshape(site.dims)
-    arrays = bias_correction.arrays_with_bias(ctx.pool, calibration.for_context(ctx).corrector, number, arrays[site.path], arrays)
+    arrays = bias_correction.arrays_with_bias(pool, session.calibration.corrector, number, arrays[site.path], arrays)
     err = energy = 0.0
     row = 0  # output rows, which need not be samples (see subset_reference)
-    for _, outputs in ctx.scorer.evaluator.iter_outputs(arrays, dataset):
+    for _, outputs in session.scorer.evaluator.iter_outputs(arrays, dataset):
         n = outputs[0].shape[0] if outputs[0].ndim else 1
         e, en = relative_error(outputs, [r[row : row + n] if r.ndim else r for r in reference])
         err, energy, row = err + e, energy + en, row + n
@@ -113,12 +84,11 @@ def log2_optimal_steps(stats: SiteStats, distortions: np.ndarray) -> np.ndarray:
 
     Two kinds of tensor get the size-weighted median step (in units of their sigma) instead:
     tensors without measurable effect at the test step, and tensors under SMALL_TENSOR values
-    whose extrapolated step would be coarser. Both failed on the PP-OCRv4 detector measured on
-    one page: a squeeze-excitation block saturated by a hard sigmoid showed no effect at
-    sigma/16 and, at the coarsest step, cost a constant 6% output error whatever the other
-    tensors' steps; a 24-value constant near 1e7 extrapolated to a step 30x its sigma. The
-    step formula assumes small noise; far from the test step it is a guess, and on a tensor
-    of a few hundred values a guess saves a few bytes at best."""
+    whose extrapolated step would be coarser. The step formula assumes small noise; far from
+    the test step it is a guess: a block saturated by a hard sigmoid shows no effect at the test
+    step yet costs a constant error at a coarse one, and a small constant of large values can
+    extrapolate to a step many times its sigma. On a tensor of a few hundred values a guess
+    saves a few bytes at best (docs/decisions/0008)."""
     test = np.exp2(stats.log2_sigma) * TEST_STEP
     a = distortions / (test.astype(np.float64) ** 2)
     positive = a > 0

@@ -36,7 +36,8 @@ from benchmarks.inputs import load_model_and_inputs  # noqa: E402
 from moub_converters.data import Dataset, load_dataset  # noqa: E402
 from moub_converters.evaluate import Evaluator, original_arrays  # noqa: E402
 from moub_converters.metrics import expected_flip_rate, margins_and_changes  # noqa: E402
-from moub_converters.modes.adaptive import X_RESOLUTION, Replay  # noqa: E402
+from moub_converters.replay import Replay  # noqa: E402
+from moub_converters.step_search import X_RESOLUTION  # noqa: E402
 from moub_converters.uniform import site_arrays  # noqa: E402
 
 PER = 500  # expected flips are quoted per this many units (the size of the bench's test split)

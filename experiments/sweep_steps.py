@@ -23,14 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.inputs import load_model_and_inputs  # noqa: E402
 from benchmarks.models import model_path  # noqa: E402
-from moub_converters import calibration  # noqa: E402
-from moub_converters.context import EvalContext  # noqa: E402
 from moub_converters.data import load_dataset  # noqa: E402
 from moub_converters.evaluate import Evaluator, Scorer, reference_outputs  # noqa: E402
 from moub_converters.intake import load_source, pool_weights  # noqa: E402
-from moub_converters.modes import adaptive  # noqa: E402
 from moub_converters.options import ConvertOptions  # noqa: E402
-from moub_converters.uniform import site_arrays, site_stats  # noqa: E402
+from moub_converters.session import ConversionSession  # noqa: E402
+from moub_converters.step_layout import layout  # noqa: E402
+from moub_converters.uniform import site_arrays  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "full"
 
@@ -56,19 +55,19 @@ def main() -> None:
     data = load_dataset(OUT / args.model / "search.npz", source.model)
     evaluator = Evaluator(source.model, pool, data)
     reference = reference_outputs(evaluator, source.model, args.model)
-    ctx = EvalContext(source.model, pool, data, "agreement", reference, 1.0, options, evaluator.strategy)
-    ctx.use_scorer(Scorer(evaluator, "agreement", reference, None, 1.0))
+    session = ConversionSession(source.model, pool, data, "agreement", reference, 1.0, options, evaluator.strategy)
+    session.use_scorer(Scorer(evaluator, "agreement", reference, None, 1.0))
     test_data = load_dataset(load_model_and_inputs(args.model, "test")[1], source.model)
     test_evaluator = Evaluator(source.model, pool, test_data)
     test_reference = reference_outputs(test_evaluator, source.model, args.model)
-    calib, stats = calibration.for_context(ctx), site_stats(pool)
+    calib, stats = session.calibration, session.site_stats
     for gamma in (float(g) for g in args.gammas.split(",")):
         for x in (float(v) for v in args.xs.split(",")):
-            lay = adaptive.layout(pool, stats, log2_opt, x, gamma, calib, feedback=feedback)
+            lay = layout(pool, stats, log2_opt, x, gamma, calib, feedback=feedback)
             arrays = site_arrays(pool, lay.levels, lay.steps)
             row = {"x": x, "gamma": gamma, "bits_per_weight": round(lay.bits / pool.n_weights, 3)}
             for split in ("search", "confirm"):
-                scorer = adaptive.split_scorer(ctx, split)
+                scorer = session.half(split)
                 row[split] = round(scorer.score(arrays).loss * scorer.total_units)
             row["test"] = top1_flips(test_evaluator.outputs(arrays)[0], test_reference[0])
             row["test_samples"] = int(np.prod(test_reference[0].shape[:-1]))

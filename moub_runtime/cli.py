@@ -1,8 +1,8 @@
 """The ``moub`` command: a thin layer over the library.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal
-failure. ``convert`` and ``demo`` live in the converter package and are
-imported only when asked for, so the device runtime never loads it.
+failure. Other packages add subcommands through the ``moub.commands`` entry-point
+group; each is loaded only when asked for, so the device runtime never imports them.
 
 Everything printed that comes from a file (names, producer, metadata, error
 messages quoting them) goes through :func:`printable`, so a file cannot drive
@@ -162,12 +162,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _dispatch_converter(name: str, argv: list[str]) -> int:
+COMMAND_GROUP = "moub.commands"  # entry points: name -> function(argv) -> exit code
+BUILT_IN = ("inspect", "decode", "verify")  # found without reading the installed packages' metadata
+
+
+def plugin_commands() -> dict:
+    """The subcommands other installed packages register (name -> entry point), not loaded."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+
+
+def _run_plugin(entry, argv: list[str]) -> int:
     try:
-        from moub_converters import cli as converter_cli
+        run = entry.load()
     except ImportError as exc:
-        return _fail(f"{name} needs the converter: pip install 'moub[convert]' ({exc})")
-    return getattr(converter_cli, f"{name}_main")(argv)
+        dist = entry.dist.name if entry.dist is not None else "moub"
+        extra = f"[{','.join(entry.extras)}]" if entry.extras else ""
+        return _fail(f"moub {entry.name} is not installed: pip install '{dist}{extra}' ({exc})")
+    return run(argv)
 
 
 def _size(text: str) -> int:
@@ -204,15 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help=".npz inputs for the comparison")
     _add_memory_budget(p)
     p.set_defaults(func=cmd_verify)
-    sub.add_parser("convert", help="compress an ONNX model (needs moub[convert]); see moub convert -h", add_help=False)
-    sub.add_parser("demo", help="the bundled default end to end", add_help=False)
+    for name in sorted(plugin_commands()):
+        sub.add_parser(name, help=f"see moub {name} -h", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("convert", "demo"):
-        return _dispatch_converter(argv[0], argv[1:])
+    plugins = plugin_commands() if argv and argv[0] not in BUILT_IN and not argv[0].startswith("-") else {}
+    if argv and argv[0] in plugins:
+        return _run_plugin(plugins[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     from moub_format import MoubFormatError
 

@@ -19,10 +19,12 @@ from moub_converters.calibration import Calibration
 from moub_converters.error_feedback import ErrorFeedback
 from moub_converters.data import load_dataset
 from moub_converters.intake import load_source, pool_weights
-from moub_converters.modes import adaptive
-from moub_converters.modes.adaptive import PackedQuantization, Replay, chunk_elements, layout, tolerance
+from moub_converters import step_layout
+from moub_converters.replay import Replay
+from moub_converters.step_layout import PackedQuantization, chunk_elements, layout
 from moub_converters.options import ConvertOptions
 from moub_converters.packing import plan_packs, total_bits
+from moub_converters.selection import tolerance
 from moub_converters.uniform import SiteStats, allocate_steps, site_arrays, site_stats
 from moub_runtime.inspect import summarize
 from moub_runtime.sites import tensor_sites
@@ -94,7 +96,7 @@ def test_chunk_size_gives_the_lane_decoder_enough_chunks(converted, tmp_path, mo
     recipe = result.report["choice"]["recipe"]
     replay = Replay.from_report(load_source(MODEL).model, VAL, json.loads(json.dumps(result.report)))
     estimate_4096 = replay.layout(recipe["x"], recipe["gamma"]).bits
-    monkeypatch.setattr(adaptive, "MIN_LANES", 8)
+    monkeypatch.setattr(step_layout, "MIN_LANES", 8)
     assert chunk_elements(replay.pool.n_weights) == 1024
     with MoubFile(path) as moub:
         metadata = dict(moub.index.metadata)
@@ -215,7 +217,7 @@ def test_a_tensor_of_few_far_apart_levels_gets_an_explicit_codebook(tmp_path):
     from dataclasses import replace
 
     from moub_converters.encode import encode_model
-    from moub_converters.modes.adaptive import Layout, PackedQuantization
+    from moub_converters.step_layout import Layout, PackedQuantization
     from moub_converters.uniform import quantize_pool
     from onnx import TensorProto, helper, numpy_helper
 
@@ -295,8 +297,8 @@ def test_untrusted_sensitivities_get_the_typical_step():
 def test_fallbacks_are_only_larger_than_every_confirm_failure():
     """If the confirmed choice misses --max-drop on all the data, the converter may try others:
     never one smaller than a candidate that already failed on the confirm half."""
-    from moub_converters.modes.adaptive import fallbacks
-    from moub_converters.modes.base import Candidate
+    from moub_converters.candidates import Candidate
+    from moub_converters.selection import fallbacks
 
     ranked = [Candidate(f"c{i}", "search", 1.0, 0.0, True, float(i), 2, {}) for i in range(8)]
     trials = [{"name": "c0", "passed": False}, {"name": "c7", "passed": True}, {"name": "c3", "passed": False},
@@ -322,14 +324,14 @@ def _gap_mode(threshold_x: float, confirm_threshold_x: float, calls: list):
                 "complete": True, "stopped": None, "units": 100, "bins": 10, "bits_per_weight": 8 - x,
                 "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}}
 
-    problem = SimpleNamespace(run_many=lambda tasks, max_loss, stage: [result(d.x, d.gamma, stage, threshold_x)
+    problem = SimpleNamespace(run=lambda tasks, max_loss, stage: [result(d.x, d.gamma, stage, threshold_x)
                                                                        for d, _ in tasks])
     ctx = SimpleNamespace(map=lambda fn, tasks: [result(t[0], t[1], t[5], confirm_threshold_x) for t in tasks])
     return mode, problem, ctx
 
 
 def _searched(x: float, gamma: float = 0.75) -> "Candidate":
-    from moub_converters.modes.base import Candidate
+    from moub_converters.candidates import Candidate
 
     return Candidate(f"x={x:+.4f} gamma={gamma:.3f}", "search", 1.0, 0.0, True, 8 - x, 10, {"x": x, "gamma": gamma})
 
@@ -418,7 +420,7 @@ def _coarsen_mode(expected_at, flips_at, wave: int = 2):
         return {"name": f"x={x:+.4f} gamma={gamma:.3f}", "bins": 10, "bits_per_weight": 8 - x,
                 "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}, "search": dict(half), "confirm": dict(half)}
 
-    ctx = SimpleNamespace(map=lambda fn, tasks: [result(t[0], t[1]) for t in tasks], eval=SimpleNamespace(metric="agreement"))
+    ctx = SimpleNamespace(map=lambda fn, tasks: [result(t[0], t[1]) for t in tasks], session=SimpleNamespace(metric="agreement"))
     return adaptive.AdaptiveMode(), ctx, ConvertOptions(max_drop=0.01, wave=wave), calls
 
 
@@ -454,3 +456,30 @@ def test_coarsening_on_the_demo_with_agreement():
     assert chosen == (passed[-1]["name"] if passed else confirmed[-1])
     # an accuracy conversion (the demo's default metric) has no such walk
     assert "coarsen" not in json.loads(convert(MODEL, data=VAL, mode="adaptive", max_drop=0.01, seed=0).report_json())["search"]
+
+
+def test_the_session_computes_once_and_sends_workers_only_its_inputs():
+    """What a conversion computes once (halves, calibration, statistics, originals) lives on its
+    session: computed on first use, kept, and left out when the session is sent to a worker."""
+    import pickle
+
+    from moub_converters.evaluate import Evaluator, Scorer, reference_outputs
+    from moub_converters.session import ConversionSession
+
+    source = load_source(MODEL)
+    pool = pool_weights(source.model, 16)
+    dataset = load_dataset(VAL, source.model)
+    evaluator = Evaluator(source.model, pool, dataset)
+    reference = reference_outputs(evaluator, source.model, "digits")
+    session = ConversionSession(source.model, pool, dataset, "accuracy", reference, 1.0, ConvertOptions(max_drop=0.01))
+    session.use_scorer(Scorer(evaluator, "accuracy", reference, dataset.labels, 1.0))
+    search, confirm = session.half("search"), session.half("confirm")
+    assert search is session.half("search") and search.dataset.n_samples + confirm.dataset.n_samples == dataset.n_samples
+    assert np.array_equal(search.dataset.inputs["input"], dataset.inputs["input"][::2])
+    assert (search.metric, confirm.metric) == ("accuracy", "agreement")  # the confirm half judges by agreement
+    assert session.calibration is session.calibration and session.calibration.feedback.layers
+    assert session.site_stats is session.site_stats and session.originals is session.originals
+    sent = pickle.loads(pickle.dumps(session))
+    assert sent._halves == {} and sent._calibration is None and sent._scorer is None and sent._originals is None
+    assert sent.model.SerializeToString() == source.model.SerializeToString()
+    assert sent.calibration.summary() == session.calibration.summary()  # measured again, the same

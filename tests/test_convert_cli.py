@@ -160,3 +160,33 @@ def test_torchscript_input(tmp_path):
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99
     missing = tmp_path / "no-shape.moub"
     assert_bad_input(moub("convert", pt, "-o", missing, "--bins", 32, "--quiet"), missing, "--input-shape")
+
+
+def test_the_options_are_declared_once_for_the_cli_and_the_api():
+    """``moub convert``'s flags and ``convert()``'s keywords both come from ConvertOptions' fields:
+    the same names, defaults and per-mode defaults."""
+    import dataclasses
+    import inspect
+
+    from moub_converters import convert
+    from moub_converters.cli import build_convert_parser
+    from moub_converters.options import ConvertOptions
+
+    fields = {f.name: f for f in dataclasses.fields(ConvertOptions)}
+    keywords = inspect.signature(convert).parameters
+    assert set(fields) <= set(keywords) and not any(p.kind is p.VAR_KEYWORD for p in keywords.values())
+    assert all(keywords[name].default == f.default for name, f in fields.items())
+    flags = {a.dest: a for a in build_convert_parser()._actions}
+    for name, f in fields.items():
+        if f.metadata["flag"]:
+            assert flags[name].option_strings == [f.metadata["flag"]] and flags[name].default == f.default, name
+            assert name in convert.__doc__
+    args = build_convert_parser().parse_args(["m.onnx", "-o", "o.moub", "--no-error-feedback", "--max-drop", "0.02"])
+    assert (args.error_feedback, args.bias_correction, args.max_drop, args.min_elements) == (False, True, 0.02, None)
+    assert ConvertOptions(mode="adaptive").min_elements == 16
+    assert ConvertOptions(mode="paper").min_elements == ConvertOptions(mode="adaptive", bins=64).min_elements == 1024
+    assert ConvertOptions(mode="adaptive", min_elements=300).min_elements == 300
+    assert "bias_correction" not in ConvertOptions(mode="paper").settings()
+    assert {"workers", "strategy"}.isdisjoint(ConvertOptions().settings()) and "error_feedback" in ConvertOptions().settings()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_dorp'"):
+        convert(MODEL, data=VAL, max_dorp=0.01)

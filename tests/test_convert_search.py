@@ -19,11 +19,12 @@ from moub_converters.data import load_dataset
 from moub_converters.evaluate import Evaluator, Scorer, original_arrays
 from moub_converters.intake import load_source, pool_weights
 from moub_converters.merge import Groups, merge_cheapest
-from moub_converters.modes.base import Candidate
-from moub_converters.modes.paper import monotone_losses, robust_feasible
+from moub_converters.candidates import Candidate
 from moub_converters.metrics import Accumulator, quality
 from moub_converters.resolution import resolution, samples_to_resolve, summary_lines, upper_rate
-from moub_converters.search import bin_grid, pareto_front
+from moub_converters.bin_search import bin_grid
+from moub_converters.search import pareto_front
+from moub_converters.selection import monotone_losses, robust_feasible
 from moub_converters.solution import Quantization
 from moub_format import MoubFile
 from moub_runtime.inspect import summarize
@@ -128,12 +129,12 @@ def test_a_model_past_protobufs_limit_is_searched_in_this_process(monkeypatch):
     """Workers get the model as one protobuf message, which cannot pass 2 GiB: such a model
     runs in the converter's own process, with the same result. The limit is lowered here so
     that the demo CNN counts as past it; no worker process may start."""
-    from moub_converters import context
+    from moub_converters import workers
 
     kwargs = dict(data=VAL, max_drop=MAX_DROP, mode="paper", seed=3, population=6, generations=3, merge_budget=4)
     one = convert(MODEL, workers=1, **kwargs)
-    monkeypatch.setattr(context, "EXTERNAL_THRESHOLD", 1024)
-    monkeypatch.setattr(context.multiprocessing, "get_context", lambda *a: pytest.fail("a worker pool was started"))
+    monkeypatch.setattr(workers, "EXTERNAL_THRESHOLD", 1024)
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda *a: pytest.fail("a worker pool was started"))
     two = convert(MODEL, workers=2, **kwargs)
     assert one.moub_bytes == two.moub_bytes
 
@@ -280,6 +281,30 @@ def test_resolution_only_where_samples_are_counted():
     zero = resolution("agreement", [scores], 0.0, 0.0)  # --max-drop 0: no sample count resolves it
     assert zero["samples_to_resolve_max_drop"] is None
     assert "no finite number of samples" in summary_lines(zero, "agreement", 0.0)[1]
+
+
+def test_every_metric_is_declared_whole_in_the_registry():
+    """One entry says what a metric is; the parts of the converter that judge it agree with it."""
+    from moub_converters.cli import build_convert_parser
+    from moub_converters.metrics import METRICS, unit_scores
+
+    assert list(METRICS) == ["accuracy", "f1", "agreement", "cosine", "rel-l2"]
+    scores = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    labels = np.array([0, 1, 2, 1])
+    for name, metric in METRICS.items():
+        assert metric.name == name and metric.loss_measure
+        assert (metric.unit_scores is None) != (metric.whole_score is None), name  # per unit, or whole
+        assert metric.confirm in METRICS and not metric.needs_labels or metric.confirm != name
+        assert not metric.counts_flips or metric.counts_units
+        assert bool(metric.lost_unit) == metric.counts_units
+        assert metric.needs_labels <= metric.top1
+        if metric.unit_scores is not None:
+            assert unit_scores(name, [scores], [scores], labels).max() <= 1.0
+        assert (resolution(name, [scores], 0.0, 0.01) is not None) == metric.counts_units
+        q = quality(name, [scores], [scores], labels)  # the original against itself, or against labels it misses once
+        assert q < 1.0 if metric.needs_labels else q == pytest.approx(1.0)
+    metric_flag = next(a for a in build_convert_parser()._actions if a.dest == "metric")
+    assert list(metric_flag.choices) == list(METRICS)
 
 
 def test_samples_per_run_do_not_change_the_outputs():

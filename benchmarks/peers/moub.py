@@ -229,7 +229,8 @@ def run(ctx: Context, row: str = "moub_paper") -> list[Candidate]:
 
 def _swept(ctx: Context) -> list[Candidate]:
     """moub_best's conversion rebuilt at other step scales x (``Replay``), bisected on the test split."""
-    from moub_converters.modes.adaptive import X_RESOLUTION, Replay
+    from moub_converters.replay import Replay
+    from moub_converters.step_search import X_RESOLUTION
     from moub_format import MoubFile
 
     import moub_runtime

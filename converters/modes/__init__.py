@@ -7,7 +7,7 @@ added to ``MODES``; the converter, CLI and report need no change.
 from __future__ import annotations
 
 from ..errors import OptionError
-from .base import Candidate, Mode, ModeContext, ModeResult, Stage
+from .base import Mode, ModeContext, ModeResult
 from .adaptive import AdaptiveMode
 from .paper import PaperMode
 
@@ -24,4 +24,4 @@ def get_mode(name: str) -> Mode:
     return MODES[name]()
 
 
-__all__ = ["Candidate", "Mode", "ModeContext", "ModeResult", "Stage", "MODES", "register", "get_mode"]
+__all__ = ["Mode", "ModeContext", "ModeResult", "MODES", "register", "get_mode"]

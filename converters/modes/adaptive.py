@@ -1,320 +1,55 @@
 """``--mode adaptive``: per-tensor uniform steps chosen by sensitivity, packed and Huffman-coded.
 
-Beyond the paper, structure-agnostic like it (one pipeline for every graph):
+Beyond the paper and structure-agnostic like it (one pipeline for every graph). The phases:
 
-1. Pool every float tensor of at least ``min_elements`` (16 here: BatchNorm
-   vectors and biases are a large share of small models' files, and quantized
-   with their own fine steps they cost little quality).
-2. Measure each tensor's sensitivity: one onnxruntime run per tensor on a few
-   samples with only that tensor quantized (``sensitivity.py``).
-3. NSGA-II (pymoo) over two decisions, the overall step ``x`` (log2, in units of a
-   typical tensor's sigma) and ``gamma``, how far the steps follow the measured
-   sensitivity instead of each tensor's spread (``uniform.allocate_steps``);
-   objectives: quality loss by real onnxruntime runs on the user's data, and the
-   bits the packs take (``packing.py``). Evaluations are cached by decision, stop
-   early once beyond the tolerance or dominated, run in worker processes.
-4. Refine: at the chosen ``gamma``, bisect ``x`` between the best feasible and
-   the nearest infeasible decision (quality falls monotonically as the steps
-   grow), within ``merge_budget`` evaluations.
-   Every candidate is rounded with error feedback where layers mix channels
-   (``error_feedback.py``) and its biases absorb the mean output shift its
-   quantized weights cause (``bias_correction.py``), both measured once on the
-   search half (``calibration.py``): the search and the file see the same model.
-5. Write format-1.2 packs (grid codebooks, one scale per tensor, shared or own
-   Huffman tables), the graph LZMA-compressed, blobs 8-byte aligned.
+1. Sensitivity: one onnxruntime run per pooled tensor, on a few samples, with only that
+   tensor quantized (``sensitivity.py``), gives each tensor's optimal step.
+2. Bracket: bisect the overall step ``x`` at one ``gamma`` for the tolerance's boundary, so
+   the search spends its evaluations around it, not across the whole range.
+3. Search: NSGA-II over (x, gamma) (``step_search.py``, on the engine of ``search.py``):
+   the quality loss on the search half of the data against the bits the packs take.
+4. Refine: bisect ``x`` at the best candidate's ``gamma`` on a finer grid.
+5. Confirm: the smallest candidate the confirm half accepts too (``split.py``); the grid
+   between it and the failure just below it is bisected on both halves.
+6. Coarsen: where the loss counts top-1 flips, step coarser while the flip rate estimated
+   from every sample's margin stays within the tolerance.
+
+Every candidate is rounded with error feedback where layers mix channels and its biases
+absorb the mean shift its quantized weights cause, both measured once on the search half
+(``calibration.py``), so the search and the file see the same model. The file holds
+format-1.2 packs (``step_layout.py``): grid codebooks, one scale per tensor, shared or own
+Huffman tables, the graph LZMA-compressed.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from pymoo.algorithms.moo.nsga2 import NSGA2
-from pymoo.core.problem import Problem
-from pymoo.core.sampling import Sampling
-from pymoo.operators.crossover.sbx import SBX
-from pymoo.operators.mutation.pm import PM
-from pymoo.operators.repair.rounding import RoundingRepair
 
-from moub_format import constants as FC
-from moub_format import writer
-from moub_format.reader import MIN_LANES
-
-from .. import calibration, metrics, sensitivity
+from .. import metrics, sensitivity
+from ..calibration import NONE as NO_CALIBRATION
 from ..calibration import Calibration
-from ..context import EvalContext
-from ..evaluate import Scorer, original_arrays, subset_reference
-from ..encode import PackAssignment, dequantize_scaled
+from ..candidates import Candidate, Stage, candidate_from_result
 from ..intake import Pool
 from ..options import ConvertOptions
-from ..packing import PackPlan, plan_packs, total_bits
+from ..search import run_nsga2
+from ..selection import fallbacks, feasible, rank, robust_within_gamma, tolerance
 from ..solution import Size
-from ..uniform import SiteStats, allocate_steps, quantize_pool, site_arrays, site_stats
-from .base import Candidate, ModeContext, ModeResult, Stage
-from .paper import feasible, monotone_losses, rank
+from ..split import HALVES, MIN_SPLIT, is_split
+from ..step_layout import PackedQuantization, layout
+from ..step_search import (GAMMA_MAX, GAMMA_RESOLUTION, MUTATION_PROB, REFINE_RESOLUTION, X_POINTS, X_RANGE, X_RESOLUTION,
+                           Decision, SpreadSampling, StepProblem, estimate_decision, score_decision)
+from ..uniform import SiteStats
+from .base import ModeContext, ModeResult
 
-X_RANGE = (-12.0, 2.0)        # log2 step in sigmas: 2^-12 (about 14 bits/weight) .. 4 (about 1)
-X_RESOLUTION = 8              # search grid: 1/8 octave of step (about 0.125 bits/weight)
-X_POINTS = int((X_RANGE[1] - X_RANGE[0]) * X_RESOLUTION)
 X_WINDOW = 2 * X_RESOLUTION   # NSGA-II searches x within 2 octaves of the bracketed boundary
 BRACKET_GAMMA = 0.75          # the bracketing bisection runs at this gamma
 BRACKET_WIDTH = 2             # ... until feasible and infeasible x are 1/4 octave apart
-MIN_SPLIT = 8                 # with fewer samples, search and confirm both use all of them
 CONFIRM_BUDGET = 10           # confirm evaluations (bisections) before settling
 LOSS_FLOOR = 0.5              # losses below this share of --max-drop count as equal (the search's focus)
-GAMMA_MAX = 1.25
-GAMMA_RESOLUTION = 8          # gamma in steps of 1/8
-REFINE_RESOLUTION = 64        # refinement goes down to 1/64 octave
 MIN_POPULATION = 10           # two decisions need a somewhat larger population than one
-INITIAL_GAMMAS = (1.0, 0.5, 0.75, 0.0, 1.25, 0.25)
 COARSEN_STEPS = 8             # the estimate may coarsen the confirmed choice by up to one octave, in grid steps
-COARSEN_METRICS = ("agreement",)  # metrics whose flips the estimate models (top-1 against the original's)
-BUILD_OPTIONS = {"graph_codec": FC.CODEC_LZMA, "raw_codec": writer.SMALLEST, "alignment": 8,
-                 "elide_constant_names": True}  # Paddle exports name each Constant twice: 680 B of rapidocr cls
-MAX_CHUNK_ELEMENTS = 4096     # 32-bit chunk entries (plus ~4 padding bits) every 4096 weights: 0.009 bits/weight
-MIN_CHUNK_ELEMENTS = 1024     # ... every 1024: 0.035 bits/weight
-
-
-def chunk_elements(n_weights: int) -> int:
-    """Elements per independently decodable chunk of an adaptive file.
-
-    The reader decodes all chunks in lock step, one NumPy call per step for all of them, so
-    a model with few chunks pays NumPy's per-call overhead on nearly every weight: with
-    4096-element chunks, loading magika's 0.78 M weights (191 chunks) took 3.6x its plain
-    ``.onnx``, det's 1.17 M 3.9x. So the chunk is the largest power of two in [1024, 4096]
-    that gives about ``DECODER_LANES`` chunks (:func:`moub_format.writer.default_chunk_elements`);
-    models too small for lock-step decoding even at 1024 (fewer than ``MIN_LANES`` chunks:
-    the reader decodes them one by one) keep 4096, where chunks cost least."""
-    chunk = min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, writer.default_chunk_elements(n_weights)))
-    return MAX_CHUNK_ELEMENTS if n_weights // chunk < MIN_LANES else chunk
-
-
-@dataclass(frozen=True)
-class Decision:
-    """(x, gamma) on the search grid: x = X_RANGE[0] + xi / resolution, gamma = gi / GAMMA_RESOLUTION."""
-
-    xi: int
-    gi: int
-    resolution: int = X_RESOLUTION
-
-    @property
-    def x(self) -> float:
-        return X_RANGE[0] + self.xi / self.resolution
-
-    @property
-    def gamma(self) -> float:
-        return self.gi / GAMMA_RESOLUTION
-
-    @property
-    def key(self) -> tuple[float, float]:
-        return (round(self.x, 9), round(self.gamma, 9))
-
-    def name(self) -> str:
-        return f"x={self.x:+.4f} gamma={self.gamma:.3f}"
-
-    def recipe(self) -> dict:
-        return {"x": round(self.x, 9), "gamma": round(self.gamma, 9)}
-
-
-@dataclass
-class Layout:
-    """A decision turned into steps, levels and packs (computed where it is needed)."""
-
-    steps: np.ndarray
-    levels: list[np.ndarray]
-    plans: list[PackPlan]
-    bits: int
-
-    def bins(self) -> int:
-        return int(sum(p.count for p in self.plans))
-
-
-def layout(pool: Pool, stats: SiteStats, log2_opt: np.ndarray, x: float, gamma: float,
-           calib: Calibration, feedback: bool = True) -> Layout:
-    steps = allocate_steps(stats, log2_opt, x, gamma)
-    levels = calib.levels(pool, steps, feedback)
-    plans = plan_packs(levels)
-    return Layout(steps, levels, plans, total_bits(plans, stats.sizes, chunk_elements(pool.n_weights)))
-
-
-_STATS: dict[int, SiteStats] = {}
-
-
-def _stats(ctx: EvalContext) -> SiteStats:
-    key = id(ctx)
-    if key not in _STATS:
-        _STATS.clear()
-        _STATS[key] = site_stats(ctx.pool)
-    return _STATS[key]
-
-
-_SCORERS: dict[tuple[int, str], Scorer] = {}
-
-
-def split_scorer(ctx: EvalContext, split: str) -> Scorer:
-    """A scorer on one half of the data: ``search`` (even samples) steers the search,
-    ``confirm`` (odd samples) checks its choice on samples the choice was not made on.
-
-    Picking the smallest of many candidates whose loss, measured on a few hundred
-    samples, happens to be within the tolerance is the winner's curse: on the demo
-    digits (360 samples) the smallest candidate within 0.5% on them lost 1.1 points
-    on the held-back test digits. A candidate is chosen only if the half it was not
-    selected on confirms it. With fewer than MIN_SPLIT samples both halves are all."""
-    key = (id(ctx), split)
-    if key not in _SCORERS:
-        n = ctx.dataset.n_samples
-        if n < MIN_SPLIT:
-            return ctx.scorer
-        picked = np.arange(0 if split == "search" else 1, n, 2)
-        half = ctx.dataset.take(picked)
-        reference = subset_reference(ctx.scorer.evaluator, ctx.reference, n, picked, half,
-                                     lambda: original_arrays(ctx.model, ctx.pool))
-        labels = None if ctx.dataset.labels is None else ctx.dataset.labels[picked]
-        metric = confirm_metric(ctx.metric) if split == "confirm" else ctx.metric
-        q0 = metrics.quality(metric, reference, reference, labels)
-        _SCORERS[key] = Scorer(ctx.scorer.evaluator, metric, reference, labels, q0, dataset=half)
-    return _SCORERS[key]
-
-
-UNIT_METRICS = ("accuracy", "agreement")  # losses that count units (samples or time steps) lost
-
-
-def tolerance(metric: str, max_drop: float, units: int) -> float:
-    """The loss a candidate may show on ``units`` units and still count as within ``max_drop``.
-
-    For metrics that count lost units the count is judged by (lost + 1/2) / (units + 1)
-    (the Jeffreys estimate of the rate) rather than lost / units: on a few hundred units
-    one unit more or less is chance, and the search would otherwise pick candidates that
-    were merely lucky. It changes nothing on thousands of units (PP-OCRv4 rec's time
-    steps) and allows no lost unit where max_drop * units is below one half."""
-    if metric not in UNIT_METRICS or units <= 0:
-        return max_drop
-    return max(0.0, math.floor(max_drop * (units + 1) - 0.5 + 1e-9)) / units
-
-
-def confirm_metric(metric: str) -> str:
-    """The confirm half judges label metrics by agreement with the original: a prediction that
-    changes either way (a right one lost, or a wrong one "fixed") shows a decision boundary
-    that unseen samples will cross. On the demo digits the smallest candidate that lost none
-    of 360 labelled samples (and fixed one) lost 5 of the 360 held-back ones."""
-    return "agreement" if metric in ("accuracy", "f1") else metric
-
-
-def score_decision(ctx: EvalContext, task: tuple[float, float, list[float], float | None, float, str]) -> dict:
-    """Quantize the pool for (x, gamma) and score it (a module-level function: runs in workers)."""
-    x, gamma, log2_opt, dominated_at, max_loss, stage = task
-    stats = _stats(ctx)
-    lay = layout(ctx.pool, stats, np.asarray(log2_opt), x, gamma, calibration.for_context(ctx))
-    scorer = split_scorer(ctx, "confirm" if stage == "confirm" else "search")
-    score = scorer.score(site_arrays(ctx.pool, lay.levels, lay.steps), max_loss=max_loss, dominated_at=dominated_at)
-    return {
-        "name": f"x={x:+.4f} gamma={gamma:.3f}", "stage": stage, "quality": score.quality, "loss": score.loss,
-        "complete": score.complete, "stopped": score.stopped, "units": score.units, "bins": lay.bins(),
-        "bits_per_weight": lay.bits / ctx.pool.n_weights, "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)},
-    }
-
-
-def estimate_decision(ctx: EvalContext, task: tuple[float, float, list[float]]) -> dict:
-    """Quantize the pool for (x, gamma) and run it on both halves: per half the counted flips
-    and the expected flip rate (``metrics.expected_flip_rate``); runs in workers."""
-    x, gamma, log2_opt = task
-    lay = layout(ctx.pool, _stats(ctx), np.asarray(log2_opt), x, gamma, calibration.for_context(ctx))
-    arrays = site_arrays(ctx.pool, lay.levels, lay.steps)
-    result = {"name": f"x={x:+.4f} gamma={gamma:.3f}", "bins": lay.bins(), "bits_per_weight": lay.bits / ctx.pool.n_weights,
-              "recipe": {"x": round(x, 9), "gamma": round(gamma, 9)}}
-    for split in ("search", "confirm"):
-        scorer = split_scorer(ctx, split)
-        parts = [outputs[0] for _, outputs in scorer.evaluator.iter_outputs(arrays, scorer.dataset)]
-        outputs, reference = np.concatenate(parts, axis=0), scorer.reference[0]
-        flips = int(np.count_nonzero(outputs.argmax(-1) != reference.argmax(-1)))
-        result[split] = {"flips": flips, "units": int(reference[..., 0].size),
-                         "expected": metrics.expected_flip_rate(reference, outputs)}
-    return result
-
-
-def _candidate(result: dict) -> Candidate:
-    return Candidate(result["name"], result["stage"], result["quality"], float(result["loss"]), bool(result["complete"]),
-                     float(result["bits_per_weight"]), int(result["bins"]), result["recipe"], result["stopped"])
-
-
-class SpreadSampling(Sampling):
-    """A deterministic initial population: x evenly over its range, gamma cycling over INITIAL_GAMMAS."""
-
-    def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
-        xs = np.round(np.linspace(problem.xl[0], problem.xu[0], n_samples))
-        gs = [INITIAL_GAMMAS[i % len(INITIAL_GAMMAS)] * GAMMA_RESOLUTION for i in range(n_samples)]
-        return np.column_stack([xs, np.round(gs)])
-
-
-class StepProblem(Problem):
-    """Minimise (quality loss, bits/weight) over the (x, gamma) grid; evaluations cached."""
-
-    def __init__(self, run_many, size_of, loss_cap: float = float("inf"), wave: int = 2, loss_floor: float = 0.0) -> None:
-        super().__init__(n_var=2, n_obj=2, xl=np.array([0.0, 0.0]),
-                         xu=np.array([float(X_POINTS), GAMMA_MAX * GAMMA_RESOLUTION]), vtype=float)
-        self.run_many = run_many
-        self.size_of = size_of
-        self.loss_cap = loss_cap
-        self.loss_floor = loss_floor
-        self.wave = max(1, wave)
-        self.cache: dict[tuple, dict] = {}
-        self.order: list[tuple] = []
-
-    def decisions(self, X: np.ndarray) -> list[Decision]:
-        X = np.clip(np.round(np.asarray(X, dtype=np.float64)), self.xl, self.xu).astype(np.int64)
-        return [Decision(int(a), int(b)) for a, b in X]
-
-    def dominance_bound(self, bits: float) -> float | None:
-        """The least loss of the evaluated smaller candidates: a candidate that provably reaches it
-        is dominated. Below the floor losses count as equal, so once a smaller candidate is below
-        it, a larger one cannot win at all and is not run (bound 0)."""
-        known = [r["loss"] for r in self.cache.values() if r["complete"] and r["bits_per_weight"] < bits]
-        if not known:
-            return None
-        best = min(known)
-        return 0.0 if best <= self.loss_floor else best
-
-    def objectives(self, key: tuple) -> tuple[float, float]:
-        r = self.cache[key]
-        return min(max(r["loss"], self.loss_floor), self.loss_cap), r["bits_per_weight"]
-
-    def evaluate_decisions(self, decisions: list[Decision], max_loss: float | None = None, stage: str = "search") -> None:
-        todo = sorted({d.key: d for d in decisions if d.key not in self.cache}.values(), key=lambda d: (self.size_of(d), d.key))
-        for start in range(0, len(todo), self.wave):
-            wave = todo[start : start + self.wave]
-            tasks = [(d, self.dominance_bound(self.size_of(d)) if stage == "search" else None) for d in wave]
-            for d, result in zip(wave, self.run_many(tasks, self.loss_cap if max_loss is None else max_loss, stage)):
-                self.cache[d.key] = result
-                self.order.append(d.key)
-
-    def _evaluate(self, X, out, *args, **kwargs):
-        decisions = self.decisions(X)
-        self.evaluate_decisions(decisions)
-        out["F"] = np.array([self.objectives(d.key) for d in decisions], dtype=np.float64)
-
-
-def robust_within_gamma(candidates: list[Candidate], max_drop: float, monotone: bool) -> list[Candidate]:
-    """Feasible candidates whose loss, fitted non-increasing in size among candidates of the
-    same gamma (where only the step scale differs, so more bits should never be worse),
-    stays within the tolerance: the winner's curse guard of the paper mode, per gamma."""
-    ok = [c for c in candidates if feasible(c, max_drop)]
-    if not monotone:
-        return ok
-    fitted: dict[int, float] = {}
-    for gamma in {c.recipe["gamma"] for c in candidates}:
-        fitted.update(monotone_losses([c for c in candidates if c.recipe["gamma"] == gamma], max_drop))
-    return [c for c in ok if fitted.get(id(c), c.loss) <= max_drop + 1e-12]
-
-
-def fallbacks(ranked: list[Candidate], confirmed: list[Candidate], trials: list[dict]) -> list[Candidate]:
-    """What the converter may still try, in order, if the confirmed choice misses --max-drop on
-    all the data: only candidates larger than every one that failed on the confirm half."""
-    failed = {t["name"] for t in trials if not t["passed"]}
-    floor = max((c.bits_per_weight for c in ranked if c.name in failed), default=-math.inf)
-    return [c for c in ranked if c not in confirmed and c.name not in failed and c.bits_per_weight > floor]
 
 
 def _confirm_trial(cand: Candidate, limit: float, rule: str, opt_list: list[float], ctx: ModeContext,
@@ -330,22 +65,21 @@ def _confirm_trial(cand: Candidate, limit: float, rule: str, opt_list: list[floa
 
 class AdaptiveMode:
     name = "adaptive"
-    default_min_elements = 16
 
     def __init__(self) -> None:
         self.limits: dict[str, float] = {}
         self.log2_opt: np.ndarray | None = None
         self.stats: SiteStats | None = None
-        self.calib: Calibration = calibration.NONE
+        self.calib: Calibration = NO_CALIBRATION
 
     def run(self, ctx: ModeContext) -> ModeResult:
         opts, pool = ctx.options, ctx.pool
-        self.stats = stats = site_stats(pool)
-        dataset = ctx.eval.dataset
+        self.stats = stats = ctx.session.site_stats
+        dataset = ctx.session.dataset
         per_sample = sum(int(np.prod(a.shape[1:], dtype=np.int64)) for a in dataset.inputs.values())
         samples = sensitivity.sample_count(dataset.n_samples, per_sample, pool.n_weights, len(pool.sites))
         ctx.progress({"phase": "sensitivity"})
-        self.calib = calib = calibration.for_context(ctx.eval)
+        self.calib = calib = ctx.session.calibration
         distortions = sensitivity.measure(ctx.map, stats, samples)
         self.log2_opt = log2_opt = sensitivity.log2_optimal_steps(stats, distortions)
         opt_list = [float(v) for v in log2_opt]
@@ -358,13 +92,13 @@ class AdaptiveMode:
                 sizes[d.key] = layout(pool, stats, log2_opt, d.x, d.gamma, calib, feedback=False).bits / pool.n_weights
             return sizes[d.key]
 
-        def run_many(tasks, max_loss, stage):
+        def run(tasks, max_loss, stage):
             return ctx.map(score_decision, [(d.x, d.gamma, opt_list, bound, max_loss, stage) for d, bound in tasks])
 
-        self.limits = {split: tolerance(split_scorer(ctx.eval, split).metric, opts.max_drop, split_scorer(ctx.eval, split).total_units)
-                       for split in ("search", "confirm")}
+        self.limits = {half: tolerance(ctx.session.half(half).metric, opts.max_drop, ctx.session.half(half).total_units)
+                       for half in HALVES}
         limit = self.limits["search"]
-        problem = StepProblem(run_many, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
+        problem = StepProblem(run, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
         ctx.progress({"phase": "bracket"})
         boundary, bracket_runs = self._bracket(problem, opts)
         problem.xl[0] = float(max(0, boundary - X_WINDOW))
@@ -374,7 +108,7 @@ class AdaptiveMode:
         facts["bracket"] = {"gamma": BRACKET_GAMMA, "x_feasible": round(Decision(boundary, 0).x, 9),
                             "evaluations": bracket_runs, "x_window": [round(Decision(int(problem.xl[0]), 0).x, 9),
                                                                       round(Decision(int(problem.xu[0]), 0).x, 9)]}
-        candidates = [_candidate(problem.cache[k]) for k in problem.order]
+        candidates = [candidate_from_result(problem.cache[k]) for k in problem.order]
         facts["search_evaluations"] = len(candidates)
 
         ctx.progress({"phase": "refine"})
@@ -386,15 +120,15 @@ class AdaptiveMode:
         confirmed, gap = self._fill_gap(problem, ranked, confirmed, trials, opt_list, ctx)
         candidates += gap
         feasible_list = confirmed + fallbacks(rank(ranked + [c for c in gap if feasible(c, limit)]), confirmed, trials)
-        if (confirmed and ctx.eval.metric in COARSEN_METRICS and ctx.eval.reference[0].ndim == 2
-                and ctx.eval.dataset.n_samples >= MIN_SPLIT):
+        if (confirmed and metrics.METRICS[ctx.session.metric].counts_flips and ctx.session.reference[0].ndim == 2
+                and is_split(ctx.session.dataset.n_samples)):
             ctx.progress({"phase": "coarsen"})
             coarser, facts["coarsen"] = self._coarsen(confirmed[0], opt_list, opts, ctx)
             candidates += coarser
             if coarser:
                 feasible_list = [coarser[-1]] + feasible_list
-        facts.update({"confirm": trials, "tolerance": {k: round(v, 6) for k, v in self.limits.items()}, "split": {"search": "even samples", "confirm": "odd samples",
-                                                   "min_samples": MIN_SPLIT}})
+        facts.update({"confirm": trials, "tolerance": {k: round(v, 6) for k, v in self.limits.items()},
+                      "split": {"search": "even samples", "confirm": "odd samples", "min_samples": MIN_SPLIT}})
         facts.update({"refine_trials": len(refined), "sensitivity_runs": int(stats.sizes.size),
                       "sensitivity_samples": int(samples), **calib.summary(),
                       "log2_optimal_step": opt_list,  # full precision: the report reproduces the steps exactly
@@ -405,16 +139,14 @@ class AdaptiveMode:
                  ctx: ModeContext) -> tuple[list[Candidate], list[dict]]:
         """Bisect the search-feasible candidates (smallest first) for the smallest one that also stays
         within tolerance on the confirm half. Trying the next-smallest after each failure instead
-        selects on the confirm half's noise: on magika all four smallest failed (loss 0.012-0.016
-        against 0.008) and a fifth, unconfirmed, lost 1.4% on unseen files.
+        would select on the confirm half's noise (docs/decisions/0007).
 
         When even the largest fails, the confirm half holds near-ties that flip under any
-        quantization (magika at --max-drop 0.0075: one flip allowed in 250 files, two flipped at
-        every step); then both halves are judged together, with the tolerance of all the data."""
+        quantization; then both halves are judged together, with the tolerance of all the data."""
         trials: list[dict] = []
         verdicts: dict[tuple[int, bool], bool] = {}
-        units = {split: split_scorer(ctx.eval, split).total_units for split in ("search", "confirm")}
-        pooled_limit = tolerance(split_scorer(ctx.eval, "confirm").metric, opts.max_drop, sum(units.values()))
+        units = {half: ctx.session.half(half).total_units for half in HALVES}
+        pooled_limit = tolerance(ctx.session.half("confirm").metric, opts.max_drop, sum(units.values()))
 
         def judge(i: int, pooled: bool) -> bool:
             if (i, pooled) not in verdicts:
@@ -454,13 +186,11 @@ class AdaptiveMode:
         counted on both halves together stay within the tolerance of all the data.
 
         Why: near the tolerance the counts are 0 to 3 flips per half, so the confirm rule picks
-        among candidates by chance and the choice moves between runs for reasons unrelated to
-        the quantizer (magika: 5.05x in one run, 4.52x after a change that altered no output).
+        among candidates by chance and the choice moves for reasons unrelated to the quantizer.
         The estimate uses every sample's margin and rises steadily with the step. Only for one
-        prediction per sample ([N, C] scores): the time steps of a sequence are not independent,
-        and on PP-OCRv4 rec's the estimate went from 0.5% to 13% between neighbouring steps
-        where the counted flips only doubled. Steps run a wave at a time; the first that fails
-        ends the walk. Returns the passing candidates (coarsest last) and the trials for the report."""
+        prediction per sample ([N, C] scores): the time steps of a sequence are not independent
+        (docs/decisions/0022). Steps run a wave at a time; the first that fails ends the walk.
+        Returns the passing candidates (coarsest last) and the trials for the report."""
         x0, gamma = chosen.recipe["x"], chosen.recipe["gamma"]
         steps = [x0 + k / X_RESOLUTION for k in range(1, COARSEN_STEPS + 1) if x0 + k / X_RESOLUTION <= X_RANGE[1]]
         wave = max(1, opts.wave)  # not --workers: the same evaluations, and report, with any number of workers
@@ -471,7 +201,7 @@ class AdaptiveMode:
             for r in results:
                 flips, units = (r["search"][k] + r["confirm"][k] for k in ("flips", "units"))
                 expected = max(r["search"]["expected"], r["confirm"]["expected"])
-                ok = expected <= opts.max_drop and flips <= tolerance(ctx.eval.metric, opts.max_drop, units) * units + 1e-9
+                ok = expected <= opts.max_drop and flips <= tolerance(ctx.session.metric, opts.max_drop, units) * units + 1e-9
                 trials.append({"name": r["name"], "expected": [round(r[h]["expected"], 6) for h in ("search", "confirm")],
                                "flips": [r["search"]["flips"], r["confirm"]["flips"]], "passed": ok})
                 if not ok:
@@ -486,10 +216,9 @@ class AdaptiveMode:
         """Bisect the search grid between the confirmed choice and the failure just below it, when
         they share gamma and the grid has points between them: the confirm bisection can only pick
         among candidates the search finished, and where the search stopped the ones in between as
-        dominated the choice falls far (rapidocr cls: from 5.92 bits/weight, which failed the
-        confirm half, to the bracket's safe end at 7.71). Each midpoint must pass the search half
-        then the confirm half; the trials count against CONFIRM_BUDGET. Returns the (possibly
-        new) confirmed choice and the candidates evaluated here."""
+        dominated the choice would fall far, to the bracket's safe end (docs/decisions/0013). Each
+        midpoint must pass the search half then the confirm half; the trials count against
+        CONFIRM_BUDGET. Returns the (possibly new) confirmed choice and the candidates evaluated here."""
         if not confirmed or not any(t["name"] == confirmed[0].name and t["rule"] == "confirm half" and t["passed"]
                                     for t in trials):
             return confirmed, []
@@ -509,7 +238,7 @@ class AdaptiveMode:
         tried: list[Candidate] = []
         while bad - good > 1 and len(trials) < CONFIRM_BUDGET:
             mid = Decision((good + bad) // 2, gi)
-            search = _candidate(problem.run_many([(mid, None)], self.limits["search"], "gap")[0])
+            search = candidate_from_result(problem.run([(mid, None)], self.limits["search"], "gap")[0])
             tried.append(search)
             if feasible(search, self.limits["search"]) and _confirm_trial(search, self.limits["confirm"], "confirm half",
                                                                           opt_list, ctx, trials):
@@ -527,42 +256,17 @@ class AdaptiveMode:
             mid = Decision((good + bad) // 2, gi)
             problem.evaluate_decisions([mid], stage="bracket")
             runs += 1
-            if feasible(_candidate(problem.cache[mid.key]), self.limits["search"]):
+            if feasible(candidate_from_result(problem.cache[mid.key]), self.limits["search"]):
                 good = mid.xi
             else:
                 bad = mid.xi
         return good, runs
 
     def _search(self, problem: StepProblem, opts: ConvertOptions, ctx: ModeContext) -> dict:
-        algorithm = NSGA2(
-            pop_size=max(opts.population, MIN_POPULATION),
-            sampling=SpreadSampling(),
-            crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-            mutation=PM(prob=0.5, eta=20, vtype=float, repair=RoundingRepair()),
-            eliminate_duplicates=True,
-        )
-        algorithm.setup(problem, termination=("n_gen", opts.generations), seed=opts.seed, verbose=False)
-        previous, unchanged, generation, stopped = None, 0, 0, "generation limit"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            while algorithm.has_next():
-                before = len(problem.cache)
-                algorithm.next()
-                generation += 1
-                ctx.progress({"phase": "search", "generation": generation})
-                opt = algorithm.opt
-                front = tuple(sorted(d.key for d in problem.decisions(opt.get("X")))) if opt is not None else ()
-                unchanged = unchanged + 1 if front == previous else 0
-                previous = front
-                if unchanged >= opts.patience:
-                    stopped = f"front unchanged for {opts.patience} generations"
-                    break
-                if generation > 1 and len(problem.cache) == before and unchanged >= 1:
-                    stopped = "no new decisions to evaluate"
-                    break
-        return {"method": "nsga2", "generations": generation, "stopped": stopped,
-                "decisions": {"x": list(X_RANGE), "x_resolution": X_RESOLUTION, "gamma": [0.0, GAMMA_MAX],
-                              "gamma_resolution": GAMMA_RESOLUTION}}
+        facts = run_nsga2(problem, SpreadSampling(), max(opts.population, MIN_POPULATION), opts.generations, opts.patience,
+                          opts.seed, MUTATION_PROB, lambda g: ctx.progress({"phase": "search", "generation": g}))
+        return {**facts, "decisions": {"x": list(X_RANGE), "x_resolution": X_RESOLUTION, "gamma": [0.0, GAMMA_MAX],
+                                       "gamma_resolution": GAMMA_RESOLUTION}}
 
     def _refine(self, problem: StepProblem, candidates: list[Candidate], opts: ConvertOptions) -> list[Candidate]:
         """Bisect x at the best feasible candidate's gamma, on a finer grid."""
@@ -586,7 +290,7 @@ class AdaptiveMode:
             mid = Decision((good + bad) // 2, gi, scale)
             problem.evaluate_decisions([mid], max_loss=limit, stage="refine")
             result = problem.cache[mid.key]
-            cand = _candidate(result)
+            cand = candidate_from_result(result)
             refined.append(cand)
             if feasible(cand, limit):
                 good = mid.xi
@@ -609,97 +313,3 @@ class AdaptiveMode:
         return quant, stages
 
 
-@dataclass(frozen=True)
-class PackedQuantization:
-    """A layout as the container stores it: grid codebooks, packs, and the build options.
-
-    Pack indices are int32 and the decoded weights are not kept: on a model of N weights the
-    final encode held 8N bytes of int64 indices and 4N of float32 weights beside the model."""
-
-    codebooks: tuple[writer.GridCodebook | np.ndarray, ...]
-    packs: tuple[PackAssignment, ...]
-    build_options: dict = field(default_factory=lambda: dict(BUILD_OPTIONS))
-
-    @classmethod
-    def from_layout(cls, pool: Pool, lay: Layout) -> PackedQuantization:
-        codebooks, packs = [], []
-        for number, plan in enumerate(lay.plans):
-            codebooks.append(writer.GridCodebook(plan.first, plan.count) if plan.levels is None
-                             else np.asarray(plan.levels, dtype=np.float32))  # exact: |level| < 2^22
-            members = list(plan.members)
-            indices = np.concatenate([plan.symbols(lay.levels[i], offset).astype(np.int32, copy=False)
-                                      for i, offset in zip(members, plan.offsets)])  # count < 2^25
-            packs.append(PackAssignment(tuple(pool.sites[i].path for i in members),
-                                        tuple(float(lay.steps[i]) for i in members), indices, number, writer.OWN,
-                                        offsets=plan.offsets))
-        return cls(tuple(codebooks), tuple(packs), dict(BUILD_OPTIONS, chunk_elements=chunk_elements(pool.n_weights)))
-
-    def assignments(self, pool: Pool) -> dict:
-        return {}
-
-    def site_arrays(self, pool: Pool) -> dict:
-        """Each site's weights as the runtime decodes them, from the packs."""
-        by_path = {site.path: site for site in pool.sites}
-        arrays = {}
-        for pack in self.packs:
-            position = 0
-            offsets = pack.offsets or (0,) * len(pack.paths)
-            for path, scale, offset in zip(pack.paths, pack.scales, offsets):
-                site = by_path[path]
-                chunk = pack.indices[position : position + site.size]
-                arrays[path] = dequantize_scaled(self.codebooks[pack.codebook], chunk, scale, site.dtype, offset).reshape(site.dims)
-                position += site.size
-        return arrays
-
-    def bins_used(self) -> int:
-        return int(sum(cb.count if isinstance(cb, writer.GridCodebook) else len(cb) for cb in self.codebooks))
-
-
-@dataclass
-class Replay:
-    """An adaptive conversion at any decision (x, gamma), without its search.
-
-    The report holds what the search measured (``log2_optimal_step``) and the settings; the
-    calibration is measured again on the same search half, so ``layout`` at the report's own
-    recipe gives the converted file's weights exactly. Why: the bench sweeps the step scale ``x``
-    on its test split, as it sweeps every peer's knob, to compare the quantizers apart from how
-    each chooses; and a file can be rebuilt at a nearby step without a new search."""
-
-    model: onnx.ModelProto
-    pool: Pool
-    stats: SiteStats
-    log2_opt: np.ndarray
-    calib: Calibration
-
-    @classmethod
-    def from_report(cls, model: onnx.ModelProto, data, report: dict) -> Replay:
-        """``model`` and ``data`` (a DATA.npz path or arrays): those the report's conversion used."""
-        from ..data import load_dataset
-        from ..intake import pool_weights
-
-        settings = report["settings"]
-        if settings.get("mode") != "adaptive":
-            raise ValueError(f"the report is of --mode {settings.get('mode')}, not adaptive")
-        options = ConvertOptions(**{k: v for k, v in settings.items() if k in ConvertOptions.__dataclass_fields__})
-        pool = pool_weights(model, options.min_elements)
-        log2_opt = np.asarray(report["search"]["log2_optimal_step"], np.float64)
-        if log2_opt.shape != (len(pool.sites),):
-            raise ValueError(f"the report has {log2_opt.size} sensitivities for a pool of {len(pool.sites)} tensors")
-        dataset = load_dataset(data, model, batch_size=options.batch_size)
-        half = dataset if dataset.n_samples < MIN_SPLIT else dataset.take(np.arange(0, dataset.n_samples, 2))
-        return cls(model, pool, site_stats(pool), log2_opt, calibration.measure(model, pool, half, options))
-
-    def layout(self, x: float, gamma: float) -> Layout:
-        return layout(self.pool, self.stats, self.log2_opt, x, gamma, self.calib)
-
-    def quantization(self, x: float, gamma: float) -> PackedQuantization:
-        """What the container stores for decision (x, gamma)."""
-        return PackedQuantization.from_layout(self.pool, self.layout(x, gamma))
-
-    def encode(self, x: float, gamma: float, metadata: dict[str, str]) -> bytes:
-        """The .moub bytes for decision (x, gamma), written as the converter writes its files
-        (with the converted file's own metadata, the report's recipe gives that file exactly)."""
-        from ..encode import encode_model
-
-        q = self.quantization(x, gamma)
-        return encode_model(self.model, q.codebooks, {}, metadata, packs=q.packs, **q.build_options)

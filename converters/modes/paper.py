@@ -3,7 +3,7 @@
 1. Pool every weight; equal-width bins over the pool's [min, max] into one
    shared codebook (``binning.py``).
 2. NSGA-II over the bin count k: quality loss vs encoded bits per weight
-   (``search.py``).
+   (``bin_search.py``, on the shared engine of ``search.py``).
 3. For the front's solutions within ``max_drop``, merge neighbouring bins,
    cheapest first, while quality holds, within ``merge_budget`` evaluations
    (``merge.py``; how many merges hold is found by bisection along the greedy path).
@@ -18,13 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..binning import Binning, uniform_binning
-from ..context import EvalContext
 from ..intake import Pool
 from ..merge import Groups, merge_cheapest
-from ..options import STEPS_PER_OCTAVE, ConvertOptions
-from ..search import bin_grid, pareto_front, run_search
+from ..options import ConvertOptions
+from ..bin_search import STEPS_PER_OCTAVE, bin_grid, search_bin_counts
+from ..search import pareto_front
+from ..session import ConversionSession
 from ..solution import Quantization, chunk_overhead_bits, counts_size, fixed_length_size, huffman_size
-from .base import Candidate, ModeContext, ModeResult, Stage
+from ..candidates import Candidate, Stage, candidate_from_result
+from ..selection import rank, robust_feasible
+from .base import ModeContext, ModeResult
 
 MERGE_STARTS = 3  # feasible front solutions that get merge chains
 
@@ -53,32 +56,27 @@ def bins_size(pool: Pool, k: int, representative: str):
     return binning, counts_size(binning.counts, pool.n_weights, chunk_overhead_bits(pool))
 
 
-def score_bins(ctx: EvalContext, task: tuple[int, float | None]) -> dict:
+def score_bins(session: ConversionSession, task: tuple[int, float | None]) -> dict:
     """Evaluate equal-width binning with k bins (runs in a worker when parallel); stop once
     the loss exceeds the search's cap or reaches ``dominated_at``."""
     k, dominated_at = task
-    pool = ctx.pool
-    binning, size = bins_size(pool, k, ctx.options.representative)
+    pool = session.pool
+    binning, size = bins_size(pool, k, session.options.representative)
     q = Quantization((binning.codebook,), binning.indices)
-    score = ctx.scorer.score(q.site_arrays(pool), max_loss=ctx.search_max_loss, dominated_at=dominated_at)
+    score = session.scorer.score(q.site_arrays(pool), max_loss=session.search_max_loss, dominated_at=dominated_at)
     return _result(f"k={k}", "search", score, binning.bins_used, size, {"k": int(k), "merges": []})
 
 
-def score_merge(ctx: EvalContext, recipe: dict) -> dict:
+def score_merge(session: ConversionSession, recipe: dict) -> dict:
     """Evaluate bins of k after the recipe's merge steps; stops early once infeasible."""
-    pool, rep = ctx.pool, ctx.options.representative
+    pool, rep = session.pool, session.options.representative
     binning = _binning(pool, recipe["k"], rep)
     groups = _replay(binning, recipe["merges"])
     q = Quantization((groups.codebook(rep),), groups.group_of_bin[binning.indices].astype(binning.indices.dtype))
-    score = ctx.scorer.score(q.site_arrays(pool), max_loss=ctx.feasible_max_loss)
+    score = session.scorer.score(q.site_arrays(pool), max_loss=session.feasible_max_loss)
     size = counts_size(groups.counts, pool.n_weights, chunk_overhead_bits(pool))
     name = f"k={recipe['k']} merged to {groups.size} bins"
     return _result(name, "merge", score, groups.size, size, {"k": int(recipe["k"]), "merges": list(recipe["merges"])})
-
-
-def to_candidate(result: dict) -> Candidate:
-    return Candidate(result["name"], result["stage"], result["quality"], float(result["loss"]), bool(result["complete"]),
-                     float(result["bits_per_weight"]), int(result["bins"]), result["recipe"], result["stopped"])
 
 
 @dataclass
@@ -113,55 +111,6 @@ class _Chain:
             self.bad = merges
 
 
-def feasible(candidate: Candidate, max_drop: float) -> bool:
-    return candidate.complete and candidate.loss <= max_drop + 1e-12
-
-
-def monotone_losses(candidates: list[Candidate], max_drop: float) -> dict[int, float]:
-    """id(candidate) -> its loss fitted as a non-increasing function of size (isotonic
-    regression, pool-adjacent-violators, equal weights).
-
-    More bins should never be worse; measured on a few hundred samples, losses are
-    noisy, and picking the smallest candidate whose measured loss happens to be low
-    is the winner's curse: on rapidocr's cls model (300 search samples) the raw rule
-    picked k=54 (search loss 0.33%, larger k=64 at 3.7%) whose held-back loss was
-    2.3%. The fit uses complete evaluations and, of those stopped early, the ones
-    whose loss is already known to exceed ``max_drop`` (at their lower bound: the
-    true loss is higher still); a smaller bound says nothing about feasibility.
-    """
-    points = [c for c in candidates if c.complete or c.loss > max_drop]
-    points.sort(key=lambda c: (-c.bits_per_weight, c.name))
-    blocks: list[list] = []  # [sum, count, members]; non-decreasing loss as size falls
-    for c in points:
-        blocks.append([c.loss, 1, [c]])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            s, n, members = blocks.pop()
-            blocks[-1][0] += s
-            blocks[-1][1] += n
-            blocks[-1][2].extend(members)
-    fitted: dict[int, float] = {}
-    for s, n, members in blocks:
-        for c in members:
-            fitted[id(c)] = s / n
-    return fitted
-
-
-def robust_feasible(candidates: list[Candidate], max_drop: float, monotone: bool) -> list[Candidate]:
-    """Candidates within tolerance: measured, and (``monotone``) not contradicted by a larger one."""
-    ok = [c for c in candidates if feasible(c, max_drop)]
-    if not monotone:
-        return ok
-    fitted = monotone_losses(candidates, max_drop)
-    for c in candidates:
-        c.fitted_loss = fitted.get(id(c))
-    return [c for c in ok if fitted.get(id(c), c.loss) <= max_drop + 1e-12]
-
-
-def rank(candidates: list[Candidate]) -> list[Candidate]:
-    """Smallest first; ties: smaller loss, fewer bins, name."""
-    return sorted(candidates, key=lambda c: (c.bits_per_weight, c.loss, c.bins, c.name))
-
-
 class PaperMode:
     name = "paper"
 
@@ -176,14 +125,14 @@ class PaperMode:
                 sizes[k] = bins_size(ctx.pool, k, opts.representative)[1].bits_per_weight
             return sizes[k]
 
-        def score_many(tasks: list[tuple[int, float | None]]) -> list[dict]:
-            return ctx.map(score_bins, tasks)
+        def run(tasks: list[tuple[int, float | None]], max_loss: float, stage: str) -> list[dict]:
+            return ctx.map(score_bins, tasks)  # score_bins stops at the search's own cap
 
         ctx.progress({"phase": "search"})
-        problem, facts = run_search(grid, score_many, size_of, opts.population, opts.generations, opts.patience, opts.seed,
-                                    on_generation=lambda g, p: ctx.progress({"phase": "search", "generation": g}),
-                                    loss_cap=opts.effective_abort_drop(), wave=opts.wave)
-        candidates = [to_candidate(problem.cache[k]) for k in problem.order]
+        problem, facts = search_bin_counts(grid, run, size_of, opts.population, opts.generations, opts.patience, opts.seed,
+                                           on_generation=lambda g: ctx.progress({"phase": "search", "generation": g}),
+                                           loss_cap=opts.effective_abort_drop(), wave=opts.wave)
+        candidates = [candidate_from_result(problem.cache[k]) for k in problem.order]
         facts = {**facts, "grid": {"points": int(len(grid)), "min": int(grid[0]), "max": int(grid[-1]),
                                    "steps_per_octave": STEPS_PER_OCTAVE},
                  "search_evaluations": len(candidates)}
@@ -205,7 +154,7 @@ class PaperMode:
                 chain.update(result, ok)
                 if ok:
                     accepted += 1
-                    candidates.append(to_candidate(result))
+                    candidates.append(candidate_from_result(result))
         facts.update({"merge_starts": [c.name for c in starts], "merge_trials": trials, "merge_accepted": accepted})
         return ModeResult(candidates, rank(robust_feasible(candidates, opts.max_drop, opts.monotone)), facts)
 
