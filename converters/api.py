@@ -24,11 +24,11 @@ from moub_format import writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
-from . import metrics
+from . import heads, metrics
 from .data import Dataset, load_dataset
 from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
-from .evaluate import Evaluator, Scorer, reference_outputs, session_options
+from .evaluate import Evaluator, OutputLayout, Scorer, reference_outputs, session_options
 from .intake import Pool, SourceModel, load_source, pool_weights
 from .modes import get_mode
 from .candidates import Candidate, Stage
@@ -138,6 +138,8 @@ class _Baseline:
     metric: str
     reference: list
     quality: float
+    layout: OutputLayout
+    output_names: list[str]
 
     def scorer(self) -> Scorer:
         return Scorer(None, self.metric, self.reference, self.dataset.labels, self.quality, self.dataset.n_samples)
@@ -155,8 +157,9 @@ def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
         if baseline is None:
             return _Measured(None, None, summary.quantized_bytes, summary.file_bytes)
         session = moub_runtime.InferenceSession(path, sess_options=session_options())
-        names = [o.name for o in session.get_outputs()]
-        score = baseline.scorer().accumulate((start, session.run(names, feeds)) for start, feeds in baseline.dataset.batches())
+        names = baseline.output_names
+        score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
+                                              for start, feeds in baseline.dataset.batches())
         del session
     return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes)
 
@@ -187,6 +190,7 @@ def convert(
     data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     labels=None,
     *,
+    batch_axes: Mapping[str, int | None] | None = None,
     quiet: bool = True,
     progress: Callable[[dict], None] | None = None,
     input_shapes: Sequence[Sequence[int]] | None = None,
@@ -213,20 +217,24 @@ def convert(
             raise DataError("no sample data: pass data (--data DATA.npz), or --bins K to encode without a search")
         return _fixed(source, pool, options, started)
 
-    dataset = load_dataset(data, source.model, labels=labels, batch_size=options.batch_size)
-    evaluator = Evaluator(source.model, pool, dataset, options.strategy)
+    dataset = load_dataset(data, source.model, labels=labels, batch_size=options.batch_size, batch_axes=batch_axes)
+    evaluator = Evaluator(source.model, pool, dataset, options.strategy, outputs=options.outputs)
     try:
         reference = reference_outputs(evaluator, source.model, source.label)
     except ModelError:
         if evaluator.strategy == "serialize":
             raise
         # the plain model, in case handing weights over is what onnxruntime refused
-        evaluator = Evaluator(source.model, pool, dataset, "serialize")
+        evaluator = Evaluator(source.model, pool, dataset, "serialize", outputs=options.outputs)
         reference = reference_outputs(evaluator, source.model, source.label)
-    chosen_metric = options.metric or metrics.default_metric(dataset.labels, reference)
+    if options.metric:
+        chosen_metric, metric_reason = options.metric, "chosen with --metric"
+    else:
+        chosen_metric, metric_reason = heads.default_metric(source.model, reference, dataset.n_samples, dataset.labels,
+                                                            evaluator.output_names)
     metrics.check_metric(chosen_metric, dataset.labels, reference)
     q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels)
-    baseline = _Baseline(dataset, chosen_metric, reference, q0)
+    baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names)
     if options.bins is not None:
         return _fixed(source, pool, options, started, baseline)
 
@@ -262,6 +270,7 @@ def convert(
     final = _measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
+    report["metric_reason"] = metric_reason
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                          time.perf_counter() - started, chosen_metric)
 
@@ -334,7 +343,7 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "loss_measure": None if metric is None else metrics.METRICS[metric].loss_measure,
         "resolution": None if reference is None else resolution(metric, reference, measured.loss, options.max_drop),
         "data": None if dataset is None else {"samples": dataset.n_samples, "batch_size": dataset.batch_size,
-                                              "labels": dataset.labels is not None},
+                                              "labels": dataset.labels is not None, "notes": list(dataset.notes)},
         "pool": pool.summary(),
         "search": facts,
         "evaluations": counter.evaluations,

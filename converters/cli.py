@@ -35,7 +35,12 @@ def build_convert_parser() -> argparse.ArgumentParser:
                 "multi-objective uniform binning: a search for the smallest file within --max-drop of the original's quality.")
     p.add_argument("model", help="MODEL.onnx (external data is read from its folder) or model.pt with --input-shape")
     p.add_argument("-o", "--output", required=True, help="OUT.moub")
-    p.add_argument("--data", help="DATA.npz: one array per model input, first axis = samples (optional 'labels')")
+    p.add_argument("--data", help="DATA.npz: one array per model input, samples stacked on the model's batch axis "
+                   "(optional 'labels'); or a folder of .npz files, one feed per sample")
+    p.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS",
+                   help="the axis of input NAME that holds the samples, where the model's dims do not say (repeatable)")
+    p.add_argument("--shared", action="append", default=[], metavar="NAME",
+                   help="input NAME's array is fed whole to every sample (a scalar, an initial state; repeatable)")
     p.add_argument("--labels", help="labels.npy, one class per sample (else the 'labels' array of DATA.npz)")
     options.add_arguments(p, choices={"mode": sorted(MODES)})
     p.add_argument("--input-shape", action="append", help="TorchScript only: example input shape, e.g. 1,3,32,32 (repeat per input)")
@@ -57,6 +62,7 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .api import check_writable, convert
+    from .data import parse_batch_axes
     from .torch_export import parse_shape
 
     for path in _outputs(args):
@@ -64,7 +70,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.plot and args.bins is not None:
         raise OptionError("--plot needs a search; --bins K encodes without one")
     shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
-    result = convert(args.model, data=args.data, labels=args.labels, quiet=args.quiet, input_shapes=shapes,
+    axes = parse_batch_axes(args.batch_axis, args.shared)
+    result = convert(args.model, data=args.data, labels=args.labels, batch_axes=axes, quiet=args.quiet, input_shapes=shapes,
                      **options.from_arguments(args))
     written: list[Path] = []
     try:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 import onnx
@@ -25,7 +26,7 @@ from onnx import helper
 
 from moub_format.budget import default_memory_budget
 
-from .errors import DataError
+from .errors import DataError, OptionError
 
 LABELS_KEY = "labels"
 MAX_SAMPLES = 100_000  # a few hundred to a few thousand samples resolve a tolerance; millions would run for days
@@ -42,14 +43,29 @@ class InputSpec:
     name: str
     dtype: np.dtype
     dims: tuple[int | None, ...]  # None: symbolic or unknown
+    params: tuple[str | None, ...] = ()  # the symbolic name of each dim, where it has one
+
+
+Feed = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class Dataset:
+    """The user's samples: what one onnxruntime run takes is a feed, and a sample is either a slice
+    of stacked arrays along each input's sample axis (``axes``: absent means 0, None means the
+    array is fed whole to every sample) or one feed of its own (``feeds``: data that cannot be
+    stacked, such as sequences of different lengths)."""
+
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     n_samples: int
     batch_size: int
+    axes: Mapping[str, int | None] = field(default_factory=dict)
+    feeds: tuple[Feed, ...] | None = None
+    notes: tuple[str, ...] = ()  # what the loader did that the user should hear of, said once
+
+    def axis(self, name: str) -> int | None:
+        return self.axes.get(name, 0)
 
     def spread(self, n: int) -> np.ndarray:
         """Indices of ``n`` samples spread evenly over the data (deterministic): runs on a few
@@ -58,13 +74,42 @@ class Dataset:
 
     def take(self, picked: np.ndarray) -> Dataset:
         labels = None if self.labels is None else self.labels[picked]
-        return Dataset({k: v[picked] for k, v in self.inputs.items()}, labels, int(picked.size),
-                       max(1, min(self.batch_size, int(picked.size))))
+        if self.feeds is not None:
+            return replace(self, labels=labels, n_samples=int(picked.size), feeds=tuple(self.feeds[i] for i in picked))
+        inputs = {k: _take(v, picked, self.axis(k)) for k, v in self.inputs.items()}
+        return replace(self, inputs=inputs, labels=labels, n_samples=int(picked.size),
+                       batch_size=max(1, min(self.batch_size, int(picked.size))))
 
     def batches(self):
         """(first sample, feeds) of ``batch_size`` samples each, in order (the last may be shorter)."""
+        if self.feeds is not None:
+            yield from enumerate(self.feeds)
+            return
         for start in range(0, self.n_samples, self.batch_size):
-            yield start, {name: array[start : start + self.batch_size] for name, array in self.inputs.items()}
+            stop = start + self.batch_size
+            yield start, {name: _slice(array, start, stop, self.axis(name)) for name, array in self.inputs.items()}
+
+    def values_per_sample(self) -> int:
+        """Input values one sample feeds (its share of shared inputs included)."""
+        if self.feeds is not None:
+            return max(1, sum(sum(int(a.size) for a in feed.values()) for feed in self.feeds) // max(1, self.n_samples))
+        return sum(int(a.size) // (self.n_samples if self.axis(k) is not None else 1) for k, a in self.inputs.items())
+
+
+def _take(array: np.ndarray, picked: np.ndarray, axis: int | None) -> np.ndarray:
+    if axis is None:
+        return array
+    return array[picked] if axis == 0 else np.take(array, picked, axis=axis)
+
+
+def _slice(array: np.ndarray, start: int, stop: int, axis: int | None) -> np.ndarray:
+    if axis is None:
+        return array
+    if axis == 0:
+        return array[start:stop]
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -82,7 +127,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         except Exception:
             raise DataError(f"model input {value.name!r} has element type {tensor_type.elem_type}, which numpy cannot hold") from None
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim)
-        specs.append(InputSpec(value.name, dtype, dims))
+        params = tuple(d.dim_param or None for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, dtype, dims, params))
     return specs
 
 
@@ -138,10 +184,12 @@ def check_declared_sizes(path: Path, cap: int | None = None) -> None:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: a single array; --data wants an .npz with one array per model input")
-            check_declared_sizes(path)
+        archive = np.load(path, allow_pickle=False, mmap_mode="r")
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: a single array of shape {list(archive.shape)}; --data wants an .npz with one array "
+                            "per model input, e.g. numpy.savez('data.npz', input=array)")
+        check_declared_sizes(path)
+        with archive:
             return {key: archive[key] for key in archive.files}
     except DataError:
         raise
@@ -209,60 +257,163 @@ def _check_labels(labels: np.ndarray, n: int, source: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+DataSource = Union[str, os.PathLike, Mapping[str, np.ndarray], Iterable[Feed], Any]
+
+
 def load_dataset(
-    data: str | os.PathLike | Mapping[str, np.ndarray],
+    data: DataSource,
     model: onnx.ModelProto,
     labels=None,
     batch_size: int | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> Dataset:
-    """Load and validate sample data for ``model``; raise DataError naming what is wrong."""
-    source = str(data) if isinstance(data, (str, os.PathLike)) else "data"
-    arrays = _read_npz(Path(data)) if isinstance(data, (str, os.PathLike)) else {k: np.asarray(v) for k, v in data.items()}
+    """Load and validate sample data for ``model``; raise DataError naming what is wrong.
+
+    ``data``: a DATA.npz of stacked arrays, a folder of .npz files (one feed each), a mapping of
+    stacked arrays, or any iterable of feed dicts (an onnxruntime ``CalibrationDataReader``
+    too). ``batch_axes``: an input's sample axis, or None for an array fed whole to every
+    sample (a scalar, an initial state, a shared mask), where the model's dims do not say it."""
     specs = model_inputs(model)
     if not specs:
         raise DataError("the model has no inputs to feed")
+    batch_axes = dict(batch_axes or {})
+    unknown_axes = sorted(set(batch_axes) - {s.name for s in specs})
+    if unknown_axes:
+        raise DataError(f"--batch-axis/--shared {unknown_axes[0]!r} is not a model input "
+                        f"(inputs: {', '.join(s.name for s in specs)})")
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        source = str(data)
+        paths = sorted(Path(data).glob("*.npz"))
+        if len(paths) > MAX_SAMPLES:
+            raise DataError(_too_many_samples(source, len(paths)))
+        feeds = [_read_npz(path) for path in paths]
+        if not feeds:
+            raise DataError(f"{source}: a folder with no .npz files; want one .npz per sample (one array per model input)")
+        return _feed_dataset(feeds, specs, labels, source, model)
+    if isinstance(data, (str, os.PathLike)):
+        return _stacked_dataset(_read_npz(Path(data)), specs, labels, batch_size, batch_axes, str(data))
+    if isinstance(data, Mapping):
+        return _stacked_dataset({k: np.asarray(v) for k, v in data.items()}, specs, labels, batch_size, batch_axes, "data")
+    if hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
+        data = iter(data.get_next, None)
+    try:
+        feeds = []
+        for feed in data:
+            feeds.append(dict(feed))
+            if len(feeds) > MAX_SAMPLES:
+                raise DataError(_too_many_samples("data", len(feeds)))
+    except TypeError:
+        raise DataError(f"data: a {type(data).__name__}; want a DATA.npz path, a folder of .npz feeds, a mapping of "
+                        "arrays or an iterable of feed dicts") from None
+    if not feeds:
+        raise DataError("data: no feeds")
+    return _feed_dataset(feeds, specs, labels, "data", model)
+
+
+def _cast(array: np.ndarray, spec: InputSpec, source: str, notes: list[str]) -> np.ndarray:
+    """``array`` in the input's element type where that loses nothing that matters: float data for
+    a float input (the model computes in its own type), integers that fit for an integer input."""
+    array = np.asarray(array)
+    if array.dtype == spec.dtype:
+        return array
+    want = spec.dtype
+    safe = (array.dtype.kind == "f" and want.kind == "f") or (
+        array.dtype.kind in "iu" and want.kind in "iu" and (array.size == 0 or (
+            np.iinfo(want).min <= array.min() and array.max() <= np.iinfo(want).max)))
+    if not safe:
+        raise DataError(f"{source}: input {spec.name!r} has dtype {array.dtype}, the model wants {want}")
+    note = f"input {spec.name!r}: {array.dtype} data cast to the model's {want}"
+    if note not in notes:
+        notes.append(note)
+    return array.astype(want)
+
+
+def _fits(shape: tuple[int, ...], spec: InputSpec, skip: int | None) -> bool:
+    return len(shape) == len(spec.dims) and all(
+        want is None or got == want for axis, (got, want) in enumerate(zip(shape, spec.dims)) if axis != skip)
+
+
+def _sample_axis(array: np.ndarray, spec: InputSpec, source: str) -> int | None | str:
+    """The axis that holds ``spec``'s samples in ``array``, None for an array fed whole (a shape the
+    model takes as it is, with no dim left to stack on), or "fixed" for an array that fits the
+    model's fixed shape exactly (shared, or the one batch of a fixed-batch model)."""
+    if not spec.dims:
+        if array.ndim == 0:
+            return None
+        raise DataError(f"{source}: model input {spec.name!r} is a scalar; give one value, fed to every sample, "
+                        f"not shape {list(array.shape)}")
+    if array.ndim != len(spec.dims):
+        raise DataError(f"{source}: input {spec.name!r} has shape {list(array.shape)}, the model wants rank "
+                        f"{len(spec.dims)} ({_dims_text(spec)})")
+    dynamic = [axis for axis, d in enumerate(spec.dims) if d is None]
+    if dynamic and _fits(array.shape, spec, None):
+        return 0 if 0 in dynamic else dynamic[0]
+    if not dynamic and _fits(array.shape, spec, None):
+        return "fixed"
+    if spec.dims[0] is not None and _fits(array.shape, spec, 0):
+        return 0  # samples of a model whose batch dimension is fixed
+    bad = next(a for a, (got, want) in enumerate(zip(array.shape, spec.dims)) if want is not None and got != want)
+    raise DataError(f"{source}: input {spec.name!r} has shape {list(array.shape)}, the model wants {_dims_text(spec)} "
+                    f"(axis {bad})")
+
+
+def _stacked_dataset(arrays: dict[str, np.ndarray], specs: list[InputSpec], labels, batch_size: int | None,
+                     batch_axes: dict[str, int | None], source: str) -> Dataset:
+    notes: list[str] = []
     wanted = {s.name for s in specs}
-    unknown = sorted(set(arrays) - wanted - {LABELS_KEY})
-    if unknown:
-        raise DataError(f"{source}: array {unknown[0]!r} is not a model input (inputs: {', '.join(sorted(wanted))})")
-    n_samples: int | None = None
-    fixed_batch: int | None = None
+    extra = sorted(set(arrays) - wanted - {LABELS_KEY})
+    if extra:
+        notes.append(f"{source}: ignored array{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
+                     f"(not model inputs: {', '.join(sorted(wanted))})")
+    axes: dict[str, int | None | str] = {}
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in arrays:
-            raise DataError(f"{source}: missing model input {spec.name!r} (inputs: {', '.join(s.name for s in specs)})")
-        array = arrays[spec.name]
-        if array.dtype != spec.dtype:
-            raise DataError(f"{source}: input {spec.name!r} has dtype {array.dtype}, the model wants {spec.dtype}")
-        if not spec.dims:
-            raise DataError(f"{source}: model input {spec.name!r} is a scalar; samples cannot be stacked on a first axis")
-        if array.ndim != len(spec.dims):
-            raise DataError(
-                f"{source}: input {spec.name!r} has shape {list(array.shape)}, the model wants rank {len(spec.dims)} "
-                f"({_dims_text(spec.dims)}) with samples on the first axis"
-            )
-        for axis, (got, want) in enumerate(zip(array.shape[1:], spec.dims[1:]), start=1):
-            if want is not None and got != want:
-                raise DataError(f"{source}: input {spec.name!r} has shape {list(array.shape)}, the model wants {_dims_text(spec.dims)} (axis {axis})")
-        if n_samples is None:
-            n_samples = int(array.shape[0])
-        elif array.shape[0] != n_samples:
-            raise DataError(f"{source}: input {spec.name!r} has {array.shape[0]} samples, other inputs have {n_samples}")
-        if spec.dims[0] is not None:
-            fixed_batch = spec.dims[0]
-        inputs[spec.name] = np.ascontiguousarray(array)
-    assert n_samples is not None
+            held = ", ".join(map(repr, sorted(arrays))) or "no arrays"
+            raise DataError(f"{source}: missing model input {spec.name!r} (inputs: {', '.join(s.name for s in specs)}; "
+                            f"the data has {held})")
+        array = _cast(arrays[spec.name], spec, source, notes)
+        if spec.name in batch_axes:
+            axis = batch_axes[spec.name]
+            if axis is not None and not 0 <= axis < array.ndim:
+                raise DataError(f"--batch-axis {spec.name}={axis}: its array has {array.ndim} axes")
+            if axis is not None and not _fits(array.shape, spec, axis):
+                raise DataError(f"{source}: input {spec.name!r} has shape {list(array.shape)}, the model wants "
+                                f"{_dims_text(spec)} (samples on axis {axis})")
+        else:
+            axis = _sample_axis(array, spec, source)
+        axes[spec.name] = axis
+        inputs[spec.name] = array
+    counts = {name: inputs[name].shape[axis] for name, axis in axes.items() if isinstance(axis, int)}
+    if not counts:  # every array fits the model as it is: one batch of the model's fixed size
+        counts = {name: inputs[name].shape[0] for name, axis in axes.items() if axis == "fixed" and inputs[name].ndim}
+        axes.update({name: 0 for name in counts})
+    axes = {name: (None if axis == "fixed" else axis) for name, axis in axes.items()}
+    if not counts:
+        raise DataError(f"{source}: no input has a sample axis; every array is fed whole (give samples stacked on an axis)")
+    n_samples = next(iter(counts.values()))
+    for name, count in counts.items():
+        if count != n_samples:
+            first = next(iter(counts))
+            raise DataError(f"{source}: input {name!r} has {count} samples on axis {axes[name]}, input {first!r} has "
+                            f"{n_samples} on axis {axes[first]}; say which axis holds the samples with --batch-axis "
+                            f"NAME=AXIS, or --shared NAME for an array fed whole to every sample")
     if n_samples == 0:
-        raise DataError(f"{source}: no samples (first axis has length 0)")
+        raise DataError(f"{source}: no samples (the sample axis has length 0)")
     if n_samples > MAX_SAMPLES:
         raise DataError(_too_many_samples(source, n_samples))
-    if labels is not None:
-        label_source = str(labels) if isinstance(labels, (str, os.PathLike)) else "labels"
-        label_array = _check_labels(_read_labels(labels), n_samples, label_source)
-    elif LABELS_KEY in arrays:
-        label_array = _check_labels(arrays[LABELS_KEY], n_samples, f"{source}: {LABELS_KEY!r}")
-    else:
-        label_array = None
+    shared = sorted(name for name, axis in axes.items() if axis is None and name not in batch_axes)
+    if shared:
+        notes.append(f"fed whole to every sample: {', '.join(map(repr, shared))}")
+    moved = sorted(f"{name!r} on axis {axis}" for name, axis in axes.items() if axis and name not in batch_axes)
+    if moved:
+        notes.append(f"samples taken from {', '.join(moved)} (the model's batch dimension)")
+    fixed_batch = None
+    for spec in specs:
+        axis = axes[spec.name]
+        if axis is not None and spec.dims[axis] is not None:
+            fixed_batch = spec.dims[axis]
+    label_array = _labels(labels, arrays, n_samples, source)
     if fixed_batch is not None:
         if batch_size is not None and batch_size != fixed_batch:
             raise DataError(f"the model's batch dimension is fixed at {fixed_batch}; --batch-size {batch_size} cannot be used")
@@ -272,10 +423,65 @@ def load_dataset(
     # One fixed shuffle (independent of --seed), so that the first batches represent the
     # whole set: an evaluation may stop early once its final quality is bounded (evaluate.py).
     order = np.random.default_rng(SHUFFLE_SEED).permutation(n_samples)
-    inputs = {name: np.ascontiguousarray(array[order]) for name, array in inputs.items()}
+    inputs = {name: np.ascontiguousarray(_take(array, order, axes[name])) for name, array in inputs.items()}
     if label_array is not None:
         label_array = np.ascontiguousarray(label_array[order])
-    return Dataset(inputs, label_array, n_samples, batch_size or DEFAULT_BATCH_SIZE)
+    stored_axes = {name: axis for name, axis in axes.items() if axis != 0}
+    return Dataset(inputs, label_array, n_samples, batch_size or DEFAULT_BATCH_SIZE, stored_axes, None, tuple(notes))
+
+
+def _feed_dataset(feeds: list[dict[str, np.ndarray]], specs: list[InputSpec], labels, source: str,
+                  model: onnx.ModelProto) -> Dataset:
+    """One feed per sample, each checked against the model's inputs as onnxruntime will take it."""
+    notes: list[str] = []
+    wanted = {s.name for s in specs}
+    checked = []
+    extra: set[str] = set()
+    for number, feed in enumerate(feeds):
+        where = f"{source}: feed {number}"
+        extra |= set(feed) - wanted - {LABELS_KEY}
+        one = {}
+        for spec in specs:
+            if spec.name not in feed:
+                raise DataError(f"{where}: missing model input {spec.name!r} (inputs: {', '.join(s.name for s in specs)})")
+            array = _cast(feed[spec.name], spec, source, notes)
+            if not _fits(array.shape, spec, None):
+                raise DataError(f"{where}: input {spec.name!r} has shape {list(array.shape)}, the model takes "
+                                f"{_dims_text(spec)}")
+            one[spec.name] = np.ascontiguousarray(array)
+        checked.append(one)
+    if extra:
+        notes.append(f"{source}: ignored arrays {', '.join(map(repr, sorted(extra)))} (not model inputs)")
+    n_samples = len(checked)
+    from_feeds = {LABELS_KEY: np.stack([np.asarray(f[LABELS_KEY]) for f in feeds])} if all(LABELS_KEY in f for f in feeds) else {}
+    label_array = _labels(labels, from_feeds, n_samples, source)
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(n_samples)
+    if label_array is not None:
+        label_array = np.ascontiguousarray(label_array[order])
+    notes.append(f"{n_samples} samples of one feed each")
+    return Dataset({}, label_array, n_samples, 1, {}, tuple(checked[i] for i in order), tuple(notes))
+
+
+def _labels(labels, arrays: Mapping[str, np.ndarray], n_samples: int, source: str) -> np.ndarray | None:
+    if labels is not None:
+        label_source = str(labels) if isinstance(labels, (str, os.PathLike)) else "labels"
+        return _check_labels(_read_labels(labels), n_samples, label_source)
+    if LABELS_KEY in arrays:
+        return _check_labels(arrays[LABELS_KEY], n_samples, f"{source}: {LABELS_KEY!r}")
+    return None
+
+
+def parse_batch_axes(batch_axis: Sequence[str] = (), shared: Sequence[str] = ()) -> dict[str, int | None]:
+    """``--batch-axis NAME=AXIS`` and ``--shared NAME`` as one mapping (None: fed whole)."""
+    axes: dict[str, int | None] = {}
+    for text in batch_axis:
+        name, _, axis = text.rpartition("=")
+        if not name or not axis.strip().lstrip("-").isdigit():
+            raise OptionError(f"--batch-axis {text!r}: want NAME=AXIS, for example state=1")
+        axes[name] = int(axis)
+    for name in shared:
+        axes[name] = None
+    return axes
 
 
 # Samples per onnxruntime run. Small batches are faster with one thread (the activations stay in
@@ -285,5 +491,6 @@ DEFAULT_BATCH_SIZE = 2
 SHUFFLE_SEED = 0
 
 
-def _dims_text(dims: tuple[int | None, ...]) -> str:
-    return "[" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + "]"
+def _dims_text(spec: InputSpec) -> str:
+    params = spec.params or (None,) * len(spec.dims)
+    return "[" + ", ".join(str(d) if d is not None else (p or "?") for d, p in zip(spec.dims, params)) + "]"

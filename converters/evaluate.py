@@ -37,10 +37,10 @@ from moub_format.dtypes import BFLOAT16
 from moub_runtime.payload import clear_payload, fill_payload, mark_in_memory
 from moub_runtime.sites import tensor_sites
 
-from .data import Dataset
-from .errors import ModelError
+from .data import Dataset, model_inputs
+from .errors import ModelError, OptionError
 from .intake import Pool, PoolSite, is_main_graph
-from .metrics import METRICS, Accumulator
+from .metrics import METRICS, Accumulator, output_energy
 
 STRATEGIES = ("auto", "inputs", "initializers", "serialize")
 WEIGHT_SUFFIX = "__moub_weight"
@@ -143,11 +143,64 @@ def _compact(prepared: _Prepared) -> _Prepared:
     return _Prepared(graph, prepared.fed, inline, prepared.names)
 
 
+class OutputLayout:
+    """Where each output holds its samples, so that every output reaches the metrics with its rows
+    on axis 0: an output whose batch dimension is not the first (a recurrent state [layers, N,
+    hidden]) has it moved there; with one feed per sample, each output is cut into rows of its last
+    axis (sequences of different lengths then join along the rows)."""
+
+    def __init__(self, moves: Sequence[int | None]) -> None:
+        self.moves = list(moves)  # per output: the axis to move to 0, or None to cut into rows
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, dataset: Dataset, names: Sequence[str] | None = None) -> OutputLayout:
+        by_name = {o.name: o for o in model.graph.output}
+        outputs = [by_name[n] for n in names] if names else list(model.graph.output)
+        if dataset.feeds is not None:
+            return cls([None] * len(outputs))
+        specs = {s.name: s for s in model_inputs(model)}
+        sample_params = {specs[name].params[axis] for name in dataset.inputs
+                         if name in specs and (axis := dataset.axis(name)) is not None and axis < len(specs[name].params)}
+        sample_params.discard(None)
+        moves = []
+        for output in outputs:
+            params = [d.dim_param or None for d in output.type.tensor_type.shape.dim]
+            moves.append(next((axis for axis, p in enumerate(params) if p in sample_params), 0))
+        return cls(moves)
+
+    def __call__(self, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        normal = []
+        for array, move in zip(outputs, self.moves):
+            if move is None:
+                array = array.reshape(-1, array.shape[-1]) if array.ndim >= 2 else array.reshape(-1, 1)
+            elif move and array.ndim > move:
+                array = np.moveaxis(array, move, 0)
+            normal.append(array)
+        return normal
+
+
+def reference_rows(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], rows: list[int]) -> list[np.ndarray]:
+    """The rows of ``reference`` that a batch's ``outputs`` answer, per output (each output keeps its
+    own count of rows: one sample can give several, a sequence one per time step); advances
+    ``rows``."""
+    picked = []
+    for i, (r, o) in enumerate(zip(reference, outputs)):
+        if not r.ndim:
+            picked.append(r)
+            continue
+        n = o.shape[0] if o.ndim else 1
+        picked.append(r[rows[i] : rows[i] + n])
+        rows[i] += n
+    return picked
+
+
 class Evaluator:
     """Outputs of the model on the sample data with any candidate weights for the pool."""
 
     def __init__(self, model: onnx.ModelProto, pool: Pool, dataset: Dataset, strategy: str = "auto",
-                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> None:
+                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                 outputs: Sequence[str] = ()) -> None:
+        """``outputs``: the outputs to run and score (default: all of them)."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         if strategy == "auto":
@@ -159,7 +212,12 @@ class Evaluator:
         self._prepared = _prepare(model, pool, strategy)
         self._graph_bytes = None if self._prepared.inline else self._prepared.graph.SerializeToString()
         self._session: ort.InferenceSession | None = None
-        self.output_names = [o.name for o in model.graph.output]
+        names = [o.name for o in model.graph.output]
+        unknown = [n for n in outputs if n not in names]
+        if unknown:
+            raise OptionError(f"--score-output {unknown[0]!r} is not an output of the model (outputs: {', '.join(names)})")
+        self.output_names = list(outputs) or names
+        self.layout = OutputLayout.of(model, dataset, self.output_names)
         self.runs = 0
 
     # -- onnxruntime plumbing
@@ -179,7 +237,7 @@ class Evaluator:
 
     def _batches(self, session: ort.InferenceSession, extra_feeds: Mapping[str, np.ndarray], dataset: Dataset | None = None):
         for start, feeds in (dataset or self.dataset).batches():
-            yield start, session.run(self.output_names, {**feeds, **extra_feeds})
+            yield start, self.layout(session.run(self.output_names, {**feeds, **extra_feeds}))
 
     def iter_outputs(self, arrays: Mapping[str, np.ndarray], dataset: Dataset | None = None):
         """(first sample, outputs) batch after batch with ``arrays`` (site path -> storage array)
@@ -295,18 +353,19 @@ class Scorer:
         else:
             self.total_units = n_samples if n_samples is not None else evaluator.dataset.n_samples
         self.n_classes = int(first.shape[-1]) if first.ndim else 0
+        self.total_energy = output_energy(reference, reference)[1] if METRICS[metric].energy else 0.0
 
     def accumulate(self, batches, max_loss: float | None = None, dominated_at: float | None = None) -> Score:
         """Score (first sample, outputs) batches. Stop once the loss provably exceeds
         ``max_loss``, or provably reaches ``dominated_at`` (checked before each batch, so
         a candidate that cannot beat a known smaller one may not run at all)."""
-        acc = Accumulator(self.metric, self.total_units, self.n_classes)
+        acc = Accumulator(self.metric, self.total_units, self.n_classes, self.total_energy)
 
         def stopped(reason: str) -> Score:
             return Score(acc.value() if acc.units else None, acc.loss_lower_bound(), False, acc.units, reason)
 
         iterator = iter(batches)
-        row = 0  # output rows so far: a sample may give several rows (a Resize that scales the batch axis)
+        rows = [0] * len(self.reference)  # output rows so far: a sample may give several (a time step each)
         while True:
             if dominated_at is not None and acc.loss_lower_bound() >= dominated_at:
                 return stopped("dominated")
@@ -314,10 +373,9 @@ class Scorer:
                 _, outputs = next(iterator)
             except StopIteration:
                 break
-            stop = row + (outputs[0].shape[0] if outputs[0].ndim else 1)
-            reference = [r[row:stop] if r.ndim else r for r in self.reference]
-            labels = None if self.labels is None else self.labels[row:stop]
-            row = stop
+            row = rows[0]
+            reference = reference_rows(self.reference, outputs, rows)
+            labels = None if self.labels is None else self.labels[row : rows[0] if self.reference[0].ndim else row + 1]
             acc.add(outputs, reference, labels)
             if max_loss is not None and acc.loss_lower_bound() > max_loss:
                 return stopped("tolerance")

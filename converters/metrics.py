@@ -73,6 +73,21 @@ def _rel_l2_scores(outputs, reference, labels) -> np.ndarray:
     return np.where(finite, 1.0 - rel, -1.0)
 
 
+def output_energy(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float]:
+    """(sum of squared errors, sum of squared reference values) over the float outputs, any layout;
+    a non-finite candidate value counts as an error the size of the whole reference."""
+    err = energy = 0.0
+    for o, r in zip(outputs, reference):
+        if r.dtype.kind != "f":
+            continue
+        r64 = np.asarray(r, dtype=np.float64)
+        o64 = np.asarray(o, dtype=np.float64)
+        ref_energy = float(np.sum(r64 * r64))
+        energy += ref_energy
+        err += float(np.sum((o64 - r64) ** 2)) if np.isfinite(o64).all() else max(ref_energy, 1.0)
+    return err, energy
+
+
 def macro_f1(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
     """Macro F1 over the classes that occur in the labels or the predictions."""
     pred, truth = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
@@ -107,6 +122,7 @@ class Metric:
     lost_unit: str = ""        # what a lost unit did, in the closing table's check line
     unit_deficits: Callable | None = None  # per-unit loss from the scores (None: 1 - score, at least 0)
     whole_score: Callable | None = None  # no per-unit form: quality of all top-1s against the labels at once
+    energy: bool = False       # the loss is the relative L2 error of all outputs together: sqrt(sum err^2 / sum ref^2)
 
     @property
     def confirm(self) -> str:
@@ -125,6 +141,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            top1=True, counts_units=True, counts_flips=True, lost_unit="changed top-1"),
     Metric("cosine", "mean of 1 - cosine similarity with the original's outputs", _cosine_scores),
     Metric("rel-l2", "mean relative L2 distance to the original's outputs", _rel_l2_scores),
+    Metric("l2", "relative L2 error of the outputs over all samples: ||y - y0|| / ||y0||", None, energy=True),
 )}
 
 
@@ -191,9 +208,14 @@ class Accumulator:
     exceeds what a candidate may lose, the rest of the data cannot save it.
     """
 
-    def __init__(self, metric: str, total_units: int, n_classes: int = 0) -> None:
+    def __init__(self, metric: str, total_units: int, n_classes: int = 0, total_energy: float = 0.0) -> None:
+        """``total_energy``: for an energy metric, the sum of squares of the whole reference."""
         self.metric = metric
         self.whole_score = METRICS[metric].whole_score
+        self.energy = METRICS[metric].energy
+        self.total_energy = total_energy
+        self.err_sum = 0.0
+        self.energy_sum = 0.0
         self.total_units = total_units
         self.n_classes = n_classes
         self.score_sum = 0.0
@@ -203,6 +225,12 @@ class Accumulator:
         self._truth: list[np.ndarray] = []
 
     def add(self, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> None:
+        if self.energy:
+            err, energy = output_energy(outputs, reference)
+            self.err_sum += err
+            self.energy_sum += energy
+            self.units += max((int(r.shape[0]) for r in reference if r.ndim), default=1)
+            return
         if self.whole_score is not None:
             self._pred.append(np.argmax(outputs[0], axis=-1).ravel())
             self._truth.append(np.asarray(labels).ravel())
@@ -215,22 +243,34 @@ class Accumulator:
 
     def loss_lower_bound(self) -> float:
         """A whole-set metric is known only at the end: no bound before it."""
+        if self.energy:
+            return _relative(self.err_sum, self.total_energy)
         return 0.0 if self.whole_score is not None else self.deficit_sum / self.total_units
 
     def value(self) -> float:
+        if self.energy:
+            return 1.0 - _relative(self.err_sum, self.energy_sum)
         if self.whole_score is not None:
             return self.whole_score(np.concatenate(self._pred), np.concatenate(self._truth), self.n_classes)
         return self.score_sum / self.units if self.units else 0.0
 
     def loss(self, quality_original: float) -> float:
         """The tolerance measure over everything seen (all units once complete)."""
+        if self.energy:
+            return _relative(self.err_sum, self.energy_sum)
         if self.whole_score is not None:
             return quality_original - self.value()
         return self.deficit_sum / self.units if self.units else 0.0
 
 
+def _relative(err: float, energy: float) -> float:
+    return float(np.sqrt(err / energy)) if energy > 0 else (0.0 if err == 0 else 1.0)
+
+
 def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> float:
     """The metric over whole outputs (compressed model) against ``reference`` (original) or labels."""
+    if METRICS[metric].energy:
+        return 1.0 - _relative(*output_energy(outputs, reference))
     whole_score = METRICS[metric].whole_score
     if whole_score is not None:
         return whole_score(np.argmax(outputs[0], axis=-1), labels, outputs[0].shape[-1])

@@ -80,6 +80,8 @@ class ConvertOptions:
     batch_size: int | None = option(None, "--batch-size", f"samples per onnxruntime run (default {DEFAULT_BATCH_SIZE}: "
                                     "faster than large batches on one thread)", type=int)  # may change float rounding
     bins: int | None = option(None, "--bins", "fixed-bins encode with K equal-width bins: no search, no data needed", type=int)
+    outputs: tuple[str, ...] = option((), "--score-output", "score only this output of the model (repeatable; default: every "
+                                      "output, the worst decides)", type=str, provenance="if-set")
     representative: str = option("mean", "--representative", "each bin's value: member mean (default) or interval centre",
                                  choices=REPRESENTATIVES)
     # keywords of convert() only
@@ -109,6 +111,7 @@ class ConvertOptions:
         unknown = sorted(set(keywords) - known)
         if unknown:
             raise TypeError(f"convert() got an unexpected keyword argument {unknown[0]!r}")
+        keywords = {k: tuple(v) if isinstance(v, list) else v for k, v in keywords.items()}
         return cls(**keywords).validated()
 
     def validated(self) -> ConvertOptions:
@@ -135,6 +138,8 @@ class ConvertOptions:
         need(self.bins is None or (is_int(self.bins) and 1 <= self.bins <= MAX_BINS_LIMIT), f"--bins {self.bins!r} must be in [1, {MAX_BINS_LIMIT}]")
         need(self.representative in REPRESENTATIVES, f"representative {self.representative!r} is not one of {', '.join(REPRESENTATIVES)}")
         need(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        need(isinstance(self.outputs, tuple) and all(isinstance(n, str) for n in self.outputs),
+             f"outputs {self.outputs!r} must be a tuple of output names")
         need(isinstance(self.monotone, bool), f"monotone {self.monotone!r} must be True or False")
         need(isinstance(self.bias_correction, bool), f"bias_correction {self.bias_correction!r} must be True or False")
         need(isinstance(self.error_feedback, bool), f"error_feedback {self.error_feedback!r} must be True or False")
@@ -153,8 +158,11 @@ class ConvertOptions:
         out = asdict(self)
         for f in fields(self):
             modes = f.metadata["modes"]
-            if not f.metadata["provenance"] or (modes is not None and self.mode not in modes):
+            unset = f.metadata["provenance"] == "if-set" and getattr(self, f.name) == f.default
+            if not f.metadata["provenance"] or unset or (modes is not None and self.mode not in modes):
                 out.pop(f.name)
+            elif isinstance(out[f.name], tuple):
+                out[f.name] = list(out[f.name])
         return out
 
 
@@ -163,6 +171,13 @@ def _help(f: Field) -> str | None:
     if text is None:
         return None
     return text.format(default=f.default, **(f.metadata["per_mode"] or {}))
+
+
+class _Repeated(argparse.Action):
+    """A flag given once per value, collected into a tuple (the option's type)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, (*getattr(namespace, self.dest), values))
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None = None,
@@ -178,6 +193,10 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None =
             parser.add_argument(meta["flag"], dest=f.name, action="store_false", help=_help(f))
             continue
         allowed = (choices or {}).get(f.name, meta["choices"])
+        if isinstance(f.default, tuple):  # a repeatable flag
+            parser.add_argument(meta["flag"], dest=f.name, type=meta["type"], action=_Repeated, default=f.default,
+                                choices=allowed, help=_help(f))
+            continue
         parser.add_argument(meta["flag"], dest=f.name, type=meta["type"], default=f.default, choices=allowed, help=_help(f))
 
 

@@ -129,6 +129,11 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     stopped = report.get("evaluations_stopped_early", 0) + report.get("evaluations_dominated", 0)
     lines.append(f"{'evaluations':16}{evaluations:>16}" + (f"   ({stopped} stopped early)" if stopped else ""))
     lines.append(f"{'wall time':16}{wall_seconds:>15.1f}s")
+    reason = report.get("metric_reason")
+    if reason and reason != "chosen with --metric":
+        lines.append(f"{'metric':16}{report['metric']}: {reason}")
+    for note in (report.get("data") or {}).get("notes", []):
+        lines.append(f"{'data':16}{note}")
     return "\n".join(lines)
 
 

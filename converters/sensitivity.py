@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import bias_correction
+from .evaluate import reference_rows
 from .session import ConversionSession
 from .uniform import SiteStats, dequantize, quantize
 from .workers import Mapper
@@ -57,11 +58,10 @@ def site_distortion(session: ConversionSession, task: tuple[int, float, int]) ->
     arrays[site.path] = dequantize(levels, np.float32(step), site.dtype).reshape(site.dims)
     arrays = bias_correction.arrays_with_bias(pool, session.calibration.corrector, number, arrays[site.path], arrays)
     err = energy = 0.0
-    row = 0  # output rows, which need not be samples (see subset_reference)
+    rows = [0] * len(reference)  # output rows, which need not be samples (see subset_reference)
     for _, outputs in session.scorer.evaluator.iter_outputs(arrays, dataset):
-        n = outputs[0].shape[0] if outputs[0].ndim else 1
-        e, en = relative_error(outputs, [r[row : row + n] if r.ndim else r for r in reference])
-        err, energy, row = err + e, energy + en, row + n
+        e, en = relative_error(outputs, reference_rows(reference, outputs, rows))
+        err, energy = err + e, energy + en
     return {"site": number, "distortion": err / energy if energy > 0 else err, "units": dataset.n_samples, "stopped": None}
 
 

@@ -50,7 +50,7 @@ class ConversionSession:
     def scorer(self) -> Scorer:
         """Scores candidate weights on all the data."""
         if self._scorer is None:
-            evaluator = Evaluator(self.model, self.pool, self.dataset, self.strategy)
+            evaluator = Evaluator(self.model, self.pool, self.dataset, self.strategy, outputs=self.options.outputs)
             self._scorer = Scorer(evaluator, self.metric, self.reference, self.dataset.labels, self.quality_original)
         return self._scorer
 

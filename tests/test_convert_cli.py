@@ -77,9 +77,9 @@ def test_data_missing_an_input(tmp_path, val):
 
 
 def test_data_with_wrong_dtype(tmp_path, val):
-    data = _npz(tmp_path / "d.npz", input=val[0].astype(np.float64), labels=val[1])
+    data = _npz(tmp_path / "d.npz", input=(val[0] * 16).astype(np.int64), labels=val[1])
     out = tmp_path / "out.moub"
-    assert_bad_input(moub("convert", MODEL, "-o", out, "--data", data, *FAST), out, "float64", "float32")
+    assert_bad_input(moub("convert", MODEL, "-o", out, "--data", data, *FAST), out, "int64", "float32")
 
 
 def test_data_with_wrong_shape(tmp_path, val):

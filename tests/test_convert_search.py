@@ -288,12 +288,12 @@ def test_every_metric_is_declared_whole_in_the_registry():
     from moub_converters.cli import build_convert_parser
     from moub_converters.metrics import METRICS, unit_scores
 
-    assert list(METRICS) == ["accuracy", "f1", "agreement", "cosine", "rel-l2"]
+    assert list(METRICS) == ["accuracy", "f1", "agreement", "cosine", "rel-l2", "l2"]
     scores = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
     labels = np.array([0, 1, 2, 1])
     for name, metric in METRICS.items():
         assert metric.name == name and metric.loss_measure
-        assert (metric.unit_scores is None) != (metric.whole_score is None), name  # per unit, or whole
+        assert sum(x for x in (metric.unit_scores is not None, metric.whole_score is not None, metric.energy)) == 1, name
         assert metric.confirm in METRICS and not metric.needs_labels or metric.confirm != name
         assert not metric.counts_flips or metric.counts_units
         assert bool(metric.lost_unit) == metric.counts_units

@@ -1,0 +1,123 @@
+"""Which metric fits each output of a model, and why.
+
+A model's outputs are not all class scores: a regressor gives one value per sample, a binary
+classifier one logit, a detector boxes and scores per anchor, an embedding model a vector whose
+top-1 means nothing, a recurrent model its next state. Scoring them all by the top-1 of the last
+axis (or by a per-sample cosine, which for one value per sample only checks its sign) reports
+"no loss" for files that change what the model says. Each output head gets the metric that
+matches what it is, decided from the graph (the op that makes the output) and the original
+model's outputs on the user's samples, and the decision is printed with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+# Ops that move or relabel values without computing new ones: looked through to find what
+# made an output.
+_LAYOUT_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast",
+                         "QuantizeLinear", "DequantizeLinear"})
+# Above this many classes a last axis is more likely features than classes.
+MAX_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Head:
+    """One scored output: its name, its position among the graph outputs, the metric that judges
+    it, the decision threshold (for ``decision``) and the reason the metric was chosen."""
+
+    name: str
+    index: int
+    metric: str
+    reason: str
+    threshold: float | None = None
+
+
+def producers(model: onnx.ModelProto) -> dict[str, str]:
+    """Output name -> op type of the first node that computes its values (layout ops looked
+    through), or "" for an output that is a graph input or an initializer."""
+    made_by = {name: node for node in model.graph.node for name in node.output}
+    found = {}
+    for output in model.graph.output:
+        name, op = output.name, ""
+        for _ in range(len(model.graph.node) + 1):
+            node = made_by.get(name)
+            if node is None:
+                break
+            op = node.op_type
+            if op not in _LAYOUT_OPS or not node.input:
+                break
+            name = node.input[0]
+        found[output.name] = op
+    return found
+
+
+def _values_per_sample(shape: Sequence[int], samples: int) -> int:
+    total = int(np.prod(shape, dtype=np.int64))
+    return total // samples if samples and total % samples == 0 else total
+
+
+def choose_head(name: str, index: int, producer: str, reference: np.ndarray, samples: int,
+                labels: np.ndarray | None) -> Head:
+    """The metric for one output from what makes it and the original's values (``reference``: the
+    output over ``samples`` samples, any layout); ``labels`` apply to the first output only."""
+    if reference.dtype.kind not in "fc":
+        return Head(name, index, "match", f"{reference.dtype} values: the share of values left unchanged")
+    finite = reference[np.isfinite(reference)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    in_unit = 0.0 <= lo and hi <= 1.0
+    classes = int(reference.shape[-1]) if reference.ndim else 1
+    per_sample = _values_per_sample(reference.shape, samples)
+    if producer in ("Softmax", "LogSoftmax") and classes >= 2:
+        if labels is not None:
+            return Head(name, index, "accuracy", f"class scores ({producer} over {classes}) with labels: top-1 accuracy")
+        return Head(name, index, "agreement", f"class scores ({producer} over {classes}): top-1 agreement with the original")
+    if producer == "Sigmoid" or (per_sample == 1 and in_unit and labels is not None):
+        what = "one probability" if per_sample == 1 else f"{per_sample} independent probabilities per sample"
+        return Head(name, index, "decision", f"{what} ({producer or 'values in [0, 1]'}): decisions at 0.5 kept",
+                    threshold=0.5)
+    if per_sample == 1 and labels is not None:
+        return Head(name, index, "decision", "one logit per sample with labels: decisions at 0 kept", threshold=0.0)
+    if labels is not None and reference.ndim >= 2 and 2 <= classes <= MAX_CLASSES:
+        return Head(name, index, "accuracy", f"{classes} scores per row with labels: top-1 accuracy")
+    if producer in ("Gemm", "MatMul", "Add") and reference.ndim == 2 and 2 <= classes <= MAX_CLASSES:
+        return Head(name, index, "agreement", f"{classes} scores from a final linear layer: top-1 agreement "
+                                              "(use --metric l2 if they are features, not classes)")
+    if per_sample == 1:
+        return Head(name, index, "l2", "one value per sample, no labels: a regression value, relative L2 error "
+                                       "(give 0/1 labels if it is a binary logit)")
+    return Head(name, index, "l2", f"{per_sample} values per sample ({producer or 'input'}): relative L2 error "
+                                   "over the output")
+
+
+def choose_heads(model: onnx.ModelProto, reference: Sequence[np.ndarray], samples: int, labels: np.ndarray | None,
+                 only: Sequence[str] | None = None) -> list[Head]:
+    """One :class:`Head` per scored output: all of them, or those named in ``only``."""
+    names = [o.name for o in model.graph.output]
+    made = producers(model)
+    picked = range(len(names)) if not only else [names.index(n) for n in only]
+    return [choose_head(names[i], i, made.get(names[i], ""), reference[i], samples, labels if i == 0 else None)
+            for i in picked]
+
+
+def default_metric(model: onnx.ModelProto, reference: Sequence[np.ndarray], samples: int, labels: np.ndarray | None,
+                   names: Sequence[str]) -> tuple[str, str]:
+    """The metric the converter judges by when the user names none, and why.
+
+    One scored output takes its head's metric. With several outputs the relative L2 error of all
+    of them together judges, since a top-1 of one head says nothing of the others. A head whose
+    own metric the converter does not have yet (decisions at a threshold) is judged by relative
+    L2 error, which bounds how far its scores move."""
+    made = producers(model)
+    heads = [choose_head(name, i, made.get(name, ""), reference[i], samples, labels if i == 0 else None)
+             for i, name in enumerate(names)]
+    if len(heads) == 1 and heads[0].metric in ("accuracy", "agreement"):
+        return heads[0].metric, heads[0].reason
+    if len(heads) == 1:
+        return "l2", heads[0].reason if heads[0].metric == "l2" else f"{heads[0].reason}; judged by relative L2 error"
+    listed = "; ".join(f"{h.name}: {h.reason}" for h in heads)
+    return "l2", f"{len(heads)} outputs, relative L2 error of all of them ({listed})"

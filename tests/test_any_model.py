@@ -1,0 +1,149 @@
+"""Models of the kinds users bring, not only image classifiers: the converter takes their samples as
+feeds (a recurrent state with its batch on axis 1, a shared scalar, one feed per sequence), judges
+outputs that are not class scores by their relative L2 error, and the file it writes holds that
+promise on held-out samples it never saw."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import moub_runtime
+from moub_converters import convert
+from moub_converters.data import load_dataset
+from moub_converters.errors import DataError
+from moub_converters.metrics import output_energy
+
+import user_models
+
+FAST = dict(population=4, generations=3, merge_budget=0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("user-models")
+
+
+def _held_out_l2(moub_path: Path, original: Path, feeds) -> float:
+    """Relative L2 error of every output of the written file against the original on ``feeds``."""
+    compressed = moub_runtime.InferenceSession(moub_path)
+    plain = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+    err = energy = 0.0
+    for feed in feeds if isinstance(feeds, list) else [feeds]:
+        e, en = output_energy(compressed.run(None, feed), plain.run(None, feed))
+        err, energy = err + e, energy + en
+    return float(np.sqrt(err / energy))
+
+
+def test_a_streaming_model_with_state_on_axis_1_and_a_shared_scalar(folder, tmp_path):
+    model = user_models.streaming_vad(folder)
+    result = convert(model.path, data=model.search, **FAST)
+    notes = " ".join(result.report["data"]["notes"])
+    assert "'sr'" in notes and "'state' on axis 1" in notes
+    assert result.report["metric"] == "l2"
+    out = tmp_path / "vad.moub"
+    result.write(out)
+    assert result.report["loss"] <= 0.005
+    assert _held_out_l2(out, model.path, model.test) <= 2 * 0.005
+
+
+def test_a_sequence_model_fed_one_feed_per_sample(folder, tmp_path):
+    model = user_models.sequence_lstm(folder)
+    data = tmp_path / "feeds"
+    data.mkdir()
+    for i, feed in enumerate(model.search):
+        np.savez(data / f"{i:03d}.npz", **feed)
+    result = convert(model.path, data=data, **FAST)
+    assert result.report["data"]["samples"] == len(model.search)
+    out = tmp_path / "tagger.moub"
+    result.write(out)
+    assert _held_out_l2(out, model.path, model.test) <= 2 * 0.005
+
+
+def test_a_regressor_is_judged_by_its_error_not_its_sign(folder, tmp_path):
+    """One value per sample: a per-sample cosine only checks its sign; the relative L2 error holds."""
+    model = user_models.regressor(folder)
+    result = convert(model.path, data=model.search, **FAST)
+    assert result.report["metric"] == "l2" and "regression" in result.report["metric_reason"]
+    out = tmp_path / "regressor.moub"
+    result.write(out)
+    assert _held_out_l2(out, model.path, model.test) <= 2 * 0.005
+
+
+def test_a_model_with_two_heads_scores_both(folder):
+    model = user_models.multi_output(folder)
+    result = convert(model.path, data=model.search, **FAST)
+    assert result.report["metric"] == "l2" and "logits" in result.report["metric_reason"] and "mass" in result.report["metric_reason"]
+    only = convert(model.path, data=model.search, metric="agreement", outputs=("logits",), **FAST)
+    assert only.report["settings"]["outputs"] == ["logits"]
+
+
+def test_feeds_from_python_and_a_calibration_data_reader(folder):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    model = user_models.regressor(folder)
+    proto = onnx.load(model.path)
+    rows = [{"x": model.search["x"][i : i + 1]} for i in range(12)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = iter(rows)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    for source in (rows, Reader()):
+        dataset = load_dataset(source, proto)
+        assert dataset.n_samples == 12 and dataset.feeds is not None
+        assert sum(1 for _ in dataset.batches()) == 12
+
+
+def test_safe_casts_and_extra_arrays_are_said_once(folder):
+    model = user_models.regressor(folder)
+    proto = onnx.load(model.path)
+    dataset = load_dataset({"x": model.search["x"].astype(np.float64), "notes": np.zeros(3)}, proto)
+    assert dataset.inputs["x"].dtype == np.float32
+    assert any("float64" in n for n in dataset.notes) and any("'notes'" in n for n in dataset.notes)
+    with pytest.raises(DataError, match="int64"):
+        load_dataset({"x": np.zeros((4, 10), np.int64)}, proto)
+
+
+def test_disagreeing_sample_counts_name_the_way_out(folder):
+    model = user_models.streaming_vad(folder)
+    proto = onnx.load(model.path)
+    bad = dict(model.search, state=model.search["state"][:, :7])
+    with pytest.raises(DataError, match="--batch-axis"):
+        load_dataset(bad, proto)
+    shared_state = dict(model.search, state=model.search["state"][:, :1])
+    dataset = load_dataset(shared_state, proto, batch_axes={"state": None})
+    assert dataset.axis("state") is None and dataset.n_samples == model.search["input"].shape[0]
+
+
+def _moub(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moub_runtime.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_bad_data_is_one_line_and_exit_2(folder, tmp_path):
+    model = user_models.regressor(folder)
+    rows = tmp_path / "rows.npy"
+    np.save(rows, model.search["x"])
+    out = tmp_path / "out.moub"
+    for args in (["--data", rows], ["--data", tmp_path / "missing.npz"],
+                 ["--data", _save(tmp_path / "d.npz", x=model.search["x"]), "--score-output", "nope"],
+                 ["--data", _save(tmp_path / "d.npz", x=model.search["x"]), "--batch-axis", "x"]):
+        proc = _moub("convert", model.path, "-o", out, *args, "--quiet")
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()
+
+
+def _save(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
