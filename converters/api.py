@@ -191,6 +191,8 @@ def convert(
     labels=None,
     *,
     batch_axes: Mapping[str, int | None] | None = None,
+    test=None,
+    test_labels=None,
     quiet: bool = True,
     progress: Callable[[dict], None] | None = None,
     input_shapes: Sequence[Sequence[int]] | None = None,
@@ -271,6 +273,8 @@ def convert(
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
     report["metric_reason"] = metric_reason
+    if test is not None:
+        report["test"] = _held_out(source, pool, options, chosen_metric, moub_bytes, test, test_labels, batch_axes)
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                          time.perf_counter() - started, chosen_metric)
 
@@ -280,6 +284,22 @@ if convert.__doc__:  # None under python -OO
 convert.__signature__ = inspect.signature(convert).replace(parameters=[  # the options as keywords, from their declaration
     *(p for p in inspect.signature(convert).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD),
     *keyword_parameters()])
+
+
+def _held_out(source: SourceModel, pool: Pool, options: ConvertOptions, metric: str, moub_bytes: bytes, test,
+              labels, batch_axes) -> dict:
+    """The written file scored on data the search never saw (``--test``), like the search data."""
+    dataset = load_dataset(test, source.model, labels=labels, batch_size=options.batch_size, batch_axes=batch_axes)
+    if metrics.METRICS[metric].needs_labels and dataset.labels is None:
+        metric = metrics.METRICS[metric].confirm  # no labels in the test data: judge by agreement with the original
+    evaluator = Evaluator(source.model, pool, dataset, "serialize", outputs=options.outputs)
+    reference = reference_outputs(evaluator, source.model, source.label)
+    metrics.check_metric(metric, dataset.labels, reference)
+    q0 = metrics.quality(metric, reference, reference, dataset.labels)
+    measured = _measure(moub_bytes, _Baseline(dataset, metric, reference, q0, evaluator.layout, evaluator.output_names))
+    return {"samples": dataset.n_samples, "metric": metric, "quality_original": round(q0, 6),
+            "quality_compressed": round(measured.quality, 6), "loss": round(measured.loss, 6),
+            "within_max_drop": measured.loss <= options.max_drop + 1e-12}
 
 
 def _encode(source: SourceModel, quant, pool: Pool, metadata: dict[str, str]) -> bytes:

@@ -42,6 +42,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", action="append", default=[], metavar="NAME",
                    help="input NAME's array is fed whole to every sample (a scalar, an initial state; repeatable)")
     p.add_argument("--labels", help="labels.npy, one class per sample (else the 'labels' array of DATA.npz)")
+    p.add_argument("--test", help="TEST.npz (or a folder of feeds) the search never sees: the written file is scored on "
+                   "it in the closing table and the report")
+    p.add_argument("--test-labels", help="labels.npy for --test (else its 'labels' array)")
     options.add_arguments(p, choices={"mode": sorted(MODES)})
     p.add_argument("--input-shape", action="append", help="TorchScript only: example input shape, e.g. 1,3,32,32 (repeat per input)")
     p.add_argument("--report", help="write the JSON report here")
@@ -71,7 +74,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise OptionError("--plot needs a search; --bins K encodes without one")
     shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
     axes = parse_batch_axes(args.batch_axis, args.shared)
-    result = convert(args.model, data=args.data, labels=args.labels, batch_axes=axes, quiet=args.quiet, input_shapes=shapes,
+    result = convert(args.model, data=args.data, labels=args.labels, batch_axes=axes, test=args.test,
+                     test_labels=args.test_labels, quiet=args.quiet, input_shapes=shapes,
                      **options.from_arguments(args))
     written: list[Path] = []
     try:

@@ -23,6 +23,7 @@ from .evaluate import STRATEGIES
 from .metrics import METRICS
 
 MAX_DROP = 0.005
+MAX_SENSIBLE_DROP = 0.2  # a fifth of the quality: beyond it a file is a different model (and "1" usually means 1%)
 POPULATION = 8           # one decision variable: a small population covers the range
 GENERATIONS = 12
 PATIENCE = 2             # stop when the front's decisions have not changed for this many generations
@@ -124,8 +125,11 @@ class ConvertOptions:
             return isinstance(value, int) and not isinstance(value, bool)
 
         need(self.metric is None or self.metric in METRICS, f"--metric {self.metric!r} is not one of {', '.join(METRICS)}")
-        need(isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and 0 <= self.max_drop <= 1,
-             f"--max-drop {self.max_drop!r} must be a number in [0, 1]")
+        need(isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and 0 <= self.max_drop,
+             f"--max-drop {self.max_drop!r} must be a number in [0, {MAX_SENSIBLE_DROP}]")
+        need(self.max_drop <= MAX_SENSIBLE_DROP,
+             f"--max-drop {self.max_drop:g} allows losing {100 * min(self.max_drop, 1):g}% of the quality; it is a fraction "
+             f"(0.01 = one point): did you mean {self.max_drop / 100:g}? (at most {MAX_SENSIBLE_DROP})")
         need(is_int(self.seed) and 0 <= self.seed < 2**32, f"--seed {self.seed!r} must be an integer in [0, 2^32)")
         need(is_int(self.workers) and 1 <= self.workers <= 256, f"--workers {self.workers!r} must be in [1, 256]")
         need(is_int(self.population) and 4 <= self.population <= 1000, f"--population {self.population!r} must be in [4, 1000]")

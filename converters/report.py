@@ -129,6 +129,12 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     stopped = report.get("evaluations_stopped_early", 0) + report.get("evaluations_dominated", 0)
     lines.append(f"{'evaluations':16}{evaluations:>16}" + (f"   ({stopped} stopped early)" if stopped else ""))
     lines.append(f"{'wall time':16}{wall_seconds:>15.1f}s")
+    test = report.get("test")
+    if test:
+        verdict = "within" if test["within_max_drop"] else "OUTSIDE"
+        lines.append(f"{'test':16}{test['quality_original']:>16.4f}{test['quality_compressed']:>16.4f}   loss "
+                     f"{test['loss']:.4f} on {test['samples']} held-out samples ({test['metric']}): {verdict} max drop "
+                     f"{report['settings']['max_drop']}")
     reason = report.get("metric_reason")
     if reason and reason != "chosen with --metric":
         lines.append(f"{'metric':16}{report['metric']}: {reason}")

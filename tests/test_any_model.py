@@ -147,3 +147,26 @@ def test_bad_data_is_one_line_and_exit_2(folder, tmp_path):
 def _save(path: Path, **arrays) -> Path:
     np.savez(path, **arrays)
     return path
+
+
+def test_the_written_file_is_scored_on_held_out_data(folder, tmp_path):
+    """--test: the chosen file scored on samples the search never saw, as the user will run it."""
+    model = user_models.regressor(folder)
+    test = _save(tmp_path / "test.npz", **model.test)
+    result = convert(model.path, data=model.search, test=test, **FAST)
+    held = result.report["test"]
+    out = tmp_path / "r.moub"
+    result.write(out)
+    assert held["samples"] == model.test["x"].shape[0] and held["metric"] == "l2"
+    assert held["loss"] == pytest.approx(_held_out_l2(out, model.path, model.test), abs=1e-6)
+    assert held["within_max_drop"] == (held["loss"] <= 0.005)
+    assert "held-out samples" in result.closing_table()
+
+
+def test_a_max_drop_given_in_percent_is_refused_with_what_was_meant(tmp_path):
+    from test_convert_cli import MODEL, VAL
+
+    out = tmp_path / "out.moub"
+    proc = _moub("convert", MODEL, "-o", out, "--data", VAL, "--max-drop", "1", "--quiet")
+    assert proc.returncode == 2 and "did you mean 0.01" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
