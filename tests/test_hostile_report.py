@@ -191,7 +191,7 @@ def test_the_default_budget_is_half_the_memory_the_process_may_use():
 def test_a_raw_tensor_is_allocated_only_after_its_checksum(tmp_path):
     path = write(tmp_path, H.raw_bomb_file(decoded_bytes=1 << 36, stored_bytes=1 << 24))
     with pytest.raises(LimitError, match="the decoded model would take 68719476736 bytes"):
-        moub_runtime.load(path)  # a budget of half this machine's memory: refused before anything
+        moub_runtime.load(path)  # the default budget, half the memory available: refused before anything
     huge = ReaderLimits(memory_budget=1 << 40)
     with pytest.raises(ChecksumError, match="tensor 'init:X': checksum mismatch of the 16777216 stored bytes"):
         moub_runtime.load(path, huge)  # a 64 GiB array would have failed with ENOMEM: it is never asked for

