@@ -361,7 +361,9 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "quality_compressed": None if q1 is None else round(q1, 6),
         "loss": None if measured.loss is None else round(measured.loss, 6),
         "loss_measure": None if metric is None else metrics.METRICS[metric].loss_measure,
-        "resolution": None if reference is None else resolution(metric, reference, measured.loss, options.max_drop),
+        # a count of broken samples needs one row per sample (not a time step or a frame of a feed)
+        "resolution": None if reference is None or dataset is None or not reference[0].ndim
+        or reference[0].shape[0] != dataset.n_samples else resolution(metric, reference, measured.loss, options.max_drop),
         "data": None if dataset is None else {"samples": dataset.n_samples, "batch_size": dataset.batch_size,
                                               "labels": dataset.labels is not None, "notes": list(dataset.notes)},
         "pool": pool.summary(),

@@ -170,3 +170,10 @@ def test_a_max_drop_given_in_percent_is_refused_with_what_was_meant(tmp_path):
     proc = _moub("convert", MODEL, "-o", out, "--data", VAL, "--max-drop", "1", "--quiet")
     assert proc.returncode == 2 and "did you mean 0.01" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_no_count_of_broken_samples_for_rows_that_are_not_samples(folder, tmp_path):
+    """A tagger's rows are frames of many feeds: a bound on broken *samples* would be false."""
+    model = user_models.sequence_lstm(folder)
+    result = convert(model.path, data=model.search, metric="agreement", outputs=("tags",), **FAST)
+    assert result.report["resolution"] is None and "check" not in result.closing_table()
