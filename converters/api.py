@@ -140,9 +140,11 @@ class _Baseline:
     quality: float
     layout: OutputLayout
     output_names: list[str]
+    heads: metrics.Heads = ()
 
     def scorer(self) -> Scorer:
-        return Scorer(None, self.metric, self.reference, self.dataset.labels, self.quality, self.dataset.n_samples)
+        return Scorer(None, self.metric, self.reference, self.dataset.labels, self.quality, self.dataset.n_samples,
+                      heads=self.heads)
 
 
 def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
@@ -230,18 +232,19 @@ def convert(
         evaluator = Evaluator(source.model, pool, dataset, "serialize", outputs=options.outputs)
         reference = reference_outputs(evaluator, source.model, source.label)
     if options.metric:
-        chosen_metric, metric_reason = options.metric, "chosen with --metric"
+        chosen_metric, metric_reason, judged = options.metric, "chosen with --metric", ()
     else:
-        chosen_metric, metric_reason = heads.default_metric(source.model, reference, dataset.n_samples, dataset.labels,
-                                                            evaluator.output_names)
-    metrics.check_metric(chosen_metric, dataset.labels, reference)
-    q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels)
-    baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names)
+        chosen_metric, metric_reason, judged = heads.default_metric(source.model, reference, dataset.n_samples,
+                                                                    dataset.labels, evaluator.output_names)
+    metrics.check_metric(chosen_metric, dataset.labels, reference, judged)
+    q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels, judged)
+    baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names, judged)
     if options.bins is not None:
         return _fixed(source, pool, options, started, baseline)
 
-    session = ConversionSession(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy)
-    session.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0))
+    session = ConversionSession(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy,
+                                judged)
+    session.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0, heads=judged))
     bar = RichProgress(q0, options.max_drop) if progress is None and not quiet else None
     counter = _Counter(progress or bar)
     try:
@@ -273,8 +276,10 @@ def convert(
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
     report["metric_reason"] = metric_reason
+    if judged:
+        report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
     if test is not None:
-        report["test"] = _held_out(source, pool, options, chosen_metric, moub_bytes, test, test_labels, batch_axes)
+        report["test"] = _held_out(source, pool, options, chosen_metric, judged, moub_bytes, test, test_labels, batch_axes)
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                          time.perf_counter() - started, chosen_metric)
 
@@ -286,17 +291,21 @@ convert.__signature__ = inspect.signature(convert).replace(parameters=[  # the o
     *keyword_parameters()])
 
 
-def _held_out(source: SourceModel, pool: Pool, options: ConvertOptions, metric: str, moub_bytes: bytes, test,
+def _held_out(source: SourceModel, pool: Pool, options: ConvertOptions, metric: str, judged: metrics.Heads,
+              moub_bytes: bytes, test,
               labels, batch_axes) -> dict:
     """The written file scored on data the search never saw (``--test``), like the search data."""
     dataset = load_dataset(test, source.model, labels=labels, batch_size=options.batch_size, batch_axes=batch_axes)
     if metrics.METRICS[metric].needs_labels and dataset.labels is None:
         metric = metrics.METRICS[metric].confirm  # no labels in the test data: judge by agreement with the original
+    if dataset.labels is None:
+        judged = metrics.confirm_heads(judged)
     evaluator = Evaluator(source.model, pool, dataset, "serialize", outputs=options.outputs)
     reference = reference_outputs(evaluator, source.model, source.label)
-    metrics.check_metric(metric, dataset.labels, reference)
-    q0 = metrics.quality(metric, reference, reference, dataset.labels)
-    measured = _measure(moub_bytes, _Baseline(dataset, metric, reference, q0, evaluator.layout, evaluator.output_names))
+    metrics.check_metric(metric, dataset.labels, reference, judged)
+    q0 = metrics.quality(metric, reference, reference, dataset.labels, judged)
+    measured = _measure(moub_bytes, _Baseline(dataset, metric, reference, q0, evaluator.layout, evaluator.output_names,
+                                              judged))
     return {"samples": dataset.n_samples, "metric": metric, "quality_original": round(q0, 6),
             "quality_compressed": round(measured.quality, 6), "loss": round(measured.loss, 6),
             "within_max_drop": measured.loss <= options.max_drop + 1e-12}

@@ -40,7 +40,7 @@ from moub_runtime.sites import tensor_sites
 from .data import Dataset, model_inputs
 from .errors import ModelError, OptionError
 from .intake import Pool, PoolSite, is_main_graph
-from .metrics import METRICS, Accumulator, output_energy
+from .metrics import METRICS, Accumulator, Heads, HeadsAccumulator, output_energy
 
 STRATEGIES = ("auto", "inputs", "initializers", "serialize")
 WEIGHT_SUFFIX = "__moub_weight"
@@ -336,7 +336,8 @@ class Scorer:
     """Quality of candidate weights: the evaluator's outputs scored by the metric."""
 
     def __init__(self, evaluator: Evaluator | None, metric: str, reference: list[np.ndarray], labels: np.ndarray | None,
-                 quality_original: float, n_samples: int | None = None, dataset: Dataset | None = None) -> None:
+                 quality_original: float, n_samples: int | None = None, dataset: Dataset | None = None,
+                 heads: Heads = ()) -> None:
         """``dataset``: score on these samples instead of the evaluator's (``reference`` and
         ``labels`` must then be the ones of these samples)."""
         self.evaluator = evaluator
@@ -347,19 +348,27 @@ class Scorer:
         self.reference = reference
         self.labels = labels
         self.quality_original = quality_original
+        self.heads = heads
+        self.n_samples = n_samples if n_samples is not None else (evaluator.dataset.n_samples if evaluator else 0)
+        self.total_units, self.n_classes, self.total_energy = self._totals(metric, reference)
+
+    def _totals(self, metric: str, reference: Sequence[np.ndarray]) -> tuple[int, int, float]:
+        """(units, classes of the first output, energy) of the whole reference, for a metric's bounds."""
         first = reference[0]
-        if METRICS[metric].top1:  # a unit is a row of the top-1: a sample or a time step
-            self.total_units = int(np.prod(first.shape[:-1]))
-        else:
-            self.total_units = n_samples if n_samples is not None else evaluator.dataset.n_samples
-        self.n_classes = int(first.shape[-1]) if first.ndim else 0
-        self.total_energy = output_energy(reference, reference)[1] if METRICS[metric].energy else 0.0
+        units = int(np.prod(first.shape[:-1])) if METRICS[metric].top1 else self.n_samples  # top-1: a unit is a row
+        classes = int(first.shape[-1]) if first.ndim else 0
+        return units, classes, output_energy(reference, reference)[1] if METRICS[metric].energy else 0.0
+
+    def _accumulator(self) -> Accumulator | HeadsAccumulator:
+        if not METRICS[self.metric].composite:
+            return Accumulator(self.metric, self.total_units, self.n_classes, self.total_energy)
+        return HeadsAccumulator([(i, Accumulator(m, *self._totals(m, [self.reference[i]]))) for i, m in self.heads])
 
     def accumulate(self, batches, max_loss: float | None = None, dominated_at: float | None = None) -> Score:
         """Score (first sample, outputs) batches. Stop once the loss provably exceeds
         ``max_loss``, or provably reaches ``dominated_at`` (checked before each batch, so
         a candidate that cannot beat a known smaller one may not run at all)."""
-        acc = Accumulator(self.metric, self.total_units, self.n_classes, self.total_energy)
+        acc = self._accumulator()
 
         def stopped(reason: str) -> Score:
             return Score(acc.value() if acc.units else None, acc.loss_lower_bound(), False, acc.units, reason)

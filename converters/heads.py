@@ -105,19 +105,21 @@ def choose_heads(model: onnx.ModelProto, reference: Sequence[np.ndarray], sample
 
 
 def default_metric(model: onnx.ModelProto, reference: Sequence[np.ndarray], samples: int, labels: np.ndarray | None,
-                   names: Sequence[str]) -> tuple[str, str]:
-    """The metric the converter judges by when the user names none, and why.
+                   names: Sequence[str]) -> tuple[str, str, tuple[tuple[int, str], ...]]:
+    """The metric the converter judges by when the user names none, why, and the heads it judges.
 
-    One scored output takes its head's metric. With several outputs the relative L2 error of all
-    of them together judges, since a top-1 of one head says nothing of the others. A head whose
-    own metric the converter does not have yet (decisions at a threshold) is judged by relative
-    L2 error, which bounds how far its scores move."""
+    One scored output takes its head's metric. Several outputs are each judged by their own
+    metric and the largest loss decides (the composite metric ``heads``): a top-1 of one head
+    says nothing of the others, and one L2 error over all of them lets a small head move far.
+    A head whose own metric the converter does not have yet (decisions at a threshold) is judged
+    by relative L2 error, which bounds how far its scores move."""
     made = producers(model)
-    heads = [choose_head(name, i, made.get(name, ""), reference[i], samples, labels if i == 0 else None)
+    found = [choose_head(name, i, made.get(name, ""), reference[i], samples, labels if i == 0 else None)
              for i, name in enumerate(names)]
-    if len(heads) == 1 and heads[0].metric in ("accuracy", "agreement"):
-        return heads[0].metric, heads[0].reason
-    if len(heads) == 1:
-        return "l2", heads[0].reason if heads[0].metric == "l2" else f"{heads[0].reason}; judged by relative L2 error"
-    listed = "; ".join(f"{h.name}: {h.reason}" for h in heads)
-    return "l2", f"{len(heads)} outputs, relative L2 error of all of them ({listed})"
+    judged = [(h, h.metric if h.metric in ("accuracy", "agreement", "l2") else "l2") for h in found]
+    if len(judged) == 1:
+        head, metric = judged[0]
+        return metric, head.reason if metric == head.metric else f"{head.reason}; judged by relative L2 error", ()
+    listed = "; ".join(f"{h.name}: {m} ({h.reason})" for h, m in judged)
+    return "heads", f"{len(judged)} outputs, each by its own metric, the worst decides: {listed}", \
+        tuple((h.index, m) for h, m in judged)

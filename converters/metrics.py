@@ -123,6 +123,7 @@ class Metric:
     unit_deficits: Callable | None = None  # per-unit loss from the scores (None: 1 - score, at least 0)
     whole_score: Callable | None = None  # no per-unit form: quality of all top-1s against the labels at once
     energy: bool = False       # the loss is the relative L2 error of all outputs together: sqrt(sum err^2 / sum ref^2)
+    composite: bool = False    # each output head judged by its own metric; the largest loss decides
 
     @property
     def confirm(self) -> str:
@@ -142,7 +143,16 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("cosine", "mean of 1 - cosine similarity with the original's outputs", _cosine_scores),
     Metric("rel-l2", "mean relative L2 distance to the original's outputs", _rel_l2_scores),
     Metric("l2", "relative L2 error of the outputs over all samples: ||y - y0|| / ||y0||", None, energy=True),
+    Metric("heads", "the largest loss over the output heads, each judged by its own metric", None, composite=True),
 )}
+
+# (output index, metric name) of each head a composite metric judges
+Heads = tuple[tuple[int, str], ...]
+
+
+def confirm_heads(heads: Heads) -> Heads:
+    """The metrics the confirm half judges each head by."""
+    return tuple((i, METRICS[m].confirm) for i, m in heads)
 
 
 def counts_units(metric: str | None) -> bool:
@@ -162,11 +172,20 @@ def default_metric(labels: np.ndarray | None, reference: Sequence[np.ndarray]) -
     return "agreement" if is_classifier_shaped(reference[0]) else "cosine"
 
 
-def check_metric(metric: str, labels: np.ndarray | None, reference: Sequence[np.ndarray]) -> None:
+def user_metrics() -> tuple[str, ...]:
+    """The metrics ``--metric`` offers (a composite one is the converter's own, per output head)."""
+    return tuple(name for name, m in METRICS.items() if not m.composite)
+
+
+def check_metric(metric: str, labels: np.ndarray | None, reference: Sequence[np.ndarray], heads: Heads = ()) -> None:
     """Raise DataError/OptionError if ``metric`` cannot be computed for these outputs and labels."""
     if metric not in METRICS:
-        raise OptionError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+        raise OptionError(f"--metric {metric!r} is not one of {', '.join(user_metrics())}")
     info = METRICS[metric]
+    if info.composite:
+        for index, name in heads:
+            check_metric(name, labels if index == 0 else None, [reference[index]])
+        return
     first = reference[0]
     if info.needs_labels:
         if labels is None:
@@ -199,6 +218,29 @@ def unit_deficits(metric: str, outputs: Sequence[np.ndarray], reference: Sequenc
     if deficits is not None:
         return deficits(outputs, reference, labels, scores)
     return np.maximum(1.0 - scores, 0.0)
+
+
+class HeadsAccumulator:
+    """One :class:`Accumulator` per output head; the largest loss decides, and its bound is the
+    largest bound (a candidate that fails on any head fails)."""
+
+    def __init__(self, parts: Sequence[tuple[int, Accumulator]]) -> None:
+        self.parts = list(parts)
+        self.units = 0
+
+    def add(self, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> None:
+        for index, acc in self.parts:
+            acc.add([outputs[index]], [reference[index]], labels if index == 0 else None)
+        self.units = max(acc.units for _, acc in self.parts)
+
+    def loss_lower_bound(self) -> float:
+        return max(acc.loss_lower_bound() for _, acc in self.parts)
+
+    def value(self) -> float:
+        return min(acc.value() for _, acc in self.parts)
+
+    def loss(self, quality_original: float) -> float:
+        return max(acc.loss(quality_original) for _, acc in self.parts)
 
 
 class Accumulator:
@@ -267,8 +309,12 @@ def _relative(err: float, energy: float) -> float:
     return float(np.sqrt(err / energy)) if energy > 0 else (0.0 if err == 0 else 1.0)
 
 
-def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> float:
-    """The metric over whole outputs (compressed model) against ``reference`` (original) or labels."""
+def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None,
+            heads: Heads = ()) -> float:
+    """The metric over whole outputs (compressed model) against ``reference`` (original) or labels;
+    for a composite metric the least quality of its ``heads``."""
+    if METRICS[metric].composite:
+        return min(quality(m, [outputs[i]], [reference[i]], labels if i == 0 else None) for i, m in heads)
     if METRICS[metric].energy:
         return 1.0 - _relative(*output_energy(outputs, reference))
     whole_score = METRICS[metric].whole_score

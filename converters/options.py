@@ -20,7 +20,7 @@ from .binning import REPRESENTATIVES
 from .data import DEFAULT_BATCH_SIZE
 from .errors import OptionError
 from .evaluate import STRATEGIES
-from .metrics import METRICS
+from .metrics import METRICS, user_metrics
 
 MAX_DROP = 0.005
 MAX_SENSIBLE_DROP = 0.2  # a fifth of the quality: beyond it a file is a different model (and "1" usually means 1%)
@@ -58,7 +58,7 @@ def option(default, flag: str | None = None, help: str | None = None, *, type=No
 @dataclass(frozen=True)
 class ConvertOptions:
     metric: str | None = option(None, "--metric", "default: accuracy with labels, else agreement (classifiers) or cosine",
-                                choices=tuple(METRICS))
+                                choices=user_metrics())
     max_drop: float = option(MAX_DROP, "--max-drop", "largest loss allowed: the metric's absolute drop; for accuracy the "
                              "share of samples the original gets right and the .moub wrong (default {default})", type=float)
     mode: str = option(DEFAULT_MODE, "--mode", "method (default {default}; paper: the MO-UB paper, faithfully)")
@@ -124,7 +124,7 @@ class ConvertOptions:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
-        need(self.metric is None or self.metric in METRICS, f"--metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        need(self.metric is None or self.metric in user_metrics(), f"--metric {self.metric!r} is not one of {', '.join(user_metrics())}")
         need(isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and 0 <= self.max_drop,
              f"--max-drop {self.max_drop!r} must be a number in [0, {MAX_SENSIBLE_DROP}]")
         need(self.max_drop <= MAX_SENSIBLE_DROP,

@@ -22,6 +22,7 @@ from .data import Dataset
 from .evaluate import Evaluator, Scorer, original_arrays, subset_reference
 from .intake import Pool
 from .options import ConvertOptions
+from .metrics import Heads
 from .split import half_scorer, is_split
 from .uniform import SiteStats, site_stats
 
@@ -38,6 +39,7 @@ class ConversionSession:
     quality_original: float
     options: ConvertOptions
     strategy: str = "auto"
+    heads: Heads = ()  # (output, metric) per head when ``metric`` is the composite one
     # computed on first use, in each process
     _scorer: Scorer | None = field(default=None, repr=False)
     _originals: dict[str, np.ndarray] | None = field(default=None, repr=False)
@@ -51,7 +53,8 @@ class ConversionSession:
         """Scores candidate weights on all the data."""
         if self._scorer is None:
             evaluator = Evaluator(self.model, self.pool, self.dataset, self.strategy, outputs=self.options.outputs)
-            self._scorer = Scorer(evaluator, self.metric, self.reference, self.dataset.labels, self.quality_original)
+            self._scorer = Scorer(evaluator, self.metric, self.reference, self.dataset.labels, self.quality_original,
+                                  heads=self.heads)
         return self._scorer
 
     def use_scorer(self, scorer: Scorer) -> None:
@@ -78,7 +81,7 @@ class ConversionSession:
             return self.scorer
         if name not in self._halves:
             self._halves[name] = half_scorer(self.scorer.evaluator, self.metric, self.dataset, self.reference, name,
-                                             lambda: self.originals)
+                                             lambda: self.originals, self.heads)
         return self._halves[name]
 
     @property

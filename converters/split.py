@@ -16,7 +16,7 @@ import numpy as np
 
 from .data import Dataset
 from .evaluate import Evaluator, Scorer, subset_reference
-from .metrics import METRICS, quality
+from .metrics import METRICS, Heads, confirm_heads, quality
 
 MIN_SPLIT = 8
 HALVES = ("search", "confirm")
@@ -40,7 +40,7 @@ def search_half(dataset: Dataset) -> Dataset:
 
 
 def half_scorer(evaluator: Evaluator, metric: str, dataset: Dataset, reference: Sequence[np.ndarray], half: str,
-                originals: Callable[[], Mapping[str, np.ndarray]]) -> Scorer:
+                originals: Callable[[], Mapping[str, np.ndarray]], heads: Heads = ()) -> Scorer:
     """A scorer on one half of ``dataset`` (split; see :func:`is_split`), with the original's
     outputs on it and the metric that half judges by."""
     n = dataset.n_samples
@@ -49,5 +49,6 @@ def half_scorer(evaluator: Evaluator, metric: str, dataset: Dataset, reference: 
     half_reference = subset_reference(evaluator, reference, n, picked, data, originals)
     labels = None if dataset.labels is None else dataset.labels[picked]
     judged_by = METRICS[metric].confirm if half == "confirm" else metric
-    q0 = quality(judged_by, half_reference, half_reference, labels)
-    return Scorer(evaluator, judged_by, half_reference, labels, q0, dataset=data)
+    heads = confirm_heads(heads) if half == "confirm" else heads
+    q0 = quality(judged_by, half_reference, half_reference, labels, heads)
+    return Scorer(evaluator, judged_by, half_reference, labels, q0, dataset=data, heads=heads)

@@ -288,12 +288,15 @@ def test_every_metric_is_declared_whole_in_the_registry():
     from moub_converters.cli import build_convert_parser
     from moub_converters.metrics import METRICS, unit_scores
 
-    assert list(METRICS) == ["accuracy", "f1", "agreement", "cosine", "rel-l2", "l2"]
+    assert list(METRICS) == ["accuracy", "f1", "agreement", "cosine", "rel-l2", "l2", "heads"]
     scores = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
     labels = np.array([0, 1, 2, 1])
     for name, metric in METRICS.items():
         assert metric.name == name and metric.loss_measure
-        assert sum(x for x in (metric.unit_scores is not None, metric.whole_score is not None, metric.energy)) == 1, name
+        kinds = (metric.unit_scores is not None, metric.whole_score is not None, metric.energy, metric.composite)
+        assert sum(kinds) == 1, name
+        if metric.composite:
+            continue
         assert metric.confirm in METRICS and not metric.needs_labels or metric.confirm != name
         assert not metric.counts_flips or metric.counts_units
         assert bool(metric.lost_unit) == metric.counts_units
@@ -304,7 +307,7 @@ def test_every_metric_is_declared_whole_in_the_registry():
         q = quality(name, [scores], [scores], labels)  # the original against itself, or against labels it misses once
         assert q < 1.0 if metric.needs_labels else q == pytest.approx(1.0)
     metric_flag = next(a for a in build_convert_parser()._actions if a.dest == "metric")
-    assert list(metric_flag.choices) == list(METRICS)
+    assert list(metric_flag.choices) == [name for name, m in METRICS.items() if not m.composite]
 
 
 def test_samples_per_run_do_not_change_the_outputs():
