@@ -28,7 +28,7 @@ class ModelUnavailable(RuntimeError):
     """A model's wheel or file is missing; the harness turns this into a row that says so."""
 
 
-def _package_dir(package: str) -> Path:
+def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ModelUnavailable(f"package {package} is not installed (pip install '.[bench]')")
@@ -40,9 +40,9 @@ def model_path(name: str) -> Path:
     if name == "digits":
         path = DIGITS_MODEL
     elif name == "magika":
-        path = _package_dir("magika") / "models" / "standard_v3_3" / "model.onnx"
+        path = package_dir("magika") / "models" / "standard_v3_3" / "model.onnx"
     elif name in _RAPIDOCR_FILES:
-        path = _package_dir("rapidocr_onnxruntime") / "models" / _RAPIDOCR_FILES[name]
+        path = package_dir("rapidocr_onnxruntime") / "models" / _RAPIDOCR_FILES[name]
     else:
         raise KeyError(f"unknown benchmark model {name!r}")
     if not path.is_file():

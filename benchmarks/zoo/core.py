@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ import numpy as np
 
 from .. import config as C
 from ..fidelity import Fidelity
+from ..models import ModelUnavailable
+from ..models import package_dir as installed_package_dir
 
 Feed = dict[str, np.ndarray]
 SPLITS = ("search", "test")
@@ -72,10 +73,10 @@ class Split:
 
 
 def package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ZooUnavailable(f"package module {module} is not installed")
-    return Path(spec.origin).parent
+    try:
+        return installed_package_dir(module)
+    except ModelUnavailable:
+        raise ZooUnavailable(f"package module {module} is not installed") from None
 
 
 def package_version(dist: str) -> str:
