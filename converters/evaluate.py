@@ -355,7 +355,8 @@ class Scorer:
     def _totals(self, metric: str, reference: Sequence[np.ndarray]) -> tuple[int, int, float]:
         """(units, classes of the first output, energy) of the whole reference, for a metric's bounds."""
         first = reference[0]
-        units = int(np.prod(first.shape[:-1])) if METRICS[metric].top1 else self.n_samples  # top-1: a unit is a row
+        info = METRICS[metric]
+        units = int(np.prod(first.shape[:-1])) if info.top1 else int(first.size) if info.elementwise else self.n_samples
         classes = int(first.shape[-1]) if first.ndim else 0
         return units, classes, output_energy(reference, reference)[1] if METRICS[metric].energy else 0.0
 

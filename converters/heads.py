@@ -104,6 +104,13 @@ def choose_heads(model: onnx.ModelProto, reference: Sequence[np.ndarray], sample
             for i in picked]
 
 
+def _registered(head: Head) -> str:
+    """The registry's name for a head's metric (a decision metric per threshold)."""
+    if head.metric == "decision":
+        return "decision" if head.threshold == 0.5 else "logit-decision"
+    return head.metric
+
+
 def default_metric(model: onnx.ModelProto, reference: Sequence[np.ndarray], samples: int, labels: np.ndarray | None,
                    names: Sequence[str]) -> tuple[str, str, tuple[tuple[int, str], ...]]:
     """The metric the converter judges by when the user names none, why, and the heads it judges.
@@ -111,15 +118,15 @@ def default_metric(model: onnx.ModelProto, reference: Sequence[np.ndarray], samp
     One scored output takes its head's metric. Several outputs are each judged by their own
     metric and the largest loss decides (the composite metric ``heads``): a top-1 of one head
     says nothing of the others, and one L2 error over all of them lets a small head move far.
-    A head whose own metric the converter does not have yet (decisions at a threshold) is judged
-    by relative L2 error, which bounds how far its scores move."""
+    One logit or probability per sample, and a Sigmoid's independent probabilities, are judged by
+    the decisions they make at their natural threshold."""
     made = producers(model)
     found = [choose_head(name, i, made.get(name, ""), reference[i], samples, labels if i == 0 else None)
              for i, name in enumerate(names)]
-    judged = [(h, h.metric if h.metric in ("accuracy", "agreement", "l2") else "l2") for h in found]
+    judged = [(h, _registered(h)) for h in found]
     if len(judged) == 1:
         head, metric = judged[0]
-        return metric, head.reason if metric == head.metric else f"{head.reason}; judged by relative L2 error", ()
+        return metric, head.reason, ()
     listed = "; ".join(f"{h.name}: {m} ({h.reason})" for h, m in judged)
     return "heads", f"{len(judged)} outputs, each by its own metric, the worst decides: {listed}", \
         tuple((h.index, m) for h, m in judged)

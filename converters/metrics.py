@@ -88,6 +88,14 @@ def output_energy(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]
     return err, energy
 
 
+def _decisions_at(threshold: float) -> UnitScores:
+    """Per value of the first output: 1 where the candidate decides as the original does at
+    ``threshold`` (a probability at 0.5, a logit at 0), else 0."""
+    def scores(outputs, reference, labels) -> np.ndarray:
+        return ((np.asarray(outputs[0]) > threshold) == (np.asarray(reference[0]) > threshold)).astype(np.float64).ravel()
+    return scores
+
+
 def macro_f1(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
     """Macro F1 over the classes that occur in the labels or the predictions."""
     pred, truth = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
@@ -124,6 +132,7 @@ class Metric:
     whole_score: Callable | None = None  # no per-unit form: quality of all top-1s against the labels at once
     energy: bool = False       # the loss is the relative L2 error of all outputs together: sqrt(sum err^2 / sum ref^2)
     composite: bool = False    # each output head judged by its own metric; the largest loss decides
+    elementwise: bool = False  # a unit is each value of the first output (a decision per value)
 
     @property
     def confirm(self) -> str:
@@ -143,6 +152,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("cosine", "mean of 1 - cosine similarity with the original's outputs", _cosine_scores),
     Metric("rel-l2", "mean relative L2 distance to the original's outputs", _rel_l2_scores),
     Metric("l2", "relative L2 error of the outputs over all samples: ||y - y0|| / ||y0||", None, energy=True),
+    Metric("decision", "share of the first output's probabilities that cross 0.5 the other way", _decisions_at(0.5),
+           elementwise=True),
+    Metric("logit-decision", "share of the first output's logits that change sign", _decisions_at(0.0),
+           elementwise=True),
     Metric("heads", "the largest loss over the output heads, each judged by its own metric", None, composite=True),
 )}
 

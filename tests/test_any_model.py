@@ -46,7 +46,7 @@ def test_a_streaming_model_with_state_on_axis_1_and_a_shared_scalar(folder, tmp_
     result = convert(model.path, data=model.search, **FAST)
     notes = " ".join(result.report["data"]["notes"])
     assert "'sr'" in notes and "'state' on axis 1" in notes
-    assert result.report["heads"] == [{"output": "output", "metric": "l2"}, {"output": "stateN", "metric": "l2"}]
+    assert result.report["heads"] == [{"output": "output", "metric": "decision"}, {"output": "stateN", "metric": "l2"}]
     out = tmp_path / "vad.moub"
     result.write(out)
     assert result.report["loss"] <= 0.005
@@ -74,6 +74,18 @@ def test_a_regressor_is_judged_by_its_error_not_its_sign(folder, tmp_path):
     out = tmp_path / "regressor.moub"
     result.write(out)
     assert _held_out_l2(out, model.path, model.test) <= 2 * 0.005
+
+
+def test_a_single_logit_binary_classifier_with_labels_keeps_its_decisions(folder, tmp_path):
+    """One logit and 0/1 labels: judged by the decisions at 0, which held-out samples keep."""
+    model = user_models.binary_classifier(folder)
+    result = convert(model.path, data=model.search, labels=model.search_labels, **FAST)
+    assert result.report["metric"] == "logit-decision"
+    out = tmp_path / "binary.moub"
+    result.write(out)
+    compressed = moub_runtime.InferenceSession(out).run(None, model.test)[0]
+    plain = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"]).run(None, model.test)[0]
+    assert np.mean((compressed > 0) != (plain > 0)) <= 0.01
 
 
 def test_a_model_with_two_heads_scores_both(folder, tmp_path):
