@@ -103,6 +103,10 @@ def _guarded(run, args) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERNAL)
+    except BrokenPipeError:  # the files are written before anything is printed
+        from moub_runtime.cli import broken_pipe
+
+        return broken_pipe()
     except MemoryError:
         return _fail("out of memory", EXIT_INTERNAL)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, exit 1

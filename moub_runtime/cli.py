@@ -222,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def broken_pipe() -> int:
+    """The reader of standard output went away (``moub inspect f.moub | head``): no message, as
+    any Unix tool in a pipe, and exit 2 (not an internal failure); stdout goes to devnull so that
+    the interpreter's final flush stays quiet."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BAD_INPUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plugins = plugin_commands() if argv and argv[0] not in BUILT_IN and not argv[0].startswith("-") else {}
@@ -239,10 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERNAL)
     except BrokenPipeError:
-        # the reader went away (``moub inspect f.moub | head``): not an error of ours, so no
-        # message; stdout goes to devnull so that the interpreter's final flush stays quiet
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_INTERNAL
+        return broken_pipe()
     except OSError as exc:  # a file that is missing or unreadable, a disk that is full: the input or the place, not us
         return _fail(f"{exc.filename or args.file}: {exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, exit 1

@@ -190,3 +190,19 @@ def test_the_options_are_declared_once_for_the_cli_and_the_api():
     assert {"workers", "strategy"}.isdisjoint(ConvertOptions().settings()) and "error_feedback" in ConvertOptions().settings()
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_dorp'"):
         convert(MODEL, data=VAL, max_dorp=0.01)
+
+
+def test_convert_into_a_closed_pipe_keeps_its_file_and_exits_2_quietly(tmp_path):
+    """The file is written before anything is printed; a reader that went away is no internal error."""
+    import os
+
+    out = tmp_path / "out.moub"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "moub_runtime.cli", "convert", str(MODEL), "-o", str(out), "--data",
+                               str(VAL), *FAST], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (2, "")
+    moub_runtime.load(out)

@@ -576,6 +576,21 @@ def test_cli_inspect_into_a_closed_pipe_is_quiet(packed):
     assert result.stderr == ""
 
 
+def test_cli_output_into_a_pipe_closed_before_it_starts_exits_2_quietly(packed):
+    """A closed pipe is the caller's doing, not an internal failure: exit 2, nothing on stderr."""
+    import os
+
+    _, _, _, path = packed
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "moub_runtime.cli", "inspect", str(path)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (2, "")
+
+
 # ---------------------------------------------------------------- compact pack vectors (1.3)
 
 
