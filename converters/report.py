@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from .metrics import METRICS
 from .candidates import Candidate, Stage
+from .passed_over import summary_lines as passed_over_lines
 from .resolution import summary_lines
 from .search import pareto_front
 
@@ -126,6 +127,12 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     choice = report.get("choice") or {}
     if choice:
         lines.append(f"{'weights':16}{'32 bits':>16}{choice['bits_per_weight_file']:>11.3f} bits   {choice['bins']} bins ({choice['name']})")
+    target = report.get("target")
+    if target:
+        verdict = "within" if target["within_max_drop"] else "OUTSIDE"
+        lines.append(f"{'target':16}{_human(target['bytes']):>16}{_human(target['file_bytes']):>16}   least loss that "
+                     f"fits: {verdict} max drop")
+    lines += passed_over_lines(report.get("passed_over", []))
     stopped = report.get("evaluations_stopped_early", 0) + report.get("evaluations_dominated", 0)
     lines.append(f"{'evaluations':16}{evaluations:>16}" + (f"   ({stopped} stopped early)" if stopped else ""))
     lines.append(f"{'wall time':16}{wall_seconds:>15.1f}s")

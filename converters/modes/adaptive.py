@@ -34,6 +34,7 @@ from ..candidates import Candidate, Stage, candidate_from_result
 from ..intake import Pool
 from ..options import ConvertOptions
 from ..search import run_nsga2
+from ..session import ConversionSession
 from ..selection import fallbacks, feasible, rank, robust_within_gamma, tolerance
 from ..solution import Size
 from ..split import HALVES, MIN_SPLIT, is_split
@@ -71,6 +72,7 @@ class AdaptiveMode:
         self.log2_opt: np.ndarray | None = None
         self.stats: SiteStats | None = None
         self.calib: Calibration = NO_CALIBRATION
+        self.problem: StepProblem | None = None
 
     def run(self, ctx: ModeContext) -> ModeResult:
         opts, pool = ctx.options, ctx.pool
@@ -99,6 +101,7 @@ class AdaptiveMode:
                        for half in HALVES}
         limit = self.limits["search"]
         problem = StepProblem(run, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
+        self.problem = problem
         ctx.progress({"phase": "bracket"})
         boundary, bracket_runs = self._bracket(problem, opts)
         problem.xl[0] = float(max(0, boundary - X_WINDOW))
@@ -297,6 +300,33 @@ class AdaptiveMode:
             else:
                 bad = mid.xi
         return refined
+
+    def toward_size(self, ctx: ModeContext, bits_per_weight: float) -> list[Candidate]:
+        """Candidates at a size target: for each gamma of the grid, the finest step x whose
+        estimated size fits ``bits_per_weight``, measured completely on the search half (a
+        target asks for the least loss at a size, wherever the tolerance lies)."""
+        assert self.problem is not None, "run() first"
+        problem = self.problem
+        decisions = []
+        for gi in range(int(GAMMA_MAX * GAMMA_RESOLUTION) + 1):
+            lo, hi = 0, X_POINTS  # size falls as x grows: find the smallest xi that fits
+            if problem.size_of(Decision(hi, gi)) > bits_per_weight:
+                continue
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if problem.size_of(Decision(mid, gi)) <= bits_per_weight else (mid, hi)
+            decisions.append(Decision(hi, gi))
+        todo = [d for d in decisions if d.key not in problem.cache or not problem.cache[d.key]["complete"]]
+        ctx.progress({"phase": "target", "total": len(todo)})
+        return [candidate_from_result(r) for r in problem.run([(d, None) for d in todo], math.inf, "target")]
+
+    def resume(self, session: ConversionSession, facts: dict) -> None:
+        """What ``materialize`` needs, from a saved search's facts: the steps it measured (full
+        precision in the report) and the calibration, measured again on the same search half."""
+        log2_opt = np.asarray(facts["log2_optimal_step"], np.float64)
+        if log2_opt.shape != (len(session.pool.sites),):
+            raise ValueError(f"the report has {log2_opt.size} sensitivities for a pool of {len(session.pool.sites)} tensors")
+        self.stats, self.log2_opt, self.calib = session.site_stats, log2_opt, session.calibration
 
     def materialize(self, pool: Pool, candidate: Candidate, options: ConvertOptions,
                     candidates: list[Candidate]) -> tuple[PackedQuantization, list[Stage]]:

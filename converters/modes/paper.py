@@ -158,6 +158,9 @@ class PaperMode:
         facts.update({"merge_starts": [c.name for c in starts], "merge_trials": trials, "merge_accepted": accepted})
         return ModeResult(candidates, rank(robust_feasible(candidates, opts.max_drop, opts.monotone)), facts)
 
+    def resume(self, session: ConversionSession, facts: dict) -> None:
+        """Nothing to restore: a candidate's recipe (k and its merges) rebuilds it."""
+
     def materialize(self, pool: Pool, candidate: Candidate, options: ConvertOptions,
                     candidates: list[Candidate]) -> tuple[Quantization, list[Stage]]:
         rep = options.representative
