@@ -30,6 +30,7 @@ from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
 from .evaluate import Evaluator, OutputLayout, Scorer, reference_outputs, session_options
 from .intake import Pool, SourceModel, load_source, pool_weights
+from .layer_errors import layer_table
 from .modes import get_mode
 from .candidates import Candidate, Stage
 from .modes.base import ModeContext
@@ -79,15 +80,17 @@ class ConvertResult:
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
-    def write_plot(self, path: str | os.PathLike) -> None:
-        from .report import plot
+    def write_plot(self, path: str | os.PathLike, compare: Sequence[dict] = ()) -> None:
+        """The Pareto plot beside bits per tensor against sensitivity (``plots.py``); ``compare``:
+        reports of other runs on the same model whose choices it marks (e.g. the paper mode's)."""
+        from .plots import plot
 
         check_writable(path)
         if not self.report.get("candidates"):
             raise OutputError(f"{path}: no search ran (fixed --bins), nothing to plot")
         tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
         try:
-            plot(self.report, tmp)
+            plot(self.report, tmp, compare)
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -250,7 +253,7 @@ def convert(
 
     front = front_of(result.candidates, setup.q0)
     front_rows = _front_rows(front, setup.q0)
-    written = _Writer(source, pool, options, setup, mode_impl, result.candidates, front_rows)
+    written = _Writer(source, pool, options, setup, mode_impl, result.candidates, front_rows, session, counter)
     if target is None:
         moub_bytes, chosen = written.within_tolerance(result.feasible)
     else:
@@ -317,6 +320,8 @@ class _Writer:
     mode: object
     candidates: list[Candidate]
     front_rows: list[dict]
+    session: ConversionSession | None = None  # for the per-layer error shares (None: no per-layer table)
+    progress: Callable[[dict], None] = lambda event: None
     misses: list[dict] = field(default_factory=list)  # choices whose written file missed --max-drop
 
     def _trial(self, candidate: Candidate, quality: float | None = None) -> tuple[bytes, Quantization, list[Stage]]:
@@ -373,6 +378,17 @@ class _Writer:
         raise ToleranceError(f"no evaluated candidate's file fits {target:,} bytes; the smallest, {small.name}, takes "
                              f"about {int(small.bits_per_weight * n / 8) + other:,} bytes")
 
+    def _layers(self, moub_bytes: bytes, quant: Quantization, facts: dict) -> tuple[list[dict], dict]:
+        from moub_runtime.layers import layer_rows
+
+        with tempfile.TemporaryDirectory(prefix="moub-layers-") as folder:
+            path = Path(folder) / "chosen.moub"
+            path.write_bytes(moub_bytes)
+            file_rows = layer_rows(path)
+        calibration = getattr(self.mode, "calib", None)
+        rules = calibration.corrector.rules if calibration is not None else ()
+        return layer_table(self.session, file_rows, quant.site_arrays(self.pool), rules, facts, self.progress)
+
     def result(self, moub_bytes: bytes, chosen: tuple, front: list[Candidate], facts: dict, counter: _Counter,
                started: float, test=None, test_labels=None, batch_axes=None) -> ConvertResult:
         candidate, quant, stages, measured = chosen
@@ -384,6 +400,8 @@ class _Writer:
         if self.misses:
             report["written_misses"] = self.misses
         report["passed_over"] = passed_over(report)
+        if self.session is not None:
+            report["layers"], report["layer_error"] = self._layers(moub_bytes, quant, facts)
         report["file_front"] = self.front_rows  # as the file's metadata holds it: a point written from the report matches
         target = options.target(source.original_bytes)
         if target is not None:

@@ -48,7 +48,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
     options.add_arguments(p, choices={"mode": sorted(MODES)})
     p.add_argument("--input-shape", action="append", help="TorchScript only: example input shape, e.g. 1,3,32,32 (repeat per input)")
     p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--plot", help="write the Pareto plot (PNG) here")
+    p.add_argument("--plot", help="write the Pareto plot and bits per tensor against sensitivity (PNG) here")
+    p.add_argument("--plot-compare", action="append", default=[], metavar="R.json",
+                   help="mark this report's choice on the plot too (another run on the model, e.g. --mode paper)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--from-report", metavar="REPORT.json", help="no search: write a candidate of this report's search "
                    "(same model and data; its settings), the same bytes a search choosing it writes")
@@ -93,7 +95,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             result.write_report(args.report)
             written.append(Path(args.report))
         if args.plot:
-            result.write_plot(args.plot)
+            result.write_plot(args.plot, [_compared(path) for path in args.plot_compare])
             written.append(Path(args.plot))
     except BaseException:
         for path in written:
@@ -102,6 +104,12 @@ def _run_convert(args: argparse.Namespace) -> int:
     print(result.closing_table())
     print(f"wrote {args.output}" + "".join(f", {p}" for p in (args.report, args.plot) if p))
     return EXIT_OK
+
+
+def _compared(path: str) -> dict:
+    from .front_point import read_report
+
+    return read_report(path)
 
 
 def _from_report(args: argparse.Namespace, axes):

@@ -69,14 +69,15 @@ def write_point(model_or_path, data, report: Mapping | str | os.PathLike, point:
         raise DataError(f"{label}: the data give {setup.metric} {setup.q0:.6f}, the report's conversion "
                         f"{report['metric']} {report['quality_original']}: not the data it was converted with")
     mode = get_mode(options.mode)
+    session = setup.session(source.model, options)
     try:
-        mode.resume(setup.session(source.model, options), report["search"])
+        mode.resume(session, report["search"])
     except (KeyError, ValueError) as exc:
         raise DataError(f"{label}: cannot rebuild its {options.mode} search ({exc})") from None
     front_rows = report.get("file_front")
     if front_rows is None:
         raise DataError(f"{label}: written before reports kept the file's front (file_front); convert again")
-    writer = _Writer(source, pool, options, setup, mode, candidates, front_rows)
+    writer = _Writer(source, pool, options, setup, mode, candidates, front_rows, session)
     moub_bytes, written = writer.write(chosen)
     front = [Candidate.from_dict(row) for row in report["front"]]
     result = writer.result(moub_bytes, written, front, dict(report["search"]), _Counter(None), started, test,

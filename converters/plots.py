@@ -1,0 +1,139 @@
+"""The plots of a conversion's report: the Pareto front beside bits per tensor against sensitivity.
+
+Left, the two objectives: loss on the search data against bits per weight, on linear axes
+framed on the front and the choice (the candidates far to the right, and the original at 32
+bits per weight, are drawn at the frame's edge with their figures: a log axis to 32 bits
+crams the front into a tenth of the width). The tolerance, the choice, and other runs on the
+same model (``compare``: e.g. the paper mode's report) are marked; the top axis gives the file
+size. Right, per quantized tensor: the bits its codes take against its measured sensitivity
+(the relative output error with it alone quantized at its test step; without one, its share
+of the output error), the dot's area its weights, its colour its share of the chosen file's
+error (``layer_errors.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+FRAME_MARGIN = 0.08  # of the front's width, either side
+
+
+def _frame(report: dict, compare: Sequence[dict]) -> tuple[float, float]:
+    """x limits: the front's complete points within the plotted loss range, the choice and compared choices."""
+    cap = _cap(report)
+    xs = [c["bits_per_weight"] for c in report["front"] if c["loss"] <= 1.25 * cap] or \
+         [c["bits_per_weight"] for c in report["front"]]
+    choice = report.get("choice") or {}
+    if "bits_per_weight" in choice:
+        xs.append(choice["bits_per_weight"])
+    xs += [other["choice"]["bits_per_weight"] for other in compare]
+    lo, hi = min(xs), max(xs)
+    width = max(hi - lo, 0.25 * hi, 0.05)
+    return max(0.0, lo - FRAME_MARGIN * width), hi + FRAME_MARGIN * width
+
+
+def _cap(report: dict) -> float:
+    return max(4 * report["settings"]["max_drop"], 0.02)
+
+
+def pareto_axes(ax, report: dict, compare: Sequence[dict] = ()) -> None:
+    settings = report["settings"]
+    max_drop, cap = settings["max_drop"], _cap(report)
+    top = 1.25 * cap
+    x0, x1 = _frame(report, compare)
+    cands = report["candidates"]
+
+    def scatter(rows, **kw):
+        inside = [c for c in rows if c["bits_per_weight"] <= x1]
+        if inside:
+            ax.scatter([max(c["bits_per_weight"], x0) for c in inside], [min(c["loss"], top) for c in inside], **kw)
+
+    searched = "k equal-width bins" if settings["mode"] == "paper" else "per-tensor steps (x, gamma)"
+    scatter([c for c in cands if c["complete"] and c["stage"] != "merge"], s=16, c="0.6", label=f"evaluated: {searched}")
+    scatter([c for c in cands if not c["complete"]], s=16, marker="^", facecolors="none", edgecolors="0.6",
+            label="stopped early (loss at least)")
+    scatter([c for c in cands if c["stage"] == "merge"], s=20, c="tab:blue", label="after merging neighbouring bins")
+    front = sorted(report["front"], key=lambda c: c["bits_per_weight"])
+    if front:
+        ax.step([c["bits_per_weight"] for c in front] + [x1], [min(c["loss"], top) for c in front] + [front[-1]["loss"]],
+                where="post", c="tab:orange", lw=1.3, label="Pareto front")
+    ax.axhline(max_drop, c="tab:red", ls=":", lw=1.2, label=f"tolerance: max drop {max_drop}")
+    beyond = [c for c in cands if c["bits_per_weight"] > x1]
+    if beyond:
+        ax.annotate(f"{len(beyond)} more up to {max(c['bits_per_weight'] for c in beyond):.1f} bits/weight ->",
+                    (0.99, 0.55), xycoords="axes fraction", ha="right", fontsize=8, color="0.35")
+    ax.annotate("original: 32 bits/weight, loss 0 ->", (0.99, 0.09), xycoords="axes fraction", ha="right",
+                fontsize=8, color="tab:green")
+    for other, marker, colour in zip(compare, "Dps", ("tab:purple", "tab:brown", "tab:cyan")):
+        c = other["choice"]
+        ax.scatter([c["bits_per_weight"]], [min(c["loss_search"] if c.get("loss_search") is not None else c["loss"], top)],
+                   s=90, marker=marker, c=colour, zorder=5,
+                   label=f"--mode {other['settings']['mode']}: {c['name']} ({other['file']['bytes']:,} B)")
+    choice = report.get("choice")
+    if choice and choice.get("loss_search") is not None:
+        ax.scatter([choice["bits_per_weight"]], [min(choice["loss_search"], top)], s=200, marker="*", c="tab:red",
+                   zorder=6, label=f"choice: {choice['name']} ({report['file']['bytes']:,} B)")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(-0.05 * cap, 1.3 * cap)
+    ax.set_xlabel("encoded bits per weight (indices + codebooks + tables)")
+    ax.set_ylabel(f"loss ({report['metric']}) on the search data; above {top:.3g}: drawn at the top")
+    ax.grid(alpha=0.3)
+    n_weights = report["pool"].get("pooled_weights")
+    other_bytes = report["file"]["bytes"] - report["file"]["weight_bytes"]
+    if n_weights:
+        kb = lambda bits: (other_bytes + bits * n_weights / 8) / 1000  # noqa: E731
+        bits = lambda size: (size * 1000 - other_bytes) * 8 / n_weights  # noqa: E731
+        ax.secondary_xaxis("top", functions=(kb, bits)).set_xlabel("file size (KB, about)", fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def layers_axes(ax, report: dict) -> None:
+    rows = [r for r in report.get("layers") or [] if r["weights"]]
+    if not rows:
+        ax.text(0.5, 0.5, "no per-layer table in the report", ha="center", transform=ax.transAxes)
+        return
+    by_sensitivity = all(r["sensitivity"] is not None and r["sensitivity"] > 0 for r in rows)
+    xs = [r["sensitivity"] if by_sensitivity else max(r["error_share"] or 0.0, 1e-4) for r in rows]
+    shares = [r["error_share"] if r["error_share"] is not None else 0.0 for r in rows]
+    sizes = [12 + 18 * math.log10(r["weights"]) ** 1.5 for r in rows]
+    own = [i for i, r in enumerate(rows) if r["error_share"] is not None]
+    grouped = [i for i, r in enumerate(rows) if r["error_share"] is None]
+    bits = [r["bits_per_weight"] for r in rows]
+    points = ax.scatter([xs[i] for i in own], [bits[i] for i in own], s=[sizes[i] for i in own],
+                        c=[shares[i] for i in own], cmap="viridis", vmin=0.0, vmax=max(max(shares), 1e-9),
+                        edgecolors="0.3", linewidths=0.4)
+    if grouped:
+        ax.scatter([xs[i] for i in grouped], [bits[i] for i in grouped], s=[sizes[i] for i in grouped],
+                   facecolors="none", edgecolors="0.4", linewidths=0.8, label="bias: its share is its weight's")
+        ax.legend(fontsize=7, loc="upper right")
+    ax.figure.colorbar(points, ax=ax, label="share of the chosen file's output error")
+    for r, x in sorted(zip(rows, xs), key=lambda rx: -(rx[0]["error_share"] or 0.0))[:3]:
+        name = r["tensor"].split(":", 1)[-1]
+        ax.annotate(name if len(name) <= 28 else "..." + name[-25:], (x, r["bits_per_weight"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("sensitivity: output error with the tensor alone quantized at its test step" if by_sensitivity
+                  else "share of the output error (no sensitivity measured in this mode)")
+    ax.set_ylabel("bits per weight of the tensor's codes in the file")
+    ax.set_title(f"{len(rows)} quantized tensors (dot area: weights)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+
+
+def plot(report: dict, path: str | os.PathLike, compare: Sequence[dict] = ()) -> None:
+    """The two plots side by side in one PNG (deterministic: no timestamp in its metadata)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.4), dpi=110, width_ratios=(1.25, 1))
+    pareto_axes(left, report, compare)
+    layers_axes(right, report)
+    settings = report["settings"]
+    fig.suptitle(f"moub --mode {settings['mode']}: {report['source']['name']}, {report['file']['ratio']:.2f}x, "
+                 f"loss {report['loss']} ({report['metric']}, max drop {settings['max_drop']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
