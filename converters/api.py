@@ -37,7 +37,8 @@ from .modes.base import ModeContext
 from .modes.paper import fixed_bins
 from .options import ConvertOptions, describe, keyword_parameters
 from .passed_over import passed_over
-from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
+from .progress import ConsoleProgress
+from .report import REPORT_VERSION, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
 from .session import ConversionSession
 from .solution import Quantization
@@ -231,7 +232,7 @@ def convert(
 
     session = setup.session(source.model, options)
     target = options.target(source.original_bytes)
-    bar = RichProgress(setup.q0, options.max_drop) if progress is None and not quiet else None
+    bar = ConsoleProgress(options.max_drop) if progress is None and not quiet else None
     counter = _Counter(progress or bar)
     try:
         with candidate_map(session, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
@@ -241,24 +242,25 @@ def convert(
                 other = _Writer(source, pool, options, setup, mode_impl, result.candidates,
                                 _front_rows(front_of(result.candidates, setup.q0), setup.q0)).other_bytes()
                 result.candidates += mode_impl.toward_size(context, 8 * (target - other) / pool.n_weights)
+        result.facts["evaluation_strategy"] = setup.evaluator.strategy
+        if not result.feasible and target is None:
+            best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
+            hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
+            raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {setup.metric}{hint}; "
+                                 f"raise --max-bins or --max-drop")
+
+        front = front_of(result.candidates, setup.q0)
+        front_rows = _front_rows(front, setup.q0)
+        written = _Writer(source, pool, options, setup, mode_impl, result.candidates, front_rows, session, counter)
+        counter({"phase": "write", "total": None})
+        if target is None:
+            moub_bytes, chosen = written.within_tolerance(result.feasible)
+        else:
+            moub_bytes, chosen = written.within_target(target)
+        return written.result(moub_bytes, chosen, front, result.facts, counter, started, test, test_labels, batch_axes)
     finally:
         if bar:
             bar.close()
-    result.facts["evaluation_strategy"] = setup.evaluator.strategy
-    if not result.feasible and target is None:
-        best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
-        hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
-        raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {setup.metric}{hint}; "
-                             f"raise --max-bins or --max-drop")
-
-    front = front_of(result.candidates, setup.q0)
-    front_rows = _front_rows(front, setup.q0)
-    written = _Writer(source, pool, options, setup, mode_impl, result.candidates, front_rows, session, counter)
-    if target is None:
-        moub_bytes, chosen = written.within_tolerance(result.feasible)
-    else:
-        moub_bytes, chosen = written.within_target(target)
-    return written.result(moub_bytes, chosen, front, result.facts, counter, started, test, test_labels, batch_axes)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The JSON report, the Pareto plot, the closing table and the live progress bar.
+"""The JSON report and the closing table (the plots: ``plots.py``; progress: ``progress.py``).
 
 The report is deterministic (same model, data and seed give the same bytes):
 it holds no timestamps and no wall times. Wall time lives on the result
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Sequence
 
 from .metrics import METRICS
@@ -105,46 +104,3 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     for note in (report.get("data") or {}).get("notes", []):
         lines.append(f"{'data':16}{note}")
     return "\n".join(lines)
-
-
-class RichProgress:
-    """Live bar on stderr: evaluations done and the best feasible candidate so far.
-
-    Transient, and only on a terminal: when stderr is a file or a pipe it stays
-    silent, so that an error is still the only line there."""
-
-    def __init__(self, quality_original: float, max_drop: float) -> None:
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.q0, self.max_drop = quality_original, max_drop
-        self.evaluations = 0
-        self.best: dict | None = None
-        self.phase = "search"
-        console = Console(file=sys.stderr)
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                  console=console, transient=True, disable=not console.is_terminal)
-        self._task = self._progress.add_task(self._text(), total=None)
-        self._progress.start()
-
-    def _text(self) -> str:
-        best = "none within tolerance yet"
-        if self.best:
-            b = self.best
-            best = f"{b['name']}: {b['bits_per_weight']:.3f} bits/weight, loss {b['loss']:.4f}"
-        return f"{self.phase:6} evaluations {self.evaluations:4}  best {best}"
-
-    def __call__(self, event: dict) -> None:
-        if "phase" in event:
-            self.phase = event["phase"]
-        if "result" in event:
-            r = event["result"]
-            self.evaluations += 1
-            # sensitivity runs report a distortion, not a loss: they count, but are no candidate
-            if r.get("complete") and r.get("loss", math.inf) <= self.max_drop + 1e-12:
-                if self.best is None or r["bits_per_weight"] < self.best["bits_per_weight"]:
-                    self.best = r
-        self._progress.update(self._task, description=self._text())
-
-    def close(self) -> None:
-        self._progress.stop()

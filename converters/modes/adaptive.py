@@ -80,7 +80,7 @@ class AdaptiveMode:
         dataset = ctx.session.dataset
         per_sample = sum(int(np.prod(a.shape[1:], dtype=np.int64)) for a in dataset.inputs.values())
         samples = sensitivity.sample_count(dataset.n_samples, per_sample, pool.n_weights, len(pool.sites))
-        ctx.progress({"phase": "sensitivity"})
+        ctx.progress({"phase": "sensitivity", "total": len(pool.sites)})
         self.calib = calib = ctx.session.calibration
         distortions = sensitivity.measure(ctx.map, stats, samples)
         self.log2_opt = log2_opt = sensitivity.log2_optimal_steps(stats, distortions)
@@ -102,11 +102,11 @@ class AdaptiveMode:
         limit = self.limits["search"]
         problem = StepProblem(run, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
         self.problem = problem
-        ctx.progress({"phase": "bracket"})
+        ctx.progress({"phase": "bracket", "total": math.ceil(math.log2(X_POINTS / BRACKET_WIDTH))})
         boundary, bracket_runs = self._bracket(problem, opts)
         problem.xl[0] = float(max(0, boundary - X_WINDOW))
         problem.xu[0] = float(min(X_POINTS, boundary + X_WINDOW))
-        ctx.progress({"phase": "search"})
+        ctx.progress({"phase": "search", "total": max(opts.population, MIN_POPULATION) * opts.generations})
         facts = self._search(problem, opts, ctx)
         facts["bracket"] = {"gamma": BRACKET_GAMMA, "x_feasible": round(Decision(boundary, 0).x, 9),
                             "evaluations": bracket_runs, "x_window": [round(Decision(int(problem.xl[0]), 0).x, 9),
@@ -114,18 +114,18 @@ class AdaptiveMode:
         candidates = [candidate_from_result(problem.cache[k]) for k in problem.order]
         facts["search_evaluations"] = len(candidates)
 
-        ctx.progress({"phase": "refine"})
+        ctx.progress({"phase": "refine", "total": opts.merge_budget})
         refined = self._refine(problem, candidates, opts)
         candidates += refined
         ranked = rank(robust_within_gamma(candidates, limit, opts.monotone))
-        ctx.progress({"phase": "confirm"})
+        ctx.progress({"phase": "confirm", "total": CONFIRM_BUDGET})
         confirmed, trials = self._confirm(ranked, opt_list, opts, ctx)
         confirmed, gap = self._fill_gap(problem, ranked, confirmed, trials, opt_list, ctx)
         candidates += gap
         feasible_list = confirmed + fallbacks(rank(ranked + [c for c in gap if feasible(c, limit)]), confirmed, trials)
         if (confirmed and metrics.METRICS[ctx.session.metric].counts_flips and ctx.session.reference[0].ndim == 2
                 and is_split(ctx.session.dataset.n_samples)):
-            ctx.progress({"phase": "coarsen"})
+            ctx.progress({"phase": "coarsen", "total": COARSEN_STEPS})
             coarser, facts["coarsen"] = self._coarsen(confirmed[0], opt_list, opts, ctx)
             candidates += coarser
             if coarser:
