@@ -389,7 +389,8 @@ class _Writer:
             file_rows = layer_rows(path)
         calibration = getattr(self.mode, "calib", None)
         rules = calibration.corrector.rules if calibration is not None else ()
-        return layer_table(self.session, file_rows, quant.site_arrays(self.pool), rules, facts, self.progress)
+        return layer_table(self.session, file_rows, quant.site_arrays(self.pool), rules, facts, self.progress,
+                           self.options.layer_shares)
 
     def result(self, moub_bytes: bytes, chosen: tuple, front: list[Candidate], facts: dict, counter: _Counter,
                started: float, test=None, test_labels=None, batch_axes=None) -> ConvertResult:

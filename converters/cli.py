@@ -115,13 +115,14 @@ def _compared(path: str) -> dict:
 def _from_report(args: argparse.Namespace, axes):
     from .front_point import write_point
 
-    given = [name for name, value in options.from_arguments(args).items() if value != options.default(name)]
+    chosen = options.from_arguments(args)
+    given = [name for name, value in chosen.items() if value != options.default(name) and options.determines_file(name)]
     if given:
         raise OptionError(f"--from-report takes the settings of the report's search; drop {options.flag(given[0])}")
     if not args.data:
         raise OptionError("--from-report needs --data: the data the report's conversion used")
     return write_point(args.model, args.data, args.from_report, args.point, labels=args.labels, batch_axes=axes,
-                       test=args.test, test_labels=args.test_labels)
+                       test=args.test, test_labels=args.test_labels, layer_shares=chosen["layer_shares"])
 
 
 def _guarded(run, args) -> int:

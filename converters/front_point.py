@@ -39,18 +39,20 @@ def read_report(path: str | os.PathLike) -> dict:
 
 
 def write_point(model_or_path, data, report: Mapping | str | os.PathLike, point: str | None = None, *, labels=None,
-                batch_axes: Mapping[str, int | None] | None = None, test=None, test_labels=None) -> ConvertResult:
+                batch_axes: Mapping[str, int | None] | None = None, test=None, test_labels=None,
+                layer_shares: bool = True) -> ConvertResult:
     """The file of the report's candidate named ``point`` (None: the report's own choice).
 
     ``model_or_path`` and ``data`` must be those the report's conversion used: the source's
-    digest is checked, and the data decide the calibration and the measured quality."""
+    digest is checked, and the data decide the calibration and the measured quality.
+    ``layer_shares``: measure each layer's share of the output error (``layer_errors.py``)."""
     started = time.perf_counter()
     label = "the report"
     if not isinstance(report, Mapping):
         label, report = str(report), read_report(report)
     settings = report["settings"]
     try:
-        options = ConvertOptions.from_keywords({k: v for k, v in settings.items()})
+        options = ConvertOptions.from_keywords({**settings, "layer_shares": layer_shares})
     except TypeError as exc:
         raise OptionError(f"{label}: settings this converter does not know ({exc})") from None
     name = point if point is not None else report["choice"]["name"]

@@ -47,12 +47,15 @@ def default_samples(session: ConversionSession) -> int:
 
 
 def layer_table(session: ConversionSession, file_rows: Sequence, quantized: Mapping[str, np.ndarray], rules: Sequence,
-                facts: Mapping, progress: Callable[[dict], None] = lambda event: None) -> tuple[list[dict], dict]:
+                facts: Mapping, progress: Callable[[dict], None] = lambda event: None,
+                shares: bool = True) -> tuple[list[dict], dict | None]:
     """The report's per-layer rows: what the file holds of each quantized tensor (``file_rows``,
     ``moub_runtime.layers``), its measured sensitivity (adaptive mode: the relative output error
     with it alone quantized at its test step) and its share of the chosen point's output error."""
-    samples = int(facts.get("sensitivity_samples") or default_samples(session))
-    summary, by_site = error_shares(session, quantized, rules, samples, progress)
+    summary, by_site = None, {}
+    if shares:
+        samples = int(facts.get("sensitivity_samples") or default_samples(session))
+        summary, by_site = error_shares(session, quantized, rules, samples, progress)
     number = {site.path: i for i, site in enumerate(session.pool.sites)}
     measured = facts.get("relative_distortion")
     rows = []

@@ -89,6 +89,9 @@ class ConvertOptions:
                                       "file fits N bytes, within --max-drop or not (said so)", type=int, provenance="if-set")
     target_ratio: float | None = option(None, "--target-ratio", "the same for a file R times smaller than the model",
                                         type=float, provenance="if-set")
+    layer_shares: bool = option(True, "--no-layer-shares", "leave out each layer's share of the output error (default: "
+                                "measured, two onnxruntime runs per tensor on a few samples)", negated=True,
+                                provenance=False)  # the same file either way
     # keywords of convert() only
     patience: int = option(PATIENCE, help="the search stops when its front has not changed for this many generations "
                            "(default {default})")
@@ -157,6 +160,7 @@ class ConvertOptions:
              f"outputs {self.outputs!r} must be a tuple of output names")
         need(isinstance(self.monotone, bool), f"monotone {self.monotone!r} must be True or False")
         need(isinstance(self.bias_correction, bool), f"bias_correction {self.bias_correction!r} must be True or False")
+        need(isinstance(self.layer_shares, bool), f"layer_shares {self.layer_shares!r} must be True or False")
         need(isinstance(self.error_feedback, bool), f"error_feedback {self.error_feedback!r} must be True or False")
         need(is_int(self.wave) and 1 <= self.wave <= 1000, f"wave {self.wave!r} must be in [1, 1000]")
         need(self.abort_drop is None or (isinstance(self.abort_drop, (int, float)) and self.abort_drop >= self.max_drop),
@@ -229,6 +233,11 @@ def from_arguments(args: argparse.Namespace) -> dict[str, object]:
 def default(name: str) -> object:
     """The declared default of option ``name``."""
     return ConvertOptions.__dataclass_fields__[name].default
+
+
+def determines_file(name: str) -> bool:
+    """Whether option ``name`` can change the written file (its provenance)."""
+    return bool(ConvertOptions.__dataclass_fields__[name].metadata["provenance"])
 
 
 def flag(name: str) -> str:

@@ -98,3 +98,13 @@ def test_the_plot_has_both_panels(converted, tmp_path):
 
     with Image.open(tmp_path / "p.png") as image:
         assert image.size[0] > 1.8 * image.size[1]  # the Pareto plot and the per-layer plot side by side
+
+
+def test_without_layer_shares_the_same_file_and_the_files_rows(converted):
+    result, _ = converted
+    quick = convert(MODEL, data=VAL, max_drop=0.01, layer_shares=False)
+    assert quick.moub_bytes == result.moub_bytes
+    assert quick.report["layer_error"] is None and "worst layers" not in quick.closing_table()
+    assert [(r["tensor"], r["bits_per_weight"], r["sensitivity"]) for r in quick.report["layers"]] == \
+        [(r["tensor"], r["bits_per_weight"], r["sensitivity"]) for r in result.report["layers"]]
+    assert all(r["error_share"] is None for r in quick.report["layers"])

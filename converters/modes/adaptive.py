@@ -118,7 +118,7 @@ class AdaptiveMode:
         refined = self._refine(problem, candidates, opts)
         candidates += refined
         ranked = rank(robust_within_gamma(candidates, limit, opts.monotone))
-        ctx.progress({"phase": "confirm", "total": CONFIRM_BUDGET})
+        ctx.progress({"phase": "confirm", "total": 2 * CONFIRM_BUDGET + 2})  # trials, and search runs filling the gap
         confirmed, trials = self._confirm(ranked, opt_list, opts, ctx)
         confirmed, gap = self._fill_gap(problem, ranked, confirmed, trials, opt_list, ctx)
         candidates += gap
