@@ -108,3 +108,43 @@ def test_without_layer_shares_the_same_file_and_the_files_rows(converted):
     assert [(r["tensor"], r["bits_per_weight"], r["sensitivity"]) for r in quick.report["layers"]] == \
         [(r["tensor"], r["bits_per_weight"], r["sensitivity"]) for r in result.report["layers"]]
     assert all(r["error_share"] is None for r in quick.report["layers"])
+
+
+@pytest.mark.slow
+def test_shares_on_a_real_model_sum_to_the_error_its_written_file_shows(tmp_path):
+    """PP-OCR's text-direction classifier (rapidocr's wheel) with 64 equal-width bins: the
+    restoring runs' shares add up to the whole error, which is what moub_runtime's session of
+    the encoded file shows on the same samples; restored one at a time they would not add up."""
+    from test_real_models import model_file
+
+    from moub_converters.api import _Setup
+    from moub_converters.encode import encode_model
+    from moub_converters.layer_errors import distortion, error_shares, groups_of
+    from moub_converters.modes.paper import fixed_bins
+    from moub_converters.options import ConvertOptions
+
+    source = load_source(model_file("cls"))
+    pool = pool_weights(source.model, 1024)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (8, 3, 48, 192)).astype(np.float32)
+    options = ConvertOptions(metric="l2", mode="paper")
+    setup = _Setup.build(source, pool, {"x": x}, None, None, options)
+    session = setup.session(source.model, options)
+    quant, _ = fixed_bins(pool, 64)
+    quantized = quant.site_arrays(pool)
+    summary, by_site = error_shares(session, quantized, (), 8)
+    assert summary["groups"] == len(pool.sites) == 27
+    assert summary["sum_of_drops"] == pytest.approx(summary["distortion"], rel=1e-6) and summary["left_restored"] < 1e-12
+    assert sum(v["error_share"] for v in by_site.values()) == pytest.approx(1.0, abs=1e-4)
+    path = tmp_path / "cls64.moub"
+    path.write_bytes(encode_model(source.model, quant.codebooks, quant.assignments(pool), {}))
+    moub = moub_runtime.InferenceSession(path)
+    original = ort.InferenceSession(str(model_file("cls")), providers=["CPUExecutionProvider"])
+    out = np.concatenate([moub.run(None, {"x": x[i : i + 1]})[0] for i in range(8)]).astype(np.float64)
+    ref = np.concatenate([original.run(None, {"x": x[i : i + 1]})[0] for i in range(8)]).astype(np.float64)
+    assert summary["distortion"] == pytest.approx(float(np.sum((out - ref) ** 2) / np.sum(ref**2)), rel=1e-3)
+    # one at a time (each restored alone) the drops do not sum to the whole: the reason for the two orders
+    alone = sum(summary["distortion"] - distortion(session, {**quantized, pool.sites[g[0]].path:
+                                                             session.originals[pool.sites[g[0]].path]}, 8)
+                for g in groups_of(pool, ()))
+    assert abs(alone - summary["distortion"]) > 0.05 * summary["distortion"]
