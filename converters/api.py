@@ -33,7 +33,7 @@ from .intake import Pool, SourceModel, load_source, pool_weights
 from .layer_errors import layer_table
 from .modes import get_mode
 from .candidates import Candidate, Stage
-from .modes.base import ModeContext
+from .modes.base import Mode, ModeContext
 from .modes.paper import fixed_bins
 from .options import ConvertOptions, describe, keyword_parameters
 from .passed_over import passed_over
@@ -319,7 +319,7 @@ class _Writer:
     pool: Pool
     options: ConvertOptions
     setup: _Setup
-    mode: object
+    mode: Mode
     candidates: list[Candidate]
     front_rows: list[dict]
     session: ConversionSession | None = None  # for the per-layer error shares (None: no per-layer table)
@@ -372,10 +372,14 @@ class _Writer:
                 break
             candidate = order[0]
             tried.add(candidate.name)
-            moub_bytes, chosen = self.write(candidate)
-            if len(moub_bytes) <= target:
-                return moub_bytes, chosen
-            other = max(other, len(moub_bytes) - int(candidate.bits_per_weight * n / 8))
+            # the original's quality stands in for the file's: the same length in the metadata
+            size = len(self._trial(candidate, quality=self.setup.q0)[0])
+            if size <= target:
+                moub_bytes, chosen = self.write(candidate)
+                if len(moub_bytes) <= target:
+                    return moub_bytes, chosen
+                size = len(moub_bytes)
+            other = max(other, size - int(candidate.bits_per_weight * n / 8))
         small = targets.smallest(self.candidates)
         raise ToleranceError(f"no evaluated candidate's file fits {target:,} bytes; the smallest, {small.name}, takes "
                              f"about {int(small.bits_per_weight * n / 8) + other:,} bytes")

@@ -11,6 +11,7 @@ share of the output error): :func:`with_report` joins them by tensor path.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -67,10 +68,15 @@ def with_report(rows: list[LayerRow], report_path: str | os.PathLike) -> list[La
     matched by tensor path; raises MoubFormatError naming the report if it is no such report."""
     try:
         report = json.loads(open(report_path, encoding="utf-8").read())
-        measured = {r["tensor"]: r for r in report["layers"]}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        measured = {r["tensor"]: r for r in report["layers"] if isinstance(r, dict)}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MoubFormatError(f"{report_path}: not a report with a per-layer table ({type(exc).__name__}: {exc})") from None
     for row in rows:
         r = measured.get(row.path, {})
+        for key in ("sensitivity", "error_share"):
+            value = r.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise MoubFormatError(f"{report_path}: layer {row.path!r}: {key} {value!r} is not a number")
         row.sensitivity, row.error_share = r.get("sensitivity"), r.get("error_share")
     return rows

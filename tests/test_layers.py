@@ -89,6 +89,11 @@ def test_inspect_layers_reads_the_file_and_joins_the_report(converted):
     assert [r["path"] for r in as_json["layers"]] == [r.path for r in rows]
     bad = run("--layers", "--report", folder / "d.moub")
     assert bad.returncode == 2 and "not a report with a per-layer table" in bad.stderr
+    report = json.loads((folder / "d.json").read_text())
+    report["layers"][0]["error_share"] = "most"
+    (folder / "bad.json").write_text(json.dumps(report))
+    bad = run("--layers", "--report", folder / "bad.json")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "error_share 'most' is not a number" in bad.stderr
 
 
 def test_the_plot_has_both_panels(converted, tmp_path):
