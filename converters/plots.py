@@ -103,33 +103,37 @@ def pareto_axes(ax, report: dict, compare: Sequence[dict] = ()) -> None:
 
 
 def layers_axes(ax, report: dict) -> None:
+    from matplotlib.colors import TwoSlopeNorm
+
     rows = [r for r in report.get("layers") or [] if r["weights"]]
     if not rows:
         ax.text(0.5, 0.5, "no per-layer table in the report", ha="center", transform=ax.transAxes)
         return
     by_sensitivity = all(r["sensitivity"] is not None and r["sensitivity"] > 0 for r in rows)
-    xs = [r["sensitivity"] if by_sensitivity else max(r["error_share"] or 0.0, 1e-4) for r in rows]
+    xs = [r["sensitivity"] if by_sensitivity else (r["error_share"] or 0.0) for r in rows]
     shares = [r["error_share"] if r["error_share"] is not None else 0.0 for r in rows]
     sizes = [12 + 18 * math.log10(r["weights"]) ** 1.5 for r in rows]
     own = [i for i, r in enumerate(rows) if r["error_share"] is not None]
     grouped = [i for i, r in enumerate(rows) if r["error_share"] is None]
     bits = [r["bits_per_weight"] for r in rows]
     points = ax.scatter([xs[i] for i in own], [bits[i] for i in own], s=[sizes[i] for i in own],
-                        c=[shares[i] for i in own], cmap="viridis", vmin=0.0, vmax=max(max(shares), 1e-9),
+                        c=[shares[i] for i in own], cmap="coolwarm",
+                        norm=TwoSlopeNorm(0.0, min(-1e-9, min(shares)), max(1e-9, max(shares))),
                         edgecolors="0.3", linewidths=0.4)
     if grouped:
         ax.scatter([xs[i] for i in grouped], [bits[i] for i in grouped], s=[sizes[i] for i in grouped],
                    facecolors="none", edgecolors="0.4", linewidths=0.8, label="bias: its share is its weight's")
         ax.legend(fontsize=7, loc="upper right")
-    ax.figure.colorbar(points, ax=ax, label="share of the chosen file's output error")
+    ax.figure.colorbar(points, ax=ax, label="share of the chosen file's output error (below 0: cancels others')")
     for r, x in sorted(zip(rows, xs), key=lambda rx: -(rx[0]["error_share"] or 0.0))[:3]:
         name = r["tensor"].split(":", 1)[-1]
         ax.annotate(name if len(name) <= 28 else "..." + name[-25:], (x, r["bits_per_weight"]), fontsize=7,
-                    xytext=(10, 10), textcoords="offset points", arrowprops={"arrowstyle": "-", "color": "0.3"},
+                    xytext=(-10, 10), textcoords="offset points", ha="right", arrowprops={"arrowstyle": "-", "color": "0.3"},
                     bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.6", "alpha": 0.9})
-    ax.set_xscale("log")
+    if by_sensitivity:
+        ax.set_xscale("log")
     ax.set_xlabel("sensitivity: output error with the tensor alone quantized at its test step" if by_sensitivity
-                  else "share of the output error (no sensitivity measured in this mode)")
+                  else "share of the output error (this mode measures no sensitivity)")
     ax.set_ylabel("bits per weight of the tensor's codes in the file")
     ax.set_title(f"{len(rows)} quantized tensors (dot area: weights)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
