@@ -141,3 +141,12 @@ def test_the_closing_table_says_why_smaller_candidates_were_passed_over(searched
             assert KINDS[kind] in stdout
     table = stdout[stdout.index("passed over"):stdout.index("evaluations")] if rows else ""
     assert all(len(line) <= 80 for line in table.splitlines()), table
+
+
+def test_paper_mode_target_ratio_fits(tmp_path):
+    """The paper mode chooses among its evaluated bin counts: the file fits the ratio asked for."""
+    result = convert(MODEL, data=VAL, mode="paper", population=4, generations=2, target_ratio=12.0)
+    original = MODEL.stat().st_size
+    assert len(result.moub_bytes) <= original // 12
+    assert result.report["target"]["bytes"] == original // 12 and result.report["settings"]["target_ratio"] == 12.0
+    assert result.report["target"]["within_max_drop"] == (result.report["loss"] <= 0.005)
