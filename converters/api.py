@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +24,21 @@ from moub_format import writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
-from . import heads, metrics
+from . import heads, metrics, targets
 from .data import Dataset, load_dataset
 from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
 from .evaluate import Evaluator, OutputLayout, Scorer, reference_outputs, session_options
 from .intake import Pool, SourceModel, load_source, pool_weights
+from .layer_errors import layer_table
 from .modes import get_mode
 from .candidates import Candidate, Stage
-from .modes.base import ModeContext
+from .modes.base import Mode, ModeContext
 from .modes.paper import fixed_bins
 from .options import ConvertOptions, describe, keyword_parameters
-from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
+from .passed_over import passed_over
+from .progress import ConsoleProgress
+from .report import REPORT_VERSION, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
 from .session import ConversionSession
 from .solution import Quantization
@@ -78,15 +81,17 @@ class ConvertResult:
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
-    def write_plot(self, path: str | os.PathLike) -> None:
-        from .report import plot
+    def write_plot(self, path: str | os.PathLike, compare: Sequence[dict] = ()) -> None:
+        """The Pareto plot beside bits per tensor against sensitivity (``plots.py``); ``compare``:
+        reports of other runs on the same model whose choices it marks (e.g. the paper mode's)."""
+        from .plots import plot
 
         check_writable(path)
         if not self.report.get("candidates"):
             raise OutputError(f"{path}: no search ran (fixed --bins), nothing to plot")
         tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
         try:
-            plot(self.report, tmp)
+            plot(self.report, tmp, compare)
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -221,67 +226,201 @@ def convert(
             raise DataError("no sample data: pass data (--data DATA.npz), or --bins K to encode without a search")
         return _fixed(source, pool, options, started)
 
-    dataset = load_dataset(data, source.model, labels=labels, batch_size=options.batch_size, batch_axes=batch_axes)
-    evaluator = Evaluator(source.model, pool, dataset, options.strategy, outputs=options.outputs)
-    try:
-        reference = reference_outputs(evaluator, source.model, source.label)
-    except ModelError:
-        if evaluator.strategy == "serialize":
-            raise
-        # the plain model, in case handing weights over is what onnxruntime refused
-        evaluator = Evaluator(source.model, pool, dataset, "serialize", outputs=options.outputs)
-        reference = reference_outputs(evaluator, source.model, source.label)
-    if options.metric:
-        chosen_metric, metric_reason, judged = options.metric, "chosen with --metric", ()
-    else:
-        chosen_metric, metric_reason, judged = heads.default_metric(source.model, reference, dataset.n_samples,
-                                                                    dataset.labels, evaluator.output_names)
-    metrics.check_metric(chosen_metric, dataset.labels, reference, judged)
-    q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels, judged)
-    baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names, judged)
+    setup = _Setup.build(source, pool, data, labels, batch_axes, options)
     if options.bins is not None:
-        return _fixed(source, pool, options, started, baseline)
+        return _fixed(source, pool, options, started, setup.baseline)
 
-    session = ConversionSession(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy,
-                                judged)
-    session.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0, heads=judged))
-    bar = RichProgress(q0, options.max_drop) if progress is None and not quiet else None
+    session = setup.session(source.model, options)
+    target = options.target(source.original_bytes)
+    bar = ConsoleProgress(options.max_drop) if progress is None and not quiet else None
     counter = _Counter(progress or bar)
     try:
         with candidate_map(session, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
-            result = mode_impl.run(ModeContext(pool, session, options, mapper, counter))
+            context = ModeContext(pool, session, options, mapper, counter)
+            result = mode_impl.run(context)
+            if target is not None and hasattr(mode_impl, "toward_size"):
+                other = _Writer(source, pool, options, setup, mode_impl, result.candidates,
+                                _front_rows(front_of(result.candidates, setup.q0), setup.q0)).other_bytes()
+                result.candidates += mode_impl.toward_size(context, 8 * (target - other) / pool.n_weights)
+        result.facts["evaluation_strategy"] = setup.evaluator.strategy
+        if not result.feasible and target is None:
+            best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
+            hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
+            raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {setup.metric}{hint}; "
+                                 f"raise --max-bins or --max-drop")
+
+        front = front_of(result.candidates, setup.q0)
+        front_rows = _front_rows(front, setup.q0)
+        written = _Writer(source, pool, options, setup, mode_impl, result.candidates, front_rows, session, counter)
+        counter({"phase": "write", "total": None})
+        if target is None:
+            moub_bytes, chosen = written.within_tolerance(result.feasible)
+        else:
+            moub_bytes, chosen = written.within_target(target)
+        return written.result(moub_bytes, chosen, front, result.facts, counter, started, test, test_labels, batch_axes)
     finally:
         if bar:
             bar.close()
-    result.facts["evaluation_strategy"] = evaluator.strategy
-    if not result.feasible:
-        best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
-        hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
-        raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {chosen_metric}{hint}; "
-                             f"raise --max-bins or --max-drop")
 
-    front = front_of(result.candidates, q0)
-    front_rows = _front_rows(front, q0)
-    for candidate in result.feasible[:VERIFY_CANDIDATES]:
-        quant, stages = mode_impl.materialize(pool, candidate, options, result.candidates)
-        trial = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, None, front_rows))
-        measured = _measure(trial, baseline)
-        if measured.loss <= options.max_drop + 1e-12:
-            break
-    else:
-        raise ToleranceError(f"the written file misses --max-drop {options.max_drop} when decoded by moub_runtime "
-                             f"(loss {measured.loss:.4f}); raise --max-drop or give more data")
-    moub_bytes = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
-    final = _measure(moub_bytes, None)
-    report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
-                     len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
-    report["metric_reason"] = metric_reason
-    if judged:
-        report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
-    if test is not None:
-        report["test"] = _held_out(source, pool, options, chosen_metric, judged, moub_bytes, test, test_labels, batch_axes)
-    return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
-                         time.perf_counter() - started, chosen_metric)
+
+@dataclass
+class _Setup:
+    """What every conversion of one model on one data set measures first: the data, the
+    original's outputs, the metric (chosen per output head unless given) and the original's quality."""
+
+    dataset: Dataset
+    evaluator: Evaluator
+    reference: list[np.ndarray]
+    metric: str
+    metric_reason: str
+    judged: metrics.Heads
+    q0: float
+
+    @classmethod
+    def build(cls, source: SourceModel, pool: Pool, data, labels, batch_axes, options: ConvertOptions) -> _Setup:
+        dataset = load_dataset(data, source.model, labels=labels, batch_size=options.batch_size, batch_axes=batch_axes)
+        evaluator = Evaluator(source.model, pool, dataset, options.strategy, outputs=options.outputs)
+        try:
+            reference = reference_outputs(evaluator, source.model, source.label)
+        except ModelError:
+            if evaluator.strategy == "serialize":
+                raise
+            # the plain model, in case handing weights over is what onnxruntime refused
+            evaluator = Evaluator(source.model, pool, dataset, "serialize", outputs=options.outputs)
+            reference = reference_outputs(evaluator, source.model, source.label)
+        if options.metric:
+            metric, reason, judged = options.metric, "chosen with --metric", ()
+        else:
+            metric, reason, judged = heads.default_metric(source.model, reference, dataset.n_samples, dataset.labels,
+                                                          evaluator.output_names)
+        metrics.check_metric(metric, dataset.labels, reference, judged)
+        q0 = metrics.quality(metric, reference, reference, dataset.labels, judged)
+        return cls(dataset, evaluator, reference, metric, reason, judged, q0)
+
+    @property
+    def baseline(self) -> _Baseline:
+        return _Baseline(self.dataset, self.metric, self.reference, self.q0, self.evaluator.layout,
+                         self.evaluator.output_names, self.judged)
+
+    def session(self, model: onnx.ModelProto, options: ConvertOptions) -> ConversionSession:
+        session = ConversionSession(model, self.evaluator.pool, self.dataset, self.metric, self.reference,
+                                    self.q0, options, self.evaluator.strategy, self.judged)
+        session.use_scorer(Scorer(self.evaluator, self.metric, self.reference, self.dataset.labels, self.q0,
+                                  heads=self.judged))
+        return session
+
+
+@dataclass
+class _Writer:
+    """Writes one evaluated candidate as the converter writes its files: encoded, decoded again by
+    ``moub_runtime`` and measured on all the data, then encoded with that quality in its metadata."""
+
+    source: SourceModel
+    pool: Pool
+    options: ConvertOptions
+    setup: _Setup
+    mode: Mode
+    candidates: list[Candidate]
+    front_rows: list[dict]
+    session: ConversionSession | None = None  # for the per-layer error shares (None: no per-layer table)
+    progress: Callable[[dict], None] = lambda event: None
+    misses: list[dict] = field(default_factory=list)  # choices whose written file missed --max-drop
+
+    def _trial(self, candidate: Candidate, quality: float | None = None) -> tuple[bytes, Quantization, list[Stage]]:
+        quant, stages = self.mode.materialize(self.pool, candidate, self.options, self.candidates)
+        metadata = _metadata(self.source, self.options, self.setup.metric, self.setup.q0, quality, self.front_rows)
+        return _encode(self.source, quant, self.pool, metadata), quant, stages
+
+    def write(self, candidate: Candidate) -> tuple[bytes, tuple]:
+        """The file of ``candidate`` (with its measured quality) and what the report needs of it."""
+        trial, quant, stages = self._trial(candidate)
+        measured = _measure(trial, self.setup.baseline)
+        del trial
+        moub_bytes = _encode(self.source, quant, self.pool, _metadata(self.source, self.options, self.setup.metric,
+                                                                     self.setup.q0, measured.quality, self.front_rows))
+        return moub_bytes, (candidate, quant, stages, measured)
+
+    def within_tolerance(self, feasible: list[Candidate]) -> tuple[bytes, tuple]:
+        """The first of the mode's choices whose written file stays within --max-drop on all the data."""
+        for candidate in feasible[:VERIFY_CANDIDATES]:
+            trial, quant, stages = self._trial(candidate)
+            measured = _measure(trial, self.setup.baseline)
+            if measured.loss <= self.options.max_drop + 1e-12:
+                break
+            self.misses.append({"name": candidate.name, "loss": round(measured.loss, 6)})
+        else:
+            raise ToleranceError(f"the written file misses --max-drop {self.options.max_drop} when decoded by "
+                                 f"moub_runtime (loss {measured.loss:.4f}); raise --max-drop or give more data")
+        del trial
+        moub_bytes = _encode(self.source, quant, self.pool, _metadata(self.source, self.options, self.setup.metric,
+                                                                     self.setup.q0, measured.quality, self.front_rows))
+        return moub_bytes, (candidate, quant, stages, measured)
+
+    def other_bytes(self) -> int:
+        """What a file of this model spends beside its weights (graph, pass-through tensors,
+        index, metadata): measured on the smallest candidate's file."""
+        candidate = targets.smallest(self.candidates)
+        trial, _, _ = self._trial(candidate, quality=1.0)
+        return max(0, len(trial) - int(candidate.bits_per_weight * self.pool.n_weights / 8))
+
+    def within_target(self, target: int) -> tuple[bytes, tuple]:
+        """The least-loss evaluated candidate whose file fits ``target`` bytes (``targets.py``)."""
+        n, other, tried = self.pool.n_weights, 0, set()
+        for _ in range(targets.MAX_TRIES):
+            order = [c for c in targets.fitting(self.candidates, n, target, other) if c.name not in tried]
+            if not order:
+                break
+            candidate = order[0]
+            tried.add(candidate.name)
+            # the original's quality stands in for the file's: the same length in the metadata
+            size = len(self._trial(candidate, quality=self.setup.q0)[0])
+            if size <= target:
+                moub_bytes, chosen = self.write(candidate)
+                if len(moub_bytes) <= target:
+                    return moub_bytes, chosen
+                size = len(moub_bytes)
+            other = max(other, size - int(candidate.bits_per_weight * n / 8))
+        small = targets.smallest(self.candidates)
+        raise ToleranceError(f"no evaluated candidate's file fits {target:,} bytes; the smallest, {small.name}, takes "
+                             f"about {int(small.bits_per_weight * n / 8) + other:,} bytes")
+
+    def _layers(self, moub_bytes: bytes, quant: Quantization, facts: dict) -> tuple[list[dict], dict]:
+        from moub_runtime.layers import layer_rows
+
+        with tempfile.TemporaryDirectory(prefix="moub-layers-") as folder:
+            path = Path(folder) / "chosen.moub"
+            path.write_bytes(moub_bytes)
+            file_rows = layer_rows(path)
+        calibration = getattr(self.mode, "calib", None)
+        rules = calibration.corrector.rules if calibration is not None else ()
+        return layer_table(self.session, file_rows, quant.site_arrays(self.pool), rules, facts, self.progress,
+                           self.options.layer_shares)
+
+    def result(self, moub_bytes: bytes, chosen: tuple, front: list[Candidate], facts: dict, counter: _Counter,
+               started: float, test=None, test_labels=None, batch_axes=None) -> ConvertResult:
+        candidate, quant, stages, measured = chosen
+        setup, options, source = self.setup, self.options, self.source
+        final = _measure(moub_bytes, None)
+        report = _report(source, self.pool, options, setup.metric, setup.q0, measured, setup.dataset, stages, final,
+                         len(moub_bytes), self.candidates, front, candidate, facts, counter, quant, setup.reference)
+        report["metric_reason"] = setup.metric_reason
+        if self.misses:
+            report["written_misses"] = self.misses
+        report["passed_over"] = passed_over(report)
+        if self.session is not None:
+            report["layers"], report["layer_error"] = self._layers(moub_bytes, quant, facts)
+        report["file_front"] = self.front_rows  # as the file's metadata holds it: a point written from the report matches
+        target = options.target(source.original_bytes)
+        if target is not None:
+            report["target"] = {"bytes": target, "file_bytes": len(moub_bytes),
+                                "within_max_drop": measured.loss <= options.max_drop + 1e-12}
+        if setup.judged:
+            report["heads"] = [{"output": setup.evaluator.output_names[i], "metric": m} for i, m in setup.judged]
+        if test is not None:
+            report["test"] = _held_out(source, self.pool, options, setup.metric, setup.judged, moub_bytes, test,
+                                       test_labels, batch_axes)
+        return ConvertResult(moub_bytes, report, report["front"], setup.q0, measured.quality, counter.evaluations,
+                             time.perf_counter() - started, setup.metric)
 
 
 if convert.__doc__:  # None under python -OO

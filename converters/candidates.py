@@ -38,6 +38,14 @@ class Candidate:
         }
 
 
+    @classmethod
+    def from_dict(cls, row: dict) -> Candidate:
+        """A candidate as the report lists it (figures rounded as there)."""
+        return cls(row["name"], row["stage"], row["quality"], float(row["loss"]), bool(row["complete"]),
+                   float(row["bits_per_weight"]), int(row["bins"]), row["recipe"], row.get("stopped"),
+                   row.get("fitted_loss"))
+
+
 @dataclass
 class Stage:
     """One row of the per-stage table (like the paper's Table I)."""

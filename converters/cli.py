@@ -48,8 +48,13 @@ def build_convert_parser() -> argparse.ArgumentParser:
     options.add_arguments(p, choices={"mode": sorted(MODES)})
     p.add_argument("--input-shape", action="append", help="TorchScript only: example input shape, e.g. 1,3,32,32 (repeat per input)")
     p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--plot", help="write the Pareto plot (PNG) here")
+    p.add_argument("--plot", help="write the Pareto plot and bits per tensor against sensitivity (PNG) here")
+    p.add_argument("--plot-compare", action="append", default=[], metavar="R.json",
+                   help="mark this report's choice on the plot too (another run on the model, e.g. --mode paper)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--from-report", metavar="REPORT.json", help="no search: write a candidate of this report's search "
+                   "(same model and data; its settings), the same bytes a search choosing it writes")
+    p.add_argument("--point", metavar="NAME", help="with --from-report: the candidate's name (default: the report's choice)")
     return p
 
 
@@ -74,9 +79,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise OptionError("--plot needs a search; --bins K encodes without one")
     shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
     axes = parse_batch_axes(args.batch_axis, args.shared)
-    result = convert(args.model, data=args.data, labels=args.labels, batch_axes=axes, test=args.test,
-                     test_labels=args.test_labels, quiet=args.quiet, input_shapes=shapes,
-                     **options.from_arguments(args))
+    if args.from_report:
+        result = _from_report(args, axes)
+    else:
+        if args.point:
+            raise OptionError("--point NAME needs --from-report REPORT.json")
+        result = convert(args.model, data=args.data, labels=args.labels, batch_axes=axes, test=args.test,
+                         test_labels=args.test_labels, quiet=args.quiet, input_shapes=shapes,
+                         **options.from_arguments(args))
     written: list[Path] = []
     try:
         result.write(args.output)
@@ -85,7 +95,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             result.write_report(args.report)
             written.append(Path(args.report))
         if args.plot:
-            result.write_plot(args.plot)
+            result.write_plot(args.plot, [_compared(path) for path in args.plot_compare])
             written.append(Path(args.plot))
     except BaseException:
         for path in written:
@@ -94,6 +104,25 @@ def _run_convert(args: argparse.Namespace) -> int:
     print(result.closing_table())
     print(f"wrote {args.output}" + "".join(f", {p}" for p in (args.report, args.plot) if p))
     return EXIT_OK
+
+
+def _compared(path: str) -> dict:
+    from .front_point import read_report
+
+    return read_report(path)
+
+
+def _from_report(args: argparse.Namespace, axes):
+    from .front_point import write_point
+
+    chosen = options.from_arguments(args)
+    given = [name for name, value in chosen.items() if value != options.default(name) and options.determines_file(name)]
+    if given:
+        raise OptionError(f"--from-report takes the settings of the report's search; drop {options.flag(given[0])}")
+    if not args.data:
+        raise OptionError("--from-report needs --data: the data the report's conversion used")
+    return write_point(args.model, args.data, args.from_report, args.point, labels=args.labels, batch_axes=axes,
+                       test=args.test, test_labels=args.test_labels, layer_shares=chosen["layer_shares"])
 
 
 def _guarded(run, args) -> int:

@@ -78,7 +78,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "within_max_drop": bool(acc_original - acc_compressed <= MAX_DROP + 1e-12),
     }
     result.write_report(report_path)
-    result.write_plot(plot_path)
+    result.write_plot(plot_path, [paper.report] if paper is not None else [])
 
     print()
     print(result.closing_table())

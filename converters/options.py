@@ -85,6 +85,13 @@ class ConvertOptions:
                                       "output, the worst decides)", type=str, provenance="if-set")
     representative: str = option("mean", "--representative", "each bin's value: member mean (default) or interval centre",
                                  choices=REPRESENTATIVES)
+    target_bytes: int | None = option(None, "--target-bytes", "write the evaluated candidate with the least loss whose "
+                                      "file fits N bytes, within --max-drop or not (said so)", type=int, provenance="if-set")
+    target_ratio: float | None = option(None, "--target-ratio", "the same for a file R times smaller than the model",
+                                        type=float, provenance="if-set")
+    layer_shares: bool = option(True, "--no-layer-shares", "leave out each layer's share of the output error (default: "
+                                "measured, two onnxruntime runs per tensor on a few samples)", negated=True,
+                                provenance=False)  # the same file either way
     # keywords of convert() only
     patience: int = option(PATIENCE, help="the search stops when its front has not changed for this many generations "
                            "(default {default})")
@@ -140,17 +147,31 @@ class ConvertOptions:
         need(is_int(self.merge_budget) and self.merge_budget >= 0, f"--merge-budget {self.merge_budget!r} must be at least 0")
         need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), f"--batch-size {self.batch_size!r} must be at least 1")
         need(self.bins is None or (is_int(self.bins) and 1 <= self.bins <= MAX_BINS_LIMIT), f"--bins {self.bins!r} must be in [1, {MAX_BINS_LIMIT}]")
+        need(self.target_bytes is None or (is_int(self.target_bytes) and self.target_bytes >= 1),
+             f"--target-bytes {self.target_bytes!r} must be a whole number of bytes, at least 1")
+        need(self.target_ratio is None or (isinstance(self.target_ratio, (int, float)) and math.isfinite(self.target_ratio)
+                                           and self.target_ratio > 1), f"--target-ratio {self.target_ratio!r} must be above 1")
+        need(self.target_bytes is None or self.target_ratio is None, "give --target-bytes or --target-ratio, not both")
+        need(self.bins is None or (self.target_bytes is None and self.target_ratio is None),
+             "--bins K writes one file without a search: a size target needs a search")
         need(self.representative in REPRESENTATIVES, f"representative {self.representative!r} is not one of {', '.join(REPRESENTATIVES)}")
         need(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         need(isinstance(self.outputs, tuple) and all(isinstance(n, str) for n in self.outputs),
              f"outputs {self.outputs!r} must be a tuple of output names")
         need(isinstance(self.monotone, bool), f"monotone {self.monotone!r} must be True or False")
         need(isinstance(self.bias_correction, bool), f"bias_correction {self.bias_correction!r} must be True or False")
+        need(isinstance(self.layer_shares, bool), f"layer_shares {self.layer_shares!r} must be True or False")
         need(isinstance(self.error_feedback, bool), f"error_feedback {self.error_feedback!r} must be True or False")
         need(is_int(self.wave) and 1 <= self.wave <= 1000, f"wave {self.wave!r} must be in [1, 1000]")
         need(self.abort_drop is None or (isinstance(self.abort_drop, (int, float)) and self.abort_drop >= self.max_drop),
              f"abort_drop {self.abort_drop!r} must be at least --max-drop {self.max_drop}")
         return self
+
+    def target(self, original_bytes: int) -> int | None:
+        """The file size asked for (``target_bytes``, or the model's size over ``target_ratio``), None if none."""
+        if self.target_ratio is not None:
+            return int(original_bytes // self.target_ratio)
+        return self.target_bytes
 
     def effective_abort_drop(self) -> float:
         return self.abort_drop if self.abort_drop is not None else max(ABORT_FACTOR * self.max_drop, ABORT_MIN)
@@ -207,6 +228,21 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None =
 def from_arguments(args: argparse.Namespace) -> dict[str, object]:
     """The option keywords of a namespace parsed with :func:`add_arguments`."""
     return {f.name: getattr(args, f.name) for f in fields(ConvertOptions) if hasattr(args, f.name)}
+
+
+def default(name: str) -> object:
+    """The declared default of option ``name``."""
+    return ConvertOptions.__dataclass_fields__[name].default
+
+
+def determines_file(name: str) -> bool:
+    """Whether option ``name`` can change the written file (its provenance)."""
+    return bool(ConvertOptions.__dataclass_fields__[name].metadata["provenance"])
+
+
+def flag(name: str) -> str:
+    """The CLI flag of option ``name``."""
+    return ConvertOptions.__dataclass_fields__[name].metadata["flag"] or name
 
 
 def keyword_parameters() -> list[inspect.Parameter]:

@@ -1,4 +1,4 @@
-"""The JSON report, the Pareto plot, the closing table and the live progress bar.
+"""The JSON report and the closing table (the plots: ``plots.py``; progress: ``progress.py``).
 
 The report is deterministic (same model, data and seed give the same bytes):
 it holds no timestamps and no wall times. Wall time lives on the result
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Sequence
 
 from .metrics import METRICS
 from .candidates import Candidate, Stage
+from .layer_errors import closing_lines as layer_lines
+from .passed_over import summary_lines as passed_over_lines
 from .resolution import summary_lines
 from .search import pareto_front
 
@@ -62,51 +63,6 @@ def dumps(report: dict) -> str:
     return json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def plot(report: dict, path) -> None:
-    """Pareto plot of the two objectives: loss vs bits per weight, every candidate, the front,
-    the original (no loss at 32 bits/weight), the tolerance and the choice."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = report["settings"]
-    max_drop = settings["max_drop"]
-    cap = max(4 * max_drop, 0.02)
-    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
-    cands = report["candidates"]
-
-    def scatter(rows, **kw):
-        if rows:
-            ax.scatter([c["bits_per_weight"] for c in rows], [min(c["loss"], 1.25 * cap) for c in rows], **kw)
-
-    searched = "k equal-width bins" if settings["mode"] == "paper" else "per-tensor steps (x, gamma)"
-    scatter([c for c in cands if c["stage"] == "search" and c["complete"]], s=18, c="0.55", label=f"search: {searched}")
-    scatter([c for c in cands if c["stage"] == "search" and not c["complete"]], s=18, marker="^", facecolors="none",
-            edgecolors="0.55", label="search, stopped early (loss at least)")
-    scatter([c for c in cands if c["stage"] == "merge"], s=22, c="tab:blue", label="after merging neighbouring bins")
-    front = sorted(report["front"], key=lambda c: c["bits_per_weight"])
-    if front:
-        ax.step([c["bits_per_weight"] for c in front], [min(c["loss"], 1.25 * cap) for c in front], where="post",
-                c="tab:orange", lw=1.2, label="Pareto front")
-    ax.axhline(max_drop, c="tab:red", ls=":", lw=1, label=f"tolerance (max drop {max_drop})")
-    ax.scatter([32], [0], s=60, marker="s", c="tab:green", label="original (32 bits/weight)")
-    choice = report.get("choice")
-    if choice and choice.get("loss_search") is not None:
-        ax.scatter([choice["bits_per_weight"]], [choice["loss_search"]], s=180, marker="*", c="tab:red", zorder=5,
-                   label=f"choice: {choice['name']} ({choice['bits_per_weight_file']:.2f} bits/weight in the file)")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.05 * cap, 1.3 * cap)
-    ax.set_xlabel("encoded bits per weight (indices + codebook + Huffman table), log scale")
-    ax.set_ylabel(f"loss ({report['metric']}) on the search data")
-    ax.set_title(f"moub --mode {settings['mode']}: {report['source']['name']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
-    plt.close(fig)
-
-
 def _human(n: int) -> str:
     return f"{n:,} B" if n < 10_000 else f"{n / 1000:,.1f} KB" if n < 10_000_000 else f"{n / 1e6:,.1f} MB"
 
@@ -126,6 +82,13 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     choice = report.get("choice") or {}
     if choice:
         lines.append(f"{'weights':16}{'32 bits':>16}{choice['bits_per_weight_file']:>11.3f} bits   {choice['bins']} bins ({choice['name']})")
+    target = report.get("target")
+    if target:
+        verdict = "within" if target["within_max_drop"] else "OUTSIDE"
+        lines.append(f"{'target':16}{_human(target['bytes']):>16}{_human(target['file_bytes']):>16}   least loss that "
+                     f"fits: {verdict} max drop")
+    lines += passed_over_lines(report.get("passed_over", []))
+    lines += layer_lines(report)
     stopped = report.get("evaluations_stopped_early", 0) + report.get("evaluations_dominated", 0)
     lines.append(f"{'evaluations':16}{evaluations:>16}" + (f"   ({stopped} stopped early)" if stopped else ""))
     lines.append(f"{'wall time':16}{wall_seconds:>15.1f}s")
@@ -141,46 +104,3 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     for note in (report.get("data") or {}).get("notes", []):
         lines.append(f"{'data':16}{note}")
     return "\n".join(lines)
-
-
-class RichProgress:
-    """Live bar on stderr: evaluations done and the best feasible candidate so far.
-
-    Transient, and only on a terminal: when stderr is a file or a pipe it stays
-    silent, so that an error is still the only line there."""
-
-    def __init__(self, quality_original: float, max_drop: float) -> None:
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.q0, self.max_drop = quality_original, max_drop
-        self.evaluations = 0
-        self.best: dict | None = None
-        self.phase = "search"
-        console = Console(file=sys.stderr)
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                  console=console, transient=True, disable=not console.is_terminal)
-        self._task = self._progress.add_task(self._text(), total=None)
-        self._progress.start()
-
-    def _text(self) -> str:
-        best = "none within tolerance yet"
-        if self.best:
-            b = self.best
-            best = f"{b['name']}: {b['bits_per_weight']:.3f} bits/weight, loss {b['loss']:.4f}"
-        return f"{self.phase:6} evaluations {self.evaluations:4}  best {best}"
-
-    def __call__(self, event: dict) -> None:
-        if "phase" in event:
-            self.phase = event["phase"]
-        if "result" in event:
-            r = event["result"]
-            self.evaluations += 1
-            # sensitivity runs report a distortion, not a loss: they count, but are no candidate
-            if r.get("complete") and r.get("loss", math.inf) <= self.max_drop + 1e-12:
-                if self.best is None or r["bits_per_weight"] < self.best["bits_per_weight"]:
-                    self.best = r
-        self._progress.update(self._task, description=self._text())
-
-    def close(self) -> None:
-        self._progress.stop()

@@ -79,8 +79,40 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .layers import layer_rows, with_report
+
+    rows = layer_rows(args.file, _limits(args))
+    if args.report:
+        rows = with_report(rows, args.report)
+    if args.json:
+        print(json.dumps({"file": str(args.file), "layers": [r.to_dict() for r in rows]}, indent=2, sort_keys=True))
+        return EXIT_OK
+    extra = f" {'sensitivity':>11} {'share':>6}" if args.report else ""
+    print(f"{'tensor':40} {'weights':>9} {'step':>9} {'levels':>6} {'bits/w':>6}{extra}")
+    for r in rows:
+        name = printable(r.path)
+        name = name if len(name) <= 40 else "..." + name[-37:]
+        step = f"{r.step:9.3g}" if r.step is not None else f"{'cb ' + str(r.codebook):>9}"
+        line = f"{name:40} {r.weights:>9} {step} {r.levels:>6} {r.bits_per_weight:>6.2f}"
+        if args.report:
+            sens = f"{r.sensitivity:11.3g}" if r.sensitivity is not None else f"{'-':>11}"
+            share = f"{100 * r.error_share:5.1f}%" if r.error_share is not None else f"{'-':>6}"
+            line += f" {sens} {share}"
+        print(line)
+    total = sum(r.weights for r in rows)
+    bits = sum(r.weights * r.bits_per_weight for r in rows) / total if total else 0.0
+    print(f"{len(rows)} quantized tensors, {total} weights at {bits:.3f} bits/weight of codes")
+    return EXIT_OK
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import summarize
+
+    if args.report and not args.layers:
+        return _fail("inspect: --report goes with --layers")
+    if args.layers:
+        return cmd_layers(args)
 
     summary = summarize(args.file, _limits(args))
     if args.json:  # JSON escapes every control character itself
@@ -204,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="tensors, codebooks, bits/weight, ratio, provenance")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--layers", action="store_true", help="one row per quantized tensor: weights, step or codebook, "
+                   "levels used, bits per weight of its codes (decodes the indices)")
+    p.add_argument("--report", metavar="R.json", help="with --layers: add the sensitivity and error share the "
+                   "converter's report measured")
     _add_memory_budget(p)
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("decode", help="write the runnable ONNX model with decoded weights")

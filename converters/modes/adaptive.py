@@ -34,6 +34,7 @@ from ..candidates import Candidate, Stage, candidate_from_result
 from ..intake import Pool
 from ..options import ConvertOptions
 from ..search import run_nsga2
+from ..session import ConversionSession
 from ..selection import fallbacks, feasible, rank, robust_within_gamma, tolerance
 from ..solution import Size
 from ..split import HALVES, MIN_SPLIT, is_split
@@ -71,6 +72,7 @@ class AdaptiveMode:
         self.log2_opt: np.ndarray | None = None
         self.stats: SiteStats | None = None
         self.calib: Calibration = NO_CALIBRATION
+        self.problem: StepProblem | None = None
 
     def run(self, ctx: ModeContext) -> ModeResult:
         opts, pool = ctx.options, ctx.pool
@@ -78,7 +80,7 @@ class AdaptiveMode:
         dataset = ctx.session.dataset
         per_sample = sum(int(np.prod(a.shape[1:], dtype=np.int64)) for a in dataset.inputs.values())
         samples = sensitivity.sample_count(dataset.n_samples, per_sample, pool.n_weights, len(pool.sites))
-        ctx.progress({"phase": "sensitivity"})
+        ctx.progress({"phase": "sensitivity", "total": len(pool.sites)})
         self.calib = calib = ctx.session.calibration
         distortions = sensitivity.measure(ctx.map, stats, samples)
         self.log2_opt = log2_opt = sensitivity.log2_optimal_steps(stats, distortions)
@@ -99,11 +101,12 @@ class AdaptiveMode:
                        for half in HALVES}
         limit = self.limits["search"]
         problem = StepProblem(run, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
-        ctx.progress({"phase": "bracket"})
+        self.problem = problem
+        ctx.progress({"phase": "bracket", "total": math.ceil(math.log2(X_POINTS / BRACKET_WIDTH))})
         boundary, bracket_runs = self._bracket(problem, opts)
         problem.xl[0] = float(max(0, boundary - X_WINDOW))
         problem.xu[0] = float(min(X_POINTS, boundary + X_WINDOW))
-        ctx.progress({"phase": "search"})
+        ctx.progress({"phase": "search", "total": max(opts.population, MIN_POPULATION) * opts.generations})
         facts = self._search(problem, opts, ctx)
         facts["bracket"] = {"gamma": BRACKET_GAMMA, "x_feasible": round(Decision(boundary, 0).x, 9),
                             "evaluations": bracket_runs, "x_window": [round(Decision(int(problem.xl[0]), 0).x, 9),
@@ -111,18 +114,18 @@ class AdaptiveMode:
         candidates = [candidate_from_result(problem.cache[k]) for k in problem.order]
         facts["search_evaluations"] = len(candidates)
 
-        ctx.progress({"phase": "refine"})
+        ctx.progress({"phase": "refine", "total": opts.merge_budget})
         refined = self._refine(problem, candidates, opts)
         candidates += refined
         ranked = rank(robust_within_gamma(candidates, limit, opts.monotone))
-        ctx.progress({"phase": "confirm"})
+        ctx.progress({"phase": "confirm", "total": 2 * CONFIRM_BUDGET + 2})  # trials, and search runs filling the gap
         confirmed, trials = self._confirm(ranked, opt_list, opts, ctx)
         confirmed, gap = self._fill_gap(problem, ranked, confirmed, trials, opt_list, ctx)
         candidates += gap
         feasible_list = confirmed + fallbacks(rank(ranked + [c for c in gap if feasible(c, limit)]), confirmed, trials)
         if (confirmed and metrics.METRICS[ctx.session.metric].counts_flips and ctx.session.reference[0].ndim == 2
                 and is_split(ctx.session.dataset.n_samples)):
-            ctx.progress({"phase": "coarsen"})
+            ctx.progress({"phase": "coarsen", "total": COARSEN_STEPS})
             coarser, facts["coarsen"] = self._coarsen(confirmed[0], opt_list, opts, ctx)
             candidates += coarser
             if coarser:
@@ -297,6 +300,33 @@ class AdaptiveMode:
             else:
                 bad = mid.xi
         return refined
+
+    def toward_size(self, ctx: ModeContext, bits_per_weight: float) -> list[Candidate]:
+        """Candidates at a size target: for each gamma of the grid, the finest step x whose
+        estimated size fits ``bits_per_weight``, measured completely on the search half (a
+        target asks for the least loss at a size, wherever the tolerance lies)."""
+        assert self.problem is not None, "run() first"
+        problem = self.problem
+        decisions = []
+        for gi in range(int(GAMMA_MAX * GAMMA_RESOLUTION) + 1):
+            lo, hi = 0, X_POINTS  # size falls as x grows: find the smallest xi that fits
+            if problem.size_of(Decision(hi, gi)) > bits_per_weight:
+                continue
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if problem.size_of(Decision(mid, gi)) <= bits_per_weight else (mid, hi)
+            decisions.append(Decision(hi, gi))
+        todo = [d for d in decisions if d.key not in problem.cache or not problem.cache[d.key]["complete"]]
+        ctx.progress({"phase": "target", "total": len(todo)})
+        return [candidate_from_result(r) for r in problem.run([(d, None) for d in todo], math.inf, "target")]
+
+    def resume(self, session: ConversionSession, facts: dict) -> None:
+        """What ``materialize`` needs, from a saved search's facts: the steps it measured (full
+        precision in the report) and the calibration, measured again on the same search half."""
+        log2_opt = np.asarray(facts["log2_optimal_step"], np.float64)
+        if log2_opt.shape != (len(session.pool.sites),):
+            raise ValueError(f"the report has {log2_opt.size} sensitivities for a pool of {len(session.pool.sites)} tensors")
+        self.stats, self.log2_opt, self.calib = session.site_stats, log2_opt, session.calibration
 
     def materialize(self, pool: Pool, candidate: Candidate, options: ConvertOptions,
                     candidates: list[Candidate]) -> tuple[PackedQuantization, list[Stage]]:

@@ -43,5 +43,8 @@ class Mode(Protocol):
 
     def run(self, ctx: ModeContext) -> ModeResult: ...
 
+    def resume(self, session: ConversionSession, facts: dict) -> None:
+        """Restore what ``materialize`` needs from a saved search's facts (the report's ``search``)."""
+
     def materialize(self, pool: Pool, candidate: Candidate, options: ConvertOptions,
                     candidates: list[Candidate]) -> tuple[Quantization, list[Stage]]: ...

@@ -128,7 +128,7 @@ class PaperMode:
         def run(tasks: list[tuple[int, float | None]], max_loss: float, stage: str) -> list[dict]:
             return ctx.map(score_bins, tasks)  # score_bins stops at the search's own cap
 
-        ctx.progress({"phase": "search"})
+        ctx.progress({"phase": "search", "total": min(len(grid), opts.population * opts.generations)})
         problem, facts = search_bin_counts(grid, run, size_of, opts.population, opts.generations, opts.patience, opts.seed,
                                            on_generation=lambda g: ctx.progress({"phase": "search", "generation": g}),
                                            loss_cap=opts.effective_abort_drop(), wave=opts.wave)
@@ -143,7 +143,7 @@ class PaperMode:
         starts = rank([allowed[i] for i in pareto_front([(c.loss, c.bits_per_weight) for c in allowed])])[:MERGE_STARTS]
         budget = opts.merge_budget
         trials = accepted = 0
-        ctx.progress({"phase": "merge"})
+        ctx.progress({"phase": "merge", "total": opts.merge_budget})
         for start in starts:
             chain = _Chain(start.recipe["k"], start.bins)
             while budget > 0 and chain.active:
@@ -157,6 +157,9 @@ class PaperMode:
                     candidates.append(candidate_from_result(result))
         facts.update({"merge_starts": [c.name for c in starts], "merge_trials": trials, "merge_accepted": accepted})
         return ModeResult(candidates, rank(robust_feasible(candidates, opts.max_drop, opts.monotone)), facts)
+
+    def resume(self, session: ConversionSession, facts: dict) -> None:
+        """Nothing to restore: a candidate's recipe (k and its merges) rebuilds it."""
 
     def materialize(self, pool: Pool, candidate: Candidate, options: ConvertOptions,
                     candidates: list[Candidate]) -> tuple[Quantization, list[Stage]]:
