@@ -181,6 +181,56 @@ def prepare(name: str) -> tuple[Path, Path]:
     return onnx_path, moub_path
 
 
+ADAPTIVE_DIVISOR = 16.0  # step = std / this: levels spread over a few hundred values, like the adaptive mode's
+
+
+def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int = MIN_ELEMENTS):
+    """What the adaptive mode writes, without its search: every float tensor site with at
+    least ``min_elements`` values is one pack over its own grid codebook, levels
+    ``round(x / step)`` with ``step = std / divisor``; (codebooks, packs)."""
+    from moub_converters.encode import PackAssignment
+    from onnx import numpy_helper
+
+    from moub_format import dtypes
+    from moub_format.writer import OWN, GridCodebook
+    from moub_runtime.sites import iter_tensor_sites
+
+    codebooks, packs = [], []
+    for site in iter_tensor_sites(model):
+        count = 1
+        for dim in site.tensor.dims:
+            count *= int(dim)
+        if site.tensor.data_type not in dtypes.FLOAT_DTYPES or count < min_elements:
+            continue
+        x = np.asarray(numpy_helper.to_array(site.tensor), dtype=np.float32).ravel()
+        std = float(np.std(x.astype(np.float64)))
+        step = np.float32(std / divisor if std > 0 else 1.0)
+        levels = np.rint(x / step).astype(np.int64)
+        first = int(levels.min())
+        codebooks.append(GridCodebook(first, int(levels.max()) - first + 1))
+        packs.append(PackAssignment((site.path,), (float(step),), levels - first, len(codebooks) - 1, OWN))
+    return codebooks, packs
+
+
+def prepare_adaptive(name: str) -> tuple[Path, Path]:
+    """(.onnx, .moub) for a benchmark model in the adaptive layout (:func:`adaptive_packs`),
+    built and cached on first use: the files a compact session can hold as integers."""
+    import onnx
+    from moub_converters.encode import encode_model
+
+    from moub_format.writer import write_atomic
+
+    onnx_path = prepare(name)[0] if name == "synthetic" else real_model_path(name)
+    folder = CACHE / f"v{CACHE_VERSION}"
+    folder.mkdir(parents=True, exist_ok=True)
+    moub_path = folder / f"{name}.adaptive.moub"
+    if not moub_path.exists():
+        model = onnx.load(onnx_path)
+        codebooks, packs = adaptive_packs(model)
+        write_atomic(moub_path, encode_model(model, codebooks, {}, {"moub.benchmark": "runtime adaptive"}, packs=packs))
+    return onnx_path, moub_path
+
+
 # ---------------------------------------------------------------- measurements
 
 

@@ -1,6 +1,7 @@
 """Load .moub files on the device: decode to ONNX and run with onnxruntime.
 
-Imports numpy, flatbuffers, bitarray, onnx and onnxruntime only: never torch,
+Imports numpy, flatbuffers, bitarray and onnxruntime (with the protobuf runtime it depends on); onnx
+only where an onnx.ModelProto is asked for (:func:`load`); never torch,
 pymoo or the converter (a test checks it).
 """
 

@@ -63,10 +63,10 @@ def _limits(args: argparse.Namespace):
 
 def dtype_name(code: int) -> str:
     """ONNX's name for a TensorProto data type ("float", "float16"); the number if unknown."""
-    import onnx
+    from .onnx_proto import TensorProto
 
     try:
-        return onnx.TensorProto.DataType.Name(code).lower()
+        return TensorProto.DataType.Name(code).lower()
     except ValueError:
         return str(code)
 

@@ -13,19 +13,24 @@ import os
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime
 
 from moub_format import DEFAULT_LIMITS, ReaderLimits
 from moub_format.dtypes import BFLOAT16
 from moub_format.reader import default_decode_workers
 
+from . import onnx_proto
 from .onnx_output import EXTERNAL_THRESHOLD, decode_to_onnx, fits_inline, save_onnx
+from .onnx_proto import ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, DATA_LOCATION_EXTERNAL
 from .payload import clear_payload, fill_payload, mark_in_memory
 from .sites import is_main_graph_initializer
 from .validation import open_checked, parse_graph
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["EXTERNAL_THRESHOLD", "InferenceSession", "decode_tensors", "decode_to_onnx", "fits_inline", "load", "parse_graph",
            "save_onnx"]
@@ -40,9 +45,9 @@ def consumed_names(model: onnx.ModelProto) -> set[str]:
         for node in graph.node:
             names.update(node.input)
             for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
+                if attr.type == ATTRIBUTE_GRAPH:
                     stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
+                elif attr.type == ATTRIBUTE_GRAPHS:
                     stack.extend(attr.graphs)
     for function in model.functions:
         for node in function.node:
@@ -70,8 +75,11 @@ def decode_tensors(
 def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1) -> onnx.ModelProto:
     """Decode a .moub into an onnx.ModelProto with all weights inline (like onnx.load).
     Memory: the model, plus one decoding window (each array is freed once copied in).
-    ``limits.memory_budget`` bounds what the file may make the reader materialise."""
-    with open_checked(path, limits, decode_workers) as checked:
+    ``limits.memory_budget`` bounds what the file may make the reader materialise.
+    The one entry point that imports onnx: it returns onnx's own class."""
+    import onnx
+
+    with open_checked(path, limits, decode_workers, message=onnx.ModelProto) as checked:
         with checked.moub.allocating("the decoded model"):
             for site, _, array in checked.decoded():
                 fill_payload(site.tensor, array)
@@ -99,7 +107,7 @@ def _in_memory_name() -> str:
 def _stub(tensor: onnx.TensorProto, location: str, length: int) -> None:
     """Make ``tensor`` an external-data reference to the whole in-memory file ``location``."""
     clear_payload(tensor)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.data_location = DATA_LOCATION_EXTERNAL
     for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
@@ -143,26 +151,30 @@ def ort_copies_external_initializers() -> bool:
     ``add_external_initializers``, during session creation. Probed once per
     process on a 64-float weight whose buffer is overwritten after the session exists.
     """
-    from onnx import TensorProto, helper
-
     weight = np.arange(1, 65, dtype=np.float32).reshape(1, 64)
-    stub = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1, 64])
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
-        [stub],
-    )
+    model = _probe_model()
     options = onnxruntime.SessionOptions()
-    keep = _hand_over(options, [graph.initializer[0]], [weight], [TensorProto.FLOAT])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    keep = _hand_over(options, [model.graph.initializer[0]], [weight], [onnx_proto.TensorProto.FLOAT])
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     weight[...] = 0
     (result,) = session.run(None, {"x": np.zeros((1, 64), dtype=np.float32)})
     del keep
     return bool(np.array_equal(result, np.arange(1, 65, dtype=np.float32).reshape(1, 64)))
+
+
+def _probe_model() -> onnx.ModelProto:
+    """y = x + w for x, w of shape [1, 64]; w a stub for the weights handed over."""
+    model = onnx_proto.ModelProto(ir_version=8, opset_import=[onnx_proto.OperatorSetIdProto(domain="", version=13)])
+    graph = model.graph
+    graph.name = "probe"
+    graph.node.add(op_type="Add", input=["x", "w"], output=["y"])
+    graph.initializer.add(name="w", data_type=onnx_proto.TensorProto.FLOAT, dims=[1, 64])
+    for values, name in ((graph.input, "x"), (graph.output, "y")):
+        tensor_type = values.add(name=name).type.tensor_type
+        tensor_type.elem_type = onnx_proto.TensorProto.FLOAT
+        for dim in (1, 64):
+            tensor_type.shape.dim.add(dim_value=dim)
+    return model
 
 
 def _ort_value(array: np.ndarray, onnx_dtype: int) -> onnxruntime.OrtValue | None:

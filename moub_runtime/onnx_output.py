@@ -20,17 +20,21 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from moub_format import DEFAULT_LIMITS, ReaderLimits
 from moub_format import dtypes
 from moub_format.atomic import AtomicFile, folder_lock, folder_of, write_atomic
 
+from .onnx_proto import DATA_LOCATION_EXTERNAL
 from .payload import clear_payload, element_count, fill_payload
 from .sites import iter_tensor_sites
 from .validation import open_checked
+
+if TYPE_CHECKING:
+    import onnx
 
 EXTERNAL_MIN_BYTES = 1024     # tensors at least this big go to the data file of a large model
 EXTERNAL_ALIGNMENT = 4096     # offsets in the data file: page-aligned, so onnxruntime can map them
@@ -106,7 +110,7 @@ class _DataFile:
         self.file.seek(start)
         self.file.write(view)
         clear_payload(tensor)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.data_location = DATA_LOCATION_EXTERNAL
         for key, value in (("location", ""), ("offset", str(start)), ("length", str(view.nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
