@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import numpy as np
 
@@ -51,6 +52,8 @@ from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_inde
 
 Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
 ValueKey = int | tuple[int, float, int] | None  # what a stream decodes to: an element type, (type, scale, offset), or symbols
+# What a .moub can be read from: a path (mapped), the file's bytes, or a binary file object (read whole).
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
@@ -65,6 +68,7 @@ INFLATE_INPUT = 1 << 16          # stored bytes handed to the inflater per step
 LOOKUP_SYMBOL_BYTES = 80         # per used symbol of a table: the lookup table's sorted arrays, bitarray's symbol list
 LANE_BYTES = 128                 # per chunk: the lane decoder's per-lane state (positions, counts, tables)
 WORKING_BYTES = 1 << 20          # small buffers of any decode (inflate pieces, hashers)
+READ_PIECE = 1 << 20             # bytes read from a file object per call
 
 
 def default_decode_workers() -> int:
@@ -115,22 +119,25 @@ class MoubFile:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: Source,
         limits: C.ReaderLimits = C.DEFAULT_LIMITS,
         batch_elements: int = DECODE_BATCH_ELEMENTS,
         decode_workers: int | None = 1,
         plan_decoding: bool = True,
     ) -> None:
-        """Open and validate ``path``. ``decode_workers``: threads that decode Huffman
+        """Open and validate ``path``: a file's path (mapped), its bytes, or a binary file
+        object (read from its position to the end, at most ``limits.max_file_bytes``; a
+        writable buffer is copied first, so the bytes checked are the bytes decoded).
+        ``decode_workers``: threads that decode Huffman
         lanes (None: up to 4, one per core); ``batch_elements``: elements decoded
         together, which bounds the decoder's working memory. Everything reading the file
         may materialise is charged to ``self.budget`` (``limits.memory_budget``) before
         it is created: the index as it is parsed, the graph, and with ``plan_decoding``
         (False: the index is all the caller reads) the decoding of every tensor and pack."""
-        self.path = Path(path)
+        self.path = Path(path) if isinstance(path, (str, os.PathLike)) else None
         self.batch_elements = max(1, batch_elements)
         self.decode_workers = max(1, decode_workers if decode_workers is not None else default_decode_workers())
-        self.filename = str(path)
+        self.filename = source_name(path)
         self.limits = limits
         self.budget = MemoryBudget.of(limits, self.filename)
         self._mmap: mmap.mmap | None = None
@@ -140,8 +147,13 @@ class MoubFile:
         self._bitarray_decoders: dict[int, CanonicalDecoder] = {}
         self._planned_values: dict[int, int] = {}    # codebook -> per-symbol value arrays the plan charged
         self._planned_entries: dict[int, int] = {}   # table -> lookup-entry arrays the plan charged
-        self._mmap, size = self._map(limits)
-        self._view = memoryview(self._mmap)
+        if self.path is not None:
+            self._mmap, size = self._map(limits)
+            self._buffer: mmap.mmap | bytes | bytearray = self._mmap
+        else:
+            self._buffer = self._read(path, limits)
+            size = len(self._buffer)
+        self._view = memoryview(self._buffer)
         try:
             self.index: Index = parse_index(self._view, size, self.filename, limits, self.budget)
             self._check_padding()
@@ -169,6 +181,29 @@ class MoubFile:
             return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), size
         finally:
             os.close(fd)
+
+    def _read(self, source, limits: C.ReaderLimits) -> bytes | bytearray:
+        """The bytes of an in-memory file or of a file object, checked against the preamble
+        size and the file-size cap before any decoding (a file object is read at most one
+        byte past the cap)."""
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = source if isinstance(source, bytes) else bytes(source)
+        elif hasattr(source, "read"):
+            data = bytearray()  # private to this reader: nobody else can change it
+            while len(data) <= limits.max_file_bytes:
+                piece = source.read(min(READ_PIECE, limits.max_file_bytes + 1 - len(data)))
+                if not piece:
+                    break
+                if not isinstance(piece, bytes):
+                    raise StructureError(f"{self.filename}: not a binary file object (read() gave {type(piece).__name__})")
+                data += piece
+        else:
+            raise TypeError(f"a .moub is read from a path, bytes or a binary file object, not {type(source).__name__}")
+        if len(data) > limits.max_file_bytes:
+            raise LimitError(f"{self.filename}: file size {len(data)} exceeds the limit {limits.max_file_bytes}")
+        if len(data) < C.PREAMBLE_SIZE:
+            raise TruncatedFileError(f"{self.filename}: {len(data)} bytes is shorter than the {C.PREAMBLE_SIZE}-byte preamble")
+        return data
 
     # the memory plan --------------------------------------------------------
     def _value_slots(self) -> dict[tuple[int, int], int]:
@@ -234,13 +269,17 @@ class MoubFile:
 
     # lifecycle -------------------------------------------------------------
     def close(self) -> None:
+        view = getattr(self, "_view", None)
         if self._mmap is not None:
             mapping, self._mmap = self._mmap, None
             try:
-                self._view.release()
+                view.release()
                 mapping.close()
             except BufferError:
                 pass  # slices still referenced (e.g. by a traceback): unmapped when they go
+        elif view is not None:
+            with contextlib.suppress(BufferError):
+                view.release()
 
     def __enter__(self) -> MoubFile:
         return self
@@ -294,7 +333,7 @@ class MoubFile:
         """Drop this range's pages from the mapping (not from the page cache; read again,
         they fault back in). Only for ranges of at least a window: small ones are not worth
         a system call."""
-        if length < RAW_COPY_WINDOW // 2 or not _RELEASE_PAGES:
+        if length < RAW_COPY_WINDOW // 2 or not _RELEASE_PAGES or self._mmap is None:
             return
         first = start - start % mmap.PAGESIZE
         try:
@@ -481,7 +520,7 @@ class MoubFile:
         tail = bits & 7
         ragged = np.flatnonzero(tail)
         if ragged.size:
-            last = np.frombuffer(self._mmap, dtype=np.uint8)[starts[ragged] + nbytes[ragged] - 1]
+            last = np.frombuffer(self._buffer, dtype=np.uint8)[starts[ragged] + nbytes[ragged] - 1]
             dirty = np.flatnonzero(last & (np.uint8(0xFF) >> tail[ragged].astype(np.uint8)))
             if dirty.size:
                 lane = int(ragged[dirty[0]])
@@ -634,9 +673,9 @@ class MoubFile:
         begin = self.index.payload_offset + min(s.data.offset for s in streams)
         end = self.index.payload_offset + max(s.data.offset + s.data.length for s in streams)
         if end + WINDOW_SLACK <= self.index.file_size:
-            return np.frombuffer(self._mmap, dtype=np.uint8, count=end + WINDOW_SLACK - begin, offset=begin), begin
+            return np.frombuffer(self._buffer, dtype=np.uint8, count=end + WINDOW_SLACK - begin, offset=begin), begin
         data = np.zeros(end - begin + WINDOW_SLACK, dtype=np.uint8)
-        data[: end - begin] = np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=begin)
+        data[: end - begin] = np.frombuffer(self._buffer, dtype=np.uint8, count=end - begin, offset=begin)
         return data, begin
 
     def _raise_lane(self, streams: list[Stream], rows: list[tuple[int, int]], lane: int, consumed: int, declared: int) -> None:
@@ -862,6 +901,16 @@ def scale_member(values: np.ndarray, scale: float, dtype: int, offset: int = 0) 
     return out
 
 
-def open_moub(path: str | os.PathLike, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> MoubFile:
+def source_name(source: Source) -> str:
+    """How messages name a file: its path, a file object's ``name``, or what it is."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else "<file object>"
+
+
+def open_moub(path: Source, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> MoubFile:
     """Open and validate a .moub file; raises a MoubFormatError subclass if it is not valid."""
     return MoubFile(path, limits)

@@ -20,7 +20,7 @@ import onnxruntime
 
 from moub_format import DEFAULT_LIMITS, ReaderLimits
 from moub_format.dtypes import BFLOAT16
-from moub_format.reader import default_decode_workers
+from moub_format.reader import Source, default_decode_workers
 
 from . import onnx_proto
 from .onnx_output import EXTERNAL_THRESHOLD, decode_to_onnx, fits_inline, save_onnx
@@ -63,7 +63,7 @@ SESSION_BATCH_ELEMENTS = 1 << 25
 
 
 def decode_tensors(
-    path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1
+    path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Stream (site path, array in storage dtype and shape) one tensor at a time,
     pack members included (see :meth:`MoubFile.iter_pack_members` for their memory)."""
@@ -72,8 +72,9 @@ def decode_tensors(
             yield site.path, array
 
 
-def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1) -> onnx.ModelProto:
-    """Decode a .moub into an onnx.ModelProto with all weights inline (like onnx.load).
+def load(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1) -> onnx.ModelProto:
+    """Decode a .moub (a path, its bytes or a binary file object) into an onnx.ModelProto
+    with all weights inline (like onnx.load).
     Memory: the model, plus one decoding window (each array is freed once copied in).
     ``limits.memory_budget`` bounds what the file may make the reader materialise.
     The one entry point that imports onnx: it returns onnx's own class."""
@@ -199,7 +200,8 @@ def _keep_alive_with(options: onnxruntime.SessionOptions, objects: list) -> None
 
 
 class InferenceSession(onnxruntime.InferenceSession):
-    """An onnxruntime session straight from a .moub file.
+    """An onnxruntime session straight from a .moub file (a path, its bytes, or a binary
+    file object read from its position to the end).
 
     Weights of the main graph (initializers, and ``Constant`` nodes, which
     onnxruntime turns into initializers anyway) are decoded into 64-byte-aligned
@@ -231,7 +233,7 @@ class InferenceSession(onnxruntime.InferenceSession):
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: Source,
         sess_options: onnxruntime.SessionOptions | None = None,
         providers: list | None = None,
         limits: ReaderLimits = DEFAULT_LIMITS,
@@ -281,7 +283,7 @@ class InferenceSession(onnxruntime.InferenceSession):
             _keep_alive_with(sess_options, [arrays, keep])
         del keep
         super().__init__(graph, sess_options=options, providers=providers or ["CPUExecutionProvider"], **kwargs)
-        self.moub_path = Path(path)
+        self.moub_path = Path(path) if isinstance(path, (str, os.PathLike)) else None  # None: read from bytes or a file object
         self._moub_released = False
         if arrays and sess_options is None and ort_copies_external_initializers():
             # onnxruntime holds its own copy now. Our options object still points at the

@@ -26,7 +26,7 @@ from moub_format import DEFAULT_LIMITS, GraphError, LimitError, MoubFile, Reader
 from moub_format import dtypes
 from moub_format.constants import FEATURE_CONSTANT_NAMES
 from moub_format.index import check_member_ranges
-from moub_format.reader import DECODE_BATCH_ELEMENTS
+from moub_format.reader import DECODE_BATCH_ELEMENTS, Source
 
 from .constant_names import restore_constant_names
 from .onnx_proto import ModelProto
@@ -207,7 +207,7 @@ class CheckedFile:
         finish_payload_check()
 
 
-def open_checked(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1,
+def open_checked(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1,
                  batch_elements: int = DECODE_BATCH_ELEMENTS, message: type = ModelProto) -> CheckedFile:
     """Open ``path`` and run every check that precedes decoding (see the module docstring);
     raises a MoubFormatError subclass naming the file and the problem. ``message``: the

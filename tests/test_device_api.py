@@ -79,3 +79,91 @@ def test_session_outputs_unchanged(packed):
     reference = ort.InferenceSession(moub_runtime.load(path).SerializeToString(), providers=["CPUExecutionProvider"])
     for a, b in zip(reference.run(None, feeds), moub_runtime.InferenceSession(path).run(None, feeds)):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("form", ["bytes", "bytearray", "memoryview", "BytesIO", "open file"])
+def test_a_file_in_memory_or_a_file_object_loads_like_its_path(packed, form):
+    import io
+
+    _, path = packed
+    data = path.read_bytes()
+    make = {"bytes": lambda: data, "bytearray": lambda: bytearray(data), "memoryview": lambda: memoryview(data),
+            "BytesIO": lambda: io.BytesIO(data), "open file": lambda: open(path, "rb")}[form]
+    expected = moub_runtime.load(path).SerializeToString()
+    source = make()
+    assert moub_runtime.load(source).SerializeToString() == expected
+    if hasattr(source, "close"):
+        source.close()
+    feeds = modelzoo.sample_feeds()
+    session = moub_runtime.InferenceSession(make())
+    assert session.moub_path is None
+    reference = moub_runtime.InferenceSession(path)
+    for a, b in zip(reference.run(None, feeds), session.run(None, feeds)):
+        assert np.array_equal(a, b)
+
+
+def test_a_file_object_is_read_from_its_position(packed):
+    import io
+
+    _, path = packed
+    stream = io.BytesIO(b"junk" + path.read_bytes())
+    stream.seek(4)
+    assert moub_runtime.load(stream).SerializeToString() == moub_runtime.load(path).SerializeToString()
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, 0.5, -1])
+def test_a_truncated_file_object_is_refused_like_the_truncated_file(packed, tmp_path, keep):
+    import io
+
+    from moub_format import MoubFormatError
+
+    _, path = packed
+    data = path.read_bytes()
+    cut = data[: int(len(data) * keep) if isinstance(keep, float) else keep]
+    truncated = tmp_path / "truncated.moub"
+    truncated.write_bytes(cut)
+    with pytest.raises(MoubFormatError) as from_path:
+        moub_runtime.InferenceSession(truncated)
+    with pytest.raises(MoubFormatError) as from_object:
+        moub_runtime.InferenceSession(io.BytesIO(cut))
+    assert type(from_object.value) is type(from_path.value)
+    assert str(from_object.value) == str(from_path.value).replace(str(truncated), "<file object>")
+
+
+def test_a_file_object_past_the_size_limit_is_refused_before_it_is_read_whole(packed):
+    import io
+
+    from moub_format import LimitError, ReaderLimits
+
+    _, path = packed
+    data = path.read_bytes()
+
+    class Counting(io.BytesIO):
+        served = 0
+
+        def read(self, n=-1):
+            piece = super().read(n)
+            Counting.served += len(piece)
+            return piece
+
+    with pytest.raises(LimitError, match="exceeds the limit 1000"):
+        moub_runtime.load(Counting(data), ReaderLimits(max_file_bytes=1000))
+    assert Counting.served == 1001
+
+
+def test_something_else_is_a_type_error():
+    with pytest.raises(TypeError, match="path, bytes or a binary file object"):
+        moub_runtime.load(42)
+
+
+def test_each_package_reports_the_distribution_version():
+    from importlib.metadata import version
+
+    import moub_converters
+    import moub_format
+
+    expected = version("moub")
+    assert moub_runtime.__version__ == moub_format.__version__ == moub_converters.__version__ == expected
+    from moub_format.writer import PRODUCER
+
+    assert PRODUCER == f"moub {expected}"
