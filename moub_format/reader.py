@@ -37,6 +37,7 @@ import stat
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -51,7 +52,18 @@ from .lanes import BLOCK_BYTES, PAGE_BACKED_BYTES, WINDOW_SLACK, LookupTable, Mi
 from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_index
 
 Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
-ValueKey = int | tuple[int, float, int] | None  # what a stream decodes to: an element type, (type, scale, offset), or symbols
+
+
+@dataclass(frozen=True)
+class Levels:
+    """A value key: a grid stream decoded to its integer levels plus ``shift``
+    (``first + symbol + shift``), in the integer type ``dtype`` (a NumPy dtype string)."""
+
+    dtype: str
+    shift: int = 0
+
+
+ValueKey = int | tuple[int, float, int] | Levels | None  # what a stream decodes to: an element type, (type, scale, offset), levels, or symbols
 # What a .moub can be read from: a path (mapped), the file's bytes, or a binary file object (read whole).
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -462,6 +474,9 @@ class MoubFile:
         scaling afterwards)."""
         if dtype is None:
             return np.arange(self.index.codebook_size(codebook), dtype=np.uint32)
+        if isinstance(dtype, Levels):
+            first, count = self.index.grids[codebook]
+            return (np.arange(count, dtype=np.int64) + (first + dtype.shift)).astype(np.dtype(dtype.dtype))
         if isinstance(dtype, tuple):
             element, scale, offset = dtype
             return scale_member(self.index.codebook_values(codebook), scale, element, offset)
@@ -716,7 +731,8 @@ class MoubFile:
             value_keys[i] = dtype = dtype_of(stream)
             if stream.n_elements == 0:
                 element = dtype[0] if isinstance(dtype, tuple) else dtype
-                results[i] = np.zeros(0, dtype=np.uint32 if element is None else dtypes.STORAGE_DTYPES[element])
+                results[i] = np.zeros(0, dtype=(np.dtype(dtype.dtype) if isinstance(dtype, Levels) else np.uint32 if element is None
+                                                else dtypes.STORAGE_DTYPES[element]))
                 continue
             longest_chunk = min(stream.n_elements, stream.chunk_elements)
             shape = (stream.chunk_elements, longest_chunk.bit_length())
@@ -862,6 +878,80 @@ class MoubFile:
                         yield member, scaled
                         del scaled
                 del values
+
+
+    def iter_pack_levels(
+        self, level_of: Callable[[PackMember], tuple[str, int] | None], dtype_of: Mapping[int, int] | Callable[[int], int] | None = None
+    ) -> Iterator[tuple[PackMember, np.ndarray, int | None]]:
+        """:meth:`iter_pack_members`, but a member for which ``level_of`` gives (integer dtype
+        string, zero point ``zp``) comes as its integer levels plus ``zp`` in that dtype (its
+        values are ``float32(q - zp) * float32(scale)``), never as floats: (member, q, zp).
+        Every other member comes as its values, with zp None. ``level_of`` is asked only
+        about members of packs over a grid codebook, and must give a dtype that holds
+        ``level + zp`` for every level the pack's code table can produce
+        (:meth:`level_range`).
+
+        A one-member pack decodes straight to ``q`` (levels and zero point folded into the
+        per-symbol table); a pack of several decodes once to the grid's integers in the
+        narrowest of int16 and int32 that holds them, then each member is shifted and
+        narrowed, or scaled to its values."""
+        lookup = dtype_of.get if isinstance(dtype_of, Mapping) else dtype_of
+
+        def dtype_at(site: int) -> int:
+            dtype = lookup(site) if lookup is not None else None
+            return dtypes.FLOAT if dtype is None else dtype
+
+        def key_of(pack: PackInfo, plans: list) -> ValueKey:
+            if not any(plans):
+                return (dtype_at(pack.sites[0]), pack.scales[0], pack.member_offsets[0]) if len(pack.sites) == 1 else dtypes.FLOAT
+            if len(pack.sites) == 1:
+                return Levels(plans[0][0], pack.member_offsets[0] + plans[0][1])
+            low, high = self.level_range(pack)
+            fits = -(1 << 15) <= low and high < (1 << 15)
+            return Levels("<i2" if fits else "<i4", 0)
+
+        packs = list(self.index.packs)
+        i = 0
+        while i < len(packs):
+            window, elements = [], 0
+            while i < len(packs) and (not window or elements < self.batch_elements):
+                window.append(packs[i])
+                elements += packs[i].n_elements
+                i += 1
+            plans = {}
+            for pack in window:
+                grid = self.index.grids[pack.codebook] if self.index.grids else None
+                plans[id(pack)] = [level_of(member) if grid is not None else None for member in pack.members]
+            keys = {id(pack): key_of(pack, plans[id(pack)]) for pack in window}
+            decoded = self._decode_huffman(window, dtype_of=lambda p: keys[id(p)])
+            for pack in window:
+                values, key, member_plans = decoded.pop(0), keys[id(pack)], plans[id(pack)]
+                if len(pack.sites) == 1:  # decoded straight to its final values or levels
+                    yield pack.members[0], values, member_plans[0][1] if member_plans[0] else None
+                    del values
+                    continue
+                for member, plan in zip(pack.members, member_plans):
+                    part = values[member.start : member.start + member.count]
+                    with self.allocating(member.subject):
+                        if plan is not None:
+                            q = _aligned_empty((member.count,), np.dtype(plan[0]))
+                            np.add(part, member.offset + plan[1], out=q, casting="unsafe")
+                            out, zero_point = q, plan[1]
+                        else:
+                            grid_values = part.astype(np.float32) if isinstance(key, Levels) else part  # integers below 2^24: exact
+                            out = scale_member(grid_values, member.scale, dtype_at(member.site), member.offset)
+                            zero_point = None
+                    yield member, out, zero_point
+                    del out
+                del values
+
+    def level_range(self, pack: PackInfo) -> tuple[int, int]:
+        """The least and greatest grid integer (``first + symbol``) a pack over a grid codebook
+        can decode to: its code table's first and last used symbols (a member's levels add
+        its offset)."""
+        first, _ = self.index.grids[pack.codebook]
+        used = np.flatnonzero(self.index.tables[pack.table])
+        return first + int(used[0]), first + int(used[-1])
 
 
 def _add_offset(values: np.ndarray, offset: int, out: np.ndarray | None = None) -> np.ndarray:

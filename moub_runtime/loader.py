@@ -27,6 +27,7 @@ from .onnx_output import EXTERNAL_THRESHOLD, decode_to_onnx, fits_inline, save_o
 from .onnx_proto import ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, DATA_LOCATION_EXTERNAL
 from .payload import clear_payload, fill_payload, mark_in_memory
 from .sites import is_main_graph_initializer
+from .compact import CompactGraph, compact_decoded, plan_compact
 from .validation import open_checked, parse_graph
 
 if TYPE_CHECKING:
@@ -72,18 +73,22 @@ def decode_tensors(
             yield site.path, array
 
 
-def load(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1) -> onnx.ModelProto:
+def load(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1, compact: bool = False) -> onnx.ModelProto:
     """Decode a .moub (a path, its bytes or a binary file object) into an onnx.ModelProto
     with all weights inline (like onnx.load).
     Memory: the model, plus one decoding window (each array is freed once copied in).
     ``limits.memory_budget`` bounds what the file may make the reader materialise.
-    The one entry point that imports onnx: it returns onnx's own class."""
+    The one entry point that imports onnx: it returns onnx's own class. ``compact``: the
+    weights that can be are integer initializers behind DequantizeLinear (:mod:`.compact`)."""
     import onnx
 
     with open_checked(path, limits, decode_workers, message=onnx.ModelProto) as checked:
+        compact_graph = CompactGraph(checked.model) if compact else None
         with checked.moub.allocating("the decoded model"):
-            for site, _, array in checked.decoded():
-                fill_payload(site.tensor, array)
+            for site, _, array, compact_stub in _decoded(checked, compact_graph, consumed_names(checked.model)):
+                fill_payload(compact_stub if compact_stub is not None else site.tensor, array)
+        if compact_graph is not None:
+            compact_graph.finish()
         return checked.model
 
 
@@ -193,6 +198,16 @@ def _constant_node_index(path: str) -> int | None:
     return None
 
 
+def _decoded(checked, compact_graph: CompactGraph | None, consumed: set[str]) -> Iterator[tuple]:
+    """(site, element type, array, stub or None): the normal decode, or with ``compact_graph``
+    the planned tensors as integers (:func:`.compact.compact_decoded`)."""
+    if compact_graph is None:
+        for site, dtype, array in checked.decoded():
+            yield site, dtype, array, None
+        return
+    yield from compact_decoded(checked, plan_compact(checked, consumed), compact_graph)
+
+
 def _keep_alive_with(options: onnxruntime.SessionOptions, objects: list) -> None:
     """Keep ``objects`` alive as long as ``options`` (a caller's options object points at
     them and may build more sessions)."""
@@ -238,6 +253,7 @@ class InferenceSession(onnxruntime.InferenceSession):
         providers: list | None = None,
         limits: ReaderLimits = DEFAULT_LIMITS,
         decode_workers: int | None = None,
+        compact: bool = False,
         **kwargs,
     ) -> None:
         options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
@@ -250,8 +266,15 @@ class InferenceSession(onnxruntime.InferenceSession):
         consumed = consumed_names(model)
         graph_outputs = {output.name for output in model.graph.output}
         constants_to_lift: list[int] = []
+        compact_graph = CompactGraph(model) if compact else None
         with checked, moub.allocating("the decoded model"):
-            for site, dtype, array in checked.decoded():
+            for site, dtype, array, compact_stub in _decoded(checked, compact_graph, consumed):
+                if compact_stub is not None:  # integers behind a DequantizeLinear, handed over like any weight
+                    stubs.append(compact_stub)
+                    arrays.append(array)
+                    element_types.append(dtype)
+                    del array
+                    continue
                 tensor = site.tensor
                 node_index = _constant_node_index(site.path)
                 name = model.graph.node[node_index].output[0] if node_index is not None else tensor.name
@@ -275,6 +298,8 @@ class InferenceSession(onnxruntime.InferenceSession):
         for node_index in sorted(constants_to_lift, reverse=True):
             del model.graph.node[node_index]
         keep = _hand_over(options, stubs, arrays, element_types) if arrays else []
+        if compact_graph is not None:
+            compact_graph.finish()
         self._moub_weights: list = [] if _has_in_memory_files() else keep
         self._moub_arrays: list[np.ndarray] = arrays  # onnxruntime reads (or copies) this memory
         graph = model.SerializeToString()

@@ -206,6 +206,21 @@ class CheckedFile:
             yield site, dtype_of[member.site], array.reshape(tuple(site.tensor.dims))
         finish_payload_check()
 
+    def decoded_levels(self, level_of) -> Iterator[tuple[TensorSite, int, np.ndarray, int | None]]:
+        """:meth:`decoded`, with the pack members ``level_of(member)`` plans (integer dtype
+        string, zero point) as their integer levels plus the zero point, never as floats:
+        (site, ONNX element type, array, zero point or None); the same checks, in the same
+        order (:meth:`moub_format.MoubFile.iter_pack_levels`)."""
+        moub = self.moub
+        finish_payload_check = moub.start_payload_check()
+        for info, array in moub.iter_tensors():
+            yield self.matched[info.path], info.dtype, array, None
+        dtype_of = {ordinal: site.tensor.data_type for ordinal, site in self.members.items()}
+        for member, array, zero_point in moub.iter_pack_levels(level_of, dtype_of):
+            site = self.members[member.site]
+            yield site, dtype_of[member.site], array.reshape(tuple(site.tensor.dims)), zero_point
+        finish_payload_check()
+
 
 def open_checked(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1,
                  batch_elements: int = DECODE_BATCH_ELEMENTS, message: type = ModelProto) -> CheckedFile:
