@@ -198,6 +198,23 @@ def _constant_node_index(path: str) -> int | None:
     return None
 
 
+# onnxruntime fuses a DequantizeLinear feeding MatMul into MatMulNBits (8 or 4 bits, the weights
+# kept packed); this entry sets the arithmetic it computes in. onnxruntime's default (4) quantizes
+# the activations to int8, which moves outputs by far more than rounding (a PP-OCR classifier's
+# probabilities by 2e-4): a compact session computes in float32 (1) unless the caller's options say.
+MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+MATMULNBITS_FLOAT32 = "1"
+
+
+def _keep_float_arithmetic(options: onnxruntime.SessionOptions) -> None:
+    try:
+        if options.get_session_config_entry(MATMULNBITS_ACCURACY_KEY):
+            return
+    except Exception:  # onnxruntime raises when the entry was never set
+        pass
+    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FLOAT32)
+
+
 def _decoded(checked, compact_graph: CompactGraph | None, consumed: set[str]) -> Iterator[tuple]:
     """(site, element type, array, stub or None): the normal decode, or with ``compact_graph``
     the planned tensors as integers (:func:`.compact.compact_decoded`)."""
@@ -300,6 +317,7 @@ class InferenceSession(onnxruntime.InferenceSession):
         keep = _hand_over(options, stubs, arrays, element_types) if arrays else []
         if compact_graph is not None:
             compact_graph.finish()
+            _keep_float_arithmetic(options)
         self._moub_weights: list = [] if _has_in_memory_files() else keep
         self._moub_arrays: list[np.ndarray] = arrays  # onnxruntime reads (or copies) this memory
         graph = model.SerializeToString()
