@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,14 +46,22 @@ print(ready, "onnx" in sys.modules)
 KINDS = ("onnx", "moub", "compact")
 
 
-def one_run(kind: str, path: Path) -> tuple[float, bool]:
-    """Seconds from spawning a fresh interpreter to its ready session, and whether it imported onnx."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT.parent))
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_run(kind: str, path: Path, python: str = sys.executable, root: Path = ROOT.parent) -> tuple[float, float, bool]:
+    """Wall seconds from spawning a fresh interpreter to its ready session, the CPU seconds of
+    the whole process (all threads, to its exit: what other load on the machine does not
+    inflate), and whether it imported onnx. ``python``/``root``: the interpreter and checkout
+    to run (another checkout's, for a before/after)."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    cpu = _children_cpu()
     start = time.time()
-    result = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path)], capture_output=True, text=True, env=env,
-                            check=True)
+    result = subprocess.run([python, "-c", _CHILD, kind, str(path)], capture_output=True, text=True, env=env, check=True, cwd=root)
     ready, onnx_imported = result.stdout.split()
-    return float(ready) - start, onnx_imported == "True"
+    return float(ready) - start, _children_cpu() - cpu, onnx_imported == "True"
 
 
 def measure(name: str, repeats: int, kinds: Sequence[str] = KINDS) -> dict:
@@ -61,28 +70,33 @@ def measure(name: str, repeats: int, kinds: Sequence[str] = KINDS) -> dict:
     onnx_path, moub_path = prepare_adaptive(name)
     paths = {"onnx": onnx_path, "moub": moub_path, "compact": moub_path}
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    cpus: dict[str, list[float]] = {kind: [] for kind in kinds}
     imported: dict[str, bool] = {}
     for _ in range(repeats):
         for kind in kinds:
-            seconds, onnx_imported = one_run(kind, paths[kind])
+            seconds, cpu, onnx_imported = one_run(kind, paths[kind])
             times[kind].append(seconds)
+            cpus[kind].append(cpu)
             imported[kind] = onnx_imported
     row: dict = {"model": name}
     for kind in kinds:
-        row[kind] = {"best_s": min(times[kind]), "median_s": statistics.median(times[kind]), "imports_onnx": imported[kind]}
+        row[kind] = {"best_s": min(times[kind]), "median_s": statistics.median(times[kind]), "best_cpu_s": min(cpus[kind]),
+                     "imports_onnx": imported[kind]}
     for kind in [k for k in kinds if k != "onnx"]:
         row[f"{kind}_ratio_best"] = row[kind]["best_s"] / row["onnx"]["best_s"]
         row[f"{kind}_ratio_median"] = row[kind]["median_s"] / row["onnx"]["median_s"]
+        row[f"{kind}_ratio_cpu"] = row[kind]["best_cpu_s"] / row["onnx"]["best_cpu_s"]
     return row
 
 
 def format_table(rows: list[dict]) -> list[str]:
-    lines = [f"{'model':8} {'kind':8} {'best ms':>8} {'median ms':>10} {'x onnx (best/median)':>21} {'imports onnx':>13}"]
+    lines = [f"{'model':8} {'kind':8} {'best ms':>8} {'median ms':>10} {'CPU ms':>7} {'x onnx (best/median/CPU)':>25} {'imports onnx':>13}"]
     for r in rows:
         for kind in [k for k in KINDS if k in r]:
-            ratio = "" if kind == "onnx" else f"{r[f'{kind}_ratio_best']:.2f} / {r[f'{kind}_ratio_median']:.2f}"
+            ratio = "" if kind == "onnx" else (f"{r[f'{kind}_ratio_best']:.2f} / {r[f'{kind}_ratio_median']:.2f} / "
+                                               f"{r[f'{kind}_ratio_cpu']:.2f}")
             lines.append(f"{r['model']:8} {kind:8} {r[kind]['best_s'] * 1e3:8.0f} {r[kind]['median_s'] * 1e3:10.0f} "
-                         f"{ratio:>21} {str(r[kind]['imports_onnx']):>13}")
+                         f"{r[kind]['best_cpu_s'] * 1e3:7.0f} {ratio:>25} {str(r[kind]['imports_onnx']):>13}")
     return lines
 
 

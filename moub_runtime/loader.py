@@ -160,6 +160,7 @@ def ort_copies_external_initializers() -> bool:
     weight = np.arange(1, 65, dtype=np.float32).reshape(1, 64)
     model = _probe_model()
     options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1  # no thread pool to start: a third of the probe's time
     keep = _hand_over(options, [model.graph.initializer[0]], [weight], [onnx_proto.TensorProto.FLOAT])
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     weight[...] = 0
