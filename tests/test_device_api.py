@@ -167,3 +167,31 @@ def test_each_package_reports_the_distribution_version():
     from moub_format.writer import PRODUCER
 
     assert PRODUCER == f"moub {expected}"
+
+
+@pytest.mark.slow
+def test_make_dist_builds_a_wheel_whose_base_install_is_the_runtime(tmp_path):
+    """``make dist`` (run here into a temporary folder): a wheel with the runtime and its
+    ONNX descriptor, whose required dependencies are the runtime's alone, and no build/
+    folder left in the checkout."""
+    import re
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or shutil.which("make") is None:
+        pytest.skip("git and make are needed")
+    had_build = (repo / "build").exists()
+    run = subprocess.run(["make", "-s", "dist", f"PY={sys.executable}", "STAMP=", f"DIST={tmp_path}"], cwd=repo,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (wheel,) = tmp_path.glob("moub-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    assert {"moub_runtime/loader.py", "moub_runtime/onnx_descriptor.py", "moub_format/reader.py"} <= names
+    required = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    names_required = {re.split(r"[<>=!; ]", line.split(":", 1)[1].strip())[0] for line in required}
+    assert names_required == {"numpy", "flatbuffers", "bitarray", "protobuf", "onnx", "onnxruntime"}
+    assert (repo / "build").exists() == had_build
