@@ -935,7 +935,7 @@ class MoubFile:
                     with self.allocating(member.subject):
                         if plan is not None:
                             q = _aligned_empty((member.count,), np.dtype(plan[0]))
-                            np.add(part, member.offset + plan[1], out=q, casting="unsafe")
+                            np.add(part, np.int64(member.offset + plan[1]), out=q, dtype=np.int64, casting="unsafe")
                             out, zero_point = q, plan[1]
                         else:
                             grid_values = part.astype(np.float32) if isinstance(key, Levels) else part  # integers below 2^24: exact

@@ -255,6 +255,11 @@ class InferenceSession(onnxruntime.InferenceSession):
     inside subgraphs are put back into the graph, which onnxruntime cannot be
     handed otherwise; so are initializers no node reads.
 
+    ``compact``: the weights :mod:`.compact` can express stay 8/16-bit integers behind
+    ``DequantizeLinear`` nodes (the same weights, a quarter or half of the memory), and
+    MatMulNBits fusions compute in float32 (``session.qdq_matmulnbits_accuracy_level`` 1,
+    written into the options unless they set it).
+
     ``decode_workers``: threads for decoding. Default None: one per core, up
     to 4 (:func:`default_decode_workers`). The stored bytes' checksums and the
     whole-payload digest are then computed on the other threads while the calling thread decodes (hashlib

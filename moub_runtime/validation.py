@@ -15,7 +15,6 @@ digest before the last result is handed out.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
