@@ -475,8 +475,10 @@ class MoubFile:
         if dtype is None:
             return np.arange(self.index.codebook_size(codebook), dtype=np.uint32)
         if isinstance(dtype, Levels):
-            first, count = self.index.grids[codebook]
-            return (np.arange(count, dtype=np.int64) + (first + dtype.shift)).astype(np.dtype(dtype.dtype))
+            grid = self.index.grids[codebook] if self.index.grids else None
+            levels = (np.arange(grid[1], dtype=np.int64) + grid[0] if grid is not None
+                      else self.index.codebooks[codebook].astype(np.int64))  # integers: see integer_codebook
+            return (levels + dtype.shift).astype(np.dtype(dtype.dtype))
         if isinstance(dtype, tuple):
             element, scale, offset = dtype
             return scale_member(self.index.codebook_values(codebook), scale, element, offset)
@@ -887,7 +889,7 @@ class MoubFile:
         string, zero point ``zp``) comes as its integer levels plus ``zp`` in that dtype (its
         values are ``float32(q - zp) * float32(scale)``), never as floats: (member, q, zp).
         Every other member comes as its values, with zp None. ``level_of`` is asked only
-        about members of packs over a grid codebook, and must give a dtype that holds
+        about members of packs over an integer codebook (:meth:`integer_codebook`), and must give a dtype that holds
         ``level + zp`` for every level the pack's code table can produce
         (:meth:`level_range`).
 
@@ -920,8 +922,8 @@ class MoubFile:
                 i += 1
             plans = {}
             for pack in window:
-                grid = self.index.grids[pack.codebook] if self.index.grids else None
-                plans[id(pack)] = [level_of(member) if grid is not None else None for member in pack.members]
+                integers = self.integer_codebook(pack.codebook)
+                plans[id(pack)] = [level_of(member) if integers else None for member in pack.members]
             keys = {id(pack): key_of(pack, plans[id(pack)]) for pack in window}
             decoded = self._decode_huffman(window, dtype_of=lambda p: keys[id(p)])
             for pack in window:
@@ -945,13 +947,24 @@ class MoubFile:
                     del out
                 del values
 
+    def integer_codebook(self, codebook: int) -> bool:
+        """Whether every value of a codebook is an integer: a grid, or an explicit codebook of
+        integer levels (what writers store for a pack that uses few levels of a wide range)."""
+        if self.index.grids and self.index.grids[codebook] is not None:
+            return True
+        values = self.index.codebooks[codebook]
+        return bool(values.size) and bool(np.all(np.isfinite(values))) and bool(np.all(values == np.rint(values))) \
+            and float(np.abs(values).max()) < C.GRID_LIMIT
+
     def level_range(self, pack: PackInfo) -> tuple[int, int]:
-        """The least and greatest grid integer (``first + symbol``) a pack over a grid codebook
-        can decode to: its code table's first and last used symbols (a member's levels add
-        its offset)."""
-        first, _ = self.index.grids[pack.codebook]
+        """The least and greatest codebook integer a pack over an integer codebook can decode
+        to, over the symbols its code table uses (a member's levels add its offset)."""
         used = np.flatnonzero(self.index.tables[pack.table])
-        return first + int(used[0]), first + int(used[-1])
+        grid = self.index.grids[pack.codebook] if self.index.grids else None
+        if grid is not None:
+            return grid[0] + int(used[0]), grid[0] + int(used[-1])
+        values = self.index.codebooks[pack.codebook][used]
+        return int(values.min()), int(values.max())
 
 
 def _add_offset(values: np.ndarray, offset: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -10,7 +10,8 @@ onnxruntime does not fold ``DequantizeLinear`` into a float initializer when it 
 session (it keeps QDQ nodes for its quantization passes), so the integers are what stays
 resident; the float weight exists while the node's consumer runs.
 
-A quantized tensor qualifies when it is a pack member over a grid codebook, of element type
+A quantized tensor qualifies when it is a pack member over an integer codebook (a grid, or the
+explicit list of used levels a writer stores for a sparse pack), of element type
 float32, an initializer or ``Constant`` of the main graph that a node reads and that is not a
 graph input, and its levels fit int8, uint8, int16 or uint16 with a zero point of that type.
 Every other tensor is decoded as usual; :func:`plan_compact` says why, and ``moub inspect``
@@ -140,14 +141,14 @@ def plan_compact(checked: CheckedFile, consumed: set[str]) -> CompactPlan:
             plan.kept[info.path] = "a Huffman tensor (not a pack member)"
             plan.weights[info.path] = info.n_elements
     for pack in index.packs:
-        grid = index.grids[pack.codebook] if index.grids else None
-        low, high = moub.level_range(pack) if grid is not None else (0, 0)
+        integers = moub.integer_codebook(pack.codebook)
+        low, high = moub.level_range(pack) if integers else (0, 0)
         for member in pack.members:
             site = checked.members[member.site]
             plan.weights[site.path] = member.count
             name = _target_name(site)
-            if grid is None:
-                reason = "an explicit codebook"
+            if not integers:
+                reason = "a codebook of non-integer values"
             elif site.tensor.data_type != dtypes.FLOAT:
                 reason = f"element type {dtypes.NAMES.get(site.tensor.data_type, site.tensor.data_type)}"
             elif name is None:

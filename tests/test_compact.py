@@ -178,3 +178,31 @@ def test_level_type_is_the_narrowest_that_holds_the_levels(low, high):
     assert kind.low <= zero_point <= kind.high
     assert kind.low <= low + zero_point and high + zero_point <= kind.high
     assert kind.itemsize == min(t.itemsize for t in fitting if max(t.low, t.low - low) <= min(t.high, t.high - high))
+
+
+def test_packs_over_explicit_integer_levels_are_held_and_float_codebooks_are_not(tmp_path):
+    """A writer stores a sparse pack's used levels as an explicit codebook: integers, held like
+    a grid's; a codebook of other values stays float."""
+    import dataclasses
+
+    model = onnx.load(model_file("cls"))
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
+    sparse = packs[0]
+    used, local = np.unique(sparse.indices, return_inverse=True)
+    codebooks[sparse.codebook] = codebooks[sparse.codebook].values()[used].astype(np.float32)
+    packs[0] = dataclasses.replace(sparse, indices=local.reshape(-1).astype(np.int64))
+    float_pack = packing.codebook_pack(model, packs[1].paths, np.linspace(-3, 3, 61), len(codebooks))
+    codebooks.append(np.linspace(-3, 3, 61).astype(np.float32))
+    packs[1] = float_pack
+    path = _write(tmp_path, model, codebooks, packs)
+    summary = summarize(path).compact
+    assert set(summary["kept_float"]) == {"a codebook of non-integer values"}
+    assert summary["kept_float"]["a codebook of non-integer values"]["tensors"] == len(float_pack.paths)
+    members = sum(len(p.paths) for p in packs)
+    assert sum(v["tensors"] for v in summary["held"].values()) == members - len(float_pack.paths)  # the sparse pack included
+    _, _, rebuilt = _check_compact_model(path)
+    assert len(rebuilt) == members - len(float_pack.paths)
+    inputs = feeds("cls")
+    for a, b in zip(moub_runtime.InferenceSession(path).run(None, inputs),
+                    moub_runtime.InferenceSession(path, compact=True).run(None, inputs)):
+        assert np.abs(a - b).max() <= RELATIVE_BOUND * np.abs(a).max()
