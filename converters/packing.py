@@ -167,11 +167,13 @@ def _others_extreme(values: np.ndarray, smallest: bool) -> np.ndarray:
     return out if smallest else -out
 
 
-def plan_packs(levels: list[np.ndarray]) -> list[PackPlan]:
-    """Packs for the pooled sites' integer levels (see the module docstring)."""
+def plan_packs(levels: list[np.ndarray], centred: bool = True) -> list[PackPlan]:
+    """Packs for the pooled sites' integer levels (see the module docstring); ``centred``
+    False: members of the shared pack keep offset 0, so its grid spans their levels as they
+    are (``--ram int8``: each member's levels stay within the bound it was quantized to)."""
     own_hists = [_hist(q) for q in levels]
     own_bits, own_lengths = zip(*(_own(h) for h in own_hists)) if levels else ((), ())
-    offsets = [centre(h) for h in own_hists]
+    offsets = [centre(h) if centred else 0 for h in own_hists]
     hists = [_hist(q, o) if o else h for q, o, h in zip(levels, offsets, own_hists)]  # centred, as members of the shared pack
     shared = list(range(len(levels)))
     alone: list[int] = []

@@ -59,7 +59,13 @@ def layout(pool: Pool, stats: SiteStats, log2_opt: np.ndarray, x: float, gamma: 
            calib: Calibration, feedback: bool = True) -> Layout:
     steps = allocate_steps(stats, log2_opt, x, gamma)
     levels = calib.levels(pool, steps, feedback)
-    plans = plan_packs(levels)
+    if stats.max_level is not None:
+        # error feedback and bias correction can step a level past the step floor's bound; the
+        # search measures the clipped levels, so the loss it holds is the file's; no offsets, so
+        # a shared pack's grid stays within the bound too
+        for q in levels:
+            np.clip(q, -stats.max_level, stats.max_level, out=q)
+    plans = plan_packs(levels, centred=stats.max_level is None)
     return Layout(steps, levels, plans, total_bits(plans, stats.sizes, chunk_elements(pool.n_weights)))
 
 

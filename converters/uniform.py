@@ -34,6 +34,9 @@ from .intake import Pool
 
 LOG2_STEP_RANGE = (-24.0, 2.0)    # a step stays within [sigma * 2^-24, sigma * 4]
 MAX_ABS_INDEX = (1 << 22)         # |q| below this: well inside the grid codebook's 2^24 limit
+# ``--ram``: the largest |level| each setting allows (None: any). With int8, every level is in
+# [-127, 127], so a compact session (moub_runtime, compact=True) holds one byte per weight.
+RAM_LEVEL_LIMITS: dict[str, int | None] = {"float": None, "int8": 127}
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,10 @@ class SiteStats:
     sizes: np.ndarray        # n_t, elements
     log2_sigma: np.ndarray   # log2 of the standard deviation (of max |w| for constant tensors)
     max_abs: np.ndarray      # max |w|
+    max_level: int | None = None   # the largest |level| allowed (RAM_LEVEL_LIMITS); None: any
 
 
-def site_stats(pool: Pool) -> SiteStats:
+def site_stats(pool: Pool, max_level: int | None = None) -> SiteStats:
     sizes, log2_sigma, max_abs = [], [], []
     for site in pool.sites:
         values = pool.values[site.start : site.stop].astype(np.float64)
@@ -55,7 +59,7 @@ def site_stats(pool: Pool) -> SiteStats:
         sizes.append(site.size)
         log2_sigma.append(np.log2(spread))
         max_abs.append(peak)
-    return SiteStats(np.asarray(sizes, np.int64), np.asarray(log2_sigma), np.asarray(max_abs))
+    return SiteStats(np.asarray(sizes, np.int64), np.asarray(log2_sigma), np.asarray(max_abs), max_level)
 
 
 def allocate_steps(stats: SiteStats, log2_sens_step: np.ndarray, x: float, gamma: float) -> np.ndarray:
@@ -70,6 +74,8 @@ def allocate_steps(stats: SiteStats, log2_sens_step: np.ndarray, x: float, gamma
     steps = np.exp2(log2_step)
     # indices stay small enough for an exact grid codebook
     steps = np.maximum(steps, stats.max_abs / MAX_ABS_INDEX)
+    if stats.max_level is not None:  # round(w / step) within +-max_level for every weight
+        steps = np.maximum(steps, stats.max_abs / stats.max_level)
     return steps.astype(np.float32)
 
 

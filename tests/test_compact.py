@@ -206,3 +206,23 @@ def test_packs_over_explicit_integer_levels_are_held_and_float_codebooks_are_not
     for a, b in zip(moub_runtime.InferenceSession(path).run(None, inputs),
                     moub_runtime.InferenceSession(path, compact=True).run(None, inputs)):
         assert np.abs(a - b).max() <= RELATIVE_BOUND * np.abs(a).max()
+
+
+def test_convert_with_ram_int8_holds_one_byte_per_weight(tmp_path):
+    """``--ram int8``: every stored level within int8, so the compact session holds each
+    quantized weight in one byte; the tolerance still holds, and the report puts the file's
+    bytes and the resident weight bytes side by side."""
+    from moub_converters import convert
+    from moub_converters.demo import MODEL, SEARCH_DATA
+
+    result = convert(MODEL, data=SEARCH_DATA, mode="adaptive", metric="l2", max_drop=0.002, seed=0, ram="int8")
+    path = tmp_path / "int8.moub"
+    result.write(path)
+    compact = summarize(path).compact
+    weights = summarize(path).quantized_weights
+    assert set(compact["held"]) == {"int8"} and not compact["kept_float"]
+    assert compact["held_weight_bytes"] == weights
+    assert result.report["file"]["resident_weight_bytes"] == {"normal": 4 * weights, "compact": weights}
+    assert result.report["loss"] <= 0.002
+    assert "weights in RAM" in result.closing_table()
+    _check_compact_model(path)
