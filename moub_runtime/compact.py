@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moub_format import dtypes
 from moub_format import constants as C
+from moub_format import dtypes
 
 from .sites import KIND_CONSTANT, TensorSite
 

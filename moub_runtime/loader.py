@@ -23,11 +23,11 @@ from moub_format.dtypes import BFLOAT16
 from moub_format.reader import Source, default_decode_workers
 
 from . import onnx_proto
+from .compact import CompactGraph, compact_decoded, plan_compact
 from .onnx_output import EXTERNAL_THRESHOLD, decode_to_onnx, fits_inline, save_onnx
 from .onnx_proto import ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, DATA_LOCATION_EXTERNAL
 from .payload import clear_payload, fill_payload, mark_in_memory
 from .sites import is_main_graph_initializer
-from .compact import CompactGraph, compact_decoded, plan_compact
 from .validation import open_checked, parse_graph
 
 if TYPE_CHECKING:
