@@ -84,9 +84,9 @@ class ConvertOptions:
     bins: int | None = option(None, "--bins", "fixed-bins encode with K equal-width bins: no search, no data needed", type=int)
     outputs: tuple[str, ...] = option((), "--score-output", "score only this output of the model (repeatable; default: every "
                                       "output, the worst decides)", type=str, provenance="if-set")
-    ram: str = option("float", "--ram", "adaptive mode: int8 keeps every weight's level within int8, so that a compact "
-                      "session (moub_runtime.InferenceSession(..., compact=True)) holds one byte per weight; the search "
-                      "still picks the smallest file within --max-drop (default {default}: any level range)",
+    ram: str = option("float", "--ram", "adaptive mode: int8 keeps each tensor's levels within a window int8 holds, so that a "
+                      "compact session (moub_runtime.InferenceSession(..., compact=True)) holds one byte per weight; the "
+                      "search still picks the smallest file within --max-drop (default {default}: any level range)",
                       choices=tuple(RAM_LEVEL_LIMITS), modes=("adaptive",))
     representative: str = option("mean", "--representative", "each bin's value: member mean (default) or interval centre",
                                  choices=REPRESENTATIVES)

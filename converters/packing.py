@@ -167,13 +167,13 @@ def _others_extreme(values: np.ndarray, smallest: bool) -> np.ndarray:
     return out if smallest else -out
 
 
-def plan_packs(levels: list[np.ndarray], centred: bool = True) -> list[PackPlan]:
-    """Packs for the pooled sites' integer levels (see the module docstring); ``centred``
-    False: members of the shared pack keep offset 0, so its grid spans their levels as they
-    are (``--ram int8``: each member's levels stay within the bound it was quantized to)."""
+def plan_packs(levels: list[np.ndarray], offsets: list[int] | None = None) -> list[PackPlan]:
+    """Packs for the pooled sites' integer levels (see the module docstring). ``offsets``: each
+    site's offset in the shared pack (default: its histogram's centre); ``--ram int8`` gives the
+    middle of each site's window of levels, so that the shared grid stays as narrow as a window."""
     own_hists = [_hist(q) for q in levels]
     own_bits, own_lengths = zip(*(_own(h) for h in own_hists)) if levels else ((), ())
-    offsets = [centre(h) if centred else 0 for h in own_hists]
+    offsets = [centre(h) for h in own_hists] if offsets is None else list(offsets)
     hists = [_hist(q, o) if o else h for q, o, h in zip(levels, offsets, own_hists)]  # centred, as members of the shared pack
     shared = list(range(len(levels)))
     alone: list[int] = []
