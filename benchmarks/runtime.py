@@ -26,7 +26,8 @@ Targets: >= 25 M weights/s on one core; peak RSS <= 1.3 x decoded
 fp32 size + 64 MB; load time <= 2 x the plain ONNX load (judged on the wall
 time with default arguments; the one-core CPU ratio is reported beside it).
 
-Run: ``.venv/bin/python -m benchmarks.runtime [--models synthetic,magika,...]``.
+Run: ``.venv/bin/python -m benchmarks.runtime [--models synthetic,magika,...]``; with ``--compact``,
+normal against compact sessions instead (``--models magika,cls --compact``).
 Writes ``benchmarks/out/runtime.json``.
 """
 
@@ -181,6 +182,56 @@ def prepare(name: str) -> tuple[Path, Path]:
     return onnx_path, moub_path
 
 
+ADAPTIVE_DIVISOR = 16.0  # step = std / this: levels spread over a few hundred values, like the adaptive mode's
+
+
+def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int = MIN_ELEMENTS):
+    """What the adaptive mode writes, without its search: every float tensor site with at
+    least ``min_elements`` values is one pack over its own grid codebook, levels
+    ``round(x / step)`` with ``step = std / divisor``; (codebooks, packs)."""
+    from moub_converters.encode import PackAssignment
+    from onnx import numpy_helper
+
+    from moub_format import dtypes
+    from moub_format.writer import OWN, GridCodebook
+    from moub_runtime.sites import iter_tensor_sites
+
+    codebooks, packs = [], []
+    for site in iter_tensor_sites(model):
+        count = 1
+        for dim in site.tensor.dims:
+            count *= int(dim)
+        if site.tensor.data_type not in dtypes.FLOAT_DTYPES or count < min_elements:
+            continue
+        x = np.asarray(numpy_helper.to_array(site.tensor), dtype=np.float32).ravel()
+        std = float(np.std(x.astype(np.float64)))
+        step = np.float32(std / divisor if std > 0 else 1.0)
+        levels = np.rint(x / step).astype(np.int64)
+        first = int(levels.min())
+        codebooks.append(GridCodebook(first, int(levels.max()) - first + 1))
+        packs.append(PackAssignment((site.path,), (float(step),), levels - first, len(codebooks) - 1, OWN))
+    return codebooks, packs
+
+
+def prepare_adaptive(name: str) -> tuple[Path, Path]:
+    """(.onnx, .moub) for a benchmark model in the adaptive layout (:func:`adaptive_packs`),
+    built and cached on first use: the files a compact session can hold as integers."""
+    import onnx
+    from moub_converters.encode import encode_model
+
+    from moub_format.writer import write_atomic
+
+    onnx_path = prepare(name)[0] if name == "synthetic" else real_model_path(name)
+    folder = CACHE / f"v{CACHE_VERSION}"
+    folder.mkdir(parents=True, exist_ok=True)
+    moub_path = folder / f"{name}.adaptive.moub"
+    if not moub_path.exists():
+        model = onnx.load(onnx_path)
+        codebooks, packs = adaptive_packs(model)
+        write_atomic(moub_path, encode_model(model, codebooks, {}, {"moub.benchmark": "runtime adaptive"}, packs=packs))
+    return onnx_path, moub_path
+
+
 # ---------------------------------------------------------------- measurements
 
 
@@ -297,9 +348,9 @@ except OSError:
 base = status("VmRSS")
 kind, path = sys.argv[1], sys.argv[2]
 start = time.perf_counter()
-if kind == "moub":  # default options: the decoded arrays are freed once onnxruntime has its copy
+if kind in ("moub", "compact"):  # default options: the decoded arrays are freed once onnxruntime has its copy
     import moub_runtime
-    session = moub_runtime.InferenceSession(path)
+    session = moub_runtime.InferenceSession(path, **({"compact": True} if kind == "compact" else {}))
 else:
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 seconds = time.perf_counter() - start
@@ -373,6 +424,134 @@ def decoded_fp32_bytes(moub_path: Path) -> int:
             total += t.n_elements * (4 if t.dtype in dtypes.FLOAT_DTYPES else dtypes.STORAGE_DTYPES[t.dtype].itemsize)
         total += 4 * sum(p.n_elements for p in moub.index.packs)  # pack members are float
     return total
+
+
+# ---------------------------------------------------------------- compact sessions
+
+# One input per model for the latency figures (random, of the shape the bench's data has).
+SAMPLE_SHAPES = {"cls": (1, 3, 48, 192), "rec": (1, 3, 48, 320), "det": (1, 3, 320, 320)}
+
+
+def sample_feed(name: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    if name == "magika":
+        return {"bytes": rng.integers(0, 257, (1, 2048)).astype(np.int32)}
+    if name == "synthetic":
+        return {"ids": rng.integers(0, 8192, (1, 32)).astype(np.int64)}
+    return {"x": rng.standard_normal(SAMPLE_SHAPES[name]).astype(np.float32)}
+
+
+def latency(make_session, feed: dict, threads: int | None, repeats: int) -> float:
+    """Median seconds per run of one sample (after two warm-up runs), with ``threads`` intra-op
+    threads (None: onnxruntime's default)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = make_session(options)
+    for _ in range(2):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def optimized_ops(moub_path: Path) -> dict:
+    """What onnxruntime made of a compact session's DequantizeLinear nodes: its optimized model
+    (``SessionOptions.optimized_model_filepath``, extended level: the hardware-independent
+    fusions) counted by op, and the ops that still read a DequantizeLinear at every run."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime
+
+    import moub_runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        moub_runtime.InferenceSession(moub_path, sess_options=options, compact=True)
+        model = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    readers = Counter(n.op_type for n in model.graph.node for name in n.input if name in dequantized)
+    return {"DequantizeLinear": len(dequantized), "MatMulNBits": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
+            "dequantized_for": dict(sorted(readers.items()))}
+
+
+def compact_measure(name: str, repeats: int) -> dict:
+    """Normal against compact session on one model's adaptive-layout file."""
+    import onnxruntime
+
+    import moub_runtime
+    from moub_runtime.compact import plan_compact
+    from moub_runtime.loader import consumed_names
+    from moub_runtime.validation import open_checked
+
+    onnx_path, moub_path = prepare_adaptive(name)
+    with open_checked(moub_path) as checked:
+        plan = plan_compact(checked, consumed_names(checked.model)).summary(checked.members)
+        quantized = sum(m.count for p in checked.moub.index.packs for m in p.members)
+    kept = sum(v["weights"] for v in plan["kept_float"].values())
+    row: dict = {"model": name, "quantized_weights": quantized, "compact": plan,
+                 "resident_weight_bytes": {"normal": 4 * quantized, "compact": plan["held_weight_bytes"] + 4 * kept}}
+    row["rss"] = {kind: peak_rss(kind, path) for kind, path in (("onnx", onnx_path), ("moub", moub_path), ("compact", moub_path))}
+    loads: dict[str, list[float]] = {"onnx": [], "normal": [], "compact": []}
+    makers = {
+        "onnx": lambda o=None: onnxruntime.InferenceSession(str(onnx_path), sess_options=o, providers=["CPUExecutionProvider"]),
+        "normal": lambda o=None: moub_runtime.InferenceSession(moub_path, sess_options=o),
+        "compact": lambda o=None: moub_runtime.InferenceSession(moub_path, sess_options=o, compact=True),
+    }
+    for make in makers.values():
+        make()  # imports, the one-time probe
+    for _ in range(repeats):
+        for kind, make in makers.items():
+            start = time.perf_counter()
+            make()
+            loads[kind].append(time.perf_counter() - start)
+    row["load_s"] = {kind: min(times) for kind, times in loads.items()}
+    feed = sample_feed(name)
+    row["latency_s"] = {f"{kind}_{label}": latency(make, feed, threads, max(10, 4 * repeats))
+                        for label, threads in (("1_thread", 1), ("default", None)) for kind, make in makers.items()}
+    normal_out = makers["normal"]().run(None, feed)
+    compact_out = makers["compact"]().run(None, feed)
+    row["max_relative_difference"] = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in zip(normal_out, compact_out))
+    row["bit_identical"] = all(np.array_equal(a, b) for a, b in zip(normal_out, compact_out))
+    row["optimized"] = optimized_ops(moub_path)
+    return row
+
+
+def format_compact_table(rows: list[dict]) -> list[str]:
+    lines = [
+        f"{'model':9} {'weights':>8} {'resident weights MB':>20} {'peak RSS above base MB':>27} {'load ms':>21} "
+        f"{'latency ms, 1 thread':>22} {'latency ms, default':>21}",
+        f"{'':9} {'':8} {'normal':>9} {'compact':>10} {'onnx':>8} {'normal':>9} {'compact':>8} {'normal':>10} {'compact':>10} "
+        f"{'normal':>10} {'compact':>11} {'normal':>10} {'compact':>10}",
+    ]
+    for r in rows:
+        rss = {k: v["peak_above_base"] / 2**20 for k, v in r["rss"].items()}
+        lat = {k: v * 1e3 for k, v in r["latency_s"].items()}
+        lines.append(
+            f"{r['model']:9} {r['quantized_weights'] / 1e6:7.2f}M {r['resident_weight_bytes']['normal'] / 2**20:9.2f} "
+            f"{r['resident_weight_bytes']['compact'] / 2**20:10.2f} {rss['onnx']:8.1f} {rss['moub']:9.1f} {rss['compact']:8.1f} "
+            f"{r['load_s']['normal'] * 1e3:10.1f} {r['load_s']['compact'] * 1e3:10.1f} "
+            f"{lat['normal_1_thread']:10.2f} {lat['compact_1_thread']:11.2f} {lat['normal_default']:10.2f} {lat['compact_default']:10.2f}"
+        )
+        held = ", ".join(f"{v['tensors']} as {k}" for k, v in sorted(r["compact"]["held"].items()))
+        kept = "; ".join(f"{v['tensors']} {k}" for k, v in sorted(r["compact"]["kept_float"].items())) or "none"
+        o = r["optimized"]
+        lines.append(
+            f"{'':9} held {held}; kept float: {kept}. onnxruntime: {o['MatMulNBits']} MatMulNBits (fused), "
+            f"{o['DequantizeLinear']} DequantizeLinear run at every inference, for {o['dequantized_for']}. "
+            f"Outputs vs normal: {'bit-identical' if r['bit_identical'] else 'max relative difference %.2g' % r['max_relative_difference']}"
+        )
+    return lines
 
 
 # ---------------------------------------------------------------- driver
@@ -454,8 +633,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=7, help="best of this many runs")
     parser.add_argument("--reference", action="store_true", help="also time bitarray's decoder (the one used before)")
-    parser.add_argument("--out", default=str(OUT / "runtime.json"))
+    parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/out/runtime.json, or compact.json)")
+    parser.add_argument("--compact", action="store_true",
+                        help="instead: normal against compact session (peak RSS, resident weights, load, latency, fusions) "
+                             "on each model's adaptive-layout file")
     args = parser.parse_args(argv)
+    if args.compact:
+        return compact_main(args)
+    args.out = args.out or str(OUT / "runtime.json")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     load_start = os.getloadavg()
     rows = []
@@ -474,6 +659,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps({"rows": rows, "load_average_start": load_start, "load_average": load_end,
                                "cpus": os.cpu_count()}, indent=2) + "\n")
     print(f"wrote {out} (load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end, on {os.cpu_count()} CPUs)")
+    return 0
+
+
+def compact_main(args: argparse.Namespace) -> int:
+    rows = [compact_measure(name, args.repeats) for name in args.models.split(",") if name]
+    for line in format_compact_table(rows):
+        print(line)
+    out = Path(args.out or OUT / "compact.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+                               "onnxruntime": __import__("onnxruntime").__version__}, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

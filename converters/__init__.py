@@ -12,3 +12,11 @@ from .options import DEFAULT_MODE
 from .errors import ConvertError, DataError, ModelError, OptionError, OutputError, ToleranceError
 
 __all__ = ["convert", "DEFAULT_MODE", "ConvertResult", "ConvertError", "DataError", "ModelError", "OptionError", "OutputError", "ToleranceError"]
+
+
+def __getattr__(name: str):
+    if name == "__version__":  # the distribution's version, from its metadata (moub_format.version)
+        from moub_format.version import distribution_version
+
+        return distribution_version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

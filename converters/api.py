@@ -135,6 +135,17 @@ class _Measured:
     loss: float | None
     weight_bytes: int      # Huffman streams + codebooks + tables, as ``moub inspect`` counts them
     file_bytes: int
+    resident: dict | None = None   # the quantized weights' bytes in memory: normal and compact session
+
+
+def _resident(summary) -> dict | None:
+    """Bytes the quantized weights take in memory: float32 in a normal session; in a compact one
+    the integers it holds plus 4 per weight it keeps float (``moub inspect``'s compact counts)."""
+    compact = summary.compact
+    if compact is None:
+        return None
+    kept = sum(v["weights"] for v in compact["kept_float"].values())
+    return {"normal": 4 * summary.quantized_weights, "compact": compact["held_weight_bytes"] + 4 * kept}
 
 
 @dataclass
@@ -162,13 +173,13 @@ def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
         path.write_bytes(moub_bytes)
         summary = summarize(path)
         if baseline is None:
-            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes)
+            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes, _resident(summary))
         session = moub_runtime.InferenceSession(path, sess_options=session_options())
         names = baseline.output_names
         score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
                                               for start, feeds in baseline.dataset.batches())
         del session
-    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes)
+    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes, _resident(summary))
 
 
 class _Counter:
@@ -246,8 +257,9 @@ def convert(
         if not result.feasible and target is None:
             best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
             hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
+            limited = f", or drop --ram {options.ram} (its level range limits the finest step)" if options.ram != "float" else ""
             raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {setup.metric}{hint}; "
-                                 f"raise --max-bins or --max-drop")
+                                 f"raise --max-bins or --max-drop{limited}")
 
         front = front_of(result.candidates, setup.q0)
         front_rows = _front_rows(front, setup.q0)
@@ -525,7 +537,8 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "choice": choice,
         "stages": rows,
         "file": {"bytes": file_bytes, "ratio": round(source.original_bytes / file_bytes, 4),
-                 "weight_bytes": final.weight_bytes, "other_bytes": file_bytes - final.weight_bytes},
+                 "weight_bytes": final.weight_bytes, "other_bytes": file_bytes - final.weight_bytes,
+                 "resident_weight_bytes": final.resident},
     }
 
 

@@ -21,6 +21,7 @@ from .data import DEFAULT_BATCH_SIZE
 from .errors import OptionError
 from .evaluate import STRATEGIES
 from .metrics import METRICS, user_metrics
+from .uniform import RAM_LEVEL_LIMITS
 
 MAX_DROP = 0.005
 MAX_SENSIBLE_DROP = 0.2  # a fifth of the quality: beyond it a file is a different model (and "1" usually means 1%)
@@ -83,6 +84,10 @@ class ConvertOptions:
     bins: int | None = option(None, "--bins", "fixed-bins encode with K equal-width bins: no search, no data needed", type=int)
     outputs: tuple[str, ...] = option((), "--score-output", "score only this output of the model (repeatable; default: every "
                                       "output, the worst decides)", type=str, provenance="if-set")
+    ram: str = option("float", "--ram", "adaptive mode: int8 keeps each tensor's levels within a window int8 holds, so that a "
+                      "compact session (moub_runtime.InferenceSession(..., compact=True)) holds one byte per weight; the "
+                      "search still picks the smallest file within --max-drop (default {default}: any level range)",
+                      choices=tuple(RAM_LEVEL_LIMITS), modes=("adaptive",), provenance="if-set")
     representative: str = option("mean", "--representative", "each bin's value: member mean (default) or interval centre",
                                  choices=REPRESENTATIVES)
     target_bytes: int | None = option(None, "--target-bytes", "write the evaluated candidate with the least loss whose "
@@ -154,6 +159,7 @@ class ConvertOptions:
         need(self.target_bytes is None or self.target_ratio is None, "give --target-bytes or --target-ratio, not both")
         need(self.bins is None or (self.target_bytes is None and self.target_ratio is None),
              "--bins K writes one file without a search: a size target needs a search")
+        need(self.ram in RAM_LEVEL_LIMITS, f"--ram {self.ram!r} is not one of {', '.join(RAM_LEVEL_LIMITS)}")
         need(self.representative in REPRESENTATIVES, f"representative {self.representative!r} is not one of {', '.join(REPRESENTATIVES)}")
         need(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         need(isinstance(self.outputs, tuple) and all(isinstance(n, str) for n in self.outputs),

@@ -167,11 +167,13 @@ def _others_extreme(values: np.ndarray, smallest: bool) -> np.ndarray:
     return out if smallest else -out
 
 
-def plan_packs(levels: list[np.ndarray]) -> list[PackPlan]:
-    """Packs for the pooled sites' integer levels (see the module docstring)."""
+def plan_packs(levels: list[np.ndarray], offsets: list[int] | None = None) -> list[PackPlan]:
+    """Packs for the pooled sites' integer levels (see the module docstring). ``offsets``: each
+    site's offset in the shared pack (default: its histogram's centre); ``--ram int8`` gives the
+    middle of each site's window of levels, so that the shared grid stays as narrow as a window."""
     own_hists = [_hist(q) for q in levels]
     own_bits, own_lengths = zip(*(_own(h) for h in own_hists)) if levels else ((), ())
-    offsets = [centre(h) for h in own_hists]
+    offsets = [centre(h) for h in own_hists] if offsets is None else list(offsets)
     hists = [_hist(q, o) if o else h for q, o, h in zip(levels, offsets, own_hists)]  # centred, as members of the shared pack
     shared = list(range(len(levels)))
     alone: list[int] = []

@@ -13,7 +13,7 @@ from .intake import Pool
 from .options import ConvertOptions
 from .split import search_half
 from .step_layout import Layout, PackedQuantization, layout
-from .uniform import SiteStats, site_stats
+from .uniform import RAM_LEVEL_LIMITS, SiteStats, site_stats
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Replay:
         if log2_opt.shape != (len(pool.sites),):
             raise ValueError(f"the report has {log2_opt.size} sensitivities for a pool of {len(pool.sites)} tensors")
         dataset = load_dataset(data, model, batch_size=options.batch_size)
-        return cls(model, pool, site_stats(pool), log2_opt, calibration.measure(model, pool, search_half(dataset), options))
+        return cls(model, pool, site_stats(pool, RAM_LEVEL_LIMITS[options.ram]), log2_opt, calibration.measure(model, pool, search_half(dataset), options))
 
     def layout(self, x: float, gamma: float) -> Layout:
         return layout(self.pool, self.stats, self.log2_opt, x, gamma, self.calib)

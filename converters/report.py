@@ -74,6 +74,10 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
         f"{'':16}{'original':>16}{'.moub':>16}",
         f"{'size':16}{_human(report['source']['bytes']):>16}{_human(f['bytes']):>16}   ratio {f['ratio']:.2f}x",
     ]
+    resident = f.get("resident_weight_bytes")
+    if resident:
+        lines.append(f"{'weights in RAM':16}{_human(resident['normal']):>16}{_human(resident['compact']):>16}   "
+                     f"in a compact session (moub_runtime, compact=True)")
     if report.get("quality_original") is not None:
         q0, q1 = report["quality_original"], report["quality_compressed"]
         loss = "" if METRICS[report["metric"]].loss_is_drop else f", loss {report['loss']:.4f}"

@@ -24,7 +24,7 @@ from .intake import Pool
 from .options import ConvertOptions
 from .metrics import Heads
 from .split import half_scorer, is_split
-from .uniform import SiteStats, site_stats
+from .uniform import RAM_LEVEL_LIMITS, SiteStats, site_stats
 
 _DERIVED = ("_scorer", "_originals", "_site_stats", "_halves", "_calibration", "_subsets")
 
@@ -71,7 +71,7 @@ class ConversionSession:
     @property
     def site_stats(self) -> SiteStats:
         if self._site_stats is None:
-            self._site_stats = site_stats(self.pool)
+            self._site_stats = site_stats(self.pool, RAM_LEVEL_LIMITS[self.options.ram])
         return self._site_stats
 
     def half(self, name: str) -> Scorer:

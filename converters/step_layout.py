@@ -59,7 +59,18 @@ def layout(pool: Pool, stats: SiteStats, log2_opt: np.ndarray, x: float, gamma: 
            calib: Calibration, feedback: bool = True) -> Layout:
     steps = allocate_steps(stats, log2_opt, x, gamma)
     levels = calib.levels(pool, steps, feedback)
-    plans = plan_packs(levels)
+    offsets = None
+    if stats.max_level is not None:
+        # error feedback and bias correction can step a level past the step floor's window; the
+        # search measures the clipped levels, so the loss it holds is the file's. In the shared
+        # pack each member is offset by the middle of its window, so the pack's grid spans
+        # max_level values at most and every member's levels, as a reader bounds them, stay in its window
+        bound, offsets = stats.max_level - 2, []
+        for q, step, low in zip(levels, steps, stats.low):
+            first = int(np.clip(np.rint(low / float(step)), -bound, bound - stats.max_level + 1))
+            np.clip(q, first, first + stats.max_level - 1, out=q)
+            offsets.append(first + stats.max_level // 2)
+    plans = plan_packs(levels, offsets)
     return Layout(steps, levels, plans, total_bits(plans, stats.sizes, chunk_elements(pool.n_weights)))
 
 

@@ -34,6 +34,10 @@ from .intake import Pool
 
 LOG2_STEP_RANGE = (-24.0, 2.0)    # a step stays within [sigma * 2^-24, sigma * 4]
 MAX_ABS_INDEX = (1 << 22)         # |q| below this: well inside the grid codebook's 2^24 limit
+# ``--ram``: how many consecutive levels a tensor may use (None: any). With int8 (256), a tensor's
+# levels lie within +-254 and span at most 256 values, which int8 holds with a zero point, so a
+# compact session (moub_runtime, compact=True) keeps one byte per weight.
+RAM_LEVEL_LIMITS: dict[str, int | None] = {"float": None, "int8": 256}
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,13 @@ class SiteStats:
     sizes: np.ndarray        # n_t, elements
     log2_sigma: np.ndarray   # log2 of the standard deviation (of max |w| for constant tensors)
     max_abs: np.ndarray      # max |w|
+    max_level: int | None = None   # consecutive levels a tensor may use (RAM_LEVEL_LIMITS); None: any
+    low: np.ndarray | None = None  # min w and max w (with max_level)
+    high: np.ndarray | None = None
 
 
-def site_stats(pool: Pool) -> SiteStats:
-    sizes, log2_sigma, max_abs = [], [], []
+def site_stats(pool: Pool, max_level: int | None = None) -> SiteStats:
+    sizes, log2_sigma, max_abs, low, high = [], [], [], [], []
     for site in pool.sites:
         values = pool.values[site.start : site.stop].astype(np.float64)
         peak = float(np.abs(values).max()) if values.size else 0.0
@@ -55,7 +62,10 @@ def site_stats(pool: Pool) -> SiteStats:
         sizes.append(site.size)
         log2_sigma.append(np.log2(spread))
         max_abs.append(peak)
-    return SiteStats(np.asarray(sizes, np.int64), np.asarray(log2_sigma), np.asarray(max_abs))
+        low.append(float(values.min()) if values.size else 0.0)
+        high.append(float(values.max()) if values.size else 0.0)
+    return SiteStats(np.asarray(sizes, np.int64), np.asarray(log2_sigma), np.asarray(max_abs), max_level,
+                     np.asarray(low), np.asarray(high))
 
 
 def allocate_steps(stats: SiteStats, log2_sens_step: np.ndarray, x: float, gamma: float) -> np.ndarray:
@@ -70,6 +80,11 @@ def allocate_steps(stats: SiteStats, log2_sens_step: np.ndarray, x: float, gamma
     steps = np.exp2(log2_step)
     # indices stay small enough for an exact grid codebook
     steps = np.maximum(steps, stats.max_abs / MAX_ABS_INDEX)
+    if stats.max_level is not None:
+        # levels within +-(max_level - 2) and spanning at most max_level - 1 values (the rest: a
+        # level of margin at each end for float32 rounding of the step)
+        span = np.maximum(stats.high - stats.low, stats.max_abs)
+        steps = np.maximum(steps, span / (stats.max_level - 2))
     return steps.astype(np.float32)
 
 

@@ -32,6 +32,10 @@ def __getattr__(name: str):
         from . import writer
 
         return getattr(writer, name)
+    if name == "__version__":
+        from .version import distribution_version
+
+        return distribution_version()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

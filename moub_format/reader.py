@@ -37,7 +37,9 @@ import stat
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import numpy as np
 
@@ -50,7 +52,20 @@ from .lanes import BLOCK_BYTES, PAGE_BACKED_BYTES, WINDOW_SLACK, LookupTable, Mi
 from .index import BlobInfo, Index, PackInfo, PackMember, TensorInfo, parse_index
 
 Stream = TensorInfo | PackInfo   # a Huffman-coded stream: one tensor, or one pack of several
-ValueKey = int | tuple[int, float, int] | None  # what a stream decodes to: an element type, (type, scale, offset), or symbols
+
+
+@dataclass(frozen=True)
+class Levels:
+    """A value key: a grid stream decoded to its integer levels plus ``shift``
+    (``first + symbol + shift``), in the integer type ``dtype`` (a NumPy dtype string)."""
+
+    dtype: str
+    shift: int = 0
+
+
+ValueKey = int | tuple[int, float, int] | Levels | None  # what a stream decodes to: an element type, (type, scale, offset), levels, or symbols
+# What a .moub can be read from: a path (mapped), the file's bytes, or a binary file object (read whole).
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 
 DECODE_BATCH_ELEMENTS = 1 << 22  # elements decoded together (lanes of several tensors)
@@ -65,6 +80,7 @@ INFLATE_INPUT = 1 << 16          # stored bytes handed to the inflater per step
 LOOKUP_SYMBOL_BYTES = 80         # per used symbol of a table: the lookup table's sorted arrays, bitarray's symbol list
 LANE_BYTES = 128                 # per chunk: the lane decoder's per-lane state (positions, counts, tables)
 WORKING_BYTES = 1 << 20          # small buffers of any decode (inflate pieces, hashers)
+READ_PIECE = 1 << 20             # bytes read from a file object per call
 
 
 def default_decode_workers() -> int:
@@ -115,22 +131,25 @@ class MoubFile:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: Source,
         limits: C.ReaderLimits = C.DEFAULT_LIMITS,
         batch_elements: int = DECODE_BATCH_ELEMENTS,
         decode_workers: int | None = 1,
         plan_decoding: bool = True,
     ) -> None:
-        """Open and validate ``path``. ``decode_workers``: threads that decode Huffman
+        """Open and validate ``path``: a file's path (mapped), its bytes, or a binary file
+        object (read from its position to the end, at most ``limits.max_file_bytes``; a
+        writable buffer is copied first, so the bytes checked are the bytes decoded).
+        ``decode_workers``: threads that decode Huffman
         lanes (None: up to 4, one per core); ``batch_elements``: elements decoded
         together, which bounds the decoder's working memory. Everything reading the file
         may materialise is charged to ``self.budget`` (``limits.memory_budget``) before
         it is created: the index as it is parsed, the graph, and with ``plan_decoding``
         (False: the index is all the caller reads) the decoding of every tensor and pack."""
-        self.path = Path(path)
+        self.path = Path(path) if isinstance(path, (str, os.PathLike)) else None
         self.batch_elements = max(1, batch_elements)
         self.decode_workers = max(1, decode_workers if decode_workers is not None else default_decode_workers())
-        self.filename = str(path)
+        self.filename = source_name(path)
         self.limits = limits
         self.budget = MemoryBudget.of(limits, self.filename)
         self._mmap: mmap.mmap | None = None
@@ -140,8 +159,13 @@ class MoubFile:
         self._bitarray_decoders: dict[int, CanonicalDecoder] = {}
         self._planned_values: dict[int, int] = {}    # codebook -> per-symbol value arrays the plan charged
         self._planned_entries: dict[int, int] = {}   # table -> lookup-entry arrays the plan charged
-        self._mmap, size = self._map(limits)
-        self._view = memoryview(self._mmap)
+        if self.path is not None:
+            self._mmap, size = self._map(limits)
+            self._buffer: mmap.mmap | bytes | bytearray = self._mmap
+        else:
+            self._buffer = self._read(path, limits)
+            size = len(self._buffer)
+        self._view = memoryview(self._buffer)
         try:
             self.index: Index = parse_index(self._view, size, self.filename, limits, self.budget)
             self._check_padding()
@@ -169,6 +193,29 @@ class MoubFile:
             return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), size
         finally:
             os.close(fd)
+
+    def _read(self, source, limits: C.ReaderLimits) -> bytes | bytearray:
+        """The bytes of an in-memory file or of a file object, checked against the preamble
+        size and the file-size cap before any decoding (a file object is read at most one
+        byte past the cap)."""
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = source if isinstance(source, bytes) else bytes(source)
+        elif hasattr(source, "read"):
+            data = bytearray()  # private to this reader: nobody else can change it
+            while len(data) <= limits.max_file_bytes:
+                piece = source.read(min(READ_PIECE, limits.max_file_bytes + 1 - len(data)))
+                if not piece:
+                    break
+                if not isinstance(piece, bytes):
+                    raise StructureError(f"{self.filename}: not a binary file object (read() gave {type(piece).__name__})")
+                data += piece
+        else:
+            raise TypeError(f"a .moub is read from a path, bytes or a binary file object, not {type(source).__name__}")
+        if len(data) > limits.max_file_bytes:
+            raise LimitError(f"{self.filename}: file size {len(data)} exceeds the limit {limits.max_file_bytes}")
+        if len(data) < C.PREAMBLE_SIZE:
+            raise TruncatedFileError(f"{self.filename}: {len(data)} bytes is shorter than the {C.PREAMBLE_SIZE}-byte preamble")
+        return data
 
     # the memory plan --------------------------------------------------------
     def _value_slots(self) -> dict[tuple[int, int], int]:
@@ -234,13 +281,17 @@ class MoubFile:
 
     # lifecycle -------------------------------------------------------------
     def close(self) -> None:
+        view = getattr(self, "_view", None)
         if self._mmap is not None:
             mapping, self._mmap = self._mmap, None
             try:
-                self._view.release()
+                view.release()
                 mapping.close()
             except BufferError:
                 pass  # slices still referenced (e.g. by a traceback): unmapped when they go
+        elif view is not None:
+            with contextlib.suppress(BufferError):
+                view.release()
 
     def __enter__(self) -> MoubFile:
         return self
@@ -294,7 +345,7 @@ class MoubFile:
         """Drop this range's pages from the mapping (not from the page cache; read again,
         they fault back in). Only for ranges of at least a window: small ones are not worth
         a system call."""
-        if length < RAW_COPY_WINDOW // 2 or not _RELEASE_PAGES:
+        if length < RAW_COPY_WINDOW // 2 or not _RELEASE_PAGES or self._mmap is None:
             return
         first = start - start % mmap.PAGESIZE
         try:
@@ -423,6 +474,11 @@ class MoubFile:
         scaling afterwards)."""
         if dtype is None:
             return np.arange(self.index.codebook_size(codebook), dtype=np.uint32)
+        if isinstance(dtype, Levels):
+            grid = self.index.grids[codebook] if self.index.grids else None
+            levels = (np.arange(grid[1], dtype=np.int64) + grid[0] if grid is not None
+                      else self.index.codebooks[codebook].astype(np.int64))  # integers: see integer_codebook
+            return (levels + dtype.shift).astype(np.dtype(dtype.dtype))
         if isinstance(dtype, tuple):
             element, scale, offset = dtype
             return scale_member(self.index.codebook_values(codebook), scale, element, offset)
@@ -481,7 +537,7 @@ class MoubFile:
         tail = bits & 7
         ragged = np.flatnonzero(tail)
         if ragged.size:
-            last = np.frombuffer(self._mmap, dtype=np.uint8)[starts[ragged] + nbytes[ragged] - 1]
+            last = np.frombuffer(self._buffer, dtype=np.uint8)[starts[ragged] + nbytes[ragged] - 1]
             dirty = np.flatnonzero(last & (np.uint8(0xFF) >> tail[ragged].astype(np.uint8)))
             if dirty.size:
                 lane = int(ragged[dirty[0]])
@@ -634,9 +690,9 @@ class MoubFile:
         begin = self.index.payload_offset + min(s.data.offset for s in streams)
         end = self.index.payload_offset + max(s.data.offset + s.data.length for s in streams)
         if end + WINDOW_SLACK <= self.index.file_size:
-            return np.frombuffer(self._mmap, dtype=np.uint8, count=end + WINDOW_SLACK - begin, offset=begin), begin
+            return np.frombuffer(self._buffer, dtype=np.uint8, count=end + WINDOW_SLACK - begin, offset=begin), begin
         data = np.zeros(end - begin + WINDOW_SLACK, dtype=np.uint8)
-        data[: end - begin] = np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=begin)
+        data[: end - begin] = np.frombuffer(self._buffer, dtype=np.uint8, count=end - begin, offset=begin)
         return data, begin
 
     def _raise_lane(self, streams: list[Stream], rows: list[tuple[int, int]], lane: int, consumed: int, declared: int) -> None:
@@ -677,7 +733,8 @@ class MoubFile:
             value_keys[i] = dtype = dtype_of(stream)
             if stream.n_elements == 0:
                 element = dtype[0] if isinstance(dtype, tuple) else dtype
-                results[i] = np.zeros(0, dtype=np.uint32 if element is None else dtypes.STORAGE_DTYPES[element])
+                results[i] = np.zeros(0, dtype=(np.dtype(dtype.dtype) if isinstance(dtype, Levels) else np.uint32 if element is None
+                                                else dtypes.STORAGE_DTYPES[element]))
                 continue
             longest_chunk = min(stream.n_elements, stream.chunk_elements)
             shape = (stream.chunk_elements, longest_chunk.bit_length())
@@ -825,6 +882,91 @@ class MoubFile:
                 del values
 
 
+    def iter_pack_levels(
+        self, level_of: Callable[[PackMember], tuple[str, int] | None], dtype_of: Mapping[int, int] | Callable[[int], int] | None = None
+    ) -> Iterator[tuple[PackMember, np.ndarray, int | None]]:
+        """:meth:`iter_pack_members`, but a member for which ``level_of`` gives (integer dtype
+        string, zero point ``zp``) comes as its integer levels plus ``zp`` in that dtype (its
+        values are ``float32(q - zp) * float32(scale)``), never as floats: (member, q, zp).
+        Every other member comes as its values, with zp None. ``level_of`` is asked only
+        about members of packs over an integer codebook (:meth:`integer_codebook`), and must give a dtype that holds
+        ``level + zp`` for every level the pack's code table can produce
+        (:meth:`level_range`).
+
+        A one-member pack decodes straight to ``q`` (levels and zero point folded into the
+        per-symbol table); a pack of several decodes once to the grid's integers in the
+        narrowest of int16 and int32 that holds them, then each member is shifted and
+        narrowed, or scaled to its values."""
+        lookup = dtype_of.get if isinstance(dtype_of, Mapping) else dtype_of
+
+        def dtype_at(site: int) -> int:
+            dtype = lookup(site) if lookup is not None else None
+            return dtypes.FLOAT if dtype is None else dtype
+
+        def key_of(pack: PackInfo, plans: list) -> ValueKey:
+            if not any(plans):
+                return (dtype_at(pack.sites[0]), pack.scales[0], pack.member_offsets[0]) if len(pack.sites) == 1 else dtypes.FLOAT
+            if len(pack.sites) == 1:
+                return Levels(plans[0][0], pack.member_offsets[0] + plans[0][1])
+            low, high = self.level_range(pack)
+            fits = -(1 << 15) <= low and high < (1 << 15)
+            return Levels("<i2" if fits else "<i4", 0)
+
+        packs = list(self.index.packs)
+        i = 0
+        while i < len(packs):
+            window, elements = [], 0
+            while i < len(packs) and (not window or elements < self.batch_elements):
+                window.append(packs[i])
+                elements += packs[i].n_elements
+                i += 1
+            plans = {}
+            for pack in window:
+                integers = self.integer_codebook(pack.codebook)
+                plans[id(pack)] = [level_of(member) if integers else None for member in pack.members]
+            keys = {id(pack): key_of(pack, plans[id(pack)]) for pack in window}
+            decoded = self._decode_huffman(window, dtype_of=lambda p: keys[id(p)])
+            for pack in window:
+                values, key, member_plans = decoded.pop(0), keys[id(pack)], plans[id(pack)]
+                if len(pack.sites) == 1:  # decoded straight to its final values or levels
+                    yield pack.members[0], values, member_plans[0][1] if member_plans[0] else None
+                    del values
+                    continue
+                for member, plan in zip(pack.members, member_plans):
+                    part = values[member.start : member.start + member.count]
+                    with self.allocating(member.subject):
+                        if plan is not None:
+                            q = _aligned_empty((member.count,), np.dtype(plan[0]))
+                            np.add(part, np.int64(member.offset + plan[1]), out=q, dtype=np.int64, casting="unsafe")
+                            out, zero_point = q, plan[1]
+                        else:
+                            grid_values = part.astype(np.float32) if isinstance(key, Levels) else part  # integers below 2^24: exact
+                            out = scale_member(grid_values, member.scale, dtype_at(member.site), member.offset)
+                            zero_point = None
+                    yield member, out, zero_point
+                    del out
+                del values
+
+    def integer_codebook(self, codebook: int) -> bool:
+        """Whether every value of a codebook is an integer: a grid, or an explicit codebook of
+        integer levels (what writers store for a pack that uses few levels of a wide range)."""
+        if self.index.grids and self.index.grids[codebook] is not None:
+            return True
+        values = self.index.codebooks[codebook]
+        return bool(values.size) and bool(np.all(np.isfinite(values))) and bool(np.all(values == np.rint(values))) \
+            and float(np.abs(values).max()) < C.GRID_LIMIT
+
+    def level_range(self, pack: PackInfo) -> tuple[int, int]:
+        """The least and greatest codebook integer a pack over an integer codebook can decode
+        to, over the symbols its code table uses (a member's levels add its offset)."""
+        used = np.flatnonzero(self.index.tables[pack.table])
+        grid = self.index.grids[pack.codebook] if self.index.grids else None
+        if grid is not None:
+            return grid[0] + int(used[0]), grid[0] + int(used[-1])
+        values = self.index.codebooks[pack.codebook][used]
+        return int(values.min()), int(values.max())
+
+
 def _add_offset(values: np.ndarray, offset: int, out: np.ndarray | None = None) -> np.ndarray:
     """float32(values + offset) for float32 integers ``values`` whose sums with ``offset``
     stay below 2^24 in magnitude: exact. An offset of magnitude at most 2^24 is itself
@@ -862,6 +1004,16 @@ def scale_member(values: np.ndarray, scale: float, dtype: int, offset: int = 0) 
     return out
 
 
-def open_moub(path: str | os.PathLike, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> MoubFile:
+def source_name(source: Source) -> str:
+    """How messages name a file: its path, a file object's ``name``, or what it is."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else "<file object>"
+
+
+def open_moub(path: Source, limits: C.ReaderLimits = C.DEFAULT_LIMITS) -> MoubFile:
     """Open and validate a .moub file; raises a MoubFormatError subclass if it is not valid."""
     return MoubFile(path, limits)

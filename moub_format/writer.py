@@ -35,9 +35,10 @@ from .fb import MetadataEntry as FbMetadataEntry
 from .fb import Model as FbModel
 from .fb import Pack as FbPack
 from .fb import Tensor as FbTensor
+from .version import DISTRIBUTION, distribution_version
 
 ZLIB_LEVEL = 9
-PRODUCER = "moub 0.1.0"
+PRODUCER = f"{DISTRIBUTION} {distribution_version()}"  # written into every file's index
 
 
 OWN = "own"            # a stream's ``table``: a Huffman table built from its own indices alone

@@ -63,10 +63,10 @@ def _limits(args: argparse.Namespace):
 
 def dtype_name(code: int) -> str:
     """ONNX's name for a TensorProto data type ("float", "float16"); the number if unknown."""
-    import onnx
+    from .onnx_proto import TensorProto
 
     try:
-        return onnx.TensorProto.DataType.Name(code).lower()
+        return TensorProto.DataType.Name(code).lower()
     except ValueError:
         return str(code)
 
@@ -153,6 +153,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"    {name[:56]:56} {m['elements']:>10} x {m['scale']:.6g}{offset}")
         if len(p.members) > MAX_MEMBERS_SHOWN:
             print(f"    ... {len(p.members) - MAX_MEMBERS_SHOWN} more (--json lists all)")
+    if summary.compact is not None:
+        _print_compact(summary.compact)
     if summary.metadata:
         print("  provenance:")
         for key, value in summary.metadata.items():
@@ -162,6 +164,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_compact(compact: dict) -> None:
+    """One line for what a compact session holds as integers, one per reason a quantized tensor stays float."""
+    held = ", ".join(f"{v['tensors']} tensors ({v['weights']} weights) as {k}" for k, v in sorted(compact["held"].items()))
+    print(f"  compact session: {held or 'nothing'} held as integers ({_human(compact['held_weight_bytes'])})")
+    for reason, v in sorted(compact["kept_float"].items()):
+        print(f"    kept float: {v['tensors']} tensors ({v['weights']} weights): {reason}")
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     from .loader import decode_to_onnx
     from .output import unwritable_reason
@@ -169,7 +179,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     reason = unwritable_reason(args.output)
     if reason:
         return _fail(reason)
-    decode_to_onnx(args.file, args.output, _limits(args))
+    decode_to_onnx(args.file, args.output, _limits(args), compact=args.compact)
     print(f"wrote {printable(args.output)}")
     return EXIT_OK
 
@@ -245,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="write the runnable ONNX model with decoded weights")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--compact", action="store_true",
+                   help="keep grid-quantized weights as 8/16-bit integers behind DequantizeLinear (a smaller model in memory)")
     _add_memory_budget(p)
     p.set_defaults(func=cmd_decode)
     p = sub.add_parser("verify", help="checksums, structure, decode; optionally compare with the original")

@@ -11,11 +11,14 @@ exactly. The names play no part in matching stored tensors to sites (paths do).
 
 from __future__ import annotations
 
-import onnx
+from typing import TYPE_CHECKING
 
 from moub_format import GraphError
 
 from .sites import KIND_CONSTANT, TensorSite, iter_tensor_sites
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def _constants(model: onnx.ModelProto) -> list[TensorSite]:

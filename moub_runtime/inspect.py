@@ -90,6 +90,9 @@ class Summary:
     packed_tables: int = 0
     table_entries: int = 0
     table_bytes: int = 0
+    # What a compact session holds as integers and which quantized tensors stay float, and why
+    # (:meth:`.compact.CompactPlan.summary`); None when the file's graph cannot be checked.
+    compact: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,7 +213,21 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
             tensor_bytes=tensor_bytes,
             pack_bytes=pack_bytes,
             padding_bytes=payload - index.graph.length - tensor_bytes - pack_bytes,
+            compact=compact_summary(path, limits),
         )
+
+
+def compact_summary(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> dict | None:
+    """The compact plan's counts (nothing decoded), or None when the file fails a check that
+    precedes decoding (``moub verify`` names it)."""
+    from .compact import plan_compact
+    from .loader import consumed_names
+
+    try:
+        with open_checked(path, limits) as checked:
+            return plan_compact(checked, consumed_names(checked.model)).summary(checked.members)
+    except MoubFormatError:
+        return None
 
 
 def verify_file(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> list[str]:

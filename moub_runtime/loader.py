@@ -13,19 +13,25 @@ import os
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime
 
 from moub_format import DEFAULT_LIMITS, ReaderLimits
 from moub_format.dtypes import BFLOAT16
-from moub_format.reader import default_decode_workers
+from moub_format.reader import Source, default_decode_workers
 
+from . import onnx_proto
+from .compact import CompactGraph, compact_decoded, plan_compact
 from .onnx_output import EXTERNAL_THRESHOLD, decode_to_onnx, fits_inline, save_onnx
+from .onnx_proto import ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, DATA_LOCATION_EXTERNAL
 from .payload import clear_payload, fill_payload, mark_in_memory
 from .sites import is_main_graph_initializer
 from .validation import open_checked, parse_graph
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["EXTERNAL_THRESHOLD", "InferenceSession", "decode_tensors", "decode_to_onnx", "fits_inline", "load", "parse_graph",
            "save_onnx"]
@@ -40,9 +46,9 @@ def consumed_names(model: onnx.ModelProto) -> set[str]:
         for node in graph.node:
             names.update(node.input)
             for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
+                if attr.type == ATTRIBUTE_GRAPH:
                     stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
+                elif attr.type == ATTRIBUTE_GRAPHS:
                     stack.extend(attr.graphs)
     for function in model.functions:
         for node in function.node:
@@ -58,7 +64,7 @@ SESSION_BATCH_ELEMENTS = 1 << 25
 
 
 def decode_tensors(
-    path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1
+    path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Stream (site path, array in storage dtype and shape) one tensor at a time,
     pack members included (see :meth:`MoubFile.iter_pack_members` for their memory)."""
@@ -67,14 +73,22 @@ def decode_tensors(
             yield site.path, array
 
 
-def load(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1) -> onnx.ModelProto:
-    """Decode a .moub into an onnx.ModelProto with all weights inline (like onnx.load).
+def load(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1, compact: bool = False) -> onnx.ModelProto:
+    """Decode a .moub (a path, its bytes or a binary file object) into an onnx.ModelProto
+    with all weights inline (like onnx.load).
     Memory: the model, plus one decoding window (each array is freed once copied in).
-    ``limits.memory_budget`` bounds what the file may make the reader materialise."""
-    with open_checked(path, limits, decode_workers) as checked:
+    ``limits.memory_budget`` bounds what the file may make the reader materialise.
+    The one entry point that imports onnx: it returns onnx's own class. ``compact``: the
+    weights that can be are integer initializers behind DequantizeLinear (:mod:`.compact`)."""
+    import onnx
+
+    with open_checked(path, limits, decode_workers, message=onnx.ModelProto) as checked:
+        compact_graph = CompactGraph(checked.model) if compact else None
         with checked.moub.allocating("the decoded model"):
-            for site, _, array in checked.decoded():
-                fill_payload(site.tensor, array)
+            for site, _, array, compact_stub in _decoded(checked, compact_graph, consumed_names(checked.model)):
+                fill_payload(compact_stub if compact_stub is not None else site.tensor, array)
+        if compact_graph is not None:
+            compact_graph.finish()
         return checked.model
 
 
@@ -99,7 +113,7 @@ def _in_memory_name() -> str:
 def _stub(tensor: onnx.TensorProto, location: str, length: int) -> None:
     """Make ``tensor`` an external-data reference to the whole in-memory file ``location``."""
     clear_payload(tensor)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.data_location = DATA_LOCATION_EXTERNAL
     for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
@@ -143,26 +157,31 @@ def ort_copies_external_initializers() -> bool:
     ``add_external_initializers``, during session creation. Probed once per
     process on a 64-float weight whose buffer is overwritten after the session exists.
     """
-    from onnx import TensorProto, helper
-
     weight = np.arange(1, 65, dtype=np.float32).reshape(1, 64)
-    stub = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1, 64])
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
-        [stub],
-    )
+    model = _probe_model()
     options = onnxruntime.SessionOptions()
-    keep = _hand_over(options, [graph.initializer[0]], [weight], [TensorProto.FLOAT])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    options.intra_op_num_threads = options.inter_op_num_threads = 1  # no thread pool to start: a third of the probe's time
+    keep = _hand_over(options, [model.graph.initializer[0]], [weight], [onnx_proto.TensorProto.FLOAT])
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     weight[...] = 0
     (result,) = session.run(None, {"x": np.zeros((1, 64), dtype=np.float32)})
     del keep
     return bool(np.array_equal(result, np.arange(1, 65, dtype=np.float32).reshape(1, 64)))
+
+
+def _probe_model() -> onnx.ModelProto:
+    """y = x + w for x, w of shape [1, 64]; w a stub for the weights handed over."""
+    model = onnx_proto.ModelProto(ir_version=8, opset_import=[onnx_proto.OperatorSetIdProto(domain="", version=13)])
+    graph = model.graph
+    graph.name = "probe"
+    graph.node.add(op_type="Add", input=["x", "w"], output=["y"])
+    graph.initializer.add(name="w", data_type=onnx_proto.TensorProto.FLOAT, dims=[1, 64])
+    for values, name in ((graph.input, "x"), (graph.output, "y")):
+        tensor_type = values.add(name=name).type.tensor_type
+        tensor_type.elem_type = onnx_proto.TensorProto.FLOAT
+        for dim in (1, 64):
+            tensor_type.shape.dim.add(dim_value=dim)
+    return model
 
 
 def _ort_value(array: np.ndarray, onnx_dtype: int) -> onnxruntime.OrtValue | None:
@@ -180,6 +199,33 @@ def _constant_node_index(path: str) -> int | None:
     return None
 
 
+# onnxruntime fuses a DequantizeLinear feeding MatMul into MatMulNBits (8 or 4 bits, the weights
+# kept packed); this entry sets the arithmetic it computes in. onnxruntime's default (4) quantizes
+# the activations to int8, which moves outputs by far more than rounding (a PP-OCR classifier's
+# probabilities by 2e-4): a compact session computes in float32 (1) unless the caller's options say.
+MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+MATMULNBITS_FLOAT32 = "1"
+
+
+def _keep_float_arithmetic(options: onnxruntime.SessionOptions) -> None:
+    try:
+        if options.get_session_config_entry(MATMULNBITS_ACCURACY_KEY):
+            return
+    except Exception:  # onnxruntime raises when the entry was never set
+        pass
+    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FLOAT32)
+
+
+def _decoded(checked, compact_graph: CompactGraph | None, consumed: set[str]) -> Iterator[tuple]:
+    """(site, element type, array, stub or None): the normal decode, or with ``compact_graph``
+    the planned tensors as integers (:func:`.compact.compact_decoded`)."""
+    if compact_graph is None:
+        for site, dtype, array in checked.decoded():
+            yield site, dtype, array, None
+        return
+    yield from compact_decoded(checked, plan_compact(checked, consumed), compact_graph)
+
+
 def _keep_alive_with(options: onnxruntime.SessionOptions, objects: list) -> None:
     """Keep ``objects`` alive as long as ``options`` (a caller's options object points at
     them and may build more sessions)."""
@@ -187,7 +233,8 @@ def _keep_alive_with(options: onnxruntime.SessionOptions, objects: list) -> None
 
 
 class InferenceSession(onnxruntime.InferenceSession):
-    """An onnxruntime session straight from a .moub file.
+    """An onnxruntime session straight from a .moub file (a path, its bytes, or a binary
+    file object read from its position to the end).
 
     Weights of the main graph (initializers, and ``Constant`` nodes, which
     onnxruntime turns into initializers anyway) are decoded into 64-byte-aligned
@@ -208,6 +255,11 @@ class InferenceSession(onnxruntime.InferenceSession):
     inside subgraphs are put back into the graph, which onnxruntime cannot be
     handed otherwise; so are initializers no node reads.
 
+    ``compact``: the weights :mod:`.compact` can express stay 8/16-bit integers behind
+    ``DequantizeLinear`` nodes (the same weights, a quarter or half of the memory), and
+    MatMulNBits fusions compute in float32 (``session.qdq_matmulnbits_accuracy_level`` 1,
+    written into the options unless they set it).
+
     ``decode_workers``: threads for decoding. Default None: one per core, up
     to 4 (:func:`default_decode_workers`). The stored bytes' checksums and the
     whole-payload digest are then computed on the other threads while the calling thread decodes (hashlib
@@ -219,11 +271,12 @@ class InferenceSession(onnxruntime.InferenceSession):
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: Source,
         sess_options: onnxruntime.SessionOptions | None = None,
         providers: list | None = None,
         limits: ReaderLimits = DEFAULT_LIMITS,
         decode_workers: int | None = None,
+        compact: bool = False,
         **kwargs,
     ) -> None:
         options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
@@ -236,8 +289,15 @@ class InferenceSession(onnxruntime.InferenceSession):
         consumed = consumed_names(model)
         graph_outputs = {output.name for output in model.graph.output}
         constants_to_lift: list[int] = []
+        compact_graph = CompactGraph(model) if compact else None
         with checked, moub.allocating("the decoded model"):
-            for site, dtype, array in checked.decoded():
+            for site, dtype, array, compact_stub in _decoded(checked, compact_graph, consumed):
+                if compact_stub is not None:  # integers behind a DequantizeLinear, handed over like any weight
+                    stubs.append(compact_stub)
+                    arrays.append(array)
+                    element_types.append(dtype)
+                    del array
+                    continue
                 tensor = site.tensor
                 node_index = _constant_node_index(site.path)
                 name = model.graph.node[node_index].output[0] if node_index is not None else tensor.name
@@ -261,6 +321,9 @@ class InferenceSession(onnxruntime.InferenceSession):
         for node_index in sorted(constants_to_lift, reverse=True):
             del model.graph.node[node_index]
         keep = _hand_over(options, stubs, arrays, element_types) if arrays else []
+        if compact_graph is not None:
+            compact_graph.finish()
+            _keep_float_arithmetic(options)
         self._moub_weights: list = [] if _has_in_memory_files() else keep
         self._moub_arrays: list[np.ndarray] = arrays  # onnxruntime reads (or copies) this memory
         graph = model.SerializeToString()
@@ -269,7 +332,7 @@ class InferenceSession(onnxruntime.InferenceSession):
             _keep_alive_with(sess_options, [arrays, keep])
         del keep
         super().__init__(graph, sess_options=options, providers=providers or ["CPUExecutionProvider"], **kwargs)
-        self.moub_path = Path(path)
+        self.moub_path = Path(path) if isinstance(path, (str, os.PathLike)) else None  # None: read from bytes or a file object
         self._moub_released = False
         if arrays and sess_options is None and ort_copies_external_initializers():
             # onnxruntime holds its own copy now. Our options object still points at the

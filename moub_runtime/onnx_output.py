@@ -20,17 +20,21 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from moub_format import DEFAULT_LIMITS, ReaderLimits
 from moub_format import dtypes
 from moub_format.atomic import AtomicFile, folder_lock, folder_of, write_atomic
 
+from .onnx_proto import DATA_LOCATION_EXTERNAL
 from .payload import clear_payload, element_count, fill_payload
 from .sites import iter_tensor_sites
 from .validation import open_checked
+
+if TYPE_CHECKING:
+    import onnx
 
 EXTERNAL_MIN_BYTES = 1024     # tensors at least this big go to the data file of a large model
 EXTERNAL_ALIGNMENT = 4096     # offsets in the data file: page-aligned, so onnxruntime can map them
@@ -106,7 +110,7 @@ class _DataFile:
         self.file.seek(start)
         self.file.write(view)
         clear_payload(tensor)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.data_location = DATA_LOCATION_EXTERNAL
         for key, value in (("location", ""), ("offset", str(start)), ("length", str(view.nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
@@ -165,7 +169,7 @@ def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike, external_thre
 
 
 def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS,
-                   external_threshold: int = EXTERNAL_THRESHOLD) -> None:
+                   external_threshold: int = EXTERNAL_THRESHOLD, compact: bool = False) -> None:
     """``moub decode``: write the runnable ONNX model of a .moub, atomically; never onto the
     .moub itself.
 
@@ -178,6 +182,9 @@ def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits:
     source, out = Path(path), Path(out_path)
     if _is_same_file(source, out):
         raise ValueError(f"{out}: is the file being decoded; write the ONNX model to another path")
+    if compact:
+        _decode_compact(source, out, limits, external_threshold)
+        return
     with open_checked(source, limits) as checked:
         model = checked.model
         token = hashlib.sha256(DATA_LAYOUT + checked.moub.identity()).hexdigest()[:TOKEN_HEX]
@@ -202,3 +209,22 @@ def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits:
         except BaseException:
             data.discard()
             raise
+
+
+def _decode_compact(source: Path, out: Path, limits: ReaderLimits, external_threshold: int) -> None:
+    """``moub decode --compact``: the model with its integer weights and DequantizeLinear nodes
+    (:mod:`.compact`), built whole in memory (about a byte or two per weight) and saved as
+    :func:`save_onnx` saves, its data file (if any) named after the .moub's content."""
+    from .compact import CompactGraph, compact_decoded, plan_compact
+    from .loader import consumed_names
+
+    with open_checked(source, limits) as checked:
+        model = checked.model
+        token = hashlib.sha256(DATA_LAYOUT + b"compact" + checked.moub.identity()).hexdigest()[:TOKEN_HEX]
+        graph = CompactGraph(model)
+        with checked.moub.allocating("the decoded model"):
+            for site, _, array, stub in compact_decoded(checked, plan_compact(checked, consumed_names(model)), graph):
+                fill_payload(stub if stub is not None else site.tensor, array)
+                del array
+        graph.finish()
+        _save(model, out, external_threshold, source, token)

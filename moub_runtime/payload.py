@@ -1,9 +1,16 @@
-"""Emptying and filling the data of an onnx.TensorProto in place."""
+"""Emptying and filling the data of an ONNX TensorProto in place (onnx's class or
+:mod:`.onnx_proto`'s: the same fields)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
+
+from .onnx_proto import DATA_LOCATION_EXTERNAL
+
+if TYPE_CHECKING:
+    from onnx import TensorProto
 
 # Every field of TensorProto that can hold element data.
 PAYLOAD_FIELDS = (
@@ -17,16 +24,16 @@ PAYLOAD_FIELDS = (
 )
 
 
-def has_payload(tensor: onnx.TensorProto) -> bool:
+def has_payload(tensor: TensorProto) -> bool:
     """True if the tensor carries element data inline or points to external data."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+    if tensor.data_location == DATA_LOCATION_EXTERNAL or len(tensor.external_data):
         return True
     if tensor.HasField("raw_data"):
         return True
     return any(len(getattr(tensor, name)) for name in PAYLOAD_FIELDS[1:])
 
 
-def clear_payload(tensor: onnx.TensorProto) -> None:
+def clear_payload(tensor: TensorProto) -> None:
     """Remove the element data, keep name, dims, data type and doc string."""
     for name in PAYLOAD_FIELDS:
         tensor.ClearField(name)
@@ -34,13 +41,13 @@ def clear_payload(tensor: onnx.TensorProto) -> None:
     tensor.ClearField("data_location")
 
 
-def fill_payload(tensor: onnx.TensorProto, values: np.ndarray) -> None:
+def fill_payload(tensor: TensorProto, values: np.ndarray) -> None:
     """Set ``raw_data`` from values already in the storage dtype (little-endian)."""
     clear_payload(tensor)
     tensor.raw_data = np.ascontiguousarray(values).tobytes()
 
 
-def element_count(tensor: onnx.TensorProto) -> int:
+def element_count(tensor: TensorProto) -> int:
     count = 1
     for dim in tensor.dims:
         count *= int(dim)
@@ -50,11 +57,11 @@ def element_count(tensor: onnx.TensorProto) -> int:
 IN_MEMORY_LOCATION = "moub-in-memory"
 
 
-def mark_in_memory(tensor: onnx.TensorProto) -> None:
+def mark_in_memory(tensor: TensorProto) -> None:
     """Turn a tensor into an external-data stub whose values onnxruntime gets
     from ``SessionOptions.add_external_initializers``; never resolved on disk."""
     clear_payload(tensor)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.data_location = DATA_LOCATION_EXTERNAL
     entry = tensor.external_data.add()
     entry.key = "location"
     entry.value = IN_MEMORY_LOCATION

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import onnx
+from .onnx_proto import ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, ATTRIBUTE_TENSOR
+
+if TYPE_CHECKING:
+    import onnx
 
 KIND_INITIALIZER = "initializer"
 KIND_CONSTANT = "constant"
@@ -40,11 +44,11 @@ def _walk_nodes(nodes, prefix: str) -> Iterator[TensorSite]:
     for index, node in enumerate(nodes):
         node_prefix = f"{prefix}node:{index}"
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if attr.type == ATTRIBUTE_TENSOR and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 yield TensorSite(f"{node_prefix}/{attr.name}", attr.t, KIND_CONSTANT, node)
-            elif attr.type == onnx.AttributeProto.GRAPH:
+            elif attr.type == ATTRIBUTE_GRAPH:
                 yield from _walk_graph(attr.g, f"{node_prefix}/{attr.name}/")
-            elif attr.type == onnx.AttributeProto.GRAPHS:
+            elif attr.type == ATTRIBUTE_GRAPHS:
                 for j, graph in enumerate(attr.graphs):
                     yield from _walk_graph(graph, f"{node_prefix}/{attr.name}[{j}]/")
 

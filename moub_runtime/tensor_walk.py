@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import onnx
+from .onnx_proto import DATA_LOCATION_EXTERNAL
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def iter_reachable_tensors(model: onnx.ModelProto) -> Iterator[ReachableTensor]:
 
 def refers_to_external_data(tensor: onnx.TensorProto) -> bool:
     """Whether onnxruntime would look for this tensor's bytes in a file."""
-    return tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
+    return tensor.data_location == DATA_LOCATION_EXTERNAL or len(tensor.external_data) > 0
 
 
 def external_location(tensor: onnx.TensorProto) -> str:
@@ -100,7 +104,7 @@ def first_external_reference(model: onnx.ModelProto) -> ReachableTensor | None:
     external data, or None when the model is self-contained."""
     for item in iter_reachable_tensors(model):
         tensor = item.tensor
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0:
+        if tensor.data_location == DATA_LOCATION_EXTERNAL or len(tensor.external_data) > 0:
             return item
     return None
 

@@ -15,32 +15,36 @@ digest before the last result is handed out.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from moub_format import DEFAULT_LIMITS, GraphError, LimitError, MoubFile, ReaderLimits
 from moub_format import dtypes
 from moub_format.constants import FEATURE_CONSTANT_NAMES
 from moub_format.index import check_member_ranges
-from moub_format.reader import DECODE_BATCH_ELEMENTS
+from moub_format.reader import DECODE_BATCH_ELEMENTS, Source
 
 from .constant_names import restore_constant_names
+from .onnx_proto import ModelProto
 from .payload import element_count, has_payload
 from .sites import TensorSite, iter_tensor_sites
 from .tensor_walk import describe_external_reference, first_external_reference
 
+if TYPE_CHECKING:
+    import onnx
 
-def parse_graph(moub: MoubFile) -> onnx.ModelProto:
+
+def parse_graph(moub: MoubFile, message: type = ModelProto) -> onnx.ModelProto:
     """The embedded ModelProto, parsed after the byte-length cap and checksum (its memory is
     in the file's plan), refused if any tensor in it (initializer, sparse tensor or
     attribute, at any depth) refers to external data, with Constant tensor names restored
-    where the file left them out (format 1.3)."""
+    where the file left them out (format 1.3). ``message``: the class to parse into,
+    :mod:`.onnx_proto`'s (no onnx import) or ``onnx.ModelProto`` (same schema, same result)."""
     data = moub.graph_bytes()  # checksum, bounded inflate: MoubFormatErrors of their own
-    model = onnx.ModelProto()
+    model = message()
     try:
         model.ParseFromString(data)
     except MemoryError:
@@ -201,14 +205,30 @@ class CheckedFile:
             yield site, dtype_of[member.site], array.reshape(tuple(site.tensor.dims))
         finish_payload_check()
 
+    def decoded_levels(self, level_of) -> Iterator[tuple[TensorSite, int, np.ndarray, int | None]]:
+        """:meth:`decoded`, with the pack members ``level_of(member)`` plans (integer dtype
+        string, zero point) as their integer levels plus the zero point, never as floats:
+        (site, ONNX element type, array, zero point or None); the same checks, in the same
+        order (:meth:`moub_format.MoubFile.iter_pack_levels`)."""
+        moub = self.moub
+        finish_payload_check = moub.start_payload_check()
+        for info, array in moub.iter_tensors():
+            yield self.matched[info.path], info.dtype, array, None
+        dtype_of = {ordinal: site.tensor.data_type for ordinal, site in self.members.items()}
+        for member, array, zero_point in moub.iter_pack_levels(level_of, dtype_of):
+            site = self.members[member.site]
+            yield site, dtype_of[member.site], array.reshape(tuple(site.tensor.dims)), zero_point
+        finish_payload_check()
 
-def open_checked(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1,
-                 batch_elements: int = DECODE_BATCH_ELEMENTS) -> CheckedFile:
+
+def open_checked(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1,
+                 batch_elements: int = DECODE_BATCH_ELEMENTS, message: type = ModelProto) -> CheckedFile:
     """Open ``path`` and run every check that precedes decoding (see the module docstring);
-    raises a MoubFormatError subclass naming the file and the problem."""
+    raises a MoubFormatError subclass naming the file and the problem. ``message``: the
+    ModelProto class of :attr:`CheckedFile.model` (see :func:`parse_graph`)."""
     moub = MoubFile(path, limits, batch_elements=batch_elements, decode_workers=decode_workers)
     try:
-        model = parse_graph(moub)
+        model = parse_graph(moub, message)
         check_unique_definitions(model, moub.filename)
         matched, members = _match(moub, model)
         return CheckedFile(moub, model, matched, members)

@@ -10,6 +10,7 @@ Cases that cannot arise in this format say why and test the nearest real thing.
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import tracemalloc
 import zlib
@@ -64,6 +65,12 @@ def expect(tmp_path: Path, data: bytes | K.Spec, error: type[MoubFormatError], *
     assert str(path) in message, message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+    if action is full_read:  # from memory, from a file object and as a compact model: the same error
+        for source, name, compact in ((path.read_bytes(), "<bytes>", False), (io.BytesIO(path.read_bytes()), "<file object>", False),
+                                      (path, str(path), True)):
+            with pytest.raises(MoubFormatError) as again:
+                moub_runtime.load(source, limits, compact=compact)
+            assert type(again.value) is error and str(again.value) == message.replace(str(path), name), str(again.value)
     return message
 
 

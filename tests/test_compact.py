@@ -1,0 +1,228 @@
+"""Compact sessions and models: grid-quantized weights held as 8/16-bit integers behind
+DequantizeLinear, on real models (PP-OCR cls, magika) and on a model with every kind of site."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import modelzoo
+import moub_runtime
+import packing
+from moub_converters.encode import encode_model
+from moub_format import dtypes
+from moub_format.writer import write_atomic
+from moub_runtime.compact import LEVEL_TYPES, level_type
+from moub_runtime.inspect import summarize
+from moub_runtime.validation import open_checked
+from test_real_models import feeds, model_file
+
+# Outputs of a compact session against the normal one: the weights are the same bits, but a
+# weight that is a node's output rather than an initializer takes other kernels (no prepacked
+# MatMul/Conv weights, no Conv+BatchNormalization folding), which sum in another order.
+# Measured on cls and magika: at most 2.1e-7 relative to the output's largest magnitude.
+RELATIVE_BOUND = 1e-5
+
+
+def _write(tmp_path, model, codebooks, packs, name="model.moub"):
+    path = tmp_path / name
+    write_atomic(path, encode_model(model, codebooks, {}, {"moub.source": name}, packs=packs))
+    return path
+
+
+def _weights_from_compact(compact: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Each DequantizeLinear's output recomputed in NumPy: float32(q - zero_point) * float32(scale)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in compact.graph.initializer}
+    out = {}
+    for node in compact.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        q, scale, zero = (inits[name] for name in node.input)
+        levels = q.astype(np.int64) - int(zero)
+        out[node.output[0]] = (levels.astype(np.float32) * np.float32(scale)).astype(np.float32)
+    return out
+
+
+def _normal_weights(normal: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {t.name: numpy_helper.to_array(t) for t in normal.graph.initializer}
+    for node in normal.graph.node:
+        if node.op_type == "Constant":
+            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+def _check_compact_model(path):
+    """The compact model passes onnx.checker, every integer initializer's values lie in its
+    type, and every DequantizeLinear gives exactly the normal decode's weight."""
+    normal, compact = moub_runtime.load(path), moub_runtime.load(path, compact=True)
+    onnx.checker.check_model(compact)
+    expected = _normal_weights(normal)
+    rebuilt = _weights_from_compact(compact)
+    assert rebuilt
+    for name, weight in rebuilt.items():
+        assert weight.tobytes() == expected[name].tobytes(), name
+    return normal, compact, rebuilt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cls", "magika"])
+def test_a_real_model_compact_gives_the_normal_weights_and_outputs(name, tmp_path):
+    model = onnx.load(model_file(name))
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0, centre=True)
+    path = _write(tmp_path, model, codebooks, packs)
+    normal, compact, rebuilt = _check_compact_model(path)
+    held = sum(int(np.prod(w.shape)) for w in rebuilt.values())
+    assert held >= 0.95 * sum(m.count for p in open_checked(path).moub.index.packs for m in p.members)
+    integer_bytes = sum(len(t.raw_data) for t in compact.graph.initializer if t.data_type in (dtypes.INT8, dtypes.UINT8))
+    assert integer_bytes >= 0.9 * held  # std/16 steps: levels within 8 bits for nearly every weight
+
+    inputs = feeds(name)
+    expected = moub_runtime.InferenceSession(path).run(None, inputs)
+    got = moub_runtime.InferenceSession(path, compact=True).run(None, inputs)
+    for a, b in zip(expected, got):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.abs(a - b).max() <= RELATIVE_BOUND * np.abs(a).max()
+
+
+def test_elementwise_weights_give_bit_identical_outputs(tmp_path):
+    """Where the weight feeds an elementwise op, the compact session's outputs are the same bits."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array((rng.standard_normal((64, 64)) * 0.1).astype(np.float32), "w")
+    v = numpy_helper.from_array((rng.standard_normal((64, 64)) * 3.0).astype(np.float32), "v")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "v"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 64])], [w, v])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    codebooks, packs = packing.uniform_packs(model, [["init:w"], ["init:v"]], divisor=400.0)  # v needs 16 bits
+    path = _write(tmp_path, model, codebooks, packs)
+    _, compact, _ = _check_compact_model(path)
+    types = {t.name: t.data_type for t in compact.graph.initializer}
+    assert types["w_quantized"] in (dtypes.INT8, dtypes.UINT8, dtypes.INT16) and types["v_quantized"] == dtypes.INT16
+    assert any(node.domain == "com.microsoft" for node in compact.graph.node)  # 16-bit levels below opset 21
+    x = {"x": rng.standard_normal((64, 64)).astype(np.float32)}
+    expected = moub_runtime.InferenceSession(path).run(None, x)[0]
+    assert np.array_equal(moub_runtime.InferenceSession(path, compact=True).run(None, x)[0], expected)
+    session = ort.InferenceSession(compact.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, x)[0], expected)
+
+
+def test_what_cannot_be_held_as_integers_stays_float_with_its_reason(tmp_path):
+    """Subgraph and function weights, float16/bfloat16/double ones and weights over an explicit
+    codebook decode as usual; inspect names each reason, and the session still runs."""
+    model = modelzoo.everything_model()
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0, small=256)
+    path = _write(tmp_path, model, codebooks, packs)
+    summary = summarize(path).compact
+    reasons = set(summary["kept_float"])
+    assert "inside a subgraph or function" in reasons
+    assert {"element type float16", "element type bfloat16", "element type double"} <= reasons
+    assert summary["held"] and summary["held_weight_bytes"] > 0
+    _check_compact_model(path)
+    inputs = modelzoo.sample_feeds()
+    for a, b in zip(moub_runtime.InferenceSession(path).run(None, inputs),
+                    moub_runtime.InferenceSession(path, compact=True).run(None, inputs)):
+        assert np.abs(a - b).max() <= RELATIVE_BOUND * np.abs(a).max()
+
+    codebook, assignments = modelzoo.equal_width_assignments(model, k=48)
+    explicit = tmp_path / "explicit.moub"
+    write_atomic(explicit, encode_model(model, [codebook], assignments, {}))
+    summary = summarize(explicit).compact
+    assert not summary["held"] and set(summary["kept_float"]) == {"a Huffman tensor (not a pack member)"}
+
+
+def test_shared_packs_with_offsets_are_held_member_by_member(tmp_path):
+    """A pack of many small tensors, each offset on the shared grid: each member's integers
+    plus its own zero point give its exact weights."""
+    model = onnx.load(model_file("cls"))
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0, small=1 << 30, centre=True)  # one shared pack
+    assert len(packs) == 1 and packs[0].offsets is not None
+    path = _write(tmp_path, model, codebooks, packs)
+    _check_compact_model(path)
+
+
+def test_cli_decode_compact_and_inspect(tmp_path):
+    model = onnx.load(model_file("cls"))
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
+    path = _write(tmp_path, model, codebooks, packs)
+    out = tmp_path / "compact.onnx"
+    moub = [sys.executable, "-m", "moub_runtime.cli"]
+    run = subprocess.run(moub + ["decode", str(path), "-o", str(out), "--compact"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    decoded = onnx.load(out)
+    onnx.checker.check_model(decoded)
+    assert decoded.SerializeToString() == moub_runtime.load(path, compact=True).SerializeToString()
+    normal = tmp_path / "normal.onnx"
+    subprocess.run(moub + ["decode", str(path), "-o", str(normal)], check=True, capture_output=True)
+    assert out.stat().st_size < 0.5 * normal.stat().st_size  # int8 weights; each tensor adds a scale, a zero point and a node
+    inspect = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
+    assert "compact session:" in inspect.stdout and "as int8" in inspect.stdout
+
+
+@pytest.mark.parametrize("low, high", [(-128, 127), (0, 255), (-255, -1), (1, 255), (-200, 50), (-129, 127), (-300, 600),
+                                       (40000, 60000), (-70000, 0)])
+def test_level_type_is_the_narrowest_that_holds_the_levels(low, high):
+    chosen = level_type(low, high)
+    fitting = [t for t in LEVEL_TYPES if high - low <= t.high - t.low]
+    if chosen is None:
+        assert all(not (max(t.low, t.low - low) <= min(t.high, t.high - high)) for t in LEVEL_TYPES)
+        return
+    kind, zero_point = chosen
+    assert kind.low <= zero_point <= kind.high
+    assert kind.low <= low + zero_point and high + zero_point <= kind.high
+    assert kind.itemsize == min(t.itemsize for t in fitting if max(t.low, t.low - low) <= min(t.high, t.high - high))
+
+
+def test_packs_over_explicit_integer_levels_are_held_and_float_codebooks_are_not(tmp_path):
+    """A writer stores a sparse pack's used levels as an explicit codebook: integers, held like
+    a grid's; a codebook of other values stays float."""
+    import dataclasses
+
+    model = onnx.load(model_file("cls"))
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
+    sparse = packs[0]
+    used, local = np.unique(sparse.indices, return_inverse=True)
+    codebooks[sparse.codebook] = codebooks[sparse.codebook].values()[used].astype(np.float32)
+    packs[0] = dataclasses.replace(sparse, indices=local.reshape(-1).astype(np.int64))
+    float_pack = packing.codebook_pack(model, packs[1].paths, np.linspace(-3, 3, 61), len(codebooks))
+    codebooks.append(np.linspace(-3, 3, 61).astype(np.float32))
+    packs[1] = float_pack
+    path = _write(tmp_path, model, codebooks, packs)
+    summary = summarize(path).compact
+    assert set(summary["kept_float"]) == {"a codebook of non-integer values"}
+    assert summary["kept_float"]["a codebook of non-integer values"]["tensors"] == len(float_pack.paths)
+    members = sum(len(p.paths) for p in packs)
+    assert sum(v["tensors"] for v in summary["held"].values()) == members - len(float_pack.paths)  # the sparse pack included
+    _, _, rebuilt = _check_compact_model(path)
+    assert len(rebuilt) == members - len(float_pack.paths)
+    inputs = feeds("cls")
+    for a, b in zip(moub_runtime.InferenceSession(path).run(None, inputs),
+                    moub_runtime.InferenceSession(path, compact=True).run(None, inputs)):
+        assert np.abs(a - b).max() <= RELATIVE_BOUND * np.abs(a).max()
+
+
+def test_convert_with_ram_int8_holds_one_byte_per_weight(tmp_path):
+    """``--ram int8``: every stored level within int8, so the compact session holds each
+    quantized weight in one byte; the tolerance still holds, and the report puts the file's
+    bytes and the resident weight bytes side by side."""
+    from moub_converters import convert
+    from moub_converters.demo import MODEL, SEARCH_DATA
+
+    result = convert(MODEL, data=SEARCH_DATA, mode="adaptive", metric="l2", max_drop=0.002, seed=0, ram="int8")
+    path = tmp_path / "int8.moub"
+    result.write(path)
+    compact = summarize(path).compact
+    weights = summarize(path).quantized_weights
+    assert set(compact["held"]) == {"int8"} and not compact["kept_float"]
+    assert compact["held_weight_bytes"] == weights
+    assert result.report["file"]["resident_weight_bytes"] == {"normal": 4 * weights, "compact": weights}
+    assert result.report["loss"] <= 0.002
+    assert "weights in RAM" in result.closing_table()
+    _check_compact_model(path)
