@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moub_format import writer
+from moub_format import constants as FC
+from moub_format import dtypes, writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
@@ -30,6 +31,7 @@ from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
 from .evaluate import Evaluator, OutputLayout, Scorer, reference_outputs, session_options
 from .intake import Pool, SourceModel, load_source, pool_weights
+from .integers import IntegerCoding, integer_coding
 from .modes import get_mode
 from .candidates import Candidate, Stage
 from .modes.base import ModeContext
@@ -38,7 +40,8 @@ from .options import ConvertOptions, describe, keyword_parameters
 from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
 from .session import ConversionSession
-from .solution import Quantization
+from .solution import Quantization, Size
+from .step_layout import BUILD_OPTIONS
 from .workers import candidate_map
 
 VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
@@ -130,6 +133,35 @@ class _Measured:
     loss: float | None
     weight_bytes: int      # Huffman streams + codebooks + tables, as ``moub inspect`` counts them
     file_bytes: int
+    coding: dict | None = None   # how the file stores each tensor (:func:`coding_of`)
+
+
+def coding_of(summary) -> dict:
+    """Which tensors the file stores how: 'lossless integer' (an integer Huffman tensor),
+    'searched float' (quantized: a float Huffman tensor or a pack member), 'kept raw' (bytes as
+    they were, maybe zlib/xz-packed); tensors left inside the graph are not listed. Per kind:
+    tensors, elements and stored bytes; and the kind of every tensor by path."""
+    kinds: dict[str, dict] = {}
+    by_path: dict[str, str] = {}
+
+    def add(kind: str, path: str | None, elements: int, stored: int) -> None:
+        row = kinds.setdefault(kind, {"tensors": 0, "elements": 0, "stored_bytes": 0})
+        row["tensors"] += 1
+        row["elements"] += elements
+        row["stored_bytes"] += stored
+        if path is not None:
+            by_path[path] = kind
+
+    for t in summary.tensors:
+        if t.encoding.startswith("raw"):
+            kind = "kept raw"
+        else:
+            kind = "lossless integer" if t.dtype in dtypes.INTEGER_RANGES else "searched float"
+        add(kind, t.path, t.elements, t.stored_bytes)
+    for p in summary.packs:
+        for m in p.members:
+            add("searched float", m["path"], m["elements"], round(p.stored_bytes * m["elements"] / max(p.elements, 1)))
+    return {"kinds": dict(sorted(kinds.items())), "tensors": dict(sorted(by_path.items(), key=lambda kv: str(kv[0])))}
 
 
 @dataclass
@@ -157,13 +189,13 @@ def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
         path.write_bytes(moub_bytes)
         summary = summarize(path)
         if baseline is None:
-            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes)
+            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes, coding_of(summary))
         session = moub_runtime.InferenceSession(path, sess_options=session_options())
         names = baseline.output_names
         score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
                                               for start, feeds in baseline.dataset.batches())
         del session
-    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes)
+    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes, coding_of(summary))
 
 
 class _Counter:
@@ -214,12 +246,15 @@ def convert(
     mode_impl = get_mode(options.mode)
     source = load_source(model_or_path, input_shapes)
     pool = pool_weights(source.model, options.min_elements)
-    if pool.n_weights == 0:
+    integers = integer_coding(source.model, options.min_elements)
+    if pool.n_weights == 0 and not integers.tensors:
         raise ModelError(f"{source.label}: no float weights with at least {options.min_elements} elements to compress")
     if data is None:
+        if pool.n_weights == 0:
+            return _lossless(source, pool, options, started, integers)
         if options.bins is None:
             raise DataError("no sample data: pass data (--data DATA.npz), or --bins K to encode without a search")
-        return _fixed(source, pool, options, started)
+        return _fixed(source, pool, options, started, integers)
 
     dataset = load_dataset(data, source.model, labels=labels, batch_size=options.batch_size, batch_axes=batch_axes)
     evaluator = Evaluator(source.model, pool, dataset, options.strategy, outputs=options.outputs)
@@ -239,8 +274,10 @@ def convert(
     metrics.check_metric(chosen_metric, dataset.labels, reference, judged)
     q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels, judged)
     baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names, judged)
+    if pool.n_weights == 0:
+        return _lossless(source, pool, options, started, integers, baseline)
     if options.bins is not None:
-        return _fixed(source, pool, options, started, baseline)
+        return _fixed(source, pool, options, started, integers, baseline)
 
     session = ConversionSession(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy,
                                 judged)
@@ -264,17 +301,19 @@ def convert(
     front_rows = _front_rows(front, q0)
     for candidate in result.feasible[:VERIFY_CANDIDATES]:
         quant, stages = mode_impl.materialize(pool, candidate, options, result.candidates)
-        trial = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, None, front_rows))
+        trial = _encode(source, quant, pool, integers, _metadata(source, options, chosen_metric, q0, None, front_rows))
         measured = _measure(trial, baseline)
         if measured.loss <= options.max_drop + 1e-12:
             break
     else:
         raise ToleranceError(f"the written file misses --max-drop {options.max_drop} when decoded by moub_runtime "
                              f"(loss {measured.loss:.4f}); raise --max-drop or give more data")
-    moub_bytes = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
+    moub_bytes = _encode(source, quant, pool, integers, _metadata(source, options, chosen_metric, q0, measured.quality,
+                                                                  front_rows))
     final = _measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
-                     len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
+                     len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference,
+                     integers)
     report["metric_reason"] = metric_reason
     if judged:
         report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
@@ -311,42 +350,68 @@ def _held_out(source: SourceModel, pool: Pool, options: ConvertOptions, metric: 
             "within_max_drop": measured.loss <= options.max_drop + 1e-12}
 
 
-def _encode(source: SourceModel, quant, pool: Pool, metadata: dict[str, str]) -> bytes:
-    """The .moub bytes of a mode's quantization (codebook assignments and, format 1.2, packs)."""
-    return encode_model(source.model, quant.codebooks, quant.assignments(pool), metadata,
-                        packs=getattr(quant, "packs", ()), **getattr(quant, "build_options", {}))
+def _encode(source: SourceModel, quant, pool: Pool, integers: IntegerCoding, metadata: dict[str, str],
+            **build_options) -> bytes:
+    """The .moub bytes of a mode's quantization (codebook assignments and, format 1.2, packs),
+    the integer tensors coded losslessly beside them."""
+    codebooks, assignments = integers.extend(quant.codebooks, quant.assignments(pool))
+    return encode_model(source.model, codebooks, assignments, metadata, packs=getattr(quant, "packs", ()),
+                        **(getattr(quant, "build_options", None) or build_options))
 
 
-def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float,
+def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
+              baseline: _Baseline | None = None) -> ConvertResult:
+    """A model whose only weights are integers (already quantized): nothing to search; every
+    integer tensor coded losslessly, the rest stored as it is. With data, the file is scored
+    like any other (its outputs are the original's, bit for bit)."""
+    metric = baseline.metric if baseline else None
+    q0 = baseline.quality if baseline else None
+    quant = Quantization((), np.zeros(0, dtype=np.uint32))
+    build = {**BUILD_OPTIONS, "chunk_elements": FC.DEFAULT_CHUNK_ELEMENTS}  # few chunk entries: nothing decodes in lock step here
+    trial = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, None, []), **build)
+    measured = _measure(trial, baseline)
+    moub_bytes = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, measured.quality, []),
+                         **build)
+    final = _measure(moub_bytes, None)
+    chosen = Candidate("lossless", "lossless", measured.quality if baseline else 0.0, measured.loss if baseline else 0.0,
+                       baseline is not None, 0.0, 0, {})
+    stages = [Stage("lossless integers", 0, measured.quality, "lossless", Size(0, 0, 0, 0))]
+    report = _report(source, pool, options, metric, q0, measured, baseline.dataset if baseline else None, stages, final,
+                     len(moub_bytes), [], [], chosen, {"method": "lossless integers, no float weights to search"},
+                     _Counter(None), quant, baseline.reference if baseline else None, integers)
+    report["choice"] = None
+    return ConvertResult(moub_bytes, report, [], q0, measured.quality, 0, time.perf_counter() - started, metric)
+
+
+def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
            baseline: _Baseline | None = None) -> ConvertResult:
     """``bins=K``: equal-width binning with K bins, no search; quality measured only with data."""
     metric = baseline.metric if baseline else None
     q0 = baseline.quality if baseline else None
     quant, stages = fixed_bins(pool, options.bins, options.representative)
-    trial = encode_model(source.model, quant.codebooks, quant.assignments(pool), _metadata(source, options, metric, q0, None, []))
+    trial = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, None, []))
     measured = _measure(trial, baseline)
     del trial  # not beside the final file
     for stage in stages:
         stage.quality = measured.quality
-    moub_bytes = encode_model(source.model, quant.codebooks, quant.assignments(pool),
-                              _metadata(source, options, metric, q0, measured.quality, []))
+    moub_bytes = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, measured.quality, []))
     final = _measure(moub_bytes, None)
     known = measured.quality is not None
     chosen = Candidate(f"k={options.bins}", "fixed", measured.quality if known else 0.0, measured.loss if known else 0.0,
                        known, stages[-1].size.bits_per_weight, quant.bins_used(), {"k": options.bins, "merges": []})
     report = _report(source, pool, options, metric, q0, measured, baseline.dataset if baseline else None, stages, final,
                      len(moub_bytes), [], [], chosen, {"method": "fixed bins"}, _Counter(None), quant,
-                     baseline.reference if baseline else None)
+                     baseline.reference if baseline else None, integers)
     return ConvertResult(moub_bytes, report, [], q0, measured.quality, 0, time.perf_counter() - started, metric)
 
 
 def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0, measured: _Measured, dataset: Dataset | None,
             stages: list[Stage], final: _Measured, file_bytes: int, candidates: list[Candidate],
             front: list[Candidate], chosen: Candidate, facts: dict, counter: _Counter, quant: Quantization,
-            reference: list[np.ndarray] | None = None) -> dict:
+            reference: list[np.ndarray] | None = None, integers: IntegerCoding | None = None) -> dict:
     q1 = measured.quality
-    rows = stage_rows(stages, final.weight_bytes, file_bytes, source.original_bytes, pool.n_weights)
-    bits_file = rows[-1]["bits_per_weight"]
+    rows = stage_rows(stages, final.weight_bytes, file_bytes, source.original_bytes, pool.n_weights) if pool.n_weights else []
+    bits_file = rows[-1]["bits_per_weight"] if rows else None
     choice = {
         "name": chosen.name,
         "stage": chosen.stage,
@@ -387,6 +452,8 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "stages": rows,
         "file": {"bytes": file_bytes, "ratio": round(source.original_bytes / file_bytes, 4),
                  "weight_bytes": final.weight_bytes, "other_bytes": file_bytes - final.weight_bytes},
+        "coding": final.coding,
+        "integers": None if integers is None else integers.summary(),
     }
 
 
