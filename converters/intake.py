@@ -57,6 +57,20 @@ NON_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
     }.items()
 }
 
+# The same for onnxruntime's contrib ops (domain com.microsoft): the quantization parameters
+# (scales, zero points) of its quantized kernels. Changing a scale moves every weight it scales.
+MICROSOFT_NON_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    op: frozenset(positions)
+    for op, positions in {
+        "DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2), "DynamicQuantizeLSTM": (4, 8, 9, 10, 11),
+        "MatMulIntegerToFloat": (2, 3, 4, 5), "DynamicQuantizeMatMul": (2, 3), "QGemm": (1, 2, 4, 5, 7, 8),
+        "QAttention": (3, 4, 5, 6, 7), "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+        "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7), "QLinearSigmoid": (1, 2, 3, 4),
+        "QLinearLeakyRelu": (1, 2, 3, 4), "QLinearSoftmax": (1, 2, 3, 4), "QLinearGlobalAveragePool": (1, 2, 3, 4),
+        "QLinearAveragePool": (1, 2, 3, 4), "MatMulNBits": (2, 3, 4), "GatherBlockQuantized": (1, 2, 3),
+    }.items()
+}
+
 REASON_NON_FLOAT = "non-float"
 REASON_SMALL = "small"
 REASON_NOT_WEIGHT = "not a weight"
@@ -218,7 +232,12 @@ def consumer_roles(model: onnx.ModelProto) -> tuple[set[str], dict[str, str]]:
     for graph in _graphs(model.graph):
         used.update(o.name for o in graph.output)
     for node in _all_nodes(model):
-        positions = NON_WEIGHT_INPUTS.get(node.op_type, frozenset()) if node.domain in ("", "ai.onnx") else frozenset()
+        if node.domain in ("", "ai.onnx"):
+            positions = NON_WEIGHT_INPUTS.get(node.op_type, frozenset())
+        elif node.domain == "com.microsoft":
+            positions = MICROSOFT_NON_WEIGHT_INPUTS.get(node.op_type, frozenset())
+        else:
+            positions = frozenset()
         for i, name in enumerate(node.input):
             if not name:
                 continue

@@ -6,12 +6,13 @@ the model: changing one changes its outputs. So they are never searched; each be
 Huffman tensor of its own element type whose codebook is the grid of its integers
 (``min .. max``, exact in float32) with a code table of its own, and decodes bit for bit.
 A tensor stays raw (the writer then picks its byte codec) when its Huffman stream would
-not be smaller than zlib of its bytes: data that is not order-0 compressible keeps the
-codec that handles it.
+not be smaller than zlib or xz of its bytes: data with more structure than its symbol
+frequencies (repeats, runs) keeps the codec that finds it.
 """
 
 from __future__ import annotations
 
+import lzma
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class IntegerTensor:
     codebook: writer.GridCodebook
     indices: np.ndarray
     huffman_bytes: int   # estimated stream + chunk table + code lengths
-    zlib_bytes: int      # zlib level 9 of its raw bytes, the alternative
+    raw_bytes: int       # the smaller of zlib level 9 and xz preset 9e of its raw bytes, the alternative
 
 
 @dataclass
@@ -92,13 +93,21 @@ def code_integer_tensor(path: str, tensor: onnx.TensorProto) -> IntegerTensor:
     counts = np.bincount(indices, minlength=high - low + 1)
     raw = np.ascontiguousarray(values.astype(dtypes.STORAGE_DTYPES[tensor.data_type])).tobytes()
     return IntegerTensor(path, writer.GridCodebook(low, high - low + 1), indices,
-                         _huffman_bytes(counts, FC.DEFAULT_CHUNK_ELEMENTS), len(zlib.compress(raw, writer.ZLIB_LEVEL)))
+                         _huffman_bytes(counts, FC.DEFAULT_CHUNK_ELEMENTS), _raw_bytes(raw))
+
+
+def _raw_bytes(raw: bytes) -> int:
+    """What the writer's smallest raw codec stores, estimated with one xz setting."""
+    xz = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE,
+                       filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
+                                 "dict_size": writer.lzma_dict_size(len(raw))}])
+    return min(len(raw), len(zlib.compress(raw, writer.ZLIB_LEVEL)), len(xz))
 
 
 def integer_coding(model: onnx.ModelProto, min_elements: int = 1024) -> IntegerCoding:
     """Every 8- and 16-bit integer tensor of ``model`` with at least ``min_elements``
     elements and MIN_BYTES bytes (smaller ones stay inside the graph, whose codec packs
-    them with it): Huffman-coded when that is smaller than zlib of its bytes, else kept raw."""
+    them with it): Huffman-coded when that is smaller than zlib and xz of its bytes, else kept raw."""
     coding = IntegerCoding()
     for site in iter_tensor_sites(model):
         tensor = site.tensor
@@ -108,10 +117,10 @@ def integer_coding(model: onnx.ModelProto, min_elements: int = 1024) -> IntegerC
         if element_count(tensor) < max(1, min_elements, -(-MIN_BYTES // itemsize)):
             continue
         coded = code_integer_tensor(site.path, tensor)
-        if coded.huffman_bytes < coded.zlib_bytes:
+        if coded.huffman_bytes < coded.raw_bytes:
             coding.tensors.append(coded)
         else:
-            coding.kept_raw[site.path] = (f"Huffman ~{coded.huffman_bytes} bytes is not below zlib's {coded.zlib_bytes}")
+            coding.kept_raw[site.path] = f"Huffman ~{coded.huffman_bytes} bytes is not below zlib/xz's {coded.raw_bytes}"
     return coding
 
 
