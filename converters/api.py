@@ -247,7 +247,7 @@ def convert(
     source = load_source(model_or_path, input_shapes)
     pool = pool_weights(source.model, options.min_elements)
     integers = integer_coding(source.model, options.min_elements)
-    if pool.n_weights == 0 and not integers.tensors:
+    if pool.n_weights == 0 and not integers.all_elements:
         raise ModelError(f"{source.label}: no float weights with at least {options.min_elements} elements to compress")
     if data is None:
         if pool.n_weights == 0:
@@ -291,9 +291,23 @@ def convert(
         if bar:
             bar.close()
     result.facts["evaluation_strategy"] = evaluator.strategy
+
+    def finish(converted: ConvertResult) -> ConvertResult:
+        converted.report["metric_reason"] = metric_reason
+        if judged:
+            converted.report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
+        if test is not None:
+            converted.report["test"] = _held_out(source, pool, options, chosen_metric, judged, converted.moub_bytes, test,
+                                                 test_labels, batch_axes)
+        return converted
+
+    already_quantized = 4 * pool.n_weights < integers.all_elements  # its integers outweigh its floats
     if not result.feasible:
         best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
         hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
+        if already_quantized:  # its float weights are few: the lossless file is the answer, not an error
+            return finish(_lossless(source, pool, options, started, integers, baseline,
+                                    f"no lossy candidate stays within --max-drop {options.max_drop}: float weights kept exact", counter))
         raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {chosen_metric}{hint}; "
                              f"raise --max-bins or --max-drop")
 
@@ -306,21 +320,25 @@ def convert(
         if measured.loss <= options.max_drop + 1e-12:
             break
     else:
+        if already_quantized:
+            return finish(_lossless(source, pool, options, started, integers, baseline,
+                                    f"the searched file misses --max-drop {options.max_drop} when decoded: float weights "
+                                    f"kept exact", counter))
         raise ToleranceError(f"the written file misses --max-drop {options.max_drop} when decoded by moub_runtime "
                              f"(loss {measured.loss:.4f}); raise --max-drop or give more data")
     moub_bytes = _encode(source, quant, pool, integers, _metadata(source, options, chosen_metric, q0, measured.quality,
                                                                   front_rows))
+    if already_quantized:  # never larger than the lossless file (cheap to make: few float weights)
+        lossless = _lossless(source, pool, options, started, integers, baseline,
+                             "the lossless file is no larger than the searched one: float weights kept exact", counter)
+        if len(lossless.moub_bytes) <= len(moub_bytes):
+            return finish(lossless)
     final = _measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference,
                      integers)
-    report["metric_reason"] = metric_reason
-    if judged:
-        report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
-    if test is not None:
-        report["test"] = _held_out(source, pool, options, chosen_metric, judged, moub_bytes, test, test_labels, batch_axes)
-    return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
-                         time.perf_counter() - started, chosen_metric)
+    return finish(ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
+                                time.perf_counter() - started, chosen_metric))
 
 
 if convert.__doc__:  # None under python -OO
@@ -350,37 +368,42 @@ def _held_out(source: SourceModel, pool: Pool, options: ConvertOptions, metric: 
             "within_max_drop": measured.loss <= options.max_drop + 1e-12}
 
 
-def _encode(source: SourceModel, quant, pool: Pool, integers: IntegerCoding, metadata: dict[str, str],
-            **build_options) -> bytes:
+def _encode(source: SourceModel, quant, pool: Pool, integers: IntegerCoding, metadata: dict[str, str]) -> bytes:
     """The .moub bytes of a mode's quantization (codebook assignments and, format 1.2, packs),
     the integer tensors coded losslessly beside them."""
     codebooks, assignments = integers.extend(quant.codebooks, quant.assignments(pool))
     return encode_model(source.model, codebooks, assignments, metadata, packs=getattr(quant, "packs", ()),
-                        **(getattr(quant, "build_options", None) or build_options))
+                        **getattr(quant, "build_options", {}))
 
 
 def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
-              baseline: _Baseline | None = None) -> ConvertResult:
-    """A model whose only weights are integers (already quantized): nothing to search; every
-    integer tensor coded losslessly, the rest stored as it is. With data, the file is scored
-    like any other (its outputs are the original's, bit for bit)."""
+              baseline: _Baseline | None = None, why: str = "no float weights to search",
+              counter: _Counter | None = None) -> ConvertResult:
+    """The lossless file: every integer tensor coded losslessly, every other tensor stored as it
+    is (raw, xz where smaller). For a model whose only weights are integers (already quantized),
+    and the floor of a model whose integers outweigh its floats: no searched file of it is worth
+    more. With data, the file is scored like any other (its outputs are the original's, bit for
+    bit). ``why`` goes to the report and the closing table."""
     metric = baseline.metric if baseline else None
     q0 = baseline.quality if baseline else None
     quant = Quantization((), np.zeros(0, dtype=np.uint32))
+    codebooks, assignments = integers.extend([], {})  # every float stays as it is
     build = {**BUILD_OPTIONS, "chunk_elements": FC.DEFAULT_CHUNK_ELEMENTS}  # few chunk entries: nothing decodes in lock step here
-    trial = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, None, []), **build)
+    trial = encode_model(source.model, codebooks, assignments, _metadata(source, options, metric, q0, None, []), **build)
     measured = _measure(trial, baseline)
-    moub_bytes = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, measured.quality, []),
-                         **build)
+    moub_bytes = encode_model(source.model, codebooks, assignments,
+                              _metadata(source, options, metric, q0, measured.quality, []), **build)
     final = _measure(moub_bytes, None)
     chosen = Candidate("lossless", "lossless", measured.quality if baseline else 0.0, measured.loss if baseline else 0.0,
                        baseline is not None, 0.0, 0, {})
     stages = [Stage("lossless integers", 0, measured.quality, "lossless", Size(0, 0, 0, 0))]
     report = _report(source, pool, options, metric, q0, measured, baseline.dataset if baseline else None, stages, final,
-                     len(moub_bytes), [], [], chosen, {"method": "lossless integers, no float weights to search"},
-                     _Counter(None), quant, baseline.reference if baseline else None, integers)
+                     len(moub_bytes), [], [], chosen, {"method": "lossless"},
+                     counter or _Counter(None), quant, baseline.reference if baseline else None, integers)
     report["choice"] = None
-    return ConvertResult(moub_bytes, report, [], q0, measured.quality, 0, time.perf_counter() - started, metric)
+    report["lossless"] = why
+    return ConvertResult(moub_bytes, report, [], q0, measured.quality, counter.evaluations if counter else 0,
+                         time.perf_counter() - started, metric)
 
 
 def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,

@@ -51,6 +51,12 @@ class IntegerCoding:
 
     tensors: list[IntegerTensor] = field(default_factory=list)
     kept_raw: dict[str, str] = field(default_factory=dict)   # path -> why not Huffman-coded
+    kept_elements: int = 0                                   # their elements
+
+    @property
+    def all_elements(self) -> int:
+        """Elements of every integer weight, Huffman-coded or kept raw."""
+        return self.n_elements + self.kept_elements
 
     @property
     def n_elements(self) -> int:
@@ -120,6 +126,7 @@ def integer_coding(model: onnx.ModelProto, min_elements: int = 1024) -> IntegerC
         if coded.huffman_bytes < coded.raw_bytes:
             coding.tensors.append(coded)
         else:
+            coding.kept_elements += coded.indices.size
             coding.kept_raw[site.path] = f"Huffman ~{coded.huffman_bytes} bytes is not below zlib/xz's {coded.raw_bytes}"
     return coding
 

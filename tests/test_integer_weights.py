@@ -230,3 +230,18 @@ def test_scales_of_onnxruntime_contrib_kernels_are_never_pooled():
     pool = pool_weights(model, 16)
     assert [site.name for site in pool.sites] == ["bias"]
     assert pool.passthrough["init:w_scale"] == "not a weight (MatMulIntegerToFloat input 3)"
+
+
+def test_an_already_quantized_model_whose_floats_cannot_move_gets_the_lossless_file(quantized, tmp_path):
+    """No lossy candidate meets a tolerance its float weights cannot keep: the converter writes
+    the lossless file (integers coded, floats exact) and says so, instead of exiting without one."""
+    _, dynamic = quantized
+    result = convert(dynamic.path, data=dynamic.search, metric="l2", max_drop=1e-6, **FAST)
+    assert result.report["lossless"].startswith(("no lossy candidate", "the searched file misses",
+                                                 "the lossless file is no larger"))
+    assert "lossless" in result.closing_table()
+    out = tmp_path / "lossless.moub"
+    result.write(out)
+    restored = _check_lossless_integers(dynamic.path, out)
+    test = {"pixels": dynamic.test["pixels"][:100]}
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(_outputs(dynamic.path, test), _outputs(restored, test)))
