@@ -245,3 +245,24 @@ def test_an_already_quantized_model_whose_floats_cannot_move_gets_the_lossless_f
     restored = _check_lossless_integers(dynamic.path, out)
     test = {"pixels": dynamic.test["pixels"][:100]}
     assert all(a.tobytes() == b.tobytes() for a, b in zip(_outputs(dynamic.path, test), _outputs(restored, test)))
+
+
+def test_scales_of_weight_only_quantization_are_never_pooled():
+    """An int8 weight turned into floats by Cast, Sub (zero point) and Mul (per-row scale), as
+    weight-only int8 exports do: the zero point and the scale are quantization parameters."""
+    from moub_converters.intake import pool_weights
+
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (2048, 64), dtype=np.int8), "w_q"),
+             numpy_helper.from_array(rng.integers(-3, 4, (2048, 1)).astype(np.float32), "w_zp"),
+             numpy_helper.from_array((rng.random((2048, 1)) * 0.01).astype(np.float32), "w_scale"),
+             numpy_helper.from_array(rng.normal(size=(64, 2048)).astype(np.float32), "proj")]
+    nodes = [helper.make_node("Cast", ["w_q"], ["w_f"], to=TensorProto.FLOAT), helper.make_node("Sub", ["w_f", "w_zp"], ["w_c"]),
+             helper.make_node("Mul", ["w_c", "w_scale"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("MatMul", ["h", "proj"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2048])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2048])], inits)
+    pool = pool_weights(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), 16)
+    assert [site.name for site in pool.sites] == ["proj"]
+    assert pool.passthrough["init:w_scale"] == "not a weight (Mul input 1, dequantizing an integer weight)"
+    assert pool.passthrough["init:w_zp"] == "not a weight (Sub input 1, dequantizing an integer weight)"
