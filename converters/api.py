@@ -328,11 +328,10 @@ def convert(
                              f"(loss {measured.loss:.4f}); raise --max-drop or give more data")
     moub_bytes = _encode(source, quant, pool, integers, _metadata(source, options, chosen_metric, q0, measured.quality,
                                                                   front_rows))
-    if already_quantized:  # never larger than the lossless file (cheap to make: few float weights)
-        lossless = _lossless(source, pool, options, started, integers, baseline,
-                             "the lossless file is no larger than the searched one: float weights kept exact", counter)
-        if len(lossless.moub_bytes) <= len(moub_bytes):
-            return finish(lossless)
+    lossless_metadata = _metadata(source, options, chosen_metric, q0, measured.quality, [])
+    if already_quantized and len(_lossless_bytes(source, integers, lossless_metadata)) <= len(moub_bytes):  # never larger
+        return finish(_lossless(source, pool, options, started, integers, baseline,
+                                "the lossless file is no larger than the searched one: float weights kept exact", counter))
     final = _measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference,
@@ -376,6 +375,13 @@ def _encode(source: SourceModel, quant, pool: Pool, integers: IntegerCoding, met
                         **getattr(quant, "build_options", {}))
 
 
+def _lossless_bytes(source: SourceModel, integers: IntegerCoding, metadata: dict[str, str]) -> bytes:
+    """The lossless file's bytes: integer tensors coded, every float as it is (raw, xz where smaller)."""
+    codebooks, assignments = integers.extend([], {})
+    build = {**BUILD_OPTIONS, "chunk_elements": FC.DEFAULT_CHUNK_ELEMENTS}  # few chunk entries: nothing decodes in lock step here
+    return encode_model(source.model, codebooks, assignments, metadata, **build)
+
+
 def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
               baseline: _Baseline | None = None, why: str = "no float weights to search",
               counter: _Counter | None = None) -> ConvertResult:
@@ -387,12 +393,8 @@ def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started:
     metric = baseline.metric if baseline else None
     q0 = baseline.quality if baseline else None
     quant = Quantization((), np.zeros(0, dtype=np.uint32))
-    codebooks, assignments = integers.extend([], {})  # every float stays as it is
-    build = {**BUILD_OPTIONS, "chunk_elements": FC.DEFAULT_CHUNK_ELEMENTS}  # few chunk entries: nothing decodes in lock step here
-    trial = encode_model(source.model, codebooks, assignments, _metadata(source, options, metric, q0, None, []), **build)
-    measured = _measure(trial, baseline)
-    moub_bytes = encode_model(source.model, codebooks, assignments,
-                              _metadata(source, options, metric, q0, measured.quality, []), **build)
+    measured = _measure(_lossless_bytes(source, integers, _metadata(source, options, metric, q0, None, [])), baseline)
+    moub_bytes = _lossless_bytes(source, integers, _metadata(source, options, metric, q0, measured.quality, []))
     final = _measure(moub_bytes, None)
     chosen = Candidate("lossless", "lossless", measured.quality if baseline else 0.0, measured.loss if baseline else 0.0,
                        baseline is not None, 0.0, 0, {})
