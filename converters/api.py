@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moub_format import writer
+from moub_format import constants as FC
+from moub_format import dtypes, writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
@@ -31,6 +32,7 @@ from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceE
 from .evaluate import Evaluator, OutputLayout, Scorer, reference_outputs, session_options
 from .intake import Pool, SourceModel, load_source, pool_weights
 from .layer_errors import layer_table
+from .integers import IntegerCoding, integer_coding
 from .modes import get_mode
 from .candidates import Candidate, Stage
 from .modes.base import Mode, ModeContext
@@ -41,7 +43,8 @@ from .progress import ConsoleProgress
 from .report import REPORT_VERSION, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
 from .session import ConversionSession
-from .solution import Quantization
+from .solution import Quantization, Size
+from .step_layout import BUILD_OPTIONS
 from .workers import candidate_map
 
 VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
@@ -136,6 +139,7 @@ class _Measured:
     weight_bytes: int      # Huffman streams + codebooks + tables, as ``moub inspect`` counts them
     file_bytes: int
     resident: dict | None = None   # the quantized weights' bytes in memory: normal and compact session
+    coding: dict | None = None   # how the file stores each tensor (:func:`coding_of`)
 
 
 def _resident(summary) -> dict | None:
@@ -146,6 +150,34 @@ def _resident(summary) -> dict | None:
         return None
     kept = sum(v["weights"] for v in compact["kept_float"].values())
     return {"normal": 4 * summary.quantized_weights, "compact": compact["held_weight_bytes"] + 4 * kept}
+
+
+def coding_of(summary) -> dict:
+    """Which tensors the file stores how: 'lossless integer' (an integer Huffman tensor),
+    'searched float' (quantized: a float Huffman tensor or a pack member), 'kept raw' (bytes as
+    they were, maybe zlib/xz-packed); tensors left inside the graph are not listed. Per kind:
+    tensors, elements and stored bytes; and the kind of every tensor by path."""
+    kinds: dict[str, dict] = {}
+    by_path: dict[str, str] = {}
+
+    def add(kind: str, path: str | None, elements: int, stored: int) -> None:
+        row = kinds.setdefault(kind, {"tensors": 0, "elements": 0, "stored_bytes": 0})
+        row["tensors"] += 1
+        row["elements"] += elements
+        row["stored_bytes"] += stored
+        if path is not None:
+            by_path[path] = kind
+
+    for t in summary.tensors:
+        if t.encoding.startswith("raw"):
+            kind = "kept raw"
+        else:
+            kind = "lossless integer" if t.dtype in dtypes.INTEGER_RANGES else "searched float"
+        add(kind, t.path, t.elements, t.stored_bytes)
+    for p in summary.packs:
+        for m in p.members:
+            add("searched float", m["path"], m["elements"], round(p.stored_bytes * m["elements"] / max(p.elements, 1)))
+    return {"kinds": dict(sorted(kinds.items())), "tensors": dict(sorted(by_path.items(), key=lambda kv: str(kv[0])))}
 
 
 @dataclass
@@ -173,13 +205,13 @@ def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
         path.write_bytes(moub_bytes)
         summary = summarize(path)
         if baseline is None:
-            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes, _resident(summary))
+            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes, _resident(summary), coding_of(summary))
         session = moub_runtime.InferenceSession(path, sess_options=session_options())
         names = baseline.output_names
         score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
                                               for start, feeds in baseline.dataset.batches())
         del session
-    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes, _resident(summary))
+    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes, _resident(summary), coding_of(summary))
 
 
 class _Counter:
@@ -230,16 +262,21 @@ def convert(
     mode_impl = get_mode(options.mode)
     source = load_source(model_or_path, input_shapes)
     pool = pool_weights(source.model, options.min_elements)
-    if pool.n_weights == 0:
+    integers = integer_coding(source.model, options.min_elements)
+    if pool.n_weights == 0 and not integers.all_elements:
         raise ModelError(f"{source.label}: no float weights with at least {options.min_elements} elements to compress")
     if data is None:
+        if pool.n_weights == 0:
+            return _lossless(source, pool, options, started, integers)
         if options.bins is None:
             raise DataError("no sample data: pass data (--data DATA.npz), or --bins K to encode without a search")
-        return _fixed(source, pool, options, started)
+        return _fixed(source, pool, options, started, integers)
 
     setup = _Setup.build(source, pool, data, labels, batch_axes, options)
+    if pool.n_weights == 0:
+        return _lossless(source, pool, options, started, integers, setup.baseline)
     if options.bins is not None:
-        return _fixed(source, pool, options, started, setup.baseline)
+        return _fixed(source, pool, options, started, integers, setup.baseline)
 
     session = setup.session(source.model, options)
     target = options.target(source.original_bytes)
@@ -251,22 +288,36 @@ def convert(
             result = mode_impl.run(context)
             if target is not None and hasattr(mode_impl, "toward_size"):
                 other = _Writer(source, pool, options, setup, mode_impl, result.candidates,
-                                _front_rows(front_of(result.candidates, setup.q0), setup.q0)).other_bytes()
+                                _front_rows(front_of(result.candidates, setup.q0), setup.q0),
+                                integers=integers).other_bytes()
                 result.candidates += mode_impl.toward_size(context, 8 * (target - other) / pool.n_weights)
         result.facts["evaluation_strategy"] = setup.evaluator.strategy
+        front = front_of(result.candidates, setup.q0)
+        front_rows = _front_rows(front, setup.q0)
+        written = _Writer(source, pool, options, setup, mode_impl, result.candidates, front_rows, session, counter,
+                          integers=integers)
         if not result.feasible and target is None:
+            if written.already_quantized:  # its float weights are few: the lossless file is the answer, not an error
+                return written.lossless(f"no lossy candidate stays within --max-drop {options.max_drop}: float weights "
+                                        "kept exact", counter, started, test, test_labels, batch_axes)
             best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
             hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
             limited = f", or drop --ram {options.ram} (its level range limits the finest step)" if options.ram != "float" else ""
             raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {setup.metric}{hint}; "
                                  f"raise --max-bins or --max-drop{limited}")
 
-        front = front_of(result.candidates, setup.q0)
-        front_rows = _front_rows(front, setup.q0)
-        written = _Writer(source, pool, options, setup, mode_impl, result.candidates, front_rows, session, counter)
         counter({"phase": "write", "total": None})
         if target is None:
-            moub_bytes, chosen = written.within_tolerance(result.feasible)
+            try:
+                moub_bytes, chosen = written.within_tolerance(result.feasible)
+            except ToleranceError:
+                if not written.already_quantized:
+                    raise
+                return written.lossless(f"the searched file misses --max-drop {options.max_drop} when decoded: float "
+                                        "weights kept exact", counter, started, test, test_labels, batch_axes)
+            if written.no_larger_lossless(moub_bytes, chosen):  # never larger than lossless
+                return written.lossless("the lossless file is no larger than the searched one: float weights kept exact",
+                                        counter, started, test, test_labels, batch_axes)
         else:
             moub_bytes, chosen = written.within_target(target)
         return written.result(moub_bytes, chosen, front, result.facts, counter, started, test, test_labels, batch_axes)
@@ -314,6 +365,18 @@ class _Setup:
         return _Baseline(self.dataset, self.metric, self.reference, self.q0, self.evaluator.layout,
                          self.evaluator.output_names, self.judged)
 
+    def annotate(self, converted: ConvertResult, source: SourceModel, pool: Pool, options: ConvertOptions, test=None,
+                 test_labels=None, batch_axes=None) -> ConvertResult:
+        """The report's account of the metric and, with ``test``, the file scored on held-out data."""
+        report = converted.report
+        report["metric_reason"] = self.metric_reason
+        if self.judged:
+            report["heads"] = [{"output": self.evaluator.output_names[i], "metric": m} for i, m in self.judged]
+        if test is not None:
+            report["test"] = _held_out(source, pool, options, self.metric, self.judged, converted.moub_bytes, test,
+                                       test_labels, batch_axes)
+        return converted
+
     def session(self, model: onnx.ModelProto, options: ConvertOptions) -> ConversionSession:
         session = ConversionSession(model, self.evaluator.pool, self.dataset, self.metric, self.reference,
                                     self.q0, options, self.evaluator.strategy, self.judged)
@@ -337,18 +400,23 @@ class _Writer:
     session: ConversionSession | None = None  # for the per-layer error shares (None: no per-layer table)
     progress: Callable[[dict], None] = lambda event: None
     misses: list[dict] = field(default_factory=list)  # choices whose written file missed --max-drop
+    integers: IntegerCoding | None = None  # the integer tensors coded losslessly beside the weights (None: found here)
+
+    def __post_init__(self) -> None:
+        if self.integers is None:
+            self.integers = integer_coding(self.source.model, self.options.min_elements)
 
     def _trial(self, candidate: Candidate, quality: float | None = None) -> tuple[bytes, Quantization, list[Stage]]:
         quant, stages = self.mode.materialize(self.pool, candidate, self.options, self.candidates)
         metadata = _metadata(self.source, self.options, self.setup.metric, self.setup.q0, quality, self.front_rows)
-        return _encode(self.source, quant, self.pool, metadata), quant, stages
+        return _encode(self.source, quant, self.pool, self.integers, metadata), quant, stages
 
     def write(self, candidate: Candidate) -> tuple[bytes, tuple]:
         """The file of ``candidate`` (with its measured quality) and what the report needs of it."""
         trial, quant, stages = self._trial(candidate)
         measured = _measure(trial, self.setup.baseline)
         del trial
-        moub_bytes = _encode(self.source, quant, self.pool, _metadata(self.source, self.options, self.setup.metric,
+        moub_bytes = _encode(self.source, quant, self.pool, self.integers, _metadata(self.source, self.options, self.setup.metric,
                                                                      self.setup.q0, measured.quality, self.front_rows))
         return moub_bytes, (candidate, quant, stages, measured)
 
@@ -364,7 +432,7 @@ class _Writer:
             raise ToleranceError(f"the written file misses --max-drop {self.options.max_drop} when decoded by "
                                  f"moub_runtime (loss {measured.loss:.4f}); raise --max-drop or give more data")
         del trial
-        moub_bytes = _encode(self.source, quant, self.pool, _metadata(self.source, self.options, self.setup.metric,
+        moub_bytes = _encode(self.source, quant, self.pool, self.integers, _metadata(self.source, self.options, self.setup.metric,
                                                                      self.setup.q0, measured.quality, self.front_rows))
         return moub_bytes, (candidate, quant, stages, measured)
 
@@ -414,8 +482,8 @@ class _Writer:
         setup, options, source = self.setup, self.options, self.source
         final = _measure(moub_bytes, None)
         report = _report(source, self.pool, options, setup.metric, setup.q0, measured, setup.dataset, stages, final,
-                         len(moub_bytes), self.candidates, front, candidate, facts, counter, quant, setup.reference)
-        report["metric_reason"] = setup.metric_reason
+                         len(moub_bytes), self.candidates, front, candidate, facts, counter, quant, setup.reference,
+                         self.integers)
         if self.misses:
             report["written_misses"] = self.misses
         report["passed_over"] = passed_over(report)
@@ -426,13 +494,29 @@ class _Writer:
         if target is not None:
             report["target"] = {"bytes": target, "file_bytes": len(moub_bytes),
                                 "within_max_drop": measured.loss <= options.max_drop + 1e-12}
-        if setup.judged:
-            report["heads"] = [{"output": setup.evaluator.output_names[i], "metric": m} for i, m in setup.judged]
-        if test is not None:
-            report["test"] = _held_out(source, self.pool, options, setup.metric, setup.judged, moub_bytes, test,
-                                       test_labels, batch_axes)
-        return ConvertResult(moub_bytes, report, report["front"], setup.q0, measured.quality, counter.evaluations,
-                             time.perf_counter() - started, setup.metric)
+        return setup.annotate(ConvertResult(moub_bytes, report, report["front"], setup.q0, measured.quality,
+                                            counter.evaluations, time.perf_counter() - started, setup.metric),
+                              source, self.pool, options, test, test_labels, batch_axes)
+
+    def lossless(self, why: str, counter: _Counter, started: float, test=None, test_labels=None,
+                 batch_axes=None) -> ConvertResult:
+        """The lossless file (integers coded, every float exact) in place of a searched one."""
+        converted = _lossless(self.source, self.pool, self.options, started, self.integers, self.setup.baseline, why,
+                              counter)
+        return self.setup.annotate(converted, self.source, self.pool, self.options, test, test_labels, batch_axes)
+
+    def no_larger_lossless(self, moub_bytes: bytes, chosen: tuple) -> bool:
+        """Whether the lossless file is no larger than the searched one (a model whose integers outweigh its floats)."""
+        if 4 * self.pool.n_weights >= self.integers.all_elements:
+            return False
+        metadata = _metadata(self.source, self.options, self.setup.metric, self.setup.q0, chosen[3].quality, [])
+        return len(_lossless_bytes(self.source, self.integers, metadata)) <= len(moub_bytes)
+
+    @property
+    def already_quantized(self) -> bool:
+        """Its integer weights outnumber its float weights more than four times: no searched file is worth more than
+        the lossless one when the search finds nothing within the tolerance."""
+        return 4 * self.pool.n_weights < self.integers.all_elements
 
 
 if convert.__doc__:  # None under python -OO
@@ -462,42 +546,76 @@ def _held_out(source: SourceModel, pool: Pool, options: ConvertOptions, metric: 
             "within_max_drop": measured.loss <= options.max_drop + 1e-12}
 
 
-def _encode(source: SourceModel, quant, pool: Pool, metadata: dict[str, str]) -> bytes:
-    """The .moub bytes of a mode's quantization (codebook assignments and, format 1.2, packs)."""
-    return encode_model(source.model, quant.codebooks, quant.assignments(pool), metadata,
-                        packs=getattr(quant, "packs", ()), **getattr(quant, "build_options", {}))
+def _encode(source: SourceModel, quant, pool: Pool, integers: IntegerCoding, metadata: dict[str, str]) -> bytes:
+    """The .moub bytes of a mode's quantization (codebook assignments and, format 1.2, packs),
+    the integer tensors coded losslessly beside them."""
+    codebooks, assignments = integers.extend(quant.codebooks, quant.assignments(pool))
+    return encode_model(source.model, codebooks, assignments, metadata, packs=getattr(quant, "packs", ()),
+                        **getattr(quant, "build_options", {}))
 
 
-def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float,
+def _lossless_bytes(source: SourceModel, integers: IntegerCoding, metadata: dict[str, str]) -> bytes:
+    """The lossless file's bytes: integer tensors coded, every float as it is (raw, xz where smaller)."""
+    codebooks, assignments = integers.extend([], {})
+    build = {**BUILD_OPTIONS, "chunk_elements": FC.DEFAULT_CHUNK_ELEMENTS}  # few chunk entries: nothing decodes in lock step here
+    return encode_model(source.model, codebooks, assignments, metadata, **build)
+
+
+def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
+              baseline: _Baseline | None = None, why: str = "no float weights to search",
+              counter: _Counter | None = None) -> ConvertResult:
+    """The lossless file: every integer tensor coded losslessly, every other tensor stored as it
+    is (raw, xz where smaller). For a model whose only weights are integers (already quantized),
+    and the floor of a model whose integers outweigh its floats: no searched file of it is worth
+    more. With data, the file is scored like any other (its outputs are the original's, bit for
+    bit). ``why`` goes to the report and the closing table."""
+    metric = baseline.metric if baseline else None
+    q0 = baseline.quality if baseline else None
+    quant = Quantization((), np.zeros(0, dtype=np.uint32))
+    measured = _measure(_lossless_bytes(source, integers, _metadata(source, options, metric, q0, None, [])), baseline)
+    moub_bytes = _lossless_bytes(source, integers, _metadata(source, options, metric, q0, measured.quality, []))
+    final = _measure(moub_bytes, None)
+    chosen = Candidate("lossless", "lossless", measured.quality if baseline else 0.0, measured.loss if baseline else 0.0,
+                       baseline is not None, 0.0, 0, {})
+    stages = [Stage("lossless integers", 0, measured.quality, "lossless", Size(0, 0, 0, 0))]
+    report = _report(source, pool, options, metric, q0, measured, baseline.dataset if baseline else None, stages, final,
+                     len(moub_bytes), [], [], chosen, {"method": "lossless"},
+                     counter or _Counter(None), quant, baseline.reference if baseline else None, integers)
+    report["choice"] = None
+    report["lossless"] = why
+    return ConvertResult(moub_bytes, report, [], q0, measured.quality, counter.evaluations if counter else 0,
+                         time.perf_counter() - started, metric)
+
+
+def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
            baseline: _Baseline | None = None) -> ConvertResult:
     """``bins=K``: equal-width binning with K bins, no search; quality measured only with data."""
     metric = baseline.metric if baseline else None
     q0 = baseline.quality if baseline else None
     quant, stages = fixed_bins(pool, options.bins, options.representative)
-    trial = encode_model(source.model, quant.codebooks, quant.assignments(pool), _metadata(source, options, metric, q0, None, []))
+    trial = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, None, []))
     measured = _measure(trial, baseline)
     del trial  # not beside the final file
     for stage in stages:
         stage.quality = measured.quality
-    moub_bytes = encode_model(source.model, quant.codebooks, quant.assignments(pool),
-                              _metadata(source, options, metric, q0, measured.quality, []))
+    moub_bytes = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, measured.quality, []))
     final = _measure(moub_bytes, None)
     known = measured.quality is not None
     chosen = Candidate(f"k={options.bins}", "fixed", measured.quality if known else 0.0, measured.loss if known else 0.0,
                        known, stages[-1].size.bits_per_weight, quant.bins_used(), {"k": options.bins, "merges": []})
     report = _report(source, pool, options, metric, q0, measured, baseline.dataset if baseline else None, stages, final,
                      len(moub_bytes), [], [], chosen, {"method": "fixed bins"}, _Counter(None), quant,
-                     baseline.reference if baseline else None)
+                     baseline.reference if baseline else None, integers)
     return ConvertResult(moub_bytes, report, [], q0, measured.quality, 0, time.perf_counter() - started, metric)
 
 
 def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0, measured: _Measured, dataset: Dataset | None,
             stages: list[Stage], final: _Measured, file_bytes: int, candidates: list[Candidate],
             front: list[Candidate], chosen: Candidate, facts: dict, counter: _Counter, quant: Quantization,
-            reference: list[np.ndarray] | None = None) -> dict:
+            reference: list[np.ndarray] | None = None, integers: IntegerCoding | None = None) -> dict:
     q1 = measured.quality
-    rows = stage_rows(stages, final.weight_bytes, file_bytes, source.original_bytes, pool.n_weights)
-    bits_file = rows[-1]["bits_per_weight"]
+    rows = stage_rows(stages, final.weight_bytes, file_bytes, source.original_bytes, pool.n_weights) if pool.n_weights else []
+    bits_file = rows[-1]["bits_per_weight"] if rows else None
     choice = {
         "name": chosen.name,
         "stage": chosen.stage,
@@ -539,6 +657,8 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "file": {"bytes": file_bytes, "ratio": round(source.original_bytes / file_bytes, 4),
                  "weight_bytes": final.weight_bytes, "other_bytes": file_bytes - final.weight_bytes,
                  "resident_weight_bytes": final.resident},
+        "coding": final.coding,
+        "integers": None if integers is None else integers.summary(),
     }
 
 

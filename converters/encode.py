@@ -85,7 +85,7 @@ def container_specs(
     raw_min_bytes: int = RAW_MIN_BYTES,
 ) -> tuple[bytes, list[writer.TensorSpec]]:
     """Strip stored payloads from a copy of ``model``; return (graph bytes, tensor specs)."""
-    graph, specs, _ = container_parts(model, assignments, (), raw_min_bytes)
+    graph, specs, *_ = container_parts(model, assignments, (), raw_min_bytes)
     return graph, specs
 
 

@@ -57,6 +57,20 @@ NON_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
     }.items()
 }
 
+# The same for onnxruntime's contrib ops (domain com.microsoft): the quantization parameters
+# (scales, zero points) of its quantized kernels. Changing a scale moves every weight it scales.
+MICROSOFT_NON_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    op: frozenset(positions)
+    for op, positions in {
+        "DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2), "DynamicQuantizeLSTM": (4, 8, 9, 10, 11),
+        "MatMulIntegerToFloat": (2, 3, 4, 5), "DynamicQuantizeMatMul": (2, 3), "QGemm": (1, 2, 4, 5, 7, 8),
+        "QAttention": (3, 4, 5, 6, 7), "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+        "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7), "QLinearSigmoid": (1, 2, 3, 4),
+        "QLinearLeakyRelu": (1, 2, 3, 4), "QLinearSoftmax": (1, 2, 3, 4), "QLinearGlobalAveragePool": (1, 2, 3, 4),
+        "QLinearAveragePool": (1, 2, 3, 4), "MatMulNBits": (2, 3, 4), "GatherBlockQuantized": (1, 2, 3),
+    }.items()
+}
+
 REASON_NON_FLOAT = "non-float"
 REASON_SMALL = "small"
 REASON_NOT_WEIGHT = "not a weight"
@@ -218,7 +232,12 @@ def consumer_roles(model: onnx.ModelProto) -> tuple[set[str], dict[str, str]]:
     for graph in _graphs(model.graph):
         used.update(o.name for o in graph.output)
     for node in _all_nodes(model):
-        positions = NON_WEIGHT_INPUTS.get(node.op_type, frozenset()) if node.domain in ("", "ai.onnx") else frozenset()
+        if node.domain in ("", "ai.onnx"):
+            positions = NON_WEIGHT_INPUTS.get(node.op_type, frozenset())
+        elif node.domain == "com.microsoft":
+            positions = MICROSOFT_NON_WEIGHT_INPUTS.get(node.op_type, frozenset())
+        else:
+            positions = frozenset()
         for i, name in enumerate(node.input):
             if not name:
                 continue
@@ -227,7 +246,34 @@ def consumer_roles(model: onnx.ModelProto) -> tuple[set[str], dict[str, str]]:
                 non_weight.setdefault(name, f"{node.op_type} input {i}")
     for function in model.functions:
         used.update(function.output)
+    for name, role in _weight_only_parameters(model).items():
+        non_weight.setdefault(name, role)
     return used, non_weight
+
+
+def _weight_only_parameters(model: onnx.ModelProto) -> dict[str, str]:
+    """Zero points and scales of weight-only quantization done with plain ops: an integer
+    tensor turned into floats by a Cast, then maybe a Sub (its zero point), then a Mul or Div
+    (its scale). Those floats are quantization parameters, not weights: a changed scale moves
+    every weight of its row. name -> "Op input i, dequantizing an integer weight"."""
+    integer_types = set(dtypes.INTEGER_RANGES) | {onnx.TensorProto.INT32, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    integers = {t.name for graph in _graphs(model.graph) for t in graph.initializer if t.data_type in integer_types}
+    integers |= {node.output[0] for node in _all_nodes(model) if node.op_type == "Constant" and node.output
+                 and any(a.t.data_type in integer_types for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)}
+    nodes = list(_all_nodes(model))
+    casts = {n.output[0] for n in nodes if n.op_type == "Cast" and n.input and n.input[0] in integers and n.output}
+    roles: dict[str, str] = {}
+    for op in ("Sub", "Mul", "Div"):  # a zero point first, then the scale of what it gave
+        for node in nodes:
+            if node.op_type != op or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+                continue
+            for i, name in enumerate(node.input):
+                other = node.input[1 - i]
+                if name in casts and other and other not in casts and (op != "Div" or i == 0):
+                    roles.setdefault(other, f"{op} input {1 - i}, dequantizing an integer weight")
+                    if op == "Sub":
+                        casts.add(node.output[0])
+    return roles
 
 
 def pool_weights(model: onnx.ModelProto, min_elements: int = 1024) -> Pool:

@@ -31,6 +31,7 @@ class Replay:
     stats: SiteStats
     log2_opt: np.ndarray
     calib: Calibration
+    min_elements: int = 1024   # the conversion's: which integer tensors it coded
 
     @classmethod
     def from_report(cls, model: onnx.ModelProto, data, report: dict) -> Replay:
@@ -47,7 +48,8 @@ class Replay:
         if log2_opt.shape != (len(pool.sites),):
             raise ValueError(f"the report has {log2_opt.size} sensitivities for a pool of {len(pool.sites)} tensors")
         dataset = load_dataset(data, model, batch_size=options.batch_size)
-        return cls(model, pool, site_stats(pool, RAM_LEVEL_LIMITS[options.ram]), log2_opt, calibration.measure(model, pool, search_half(dataset), options))
+        return cls(model, pool, site_stats(pool, RAM_LEVEL_LIMITS[options.ram]), log2_opt,
+                   calibration.measure(model, pool, search_half(dataset), options), options.min_elements)
 
     def layout(self, x: float, gamma: float) -> Layout:
         return layout(self.pool, self.stats, self.log2_opt, x, gamma, self.calib)
@@ -61,5 +63,8 @@ class Replay:
         (with the converted file's own metadata, the report's recipe gives that file exactly)."""
         from .encode import encode_model
 
+        from .integers import integer_coding
+
         q = self.quantization(x, gamma)
-        return encode_model(self.model, q.codebooks, {}, metadata, packs=q.packs, **q.build_options)
+        codebooks, assignments = integer_coding(self.model, self.min_elements).extend(q.codebooks, {})
+        return encode_model(self.model, codebooks, assignments, metadata, packs=q.packs, **q.build_options)

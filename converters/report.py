@@ -83,6 +83,8 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
         loss = "" if METRICS[report["metric"]].loss_is_drop else f", loss {report['loss']:.4f}"
         lines.append(f"{report['metric']:16}{q0:>16.4f}{q1:>16.4f}   drop {q0 - q1:+.4f}{loss} (max {report['settings']['max_drop']})")
         lines += summary_lines(report.get("resolution"), report["metric"], report["settings"]["max_drop"])
+    if report.get("lossless"):
+        lines.append(f"{'lossless':16}{report['lossless']}; integer weights coded losslessly")
     choice = report.get("choice") or {}
     if choice:
         lines.append(f"{'weights':16}{'32 bits':>16}{choice['bits_per_weight_file']:>11.3f} bits   {choice['bins']} bins ({choice['name']})")

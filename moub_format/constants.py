@@ -14,7 +14,8 @@ FILE_EXTENSION = ".moub"
 # Versioning: a reader accepts any file whose major equals FORMAT_MAJOR, whatever
 # its minor, provided every bit of required_features is one it knows.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 3             # 1.1 Model.index_digest; 1.2 packs, grid codebooks, LZMA, packed tables; 1.3 compact packs
+FORMAT_MINOR = 4             # 1.1 Model.index_digest; 1.2 packs, grid codebooks, LZMA, packed tables; 1.3 compact packs;
+                             # 1.4 integer Huffman tensors
 
 # Required-feature bits (Model.required_features). A writer sets a bit when the
 # file uses the feature; a reader rejects every bit it does not implement, so a
@@ -24,12 +25,14 @@ FEATURE_LZMA = 1 << 1        # a blob with codec LZMA
 FEATURE_PACKED_TABLES = 1 << 2  # a HuffmanTable with packed_lengths (a DEFLATE stream) instead of code_lengths
 FEATURE_COMPACT_PACKS = 1 << 3  # a Pack with counts32, chunk_bits32 and offsets32 instead of the 64-bit vectors
 FEATURE_CONSTANT_NAMES = 1 << 4  # the graph's Constant tensors named like their node's output are stored unnamed
+FEATURE_INTEGER_TENSORS = 1 << 5  # a HUFFMAN tensor of an integer element type (its codebook holds its integers)
 FEATURES = {
     FEATURE_PACKS: "packs and grid codebooks",
     FEATURE_LZMA: "LZMA blobs",
     FEATURE_PACKED_TABLES: "packed code-length tables",
     FEATURE_COMPACT_PACKS: "compact (32-bit) pack vectors",
     FEATURE_CONSTANT_NAMES: "Constant tensor names left out of the graph",
+    FEATURE_INTEGER_TENSORS: "integer Huffman tensors",
 }
 FEATURE_SINCE_MINOR = {     # the format minor version that defined each bit; a file of an older minor must not set it
     FEATURE_PACKS: 2,
@@ -37,9 +40,10 @@ FEATURE_SINCE_MINOR = {     # the format minor version that defined each bit; a 
     FEATURE_PACKED_TABLES: 2,
     FEATURE_COMPACT_PACKS: 3,
     FEATURE_CONSTANT_NAMES: 3,
+    FEATURE_INTEGER_TENSORS: 4,
 }
 KNOWN_REQUIRED_FEATURES = (FEATURE_PACKS | FEATURE_LZMA | FEATURE_PACKED_TABLES | FEATURE_COMPACT_PACKS
-                           | FEATURE_CONSTANT_NAMES)  # bit mask of the flags this reader implements
+                           | FEATURE_CONSTANT_NAMES | FEATURE_INTEGER_TENSORS)  # bit mask of the flags this reader implements
 
 # Layout
 PREAMBLE_SIZE = 8            # FlatBuffers root uoffset (4) + file identifier (4)

@@ -30,6 +30,18 @@ NAMES = {FLOAT: "float", UINT8: "uint8", INT8: "int8", UINT16: "uint16", INT16: 
 # Floating types whose weights may be quantized (pooled as float32).
 FLOAT_DTYPES = frozenset({FLOAT, FLOAT16, BFLOAT16, DOUBLE})
 
+# Integer types a HUFFMAN tensor may have (format 1.4): every value of theirs is exact in
+# float32, so a codebook of float32 integers restores them bit for bit. Per type: the range.
+INTEGER_RANGES: dict[int, tuple[int, int]] = {
+    INT8: (-128, 127),
+    UINT8: (0, 255),
+    INT16: (-32768, 32767),
+    UINT16: (0, 65535),
+}
+
+# Element types a HUFFMAN tensor may have.
+CODEBOOK_DTYPES = FLOAT_DTYPES | frozenset(INTEGER_RANGES)
+
 # Element types a raw pass-through tensor may carry, with their storage numpy dtype
 # (little-endian, as ONNX raw_data). BFLOAT16 is stored as its uint16 bit pattern.
 STORAGE_DTYPES: dict[int, np.dtype] = {
@@ -76,7 +88,9 @@ def cast_from_float32(values: np.ndarray, onnx_dtype: int) -> np.ndarray:
         return values.astype("<f8")
     if onnx_dtype == BFLOAT16:
         return float32_to_bfloat16_bits(values)
-    raise ValueError(f"element type {onnx_dtype} is not a float type the codebook can restore")
+    if onnx_dtype in INTEGER_RANGES:  # values already checked integral and in range (the reader checks codebooks)
+        return values.astype(STORAGE_DTYPES[onnx_dtype])
+    raise ValueError(f"element type {onnx_dtype} is not a type a codebook can restore")
 
 
 def storage_to_float32(values: np.ndarray, onnx_dtype: int) -> np.ndarray:

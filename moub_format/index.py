@@ -308,8 +308,11 @@ def _tensor(table, i: int, index_parts: dict, filename: str, limits: C.ReaderLim
             )
         return TensorInfo(path, _text(table["name"]), dtype, dims, encoding, data)
     # HUFFMAN
-    if dtype not in dtypes.FLOAT_DTYPES:
-        raise StructureError(f"{filename}: {where}: dtype {dtype} cannot be restored from a codebook (HUFFMAN needs a float type)")
+    if dtype not in dtypes.CODEBOOK_DTYPES:
+        raise StructureError(
+            f"{filename}: {where}: dtype {dtype} cannot be restored from a codebook "
+            f"(HUFFMAN needs a float type or int8, uint8, int16, uint16)"
+        )
     codebook, table_id = _references(table, where, index_parts, filename)
     chunk_elements, chunk_bits = _chunks(table, elements, data, where, filename, limits)
     return TensorInfo(path, _text(table["name"]), dtype, dims, encoding, data, codebook, table_id, chunk_elements, chunk_bits)
@@ -574,6 +577,38 @@ def check_tensor_ranges(tensors: list[TensorInfo], codebooks: list, grids: list,
             )
 
 
+def check_integer_codebooks(tensors: list[TensorInfo], codebooks: list, grids: list, filename: str) -> None:
+    """An integer Huffman tensor (format 1.4) restores its codebook's values exactly: every
+    value of its codebook must be an integer within the tensor's element type (a grid's first
+    and last value decide), so the cast from float32 is exact and never wraps."""
+    for t in tensors:
+        if t.encoding != C.ENCODING_HUFFMAN or t.dtype not in dtypes.INTEGER_RANGES:
+            continue
+        low, high = dtypes.INTEGER_RANGES[t.dtype]
+        name = dtypes.NAMES[t.dtype]
+        if grids[t.codebook]:
+            first, count = grids[t.codebook]
+            if first < low or first + count - 1 > high:
+                raise CodebookError(
+                    f"{filename}: {t.subject}: grid codebook {t.codebook} values {first}..{first + count - 1} "
+                    f"leave the {name} range {low}..{high}"
+                )
+            continue
+        values = codebooks[t.codebook]
+        fractional = np.flatnonzero(values != np.floor(values))
+        if fractional.size:
+            raise CodebookError(
+                f"{filename}: {t.subject}: codebook {t.codebook} value {float(values[fractional[0]])!r} is not an integer; "
+                f"an {name} tensor needs integer values"
+            )
+        outside = np.flatnonzero((values < low) | (values > high))
+        if outside.size:
+            raise CodebookError(
+                f"{filename}: {t.subject}: codebook {t.codebook} value {float(values[outside[0]]):g} "
+                f"leaves the {name} range {low}..{high}"
+            )
+
+
 def member_magnitudes(p: PackInfo, codebooks: tuple, grids: tuple, tables: tuple) -> np.ndarray:
     """Per member, the largest float32 magnitude it decodes to: its largest level among the
     symbols the pack's table codes, times its scale (an exact float32 product, as decoded)."""
@@ -610,8 +645,8 @@ def check_member_ranges(index: Index, dtype_of) -> None:
 
 
 def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[str, BlobInfo]], packed_tables: bool,
-                    filename: str) -> None:
-    """A file that uses a 1.2 or 1.3 feature must declare its required-feature bit, so that an
+                    tensors: list[TensorInfo], filename: str) -> None:
+    """A file that uses a 1.2, 1.3 or 1.4 feature must declare its required-feature bit, so that an
     older reader refuses it instead of misreading it."""
     used = 0
     if packs or any(grids):
@@ -622,6 +657,8 @@ def _check_features(declared: int, packs: list, grids: list, blobs: list[tuple[s
         used |= C.FEATURE_PACKED_TABLES
     if any(p.compact for p in packs):
         used |= C.FEATURE_COMPACT_PACKS
+    if any(t.encoding == C.ENCODING_HUFFMAN and t.dtype in dtypes.INTEGER_RANGES for t in tensors):
+        used |= C.FEATURE_INTEGER_TENSORS
     missing = used & ~declared
     if missing:
         names = ", ".join(name for bit, name in C.FEATURES.items() if bit & missing)
@@ -769,6 +806,7 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
         if grid is not None and i not in used_codebooks:
             raise CodebookError(f"{filename}: grid codebook {i} is used by no tensor or pack")
     check_tensor_ranges(tensors, codebooks, grids, tables, filename)
+    check_integer_codebooks(tensors, codebooks, grids, filename)
     decoded_total = sum(t.decoded_bytes for t in tensors) + sum(p.decoded_bytes for p in packs)
     _cap(decoded_total, limits.max_decoded_bytes, "decoded model size in bytes", filename)
 
@@ -794,7 +832,7 @@ def parse_index(buf: memoryview, file_size: int, filename: str, limits: C.Reader
     digest_algorithm, digest = _checksum(root["payload_digest"], "payload_digest", filename)
     blobs = [("graph", graph)] + [(t.subject, t.data) for t in tensors] + [(p.subject, p.data) for p in packs]
     packed_tables = any(stored < lengths.size for stored, lengths in zip(table_bytes, tables))
-    _check_features(root["required_features"], packs, grids, blobs, packed_tables, filename)
+    _check_features(root["required_features"], packs, grids, blobs, packed_tables, tensors, filename)
     _check_layout(blobs, alignment, file_size - payload_offset, filename)
     return Index(
         filename=filename,

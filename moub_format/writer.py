@@ -278,9 +278,15 @@ def _validate_spec(tensor: TensorSpec, codebooks: Sequence[CodebookSpec]) -> Non
     if tensor.dtype not in dtypes.STORAGE_DTYPES:
         raise ValueError(f"tensor {tensor.path!r}: unsupported element type {tensor.dtype}")
     if isinstance(tensor, HuffmanTensor):
-        if tensor.dtype not in dtypes.FLOAT_DTYPES:
-            raise ValueError(f"tensor {tensor.path!r}: codebook tensors must be float, not type {tensor.dtype}")
+        if tensor.dtype not in dtypes.CODEBOOK_DTYPES:
+            raise ValueError(f"tensor {tensor.path!r}: codebook tensors must be float or 8/16-bit integer, not type {tensor.dtype}")
         _check_indices(f"tensor {tensor.path!r}", tensor.indices, elements, tensor.codebook, codebooks)
+        if tensor.dtype in dtypes.INTEGER_RANGES:
+            values = codebook_values(codebooks[tensor.codebook])
+            low, high = dtypes.INTEGER_RANGES[tensor.dtype]
+            if (values != np.floor(values)).any() or values.min() < low or values.max() > high:
+                raise ValueError(f"tensor {tensor.path!r}: codebook {tensor.codebook} holds values that are not "
+                                 f"{dtypes.NAMES[tensor.dtype]} integers")
     elif (size := len(_byte_view(tensor.data))) != elements * dtypes.STORAGE_DTYPES[tensor.dtype].itemsize:
         raise ValueError(f"tensor {tensor.path!r}: {size} bytes do not match dims {tensor.dims}")
 
@@ -481,6 +487,8 @@ def assemble(
     compact = [compact_pack_fits(pack.counts, bits) for pack, bits in zip(packs, chunk_bits[len(tensors):])]
     if any(compact):
         features |= C.FEATURE_COMPACT_PACKS
+    if any(isinstance(t, HuffmanTensor) and t.dtype in dtypes.INTEGER_RANGES for t in tensors):
+        features |= C.FEATURE_INTEGER_TENSORS
     # Packed tables (1.2) only in a file that needs a 1.2 feature anyway: a 1.1-style file
     # (explicit codebooks, no packs, no LZMA) stays readable by 1.1 readers.
     packed_tables = [huffman.packed_table(lengths) if features else None for lengths in table_list]

@@ -123,6 +123,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  file {_human(summary.file_bytes)}, decoded {_human(summary.decoded_bytes)} (ratio {summary.ratio:.2f}x); "
         f"{summary.quantized_weights} quantized weights at {summary.bits_per_weight:.3f} bits/weight incl. tables"
     )
+    if summary.integer_weights:
+        print(f"  {summary.integer_weights} integer weights coded losslessly at "
+              f"{8 * summary.integer_bytes / summary.integer_weights:.3f} bits/weight incl. tables")
     print(
         f"  bytes: index {summary.index_bytes}, graph {summary.graph_bytes}, tensors {summary.tensor_bytes}, "
         f"packs {summary.pack_bytes}, padding {summary.padding_bytes}"

@@ -78,6 +78,8 @@ class Summary:
     tensors: list[TensorSummary]
     metadata: dict[str, str] = field(default_factory=dict)
     packs: list[PackSummary] = field(default_factory=list)
+    integer_weights: int = 0   # elements of integer Huffman tensors (lossless, format 1.4)
+    integer_bytes: int = 0     # their streams, chunk entries, codebooks and tables
     # Where the file's bytes go: index + payload = file; payload = graph + tensors + packs + padding.
     index_bytes: int = 0
     graph_bytes: int = 0
@@ -110,6 +112,11 @@ def _graph_sites(moub: MoubFile) -> list[tuple[str, int]] | None:
         return None
 
 
+def _codebook_bytes(index, i: int) -> int:
+    """Index bytes of codebook ``i``: 12 for a grid, 4 per explicit value."""
+    return 12 if index.grids and index.grids[i] else 4 * index.codebook_size(i)
+
+
 def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> Summary:
     """Read the index (and, for pack member names, the graph; no weights are decoded) and summarise it."""
     with MoubFile(path, limits, plan_decoding=False) as moub:
@@ -130,7 +137,11 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
                     codebook=t.codebook if huff else None,
                 )
             )
-        quantized = [t for t in index.tensors if t.encoding == C.ENCODING_HUFFMAN]
+        # Integer Huffman tensors (format 1.4) are lossless codings of integer weights, counted apart
+        # from the quantized float weights: their bytes say nothing about the quantizer.
+        huffman = [t for t in index.tensors if t.encoding == C.ENCODING_HUFFMAN]
+        integers = [t for t in huffman if t.dtype in dtypes.INTEGER_RANGES]
+        quantized = [t for t in huffman if t.dtype not in dtypes.INTEGER_RANGES]
         streams = quantized + list(index.packs)
         q_weights = sum(s.n_elements for s in streams)
         table_users: dict[int, int] = {}
@@ -170,12 +181,17 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
         # codebooks (4 bytes per value, 12 per grid) and code-length tables as stored.
         q_bytes = sum(s.data.length + _chunk_entry_bytes(s) * len(s.chunk_bits) for s in streams)
         q_bytes += sum(_member_index_bytes(p) for p in index.packs)
-        q_bytes += sum(12 if index.grids and index.grids[i] else 4 * index.codebook_size(i) for i in range(len(index.codebooks)))
-        q_bytes += sum(stored_table_bytes)
+        float_codebooks = {s.codebook for s in streams}
+        float_tables = {s.table for s in streams}
+        q_bytes += sum(_codebook_bytes(index, i) for i in float_codebooks)
+        q_bytes += sum(stored_table_bytes[t] for t in float_tables)
+        i_bytes = sum(t.data.length + _chunk_entry_bytes(t) * len(t.chunk_bits) for t in integers)
+        i_bytes += sum(_codebook_bytes(index, i) for i in {t.codebook for t in integers} - float_codebooks)
+        i_bytes += sum(stored_table_bytes[t] for t in {t.table for t in integers} - float_tables)
         decoded = sum(t.decoded_bytes for t in index.tensors) + index.graph.decoded_length
         decoded += sum(m.count * dtypes.STORAGE_DTYPES[site_info(m.site)[1]].itemsize for p in index.packs for m in p.members)
         tables_of: dict[int, set[int]] = {}
-        for s in streams:
+        for s in huffman + list(index.packs):
             tables_of.setdefault(s.codebook, set()).add(s.table)
         codebooks = [
             {
@@ -199,6 +215,8 @@ def summarize(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) ->
             ratio=round(decoded / index.file_size, 4),
             quantized_weights=q_weights,
             quantized_bytes=q_bytes,
+            integer_weights=sum(t.n_elements for t in integers),
+            integer_bytes=i_bytes,
             bits_per_weight=round(8 * q_bytes / q_weights, 4) if q_weights else 0.0,
             codebooks=codebooks,
             tensors=tensors,

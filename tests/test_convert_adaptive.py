@@ -128,7 +128,7 @@ def test_replay_refuses_a_report_of_another_mode(converted):
 def test_file_uses_packs_and_lzma_and_meets_the_tolerance(converted):
     result, path = converted
     summary = summarize(path)
-    assert summary.format_version == "1.3" and summary.packs
+    assert summary.format_version == "1.4" and summary.packs
     with MoubFile(path) as moub:
         assert all(p.compact for p in moub.index.packs)  # 32-bit member vectors (format 1.3)
     assert result.report["file"]["bytes"] == path.stat().st_size

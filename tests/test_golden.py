@@ -46,7 +46,9 @@ def test_the_current_golden_uses_every_feature_of_its_version():
     with MoubFile(GOLDEN / f"everything_v{FORMAT_MAJOR}_{FORMAT_MINOR}.moub") as moub:
         index = moub.index
         assert index.required_features == (C.FEATURE_PACKS | C.FEATURE_LZMA | C.FEATURE_PACKED_TABLES
-                                           | C.FEATURE_COMPACT_PACKS | C.FEATURE_CONSTANT_NAMES)
+                                           | C.FEATURE_COMPACT_PACKS | C.FEATURE_CONSTANT_NAMES
+                                           | C.FEATURE_INTEGER_TENSORS)
+        assert any(t.encoding == C.ENCODING_HUFFMAN and t.dtype == 3 for t in index.tensors)  # int8
         assert len(index.packs) == 2 and any(index.grids) and not all(index.grids)
         assert all(p.compact for p in index.packs)
         packed = [index.table_is_packed(t) for t in range(len(index.tables))]

@@ -125,8 +125,8 @@ def test_02_newer_major(tmp_path):
 def test_02_unknown_required_feature(tmp_path):
     spec = valid()
     spec.format_minor = 9
-    spec.required_features = 1 << 5
-    expect(tmp_path, spec, VersionError, "requires features 0x20")
+    spec.required_features = 1 << 6
+    expect(tmp_path, spec, VersionError, "requires features 0x40")
 
 
 def test_02_newer_minor_without_required_features_is_read(tmp_path):

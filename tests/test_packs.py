@@ -113,7 +113,7 @@ def test_the_file_uses_packs_grids_and_lzma(packed):
     _, _, _, path = packed
     with MoubFile(path) as moub:
         index = moub.index
-        assert (index.format_major, index.format_minor) == (1, 3)
+        assert (index.format_major, index.format_minor) == (1, 4)
         assert index.required_features == (C.FEATURE_PACKS | C.FEATURE_LZMA | C.FEATURE_PACKED_TABLES
                                            | C.FEATURE_COMPACT_PACKS)
         assert all(p.compact for p in index.packs)

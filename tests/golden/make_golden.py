@@ -13,7 +13,9 @@ The 1.3 golden is the same file with what 1.3 added: both packs store their
 counts, chunk bit lengths and offsets in the 32-bit vectors, the function's
 Constant tensor (named like its node's output) is stored unnamed while the main
 graph's (named otherwise) keeps its name, and the LZMA blobs are the smallest of
-the writer's LZMA2 tunings. ``test_golden`` rebuilds it byte for byte.
+the writer's LZMA2 tunings. The 1.4 golden adds an int8 weight behind DequantizeLinear stored
+as an integer Huffman tensor over the grid of its own integers (the converter's lossless
+coding). ``test_golden`` rebuilds it byte for byte.
 """
 
 from __future__ import annotations
@@ -41,9 +43,23 @@ GRID_MEMBERS = ["init:W_half", "init:W_bf16", "init:W_double", "init:small_bias"
 CODEBOOK_MEMBERS = ["node:0/value", "node:12/then_branch/init:W_then", "node:13/body/init:W_loop", "func:0/node:0/value"]
 
 
+def with_int8_weight(model):
+    """``model`` with an int8 weight ``W_int8`` [32, 32] dequantized into a graph output ``w_int8``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    levels = np.clip(np.round(np.random.default_rng(14).laplace(0.0, 6.0, (32, 32))), -127, 127).astype(np.int8)
+    model.graph.initializer.extend([numpy_helper.from_array(levels, "W_int8"),
+                                    numpy_helper.from_array(np.array(0.01, np.float32), "int8_scale")])
+    model.graph.node.append(helper.make_node("DequantizeLinear", ["W_int8", "int8_scale"], ["w_int8"]))
+    model.graph.output.append(helper.make_tensor_value_info("w_int8", TensorProto.FLOAT, [32, 32]))
+    return model
+
+
 def golden_inputs():
     """(model, codebooks, assignments, packs, build options) of the current golden."""
-    model = modelzoo.everything_model()
+    from moub_converters.integers import integer_coding
+
+    model = with_int8_weight(modelzoo.everything_model())
     codebook, assignments = modelzoo.equal_width_assignments(model, k=40)
     assignments = {"init:W_shared": assignments["init:W_shared"]}
     normalised = np.linspace(-3.0, 3.0, 25, dtype=np.float32)
@@ -52,7 +68,8 @@ def golden_inputs():
     packs = [grid_pack, packing.codebook_pack(model, CODEBOOK_MEMBERS, normalised, 1)]
     options = {"chunk_elements": 300, "graph_codec": C.CODEC_LZMA, "raw_codec": C.CODEC_LZMA, "alignment": 8,
                "elide_constant_names": True}
-    return model, [codebook, normalised, *grids], assignments, packs, options
+    codebooks, assignments = integer_coding(model).extend([codebook, normalised, *grids], assignments)
+    return model, codebooks, assignments, packs, options
 
 
 def golden_bytes() -> bytes:
