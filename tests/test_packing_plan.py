@@ -45,8 +45,8 @@ def test_a_plan_holds_only_the_levels_used_however_far_apart():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     span = sum(int(q.max()) - int(q.min()) + 1 for q in levels)
-    # a dense count took 16 bytes per grid value; what is left is one code-length table at a time
-    assert span > 8 * 4_000_000 and peak < span // 2
+    # a dense count took 16 bytes per grid value; what is left is a few copies of one code-length table
+    assert span > 8 * 4_000_000 and peak < span
     for plan in plans:
         q = np.concatenate([levels[i] for i in plan.members])
         if plan.levels is None:
