@@ -24,10 +24,10 @@ from moub_format import writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
-from . import heads, metrics
+from . import heads, lossless, metrics
 from .data import Dataset, load_dataset
 from .encode import encode_model
-from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
+from .errors import ConvertError, DataError, ModelError, OutputError
 from .evaluate import Evaluator, OutputLayout, Scorer, reference_outputs, session_options
 from .intake import Pool, SourceModel, load_source, pool_weights
 from .modes import get_mode
@@ -38,7 +38,7 @@ from .options import ConvertOptions, describe, keyword_parameters
 from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
 from .session import ConversionSession
-from .solution import Quantization
+from .solution import Quantization, Size
 from .workers import candidate_map
 
 VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
@@ -254,34 +254,84 @@ def convert(
         if bar:
             bar.close()
     result.facts["evaluation_strategy"] = evaluator.strategy
-    if not result.feasible:
-        best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
-        hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
-        raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {chosen_metric}{hint}; "
-                             f"raise --max-bins or --max-drop")
-
     front = front_of(result.candidates, q0)
     front_rows = _front_rows(front, q0)
-    for candidate in result.feasible[:VERIFY_CANDIDATES]:
-        quant, stages = mode_impl.materialize(pool, candidate, options, result.candidates)
-        trial = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, None, front_rows))
-        measured = _measure(trial, baseline)
-        if measured.loss <= options.max_drop + 1e-12:
-            break
+    chosen = None
+    if not result.feasible:
+        lossless_reason = _no_candidate(result.candidates, options.max_drop, chosen_metric)
     else:
-        raise ToleranceError(f"the written file misses --max-drop {options.max_drop} when decoded by moub_runtime "
-                             f"(loss {measured.loss:.4f}); raise --max-drop or give more data")
+        for candidate in result.feasible[:VERIFY_CANDIDATES]:
+            quant, stages = mode_impl.materialize(pool, candidate, options, result.candidates)
+            trial = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, None, front_rows))
+            measured = _measure(trial, baseline)
+            if measured.loss <= options.max_drop + 1e-12:
+                chosen = candidate
+                break
+        lossless_reason = None if chosen else (f"the smallest candidates within --max-drop {options.max_drop} on the "
+                                               f"search miss it when decoded by moub_runtime (loss {measured.loss:.4f})")
+    held_out = (lambda b: _held_out(source, pool, options, chosen_metric, judged, b, test, test_labels, batch_axes)) \
+        if test is not None else (lambda b: None)
+    if chosen is None:
+        converted = _lossless(source, pool, options, baseline, started, lossless_reason, result, front, counter)
+        return _finish(converted, metric_reason, judged, evaluator, held_out)
     moub_bytes = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
+    if lossless.worth_comparing(len(moub_bytes), source.original_bytes):
+        exact = lossless.lossless_bytes(source.model, _metadata(source, options, chosen_metric, q0, q0, []))
+        if len(exact) < len(moub_bytes):
+            converted = _lossless(source, pool, options, baseline, started, f"it is smaller than the smallest lossy "
+                                  f"file within tolerance ({len(moub_bytes)} bytes)", result, front, counter, exact)
+            return _finish(converted, metric_reason, judged, evaluator, held_out)
     final = _measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
-                     len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
-    report["metric_reason"] = metric_reason
+                     len(moub_bytes), result.candidates, front, chosen, result.facts, counter, quant, reference)
+    converted = ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
+                              time.perf_counter() - started, chosen_metric)
+    return _finish(converted, metric_reason, judged, evaluator, held_out)
+
+
+def _finish(result: ConvertResult, metric_reason: str, judged: metrics.Heads, evaluator: Evaluator,
+            held_out: Callable[[bytes], dict | None]) -> ConvertResult:
+    """The report's entries every searched file carries: the metric's reason, the heads, the held-out check."""
+    result.report["metric_reason"] = metric_reason
     if judged:
-        report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
+        result.report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
+    test = held_out(result.moub_bytes)
     if test is not None:
-        report["test"] = _held_out(source, pool, options, chosen_metric, judged, moub_bytes, test, test_labels, batch_axes)
+        result.report["test"] = test
+    return result
+
+
+def _no_candidate(candidates: list[Candidate], max_drop: float, metric: str) -> str:
+    """Why the search found nothing to write, without contradicting itself: a best loss within
+    the tolerance on the search half means the confirm half refused it."""
+    best = min((c for c in candidates if c.complete), key=lambda c: c.loss, default=None)
+    if best is None:
+        return f"no candidate stays within --max-drop {max_drop} on {metric}"
+    if best.loss <= max_drop + 1e-12:
+        return (f"no candidate within --max-drop {max_drop} on {metric} on the search half (best {best.name}, "
+                f"loss {best.loss:.4f}) holds on the confirm half")
+    return f"no candidate stays within --max-drop {max_drop} on {metric} (best {best.name}, loss {best.loss:.4f})"
+
+
+def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, baseline: _Baseline, started: float,
+              reason: str, result, front: list[Candidate], counter: _Counter,
+              moub_bytes: bytes | None = None) -> ConvertResult:
+    """The lossless file (``lossless.py``) as the conversion's result, saying why it was written."""
+    q0 = baseline.quality
+    if moub_bytes is None:  # the front stays in the report: a lossless file holds none of it
+        moub_bytes = lossless.lossless_bytes(source.model, _metadata(source, options, baseline.metric, q0, q0, []))
+    measured = _measure(moub_bytes, baseline)
+    final = _measure(moub_bytes, None)
+    bits = 8 * final.file_bytes / pool.n_weights
+    chosen = Candidate("lossless", "lossless", measured.quality, measured.loss, True, bits, 0, {"lossless": True})
+    stage = Stage("every tensor exact", 0, measured.quality, "exact", Size(0, 0, 0, pool.n_weights))
+    report = _report(source, pool, options, baseline.metric, q0, measured, baseline.dataset, [stage], final,
+                     len(moub_bytes), result.candidates, front, chosen, result.facts, counter, lossless.NO_BINS,
+                     baseline.reference)
+    report["lossless"] = {"reason": reason}
+    report["choice"]["bits_per_weight_file"] = round(bits, 6)
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
-                         time.perf_counter() - started, chosen_metric)
+                         time.perf_counter() - started, baseline.metric)
 
 
 if convert.__doc__:  # None under python -OO
