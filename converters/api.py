@@ -24,7 +24,7 @@ from moub_format import writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
-from . import heads, lossless, metrics
+from . import guards, heads, lossless, metrics
 from .data import Dataset, load_dataset
 from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError
@@ -127,9 +127,10 @@ def _front_rows(front: list[Candidate], q0: float) -> list[dict]:
 @dataclass
 class _Measured:
     quality: float | None
-    loss: float | None
+    loss: float | None     # as judged (with the guards where the baseline has a tolerance)
     weight_bytes: int      # Huffman streams + codebooks + tables, as ``moub inspect`` counts them
     file_bytes: int
+    point_loss: float | None = None  # as measured, before the guards
 
 
 @dataclass
@@ -141,10 +142,11 @@ class _Baseline:
     layout: OutputLayout
     output_names: list[str]
     heads: metrics.Heads = ()
+    max_drop: float | None = None  # the tolerance the file is checked against (guards on); None: a plain score
 
     def scorer(self) -> Scorer:
         return Scorer(None, self.metric, self.reference, self.dataset.labels, self.quality, self.dataset.n_samples,
-                      heads=self.heads)
+                      heads=self.heads, max_drop=self.max_drop)
 
 
 def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
@@ -163,7 +165,7 @@ def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
         score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
                                               for start, feeds in baseline.dataset.batches())
         del session
-    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes)
+    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes, score.point_loss)
 
 
 class _Counter:
@@ -238,13 +240,16 @@ def convert(
                                                                     dataset.labels, evaluator.output_names)
     metrics.check_metric(chosen_metric, dataset.labels, reference, judged)
     q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels, judged)
-    baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names, judged)
+    baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names, judged,
+                         options.max_drop)
     if options.bins is not None:
         return _fixed(source, pool, options, started, baseline)
 
     session = ConversionSession(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy,
                                 judged)
-    session.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0, heads=judged))
+    session.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0, heads=judged,
+                              max_drop=options.max_drop))
+    notes = _guard_notes(chosen_metric, judged, session.scorer, options.max_drop)
     bar = RichProgress(q0, options.max_drop) if progress is None and not quiet else None
     counter = _Counter(progress or bar)
     try:
@@ -273,26 +278,38 @@ def convert(
         if test is not None else (lambda b: None)
     if chosen is None:
         converted = _lossless(source, pool, options, baseline, started, lossless_reason, result, front, counter)
-        return _finish(converted, metric_reason, judged, evaluator, held_out)
+        return _finish(converted, metric_reason, judged, evaluator, held_out, notes)
     moub_bytes = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
     if lossless.worth_comparing(len(moub_bytes), source.original_bytes):
         exact = lossless.lossless_bytes(source.model, _metadata(source, options, chosen_metric, q0, q0, []))
         if len(exact) < len(moub_bytes):
             converted = _lossless(source, pool, options, baseline, started, f"it is smaller than the smallest lossy "
                                   f"file within tolerance ({len(moub_bytes)} bytes)", result, front, counter, exact)
-            return _finish(converted, metric_reason, judged, evaluator, held_out)
+            return _finish(converted, metric_reason, judged, evaluator, held_out, notes)
     final = _measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
                      len(moub_bytes), result.candidates, front, chosen, result.facts, counter, quant, reference)
     converted = ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                               time.perf_counter() - started, chosen_metric)
-    return _finish(converted, metric_reason, judged, evaluator, held_out)
+    return _finish(converted, metric_reason, judged, evaluator, held_out, notes)
+
+
+def _point(measured: _Measured) -> float | None:
+    return measured.loss if measured.point_loss is None else measured.point_loss
+
+
+def _guard_notes(metric: str, judged: metrics.Heads, scorer: Scorer, max_drop: float) -> list[str]:
+    """What the samples cannot resolve, said before the search (``guards.py``)."""
+    parts = [(m, scorer._totals(m, [scorer.reference[i]])[0]) for i, m in judged] if judged else [(metric, scorer.total_units)]
+    return [note for m, units in parts if (note := guards.resolution_note(m, units, max_drop))]
 
 
 def _finish(result: ConvertResult, metric_reason: str, judged: metrics.Heads, evaluator: Evaluator,
-            held_out: Callable[[bytes], dict | None]) -> ConvertResult:
-    """The report's entries every searched file carries: the metric's reason, the heads, the held-out check."""
+            held_out: Callable[[bytes], dict | None], guard_notes: list[str]) -> ConvertResult:
+    """The report's entries every searched file carries: the metric's reason, the heads, the guards,
+    the held-out check."""
     result.report["metric_reason"] = metric_reason
+    result.report["guards"] = guard_notes
     if judged:
         result.report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
     test = held_out(result.moub_bytes)
@@ -418,11 +435,12 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "metric": metric,
         "quality_original": None if q0 is None else round(q0, 6),
         "quality_compressed": None if q1 is None else round(q1, 6),
-        "loss": None if measured.loss is None else round(measured.loss, 6),
+        "loss": None if _point(measured) is None else round(_point(measured), 6),
+        "loss_judged": None if measured.loss is None else round(measured.loss, 6),  # with the guards (guards.py)
         "loss_measure": None if metric is None else metrics.METRICS[metric].loss_measure,
         # a count of broken samples needs one row per sample (not a time step or a frame of a feed)
         "resolution": None if reference is None or dataset is None or not reference[0].ndim
-        or reference[0].shape[0] != dataset.n_samples else resolution(metric, reference, measured.loss, options.max_drop),
+        or reference[0].shape[0] != dataset.n_samples else resolution(metric, reference, _point(measured), options.max_drop),
         "data": None if dataset is None else {"samples": dataset.n_samples, "batch_size": dataset.batch_size,
                                               "labels": dataset.labels is not None, "notes": list(dataset.notes)},
         "pool": pool.summary(),

@@ -330,6 +330,7 @@ class Score:
     complete: bool
     units: int
     stopped: str | None = None
+    point_loss: float | None = None  # the loss as measured, before the guards (guards.py); None: same as loss
 
 
 class Scorer:
@@ -337,9 +338,10 @@ class Scorer:
 
     def __init__(self, evaluator: Evaluator | None, metric: str, reference: list[np.ndarray], labels: np.ndarray | None,
                  quality_original: float, n_samples: int | None = None, dataset: Dataset | None = None,
-                 heads: Heads = ()) -> None:
+                 heads: Heads = (), max_drop: float | None = None) -> None:
         """``dataset``: score on these samples instead of the evaluator's (``reference`` and
-        ``labels`` must then be the ones of these samples)."""
+        ``labels`` must then be the ones of these samples). ``max_drop``: the tolerance a choice is
+        made against, which turns on the guards (``guards.py``); None: plain measurements."""
         self.evaluator = evaluator
         self.dataset = dataset
         if dataset is not None and n_samples is None:
@@ -349,6 +351,7 @@ class Scorer:
         self.labels = labels
         self.quality_original = quality_original
         self.heads = heads
+        self.max_drop = max_drop
         self.n_samples = n_samples if n_samples is not None else (evaluator.dataset.n_samples if evaluator else 0)
         self.total_units, self.n_classes, self.total_energy = self._totals(metric, reference)
 
@@ -360,10 +363,16 @@ class Scorer:
         classes = int(first.shape[-1]) if first.ndim else 0
         return units, classes, output_energy(reference, reference)[1] if METRICS[metric].energy else 0.0
 
+    def _guarded(self, metric: str, units: int, classes: int, energy: float) -> Accumulator:
+        from .guards import bounds_energy, estimates_flips
+
+        return Accumulator(metric, units, classes, energy, estimates_flips(metric, units, self.max_drop),
+                           bounds_energy(metric, self.max_drop))
+
     def _accumulator(self) -> Accumulator | HeadsAccumulator:
         if not METRICS[self.metric].composite:
-            return Accumulator(self.metric, self.total_units, self.n_classes, self.total_energy)
-        return HeadsAccumulator([(i, Accumulator(m, *self._totals(m, [self.reference[i]]))) for i, m in self.heads])
+            return self._guarded(self.metric, self.total_units, self.n_classes, self.total_energy)
+        return HeadsAccumulator([(i, self._guarded(m, *self._totals(m, [self.reference[i]]))) for i, m in self.heads])
 
     def accumulate(self, batches, max_loss: float | None = None, dominated_at: float | None = None) -> Score:
         """Score (first sample, outputs) batches. Stop once the loss provably exceeds
@@ -389,7 +398,8 @@ class Scorer:
             acc.add(outputs, reference, labels)
             if max_loss is not None and acc.loss_lower_bound() > max_loss:
                 return stopped("tolerance")
-        return Score(acc.value(), acc.loss(self.quality_original), True, acc.units)
+        return Score(acc.value(), acc.loss(self.quality_original), True, acc.units,
+                     point_loss=acc.point_loss(self.quality_original))
 
     def score(self, arrays: Mapping[str, np.ndarray], max_loss: float | None = None, dominated_at: float | None = None) -> Score:
         """Evaluate candidate weights (site path -> storage array); see :meth:`accumulate`."""

@@ -126,6 +126,8 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     choice = report.get("choice") or {}
     if choice:
         lines.append(f"{'weights':16}{'32 bits':>16}{choice['bits_per_weight_file']:>11.3f} bits   {choice['bins']} bins ({choice['name']})")
+    for note in report.get("guards") or ():
+        lines.append(f"{'guard':16}{note}")
     if report.get("lossless"):
         lines.append(f"{'lossless':16}every tensor stored exactly, because {report['lossless']['reason']}")
     stopped = report.get("evaluations_stopped_early", 0) + report.get("evaluations_dominated", 0)
