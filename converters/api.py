@@ -241,15 +241,15 @@ def convert(
     metrics.check_metric(chosen_metric, dataset.labels, reference, judged)
     q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels, judged)
     baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names, judged,
-                         options.max_drop)
+                         options.guarded_max_drop())
     if options.bins is not None:
         return _fixed(source, pool, options, started, baseline)
 
     session = ConversionSession(source.model, pool, dataset, chosen_metric, reference, q0, options, evaluator.strategy,
                                 judged)
     session.use_scorer(Scorer(evaluator, chosen_metric, reference, dataset.labels, q0, heads=judged,
-                              max_drop=options.max_drop))
-    notes = _guard_notes(chosen_metric, judged, session.scorer, options.max_drop)
+                              max_drop=options.guarded_max_drop()))
+    notes = _guard_notes(chosen_metric, judged, session.scorer, options.max_drop) if options.guarded_max_drop() else []
     bar = RichProgress(q0, options.max_drop) if progress is None and not quiet else None
     counter = _Counter(progress or bar)
     try:

@@ -338,10 +338,13 @@ class Scorer:
 
     def __init__(self, evaluator: Evaluator | None, metric: str, reference: list[np.ndarray], labels: np.ndarray | None,
                  quality_original: float, n_samples: int | None = None, dataset: Dataset | None = None,
-                 heads: Heads = (), max_drop: float | None = None) -> None:
+                 heads: Heads = (), max_drop: float | None = None, resolving_samples: int | None = None) -> None:
         """``dataset``: score on these samples instead of the evaluator's (``reference`` and
         ``labels`` must then be the ones of these samples). ``max_drop``: the tolerance a choice is
-        made against, which turns on the guards (``guards.py``); None: plain measurements."""
+        made against, which turns on the guards (``guards.py``); None: plain measurements.
+        ``resolving_samples``: the samples of all the data, when these are a part of it (a half):
+        whether the data resolve the tolerance is a property of all of it, so every part of one
+        conversion is guarded alike."""
         self.evaluator = evaluator
         self.dataset = dataset
         if dataset is not None and n_samples is None:
@@ -354,6 +357,12 @@ class Scorer:
         self.max_drop = max_drop
         self.n_samples = n_samples if n_samples is not None else (evaluator.dataset.n_samples if evaluator else 0)
         self.total_units, self.n_classes, self.total_energy = self._totals(metric, reference)
+        self.guard_scale = (resolving_samples or self.n_samples) / max(self.n_samples, 1)
+
+    @property
+    def guard_units(self) -> int:
+        """The units of all the data, by which the guards decide whether counts resolve the tolerance."""
+        return round(self.total_units * self.guard_scale)
 
     def _totals(self, metric: str, reference: Sequence[np.ndarray]) -> tuple[int, int, float]:
         """(units, classes of the first output, energy) of the whole reference, for a metric's bounds."""
@@ -366,7 +375,8 @@ class Scorer:
     def _guarded(self, metric: str, units: int, classes: int, energy: float) -> Accumulator:
         from .guards import bounds_energy, estimates_flips
 
-        return Accumulator(metric, units, classes, energy, estimates_flips(metric, units, self.max_drop),
+        return Accumulator(metric, units, classes, energy,
+                           estimates_flips(metric, round(units * self.guard_scale), self.max_drop),
                            bounds_energy(metric, self.max_drop))
 
     def _accumulator(self) -> Accumulator | HeadsAccumulator:

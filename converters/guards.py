@@ -38,6 +38,15 @@ def estimates_flips(metric: str, units: int, max_drop: float | None) -> bool:
             and upper_rate(0, units) > max_drop)
 
 
+def choice_limit(metric: str, max_drop: float, units: int, guard_units: int) -> float:
+    """The loss a candidate scored on ``units`` units may show: ``selection.tolerance``, or where
+    all the data (``guard_units``) cannot resolve ``max_drop``, ``max_drop`` itself, as the guarded
+    loss is then a rate (the Jeffreys count and the margin estimate, the larger)."""
+    from .selection import tolerance
+
+    return max_drop if estimates_flips(metric, guard_units, max_drop) else tolerance(metric, max_drop, units)
+
+
 def bounds_energy(metric: str, max_drop: float | None) -> bool:
     """Whether an ``l2`` loss is judged at its upper bound (only where a choice is made)."""
     return max_drop is not None and METRICS[metric].energy
@@ -116,5 +125,5 @@ def resolution_note(metric: str, units: int, max_drop: float) -> str | None:
             f"from every unit's margin as well")
 
 
-__all__ = ["EnergyMoments", "bounds_energy", "decision_margins", "estimates_flips", "expected_rate",
+__all__ = ["EnergyMoments", "bounds_energy", "choice_limit", "decision_margins", "estimates_flips", "expected_rate",
            "per_sample_energy", "resolution_note"]

@@ -152,6 +152,11 @@ class ConvertOptions:
              f"abort_drop {self.abort_drop!r} must be at least --max-drop {self.max_drop}")
         return self
 
+    def guarded_max_drop(self) -> float | None:
+        """The tolerance the choice is guarded against (``guards.py``): the adaptive mode's; the paper
+        mode reproduces the paper's rule, so None."""
+        return self.max_drop if self.mode == "adaptive" else None
+
     def effective_abort_drop(self) -> float:
         return self.abort_drop if self.abort_drop is not None else max(ABORT_FACTOR * self.max_drop, ABORT_MIN)
 

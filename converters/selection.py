@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 from .candidates import Candidate
-from .guards import estimates_flips
 from .metrics import counts_units
 
 
@@ -93,6 +92,6 @@ def tolerance(metric: str, max_drop: float, units: int) -> float:
     one unit more or less is chance, and the search would otherwise pick candidates that
     were merely lucky. It changes nothing on thousands of units (PP-OCRv4 rec's time
     steps) and allows no lost unit where max_drop * units is below one half."""
-    if not counts_units(metric) or units <= 0 or estimates_flips(metric, units, max_drop):
-        return max_drop  # a rate: with too few units to count, the margin estimate guards it (guards.py)
+    if not counts_units(metric) or units <= 0:
+        return max_drop
     return max(0.0, math.floor(max_drop * (units + 1) - 0.5 + 1e-9)) / units

@@ -51,4 +51,5 @@ def half_scorer(evaluator: Evaluator, metric: str, dataset: Dataset, reference: 
     judged_by = METRICS[metric].confirm if half == "confirm" else metric
     heads = confirm_heads(heads) if half == "confirm" else heads
     q0 = quality(judged_by, half_reference, half_reference, labels, heads)
-    return Scorer(evaluator, judged_by, half_reference, labels, q0, dataset=data, heads=heads, max_drop=max_drop)
+    return Scorer(evaluator, judged_by, half_reference, labels, q0, dataset=data, heads=heads, max_drop=max_drop,
+                  resolving_samples=n)

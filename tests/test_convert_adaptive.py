@@ -268,6 +268,13 @@ def test_tolerance_judges_lost_units_by_the_jeffreys_estimate(units, max_drop, l
     assert tolerance("cosine", max_drop, units) == max_drop
 
 
+def test_where_the_data_cannot_resolve_max_drop_the_limit_is_the_rate_the_margin_estimate_guards():
+    from moub_converters.guards import choice_limit
+
+    assert choice_limit("logit-decision", 0.005, 142, 284) == 0.005  # none lost of 284 still fits 1.05%
+    assert choice_limit("agreement", 0.005, 142, 2000) == 0.0  # resolved: the Jeffreys count, no unit may be lost
+
+
 def test_untrusted_sensitivities_get_the_typical_step():
     """No measurable effect, or a small tensor extrapolated far coarser: both get the size-weighted
     median step in sigma units (the PP-OCRv4 detector lost 6% to such tensors otherwise)."""
