@@ -33,6 +33,7 @@ from typing import Any
 
 from . import config as C
 from .models import TITLES, ModelUnavailable
+from .zoo import ZOO
 from .peers import PEERS, Candidate, Context, Unavailable, module
 
 
@@ -99,10 +100,13 @@ def bench_model(name: str, peers: list[str], smoke: bool, repeats: int, work_roo
     from .fidelity import Evaluator
     from .inputs import write_npz
 
+    from .zoo import ZooUnavailable
+    from .zoo.bench import ZooEvaluator, is_zoo
+
     res = ModelResult(name)
     try:
-        ev = Evaluator(name, max_samples=C.SMOKE_MAX_TEST if smoke else None)
-    except ModelUnavailable as exc:
+        ev = ZooEvaluator(name) if is_zoo(name) else Evaluator(name, max_samples=C.SMOKE_MAX_TEST if smoke else None)
+    except (ModelUnavailable, ZooUnavailable) as exc:
         res.error = f"unavailable: {exc}"
         return res
     res.onnx_bytes = ev.onnx_path.stat().st_size
@@ -111,7 +115,7 @@ def bench_model(name: str, peers: list[str], smoke: bool, repeats: int, work_roo
     root = work_root / name
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    search_npz = write_npz(name, root / "search.npz", "search")
+    search_npz = ev.search_data(root / "data") if is_zoo(name) else write_npz(name, root / "search.npz", "search")
 
     t = time.perf_counter()
     load_s, rss, err = time_load("original", ev.onnx_path, repeats)
@@ -536,7 +540,8 @@ METHOD_NOTES = [
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="the demo model only, cheap settings, output in benchmarks/out/smoke")
-    ap.add_argument("--models", help=f"comma-separated subset of {','.join(C.MODELS)}")
+    ap.add_argument("--models", help=f"comma-separated subset of {','.join(C.MODELS)} and the zoo's "
+                    f"{','.join(ZOO)} ('zoo': all of the zoo; default: all of them)")
     ap.add_argument("--peers", help=f"comma-separated subset of {','.join(PEERS)}")
     ap.add_argument("--out", type=Path, help="folder for RESULTS.md and results.png (default: benchmarks/, smoke: benchmarks/out/smoke)")
     ap.add_argument("--load-repeats", type=int, help=f"fresh processes per load timing (default {C.LOAD_REPEATS}; smoke 1)")
@@ -544,7 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bigfile", action="store_true", help="skip the file beyond 4 GiB (needs ~10 GB of disk)")
     args = ap.parse_args(argv)
 
-    models = args.models.split(",") if args.models else list(C.SMOKE_MODELS if args.smoke else C.MODELS)
+    models = args.models.split(",") if args.models else list(C.SMOKE_MODELS if args.smoke else (*C.MODELS, *ZOO))
+    models = [m for name in models for m in (ZOO if name == "zoo" else (name,))]
+    for m in models:
+        if m not in C.MODELS and m not in ZOO:
+            ap.error(f"unknown model {m!r} (one of {', '.join((*C.MODELS, *ZOO))}, or zoo)")
     peers = args.peers.split(",") if args.peers else list(PEERS)
     for p in peers:
         if p not in PEERS:

@@ -41,7 +41,7 @@ def estimates_flips(metric: str, units: int, max_drop: float | None) -> bool:
 def choice_limit(metric: str, max_drop: float, units: int, guard_units: int) -> float:
     """The loss a candidate scored on ``units`` units may show: ``selection.tolerance``, or where
     all the data (``guard_units``) cannot resolve ``max_drop``, ``max_drop`` itself, as the guarded
-    loss is then a rate (the Jeffreys count and the margin estimate, the larger)."""
+    loss is then a rate (the counted one and the margin estimate, the larger)."""
     from .selection import tolerance
 
     return max_drop if estimates_flips(metric, guard_units, max_drop) else tolerance(metric, max_drop, units)

@@ -344,8 +344,7 @@ class Accumulator:
         if self.estimate_flips and self._margins:
             from .guards import expected_rate
 
-            counted = (self.deficit_sum + 0.5) / (self.units + 1)  # the Jeffreys estimate (selection.tolerance)
-            return max(loss, counted, expected_rate(np.concatenate(self._margins), np.concatenate(self._changes)))
+            return max(loss, expected_rate(np.concatenate(self._margins), np.concatenate(self._changes)))
         return loss
 
     def point_loss(self, quality_original: float) -> float:
