@@ -213,6 +213,8 @@ def _notes(row: Row) -> str:
             parts.append(f"{e['evaluations']} evaluations")
         if e.get("search s") is not None:
             parts.append(f"search {e['search s']:.1f} s")
+        if e.get("peak RSS GB") is not None:
+            parts.append(f"converter peak RSS {e['peak RSS GB']:.2f} GB")
     elif "bits/weight" in e:
         b = f"{e['bits/weight']:.3f} bits/weight"
         if "entropy" in e:
@@ -293,6 +295,27 @@ def readme_summary(results: list[ModelResult], peers: list[str]) -> list[str]:
             else:
                 cells.append("n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+OTHER_PEERS = ("zstd", "fp16", "int8", "kmeans", "nncodec")
+
+
+def default_over_best_peer(results: list[ModelResult]) -> list[str]:
+    """Per model: moub's default row (moub_best) against the best other method at the fidelity rule,
+    with the converter's wall time and peak RSS."""
+    lines = ["| model | moub default | best peer | moub default ÷ best peer | converter s | converter peak RSS GB |",
+             "|---|---:|---|---:|---:|---:|"]
+    for res in results:
+        _, mine = headline(res, "moub_best")
+        best = max((row for peer in OTHER_PEERS if (row := headline(res, peer)[1]) is not None),
+                   key=lambda r: r.ratio, default=None)
+        conversions = [r for r in res.rows if r.peer == "moub_best" and r.nbytes]
+        e = conversions[-1].extra if conversions else {}
+        lines.append(f"| {res.name} | {f'{mine.ratio:.2f}' if mine else 'fails'} | "
+                     f"{f'{SHORT.get(best.peer, best.peer)} {best.ratio:.2f}' if best else '–'} | "
+                     f"{f'{mine.ratio / best.ratio:.2f}' if mine and best else '–'} | "
+                     f"{_num(e.get('search s'), '.0f')} | {_num(e.get('peak RSS GB'), '.2f')} |")
     return lines
 
 
@@ -466,6 +489,13 @@ def write_markdown(path: Path, results: list[ModelResult], peers: list[str], smo
         "",
         *headline_table(results, peers),
         "",
+        "## moub default against the best other method",
+        "",
+        "moub's default row (the converter's own choice) over the largest passing ratio of zstd, fp16, ORT int8, "
+        "k-means and NNCodec, with the converter's wall time and peak RSS (its process or its largest worker).",
+        "",
+        *default_over_best_peer(results),
+        "",
     ]
     if png.is_file():
         lines += [f"![ratio against fidelity]({os.path.relpath(png, path.parent)})", ""]
@@ -593,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     log("Headline: ratio of the smallest file with fidelity >= 99% (digits: accuracy within 1 point)")
     for line in headline_table(results, peers):
         log(line.replace("**", ""))
+    for line in default_over_best_peer(results):
+        log(line)
     summary = md.parent / "README-summary.md" if (args.out or args.smoke) else C.OUT / "README-summary.md"
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text("\n".join(readme_summary(results, peers)) + "\n")
