@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DataError, OptionError
+from .uncertainty import EnergyMoments, decision_margins, expected_rate, per_sample_energy
 
 UnitScores = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], "np.ndarray | None"], np.ndarray]
 
@@ -272,8 +273,6 @@ class Accumulator:
         """``total_energy``: for an energy metric, the sum of squares of the whole reference.
         ``estimate_flips``, ``bound_energy``: the guards of ``guards.py`` (the loss is then at least
         the rate estimated from the margins, or the upper bound of the relative error)."""
-        from .guards import EnergyMoments
-
         self.estimate_flips = estimate_flips
         self.moments = EnergyMoments() if bound_energy else None
         self._margins: list[np.ndarray] = []
@@ -299,14 +298,10 @@ class Accumulator:
             self.energy_sum += energy
             self.units += max((int(r.shape[0]) for r in reference if r.ndim), default=1)
             if self.moments is not None:
-                from .guards import per_sample_energy
-
                 per = per_sample_energy(outputs, reference)
                 self.moments.add(*(per if per is not None else (np.array([err]), np.array([energy]))))
             return
         if self.estimate_flips:
-            from .guards import decision_margins
-
             threshold = METRICS[self.metric].threshold
             margin, change = (decision_margins(reference[0], outputs[0], threshold) if threshold is not None
                               else margins_and_changes(reference[0], outputs[0]))
@@ -342,8 +337,6 @@ class Accumulator:
             upper = self.moments.upper_ratio(self.err_sum, self.energy_sum)
             return max(loss, float(np.sqrt(upper)))
         if self.estimate_flips and self._margins:
-            from .guards import expected_rate
-
             return max(loss, expected_rate(np.concatenate(self._margins), np.concatenate(self._changes)))
         return loss
 
