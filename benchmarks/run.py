@@ -33,6 +33,7 @@ from typing import Any
 
 from . import config as C
 from .models import TITLES, ModelUnavailable
+from .zoo import ZOO
 from .peers import PEERS, Candidate, Context, Unavailable, module
 
 
@@ -99,10 +100,13 @@ def bench_model(name: str, peers: list[str], smoke: bool, repeats: int, work_roo
     from .fidelity import Evaluator
     from .inputs import write_npz
 
+    from .zoo import ZooUnavailable
+    from .zoo.bench import ZooEvaluator, is_zoo
+
     res = ModelResult(name)
     try:
-        ev = Evaluator(name, max_samples=C.SMOKE_MAX_TEST if smoke else None)
-    except ModelUnavailable as exc:
+        ev = ZooEvaluator(name) if is_zoo(name) else Evaluator(name, max_samples=C.SMOKE_MAX_TEST if smoke else None)
+    except (ModelUnavailable, ZooUnavailable) as exc:
         res.error = f"unavailable: {exc}"
         return res
     res.onnx_bytes = ev.onnx_path.stat().st_size
@@ -111,7 +115,7 @@ def bench_model(name: str, peers: list[str], smoke: bool, repeats: int, work_roo
     root = work_root / name
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    search_npz = write_npz(name, root / "search.npz", "search")
+    search_npz = ev.search_data(root / "data") if is_zoo(name) else write_npz(name, root / "search.npz", "search")
 
     t = time.perf_counter()
     load_s, rss, err = time_load("original", ev.onnx_path, repeats)
@@ -209,6 +213,8 @@ def _notes(row: Row) -> str:
             parts.append(f"{e['evaluations']} evaluations")
         if e.get("search s") is not None:
             parts.append(f"search {e['search s']:.1f} s")
+        if e.get("peak RSS GB") is not None:
+            parts.append(f"converter peak RSS {e['peak RSS GB']:.2f} GB")
     elif "bits/weight" in e:
         b = f"{e['bits/weight']:.3f} bits/weight"
         if "entropy" in e:
@@ -289,6 +295,27 @@ def readme_summary(results: list[ModelResult], peers: list[str]) -> list[str]:
             else:
                 cells.append("n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+OTHER_PEERS = ("zstd", "fp16", "int8", "kmeans", "nncodec")
+
+
+def default_over_best_peer(results: list[ModelResult]) -> list[str]:
+    """Per model: moub's default row (moub_best) against the best other method at the fidelity rule,
+    with the converter's wall time and peak RSS."""
+    lines = ["| model | moub default | best peer | moub default ÷ best peer | converter s | converter peak RSS GB |",
+             "|---|---:|---|---:|---:|---:|"]
+    for res in results:
+        _, mine = headline(res, "moub_best")
+        best = max((row for peer in OTHER_PEERS if (row := headline(res, peer)[1]) is not None),
+                   key=lambda r: r.ratio, default=None)
+        conversions = [r for r in res.rows if r.peer == "moub_best" and r.nbytes]
+        e = conversions[-1].extra if conversions else {}
+        lines.append(f"| {res.name} | {f'{mine.ratio:.2f}' if mine else 'fails'} | "
+                     f"{f'{SHORT.get(best.peer, best.peer)} {best.ratio:.2f}' if best else '–'} | "
+                     f"{f'{mine.ratio / best.ratio:.2f}' if mine and best else '–'} | "
+                     f"{_num(e.get('search s'), '.0f')} | {_num(e.get('peak RSS GB'), '.2f')} |")
     return lines
 
 
@@ -462,6 +489,13 @@ def write_markdown(path: Path, results: list[ModelResult], peers: list[str], smo
         "",
         *headline_table(results, peers),
         "",
+        "## moub default against the best other method",
+        "",
+        "moub's default row (the converter's own choice) over the largest passing ratio of zstd, fp16, ORT int8, "
+        "k-means and NNCodec, with the converter's wall time and peak RSS (its process or its largest worker).",
+        "",
+        *default_over_best_peer(results),
+        "",
     ]
     if png.is_file():
         lines += [f"![ratio against fidelity]({os.path.relpath(png, path.parent)})", ""]
@@ -536,7 +570,8 @@ METHOD_NOTES = [
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="the demo model only, cheap settings, output in benchmarks/out/smoke")
-    ap.add_argument("--models", help=f"comma-separated subset of {','.join(C.MODELS)}")
+    ap.add_argument("--models", help=f"comma-separated subset of {','.join(C.MODELS)} and the zoo's "
+                    f"{','.join(ZOO)} ('zoo': all of the zoo; default: all of them)")
     ap.add_argument("--peers", help=f"comma-separated subset of {','.join(PEERS)}")
     ap.add_argument("--out", type=Path, help="folder for RESULTS.md and results.png (default: benchmarks/, smoke: benchmarks/out/smoke)")
     ap.add_argument("--load-repeats", type=int, help=f"fresh processes per load timing (default {C.LOAD_REPEATS}; smoke 1)")
@@ -544,7 +579,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bigfile", action="store_true", help="skip the file beyond 4 GiB (needs ~10 GB of disk)")
     args = ap.parse_args(argv)
 
-    models = args.models.split(",") if args.models else list(C.SMOKE_MODELS if args.smoke else C.MODELS)
+    models = args.models.split(",") if args.models else list(C.SMOKE_MODELS if args.smoke else (*C.MODELS, *ZOO))
+    models = [m for name in models for m in (ZOO if name == "zoo" else (name,))]
+    for m in models:
+        if m not in C.MODELS and m not in ZOO:
+            ap.error(f"unknown model {m!r} (one of {', '.join((*C.MODELS, *ZOO))}, or zoo)")
     peers = args.peers.split(",") if args.peers else list(PEERS)
     for p in peers:
         if p not in PEERS:
@@ -584,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     log("Headline: ratio of the smallest file with fidelity >= 99% (digits: accuracy within 1 point)")
     for line in headline_table(results, peers):
         log(line.replace("**", ""))
+    for line in default_over_best_peer(results):
+        log(line)
     summary = md.parent / "README-summary.md" if (args.out or args.smoke) else C.OUT / "README-summary.md"
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text("\n".join(readme_summary(results, peers)) + "\n")

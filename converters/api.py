@@ -25,7 +25,7 @@ from moub_format import dtypes, writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
-from . import heads, metrics, targets
+from . import guards, heads, lossless, metrics, targets
 from .data import Dataset, load_dataset
 from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
@@ -44,7 +44,6 @@ from .report import REPORT_VERSION, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
 from .session import ConversionSession
 from .solution import Quantization, Size
-from .step_layout import BUILD_OPTIONS
 from .workers import candidate_map
 
 VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
@@ -135,11 +134,12 @@ def _front_rows(front: list[Candidate], q0: float) -> list[dict]:
 @dataclass
 class _Measured:
     quality: float | None
-    loss: float | None
+    loss: float | None     # as judged (with the guards where the baseline has a tolerance)
     weight_bytes: int      # Huffman streams + codebooks + tables, as ``moub inspect`` counts them
     file_bytes: int
     resident: dict | None = None   # the quantized weights' bytes in memory: normal and compact session
     coding: dict | None = None   # how the file stores each tensor (:func:`coding_of`)
+    point_loss: float | None = None  # as measured, before the guards
 
 
 def _resident(summary) -> dict | None:
@@ -189,10 +189,11 @@ class _Baseline:
     layout: OutputLayout
     output_names: list[str]
     heads: metrics.Heads = ()
+    max_drop: float | None = None  # the tolerance the file is checked against (guards on); None: a plain score
 
     def scorer(self) -> Scorer:
         return Scorer(None, self.metric, self.reference, self.dataset.labels, self.quality, self.dataset.n_samples,
-                      heads=self.heads)
+                      heads=self.heads, max_drop=self.max_drop)
 
 
 def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
@@ -211,7 +212,8 @@ def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
         score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
                                               for start, feeds in baseline.dataset.batches())
         del session
-    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes, _resident(summary), coding_of(summary))
+    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes, _resident(summary),
+                     coding_of(summary), score.point_loss)
 
 
 class _Counter:
@@ -296,28 +298,24 @@ def convert(
         front_rows = _front_rows(front, setup.q0)
         written = _Writer(source, pool, options, setup, mode_impl, result.candidates, front_rows, session, counter,
                           integers=integers)
-        if not result.feasible and target is None:
-            if written.already_quantized:  # its float weights are few: the lossless file is the answer, not an error
-                return written.lossless(f"no lossy candidate stays within --max-drop {options.max_drop}: float weights "
-                                        "kept exact", counter, started, test, test_labels, batch_axes)
-            best = min((c for c in result.candidates if c.complete), key=lambda c: c.loss, default=None)
-            hint = f"; best found: {best.name} with loss {best.loss:.4f}" if best else ""
-            limited = f", or drop --ram {options.ram} (its level range limits the finest step)" if options.ram != "float" else ""
-            raise ToleranceError(f"no candidate stays within --max-drop {options.max_drop} on {setup.metric}{hint}; "
-                                 f"raise --max-bins or --max-drop{limited}")
+        if not result.feasible and target is None:  # never worse than lossless: the exact file, said why
+            limited = f" (--ram {options.ram} limits the finest step)" if options.ram != "float" else ""
+            return written.lossless(_no_candidate(result.candidates, options.max_drop, setup.metric) + limited,
+                                    counter, started, test, test_labels, batch_axes, front)
 
         counter({"phase": "write", "total": None})
         if target is None:
             try:
                 moub_bytes, chosen = written.within_tolerance(result.feasible)
             except ToleranceError:
-                if not written.already_quantized:
-                    raise
-                return written.lossless(f"the searched file misses --max-drop {options.max_drop} when decoded: float "
-                                        "weights kept exact", counter, started, test, test_labels, batch_axes)
+                worst = max(miss["loss"] for miss in written.misses)
+                return written.lossless(f"the smallest candidates within --max-drop {options.max_drop} on the search "
+                                        f"miss it when decoded by moub_runtime (loss up to {worst:.4f})", counter,
+                                        started, test, test_labels, batch_axes, front)
             if written.no_larger_lossless(moub_bytes, chosen):  # never larger than lossless
-                return written.lossless("the lossless file is no larger than the searched one: float weights kept exact",
-                                        counter, started, test, test_labels, batch_axes)
+                return written.lossless(f"it is no larger than the smallest lossy file within tolerance "
+                                        f"({len(moub_bytes):,} bytes)", counter, started, test, test_labels,
+                                        batch_axes, front)
         else:
             moub_bytes, chosen = written.within_target(target)
         return written.result(moub_bytes, chosen, front, result.facts, counter, started, test, test_labels, batch_axes)
@@ -338,6 +336,8 @@ class _Setup:
     metric_reason: str
     judged: metrics.Heads
     q0: float
+    max_drop: float | None = None  # the tolerance the choice is guarded against (guards.py); None: plain scores
+    guard_notes: list[str] = field(default_factory=list)  # what the samples cannot resolve, said before the search
 
     @classmethod
     def build(cls, source: SourceModel, pool: Pool, data, labels, batch_axes, options: ConvertOptions) -> _Setup:
@@ -358,18 +358,19 @@ class _Setup:
                                                           evaluator.output_names)
         metrics.check_metric(metric, dataset.labels, reference, judged)
         q0 = metrics.quality(metric, reference, reference, dataset.labels, judged)
-        return cls(dataset, evaluator, reference, metric, reason, judged, q0)
+        return cls(dataset, evaluator, reference, metric, reason, judged, q0, options.guarded_max_drop())
 
     @property
     def baseline(self) -> _Baseline:
         return _Baseline(self.dataset, self.metric, self.reference, self.q0, self.evaluator.layout,
-                         self.evaluator.output_names, self.judged)
+                         self.evaluator.output_names, self.judged, self.max_drop)
 
     def annotate(self, converted: ConvertResult, source: SourceModel, pool: Pool, options: ConvertOptions, test=None,
                  test_labels=None, batch_axes=None) -> ConvertResult:
         """The report's account of the metric and, with ``test``, the file scored on held-out data."""
         report = converted.report
         report["metric_reason"] = self.metric_reason
+        report["guards"] = self.guard_notes
         if self.judged:
             report["heads"] = [{"output": self.evaluator.output_names[i], "metric": m} for i, m in self.judged]
         if test is not None:
@@ -381,7 +382,9 @@ class _Setup:
         session = ConversionSession(model, self.evaluator.pool, self.dataset, self.metric, self.reference,
                                     self.q0, options, self.evaluator.strategy, self.judged)
         session.use_scorer(Scorer(self.evaluator, self.metric, self.reference, self.dataset.labels, self.q0,
-                                  heads=self.judged))
+                                  heads=self.judged, max_drop=self.max_drop))
+        if self.max_drop is not None:
+            self.guard_notes = _guard_notes(self.metric, self.judged, session.scorer, options.max_drop)
         return session
 
 
@@ -499,15 +502,17 @@ class _Writer:
                               source, self.pool, options, test, test_labels, batch_axes)
 
     def lossless(self, why: str, counter: _Counter, started: float, test=None, test_labels=None,
-                 batch_axes=None) -> ConvertResult:
-        """The lossless file (integers coded, every float exact) in place of a searched one."""
+                 batch_axes=None, front: list[Candidate] = ()) -> ConvertResult:
+        """The lossless file (integers coded, every float exact) in place of a searched one; the search
+        stays in the report."""
         converted = _lossless(self.source, self.pool, self.options, started, self.integers, self.setup.baseline, why,
-                              counter)
+                              counter, self.candidates, list(front))
         return self.setup.annotate(converted, self.source, self.pool, self.options, test, test_labels, batch_axes)
 
     def no_larger_lossless(self, moub_bytes: bytes, chosen: tuple) -> bool:
-        """Whether the lossless file is no larger than the searched one (a model whose integers outweigh its floats)."""
-        if 4 * self.pool.n_weights >= self.integers.all_elements:
+        """Whether the lossless file is no larger than the searched one (checked where it could be:
+        a lossy file over a quarter of the model, or a model whose integers outweigh its floats)."""
+        if not (self.already_quantized or lossless.worth_comparing(len(moub_bytes), self.source.original_bytes)):
             return False
         metadata = _metadata(self.source, self.options, self.setup.metric, self.setup.q0, chosen[3].quality, [])
         return len(_lossless_bytes(self.source, self.integers, metadata)) <= len(moub_bytes)
@@ -517,6 +522,28 @@ class _Writer:
         """Its integer weights outnumber its float weights more than four times: no searched file is worth more than
         the lossless one when the search finds nothing within the tolerance."""
         return 4 * self.pool.n_weights < self.integers.all_elements
+
+
+def _point(measured: _Measured) -> float | None:
+    return measured.loss if measured.point_loss is None else measured.point_loss
+
+
+def _guard_notes(metric: str, judged: metrics.Heads, scorer: Scorer, max_drop: float) -> list[str]:
+    """What the samples cannot resolve, said before the search (``guards.py``)."""
+    parts = [(m, scorer._totals(m, [scorer.reference[i]])[0]) for i, m in judged] if judged else [(metric, scorer.total_units)]
+    return [note for m, units in parts if (note := guards.resolution_note(m, units, max_drop))]
+
+
+def _no_candidate(candidates: list[Candidate], max_drop: float, metric: str) -> str:
+    """Why the search found nothing to write, without contradicting itself: a best loss within
+    the tolerance on the search half means the confirm half refused it."""
+    best = min((c for c in candidates if c.complete), key=lambda c: c.loss, default=None)
+    if best is None:
+        return f"no candidate stays within --max-drop {max_drop} on {metric}"
+    if best.loss <= max_drop + 1e-12:
+        return (f"no candidate within --max-drop {max_drop} on {metric} on the search half (best {best.name}, "
+                f"loss {best.loss:.4f}) holds on the confirm half")
+    return f"no candidate stays within --max-drop {max_drop} on {metric} (best {best.name}, loss {best.loss:.4f})"
 
 
 if convert.__doc__:  # None under python -OO
@@ -557,34 +584,39 @@ def _encode(source: SourceModel, quant, pool: Pool, integers: IntegerCoding, met
 def _lossless_bytes(source: SourceModel, integers: IntegerCoding, metadata: dict[str, str]) -> bytes:
     """The lossless file's bytes: integer tensors coded, every float as it is (raw, xz where smaller)."""
     codebooks, assignments = integers.extend([], {})
-    build = {**BUILD_OPTIONS, "chunk_elements": FC.DEFAULT_CHUNK_ELEMENTS}  # few chunk entries: nothing decodes in lock step here
+    build = {**lossless.BUILD_OPTIONS, "chunk_elements": FC.DEFAULT_CHUNK_ELEMENTS}  # few chunk entries: nothing decodes in lock step here
     return encode_model(source.model, codebooks, assignments, metadata, **build)
 
 
 def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
               baseline: _Baseline | None = None, why: str = "no float weights to search",
-              counter: _Counter | None = None) -> ConvertResult:
-    """The lossless file: every integer tensor coded losslessly, every other tensor stored as it
-    is (raw, xz where smaller). For a model whose only weights are integers (already quantized),
-    and the floor of a model whose integers outweigh its floats: no searched file of it is worth
-    more. With data, the file is scored like any other (its outputs are the original's, bit for
-    bit). ``why`` goes to the report and the closing table."""
+              counter: _Counter | None = None, candidates: list[Candidate] = (),
+              front: list[Candidate] = ()) -> ConvertResult:
+    """The lossless file (``lossless.py``): every integer tensor coded losslessly, every other
+    tensor stored as it is (raw, xz where smaller). Written where no searched file holds the
+    tolerance or none is smaller, and for a model whose only weights are integers. With data the
+    file is scored like any other (its outputs are the original's, bit for bit); the search's
+    candidates stay in the report. ``why`` goes to the report and the closing table."""
     metric = baseline.metric if baseline else None
     q0 = baseline.quality if baseline else None
     quant = Quantization((), np.zeros(0, dtype=np.uint32))
     measured = _measure(_lossless_bytes(source, integers, _metadata(source, options, metric, q0, None, [])), baseline)
     moub_bytes = _lossless_bytes(source, integers, _metadata(source, options, metric, q0, measured.quality, []))
     final = _measure(moub_bytes, None)
+    bits = 8 * final.file_bytes / max(pool.n_weights + integers.all_elements, 1)
     chosen = Candidate("lossless", "lossless", measured.quality if baseline else 0.0, measured.loss if baseline else 0.0,
-                       baseline is not None, 0.0, 0, {})
-    stages = [Stage("lossless integers", 0, measured.quality, "lossless", Size(0, 0, 0, 0))]
+                       baseline is not None, bits, 0, {"lossless": True})
+    stages = [Stage("every tensor exact", 0, measured.quality, "exact", Size(0, 0, 0, pool.n_weights))]
     report = _report(source, pool, options, metric, q0, measured, baseline.dataset if baseline else None, stages, final,
-                     len(moub_bytes), [], [], chosen, {"method": "lossless"},
+                     len(moub_bytes), list(candidates), list(front), chosen, {"method": "lossless"},
                      counter or _Counter(None), quant, baseline.reference if baseline else None, integers)
-    report["choice"] = None
-    report["lossless"] = why
-    return ConvertResult(moub_bytes, report, [], q0, measured.quality, counter.evaluations if counter else 0,
-                         time.perf_counter() - started, metric)
+    if baseline is None:
+        report["choice"] = None
+    else:
+        report["choice"]["bits_per_weight_file"] = round(bits, 6)
+    report["lossless"] = {"reason": why}
+    return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality,
+                         counter.evaluations if counter else 0, time.perf_counter() - started, metric)
 
 
 def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
@@ -637,11 +669,12 @@ def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0
         "metric": metric,
         "quality_original": None if q0 is None else round(q0, 6),
         "quality_compressed": None if q1 is None else round(q1, 6),
-        "loss": None if measured.loss is None else round(measured.loss, 6),
+        "loss": None if _point(measured) is None else round(_point(measured), 6),
+        "loss_judged": None if measured.loss is None else round(measured.loss, 6),  # with the guards (guards.py)
         "loss_measure": None if metric is None else metrics.METRICS[metric].loss_measure,
         # a count of broken samples needs one row per sample (not a time step or a frame of a feed)
         "resolution": None if reference is None or dataset is None or not reference[0].ndim
-        or reference[0].shape[0] != dataset.n_samples else resolution(metric, reference, measured.loss, options.max_drop),
+        or reference[0].shape[0] != dataset.n_samples else resolution(metric, reference, _point(measured), options.max_drop),
         "data": None if dataset is None else {"samples": dataset.n_samples, "batch_size": dataset.batch_size,
                                               "labels": dataset.labels is not None, "notes": list(dataset.notes)},
         "pool": pool.summary(),

@@ -97,9 +97,24 @@ class Dataset:
 
 
 def _take(array: np.ndarray, picked: np.ndarray, axis: int | None) -> np.ndarray:
+    """The samples ``picked`` along ``axis``: a view where they are evenly spaced (the search and
+    confirm halves, every other sample), so the halves of the data cost no copy of it."""
     if axis is None:
         return array
+    step = _even_step(picked)
+    if step is not None:
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(int(picked[0]), int(picked[-1]) + 1, step)
+        return array[tuple(index)]
     return array[picked] if axis == 0 else np.take(array, picked, axis=axis)
+
+
+def _even_step(picked: np.ndarray) -> int | None:
+    """The step of ``picked`` if it is an increasing arithmetic progression, else None."""
+    if picked.size < 2:
+        return 1 if picked.size == 1 else None
+    steps = np.diff(picked)
+    return int(steps[0]) if steps[0] > 0 and bool((steps == steps[0]).all()) else None
 
 
 def _slice(array: np.ndarray, start: int, stop: int, axis: int | None) -> np.ndarray:

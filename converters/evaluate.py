@@ -330,6 +330,7 @@ class Score:
     complete: bool
     units: int
     stopped: str | None = None
+    point_loss: float | None = None  # the loss as measured, before the guards (guards.py); None: same as loss
 
 
 class Scorer:
@@ -337,9 +338,13 @@ class Scorer:
 
     def __init__(self, evaluator: Evaluator | None, metric: str, reference: list[np.ndarray], labels: np.ndarray | None,
                  quality_original: float, n_samples: int | None = None, dataset: Dataset | None = None,
-                 heads: Heads = ()) -> None:
+                 heads: Heads = (), max_drop: float | None = None, resolving_samples: int | None = None) -> None:
         """``dataset``: score on these samples instead of the evaluator's (``reference`` and
-        ``labels`` must then be the ones of these samples)."""
+        ``labels`` must then be the ones of these samples). ``max_drop``: the tolerance a choice is
+        made against, which turns on the guards (``guards.py``); None: plain measurements.
+        ``resolving_samples``: the samples of all the data, when these are a part of it (a half):
+        whether the data resolve the tolerance is a property of all of it, so every part of one
+        conversion is guarded alike."""
         self.evaluator = evaluator
         self.dataset = dataset
         if dataset is not None and n_samples is None:
@@ -349,8 +354,15 @@ class Scorer:
         self.labels = labels
         self.quality_original = quality_original
         self.heads = heads
+        self.max_drop = max_drop
         self.n_samples = n_samples if n_samples is not None else (evaluator.dataset.n_samples if evaluator else 0)
         self.total_units, self.n_classes, self.total_energy = self._totals(metric, reference)
+        self.guard_scale = (resolving_samples or self.n_samples) / max(self.n_samples, 1)
+
+    @property
+    def guard_units(self) -> int:
+        """The units of all the data, by which the guards decide whether counts resolve the tolerance."""
+        return round(self.total_units * self.guard_scale)
 
     def _totals(self, metric: str, reference: Sequence[np.ndarray]) -> tuple[int, int, float]:
         """(units, classes of the first output, energy) of the whole reference, for a metric's bounds."""
@@ -360,10 +372,17 @@ class Scorer:
         classes = int(first.shape[-1]) if first.ndim else 0
         return units, classes, output_energy(reference, reference)[1] if METRICS[metric].energy else 0.0
 
+    def _guarded(self, metric: str, units: int, classes: int, energy: float) -> Accumulator:
+        from .guards import bounds_energy, estimates_flips
+
+        return Accumulator(metric, units, classes, energy,
+                           estimates_flips(metric, round(units * self.guard_scale), self.max_drop),
+                           bounds_energy(metric, self.max_drop))
+
     def _accumulator(self) -> Accumulator | HeadsAccumulator:
         if not METRICS[self.metric].composite:
-            return Accumulator(self.metric, self.total_units, self.n_classes, self.total_energy)
-        return HeadsAccumulator([(i, Accumulator(m, *self._totals(m, [self.reference[i]]))) for i, m in self.heads])
+            return self._guarded(self.metric, self.total_units, self.n_classes, self.total_energy)
+        return HeadsAccumulator([(i, self._guarded(m, *self._totals(m, [self.reference[i]]))) for i, m in self.heads])
 
     def accumulate(self, batches, max_loss: float | None = None, dominated_at: float | None = None) -> Score:
         """Score (first sample, outputs) batches. Stop once the loss provably exceeds
@@ -389,7 +408,8 @@ class Scorer:
             acc.add(outputs, reference, labels)
             if max_loss is not None and acc.loss_lower_bound() > max_loss:
                 return stopped("tolerance")
-        return Score(acc.value(), acc.loss(self.quality_original), True, acc.units)
+        return Score(acc.value(), acc.loss(self.quality_original), True, acc.units,
+                     point_loss=acc.point_loss(self.quality_original))
 
     def score(self, arrays: Mapping[str, np.ndarray], max_loss: float | None = None, dominated_at: float | None = None) -> Score:
         """Evaluate candidate weights (site path -> storage array); see :meth:`accumulate`."""

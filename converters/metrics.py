@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DataError, OptionError
+from .uncertainty import EnergyMoments, decision_margins, expected_rate, per_sample_energy
 
 UnitScores = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], "np.ndarray | None"], np.ndarray]
 
@@ -133,6 +134,7 @@ class Metric:
     energy: bool = False       # the loss is the relative L2 error of all outputs together: sqrt(sum err^2 / sum ref^2)
     composite: bool = False    # each output head judged by its own metric; the largest loss decides
     elementwise: bool = False  # a unit is each value of the first output (a decision per value)
+    threshold: float | None = None  # an elementwise decision's threshold (its margin is the distance to it)
 
     @property
     def confirm(self) -> str:
@@ -153,9 +155,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("rel-l2", "mean relative L2 distance to the original's outputs", _rel_l2_scores),
     Metric("l2", "relative L2 error of the outputs over all samples: ||y - y0|| / ||y0||", None, energy=True),
     Metric("decision", "share of the first output's probabilities that cross 0.5 the other way", _decisions_at(0.5),
-           elementwise=True),
+           counts_units=True, lost_unit="crossed 0.5", elementwise=True, threshold=0.5),
     Metric("logit-decision", "share of the first output's logits that change sign", _decisions_at(0.0),
-           elementwise=True),
+           counts_units=True, lost_unit="changed sign", elementwise=True, threshold=0.0),
     Metric("heads", "the largest loss over the output heads, each judged by its own metric", None, composite=True),
 )}
 
@@ -255,6 +257,9 @@ class HeadsAccumulator:
     def loss(self, quality_original: float) -> float:
         return max(acc.loss(quality_original) for _, acc in self.parts)
 
+    def point_loss(self, quality_original: float) -> float:
+        return max(acc.point_loss(quality_original) for _, acc in self.parts)
+
 
 class Accumulator:
     """Running metric and loss over batches, with the least loss still possible.
@@ -263,8 +268,15 @@ class Accumulator:
     exceeds what a candidate may lose, the rest of the data cannot save it.
     """
 
-    def __init__(self, metric: str, total_units: int, n_classes: int = 0, total_energy: float = 0.0) -> None:
-        """``total_energy``: for an energy metric, the sum of squares of the whole reference."""
+    def __init__(self, metric: str, total_units: int, n_classes: int = 0, total_energy: float = 0.0,
+                 estimate_flips: bool = False, bound_energy: bool = False) -> None:
+        """``total_energy``: for an energy metric, the sum of squares of the whole reference.
+        ``estimate_flips``, ``bound_energy``: the guards of ``guards.py`` (the loss is then at least
+        the rate estimated from the margins, or the upper bound of the relative error)."""
+        self.estimate_flips = estimate_flips
+        self.moments = EnergyMoments() if bound_energy else None
+        self._margins: list[np.ndarray] = []
+        self._changes: list[np.ndarray] = []
         self.metric = metric
         self.whole_score = METRICS[metric].whole_score
         self.energy = METRICS[metric].energy
@@ -285,7 +297,16 @@ class Accumulator:
             self.err_sum += err
             self.energy_sum += energy
             self.units += max((int(r.shape[0]) for r in reference if r.ndim), default=1)
+            if self.moments is not None:
+                per = per_sample_energy(outputs, reference)
+                self.moments.add(*(per if per is not None else (np.array([err]), np.array([energy]))))
             return
+        if self.estimate_flips:
+            threshold = METRICS[self.metric].threshold
+            margin, change = (decision_margins(reference[0], outputs[0], threshold) if threshold is not None
+                              else margins_and_changes(reference[0], outputs[0]))
+            self._margins.append(margin)
+            self._changes.append(np.where(np.isfinite(change), change, np.inf))
         if self.whole_score is not None:
             self._pred.append(np.argmax(outputs[0], axis=-1).ravel())
             self._truth.append(np.asarray(labels).ravel())
@@ -310,7 +331,17 @@ class Accumulator:
         return self.score_sum / self.units if self.units else 0.0
 
     def loss(self, quality_original: float) -> float:
-        """The tolerance measure over everything seen (all units once complete)."""
+        """The tolerance measure over everything seen (all units once complete), with its guard."""
+        loss = self.point_loss(quality_original)
+        if self.energy and self.moments is not None:
+            upper = self.moments.upper_ratio(self.err_sum, self.energy_sum)
+            return max(loss, float(np.sqrt(upper)))
+        if self.estimate_flips and self._margins:
+            return max(loss, expected_rate(np.concatenate(self._margins), np.concatenate(self._changes)))
+        return loss
+
+    def point_loss(self, quality_original: float) -> float:
+        """The tolerance measure as measured, without a guard."""
         if self.energy:
             return _relative(self.err_sum, self.energy_sum)
         if self.whole_score is not None:

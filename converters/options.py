@@ -179,6 +179,11 @@ class ConvertOptions:
             return int(original_bytes // self.target_ratio)
         return self.target_bytes
 
+    def guarded_max_drop(self) -> float | None:
+        """The tolerance the choice is guarded against (``guards.py``): the adaptive mode's; the paper
+        mode reproduces the paper's rule, so None."""
+        return self.max_drop if self.mode == "adaptive" else None
+
     def effective_abort_drop(self) -> float:
         return self.abort_drop if self.abort_drop is not None else max(ABORT_FACTOR * self.max_drop, ABORT_MIN)
 

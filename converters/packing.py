@@ -44,18 +44,26 @@ MAX_ROUNDS = 8
 @dataclass(frozen=True)
 class PackPlan:
     """One pack: its members (pool site numbers, ascending), their level offsets (member
-    level = grid value + offset), the grid's first value and the code lengths."""
+    level = grid value + offset), the grid's first value, its number of symbols and the code
+    lengths of the symbols used (``used``: ascending symbol numbers; every other symbol has
+    length 0). Only the used symbols are held: at fine steps a grid spans millions of values
+    that no weight takes."""
 
     members: tuple[int, ...]
     offsets: tuple[int, ...]
     first: int
-    lengths: np.ndarray
+    count: int
+    used: np.ndarray          # int64 symbol numbers (0 .. count - 1), ascending
+    used_lengths: np.ndarray  # uint8 code length of each used symbol
     payload_bits: int
     levels: tuple[int, ...] | None = None  # an explicit codebook of these levels (ascending), not a grid
 
     @property
-    def count(self) -> int:
-        return int(self.lengths.size)
+    def lengths(self) -> np.ndarray:
+        """The code length of every symbol (uint8, ``count`` of them), as the writer stores the table."""
+        lengths = np.zeros(self.count, np.uint8)
+        lengths[self.used] = self.used_lengths
+        return lengths
 
     def symbols(self, levels: np.ndarray, offset: int = 0) -> np.ndarray:
         """Codebook indices of a member's integer ``levels`` (member level = symbol's value + offset)."""
@@ -63,22 +71,46 @@ class PackPlan:
             return levels - offset - self.first
         return np.searchsorted(np.asarray(self.levels, dtype=np.int64), levels)
 
+    def as_grid(self) -> PackPlan:
+        """The same code over a grid from the first to the last listed level (an explicit plan's
+        levels spread back over the integers between them)."""
+        if self.levels is None:
+            return self
+        first = self.levels[0]
+        return replace(self, first=first, count=self.levels[-1] - first + 1,
+                       used=np.asarray(self.levels, np.int64) - first, levels=None)
+
 
 @dataclass(frozen=True)
 class _Hist:
+    """The levels a tensor takes (ascending) and how often, over the grid ``first .. last``."""
+
     first: int
-    counts: np.ndarray  # int64 over first .. first + size - 1
+    last: int
+    values: np.ndarray  # int64 levels with a count, ascending
+    counts: np.ndarray  # int64, each at least 1
 
     @property
-    def last(self) -> int:
-        return self.first + self.counts.size - 1
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+    def shifted(self, offset: int) -> _Hist:
+        return _Hist(self.first - offset, self.last - offset, self.values - offset, self.counts)
+
+
+DENSE_SPAN = 4  # a histogram counts by bincount when its span is at most this many times its values
 
 
 def _hist(q: np.ndarray, offset: int = 0) -> _Hist:
     if q.size == 0:
-        return _Hist(0, np.zeros(1, np.int64))
-    first = int(q.min()) - offset
-    return _Hist(first, np.bincount(q - offset - first).astype(np.int64))
+        return _Hist(0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    first, last = int(q.min()) - offset, int(q.max()) - offset
+    if last - first + 1 <= DENSE_SPAN * q.size + 1024:
+        dense = np.bincount(q - offset - first)
+        used = np.flatnonzero(dense)
+        return _Hist(first, last, used + first, dense[used].astype(np.int64))
+    values, counts = np.unique(np.asarray(q, np.int64) - offset, return_counts=True)
+    return _Hist(first, last, values, counts.astype(np.int64))
 
 
 def centre(h: _Hist) -> int:
@@ -90,21 +122,22 @@ def centre(h: _Hist) -> int:
     if total == 0:
         return 0
     cumulative = np.cumsum(h.counts)
-    low, high = np.searchsorted(cumulative, [(total - 1) // 2, total // 2], side="right") + h.first
+    low, high = h.values[np.searchsorted(cumulative, [(total - 1) // 2, total // 2], side="right")]
     return int(np.round((int(low) + int(high)) / 2))
 
 
 def _lengths(counts: np.ndarray) -> np.ndarray:
+    """Code lengths of the used symbols (``counts`` of used symbols only, in symbol order): the
+    same lengths as over the whole grid, since the code orders symbols only among themselves."""
     return huffman.code_lengths(counts, huffman.writer_max_length(int(np.count_nonzero(counts))))
 
 
 def _merged(hists: list[_Hist]) -> _Hist:
     first = min(h.first for h in hists)
     last = max(h.last for h in hists)
-    counts = np.zeros(last - first + 1, np.int64)
-    for h in hists:
-        counts[h.first - first : h.last - first + 1] += h.counts
-    return _Hist(first, counts)
+    values, inverse = np.unique(np.concatenate([h.values for h in hists]), return_inverse=True)
+    counts = np.bincount(inverse, weights=np.concatenate([h.counts for h in hists]), minlength=values.size)
+    return _Hist(first, last, values, counts.astype(np.int64))  # exact: counts are far below 2^53
 
 
 def _fixed_bits(count: int, members: int, offsets: bool = False) -> int:
@@ -117,6 +150,12 @@ def table_bits(lengths: np.ndarray) -> int:
     """Bits the writer spends on a code-length table: packed (DEFLATE) when that is smaller."""
     packed = huffman.packed_table(lengths)
     return TABLE_ENTRY_BITS * (lengths.size if packed is None else len(packed) + C.PACKED_TABLE_OVERHEAD)
+
+
+def _dense(size: int, used: np.ndarray, used_lengths: np.ndarray) -> np.ndarray:
+    lengths = np.zeros(size, np.uint8)
+    lengths[used] = used_lengths
+    return lengths
 
 
 def codebook_bits(lengths: np.ndarray, explicit: bool) -> int:
@@ -132,7 +171,7 @@ def _own(h: _Hist) -> tuple[int, np.ndarray]:
     """Bits of a pack of this histogram alone (grid or explicit codebook, whichever is
     smaller), and its code lengths (kept: a tensor that leaves the shared pack uses them)."""
     lengths = _lengths(h.counts)
-    table = codebook_bits(lengths, False)
+    table = table_bits(_dense(h.size, h.values - h.first, lengths))
     if VALUE_BITS * int(np.count_nonzero(lengths)) < table:  # else an explicit codebook cannot be smaller
         table = min(table, codebook_bits(lengths, True))
     return huffman.encoded_bits(h.counts, lengths) + _fixed_bits(0, 1) + table, lengths
@@ -142,18 +181,23 @@ def _sparse(plan: PackPlan) -> PackPlan:
     """``plan`` over an explicit codebook of its used levels when that takes fewer bits (only
     without offsets, which need a grid). The code lengths of the used symbols, and so the
     payload, are the same: canonical codes order symbols by value either way."""
-    if any(plan.offsets) or codebook_bits(plan.lengths, True) >= codebook_bits(plan.lengths, False):
+    if any(plan.offsets) or codebook_bits(plan.used_lengths, True) >= codebook_bits(plan.lengths, False):
         return plan
-    used = np.flatnonzero(plan.lengths)
-    return replace(plan, lengths=plan.lengths[used], levels=tuple(int(plan.first + u) for u in used))
+    used = plan.used[plan.used_lengths > 0]
+    return replace(plan, count=int(used.size), used=np.arange(used.size, dtype=np.int64),
+                   used_lengths=plan.used_lengths[plan.used_lengths > 0],
+                   levels=tuple(int(plan.first + u) for u in used))
+
+
+def _plan_of(members: tuple[int, ...], offsets: tuple[int, ...], h: _Hist, lengths: np.ndarray) -> PackPlan:
+    return PackPlan(members, offsets, h.first, h.size, h.values - h.first, lengths,
+                    huffman.encoded_bits(h.counts, lengths))
 
 
 def _plan(members: list[int], hists: list[_Hist], offsets: list[int]) -> PackPlan:
     members = sorted(members)
     merged = _merged([hists[i] for i in members])
-    lengths = _lengths(merged.counts)
-    return PackPlan(tuple(members), tuple(offsets[i] for i in members), merged.first, lengths,
-                    huffman.encoded_bits(merged.counts, lengths))
+    return _plan_of(tuple(members), tuple(offsets[i] for i in members), merged, _lengths(merged.counts))
 
 
 def _others_extreme(values: np.ndarray, smallest: bool) -> np.ndarray:
@@ -174,7 +218,7 @@ def plan_packs(levels: list[np.ndarray], offsets: list[int] | None = None) -> li
     own_hists = [_hist(q) for q in levels]
     own_bits, own_lengths = zip(*(_own(h) for h in own_hists)) if levels else ((), ())
     offsets = [centre(h) for h in own_hists] if offsets is None else list(offsets)
-    hists = [_hist(q, o) if o else h for q, o, h in zip(levels, offsets, own_hists)]  # centred, as members of the shared pack
+    hists = [h.shifted(o) if o else h for o, h in zip(offsets, own_hists)]  # centred, as members of the shared pack
     shared = list(range(len(levels)))
     alone: list[int] = []
     for _ in range(MAX_ROUNDS):
@@ -187,8 +231,8 @@ def plan_packs(levels: list[np.ndarray], offsets: list[int] | None = None) -> li
         leaving = []
         for j, i in enumerate(shared):
             h = hists[i]
-            in_shared = huffman.encoded_bits(h.counts, lengths[h.first - merged.first : h.last - merged.first + 1])
-            table_saved = TABLE_ENTRY_BITS * (merged.counts.size - (int(others_last[j]) - int(others_first[j]) + 1))
+            in_shared = huffman.encoded_bits(h.counts, lengths[np.searchsorted(merged.values, h.values)])
+            table_saved = TABLE_ENTRY_BITS * (merged.size - (int(others_last[j]) - int(others_first[j]) + 1))
             if own_bits[i] < in_shared + table_saved + MEMBER_INDEX_BITS + OFFSET_INDEX_BITS:
                 leaving.append(i)
         if not leaving:
@@ -196,8 +240,7 @@ def plan_packs(levels: list[np.ndarray], offsets: list[int] | None = None) -> li
         alone.extend(leaving)
         gone = set(leaving)
         shared = [i for i in shared if i not in gone]
-    plans = [PackPlan((i,), (0,), own_hists[i].first, own_lengths[i],
-                      huffman.encoded_bits(own_hists[i].counts, own_lengths[i])) for i in alone]
+    plans = [_plan_of((i,), (0,), own_hists[i], own_lengths[i]) for i in alone]
     if shared:
         plans.append(_plan(shared, hists, offsets))
     return sorted((_sparse(p) for p in plans), key=lambda p: p.members[0])

@@ -83,11 +83,14 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
         loss = "" if METRICS[report["metric"]].loss_is_drop else f", loss {report['loss']:.4f}"
         lines.append(f"{report['metric']:16}{q0:>16.4f}{q1:>16.4f}   drop {q0 - q1:+.4f}{loss} (max {report['settings']['max_drop']})")
         lines += summary_lines(report.get("resolution"), report["metric"], report["settings"]["max_drop"])
-    if report.get("lossless"):
-        lines.append(f"{'lossless':16}{report['lossless']}; integer weights coded losslessly")
     choice = report.get("choice") or {}
     if choice:
         lines.append(f"{'weights':16}{'32 bits':>16}{choice['bits_per_weight_file']:>11.3f} bits   {choice['bins']} bins ({choice['name']})")
+    for note in report.get("guards") or ():
+        lines.append(f"{'guard':16}{note}")
+    if report.get("lossless"):
+        coded = " (integer weights Huffman-coded)" if "lossless integer" in (report.get("coding") or {}).get("kinds", {}) else ""
+        lines.append(f"{'lossless':16}every tensor stored exactly{coded}, because {report['lossless']['reason']}")
     target = report.get("target")
     if target:
         verdict = "within" if target["within_max_drop"] else "OUTSIDE"

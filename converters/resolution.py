@@ -50,6 +50,8 @@ def resolution(metric: str | None, reference: Sequence[np.ndarray], loss: float 
     samples, or None where the metric has no count of broken samples."""
     if not counts_units(metric) or loss is None or not reference or reference[0].ndim != 2:
         return None
+    if METRICS[metric].elementwise and reference[0].shape[1] != 1:
+        return None  # a decision per value: the lost units are values, not samples
     samples = int(reference[0].shape[0])
     broken = int(round(loss * samples))
     unseen_at_zero = upper_rate(0, samples)

@@ -54,7 +54,7 @@ class ConversionSession:
         if self._scorer is None:
             evaluator = Evaluator(self.model, self.pool, self.dataset, self.strategy, outputs=self.options.outputs)
             self._scorer = Scorer(evaluator, self.metric, self.reference, self.dataset.labels, self.quality_original,
-                                  heads=self.heads)
+                                  heads=self.heads, max_drop=self.options.guarded_max_drop())
         return self._scorer
 
     def use_scorer(self, scorer: Scorer) -> None:
@@ -81,7 +81,7 @@ class ConversionSession:
             return self.scorer
         if name not in self._halves:
             self._halves[name] = half_scorer(self.scorer.evaluator, self.metric, self.dataset, self.reference, name,
-                                             lambda: self.originals, self.heads)
+                                             lambda: self.originals, self.heads, self.options.guarded_max_drop())
         return self._halves[name]
 
     @property

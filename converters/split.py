@@ -40,7 +40,7 @@ def search_half(dataset: Dataset) -> Dataset:
 
 
 def half_scorer(evaluator: Evaluator, metric: str, dataset: Dataset, reference: Sequence[np.ndarray], half: str,
-                originals: Callable[[], Mapping[str, np.ndarray]], heads: Heads = ()) -> Scorer:
+                originals: Callable[[], Mapping[str, np.ndarray]], heads: Heads = (), max_drop: float | None = None) -> Scorer:
     """A scorer on one half of ``dataset`` (split; see :func:`is_split`), with the original's
     outputs on it and the metric that half judges by."""
     n = dataset.n_samples
@@ -51,4 +51,5 @@ def half_scorer(evaluator: Evaluator, metric: str, dataset: Dataset, reference: 
     judged_by = METRICS[metric].confirm if half == "confirm" else metric
     heads = confirm_heads(heads) if half == "confirm" else heads
     q0 = quality(judged_by, half_reference, half_reference, labels, heads)
-    return Scorer(evaluator, judged_by, half_reference, labels, q0, dataset=data, heads=heads)
+    return Scorer(evaluator, judged_by, half_reference, labels, q0, dataset=data, heads=heads, max_drop=max_drop,
+                  resolving_samples=n)

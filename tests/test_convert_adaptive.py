@@ -214,7 +214,6 @@ def test_a_tensor_of_few_far_apart_levels_gets_an_explicit_codebook(tmp_path):
     rather than spanning them with a grid, which needs a code length per integer in between
     (PP-OCRv4 det: 16 levels over 726,035 grid values). Same decoded bits, a smaller file,
     and a model onnxruntime runs; the dense tensor keeps its grid."""
-    from dataclasses import replace
 
     from moub_converters.encode import encode_model
     from moub_converters.step_layout import Layout, PackedQuantization
@@ -240,7 +239,7 @@ def test_a_tensor_of_few_far_apart_levels_gets_an_explicit_codebook(tmp_path):
     dense = next(p for p in plans if pool.sites[p.members[0]].path.endswith("w"))
     assert sparse.levels is not None and sparse.count == 16 and dense.levels is None
     assert int(levels[sparse.members[0]].max() - levels[sparse.members[0]].min()) > 500_000
-    grid_plans = [replace(p, levels=None, lengths=_grid_lengths(p)) if p.levels else p for p in plans]
+    grid_plans = [p.as_grid() for p in plans]
     paths = {}
     for name, chosen in (("explicit", plans), ("grid", grid_plans)):
         quant = PackedQuantization.from_layout(pool, Layout(steps, levels, chosen, total_bits(chosen, sizes, 4096)))
@@ -262,18 +261,18 @@ def test_a_tensor_of_few_far_apart_levels_gets_an_explicit_codebook(tmp_path):
         assert sorted(moub.index.codebook_size(i) for i in range(len(moub.index.codebooks)))[0] == 16
 
 
-def _grid_lengths(plan) -> np.ndarray:
-    """An explicit plan's code lengths spread back over the grid from its first to last level."""
-    lengths = np.zeros(plan.levels[-1] - plan.levels[0] + 1, np.uint8)
-    lengths[np.asarray(plan.levels) - plan.levels[0]] = plan.lengths
-    return lengths
-
-
 @pytest.mark.parametrize("units, max_drop, lost_allowed", [(6000, 0.01, 59), (300, 0.01, 2), (500, 0.01, 4), (180, 0.005, 0), (50, 0.005, 0)])
 def test_tolerance_judges_lost_units_by_the_jeffreys_estimate(units, max_drop, lost_allowed):
     limit = tolerance("agreement", max_drop, units)
     assert round(limit * units) == lost_allowed
     assert tolerance("cosine", max_drop, units) == max_drop
+
+
+def test_where_the_data_cannot_resolve_max_drop_the_limit_is_the_rate_the_margin_estimate_guards():
+    from moub_converters.guards import choice_limit
+
+    assert choice_limit("logit-decision", 0.005, 142, 284) == 0.005  # none lost of 284 still fits 1.05%
+    assert choice_limit("agreement", 0.005, 142, 2000) == 0.0  # resolved: the Jeffreys count, no unit may be lost
 
 
 def test_untrusted_sensitivities_get_the_typical_step():

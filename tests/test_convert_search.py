@@ -303,7 +303,10 @@ def test_every_metric_is_declared_whole_in_the_registry():
         assert metric.needs_labels <= metric.top1
         if metric.unit_scores is not None:
             assert unit_scores(name, [scores], [scores], labels).max() <= 1.0
-        assert (resolution(name, [scores], 0.0, 0.01) is not None) == metric.counts_units
+        # a decision per value counts samples only where a sample has one value
+        assert (resolution(name, [scores], 0.0, 0.01) is not None) == (metric.counts_units and not metric.elementwise)
+        if metric.elementwise:
+            assert resolution(name, [scores[:, :1]], 0.0, 0.01) is not None
         q = quality(name, [scores], [scores], labels)  # the original against itself, or against labels it misses once
         assert q < 1.0 if metric.needs_labels else q == pytest.approx(1.0)
     metric_flag = next(a for a in build_convert_parser()._actions if a.dest == "metric")

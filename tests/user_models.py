@@ -290,3 +290,32 @@ def quantized_models(folder: Path) -> tuple[UserModel, UserModel]:
     quantize_dynamic(str(float_path), str(dynamic), weight_type=QuantType.QInt8)
     make = lambda path: UserModel(path, {"pixels": x[search]}, {"pixels": x[test]}, y[search], y[test])  # noqa: E731
     return make(qdq), make(dynamic)
+
+
+def yolo_detector(folder: Path, samples: int, size: int = 64) -> UserModel:
+    """A YOLO-shaped detector on ``size`` x ``size`` RGB images (untrained: the converter's memory is
+    the point, not its detections): a strided Conv/BatchNorm/SiLU body and a head ``[N, 4 + 18,
+    anchors]``; ``samples`` smooth random images for the search and as many for the test."""
+    torch = _torch()
+
+    def block(i: int, o: int, stride: int) -> list:
+        return [torch.nn.Conv2d(i, o, 3, stride=stride, padding=1), torch.nn.BatchNorm2d(o), torch.nn.SiLU()]
+
+    class Detector(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(*block(3, 16, 2), *block(16, 32, 2), *block(32, 64, 2), *block(64, 64, 1),
+                                            *block(64, 128, 2), torch.nn.Conv2d(128, 128, 1), torch.nn.SiLU(),
+                                            torch.nn.Conv2d(128, 4 + 18, 1))
+
+        def forward(self, image):
+            out = self.body(image)
+            return torch.cat([out[:, :4], out[:, 4:].sigmoid()], 1).flatten(2)
+
+    path = _export(Detector().eval(), (torch.zeros(1, 3, size, size),), folder / "yolo.onnx", ["images"], ["output0"],
+                   {"images": {0: "n"}, "output0": {0: "n"}})
+    rng = np.random.default_rng(0)
+    coarse = rng.random((2 * samples, 3, size // 8, size // 8)).astype(np.float32)
+    images = np.repeat(np.repeat(coarse, 8, 2), 8, 3) + 0.05 * rng.standard_normal(coarse.shape[:2] + (size, size),
+                                                                                    dtype=np.float32)
+    return UserModel(path, {"images": images[:samples]}, {"images": images[samples:]})

@@ -139,7 +139,10 @@ def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _convert(ctx: Context, mode: str, max_drop: float, limit: int) -> Candidate:
-    metric = C.MOUB_METRICS.get(ctx.model, C.MOUB_METRIC)
+    from ..zoo.bench import is_zoo
+
+    zoo = is_zoo(ctx.model)
+    metric = None if zoo else C.MOUB_METRICS.get(ctx.model, C.MOUB_METRIC)  # None: the converter's default
     stem = f"moub_{mode}_drop{max_drop:g}"
     out = ctx.work / f"{stem}.moub"
     summary_path = ctx.work / f"{stem}.json"
@@ -149,7 +152,7 @@ def _convert(ctx: Context, mode: str, max_drop: float, limit: int) -> Candidate:
     job = {
         "model": str(ctx.onnx_path), "data": str(ctx.search_npz), "out": str(out), "summary": str(summary_path),
         "mode": mode, "metric": metric, "max_drop": max_drop, "seed": C.MOUB_SEED,
-        "options": C.MOUB_SMOKE_OPTIONS if ctx.smoke else C.MOUB_OPTIONS,
+        "options": C.MOUB_SMOKE_OPTIONS if ctx.smoke else C.ZOO_MOUB_OPTIONS if zoo else C.MOUB_OPTIONS,
     }
     job_path.write_text(json.dumps(job))
     t = time.perf_counter()
@@ -172,13 +175,17 @@ def _convert(ctx: Context, mode: str, max_drop: float, limit: int) -> Candidate:
     extra["evaluations"] = summary.get("evaluations")
     search_s = summary.get("converter_wall_s") or summary.get("wall_s") or wall
     extra["search s"] = search_s
+    if summary.get("peak_rss_gb") is not None:
+        extra["peak RSS GB"] = summary["peak_rss_gb"]
+    if (summary.get("report") or {}).get("lossless"):
+        extra["note"] = f"lossless: {summary['report']['lossless']['reason']}"
     extra["metric"] = f"{metric} on the search split, max drop {max_drop:g}"
     if summary.get("quality_compressed") is not None:
         extra["search quality"] = f"{summary['quality_original']:.4f} -> {summary['quality_compressed']:.4f}"
     if summary.get("ignored_options"):
         extra["note"] = f"convert() has no option {', '.join(summary['ignored_options'])}"
     (ctx.work / f"{stem}.report.json").write_text(json.dumps(summary.get("report"), indent=1))
-    setting = f"--mode {mode} --metric {metric} --max-drop {max_drop:g}"
+    setting = f"--mode {mode} --metric {metric or 'default'} --max-drop {max_drop:g}"
     return Candidate(setting, out, out.stat().st_size, search_s, decoded, extra=extra)
 
 
@@ -202,9 +209,13 @@ def run(ctx: Context, row: str = "moub_paper") -> list[Candidate]:
             copy.extra["note"] = f"--mode {mode} ({why}): the moub_paper row's file"
             same.append(copy)
         return same
-    drops = C.MOUB_MAX_DROPS_BY_MODEL.get(ctx.model, C.MOUB_MAX_DROPS)
+    from ..zoo.bench import is_zoo
+
+    zoo = is_zoo(ctx.model)
+    drops = C.ZOO_MOUB_MAX_DROPS if zoo else C.MOUB_MAX_DROPS_BY_MODEL.get(ctx.model, C.MOUB_MAX_DROPS)
     drops = drops[:1] if ctx.smoke else drops
-    budget = C.MOUB_SMOKE_TIMEOUT_S if ctx.smoke else C.MOUB_BUDGET_S.get(ctx.model, 600)
+    budget = (C.MOUB_SMOKE_TIMEOUT_S if ctx.smoke else C.ZOO_MOUB_BUDGET_S if zoo
+              else C.MOUB_BUDGET_S.get(ctx.model, 600))
     started = time.perf_counter()
     done: list[Candidate] = []
     for drop in drops:

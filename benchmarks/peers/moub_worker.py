@@ -43,8 +43,13 @@ def main(argv: list[str]) -> None:
     result = convert(job["model"], data=job["data"], **kwargs, **options)
     wall = time.perf_counter() - t
     result.write(job["out"])
+    import resource
+
+    own, workers = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     summary = {
         "wall_s": wall,
+        # the converter's process and its largest worker, in GB (ru_maxrss is in KiB on Linux)
+        "peak_rss_gb": round(max(own, workers) * 1024 / 1e9, 3),
         "converter_wall_s": getattr(result, "wall_seconds", None),
         "evaluations": getattr(result, "evaluations", None),
         "quality_original": getattr(result, "quality_original", None),

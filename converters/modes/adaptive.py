@@ -31,6 +31,7 @@ from .. import metrics, sensitivity
 from ..calibration import NONE as NO_CALIBRATION
 from ..calibration import Calibration
 from ..candidates import Candidate, Stage, candidate_from_result
+from ..guards import choice_limit
 from ..intake import Pool
 from ..options import ConvertOptions
 from ..search import run_nsga2
@@ -97,8 +98,8 @@ class AdaptiveMode:
         def run(tasks, max_loss, stage):
             return ctx.map(score_decision, [(d.x, d.gamma, opt_list, bound, max_loss, stage) for d, bound in tasks])
 
-        self.limits = {half: tolerance(ctx.session.half(half).metric, opts.max_drop, ctx.session.half(half).total_units)
-                       for half in HALVES}
+        self.limits = {half: choice_limit(ctx.session.half(half).metric, opts.max_drop, ctx.session.half(half).total_units,
+                                          ctx.session.half(half).guard_units) for half in HALVES}
         limit = self.limits["search"]
         problem = StepProblem(run, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
         self.problem = problem
@@ -149,7 +150,8 @@ class AdaptiveMode:
         trials: list[dict] = []
         verdicts: dict[tuple[int, bool], bool] = {}
         units = {half: ctx.session.half(half).total_units for half in HALVES}
-        pooled_limit = tolerance(ctx.session.half("confirm").metric, opts.max_drop, sum(units.values()))
+        pooled_limit = choice_limit(ctx.session.half("confirm").metric, opts.max_drop, sum(units.values()),
+                                    ctx.session.half("confirm").guard_units)
 
         def judge(i: int, pooled: bool) -> bool:
             if (i, pooled) not in verdicts:
