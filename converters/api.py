@@ -37,6 +37,7 @@ from .modes.paper import fixed_bins
 from .options import ConvertOptions, describe, keyword_parameters
 from .report import REPORT_VERSION, RichProgress, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
+from .scoring import Baseline, Measured, held_out, measure
 from .session import ConversionSession
 from .solution import Quantization
 from .workers import candidate_map
@@ -124,48 +125,6 @@ def _front_rows(front: list[Candidate], q0: float) -> list[dict]:
              "loss": round(c.loss, 6), "bits_per_weight": round(c.bits_per_weight, 4)} for c in front]
 
 
-@dataclass
-class _Measured:
-    quality: float | None
-    loss: float | None
-    weight_bytes: int      # Huffman streams + codebooks + tables, as ``moub inspect`` counts them
-    file_bytes: int
-
-
-@dataclass
-class _Baseline:
-    dataset: Dataset
-    metric: str
-    reference: list
-    quality: float
-    layout: OutputLayout
-    output_names: list[str]
-    heads: metrics.Heads = ()
-
-    def scorer(self) -> Scorer:
-        return Scorer(None, self.metric, self.reference, self.dataset.labels, self.quality, self.dataset.n_samples,
-                      heads=self.heads)
-
-
-def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
-    """Load the bytes with moub_runtime exactly as a device would; measure quality and sizes."""
-    import moub_runtime
-    from moub_runtime.inspect import summarize
-
-    with tempfile.TemporaryDirectory(prefix="moub-verify-") as folder:
-        path = Path(folder) / "candidate.moub"
-        path.write_bytes(moub_bytes)
-        summary = summarize(path)
-        if baseline is None:
-            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes)
-        session = moub_runtime.InferenceSession(path, sess_options=session_options())
-        names = baseline.output_names
-        score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
-                                              for start, feeds in baseline.dataset.batches())
-        del session
-    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes)
-
-
 class _Counter:
     """Counts evaluations (candidates scored) and the onnxruntime work they took."""
 
@@ -238,7 +197,7 @@ def convert(
                                                                     dataset.labels, evaluator.output_names)
     metrics.check_metric(chosen_metric, dataset.labels, reference, judged)
     q0 = metrics.quality(chosen_metric, reference, reference, dataset.labels, judged)
-    baseline = _Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names, judged)
+    baseline = Baseline(dataset, chosen_metric, reference, q0, evaluator.layout, evaluator.output_names, judged)
     if options.bins is not None:
         return _fixed(source, pool, options, started, baseline)
 
@@ -265,21 +224,22 @@ def convert(
     for candidate in result.feasible[:VERIFY_CANDIDATES]:
         quant, stages = mode_impl.materialize(pool, candidate, options, result.candidates)
         trial = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, None, front_rows))
-        measured = _measure(trial, baseline)
+        measured = measure(trial, baseline)
         if measured.loss <= options.max_drop + 1e-12:
             break
     else:
         raise ToleranceError(f"the written file misses --max-drop {options.max_drop} when decoded by moub_runtime "
                              f"(loss {measured.loss:.4f}); raise --max-drop or give more data")
     moub_bytes = _encode(source, quant, pool, _metadata(source, options, chosen_metric, q0, measured.quality, front_rows))
-    final = _measure(moub_bytes, None)
+    final = measure(moub_bytes, None)
     report = _report(source, pool, options, chosen_metric, q0, measured, dataset, stages, final,
                      len(moub_bytes), result.candidates, front, candidate, result.facts, counter, quant, reference)
     report["metric_reason"] = metric_reason
     if judged:
         report["heads"] = [{"output": evaluator.output_names[i], "metric": m} for i, m in judged]
     if test is not None:
-        report["test"] = _held_out(source, pool, options, chosen_metric, judged, moub_bytes, test, test_labels, batch_axes)
+        report["test"] = held_out(source, pool, moub_bytes, test, test_labels, batch_axes, chosen_metric, judged,
+                                  options).as_report(options.max_drop)
     return ConvertResult(moub_bytes, report, report["front"], q0, measured.quality, counter.evaluations,
                          time.perf_counter() - started, chosen_metric)
 
@@ -291,26 +251,6 @@ convert.__signature__ = inspect.signature(convert).replace(parameters=[  # the o
     *keyword_parameters()])
 
 
-def _held_out(source: SourceModel, pool: Pool, options: ConvertOptions, metric: str, judged: metrics.Heads,
-              moub_bytes: bytes, test,
-              labels, batch_axes) -> dict:
-    """The written file scored on data the search never saw (``--test``), like the search data."""
-    dataset = load_dataset(test, source.model, labels=labels, batch_size=options.batch_size, batch_axes=batch_axes)
-    if metrics.METRICS[metric].needs_labels and dataset.labels is None:
-        metric = metrics.METRICS[metric].confirm  # no labels in the test data: judge by agreement with the original
-    if dataset.labels is None:
-        judged = metrics.confirm_heads(judged)
-    evaluator = Evaluator(source.model, pool, dataset, "serialize", outputs=options.outputs)
-    reference = reference_outputs(evaluator, source.model, source.label)
-    metrics.check_metric(metric, dataset.labels, reference, judged)
-    q0 = metrics.quality(metric, reference, reference, dataset.labels, judged)
-    measured = _measure(moub_bytes, _Baseline(dataset, metric, reference, q0, evaluator.layout, evaluator.output_names,
-                                              judged))
-    return {"samples": dataset.n_samples, "metric": metric, "quality_original": round(q0, 6),
-            "quality_compressed": round(measured.quality, 6), "loss": round(measured.loss, 6),
-            "within_max_drop": measured.loss <= options.max_drop + 1e-12}
-
-
 def _encode(source: SourceModel, quant, pool: Pool, metadata: dict[str, str]) -> bytes:
     """The .moub bytes of a mode's quantization (codebook assignments and, format 1.2, packs)."""
     return encode_model(source.model, quant.codebooks, quant.assignments(pool), metadata,
@@ -318,19 +258,19 @@ def _encode(source: SourceModel, quant, pool: Pool, metadata: dict[str, str]) ->
 
 
 def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float,
-           baseline: _Baseline | None = None) -> ConvertResult:
+           baseline: Baseline | None = None) -> ConvertResult:
     """``bins=K``: equal-width binning with K bins, no search; quality measured only with data."""
     metric = baseline.metric if baseline else None
     q0 = baseline.quality if baseline else None
     quant, stages = fixed_bins(pool, options.bins, options.representative)
     trial = encode_model(source.model, quant.codebooks, quant.assignments(pool), _metadata(source, options, metric, q0, None, []))
-    measured = _measure(trial, baseline)
+    measured = measure(trial, baseline)
     del trial  # not beside the final file
     for stage in stages:
         stage.quality = measured.quality
     moub_bytes = encode_model(source.model, quant.codebooks, quant.assignments(pool),
                               _metadata(source, options, metric, q0, measured.quality, []))
-    final = _measure(moub_bytes, None)
+    final = measure(moub_bytes, None)
     known = measured.quality is not None
     chosen = Candidate(f"k={options.bins}", "fixed", measured.quality if known else 0.0, measured.loss if known else 0.0,
                        known, stages[-1].size.bits_per_weight, quant.bins_used(), {"k": options.bins, "merges": []})
@@ -340,8 +280,8 @@ def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: fl
     return ConvertResult(moub_bytes, report, [], q0, measured.quality, 0, time.perf_counter() - started, metric)
 
 
-def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0, measured: _Measured, dataset: Dataset | None,
-            stages: list[Stage], final: _Measured, file_bytes: int, candidates: list[Candidate],
+def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0, measured: Measured, dataset: Dataset | None,
+            stages: list[Stage], final: Measured, file_bytes: int, candidates: list[Candidate],
             front: list[Candidate], chosen: Candidate, facts: dict, counter: _Counter, quant: Quantization,
             reference: list[np.ndarray] | None = None) -> dict:
     q1 = measured.quality

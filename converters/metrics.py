@@ -200,6 +200,10 @@ def check_metric(metric: str, labels: np.ndarray | None, reference: Sequence[np.
             check_metric(name, labels if index == 0 else None, [reference[index]])
         return
     first = reference[0]
+    if info.top1 and first.dtype.kind == "f" and (first.ndim < 2 or first.shape[-1] == 1):
+        raise DataError(f"--metric {metric} needs class scores, and the first output holds one value per sample: "
+                        "judge a binary logit by --metric logit-decision (a probability by --metric decision), "
+                        "which counts every decision that flips, right or wrong")
     if info.needs_labels:
         if labels is None:
             raise DataError(f"--metric {metric} needs labels (--labels FILE.npy or a 'labels' array in the data)")
