@@ -77,3 +77,16 @@ def test_scoring_options_need_the_model_and_data(binary):
     _, out, _, labels = binary
     result = _verify(out, "--labels", labels)
     assert result.returncode == 2 and "need --model and --data" in result.stderr
+
+
+def test_rows_in_an_npy_or_float64_arrays(binary, tmp_path):
+    """An .npy is not a feed (one line, exit 2); float64 arrays for a float32 input are cast, not refused."""
+    model, out, _, _ = binary
+    rows = tmp_path / "rows.npy"
+    np.save(rows, model.test["x"])
+    result = _verify(out, "--model", model.path, "--data", rows)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "rows.npy" in result.stderr
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, x=model.test["x"].astype(np.float64))
+    result = _verify(out, "--model", model.path, "--data", wide)
+    assert result.returncode == 0 and "scored on" in result.stdout, result.stderr
