@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from moub_format import constants as FC
-from moub_format import dtypes, writer
+from moub_format import writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
@@ -29,7 +29,7 @@ from . import guards, heads, lossless, metrics, targets
 from .data import Dataset, load_dataset
 from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
-from .evaluate import Evaluator, OutputLayout, Scorer, reference_outputs, session_options
+from .evaluate import Evaluator, Scorer, reference_outputs
 from .intake import Pool, SourceModel, load_source, pool_weights
 from .layer_errors import layer_table
 from .integers import IntegerCoding, integer_coding
@@ -42,6 +42,7 @@ from .passed_over import passed_over
 from .progress import ConsoleProgress
 from .report import REPORT_VERSION, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
+from .scoring import Baseline, Measured, held_out, measure
 from .session import ConversionSession
 from .solution import Quantization, Size
 from .workers import candidate_map
@@ -129,91 +130,6 @@ def _metadata(source: SourceModel, options: ConvertOptions, metric: str | None, 
 def _front_rows(front: list[Candidate], q0: float) -> list[dict]:
     return [{"name": c.name, "bins": c.bins, "quality": round(c.quality, 6), "drop": round(q0 - c.quality, 6),
              "loss": round(c.loss, 6), "bits_per_weight": round(c.bits_per_weight, 4)} for c in front]
-
-
-@dataclass
-class _Measured:
-    quality: float | None
-    loss: float | None     # as judged (with the guards where the baseline has a tolerance)
-    weight_bytes: int      # Huffman streams + codebooks + tables, as ``moub inspect`` counts them
-    file_bytes: int
-    resident: dict | None = None   # the quantized weights' bytes in memory: normal and compact session
-    coding: dict | None = None   # how the file stores each tensor (:func:`coding_of`)
-    point_loss: float | None = None  # as measured, before the guards
-
-
-def _resident(summary) -> dict | None:
-    """Bytes the quantized weights take in memory: float32 in a normal session; in a compact one
-    the integers it holds plus 4 per weight it keeps float (``moub inspect``'s compact counts)."""
-    compact = summary.compact
-    if compact is None:
-        return None
-    kept = sum(v["weights"] for v in compact["kept_float"].values())
-    return {"normal": 4 * summary.quantized_weights, "compact": compact["held_weight_bytes"] + 4 * kept}
-
-
-def coding_of(summary) -> dict:
-    """Which tensors the file stores how: 'lossless integer' (an integer Huffman tensor),
-    'searched float' (quantized: a float Huffman tensor or a pack member), 'kept raw' (bytes as
-    they were, maybe zlib/xz-packed); tensors left inside the graph are not listed. Per kind:
-    tensors, elements and stored bytes; and the kind of every tensor by path."""
-    kinds: dict[str, dict] = {}
-    by_path: dict[str, str] = {}
-
-    def add(kind: str, path: str | None, elements: int, stored: int) -> None:
-        row = kinds.setdefault(kind, {"tensors": 0, "elements": 0, "stored_bytes": 0})
-        row["tensors"] += 1
-        row["elements"] += elements
-        row["stored_bytes"] += stored
-        if path is not None:
-            by_path[path] = kind
-
-    for t in summary.tensors:
-        if t.encoding.startswith("raw"):
-            kind = "kept raw"
-        else:
-            kind = "lossless integer" if t.dtype in dtypes.INTEGER_RANGES else "searched float"
-        add(kind, t.path, t.elements, t.stored_bytes)
-    for p in summary.packs:
-        for m in p.members:
-            add("searched float", m["path"], m["elements"], round(p.stored_bytes * m["elements"] / max(p.elements, 1)))
-    return {"kinds": dict(sorted(kinds.items())), "tensors": dict(sorted(by_path.items(), key=lambda kv: str(kv[0])))}
-
-
-@dataclass
-class _Baseline:
-    dataset: Dataset
-    metric: str
-    reference: list
-    quality: float
-    layout: OutputLayout
-    output_names: list[str]
-    heads: metrics.Heads = ()
-    max_drop: float | None = None  # the tolerance the file is checked against (guards on); None: a plain score
-
-    def scorer(self) -> Scorer:
-        return Scorer(None, self.metric, self.reference, self.dataset.labels, self.quality, self.dataset.n_samples,
-                      heads=self.heads, max_drop=self.max_drop)
-
-
-def _measure(moub_bytes: bytes, baseline: _Baseline | None) -> _Measured:
-    """Load the bytes with moub_runtime exactly as a device would; measure quality and sizes."""
-    import moub_runtime
-    from moub_runtime.inspect import summarize
-
-    with tempfile.TemporaryDirectory(prefix="moub-verify-") as folder:
-        path = Path(folder) / "candidate.moub"
-        path.write_bytes(moub_bytes)
-        summary = summarize(path)
-        if baseline is None:
-            return _Measured(None, None, summary.quantized_bytes, summary.file_bytes, _resident(summary), coding_of(summary))
-        session = moub_runtime.InferenceSession(path, sess_options=session_options())
-        names = baseline.output_names
-        score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
-                                              for start, feeds in baseline.dataset.batches())
-        del session
-    return _Measured(score.quality, score.loss, summary.quantized_bytes, summary.file_bytes, _resident(summary),
-                     coding_of(summary), score.point_loss)
 
 
 class _Counter:
@@ -361,8 +277,8 @@ class _Setup:
         return cls(dataset, evaluator, reference, metric, reason, judged, q0, options.guarded_max_drop())
 
     @property
-    def baseline(self) -> _Baseline:
-        return _Baseline(self.dataset, self.metric, self.reference, self.q0, self.evaluator.layout,
+    def baseline(self) -> Baseline:
+        return Baseline(self.dataset, self.metric, self.reference, self.q0, self.evaluator.layout,
                          self.evaluator.output_names, self.judged, self.max_drop)
 
     def annotate(self, converted: ConvertResult, source: SourceModel, pool: Pool, options: ConvertOptions, test=None,
@@ -374,8 +290,8 @@ class _Setup:
         if self.judged:
             report["heads"] = [{"output": self.evaluator.output_names[i], "metric": m} for i, m in self.judged]
         if test is not None:
-            report["test"] = _held_out(source, pool, options, self.metric, self.judged, converted.moub_bytes, test,
-                                       test_labels, batch_axes)
+            report["test"] = held_out(source, pool, converted.moub_bytes, test, test_labels, batch_axes, self.metric,
+                                      self.judged, options).as_report(options.max_drop)
         return converted
 
     def session(self, model: onnx.ModelProto, options: ConvertOptions) -> ConversionSession:
@@ -417,7 +333,7 @@ class _Writer:
     def write(self, candidate: Candidate) -> tuple[bytes, tuple]:
         """The file of ``candidate`` (with its measured quality) and what the report needs of it."""
         trial, quant, stages = self._trial(candidate)
-        measured = _measure(trial, self.setup.baseline)
+        measured = measure(trial, self.setup.baseline)
         del trial
         moub_bytes = _encode(self.source, quant, self.pool, self.integers, _metadata(self.source, self.options, self.setup.metric,
                                                                      self.setup.q0, measured.quality, self.front_rows))
@@ -427,7 +343,7 @@ class _Writer:
         """The first of the mode's choices whose written file stays within --max-drop on all the data."""
         for candidate in feasible[:VERIFY_CANDIDATES]:
             trial, quant, stages = self._trial(candidate)
-            measured = _measure(trial, self.setup.baseline)
+            measured = measure(trial, self.setup.baseline)
             if measured.loss <= self.options.max_drop + 1e-12:
                 break
             self.misses.append({"name": candidate.name, "loss": round(measured.loss, 6)})
@@ -483,7 +399,7 @@ class _Writer:
                started: float, test=None, test_labels=None, batch_axes=None) -> ConvertResult:
         candidate, quant, stages, measured = chosen
         setup, options, source = self.setup, self.options, self.source
-        final = _measure(moub_bytes, None)
+        final = measure(moub_bytes, None)
         report = _report(source, self.pool, options, setup.metric, setup.q0, measured, setup.dataset, stages, final,
                          len(moub_bytes), self.candidates, front, candidate, facts, counter, quant, setup.reference,
                          self.integers)
@@ -524,7 +440,7 @@ class _Writer:
         return 4 * self.pool.n_weights < self.integers.all_elements
 
 
-def _point(measured: _Measured) -> float | None:
+def _point(measured: Measured) -> float | None:
     return measured.loss if measured.point_loss is None else measured.point_loss
 
 
@@ -553,26 +469,6 @@ convert.__signature__ = inspect.signature(convert).replace(parameters=[  # the o
     *keyword_parameters()])
 
 
-def _held_out(source: SourceModel, pool: Pool, options: ConvertOptions, metric: str, judged: metrics.Heads,
-              moub_bytes: bytes, test,
-              labels, batch_axes) -> dict:
-    """The written file scored on data the search never saw (``--test``), like the search data."""
-    dataset = load_dataset(test, source.model, labels=labels, batch_size=options.batch_size, batch_axes=batch_axes)
-    if metrics.METRICS[metric].needs_labels and dataset.labels is None:
-        metric = metrics.METRICS[metric].confirm  # no labels in the test data: judge by agreement with the original
-    if dataset.labels is None:
-        judged = metrics.confirm_heads(judged)
-    evaluator = Evaluator(source.model, pool, dataset, "serialize", outputs=options.outputs)
-    reference = reference_outputs(evaluator, source.model, source.label)
-    metrics.check_metric(metric, dataset.labels, reference, judged)
-    q0 = metrics.quality(metric, reference, reference, dataset.labels, judged)
-    measured = _measure(moub_bytes, _Baseline(dataset, metric, reference, q0, evaluator.layout, evaluator.output_names,
-                                              judged))
-    return {"samples": dataset.n_samples, "metric": metric, "quality_original": round(q0, 6),
-            "quality_compressed": round(measured.quality, 6), "loss": round(measured.loss, 6),
-            "within_max_drop": measured.loss <= options.max_drop + 1e-12}
-
-
 def _encode(source: SourceModel, quant, pool: Pool, integers: IntegerCoding, metadata: dict[str, str]) -> bytes:
     """The .moub bytes of a mode's quantization (codebook assignments and, format 1.2, packs),
     the integer tensors coded losslessly beside them."""
@@ -589,7 +485,7 @@ def _lossless_bytes(source: SourceModel, integers: IntegerCoding, metadata: dict
 
 
 def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
-              baseline: _Baseline | None = None, why: str = "no float weights to search",
+              baseline: Baseline | None = None, why: str = "no float weights to search",
               counter: _Counter | None = None, candidates: list[Candidate] = (),
               front: list[Candidate] = ()) -> ConvertResult:
     """The lossless file (``lossless.py``): every integer tensor coded losslessly, every other
@@ -600,9 +496,9 @@ def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started:
     metric = baseline.metric if baseline else None
     q0 = baseline.quality if baseline else None
     quant = Quantization((), np.zeros(0, dtype=np.uint32))
-    measured = _measure(_lossless_bytes(source, integers, _metadata(source, options, metric, q0, None, [])), baseline)
+    measured = measure(_lossless_bytes(source, integers, _metadata(source, options, metric, q0, None, [])), baseline)
     moub_bytes = _lossless_bytes(source, integers, _metadata(source, options, metric, q0, measured.quality, []))
-    final = _measure(moub_bytes, None)
+    final = measure(moub_bytes, None)
     bits = 8 * final.file_bytes / max(pool.n_weights + integers.all_elements, 1)
     chosen = Candidate("lossless", "lossless", measured.quality if baseline else 0.0, measured.loss if baseline else 0.0,
                        baseline is not None, bits, 0, {"lossless": True})
@@ -620,18 +516,18 @@ def _lossless(source: SourceModel, pool: Pool, options: ConvertOptions, started:
 
 
 def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: float, integers: IntegerCoding,
-           baseline: _Baseline | None = None) -> ConvertResult:
+           baseline: Baseline | None = None) -> ConvertResult:
     """``bins=K``: equal-width binning with K bins, no search; quality measured only with data."""
     metric = baseline.metric if baseline else None
     q0 = baseline.quality if baseline else None
     quant, stages = fixed_bins(pool, options.bins, options.representative)
     trial = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, None, []))
-    measured = _measure(trial, baseline)
+    measured = measure(trial, baseline)
     del trial  # not beside the final file
     for stage in stages:
         stage.quality = measured.quality
     moub_bytes = _encode(source, quant, pool, integers, _metadata(source, options, metric, q0, measured.quality, []))
-    final = _measure(moub_bytes, None)
+    final = measure(moub_bytes, None)
     known = measured.quality is not None
     chosen = Candidate(f"k={options.bins}", "fixed", measured.quality if known else 0.0, measured.loss if known else 0.0,
                        known, stages[-1].size.bits_per_weight, quant.bins_used(), {"k": options.bins, "merges": []})
@@ -641,8 +537,8 @@ def _fixed(source: SourceModel, pool: Pool, options: ConvertOptions, started: fl
     return ConvertResult(moub_bytes, report, [], q0, measured.quality, 0, time.perf_counter() - started, metric)
 
 
-def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0, measured: _Measured, dataset: Dataset | None,
-            stages: list[Stage], final: _Measured, file_bytes: int, candidates: list[Candidate],
+def _report(source: SourceModel, pool: Pool, options: ConvertOptions, metric, q0, measured: Measured, dataset: Dataset | None,
+            stages: list[Stage], final: Measured, file_bytes: int, candidates: list[Candidate],
             front: list[Candidate], chosen: Candidate, facts: dict, counter: _Counter, quant: Quantization,
             reference: list[np.ndarray] | None = None, integers: IntegerCoding | None = None) -> dict:
     q1 = measured.quality

@@ -76,10 +76,12 @@ def choose_head(name: str, index: int, producer: str, reference: np.ndarray, sam
         if labels is not None:
             return Head(name, index, "accuracy", f"class scores ({producer} over {classes}) with labels: top-1 accuracy")
         return Head(name, index, "agreement", f"class scores ({producer} over {classes}): top-1 agreement with the original")
+    if producer == "Sigmoid" and per_sample > 1:
+        return Head(name, index, "mask", f"{per_sample} independent probabilities per sample (Sigmoid): decisions at "
+                                         "0.5 kept, changes counted against the original's rarer decision")
     if producer == "Sigmoid" or (per_sample == 1 and in_unit and labels is not None):
-        what = "one probability" if per_sample == 1 else f"{per_sample} independent probabilities per sample"
-        return Head(name, index, "decision", f"{what} ({producer or 'values in [0, 1]'}): decisions at 0.5 kept",
-                    threshold=0.5)
+        return Head(name, index, "decision", f"one probability ({producer or 'values in [0, 1]'}): decisions at 0.5 "
+                                             "kept", threshold=0.5)
     if per_sample == 1 and labels is not None:
         return Head(name, index, "decision", "one logit per sample with labels: decisions at 0 kept", threshold=0.0)
     if labels is not None and reference.ndim >= 2 and 2 <= classes <= MAX_CLASSES:
@@ -118,8 +120,10 @@ def default_metric(model: onnx.ModelProto, reference: Sequence[np.ndarray], samp
     One scored output takes its head's metric. Several outputs are each judged by their own
     metric and the largest loss decides (the composite metric ``heads``): a top-1 of one head
     says nothing of the others, and one L2 error over all of them lets a small head move far.
-    One logit or probability per sample, and a Sigmoid's independent probabilities, are judged by
-    the decisions they make at their natural threshold."""
+    One logit or probability per sample is judged by the decisions it makes at its natural
+    threshold; a Sigmoid's many independent probabilities per sample (a map, notes, labels) by the
+    decisions that change as a share of the original's rarer decision, since in a sparse map a
+    share of all values lets the few that are on all change."""
     made = producers(model)
     found = [choose_head(name, i, made.get(name, ""), reference[i], samples, labels if i == 0 else None)
              for i, name in enumerate(names)]

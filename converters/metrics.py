@@ -97,6 +97,16 @@ def _decisions_at(threshold: float) -> UnitScores:
     return scores
 
 
+PROBABILITY_THRESHOLD = 0.5
+
+
+def rarer_decisions(reference: np.ndarray, threshold: float = PROBABILITY_THRESHOLD) -> int:
+    """How many values of ``reference`` take its rarer decision at ``threshold`` (at least 1):
+    the values that are on in a sparse map, or off in a mostly-on one."""
+    on = int(np.count_nonzero(np.asarray(reference) > threshold))
+    return max(1, min(on, int(np.size(reference)) - on))
+
+
 def macro_f1(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
     """Macro F1 over the classes that occur in the labels or the predictions."""
     pred, truth = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
@@ -135,6 +145,7 @@ class Metric:
     composite: bool = False    # each output head judged by its own metric; the largest loss decides
     elementwise: bool = False  # a unit is each value of the first output (a decision per value)
     threshold: float | None = None  # an elementwise decision's threshold (its margin is the distance to it)
+    rarer_units: bool = False  # the loss counts changed decisions against the original's rarer decision, not all values
 
     @property
     def confirm(self) -> str:
@@ -158,6 +169,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            counts_units=True, lost_unit="crossed 0.5", elementwise=True, threshold=0.5),
     Metric("logit-decision", "share of the first output's logits that change sign", _decisions_at(0.0),
            counts_units=True, lost_unit="changed sign", elementwise=True, threshold=0.0),
+    Metric("mask", "decisions at 0.5 that change, as a share of the original's rarer decision (the values "
+           "that are on in a sparse map)", _decisions_at(PROBABILITY_THRESHOLD), elementwise=True, rarer_units=True),
     Metric("heads", "the largest loss over the output heads, each judged by its own metric", None, composite=True),
 )}
 
@@ -202,6 +215,10 @@ def check_metric(metric: str, labels: np.ndarray | None, reference: Sequence[np.
             check_metric(name, labels if index == 0 else None, [reference[index]])
         return
     first = reference[0]
+    if info.top1 and first.dtype.kind == "f" and (first.ndim < 2 or first.shape[-1] == 1):
+        raise DataError(f"--metric {metric} needs class scores, and the first output holds one value per sample: "
+                        "judge a binary logit by --metric logit-decision (a probability by --metric decision), "
+                        "which counts every decision that flips, right or wrong")
     if info.needs_labels:
         if labels is None:
             raise DataError(f"--metric {metric} needs labels (--labels FILE.npy or a 'labels' array in the data)")
@@ -288,6 +305,7 @@ class Accumulator:
         self.score_sum = 0.0
         self.deficit_sum = 0.0
         self.units = 0
+        self.rarer_units = METRICS[metric].rarer_units
         self._pred: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
 
@@ -326,6 +344,8 @@ class Accumulator:
     def value(self) -> float:
         if self.energy:
             return 1.0 - _relative(self.err_sum, self.energy_sum)
+        if self.rarer_units:  # ``total_units`` counts the rarer decisions: the changes are judged against them
+            return 1.0 - self.deficit_sum / self.total_units
         if self.whole_score is not None:
             return self.whole_score(np.concatenate(self._pred), np.concatenate(self._truth), self.n_classes)
         return self.score_sum / self.units if self.units else 0.0
@@ -346,6 +366,8 @@ class Accumulator:
             return _relative(self.err_sum, self.energy_sum)
         if self.whole_score is not None:
             return quality_original - self.value()
+        if self.rarer_units:
+            return self.deficit_sum / self.total_units
         return self.deficit_sum / self.units if self.units else 0.0
 
 
@@ -364,7 +386,10 @@ def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.n
     whole_score = METRICS[metric].whole_score
     if whole_score is not None:
         return whole_score(np.argmax(outputs[0], axis=-1), labels, outputs[0].shape[-1])
-    return float(unit_scores(metric, outputs, reference, labels).mean())
+    scores = unit_scores(metric, outputs, reference, labels)
+    if METRICS[metric].rarer_units:
+        return 1.0 - float(np.sum(1.0 - scores)) / rarer_decisions(reference[0])
+    return float(scores.mean())
 
 
 def log_scores(scores: np.ndarray, like: np.ndarray | None = None) -> np.ndarray:

@@ -192,6 +192,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if bool(args.model) != bool(args.data):
         return _fail("verify: --model and --data go together")
+    if not args.model and (args.labels or args.metric or args.batch_axis or args.shared or args.max_drop is not None):
+        return _fail("verify: --labels, --metric, --batch-axis, --shared and --max-drop need --model and --data")
     problems = verify_file(args.file, _limits(args))
     for problem in problems:
         print(f"FAIL {printable(problem)}")
@@ -199,12 +201,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _fail(f"{args.file}: {len(problems)} problem(s) found")
     print(f"{printable(args.file)}: structure, checksums, graph and every tensor and pack decode: OK")
     if args.model:
-        from .compare import compare_outputs
+        scoring = bool(args.labels or args.metric or args.batch_axis or args.shared or args.max_drop is not None)
+        scorer = _scorer()
+        lines: list[str] = []
+        if scorer is not None:  # the converter's data reading and metrics: any layout, a metric per head, labels
+            try:
+                lines = scorer(args.model, args.file, args.data, labels=args.labels, metric=args.metric,
+                               batch_axis=args.batch_axis, shared=args.shared, max_drop=args.max_drop)
+            except ValueError as exc:
+                if scoring:
+                    raise
+                lines = [f"not scored by a metric: {exc}"]  # the data is still one feed the runtime can compare on
+        elif scoring:
+            return _fail("verify: --labels, --metric, --batch-axis, --shared and --max-drop score with the "
+                         "converter's metrics: pip install 'moub[convert]'")
+        if not lines or lines[0].startswith("not scored"):
+            from .compare import compare_outputs
 
-        report = compare_outputs(args.model, args.file, args.data, _limits(args))
-        for line in report.lines():
-            print(line)
+            lines += compare_outputs(args.model, args.file, args.data, _limits(args)).lines()
+        for line in lines:
+            print(printable(line))
     return EXIT_OK
+
+
+SCORING_GROUP = "moub.scoring"  # entry point 'verify': scores a file against its original by a metric
+
+
+def _scorer():
+    """The converter's scoring for ``verify`` if it is installed, else None (the runtime compares raw outputs)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=SCORING_GROUP, name="verify"):
+        try:
+            return entry.load()
+        except ImportError:
+            return None
+    return None
 
 
 COMMAND_GROUP = "moub.commands"  # entry points: name -> function(argv) -> exit code
@@ -265,7 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="checksums, structure, decode; optionally compare with the original")
     p.add_argument("file")
     p.add_argument("--model", help="original .onnx to compare outputs with")
-    p.add_argument("--data", help=".npz inputs for the comparison")
+    p.add_argument("--data", help=".npz inputs for the comparison (with the converter installed: any data "
+                   "'moub convert --data' takes)")
+    p.add_argument("--labels", help="labels.npy for a labelled metric (else the 'labels' array of DATA.npz)")
+    p.add_argument("--metric", help="score by this metric (default: the one the file was converted with)")
+    p.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS",
+                   help="the axis of input NAME that holds the samples (repeatable)")
+    p.add_argument("--shared", action="append", default=[], metavar="NAME",
+                   help="input NAME's array is fed whole to every sample (repeatable)")
+    p.add_argument("--max-drop", type=float, help="judge the loss against this (default: the file's own)")
     _add_memory_budget(p)
     p.set_defaults(func=cmd_verify)
     for name in sorted(plugin_commands()):

@@ -35,13 +35,22 @@ class ComparisonReport:
 
 
 def load_inputs(data_path: str | os.PathLike, session: onnxruntime.InferenceSession) -> dict[str, np.ndarray]:
-    """The npz arrays for the session's inputs; one clear error if one is missing."""
-    with np.load(data_path, allow_pickle=False) as data:
+    """The npz arrays for the session's inputs, floats cast to the input's float type; one clear
+    error if the file is not an .npz or an input is missing."""
+    data = np.load(data_path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{data_path}: not an .npz of named arrays (one per model input)")
+    with data:
         names = [i.name for i in session.get_inputs()]
         missing = [n for n in names if n not in data.files]
         if missing:
             raise ValueError(f"{data_path}: no array for model input {missing[0]!r} (has {sorted(data.files)})")
-        return {n: data[n] for n in names}
+        floats = {i.name: _FLOAT_INPUTS[i.type] for i in session.get_inputs() if i.type in _FLOAT_INPUTS}
+        return {n: data[n].astype(floats[n], copy=False) if n in floats and data[n].dtype.kind == "f" else data[n]
+                for n in names}
+
+
+_FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
 def compare_outputs(model_path: str | os.PathLike, moub_path: str | os.PathLike, data_path: str | os.PathLike,

@@ -18,7 +18,8 @@ import moub_runtime
 from moub_converters import convert
 from moub_converters.data import load_dataset
 from moub_converters.errors import DataError
-from moub_converters.metrics import output_energy
+from moub_converters.evaluate import Scorer
+from moub_converters.metrics import output_energy, quality
 
 import user_models
 
@@ -86,6 +87,34 @@ def test_a_single_logit_binary_classifier_with_labels_keeps_its_decisions(folder
     compressed = moub_runtime.InferenceSession(out).run(None, model.test)[0]
     plain = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"]).run(None, model.test)[0]
     assert np.mean((compressed > 0) != (plain > 0)) <= 0.01
+
+
+def test_sparse_independent_probabilities_are_judged_against_the_few_that_are_on(folder, tmp_path):
+    """A tagger with 32 sigmoid outputs, about 9% on: a share of all 32 decisions would let a tenth
+    of the tags that are on vanish; the changes are counted against the original's tags that are on."""
+    model = user_models.sparse_tagger(folder)
+    result = convert(model.path, data=model.search, **FAST)
+    assert result.report["metric"] == "mask" and "rarer decision" in result.report["metric_reason"]
+    out = tmp_path / "tagger.moub"
+    result.write(out)
+    compressed = moub_runtime.InferenceSession(out).run(None, model.test)[0] > 0.5
+    plain = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"]).run(None, model.test)[0] > 0.5
+    assert 0.05 < plain.mean() < 0.15
+    assert np.sum(compressed != plain) / np.sum(plain) <= 3 * 0.005
+
+
+def test_the_mask_loss_counts_changes_against_the_rarer_decision():
+    reference = np.zeros((100, 50), np.float32)
+    reference[:, 0] = 0.9  # 2% of the values on
+    lost = reference.copy()
+    lost[:50, 0] = 0.1  # half the values that were on go off: 1% of all values
+    assert quality("decision", [lost], [reference], None) == pytest.approx(0.99)
+    assert quality("mask", [lost], [reference], None) == pytest.approx(0.5)
+    scorer = Scorer(None, "mask", [reference], None, 1.0, n_samples=100)
+    score = scorer.accumulate((i, [lost[i:i + 10]]) for i in range(0, 100, 10))
+    assert score.loss == pytest.approx(0.5) and score.quality == pytest.approx(0.5)
+    early = scorer.accumulate(((i, [lost[i:i + 10]]) for i in range(0, 100, 10)), max_loss=0.05)
+    assert not early.complete and early.loss > 0.05
 
 
 def test_a_model_with_two_heads_scores_both(folder, tmp_path):

