@@ -20,7 +20,7 @@ from .binning import REPRESENTATIVES
 from .data import DEFAULT_BATCH_SIZE
 from .errors import OptionError
 from .evaluate import STRATEGIES
-from .metrics import METRICS, user_metrics
+from .metrics import user_metrics
 from .uniform import RAM_LEVEL_LIMITS
 
 MAX_DROP = 0.005
