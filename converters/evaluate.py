@@ -40,7 +40,7 @@ from moub_runtime.sites import tensor_sites
 from .data import Dataset, model_inputs
 from .errors import ModelError, OptionError
 from .intake import Pool, PoolSite, is_main_graph
-from .metrics import METRICS, Accumulator, Heads, HeadsAccumulator, output_energy, rarer_decisions
+from .metrics import METRICS, Accumulator, Heads, HeadsAccumulator, channel_energy, output_energy, rarer_decisions
 
 STRATEGIES = ("auto", "inputs", "initializers", "serialize")
 WEIGHT_SUFFIX = "__moub_weight"
@@ -371,6 +371,8 @@ class Scorer:
         units = (int(np.prod(first.shape[:-1])) if info.top1 else rarer_decisions(first) if info.rarer_units
                  else int(first.size) if info.elementwise else self.n_samples)
         classes = int(first.shape[-1]) if first.ndim else 0
+        if info.channel_energy:
+            return units, classes, channel_energy(first)
         return units, classes, output_energy(reference, reference)[1] if METRICS[metric].energy else 0.0
 
     def _guarded(self, metric: str, units: int, classes: int, energy: float) -> Accumulator:

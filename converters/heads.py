@@ -61,6 +61,24 @@ def _values_per_sample(shape: Sequence[int], samples: int) -> int:
     return total // samples if samples and total % samples == 0 else total
 
 
+# Channels of one output whose RMS differ this much are judged each on its own scale: a relative L2
+# error over the whole output would let the quiet ones (scores beside pixel boxes) change freely.
+MIN_CHANNEL_SPREAD = 10.0
+MAX_CHANNELS = 4096
+
+
+def channel_spread(reference: np.ndarray) -> float:
+    """Largest over smallest RMS of the channels on axis 1 (rows-first ``[N, C, ...]`` with more
+    values per channel than one), 1.0 where there are no such channels or a channel is silent."""
+    if reference.ndim < 3 or reference.dtype.kind != "f" or not 2 <= reference.shape[1] <= MAX_CHANNELS:
+        return 1.0
+    x = np.asarray(reference, dtype=np.float64)
+    rms = np.sqrt(np.mean(np.square(np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)), axis=1))
+    if not np.all(np.isfinite(rms)) or rms.min() <= 0:
+        return 1.0
+    return float(rms.max() / rms.min())
+
+
 def choose_head(name: str, index: int, producer: str, reference: np.ndarray, samples: int,
                 labels: np.ndarray | None) -> Head:
     """The metric for one output from what makes it and the original's values (``reference``: the
@@ -89,6 +107,11 @@ def choose_head(name: str, index: int, producer: str, reference: np.ndarray, sam
     if producer in ("Gemm", "MatMul", "Add") and reference.ndim == 2 and 2 <= classes <= MAX_CLASSES:
         return Head(name, index, "agreement", f"{classes} scores from a final linear layer: top-1 agreement "
                                               "(use --metric l2 if they are features, not classes)")
+    spread = channel_spread(reference)
+    if spread >= MIN_CHANNEL_SPREAD:
+        return Head(name, index, "channels", f"{per_sample} values per sample whose channels (axis 1, "
+                    f"{reference.shape[1]}) differ {spread:.0f}x in scale (boxes beside scores): relative L2 error "
+                    "per channel, the worst decides")
     if per_sample == 1:
         return Head(name, index, "l2", "one value per sample, no labels: a regression value, relative L2 error "
                                        "(give 0/1 labels if it is a binary logit)")

@@ -107,6 +107,24 @@ def rarer_decisions(reference: np.ndarray, threshold: float = PROBABILITY_THRESH
     return max(1, min(on, int(np.size(reference)) - on))
 
 
+CHANNEL_FLOOR = 1e-6  # a channel's energy per value counts as at least this share of the loudest channel's (RMS 0.1%)
+
+
+def channel_energy(outputs: np.ndarray) -> np.ndarray:
+    """Sum of squares per channel (axis 1 of rows-first outputs ``[N, C, ...]``), float64."""
+    x = np.asarray(outputs, dtype=np.float64)
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    return np.einsum("ncv,ncv->c", x, x)
+
+
+def channel_loss(err: np.ndarray, energy: np.ndarray) -> float:
+    """The largest relative L2 error over the channels, each against its own energy, a quiet channel
+    against a floor of :data:`CHANNEL_FLOOR` times the loudest one's (a dead channel decides nothing)."""
+    floor = np.maximum(energy, CHANNEL_FLOOR * float(energy.max(initial=0.0)))
+    ratio = np.where(floor > 0, err / np.where(floor > 0, floor, 1.0), np.where(err > 0, 1.0, 0.0))
+    return float(np.sqrt(ratio.max(initial=0.0)))
+
+
 def macro_f1(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
     """Macro F1 over the classes that occur in the labels or the predictions."""
     pred, truth = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
@@ -146,6 +164,7 @@ class Metric:
     elementwise: bool = False  # a unit is each value of the first output (a decision per value)
     threshold: float | None = None  # an elementwise decision's threshold (its margin is the distance to it)
     rarer_units: bool = False  # the loss counts changed decisions against the original's rarer decision, not all values
+    channel_energy: bool = False  # relative L2 error per channel of axis 1, the worst channel decides
 
     @property
     def confirm(self) -> str:
@@ -171,6 +190,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            counts_units=True, lost_unit="changed sign", elementwise=True, threshold=0.0),
     Metric("mask", "decisions at 0.5 that change, as a share of the original's rarer decision (the values "
            "that are on in a sparse map)", _decisions_at(PROBABILITY_THRESHOLD), elementwise=True, rarer_units=True),
+    Metric("channels", "the largest relative L2 error over the channels of axis 1, each on its own scale (boxes in "
+           "pixels beside scores in [0, 1])", None, channel_energy=True),
     Metric("heads", "the largest loss over the output heads, each judged by its own metric", None, composite=True),
 )}
 
@@ -231,6 +252,9 @@ def check_metric(metric: str, labels: np.ndarray | None, reference: Sequence[np.
             raise DataError(f"--metric {metric}: labels span {labels.min()}..{labels.max()}, the model has {first.shape[-1]} classes")
     elif info.top1 and (first.dtype.kind != "f" or first.ndim < 2 or first.shape[-1] < 2):
         raise DataError(f"--metric {metric} needs class scores on the first output's last axis, got shape {list(first.shape)}")
+    elif info.channel_energy and (first.dtype.kind != "f" or first.ndim < 2):
+        raise DataError(f"--metric {metric} needs a float first output with channels on axis 1, got shape "
+                        f"{list(first.shape)}")
     elif not info.top1 and not any(o.dtype.kind == "f" and o.ndim >= 1 for o in reference):
         raise DataError(f"--metric {metric} needs at least one float output with a sample axis")
 
@@ -306,10 +330,21 @@ class Accumulator:
         self.deficit_sum = 0.0
         self.units = 0
         self.rarer_units = METRICS[metric].rarer_units
+        self.channels = METRICS[metric].channel_energy
+        if self.channels:  # ``total_energy`` is then the reference's energy per channel
+            self.channel_err = np.zeros_like(np.asarray(total_energy, dtype=np.float64))
+            self.channel_ref = np.zeros_like(self.channel_err)
         self._pred: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
 
     def add(self, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> None:
+        if self.channels:
+            got = np.asarray(outputs[0], dtype=np.float64)
+            ref = np.asarray(reference[0], dtype=np.float64)
+            self.channel_err += channel_energy(np.where(np.isfinite(got), got - ref, np.abs(ref) + 1.0))
+            self.channel_ref += channel_energy(ref)
+            self.units += int(ref.shape[0])
+            return
         if self.energy:
             err, energy = output_energy(outputs, reference)
             self.err_sum += err
@@ -339,9 +374,13 @@ class Accumulator:
         """A whole-set metric is known only at the end: no bound before it."""
         if self.energy:
             return _relative(self.err_sum, self.total_energy)
+        if self.channels:
+            return channel_loss(self.channel_err, np.asarray(self.total_energy, dtype=np.float64))
         return 0.0 if self.whole_score is not None else self.deficit_sum / self.total_units
 
     def value(self) -> float:
+        if self.channels:
+            return 1.0 - channel_loss(self.channel_err, self.channel_ref)
         if self.energy:
             return 1.0 - _relative(self.err_sum, self.energy_sum)
         if self.rarer_units:  # ``total_units`` counts the rarer decisions: the changes are judged against them
@@ -364,6 +403,8 @@ class Accumulator:
         """The tolerance measure as measured, without a guard."""
         if self.energy:
             return _relative(self.err_sum, self.energy_sum)
+        if self.channels:
+            return channel_loss(self.channel_err, self.channel_ref)
         if self.whole_score is not None:
             return quality_original - self.value()
         if self.rarer_units:
@@ -383,6 +424,10 @@ def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.n
         return min(quality(m, [outputs[i]], [reference[i]], labels if i == 0 else None) for i, m in heads)
     if METRICS[metric].energy:
         return 1.0 - _relative(*output_energy(outputs, reference))
+    if METRICS[metric].channel_energy:
+        got, ref = np.asarray(outputs[0], dtype=np.float64), np.asarray(reference[0], dtype=np.float64)
+        return 1.0 - channel_loss(channel_energy(np.where(np.isfinite(got), got - ref, np.abs(ref) + 1.0)),
+                                  channel_energy(ref))
     whole_score = METRICS[metric].whole_score
     if whole_score is not None:
         return whole_score(np.argmax(outputs[0], axis=-1), labels, outputs[0].shape[-1])

@@ -226,3 +226,24 @@ def test_no_count_of_broken_samples_for_rows_that_are_not_samples(folder, tmp_pa
     model = user_models.sequence_lstm(folder)
     result = convert(model.path, data=model.search, metric="agreement", outputs=("tags",), **FAST)
     assert result.report["resolution"] is None and "check" not in result.closing_table()
+
+
+def test_a_detector_head_is_judged_per_channel_on_its_own_scale():
+    """Boxes in pixels beside class scores below 1 (a raw YOLO head ``[N, 4 + C, anchors]``): a
+    relative L2 error over the whole output hardly sees the scores; each channel on its own scale does."""
+    from moub_converters.heads import choose_head
+
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.uniform(0, 320, (40, 4, 100)), rng.uniform(0, 0.05, (40, 6, 100))], 1)
+    reference = reference.astype(np.float32)
+    broken = reference.copy()
+    broken[:, 4:] = 0.3  # every anchor now scores 0.3 in every class
+    assert 1 - quality("l2", [broken], [reference], None) < 0.005
+    assert 1 - quality("channels", [broken], [reference], None) > 0.5
+    head = choose_head("output0", 0, "Concat", reference, 40, None)
+    assert head.metric == "channels" and "differ" in head.reason
+    scorer = Scorer(None, "channels", [reference], None, 1.0, n_samples=40)
+    score = scorer.accumulate(((i, [broken[i:i + 8]]) for i in range(0, 40, 8)), max_loss=0.01)
+    assert not score.complete and score.loss > 0.01
+    same = scorer.accumulate((i, [reference[i:i + 8]]) for i in range(0, 40, 8))
+    assert same.complete and same.loss == 0.0
