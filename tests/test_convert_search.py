@@ -288,7 +288,7 @@ def test_every_metric_is_declared_whole_in_the_registry():
     from moub_converters.cli import build_convert_parser
     from moub_converters.metrics import METRICS, unit_scores
 
-    assert list(METRICS) == ["accuracy", "f1", "agreement", "cosine", "rel-l2", "l2", "decision", "logit-decision", "mask", "heads"]
+    assert list(METRICS) == ["accuracy", "f1", "agreement", "cosine", "rel-l2", "l2", "decision", "logit-decision", "mask", "channels", "heads"]
     scores = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
     labels = np.array([0, 1, 2, 1])
     for name, metric in METRICS.items():
