@@ -293,7 +293,8 @@ def test_every_metric_is_declared_whole_in_the_registry():
     labels = np.array([0, 1, 2, 1])
     for name, metric in METRICS.items():
         assert metric.name == name and metric.loss_measure
-        kinds = (metric.unit_scores is not None, metric.whole_score is not None, metric.energy, metric.composite)
+        kinds = (metric.unit_scores is not None, metric.whole_score is not None, metric.energy, metric.composite,
+                     metric.channel_energy)
         assert sum(kinds) == 1, name
         if metric.composite:
             continue
