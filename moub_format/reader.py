@@ -846,20 +846,9 @@ class MoubFile:
         working memory. A one-member pack decodes straight to its final values
         (offset and scale folded into the per-symbol table: the same bits, no second pass).
         """
-        lookup = dtype_of.get if isinstance(dtype_of, Mapping) else dtype_of
+        dtype_at = _site_dtypes(dtype_of)
 
-        def dtype_at(site: int) -> int:
-            dtype = lookup(site) if lookup is not None else None
-            return dtypes.FLOAT if dtype is None else dtype
-
-        packs = list(self.index.packs)
-        i = 0
-        while i < len(packs):
-            window, elements = [], 0
-            while i < len(packs) and (not window or elements < self.batch_elements):
-                window.append(packs[i])
-                elements += packs[i].n_elements
-                i += 1
+        for window in self._pack_windows():
             keys = [
                 (dtype_at(p.sites[0]), p.scales[0], p.member_offsets[0]) if len(p.sites) == 1 else dtypes.FLOAT
                 for p in window
@@ -897,11 +886,7 @@ class MoubFile:
         per-symbol table); a pack of several decodes once to the grid's integers in the
         narrowest of int16 and int32 that holds them, then each member is shifted and
         narrowed, or scaled to its values."""
-        lookup = dtype_of.get if isinstance(dtype_of, Mapping) else dtype_of
-
-        def dtype_at(site: int) -> int:
-            dtype = lookup(site) if lookup is not None else None
-            return dtypes.FLOAT if dtype is None else dtype
+        dtype_at = _site_dtypes(dtype_of)
 
         def key_of(pack: PackInfo, plans: list) -> ValueKey:
             if not any(plans):
@@ -912,14 +897,7 @@ class MoubFile:
             fits = -(1 << 15) <= low and high < (1 << 15)
             return Levels("<i2" if fits else "<i4", 0)
 
-        packs = list(self.index.packs)
-        i = 0
-        while i < len(packs):
-            window, elements = [], 0
-            while i < len(packs) and (not window or elements < self.batch_elements):
-                window.append(packs[i])
-                elements += packs[i].n_elements
-                i += 1
+        for window in self._pack_windows():
             plans = {}
             for pack in window:
                 integers = self.integer_codebook(pack.codebook)
@@ -946,6 +924,18 @@ class MoubFile:
                     yield member, out, zero_point
                     del out
                 del values
+
+    def _pack_windows(self) -> Iterator[list[PackInfo]]:
+        """The packs in index order, in windows of about ``batch_elements`` elements decoded together."""
+        packs = list(self.index.packs)
+        i = 0
+        while i < len(packs):
+            window, elements = [], 0
+            while i < len(packs) and (not window or elements < self.batch_elements):
+                window.append(packs[i])
+                elements += packs[i].n_elements
+                i += 1
+            yield window
 
     def integer_codebook(self, codebook: int) -> bool:
         """Whether every value of a codebook is an integer: a grid, or an explicit codebook of
@@ -979,6 +969,17 @@ def _add_offset(values: np.ndarray, offset: int, out: np.ndarray | None = None) 
         return exact
     out[...] = exact
     return out
+
+
+def _site_dtypes(dtype_of: Mapping[int, int] | Callable[[int], int] | None) -> Callable[[int], int]:
+    """Site ordinal -> the ONNX dtype its values are restored to (float32 where ``dtype_of`` does not say)."""
+    lookup = dtype_of.get if isinstance(dtype_of, Mapping) else dtype_of
+
+    def dtype_at(site: int) -> int:
+        dtype = lookup(site) if lookup is not None else None
+        return dtypes.FLOAT if dtype is None else dtype
+
+    return dtype_at
 
 
 def scale_member(values: np.ndarray, scale: float, dtype: int, offset: int = 0) -> np.ndarray:
