@@ -26,7 +26,7 @@ weights and data always give the same outputs, whichever process runs them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -44,6 +44,7 @@ from .metrics import METRICS, Accumulator, Heads, HeadsAccumulator, channel_ener
 
 STRATEGIES = ("auto", "inputs", "initializers", "serialize")
 WEIGHT_SUFFIX = "__moub_weight"
+UNNAMED = -1  # an output's sample axis before it is found by running the model
 
 
 def session_options(optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.SessionOptions:
@@ -165,12 +166,32 @@ class OutputLayout:
         moves = []
         for output in outputs:
             params = [d.dim_param or None for d in output.type.tensor_type.shape.dim]
-            moves.append(next((axis for axis, p in enumerate(params) if p in sample_params), 0))
+            moves.append(next((axis for axis, p in enumerate(params) if p in sample_params), UNNAMED))
         return cls(moves)
+
+    @property
+    def unresolved(self) -> list[int]:
+        """Outputs whose declared shape names no sample axis."""
+        return [i for i, move in enumerate(self.moves) if move == UNNAMED]
+
+    def resolved(self, one: Sequence[np.ndarray] | None = None, three: Sequence[np.ndarray] | None = None) -> OutputLayout:
+        """The sample axis of each unresolved output from its shapes on one and on three samples:
+        the first axis that grows threefold (a recurrent state [layers, N, hidden] whose layers
+        equal the batch size cannot be told apart by one shape), else axis 0."""
+        moves = list(self.moves)
+        for i in self.unresolved:
+            if one is None or three is None:
+                moves[i] = 0
+                continue
+            a, b = np.shape(one[i]), np.shape(three[i])
+            grows = [axis for axis in range(min(len(a), len(b))) if b[axis] == 3 * a[axis] and a[axis] > 0]
+            moves[i] = grows[0] if len(a) == len(b) and grows else 0
+        return OutputLayout(moves)
 
     def __call__(self, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         normal = []
         for array, move in zip(outputs, self.moves):
+            move = 0 if move == UNNAMED else move
             if move is None:
                 array = array.reshape(-1, array.shape[-1]) if array.ndim >= 2 else array.reshape(-1, 1)
             elif move and array.ndim > move:
@@ -219,6 +240,24 @@ class Evaluator:
         self.output_names = list(outputs) or names
         self.layout = OutputLayout.of(model, dataset, self.output_names)
         self.runs = 0
+        if self.layout.unresolved:
+            self.layout = self._found_layout(model)
+
+    def _found_layout(self, model: onnx.ModelProto) -> OutputLayout:
+        """The layout with each unnamed sample axis found by running the original on one and on
+        three samples; axis 0 where the model cannot take those batches (a fixed batch size)."""
+        layout, self.layout = self.layout, OutputLayout([0] * len(self.output_names))
+        try:
+            if self.dataset.n_samples < 3:
+                return layout.resolved()
+            arrays = original_arrays(model, self.pool)
+            runs = [next(self.iter_outputs(arrays, replace(self.dataset.take(np.arange(k)), batch_size=k)))[1]
+                    for k in (1, 3)]
+            return layout.resolved(*runs)
+        except Exception:  # onnxruntime's own error types: the model cannot run such a batch
+            return layout.resolved()
+        finally:
+            self.runs = 0
 
     # -- onnxruntime plumbing
     def _new_session(self, graph_bytes: bytes, options: ort.SessionOptions) -> ort.InferenceSession:

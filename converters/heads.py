@@ -37,23 +37,46 @@ class Head:
     threshold: float | None = None
 
 
+# A mean, maximum or minimum of probabilities is still a probability the user thresholds (a
+# frame's speech probability averaged over its windows).
+_PROBABILITY_KEEPING = frozenset({"ReduceMean", "ReduceMax", "ReduceMin"})
+
+
 def producers(model: onnx.ModelProto) -> dict[str, str]:
     """Output name -> op type of the first node that computes its values (layout ops looked
-    through), or "" for an output that is a graph input or an initializer."""
-    made_by = {name: node for node in model.graph.node for name in node.output}
-    found = {}
-    for output in model.graph.output:
-        name, op = output.name, ""
-        for _ in range(len(model.graph.node) + 1):
-            node = made_by.get(name)
-            if node is None:
-                break
-            op = node.op_type
-            if op not in _LAYOUT_OPS or not node.input:
-                break
-            name = node.input[0]
-        found[output.name] = op
-    return found
+    through, an ``If`` whose branches both end in the same op type counted as that op, a mean or
+    extreme of Sigmoid or Softmax outputs counted as the Sigmoid or Softmax), or "" for an output
+    that is a graph input or an initializer."""
+    scopes = [_made_by(model.graph)]
+    return {output.name: _producer(output.name, scopes) for output in model.graph.output}
+
+
+def _made_by(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _producer(name: str, scopes: list[dict[str, onnx.NodeProto]]) -> str:
+    """``scopes``: the node of each value name, innermost graph last (a branch reads the values
+    of the graphs around it)."""
+    op = ""
+    for _ in range(sum(map(len, scopes)) + 1):
+        node = next((scope[name] for scope in reversed(scopes) if name in scope), None)
+        if node is None:
+            break
+        op = node.op_type
+        if op == "If" and len(scopes) < 8:
+            position = list(node.output).index(name)
+            branches = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            ops = {_producer(g.output[position].name, [*scopes, _made_by(g)]) for g in branches
+                   if position < len(g.output)}
+            return ops.pop() if len(ops) == 1 and len(branches) == 2 else op
+        if op in _PROBABILITY_KEEPING and node.input:
+            inner = _producer(node.input[0], scopes)
+            return inner if inner in ("Sigmoid", "Softmax") else op
+        if op not in _LAYOUT_OPS or not node.input:
+            break
+        name = node.input[0]
+    return op
 
 
 def _values_per_sample(shape: Sequence[int], samples: int) -> int:

@@ -247,3 +247,49 @@ def test_a_detector_head_is_judged_per_channel_on_its_own_scale():
     assert not score.complete and score.loss > 0.01
     same = scorer.accumulate((i, [reference[i:i + 8]]) for i in range(0, 40, 8))
     assert same.complete and same.loss == 0.0
+
+
+def _without_dim_names(source: Path, target: Path) -> Path:
+    """``source`` with every input and output dimension unnamed, as exporters that trace one
+    shape leave them (silero-vad: input [?, ?], state [2, ?, 128], stateN [?, ?, ?])."""
+    model = onnx.load(str(source))
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.ClearField("dim_param")
+    onnx.save(model, str(target))
+    return target
+
+
+def test_a_state_whose_sample_axis_has_no_name_is_found_by_running_the_model(folder, tmp_path):
+    # The state's two layers equal the batch of two samples the converter runs: only a run on
+    # one and on three samples tells its sample axis (axis 1) from its layer axis.
+    model = user_models.streaming_vad(folder)
+    unnamed = _without_dim_names(model.path, tmp_path / "vad-unnamed.onnx")
+    result = convert(unnamed, data=model.search, batch_size=2, **FAST)
+    assert result.report["search"]["method"] != "lossless"
+    assert result.report["loss"] <= 0.005
+    out = tmp_path / "vad.moub"
+    result.write(out)
+    assert _held_out_l2(out, model.path, model.test) <= 2 * 0.005
+
+
+def test_a_probability_averaged_inside_branches_is_judged_by_its_decisions():
+    from onnx import TensorProto, helper
+
+    from moub_converters.heads import producers
+
+    def branch(name: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("Sigmoid", ["x"], [f"{name}_p"]),
+                 helper.make_node("ReduceMean", [f"{name}_p"], [f"{name}_out"], axes=[1], keepdims=1)]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["prob"], then_branch=branch("then"), else_branch=branch("else")),
+         helper.make_node("Softmax", ["x"], ["scores"]),
+         helper.make_node("ReduceMean", ["x"], ["mean"], axes=[1], keepdims=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+              helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("prob", "scores", "mean")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert producers(model) == {"prob": "Sigmoid", "scores": "Softmax", "mean": "ReduceMean"}
