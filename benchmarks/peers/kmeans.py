@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from .. import config as C
-from . import Candidate, Context, sweep
+from . import Candidate, Context, Unavailable, sweep
 from .weights import fill, load_lifted, pack_graph, pool_arrays, pool_names, strip, unpack_graph
 
 METHOD = "1-D k-means + Huffman (one codebook)"
@@ -166,6 +166,8 @@ def decode(blob: bytes) -> onnx.ModelProto:
 
 def run(ctx: Context) -> list[Candidate]:
     model = load_lifted(ctx.onnx_path)
+    if not pool_names(model):
+        raise Unavailable(f"no float32/float16 weight tensor of >= {C.MIN_ELEMENTS} values to code")
 
     def one(k: int) -> Candidate:
         t = time.perf_counter()

@@ -107,6 +107,8 @@ def run(ctx: Context) -> list[Candidate]:
                           "(`make bench` or `python -m benchmarks.peers.nncodec` does)")
     setup_s = ensure_venv()
     model = load_lifted(ctx.onnx_path)
+    if not pool_names(model):
+        raise Unavailable(f"no float32/float16 weight tensor of >= {C.MIN_ELEMENTS} values to code")
     t = time.perf_counter()
     names = pool_names(model)
     arrays = pool_arrays(model)

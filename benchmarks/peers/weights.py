@@ -1,8 +1,10 @@
 """ONNX weight plumbing shared by the lossy peers, so each compresses exactly the same tensors.
 
-The PP-OCR models keep every weight in `Constant` nodes (no initializers at all); onnxruntime's
-quantizer and most tools only look at initializers, so constants are lifted first (lossless).
-The weight pool is every float32 initializer with at least MIN_ELEMENTS values, as in moub.
+The PP-OCR models keep every weight in `Constant` nodes (no initializers at all), and recurrent models
+such as silero-vad keep theirs in `Constant` nodes inside `If` branches; onnxruntime's quantizer and
+most tools only look at the main graph's initializers, so constants are lifted there first (lossless:
+a subgraph reads outer-scope names). The weight pool is every float32 or float16 initializer with at
+least MIN_ELEMENTS values, as in moub; float16 values are coded as float32 and stored back as float16.
 """
 from __future__ import annotations
 
@@ -15,23 +17,34 @@ from onnx import numpy_helper
 from .. import config as C
 
 
+POOLED_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
 def lift_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose main-graph `Constant` nodes holding a tensor are initializers instead."""
+    """A copy whose `Constant` nodes holding a tensor, in the main graph or any subgraph, are
+    main-graph initializers instead."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    _lift(out.graph, out.graph)
+    return out
+
+
+def _lift(graph: onnx.GraphProto, main: onnx.GraphProto) -> None:
     keep = []
-    for node in out.graph.node:
+    for node in graph.node:
         attr = {a.name: a for a in node.attribute}
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and set(attr) == {"value"}:
             tensor = onnx.TensorProto()
             tensor.CopyFrom(attr["value"].t)
             tensor.name = node.output[0]
-            out.graph.initializer.append(tensor)
-        else:
-            keep.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(keep)
-    return out
+            main.initializer.append(tensor)
+            continue
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _lift(sub, main)
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
 
 
 def load_lifted(path: Path) -> onnx.ModelProto:
@@ -41,12 +54,14 @@ def load_lifted(path: Path) -> onnx.ModelProto:
 def pool_names(model: onnx.ModelProto) -> list[str]:
     """Initializers in the weight pool, in graph order."""
     return [t.name for t in model.graph.initializer
-            if t.data_type == onnx.TensorProto.FLOAT and _numel(t) >= C.MIN_ELEMENTS]
+            if t.data_type in POOLED_TYPES and _numel(t) >= C.MIN_ELEMENTS]
 
 
 def pool_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The pool's values as float32 (float16 ones widened exactly)."""
     names = set(pool_names(model))
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+    return {t.name: numpy_helper.to_array(t).astype(np.float32)
+            for t in model.graph.initializer if t.name in names}
 
 
 def strip(model: onnx.ModelProto, names: list[str]) -> bytes:
@@ -58,6 +73,7 @@ def strip(model: onnx.ModelProto, names: list[str]) -> bytes:
         if t.name in wanted:
             t.ClearField("raw_data")
             t.ClearField("float_data")
+            t.ClearField("int32_data")
     return out.SerializeToString()
 
 
@@ -67,7 +83,8 @@ def fill(stripped: bytes, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
     model.ParseFromString(stripped)
     for t in model.graph.initializer:
         if t.name in arrays:
-            a = np.ascontiguousarray(arrays[t.name], dtype=np.float32).reshape(tuple(t.dims))
+            dtype = np.float16 if t.data_type == onnx.TensorProto.FLOAT16 else np.float32
+            a = np.ascontiguousarray(arrays[t.name], dtype=dtype).reshape(tuple(t.dims))
             t.raw_data = a.tobytes()
     return model
 
