@@ -20,7 +20,7 @@ import numpy as np
 
 from ..fidelity import Fidelity
 from . import sources
-from .core import Memo, Samples, Split, ZooModel
+from .core import Memo, Samples, Split, ZooModel, ragged, ragged_item
 
 CANVAS = 480
 IOU = 0.5
@@ -60,6 +60,12 @@ def matches(ref: list[dict], est: list[dict]) -> int:
     return n
 
 
+def _decode(jpeg: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.imdecode(np.ascontiguousarray(jpeg, np.uint8), cv2.IMREAD_COLOR)
+
+
 class NudeNetYolov8(ZooModel):
     name = "nudenet"
     title = "NudeNet 320n (YOLOv8n detector)"
@@ -72,7 +78,11 @@ class NudeNetYolov8(ZooModel):
                    "faces (skimage.data.lfw_subset) pasted in; the package's _read_image")
     criterion = "detection F1 at IoU 0.5, same class, after the package's postprocess+NMS, against the shipped model"
     pass_rule = "detection F1 >= 99%"
-    settings = {"images": 96, "canvas": CANVAS}
+    # The pass rule counts detections: with 96 images the test split held 82, so F1 >= 99% allowed no
+    # error at all, and detections within 0.001 of the package's 0.25 score threshold decided every
+    # row. 480 images give 416 test detections (four errors allowed); they are kept as JPEG
+    # bytes (quality 95), and the feeds are made from the decoded pixels.
+    settings = {"images": 480, "canvas": CANVAS, "jpeg_quality": 95}
 
     def __init__(self) -> None:
         self._memo = Memo()
@@ -111,15 +121,18 @@ class NudeNetYolov8(ZooModel):
     def build(self) -> Samples:
         from nudenet.nudenet import _read_image
 
-        images = self.images()
-        feeds = [{"images": _read_image(img, 320)[0].astype(np.float32)} for img in images]
-        return Samples(feeds, np.arange(len(images)), {"images": np.stack(images)})
+        import cv2
+
+        quality = [int(cv2.IMWRITE_JPEG_QUALITY), self.settings["jpeg_quality"]]
+        encoded = [cv2.imencode(".jpg", img, quality)[1].ravel() for img in self.images()]
+        feeds = [{"images": _read_image(_decode(jpg), 320)[0].astype(np.float32)} for jpg in encoded]
+        return Samples(feeds, np.arange(len(encoded)), ragged(encoded, "jpeg"))
 
     def _detections(self, model_path: Path, test: Split) -> list[list[dict]]:
         from nudenet import NudeDetector
 
         det = NudeDetector(model_path=str(model_path))
-        return [det.detect(test.side["images"][g]) for g in test.group_ids]
+        return [det.detect(_decode(ragged_item(test.side, "jpeg", g))) for g in test.group_ids]
 
     def score(self, candidate: Path, test: Split) -> Fidelity:
         ref = self._memo.get((self.name, test.name), lambda: self._detections(self.path(), test))
