@@ -170,6 +170,12 @@ class Metric:
     def confirm(self) -> str:
         return self.confirmed_as or self.name
 
+    @property
+    def judges_margins(self) -> bool:
+        """Judged by decisions made one per row (top-1, or one value against a threshold): what
+        moves them is a margin in the logits, not the size of a probability."""
+        return self.top1 or self.threshold is not None
+
 
 # A label metric is confirmed by agreement with the original: a prediction that changes either
 # way (a right one lost, or a wrong one "fixed") shows a decision boundary that unseen samples

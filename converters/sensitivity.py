@@ -4,6 +4,12 @@ For every pooled tensor ``t`` the model runs once (on a few samples) with only
 that tensor quantized at a test step ``s_t = sigma_t * TEST_STEP``; the relative
 squared error of the outputs, ``D_t``, divided by ``s_t^2`` is its sensitivity
 ``a_t`` (for small uniform noise the distortion grows with the step squared).
+The error is measured where the outputs' decisions are made and on each output's own
+scale: a probability judged by one decision per row (top-1, a threshold) as log-odds, since a
+confident probability hides the margin its logits lose; every output (and every channel of an
+output judged per channel) against its own energy, the mean of those ratios deciding
+(docs/decisions/0055). A map of probabilities stays in probabilities: its saturated
+background, far from any decision, would outweigh the values near the threshold.
 A few tensors dominate the error; the steps these give (``uniform.allocate_steps``)
 put the fine steps there, and need fewer bits than one step for all tensors at the
 same fidelity (docs/decisions/0005).
@@ -25,6 +31,7 @@ import numpy as np
 
 from . import bias_correction
 from .evaluate import reference_rows
+from .metrics import CHANNEL_FLOOR, METRICS, channel_energy
 from .session import ConversionSession
 from .uniform import SiteStats, dequantize, quantize
 from .workers import Mapper
@@ -33,6 +40,7 @@ TEST_STEP = 2.0 ** -4       # test step, in units of the tensor's sigma: near th
 SAMPLE_BUDGET = 2.4e14      # sensitivity work: samples x input values per sample x pooled weights x tensors
 MIN_SAMPLES, MAX_SAMPLES = 1, 32
 SMALL_TENSOR = 1024          # below this, a tensor's step is never coarser than the typical one
+TINY = 1e-30                 # probabilities are floored here before their logarithm
 
 def relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float]:
     """(sum of squared errors, sum of squared reference values) over the float outputs."""
@@ -46,6 +54,23 @@ def relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray
     return err, energy
 
 
+def log_odds(outputs: Sequence[np.ndarray], kinds: Sequence[str]) -> list[np.ndarray]:
+    """Probability outputs as the scores their decisions compare: a Softmax's log-probabilities
+    centred over its classes (the logits up to a shift), a Sigmoid's log-odds; other outputs as
+    they are. A confident probability barely moves when its logits move, so its squared error
+    says little about the margins that decide top-1 or a threshold."""
+    out = []
+    for o, kind in zip(outputs, kinds):
+        if o.dtype.kind == "f" and kind == "Softmax":
+            o = np.log(np.maximum(np.asarray(o, np.float64), TINY))
+            o = o - o.mean(axis=-1, keepdims=True)
+        elif o.dtype.kind == "f" and kind == "Sigmoid":
+            p = np.clip(np.asarray(o, np.float64), TINY, 1.0 - 2.0 ** -53)
+            o = np.log(p) - np.log1p(-p)
+        out.append(o)
+    return out
+
+
 def site_distortion(session: ConversionSession, task: tuple[int, float, int]) -> dict:
     """Relative output error with only pool site ``task[0]`` quantized at step ``task[1]``,
     on ``task[2]`` samples spread over the data (a module-level function: it runs in workers)."""
@@ -57,12 +82,39 @@ def site_distortion(session: ConversionSession, task: tuple[int, float, int]) ->
     levels = quantize(pool.values[site.start : site.stop], np.float32(step))
     arrays[site.path] = dequantize(levels, np.float32(step), site.dtype).reshape(site.dims)
     arrays = bias_correction.arrays_with_bias(pool, session.calibration.corrector, number, arrays[site.path], arrays)
-    err = energy = 0.0
     rows = [0] * len(reference)  # output rows, which need not be samples (see subset_reference)
+    kinds = [kind if metric in METRICS and METRICS[metric].judges_margins else ""
+             for kind, metric in zip(session.output_kinds, session.output_metrics)]
+    per_channel = session.per_channel_outputs
+    err: list = [0.0] * len(reference)
+    energy: list = [0.0] * len(reference)
     for _, outputs in session.scorer.evaluator.iter_outputs(arrays, dataset):
-        e, en = relative_error(outputs, reference_rows(reference, outputs, rows))
-        err, energy = err + e, energy + en
-    return {"site": number, "distortion": err / energy if energy > 0 else err, "units": dataset.n_samples, "stopped": None}
+        picked = reference_rows(reference, outputs, rows)
+        for i, (o, r) in enumerate(zip(log_odds(outputs, kinds), log_odds(picked, kinds))):
+            if r.dtype.kind != "f":
+                continue
+            r64 = np.asarray(r, np.float64)
+            d = np.asarray(o, np.float64) - r64
+            if i in per_channel and r64.ndim >= 2:
+                err[i] = err[i] + channel_energy(d)
+                energy[i] = energy[i] + channel_energy(r64)
+            else:
+                err[i] += float(np.sum(d * d))
+                energy[i] += float(np.sum(r64 * r64))
+    return {"site": number, "distortion": relative_distortion(err, energy), "units": dataset.n_samples, "stopped": None}
+
+
+def relative_distortion(err: Sequence, energy: Sequence) -> float:
+    """The mean over the outputs (and over the channels of an output judged per channel) of each
+    one's squared error against its own energy: the metric judges every head on its own scale, so
+    the loudest output must not decide which tensors look sensitive (a state of values near 20
+    beside a probability, pixel boxes beside scores)."""
+    ratios: list[float] = []
+    for e, en in zip(err, energy):
+        e, en = np.atleast_1d(np.asarray(e, np.float64)), np.atleast_1d(np.asarray(en, np.float64))
+        floor = np.maximum(en, CHANNEL_FLOOR * float(en.max(initial=0.0)))
+        ratios.extend(np.where(floor > 0, e / np.where(floor > 0, floor, 1.0), e).tolist())
+    return float(np.mean(ratios)) if ratios else 0.0
 
 
 def sample_count(n_samples: int, input_values_per_sample: int, n_weights: int, n_tensors: int) -> int:

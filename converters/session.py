@@ -20,13 +20,14 @@ from . import calibration
 from .calibration import Calibration
 from .data import Dataset
 from .evaluate import Evaluator, Scorer, original_arrays, subset_reference
+from .heads import producers
 from .intake import Pool
 from .options import ConvertOptions
 from .metrics import Heads
 from .split import half_scorer, is_split
 from .uniform import RAM_LEVEL_LIMITS, SiteStats, site_stats
 
-_DERIVED = ("_scorer", "_originals", "_site_stats", "_halves", "_calibration", "_subsets")
+_DERIVED = ("_scorer", "_originals", "_site_stats", "_halves", "_calibration", "_subsets", "_output_kinds")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ConversionSession:
     _halves: dict[str, Scorer] = field(default_factory=dict, repr=False)
     _calibration: Calibration | None = field(default=None, repr=False)
     _subsets: dict[int, tuple[Dataset, list[np.ndarray]]] = field(default_factory=dict, repr=False)
+    _output_kinds: list[str] | None = field(default=None, repr=False)
 
     @property
     def scorer(self) -> Scorer:
@@ -103,6 +105,25 @@ class ConversionSession:
                                          lambda: self.originals)
             self._subsets[samples] = (subset, reference)
         return self._subsets[samples]
+
+    @property
+    def output_metrics(self) -> list[str]:
+        """The metric that judges each scored output (its head's, else the conversion's)."""
+        by_head = dict(self.heads)
+        return [by_head.get(i, self.metric) if self.heads else self.metric for i in range(len(self.reference))]
+
+    @property
+    def output_kinds(self) -> list[str]:
+        """The op type that makes each scored output (``heads.producers``: "Softmax", "Sigmoid", ...)."""
+        if self._output_kinds is None:
+            made = producers(self.model)
+            self._output_kinds = [made.get(name, "") for name in self.scorer.evaluator.output_names]
+        return self._output_kinds
+
+    @property
+    def per_channel_outputs(self) -> frozenset[int]:
+        """Positions of the scored outputs the metric judges channel by channel."""
+        return frozenset(i for i, metric in enumerate(self.output_metrics) if metric == "channels")
 
     @property
     def search_max_loss(self) -> float:

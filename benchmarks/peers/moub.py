@@ -257,6 +257,9 @@ def _swept(ctx: Context) -> list[Candidate]:
     report = json.loads(base.file.with_suffix(".report.json").read_text())
     if report.get("settings", {}).get("mode") != "adaptive":
         raise Unavailable(f"--mode {mode} has no step scale to sweep")
+    if "x" not in report.get("choice", {}).get("recipe", {}):
+        raise Unavailable(f"the default wrote its lossless file ({report.get('lossless', {}).get('reason', 'no search')}): "
+                          "no step scale to sweep")
     t = time.perf_counter()
     replay = Replay.from_report(onnx.load(str(ctx.onnx_path)), ctx.search_npz, report)
     calibration_s = time.perf_counter() - t
