@@ -19,6 +19,8 @@ import sys
 import unicodedata
 from collections.abc import Sequence
 
+from .compact import COMPACT_MODES  # the package's loader imports it anyway
+
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 MAX_MEMBERS_SHOWN = 12  # pack members listed per pack by ``moub inspect`` without --json
 
@@ -182,7 +184,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     reason = unwritable_reason(args.output)
     if reason:
         return _fail(reason)
-    decode_to_onnx(args.file, args.output, _limits(args), compact=args.compact)
+    decode_to_onnx(args.file, args.output, _limits(args), compact=args.compact or False)
     print(f"wrote {printable(args.output)}")
     return EXIT_OK
 
@@ -290,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="write the runnable ONNX model with decoded weights")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--compact", action="store_true",
-                   help="keep grid-quantized weights as 8/16-bit integers behind DequantizeLinear (a smaller model in memory)")
+    p.add_argument("--compact", nargs="?", const=COMPACT_MODES[0], choices=COMPACT_MODES, default=None,
+                   help="keep grid-quantized weights as 8/16-bit integers behind DequantizeLinear (a smaller model in "
+                        "memory); 'fast' (the default) keeps grouped Convs' weights float, 'smallest' holds them too")
     _add_memory_budget(p)
     p.set_defaults(func=cmd_decode)
     p = sub.add_parser("verify", help="checksums, structure, decode; optionally compare with the original")
