@@ -26,9 +26,15 @@ Targets: >= 25 M weights/s on one core; peak RSS <= 1.3 x decoded
 fp32 size + 64 MB; load time <= 2 x the plain ONNX load (judged on the wall
 time with default arguments; the one-core CPU ratio is reported beside it).
 
-Run: ``.venv/bin/python -m benchmarks.runtime [--models synthetic,magika,...]``; with ``--compact``,
-normal against compact sessions instead (``--models magika,cls --compact``).
-Writes ``benchmarks/out/runtime.json``.
+Then, per model, normal against compact sessions (``moub_runtime.InferenceSession(compact=...)``)
+on an adaptive-layout file whose levels fit int8 (as ``--ram int8`` writes): resident weight
+bytes, peak RSS above the imports, load time, latency per sample on one thread and on
+onnxruntime's default threads, which DequantizeLinear nodes onnxruntime fused into MatMulNBits
+and which run at every inference, and the outputs against the normal session.
+
+Run: ``.venv/bin/python -m benchmarks.runtime [--models synthetic,magika,...]``; ``--compact``
+for the compact section only, ``--no-compact`` without it.
+Writes ``benchmarks/out/runtime.json`` (``compact.json`` with ``--compact``).
 """
 
 from __future__ import annotations
@@ -185,10 +191,13 @@ def prepare(name: str) -> tuple[Path, Path]:
 ADAPTIVE_DIVISOR = 16.0  # step = std / this: levels spread over a few hundred values, like the adaptive mode's
 
 
-def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int = MIN_ELEMENTS):
+def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int = MIN_ELEMENTS, ram: str = "float"):
     """What the adaptive mode writes, without its search: every float tensor site with at
     least ``min_elements`` values is one pack over its own grid codebook, levels
-    ``round(x / step)`` with ``step = std / divisor``; (codebooks, packs)."""
+    ``round(x / step)`` with ``step = std / divisor``, no finer than the converter's ``--ram``
+    floor for ``ram`` (int8: every tensor's levels span at most 256 values); (codebooks, packs)."""
+    from moub_converters.uniform import RAM_LEVEL_LIMITS
+
     from moub_converters.encode import PackAssignment
     from onnx import numpy_helper
 
@@ -205,7 +214,11 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
             continue
         x = np.asarray(numpy_helper.to_array(site.tensor), dtype=np.float32).ravel()
         std = float(np.std(x.astype(np.float64)))
-        step = np.float32(std / divisor if std > 0 else 1.0)
+        step = std / divisor if std > 0 else 1.0
+        if RAM_LEVEL_LIMITS[ram] is not None:
+            span = max(float(x.max()) - float(x.min()), float(np.abs(x).max()))
+            step = max(step, span / (RAM_LEVEL_LIMITS[ram] - 2))
+        step = np.float32(step)
         levels = np.rint(x / step).astype(np.int64)
         first = int(levels.min())
         codebooks.append(GridCodebook(first, int(levels.max()) - first + 1))
@@ -213,9 +226,10 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
     return codebooks, packs
 
 
-def prepare_adaptive(name: str) -> tuple[Path, Path]:
-    """(.onnx, .moub) for a benchmark model in the adaptive layout (:func:`adaptive_packs`),
-    built and cached on first use: the files a compact session can hold as integers."""
+def prepare_adaptive(name: str, ram: str = "float") -> tuple[Path, Path]:
+    """(.onnx, .moub) for a benchmark model in the adaptive layout (:func:`adaptive_packs`, with
+    the ``--ram`` floor ``ram``), built and cached on first use: the files a compact session can
+    hold as integers."""
     import onnx
     from moub_converters.encode import encode_model
 
@@ -224,10 +238,10 @@ def prepare_adaptive(name: str) -> tuple[Path, Path]:
     onnx_path = prepare(name)[0] if name == "synthetic" else real_model_path(name)
     folder = CACHE / f"v{CACHE_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
-    moub_path = folder / f"{name}.adaptive.moub"
+    moub_path = folder / (f"{name}.adaptive.moub" if ram == "float" else f"{name}.adaptive-{ram}.moub")
     if not moub_path.exists():
         model = onnx.load(onnx_path)
-        codebooks, packs = adaptive_packs(model)
+        codebooks, packs = adaptive_packs(model, ram=ram)
         write_atomic(moub_path, encode_model(model, codebooks, {}, {"moub.benchmark": "runtime adaptive"}, packs=packs))
     return onnx_path, moub_path
 
@@ -433,6 +447,7 @@ SAMPLE_SHAPES = {"cls": (1, 3, 48, 192), "rec": (1, 3, 48, 320), "det": (1, 3, 3
 # The sessions the compact section compares: plain .onnx, normal .moub, and a .moub in each compact mode.
 SESSION_KINDS = ("onnx", "normal", "compact", "smallest")
 COMPACT_ARGUMENT = {"compact": True, "smallest": "smallest"}   # kind -> InferenceSession's compact=
+COMPACT_RAM = "int8"   # the compact section's files: levels within int8, as the converter's --ram int8 writes
 
 
 def sample_feed(name: str) -> dict[str, np.ndarray]:
@@ -494,9 +509,10 @@ def optimized_ops(moub_path: Path, compact: bool | str) -> dict:
             "dequantized_for": dict(sorted(readers.items()))}
 
 
-def compact_measure(name: str, repeats: int) -> dict:
-    """Plain .onnx, normal and compact sessions (both modes) on one model's adaptive-layout file:
-    resident weight bytes, peak RSS, load time, latency, fusions, outputs against the normal session."""
+def compact_measure(name: str, repeats: int, ram: str = COMPACT_RAM) -> dict:
+    """Plain .onnx, normal and compact sessions (both modes) on one model's adaptive-layout file
+    (``--ram`` floor ``ram``): resident weight bytes, peak RSS, load time, latency, fusions,
+    outputs against the normal session."""
     import onnxruntime
 
     import moub_runtime
@@ -504,14 +520,14 @@ def compact_measure(name: str, repeats: int) -> dict:
     from moub_runtime.loader import consumed_names
     from moub_runtime.validation import open_checked
 
-    onnx_path, moub_path = prepare_adaptive(name)
+    onnx_path, moub_path = prepare_adaptive(name, ram)
     with open_checked(moub_path) as checked:
         consumed = consumed_names(checked.model)
         plans = {kind: plan_compact(checked, consumed, compact_mode(argument)).summary(checked.members)
                  for kind, argument in COMPACT_ARGUMENT.items()}
         quantized = sum(m.count for p in checked.moub.index.packs for m in p.members)
     kinds = [k for k in SESSION_KINDS if k != "smallest" or plans["smallest"] != plans["compact"]]
-    row: dict = {"model": name, "quantized_weights": quantized, "kinds": kinds,
+    row: dict = {"model": name, "ram": ram, "quantized_weights": quantized, "kinds": kinds,
                  "plans": {k: v for k, v in plans.items() if k in kinds}}
     row["resident_weight_bytes"] = {"onnx": 4 * quantized, "normal": 4 * quantized}
     for kind, plan in row["plans"].items():
@@ -551,9 +567,11 @@ def compact_measure(name: str, repeats: int) -> dict:
 def format_compact_table(rows: list[dict]) -> list[str]:
     """One line per model and session kind, then per compact kind what it holds, what onnxruntime fused
     and how its outputs compare with the normal session's."""
+    ram = rows[0]["ram"] if rows else COMPACT_RAM
+    floor = "" if ram == "float" else f", no finer than --ram {ram}'s floor"
     lines = [
         "Normal against compact sessions (adaptive-layout files: every float tensor of >= 1024 values one pack, "
-        f"step = std/{ADAPTIVE_DIVISOR:g}). compact = compact=True ('fast': grouped Convs' weights stay float32), "
+        f"step = std/{ADAPTIVE_DIVISOR:g}{floor}). compact = compact=True ('fast': grouped Convs' weights stay float32), "
         "smallest = compact='smallest' (shown where it differs). Latency: median per sample, the sessions taking turns.",
         f"{'model':9} {'session':9} {'resident weights':>19} {'peak RSS above':>15} {'load':>8} "
         f"{'latency 1 thread':>18} {'latency default thr.':>21}",
@@ -664,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only the normal against compact sessions section (peak RSS, resident weights, load, latency, "
                              "fusions on each model's adaptive-layout file)")
     parser.add_argument("--no-compact", action="store_true", help="skip the normal against compact sessions section")
+    parser.add_argument("--ram", choices=("int8", "float"), default=COMPACT_RAM,
+                        help="the compact section's files: levels within int8 (as --ram int8 writes) or std/16 steps only")
     args = parser.parse_args(argv)
     if args.compact:
         return compact_main(args)
@@ -680,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: skipped ({exc})", file=sys.stderr)
     for line in format_table(rows):
         print(line)
-    compact_rows = [] if args.no_compact else compact_rows_for(args.models, args.repeats)
+    compact_rows = [] if args.no_compact else compact_rows_for(args.models, args.repeats, args.ram)
     if compact_rows:
         print()
         for line in format_compact_table(compact_rows):
@@ -694,12 +714,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def compact_rows_for(models: str, repeats: int) -> list[dict]:
+def compact_rows_for(models: str, repeats: int, ram: str = COMPACT_RAM) -> list[dict]:
     """:func:`compact_measure` for each model whose wheel is installed."""
     rows = []
     for name in [m for m in models.split(",") if m]:
         try:
-            rows.append(compact_measure(name, repeats))
+            rows.append(compact_measure(name, repeats, ram))
         except Exception as exc:  # a missing wheel must not hide the other rows
             if type(exc).__name__ != "ModelUnavailable":
                 raise
@@ -709,7 +729,7 @@ def compact_rows_for(models: str, repeats: int) -> list[dict]:
 
 def compact_main(args: argparse.Namespace) -> int:
     load_start = os.getloadavg()
-    rows = compact_rows_for(args.models, args.repeats)
+    rows = compact_rows_for(args.models, args.repeats, args.ram)
     for line in format_compact_table(rows):
         print(line)
     out = Path(args.out or OUT / "compact.json")
