@@ -172,7 +172,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _print_compact(compact: dict) -> None:
     """One line for what a compact session holds as integers, one per reason a quantized tensor stays float."""
     held = ", ".join(f"{v['tensors']} tensors ({v['weights']} weights) as {k}" for k, v in sorted(compact["held"].items()))
-    print(f"  compact session: {held or 'nothing'} held as integers ({_human(compact['held_weight_bytes'])})")
+    print(f"  compact session (compact=True): {held or 'nothing'} held as integers ({_human(compact['held_weight_bytes'])})")
     for reason, v in sorted(compact["kept_float"].items()):
         print(f"    kept float: {v['tensors']} tensors ({v['weights']} weights): {reason}")
 

@@ -56,10 +56,8 @@ GROUPED_CONV_REASON = "read by a grouped Conv (slow from a DequantizeLinear; com
 
 def compact_mode(compact: bool | str) -> str | None:
     """The mode a ``compact=`` argument asks for (None: a normal session); ValueError for another value."""
-    if compact is False or compact is None:
-        return None
-    if compact is True:
-        return COMPACT_MODES[0]
+    if not isinstance(compact, str):
+        return COMPACT_MODES[0] if compact else None
     if compact in COMPACT_MODES:
         return compact
     raise ValueError(f"compact must be True, False or one of {', '.join(COMPACT_MODES)}; got {compact!r}")

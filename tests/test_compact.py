@@ -165,7 +165,7 @@ def test_cli_decode_compact_and_inspect(tmp_path):
     subprocess.run(moub + ["decode", str(path), "-o", str(normal)], check=True, capture_output=True)
     assert out.stat().st_size < 0.5 * normal.stat().st_size  # int8 weights; each tensor adds a scale, a zero point and a node
     inspect = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
-    assert "compact session:" in inspect.stdout and "as int8" in inspect.stdout
+    assert "compact session (compact=True):" in inspect.stdout and "as int8" in inspect.stdout
 
 
 @pytest.mark.parametrize("low, high", [(-128, 127), (0, 255), (-255, -1), (1, 255), (-200, 50), (-129, 127), (-300, 600),
