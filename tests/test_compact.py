@@ -296,3 +296,24 @@ def test_compact_modes_in_the_cli_and_a_wrong_mode(tmp_path):
         moub_runtime.InferenceSession(path, compact="tiny")
     with pytest.raises(ValueError, match="compact must be"):
         moub_runtime.load(path, compact="tiny")
+
+
+@pytest.mark.slow
+def test_the_runtime_benchmark_compares_normal_and_compact_sessions():
+    """benchmarks.runtime's compact rows on PP-OCR cls: every session kind measured, the compact ones
+    hold fewer bytes (the grouped Convs' float32 weights counted in compact=True's), give the normal
+    session's outputs within the bound, and the table names what onnxruntime runs per inference."""
+    from benchmarks.runtime import compact_measure, format_compact_table
+
+    row = compact_measure("cls", repeats=1)
+    assert row["kinds"] == ["onnx", "normal", "compact", "smallest"]
+    resident = row["resident_weight_bytes"]
+    assert resident["normal"] == 4 * row["quantized_weights"]
+    assert resident["smallest"] == row["quantized_weights"] < resident["compact"] < resident["normal"]
+    grouped = row["plans"]["compact"]["kept_float"][GROUPED_CONV_REASON]["weights"]
+    assert resident["compact"] == resident["smallest"] + 3 * grouped
+    assert all(row["outputs"][k]["max_relative_difference"] <= RELATIVE_BOUND for k in ("compact", "smallest"))
+    assert row["optimized"]["smallest"]["DequantizeLinear"] > row["optimized"]["compact"]["DequantizeLinear"] > 0
+    assert all(row["latency_s"][t][k] > 0 for t in ("1_thread", "default") for k in row["kinds"])
+    table = "\n".join(format_compact_table([row]))
+    assert "DequantizeLinear run at every inference" in table and "MatMulNBits" in table
