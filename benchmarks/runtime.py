@@ -516,18 +516,19 @@ def compact_measure(name: str, repeats: int, ram: str = COMPACT_RAM) -> dict:
     import onnxruntime
 
     import moub_runtime
-    from moub_runtime.compact import compact_mode, plan_compact
+    from moub_runtime.compact import plan_compact
+    from moub_runtime.conv_layout import compact_mode_here
     from moub_runtime.loader import consumed_names
     from moub_runtime.validation import open_checked
 
     onnx_path, moub_path = prepare_adaptive(name, ram)
     with open_checked(moub_path) as checked:
         consumed = consumed_names(checked.model)
-        plans = {kind: plan_compact(checked, consumed, compact_mode(argument)).summary(checked.members)
-                 for kind, argument in COMPACT_ARGUMENT.items()}
+        modes = {kind: compact_mode_here(argument) for kind, argument in COMPACT_ARGUMENT.items()}
+        plans = {kind: plan_compact(checked, consumed, mode).summary(checked.members) for kind, mode in modes.items()}
         quantized = sum(m.count for p in checked.moub.index.packs for m in p.members)
     kinds = [k for k in SESSION_KINDS if k != "smallest" or plans["smallest"] != plans["compact"]]
-    row: dict = {"model": name, "ram": ram, "quantized_weights": quantized, "kinds": kinds,
+    row: dict = {"model": name, "ram": ram, "quantized_weights": quantized, "kinds": kinds, "compact_mode": modes["compact"],
                  "plans": {k: v for k, v in plans.items() if k in kinds}}
     row["resident_weight_bytes"] = {"onnx": 4 * quantized, "normal": 4 * quantized}
     for kind, plan in row["plans"].items():
@@ -569,10 +570,12 @@ def format_compact_table(rows: list[dict]) -> list[str]:
     and how its outputs compare with the normal session's."""
     ram = rows[0]["ram"] if rows else COMPACT_RAM
     floor = "" if ram == "float" else f", no finer than --ram {ram}'s floor"
+    mode = rows[0]["compact_mode"] if rows else "?"
     lines = [
         "Normal against compact sessions (adaptive-layout files: every float tensor of >= 1024 values one pack, "
-        f"step = std/{ADAPTIVE_DIVISOR:g}{floor}). compact = compact=True ('fast': grouped Convs' weights stay float32), "
-        "smallest = compact='smallest' (shown where it differs). Latency: median per sample, the sessions taking turns.",
+        f"step = std/{ADAPTIVE_DIVISOR:g}{floor}). compact = compact=True ('{mode}' with this onnxruntime; 'fast' keeps "
+        "grouped Convs' weights float32), smallest = compact='smallest' (shown where it differs). "
+        "Latency: median per sample, the sessions taking turns.",
         f"{'model':9} {'session':9} {'resident weights':>19} {'peak RSS above':>15} {'load':>8} "
         f"{'latency 1 thread':>18} {'latency default thr.':>21}",
         f"{'':9} {'':9} {'MB':>8} {'B/weight':>10} {'imports, MB':>15} {'ms':>8} {'ms':>9} {'x normal':>8} {'ms':>10} {'x normal':>10}",

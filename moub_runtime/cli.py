@@ -172,7 +172,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _print_compact(compact: dict) -> None:
     """One line for what a compact session holds as integers, one per reason a quantized tensor stays float."""
     held = ", ".join(f"{v['tensors']} tensors ({v['weights']} weights) as {k}" for k, v in sorted(compact["held"].items()))
-    print(f"  compact session (compact=True): {held or 'nothing'} held as integers ({_human(compact['held_weight_bytes'])})")
+    print(f"  compact session (compact=True: {compact['mode']!r} here): {held or 'nothing'} held as integers "
+          f"({_human(compact['held_weight_bytes'])})")
     for reason, v in sorted(compact["kept_float"].items()):
         print(f"    kept float: {v['tensors']} tensors ({v['weights']} weights): {reason}")
 
@@ -184,7 +185,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     reason = unwritable_reason(args.output)
     if reason:
         return _fail(reason)
-    decode_to_onnx(args.file, args.output, _limits(args), compact=args.compact or False)
+    decode_to_onnx(args.file, args.output, _limits(args), compact=args.compact)
     print(f"wrote {printable(args.output)}")
     return EXIT_OK
 
@@ -292,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="write the runnable ONNX model with decoded weights")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--compact", nargs="?", const=COMPACT_MODES[0], choices=COMPACT_MODES, default=None,
+    p.add_argument("--compact", nargs="?", const=True, choices=COMPACT_MODES, default=False,
                    help="keep grid-quantized weights as 8/16-bit integers behind DequantizeLinear (a smaller model in "
-                        "memory); 'fast' (the default) keeps grouped Convs' weights float, 'smallest' holds them too")
+                        "memory); 'fast' keeps grouped Convs' weights float, 'smallest' holds them too; without a value, "
+                        "'fast' where this onnxruntime runs Convs in NCHWc (x86), else 'smallest'")
     _add_memory_budget(p)
     p.set_defaults(func=cmd_decode)
     p = sub.add_parser("verify", help="checksums, structure, decode; optionally compare with the original")

@@ -19,17 +19,19 @@ counts them. 8-bit levels use the ONNX ``DequantizeLinear`` (opset 10 and later)
 onnxruntime's own (domain ``com.microsoft``) unless the model's opset is 21 or later: raising a
 model's opset would change what its other nodes mean.
 
-Two modes (:data:`COMPACT_MODES`). ``"fast"`` (``compact=True``) also keeps float every weight a
-grouped ``Conv`` reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with
-the filter reordered once) only when the weight is a constant initializer, and without them a
-grouped (depthwise) Conv runs one small matrix product per group: measured 27-82 ns per weight
-per inference on PP-OCR cls and rec, against at most 4 for any other weight, each saving the same
-3 bytes. ``"smallest"`` holds every weight that qualifies, whatever its consumer costs.
+Two modes (:data:`COMPACT_MODES`). ``"fast"`` also keeps float every weight a grouped ``Conv``
+reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
+reordered once) only when the weight is a constant initializer, and without them a grouped
+(depthwise) Conv runs one small matrix product per group: measured 27-82 ns per weight per
+inference on PP-OCR cls and rec, against at most 4 for any other weight, each saving the same 3
+bytes. ``"smallest"`` holds every weight that qualifies, whatever its consumer costs.
+``compact=True`` is ``"fast"`` where the onnxruntime at hand has NCHWc kernels, else
+``"smallest"`` (:mod:`.conv_layout`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,15 +51,16 @@ if TYPE_CHECKING:
 
 ONNXRUNTIME_DOMAIN = "com.microsoft"
 
-# What ``compact=`` takes: True means "fast"; "smallest" holds every weight that qualifies.
+# What ``compact=`` takes besides True (which picks one of them) and False.
 COMPACT_MODES = ("fast", "smallest")
 GROUPED_CONV_REASON = "read by a grouped Conv (slow from a DequantizeLinear; compact='smallest' holds it)"
 
 
-def compact_mode(compact: bool | str) -> str | None:
-    """The mode a ``compact=`` argument asks for (None: a normal session); ValueError for another value."""
+def compact_mode(compact: bool | str, fast_pays: Callable[[], bool]) -> str | None:
+    """The mode a ``compact=`` argument asks for (None: a normal session); ValueError for another
+    value. True: ``"fast"`` when ``fast_pays()``, else ``"smallest"``."""
     if not isinstance(compact, str):
-        return COMPACT_MODES[0] if compact else None
+        return None if not compact else ("fast" if fast_pays() else "smallest")
     if compact in COMPACT_MODES:
         return compact
     raise ValueError(f"compact must be True, False or one of {', '.join(COMPACT_MODES)}; got {compact!r}")
@@ -159,7 +162,7 @@ def _target_name(site: TensorSite) -> str | None:
     return None
 
 
-def plan_compact(checked: CheckedFile, consumed: set[str], mode: str = COMPACT_MODES[0]) -> CompactPlan:
+def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> CompactPlan:
     """The plan for a checked file (nothing decoded): every pack member that qualifies (see the
     module docstring) with its type; every other quantized tensor with its reason.
     ``consumed``: the value names some node reads or the graph outputs; ``mode``: one of

@@ -23,7 +23,8 @@ from moub_format.dtypes import BFLOAT16
 from moub_format.reader import Source, default_decode_workers
 
 from . import onnx_proto
-from .compact import CompactGraph, compact_decoded, compact_mode, plan_compact
+from .compact import CompactGraph, compact_decoded, plan_compact
+from .conv_layout import compact_mode_here
 from .onnx_output import EXTERNAL_THRESHOLD, decode_to_onnx, fits_inline, save_onnx
 from .onnx_proto import ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, DATA_LOCATION_EXTERNAL
 from .payload import clear_payload, fill_payload, mark_in_memory
@@ -80,11 +81,11 @@ def load(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: in
     Memory: the model, plus one decoding window (each array is freed once copied in).
     ``limits.memory_budget`` bounds what the file may make the reader materialise.
     The one entry point that imports onnx: it returns onnx's own class. ``compact``: True
-    (or a mode of :data:`.compact.COMPACT_MODES`): the weights that can be are integer
-    initializers behind DequantizeLinear (:mod:`.compact`)."""
+    (the mode for this onnxruntime) or a mode of :data:`.compact.COMPACT_MODES`: the weights
+    that can be are integer initializers behind DequantizeLinear (:mod:`.compact`)."""
     import onnx
 
-    mode = compact_mode(compact)
+    mode = compact_mode_here(compact)
     with open_checked(path, limits, decode_workers, message=onnx.ModelProto) as checked:
         compact_graph = CompactGraph(checked.model) if mode else None
         with checked.moub.allocating("the decoded model"):
@@ -259,8 +260,9 @@ class InferenceSession(onnxruntime.InferenceSession):
     handed otherwise; so are initializers no node reads.
 
     ``compact``: the weights :mod:`.compact` can express stay 8/16-bit integers behind
-    ``DequantizeLinear`` nodes (the same weights, a quarter or half of the memory); True is
-    ``"fast"``, which keeps float the weights of grouped Convs, ``"smallest"`` holds those too; and
+    ``DequantizeLinear`` nodes (the same weights, a quarter or half of the memory); ``"fast"``
+    keeps float the weights of grouped Convs, ``"smallest"`` holds those too, True picks
+    ``"fast"`` where this onnxruntime runs Convs in NCHWc (:mod:`.conv_layout`); and
     MatMulNBits fusions compute in float32 (``session.qdq_matmulnbits_accuracy_level`` 1,
     written into the options unless they set it).
 
@@ -283,7 +285,7 @@ class InferenceSession(onnxruntime.InferenceSession):
         compact: bool | str = False,
         **kwargs,
     ) -> None:
-        mode = compact_mode(compact)
+        mode = compact_mode_here(compact)
         options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
         stubs: list[onnx.TensorProto] = []
         arrays: list[np.ndarray] = []

@@ -182,9 +182,9 @@ def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits:
     source, out = Path(path), Path(out_path)
     if _is_same_file(source, out):
         raise ValueError(f"{out}: is the file being decoded; write the ONNX model to another path")
-    from .compact import compact_mode
+    from .conv_layout import compact_mode_here
 
-    mode = compact_mode(compact)
+    mode = compact_mode_here(compact)
     if mode:
         _decode_compact(source, out, limits, external_threshold, mode)
         return

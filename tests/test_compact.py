@@ -18,7 +18,9 @@ import packing
 from moub_converters.encode import encode_model
 from moub_format import dtypes
 from moub_format.writer import write_atomic
-from moub_runtime.compact import GROUPED_CONV_REASON, LEVEL_TYPES, level_type
+from moub_runtime.compact import GROUPED_CONV_REASON, LEVEL_TYPES, level_type, plan_compact
+from moub_runtime.conv_layout import convs_run_in_nchwc
+from moub_runtime.loader import consumed_names
 from moub_runtime.inspect import summarize
 from moub_runtime.validation import open_checked
 from test_real_models import feeds, model_file
@@ -55,6 +57,12 @@ def _normal_weights(normal: onnx.ModelProto) -> dict[str, np.ndarray]:
         if node.op_type == "Constant":
             out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return out
+
+
+def _plan(path, mode: str) -> dict:
+    """What a compact session in ``mode`` holds and keeps float (``moub inspect``'s counts)."""
+    with open_checked(path) as checked:
+        return plan_compact(checked, consumed_names(checked.model), mode).summary(checked.members)
 
 
 def _check_compact_model(path, compact=True):
@@ -165,7 +173,7 @@ def test_cli_decode_compact_and_inspect(tmp_path):
     subprocess.run(moub + ["decode", str(path), "-o", str(normal)], check=True, capture_output=True)
     assert out.stat().st_size < 0.5 * normal.stat().st_size  # int8 weights; each tensor adds a scale, a zero point and a node
     inspect = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
-    assert "compact session (compact=True):" in inspect.stdout and "as int8" in inspect.stdout
+    assert "compact session (compact=True: " in inspect.stdout and "as int8" in inspect.stdout
 
 
 @pytest.mark.parametrize("low, high", [(-128, 127), (0, 255), (-255, -1), (1, 255), (-200, 50), (-129, 127), (-300, 600),
@@ -260,11 +268,12 @@ def test_grouped_conv_weights_stay_float_unless_smallest(tmp_path):
     model = _depthwise_separable_model()
     codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
     path = _write(tmp_path, model, codebooks, packs)
-    summary = summarize(path).compact
+    summary = _plan(path, "fast")
     assert summary["kept_float"] == {GROUPED_CONV_REASON: {"tensors": 1, "weights": 64 * 25}}
     assert sum(v["weights"] for v in summary["held"].values()) == 64 * 16 + 32 * 64
+    assert not _plan(path, "smallest")["kept_float"]
 
-    _, fast, rebuilt = _check_compact_model(path, True)
+    _, fast, rebuilt = _check_compact_model(path, "fast")
     assert set(rebuilt) == {"expand", "project"}
     assert "depthwise" in {t.name for t in fast.graph.initializer}
     _, smallest, rebuilt = _check_compact_model(path, "smallest")
@@ -283,7 +292,7 @@ def test_compact_modes_in_the_cli_and_a_wrong_mode(tmp_path):
     codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
     path = _write(tmp_path, model, codebooks, packs)
     moub = [sys.executable, "-m", "moub_runtime.cli"]
-    for flags, mode in ((["--compact"], True), (["--compact", "smallest"], "smallest")):
+    for flags, mode in ((["--compact"], True), (["--compact", "fast"], "fast"), (["--compact", "smallest"], "smallest")):
         out = tmp_path / f"{mode}.onnx"
         run = subprocess.run(moub + ["decode", str(path), "-o", str(out), *flags], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
@@ -291,7 +300,7 @@ def test_compact_modes_in_the_cli_and_a_wrong_mode(tmp_path):
     run = subprocess.run(moub + ["decode", str(path), "-o", str(tmp_path / "x.onnx"), "--compact", "tiny"], capture_output=True, text=True)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
     inspect = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
-    assert GROUPED_CONV_REASON in inspect.stdout
+    assert (GROUPED_CONV_REASON in inspect.stdout) == convs_run_in_nchwc()
     with pytest.raises(ValueError, match="compact must be"):
         moub_runtime.InferenceSession(path, compact="tiny")
     with pytest.raises(ValueError, match="compact must be"):
@@ -306,6 +315,9 @@ def test_the_runtime_benchmark_compares_normal_and_compact_sessions():
     from benchmarks.runtime import compact_measure, format_compact_table
 
     row = compact_measure("cls", repeats=1)
+    if not convs_run_in_nchwc():  # compact=True holds every weight: no 'smallest' row
+        assert row["kinds"] == ["onnx", "normal", "compact"] and row["compact_mode"] == "smallest"
+        return
     assert row["kinds"] == ["onnx", "normal", "compact", "smallest"]
     resident = row["resident_weight_bytes"]
     assert resident["normal"] == 4 * row["quantized_weights"]
@@ -317,3 +329,21 @@ def test_the_runtime_benchmark_compares_normal_and_compact_sessions():
     assert all(row["latency_s"][t][k] > 0 for t in ("1_thread", "default") for k in row["kinds"])
     table = "\n".join(format_compact_table([row]))
     assert "DequantizeLinear run at every inference" in table and "MatMulNBits" in table
+
+
+def test_the_nchwc_probe_agrees_with_what_onnxruntime_makes_of_a_real_model(tmp_path):
+    """compact=True keeps grouped Convs' weights float only where onnxruntime runs Convs in NCHWc:
+    the probe's answer is whether onnxruntime's optimized PP-OCR cls has NCHWc nodes."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(model_file("cls")), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    assert convs_run_in_nchwc() == any(node.domain == "com.microsoft.nchwc" for node in optimized.graph.node)
+
+    model = _depthwise_separable_model()
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
+    path = _write(tmp_path, model, codebooks, packs)
+    expected = {"fast" if convs_run_in_nchwc() else "smallest"}
+    assert {summarize(path).compact["mode"]} == expected
+    assert moub_runtime.load(path, compact=True).SerializeToString() == moub_runtime.load(path, compact=expected.pop()).SerializeToString()
