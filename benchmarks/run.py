@@ -446,6 +446,16 @@ def environment() -> str:
             f"onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}")
 
 
+RUNTIME_NOTE = (
+    "First the decoder and `.moub` -> session on k = 256 equal-width files. Then normal against compact "
+    "sessions (`moub_runtime.InferenceSession(path, compact=...)`: weights kept as int8 behind "
+    "`DequantizeLinear`) on files whose levels fit int8, as `--ram int8` writes: resident weight bytes "
+    "(of the quantized weights), peak RSS above the imports in a fresh process, load time, latency per "
+    "sample (median; one thread, then onnxruntime's default threads; the sessions take turns), which "
+    "`DequantizeLinear` onnxruntime fused into `MatMulNBits` and which run at every inference, and the "
+    "outputs against the normal session. `compact` is `compact=True`, which keeps grouped Convs' weights "
+    "float32 (docs/decisions/0052); `smallest` holds them too."
+)
 BIGFILE_NOTE = (
     "A FlatBuffer stops at 2 GiB, so the payload lives behind 64-bit offsets. This writes a real file past "
     "2^32 bytes: a model whose uint8 embedding table (a pass-through tensor) is 4.25 GiB, with a quantized "
@@ -514,7 +524,7 @@ def write_markdown(path: Path, results: list[ModelResult], peers: list[str], smo
         ]
     for res in results:
         lines += model_table(res)
-    lines += [f"## Runtime (`benchmarks/runtime.py`, {runtime_s:.0f} s)", "", *runtime, ""]
+    lines += [f"## Runtime (`benchmarks/runtime.py`, {runtime_s:.0f} s)", "", RUNTIME_NOTE, "", *runtime, ""]
     if bigfile[0]:
         lines += [f"## A file beyond 4 GiB (`benchmarks/bigfile.py`, {bigfile[1]:.0f} s)", "",
                   BIGFILE_NOTE, "", *bigfile[0], ""]

@@ -26,9 +26,15 @@ Targets: >= 25 M weights/s on one core; peak RSS <= 1.3 x decoded
 fp32 size + 64 MB; load time <= 2 x the plain ONNX load (judged on the wall
 time with default arguments; the one-core CPU ratio is reported beside it).
 
-Run: ``.venv/bin/python -m benchmarks.runtime [--models synthetic,magika,...]``; with ``--compact``,
-normal against compact sessions instead (``--models magika,cls --compact``).
-Writes ``benchmarks/out/runtime.json``.
+Then, per model, normal against compact sessions (``moub_runtime.InferenceSession(compact=...)``)
+on an adaptive-layout file whose levels fit int8 (as ``--ram int8`` writes): resident weight
+bytes, peak RSS above the imports, load time, latency per sample on one thread and on
+onnxruntime's default threads, which DequantizeLinear nodes onnxruntime fused into MatMulNBits
+and which run at every inference, and the outputs against the normal session.
+
+Run: ``.venv/bin/python -m benchmarks.runtime [--models synthetic,magika,...]``; ``--compact``
+for the compact section only, ``--no-compact`` without it.
+Writes ``benchmarks/out/runtime.json`` (``compact.json`` with ``--compact``).
 """
 
 from __future__ import annotations
@@ -185,10 +191,13 @@ def prepare(name: str) -> tuple[Path, Path]:
 ADAPTIVE_DIVISOR = 16.0  # step = std / this: levels spread over a few hundred values, like the adaptive mode's
 
 
-def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int = MIN_ELEMENTS):
+def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int = MIN_ELEMENTS, ram: str = "float"):
     """What the adaptive mode writes, without its search: every float tensor site with at
     least ``min_elements`` values is one pack over its own grid codebook, levels
-    ``round(x / step)`` with ``step = std / divisor``; (codebooks, packs)."""
+    ``round(x / step)`` with ``step = std / divisor``, no finer than the converter's ``--ram``
+    floor for ``ram`` (int8: every tensor's levels span at most 256 values); (codebooks, packs)."""
+    from moub_converters.uniform import RAM_LEVEL_LIMITS
+
     from moub_converters.encode import PackAssignment
     from onnx import numpy_helper
 
@@ -205,7 +214,11 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
             continue
         x = np.asarray(numpy_helper.to_array(site.tensor), dtype=np.float32).ravel()
         std = float(np.std(x.astype(np.float64)))
-        step = np.float32(std / divisor if std > 0 else 1.0)
+        step = std / divisor if std > 0 else 1.0
+        if RAM_LEVEL_LIMITS[ram] is not None:
+            span = max(float(x.max()) - float(x.min()), float(np.abs(x).max()))
+            step = max(step, span / (RAM_LEVEL_LIMITS[ram] - 2))
+        step = np.float32(step)
         levels = np.rint(x / step).astype(np.int64)
         first = int(levels.min())
         codebooks.append(GridCodebook(first, int(levels.max()) - first + 1))
@@ -213,9 +226,10 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
     return codebooks, packs
 
 
-def prepare_adaptive(name: str) -> tuple[Path, Path]:
-    """(.onnx, .moub) for a benchmark model in the adaptive layout (:func:`adaptive_packs`),
-    built and cached on first use: the files a compact session can hold as integers."""
+def prepare_adaptive(name: str, ram: str = "float") -> tuple[Path, Path]:
+    """(.onnx, .moub) for a benchmark model in the adaptive layout (:func:`adaptive_packs`, with
+    the ``--ram`` floor ``ram``), built and cached on first use: the files a compact session can
+    hold as integers."""
     import onnx
     from moub_converters.encode import encode_model
 
@@ -224,10 +238,10 @@ def prepare_adaptive(name: str) -> tuple[Path, Path]:
     onnx_path = prepare(name)[0] if name == "synthetic" else real_model_path(name)
     folder = CACHE / f"v{CACHE_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
-    moub_path = folder / f"{name}.adaptive.moub"
+    moub_path = folder / (f"{name}.adaptive.moub" if ram == "float" else f"{name}.adaptive-{ram}.moub")
     if not moub_path.exists():
         model = onnx.load(onnx_path)
-        codebooks, packs = adaptive_packs(model)
+        codebooks, packs = adaptive_packs(model, ram=ram)
         write_atomic(moub_path, encode_model(model, codebooks, {}, {"moub.benchmark": "runtime adaptive"}, packs=packs))
     return onnx_path, moub_path
 
@@ -348,9 +362,9 @@ except OSError:
 base = status("VmRSS")
 kind, path = sys.argv[1], sys.argv[2]
 start = time.perf_counter()
-if kind in ("moub", "compact"):  # default options: the decoded arrays are freed once onnxruntime has its copy
+if kind != "onnx":  # default options: the decoded arrays are freed once onnxruntime has its copy
     import moub_runtime
-    session = moub_runtime.InferenceSession(path, **({"compact": True} if kind == "compact" else {}))
+    session = moub_runtime.InferenceSession(path, compact={"moub": False, "normal": False, "compact": True, "smallest": "smallest"}[kind])
 else:
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 seconds = time.perf_counter() - start
@@ -430,6 +444,10 @@ def decoded_fp32_bytes(moub_path: Path) -> int:
 
 # One input per model for the latency figures (random, of the shape the bench's data has).
 SAMPLE_SHAPES = {"cls": (1, 3, 48, 192), "rec": (1, 3, 48, 320), "det": (1, 3, 320, 320)}
+# The sessions the compact section compares: plain .onnx, normal .moub, and a .moub in each compact mode.
+SESSION_KINDS = ("onnx", "normal", "compact", "smallest")
+COMPACT_ARGUMENT = {"compact": True, "smallest": "smallest"}   # kind -> InferenceSession's compact=
+COMPACT_RAM = "int8"   # the compact section's files: levels within int8, as the converter's --ram int8 writes
 
 
 def sample_feed(name: str) -> dict[str, np.ndarray]:
@@ -441,27 +459,33 @@ def sample_feed(name: str) -> dict[str, np.ndarray]:
     return {"x": rng.standard_normal(SAMPLE_SHAPES[name]).astype(np.float32)}
 
 
-def latency(make_session, feed: dict, threads: int | None, repeats: int) -> float:
-    """Median seconds per run of one sample (after two warm-up runs), with ``threads`` intra-op
-    threads (None: onnxruntime's default)."""
+def latencies(makers: dict, feed: dict, threads: int | None, runs: int) -> dict[str, float]:
+    """Median seconds per run of one sample for each session kind, with ``threads`` intra-op
+    threads (None: onnxruntime's default), after two warm-up runs; the kinds take turns run by
+    run, so that load from other processes falls on all of them alike."""
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    session = make_session(options)
-    for _ in range(2):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    def options() -> onnxruntime.SessionOptions:  # one per session: moub_runtime writes entries into it
+        o = onnxruntime.SessionOptions()
+        if threads is not None:
+            o.intra_op_num_threads = threads
+            o.inter_op_num_threads = 1
+        return o
+
+    sessions = {kind: make(options()) for kind, make in makers.items()}
+    for session in sessions.values():
+        for _ in range(2):
+            session.run(None, feed)
+    times: dict[str, list[float]] = {kind: [] for kind in sessions}
+    for _ in range(runs):
+        for kind, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[kind].append(time.perf_counter() - start)
+    return {kind: float(np.median(values)) for kind, values in times.items()}
 
 
-def optimized_ops(moub_path: Path) -> dict:
+def optimized_ops(moub_path: Path, compact: bool | str) -> dict:
     """What onnxruntime made of a compact session's DequantizeLinear nodes: its optimized model
     (``SessionOptions.optimized_model_filepath``, extended level: the hardware-independent
     fusions) counted by op, and the ops that still read a DequantizeLinear at every run."""
@@ -477,7 +501,7 @@ def optimized_ops(moub_path: Path) -> dict:
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        moub_runtime.InferenceSession(moub_path, sess_options=options, compact=True)
+        moub_runtime.InferenceSession(moub_path, sess_options=options, compact=compact)
         model = onnx.load(options.optimized_model_filepath, load_external_data=False)
     dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     readers = Counter(n.op_type for n in model.graph.node for name in n.input if name in dequantized)
@@ -485,31 +509,41 @@ def optimized_ops(moub_path: Path) -> dict:
             "dequantized_for": dict(sorted(readers.items()))}
 
 
-def compact_measure(name: str, repeats: int) -> dict:
-    """Normal against compact session on one model's adaptive-layout file."""
+def compact_measure(name: str, repeats: int, ram: str = COMPACT_RAM) -> dict:
+    """Plain .onnx, normal and compact sessions (both modes) on one model's adaptive-layout file
+    (``--ram`` floor ``ram``): resident weight bytes, peak RSS, load time, latency, fusions,
+    outputs against the normal session."""
     import onnxruntime
 
     import moub_runtime
     from moub_runtime.compact import plan_compact
+    from moub_runtime.conv_layout import compact_mode_here
     from moub_runtime.loader import consumed_names
     from moub_runtime.validation import open_checked
 
-    onnx_path, moub_path = prepare_adaptive(name)
+    onnx_path, moub_path = prepare_adaptive(name, ram)
     with open_checked(moub_path) as checked:
-        plan = plan_compact(checked, consumed_names(checked.model)).summary(checked.members)
+        consumed = consumed_names(checked.model)
+        modes = {kind: compact_mode_here(argument) for kind, argument in COMPACT_ARGUMENT.items()}
+        plans = {kind: plan_compact(checked, consumed, mode).summary(checked.members) for kind, mode in modes.items()}
         quantized = sum(m.count for p in checked.moub.index.packs for m in p.members)
-    kept = sum(v["weights"] for v in plan["kept_float"].values())
-    row: dict = {"model": name, "quantized_weights": quantized, "compact": plan,
-                 "resident_weight_bytes": {"normal": 4 * quantized, "compact": plan["held_weight_bytes"] + 4 * kept}}
-    row["rss"] = {kind: peak_rss(kind, path) for kind, path in (("onnx", onnx_path), ("moub", moub_path), ("compact", moub_path))}
-    loads: dict[str, list[float]] = {"onnx": [], "normal": [], "compact": []}
+    kinds = [k for k in SESSION_KINDS if k != "smallest" or plans["smallest"] != plans["compact"]]
+    row: dict = {"model": name, "ram": ram, "quantized_weights": quantized, "kinds": kinds, "compact_mode": modes["compact"],
+                 "plans": {k: v for k, v in plans.items() if k in kinds}}
+    row["resident_weight_bytes"] = {"onnx": 4 * quantized, "normal": 4 * quantized}
+    for kind, plan in row["plans"].items():
+        kept = sum(v["weights"] for v in plan["kept_float"].values())
+        row["resident_weight_bytes"][kind] = plan["held_weight_bytes"] + 4 * kept
+    row["rss"] = {kind: peak_rss(kind, onnx_path if kind == "onnx" else moub_path) for kind in kinds}
     makers = {
         "onnx": lambda o=None: onnxruntime.InferenceSession(str(onnx_path), sess_options=o, providers=["CPUExecutionProvider"]),
         "normal": lambda o=None: moub_runtime.InferenceSession(moub_path, sess_options=o),
-        "compact": lambda o=None: moub_runtime.InferenceSession(moub_path, sess_options=o, compact=True),
+        **{kind: (lambda o=None, c=COMPACT_ARGUMENT[kind]: moub_runtime.InferenceSession(moub_path, sess_options=o, compact=c))
+           for kind in kinds if kind in COMPACT_ARGUMENT},
     }
     for make in makers.values():
         make()  # imports, the one-time probe
+    loads: dict[str, list[float]] = {kind: [] for kind in makers}
     for _ in range(repeats):
         for kind, make in makers.items():
             start = time.perf_counter()
@@ -517,40 +551,53 @@ def compact_measure(name: str, repeats: int) -> dict:
             loads[kind].append(time.perf_counter() - start)
     row["load_s"] = {kind: min(times) for kind, times in loads.items()}
     feed = sample_feed(name)
-    row["latency_s"] = {f"{kind}_{label}": latency(make, feed, threads, max(10, 4 * repeats))
-                        for label, threads in (("1_thread", 1), ("default", None)) for kind, make in makers.items()}
-    normal_out = makers["normal"]().run(None, feed)
-    compact_out = makers["compact"]().run(None, feed)
-    row["max_relative_difference"] = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in zip(normal_out, compact_out))
-    row["bit_identical"] = all(np.array_equal(a, b) for a, b in zip(normal_out, compact_out))
-    row["optimized"] = optimized_ops(moub_path)
+    runs = max(20, 8 * repeats)
+    row["latency_s"] = {label: latencies(makers, feed, threads, runs) for label, threads in (("1_thread", 1), ("default", None))}
+    expected = makers["normal"]().run(None, feed)
+    row["outputs"], row["optimized"] = {}, {}
+    for kind in row["plans"]:
+        got = makers[kind]().run(None, feed)
+        row["outputs"][kind] = {
+            "bit_identical": all(np.array_equal(a, b) for a, b in zip(expected, got)),
+            "max_relative_difference": max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in zip(expected, got)),
+        }
+        row["optimized"][kind] = optimized_ops(moub_path, COMPACT_ARGUMENT[kind])
     return row
 
 
 def format_compact_table(rows: list[dict]) -> list[str]:
+    """One line per model and session kind, then per compact kind what it holds, what onnxruntime fused
+    and how its outputs compare with the normal session's."""
+    ram = rows[0]["ram"] if rows else COMPACT_RAM
+    floor = "" if ram == "float" else f", no finer than --ram {ram}'s floor"
+    mode = rows[0]["compact_mode"] if rows else "?"
     lines = [
-        f"{'model':9} {'weights':>8} {'resident weights MB':>20} {'peak RSS above base MB':>27} {'load ms':>21} "
-        f"{'latency ms, 1 thread':>22} {'latency ms, default':>21}",
-        f"{'':9} {'':8} {'normal':>9} {'compact':>10} {'onnx':>8} {'normal':>9} {'compact':>8} {'normal':>10} {'compact':>10} "
-        f"{'normal':>10} {'compact':>11} {'normal':>10} {'compact':>10}",
+        "Normal against compact sessions (adaptive-layout files: every float tensor of >= 1024 values one pack, "
+        f"step = std/{ADAPTIVE_DIVISOR:g}{floor}). compact = compact=True ('{mode}' with this onnxruntime; 'fast' keeps "
+        "grouped Convs' weights float32), smallest = compact='smallest' (shown where it differs). "
+        "Latency: median per sample, the sessions taking turns.",
+        f"{'model':9} {'session':9} {'resident weights':>19} {'peak RSS above':>15} {'load':>8} "
+        f"{'latency 1 thread':>18} {'latency default thr.':>21}",
+        f"{'':9} {'':9} {'MB':>8} {'B/weight':>10} {'imports, MB':>15} {'ms':>8} {'ms':>9} {'x normal':>8} {'ms':>10} {'x normal':>10}",
     ]
     for r in rows:
-        rss = {k: v["peak_above_base"] / 2**20 for k, v in r["rss"].items()}
-        lat = {k: v * 1e3 for k, v in r["latency_s"].items()}
-        lines.append(
-            f"{r['model']:9} {r['quantized_weights'] / 1e6:7.2f}M {r['resident_weight_bytes']['normal'] / 2**20:9.2f} "
-            f"{r['resident_weight_bytes']['compact'] / 2**20:10.2f} {rss['onnx']:8.1f} {rss['moub']:9.1f} {rss['compact']:8.1f} "
-            f"{r['load_s']['normal'] * 1e3:10.1f} {r['load_s']['compact'] * 1e3:10.1f} "
-            f"{lat['normal_1_thread']:10.2f} {lat['compact_1_thread']:11.2f} {lat['normal_default']:10.2f} {lat['compact_default']:10.2f}"
-        )
-        held = ", ".join(f"{v['tensors']} as {k}" for k, v in sorted(r["compact"]["held"].items()))
-        kept = "; ".join(f"{v['tensors']} {k}" for k, v in sorted(r["compact"]["kept_float"].items())) or "none"
-        o = r["optimized"]
-        lines.append(
-            f"{'':9} held {held}; kept float: {kept}. onnxruntime: {o['MatMulNBits']} MatMulNBits (fused), "
-            f"{o['DequantizeLinear']} DequantizeLinear run at every inference, for {o['dequantized_for']}. "
-            f"Outputs vs normal: {'bit-identical' if r['bit_identical'] else 'max relative difference %.2g' % r['max_relative_difference']}"
-        )
+        one, default = r["latency_s"]["1_thread"], r["latency_s"]["default"]
+        for kind in r["kinds"]:
+            resident = r["resident_weight_bytes"][kind]
+            lines.append(
+                f"{r['model']:9} {kind:9} {resident / 2**20:8.2f} {resident / r['quantized_weights']:10.2f} "
+                f"{r['rss'][kind]['peak_above_base'] / 2**20:15.1f} {r['load_s'][kind] * 1e3:8.1f} "
+                f"{one[kind] * 1e3:9.2f} {one[kind] / one['normal']:8.2f} {default[kind] * 1e3:10.2f} {default[kind] / default['normal']:10.2f}"
+            )
+        for kind, plan in r["plans"].items():
+            held = ", ".join(f"{v['tensors']} as {k}" for k, v in sorted(plan["held"].items())) or "nothing"
+            kept = "; ".join(f"{v['tensors']} {k}" for k, v in sorted(plan["kept_float"].items())) or "none"
+            o, out = r["optimized"][kind], r["outputs"][kind]
+            same = "bit-identical" if out["bit_identical"] else f"max relative difference {out['max_relative_difference']:.2g}"
+            lines.append(
+                f"{'':9} {kind}: held {held}; kept float32: {kept}. onnxruntime fused {o['MatMulNBits']} MatMulNBits; "
+                f"{o['DequantizeLinear']} DequantizeLinear run at every inference, for {o['dequantized_for']}. Outputs vs normal: {same}"
+            )
     return lines
 
 
@@ -635,8 +682,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true", help="also time bitarray's decoder (the one used before)")
     parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/out/runtime.json, or compact.json)")
     parser.add_argument("--compact", action="store_true",
-                        help="instead: normal against compact session (peak RSS, resident weights, load, latency, fusions) "
-                             "on each model's adaptive-layout file")
+                        help="only the normal against compact sessions section (peak RSS, resident weights, load, latency, "
+                             "fusions on each model's adaptive-layout file)")
+    parser.add_argument("--no-compact", action="store_true", help="skip the normal against compact sessions section")
+    parser.add_argument("--ram", choices=("int8", "float"), default=COMPACT_RAM,
+                        help="the compact section's files: levels within int8 (as --ram int8 writes) or std/16 steps only")
     args = parser.parse_args(argv)
     if args.compact:
         return compact_main(args)
@@ -653,22 +703,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: skipped ({exc})", file=sys.stderr)
     for line in format_table(rows):
         print(line)
+    compact_rows = [] if args.no_compact else compact_rows_for(args.models, args.repeats, args.ram)
+    if compact_rows:
+        print()
+        for line in format_compact_table(compact_rows):
+            print(line)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     load_end = os.getloadavg()
-    out.write_text(json.dumps({"rows": rows, "load_average_start": load_start, "load_average": load_end,
-                               "cpus": os.cpu_count()}, indent=2) + "\n")
+    out.write_text(json.dumps({"rows": rows, "compact_rows": compact_rows, "load_average_start": load_start,
+                               "load_average": load_end, "cpus": os.cpu_count()}, indent=2) + "\n")
     print(f"wrote {out} (load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end, on {os.cpu_count()} CPUs)")
     return 0
 
 
+def compact_rows_for(models: str, repeats: int, ram: str = COMPACT_RAM) -> list[dict]:
+    """:func:`compact_measure` for each model whose wheel is installed."""
+    rows = []
+    for name in [m for m in models.split(",") if m]:
+        try:
+            rows.append(compact_measure(name, repeats, ram))
+        except Exception as exc:  # a missing wheel must not hide the other rows
+            if type(exc).__name__ != "ModelUnavailable":
+                raise
+            print(f"{name}: skipped ({exc})", file=sys.stderr)
+    return rows
+
+
 def compact_main(args: argparse.Namespace) -> int:
-    rows = [compact_measure(name, args.repeats) for name in args.models.split(",") if name]
+    load_start = os.getloadavg()
+    rows = compact_rows_for(args.models, args.repeats, args.ram)
     for line in format_compact_table(rows):
         print(line)
     out = Path(args.out or OUT / "compact.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+    load_end = os.getloadavg()
+    print(f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end, on {os.cpu_count()} CPUs")
+    out.write_text(json.dumps({"rows": rows, "load_average_start": load_start, "load_average": load_end, "cpus": os.cpu_count(),
                                "onnxruntime": __import__("onnxruntime").__version__}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -36,7 +36,7 @@ LOG2_STEP_RANGE = (-24.0, 2.0)    # a step stays within [sigma * 2^-24, sigma * 
 MAX_ABS_INDEX = (1 << 22)         # |q| below this: well inside the grid codebook's 2^24 limit
 # ``--ram``: how many consecutive levels a tensor may use (None: any). With int8 (256), a tensor's
 # levels lie within +-254 and span at most 256 values, which int8 holds with a zero point, so a
-# compact session (moub_runtime, compact=True) keeps one byte per weight.
+# compact session (moub_runtime, compact=True) can hold each weight in one byte.
 RAM_LEVEL_LIMITS: dict[str, int | None] = {"float": None, "int8": 256}
 
 

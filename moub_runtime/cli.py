@@ -19,6 +19,8 @@ import sys
 import unicodedata
 from collections.abc import Sequence
 
+from .compact import COMPACT_MODES  # the package's loader imports it anyway
+
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 MAX_MEMBERS_SHOWN = 12  # pack members listed per pack by ``moub inspect`` without --json
 
@@ -170,7 +172,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _print_compact(compact: dict) -> None:
     """One line for what a compact session holds as integers, one per reason a quantized tensor stays float."""
     held = ", ".join(f"{v['tensors']} tensors ({v['weights']} weights) as {k}" for k, v in sorted(compact["held"].items()))
-    print(f"  compact session: {held or 'nothing'} held as integers ({_human(compact['held_weight_bytes'])})")
+    print(f"  compact session (compact=True: {compact['mode']!r} here): {held or 'nothing'} held as integers "
+          f"({_human(compact['held_weight_bytes'])})")
     for reason, v in sorted(compact["kept_float"].items()):
         print(f"    kept float: {v['tensors']} tensors ({v['weights']} weights): {reason}")
 
@@ -290,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="write the runnable ONNX model with decoded weights")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--compact", action="store_true",
-                   help="keep grid-quantized weights as 8/16-bit integers behind DequantizeLinear (a smaller model in memory)")
+    p.add_argument("--compact", nargs="?", const=True, choices=COMPACT_MODES, default=False,
+                   help="keep grid-quantized weights as 8/16-bit integers behind DequantizeLinear (a smaller model in "
+                        "memory); 'fast' keeps grouped Convs' weights float, 'smallest' holds them too; without a value, "
+                        "'fast' where this onnxruntime runs Convs in NCHWc (x86), else 'smallest'")
     _add_memory_budget(p)
     p.set_defaults(func=cmd_decode)
     p = sub.add_parser("verify", help="checksums, structure, decode; optionally compare with the original")

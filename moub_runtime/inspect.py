@@ -239,11 +239,13 @@ def compact_summary(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMI
     """The compact plan's counts (nothing decoded), or None when the file fails a check that
     precedes decoding (``moub verify`` names it)."""
     from .compact import plan_compact
+    from .conv_layout import compact_mode_here
     from .loader import consumed_names
 
+    mode = compact_mode_here(True)
     try:
         with open_checked(path, limits) as checked:
-            return plan_compact(checked, consumed_names(checked.model)).summary(checked.members)
+            return {"mode": mode, **plan_compact(checked, consumed_names(checked.model), mode).summary(checked.members)}
     except MoubFormatError:
         return None
 

@@ -24,6 +24,7 @@ from moub_format.reader import Source, default_decode_workers
 
 from . import onnx_proto
 from .compact import CompactGraph, compact_decoded, plan_compact
+from .conv_layout import compact_mode_here
 from .onnx_output import EXTERNAL_THRESHOLD, decode_to_onnx, fits_inline, save_onnx
 from .onnx_proto import ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, DATA_LOCATION_EXTERNAL
 from .payload import clear_payload, fill_payload, mark_in_memory
@@ -73,19 +74,22 @@ def decode_tensors(
             yield site.path, array
 
 
-def load(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1, compact: bool = False) -> onnx.ModelProto:
+def load(path: Source, limits: ReaderLimits = DEFAULT_LIMITS, decode_workers: int | None = 1,
+         compact: bool | str = False) -> onnx.ModelProto:
     """Decode a .moub (a path, its bytes or a binary file object) into an onnx.ModelProto
     with all weights inline (like onnx.load).
     Memory: the model, plus one decoding window (each array is freed once copied in).
     ``limits.memory_budget`` bounds what the file may make the reader materialise.
-    The one entry point that imports onnx: it returns onnx's own class. ``compact``: the
-    weights that can be are integer initializers behind DequantizeLinear (:mod:`.compact`)."""
+    The one entry point that imports onnx: it returns onnx's own class. ``compact``: True
+    (the mode for this onnxruntime) or a mode of :data:`.compact.COMPACT_MODES`: the weights
+    that can be are integer initializers behind DequantizeLinear (:mod:`.compact`)."""
     import onnx
 
+    mode = compact_mode_here(compact)
     with open_checked(path, limits, decode_workers, message=onnx.ModelProto) as checked:
-        compact_graph = CompactGraph(checked.model) if compact else None
+        compact_graph = CompactGraph(checked.model) if mode else None
         with checked.moub.allocating("the decoded model"):
-            for site, _, array, compact_stub in _decoded(checked, compact_graph, consumed_names(checked.model)):
+            for site, _, array, compact_stub in _decoded(checked, compact_graph, consumed_names(checked.model), mode):
                 fill_payload(compact_stub if compact_stub is not None else site.tensor, array)
         if compact_graph is not None:
             compact_graph.finish()
@@ -216,14 +220,14 @@ def _keep_float_arithmetic(options: onnxruntime.SessionOptions) -> None:
     options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FLOAT32)
 
 
-def _decoded(checked, compact_graph: CompactGraph | None, consumed: set[str]) -> Iterator[tuple]:
+def _decoded(checked, compact_graph: CompactGraph | None, consumed: set[str], mode: str | None) -> Iterator[tuple]:
     """(site, element type, array, stub or None): the normal decode, or with ``compact_graph``
-    the planned tensors as integers (:func:`.compact.compact_decoded`)."""
+    the tensors ``mode`` plans as integers (:func:`.compact.compact_decoded`)."""
     if compact_graph is None:
         for site, dtype, array in checked.decoded():
             yield site, dtype, array, None
         return
-    yield from compact_decoded(checked, plan_compact(checked, consumed), compact_graph)
+    yield from compact_decoded(checked, plan_compact(checked, consumed, mode), compact_graph)
 
 
 def _keep_alive_with(options: onnxruntime.SessionOptions, objects: list) -> None:
@@ -256,7 +260,9 @@ class InferenceSession(onnxruntime.InferenceSession):
     handed otherwise; so are initializers no node reads.
 
     ``compact``: the weights :mod:`.compact` can express stay 8/16-bit integers behind
-    ``DequantizeLinear`` nodes (the same weights, a quarter or half of the memory), and
+    ``DequantizeLinear`` nodes (the same weights, a quarter or half of the memory); ``"fast"``
+    keeps float the weights of grouped Convs, ``"smallest"`` holds those too, True picks
+    ``"fast"`` where this onnxruntime runs Convs in NCHWc (:mod:`.conv_layout`); and
     MatMulNBits fusions compute in float32 (``session.qdq_matmulnbits_accuracy_level`` 1,
     written into the options unless they set it).
 
@@ -276,9 +282,10 @@ class InferenceSession(onnxruntime.InferenceSession):
         providers: list | None = None,
         limits: ReaderLimits = DEFAULT_LIMITS,
         decode_workers: int | None = None,
-        compact: bool = False,
+        compact: bool | str = False,
         **kwargs,
     ) -> None:
+        mode = compact_mode_here(compact)
         options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
         stubs: list[onnx.TensorProto] = []
         arrays: list[np.ndarray] = []
@@ -289,9 +296,9 @@ class InferenceSession(onnxruntime.InferenceSession):
         consumed = consumed_names(model)
         graph_outputs = {output.name for output in model.graph.output}
         constants_to_lift: list[int] = []
-        compact_graph = CompactGraph(model) if compact else None
+        compact_graph = CompactGraph(model) if mode else None
         with checked, moub.allocating("the decoded model"):
-            for site, dtype, array, compact_stub in _decoded(checked, compact_graph, consumed):
+            for site, dtype, array, compact_stub in _decoded(checked, compact_graph, consumed, mode):
                 if compact_stub is not None:  # integers behind a DequantizeLinear, handed over like any weight
                     stubs.append(compact_stub)
                     arrays.append(array)

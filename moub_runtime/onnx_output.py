@@ -169,7 +169,7 @@ def save_onnx(model: onnx.ModelProto, out_path: str | os.PathLike, external_thre
 
 
 def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS,
-                   external_threshold: int = EXTERNAL_THRESHOLD, compact: bool = False) -> None:
+                   external_threshold: int = EXTERNAL_THRESHOLD, compact: bool | str = False) -> None:
     """``moub decode``: write the runnable ONNX model of a .moub, atomically; never onto the
     .moub itself.
 
@@ -182,8 +182,11 @@ def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits:
     source, out = Path(path), Path(out_path)
     if _is_same_file(source, out):
         raise ValueError(f"{out}: is the file being decoded; write the ONNX model to another path")
-    if compact:
-        _decode_compact(source, out, limits, external_threshold)
+    from .conv_layout import compact_mode_here
+
+    mode = compact_mode_here(compact)
+    if mode:
+        _decode_compact(source, out, limits, external_threshold, mode)
         return
     with open_checked(source, limits) as checked:
         model = checked.model
@@ -211,19 +214,19 @@ def decode_to_onnx(path: str | os.PathLike, out_path: str | os.PathLike, limits:
             raise
 
 
-def _decode_compact(source: Path, out: Path, limits: ReaderLimits, external_threshold: int) -> None:
+def _decode_compact(source: Path, out: Path, limits: ReaderLimits, external_threshold: int, mode: str) -> None:
     """``moub decode --compact``: the model with its integer weights and DequantizeLinear nodes
-    (:mod:`.compact`), built whole in memory (about a byte or two per weight) and saved as
+    (:mod:`.compact`, ``mode`` one of its modes), built whole in memory (about a byte or two per weight) and saved as
     :func:`save_onnx` saves, its data file (if any) named after the .moub's content."""
     from .compact import CompactGraph, compact_decoded, plan_compact
     from .loader import consumed_names
 
     with open_checked(source, limits) as checked:
         model = checked.model
-        token = hashlib.sha256(DATA_LAYOUT + b"compact" + checked.moub.identity()).hexdigest()[:TOKEN_HEX]
+        token = hashlib.sha256(DATA_LAYOUT + b"compact " + mode.encode() + checked.moub.identity()).hexdigest()[:TOKEN_HEX]
         graph = CompactGraph(model)
         with checked.moub.allocating("the decoded model"):
-            for site, _, array, stub in compact_decoded(checked, plan_compact(checked, consumed_names(model)), graph):
+            for site, _, array, stub in compact_decoded(checked, plan_compact(checked, consumed_names(model), mode), graph):
                 fill_payload(stub if stub is not None else site.tensor, array)
                 del array
         graph.finish()

