@@ -163,3 +163,48 @@ def test_swept_row_needs_moub_best(tmp_path):
     assert run.main(["--smoke", "--peers", "moub_swept", "--out", str(tmp_path), "--no-runtime"]) == 0
     rows = _rows((tmp_path / "RESULTS.md").read_text(), "digits")
     assert any("needs the moub_best row" in r[-1] for r in rows)
+
+
+def test_the_peers_code_weights_inside_branches_and_float16_weights(tmp_path):
+    """Every peer codes the same pool as moub: `Constant` weights inside `If` branches (a recurrent
+    model's) are lifted to the main graph, float16 initializers are coded as float32 and stored back
+    as float16, and the rebuilt model runs in onnxruntime with the same outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.peers.weights import fill, load_lifted, pool_arrays, pool_names, strip
+
+    rng = np.random.default_rng(0)
+    branch_w = rng.standard_normal((64, 32)).astype(np.float32)
+    half_w = rng.standard_normal((32, 64)).astype(np.float16)
+
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        const = helper.make_node("Constant", [], [f"{name}_w"], value=numpy_helper.from_array(branch_w * scale, f"{name}_w"))
+        return helper.make_graph([const, helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("If", ["flag"], ["h"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0)),
+             helper.make_node("Cast", ["h"], ["h16"], to=TensorProto.FLOAT16),
+             helper.make_node("MatMul", ["h16", "half_w"], ["y16"]),
+             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+                              [numpy_helper.from_array(half_w, "half_w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path = tmp_path / "peer-pool.onnx"
+    onnx.save(model, str(path))
+    lifted = load_lifted(path)
+    names = pool_names(lifted)
+    assert sorted(names) == ["else_w", "half_w", "then_w"]
+    arrays = pool_arrays(lifted)
+    assert all(a.dtype == np.float32 for a in arrays.values())
+    rebuilt = fill(strip(lifted, names), arrays)
+    assert {t.name: t.data_type for t in rebuilt.graph.initializer}["half_w"] == TensorProto.FLOAT16
+    feed = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    for flag in (True, False):
+        feed["flag"] = np.array(flag)
+        runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                for m in (model, rebuilt)]
+        np.testing.assert_array_equal(*runs)
