@@ -11,10 +11,11 @@ with the "fp32 original" row of the same table.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
+
+from .memory import children_peak_kib, own_peak_kib
 
 
 def main(argv: list[str]) -> None:
@@ -34,12 +35,11 @@ def main(argv: list[str]) -> None:
         for name in getattr(peer_module, "LOADER_IMPORTS", ()):  # the loader's own package, e.g. moub_runtime
             importlib.import_module(name)
         load_session = peer_module.load_session
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = own_peak_kib()
     t = time.perf_counter()
     sess = load_session(path)
     seconds = time.perf_counter() - t
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak = max(own_peak_kib(), children_peak_kib())
     assert sess.get_inputs()
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "rss_before_mb": before / 1024}))
 

@@ -43,9 +43,9 @@ def main(argv: list[str]) -> None:
     result = convert(job["model"], data=job["data"], **kwargs, **options)
     wall = time.perf_counter() - t
     result.write(job["out"])
-    import resource
+    from benchmarks.memory import children_peak_kib, own_peak_kib
 
-    own, workers = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    own, workers = own_peak_kib(), children_peak_kib()
     summary = {
         "wall_s": wall,
         # the converter's process and its largest worker, in GB (ru_maxrss is in KiB on Linux)
