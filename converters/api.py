@@ -42,7 +42,7 @@ from .passed_over import passed_over
 from .progress import ConsoleProgress
 from .report import REPORT_VERSION, closing_table, dumps, front_of, stage_rows
 from .resolution import resolution
-from .scoring import Baseline, Measured, held_out, measure
+from .scoring import OWN_FILE_LIMITS, Baseline, Measured, held_out, measure
 from .session import ConversionSession
 from .solution import Quantization, Size
 from .workers import candidate_map
@@ -389,7 +389,7 @@ class _Writer:
         with tempfile.TemporaryDirectory(prefix="moub-layers-") as folder:
             path = Path(folder) / "chosen.moub"
             path.write_bytes(moub_bytes)
-            file_rows = layer_rows(path)
+            file_rows = layer_rows(path, OWN_FILE_LIMITS)
         calibration = getattr(self.mode, "calib", None)
         rules = calibration.corrector.rules if calibration is not None else ()
         return layer_table(self.session, file_rows, quant.site_arrays(self.pool), rules, facts, self.progress,

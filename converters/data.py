@@ -8,12 +8,15 @@ is cast silently: a float64 array for a float32 input is an error that says so.
 The archive is read with caps: each member's declared shape and element type are read from its
 .npy header and checked (against the bytes the archive holds for it, and the total against
 :func:`data_byte_cap`) before any array is allocated, and a dataset has at most MAX_SAMPLES
-samples, since every candidate of the search runs on every sample.
+samples, since every candidate of the search runs on every sample. A stacked archive's arrays stay
+in the file and are read a batch at a time (``stored.py``), so the data never all sits in memory.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,15 +30,22 @@ from onnx import helper
 from moub_format.budget import default_memory_budget
 
 from .errors import DataError, OptionError
+from .stored import Inflated, StoredArray, stored_member
 
 LABELS_KEY = "labels"
 MAX_SAMPLES = 100_000  # a few hundred to a few thousand samples resolve a tolerance; millions would run for days
 
 
 def data_byte_cap() -> int:
-    """Bytes the arrays of a DATA.npz may declare in all: half the memory budget, since the
-    loader holds them twice while it shuffles them."""
+    """Bytes the arrays of a DATA.npz read into memory may declare in all: half the memory budget
+    (the converter's own statistics, sessions and outputs need the rest)."""
     return default_memory_budget() // 2
+
+
+def inflate_byte_cap() -> int:
+    """Bytes the compressed arrays of a DATA.npz may inflate to on disk (they are read from a
+    temporary copy): half the free space of the temporary folder."""
+    return shutil.disk_usage(tempfile.gettempdir()).free // 2
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class Dataset:
     array is fed whole to every sample) or one feed of its own (``feeds``: data that cannot be
     stacked, such as sequences of different lengths)."""
 
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray | StoredArray]  # StoredArray: read from its file a batch at a time
     labels: np.ndarray | None
     n_samples: int
     batch_size: int
@@ -101,6 +111,8 @@ def _take(array: np.ndarray, picked: np.ndarray, axis: int | None) -> np.ndarray
     confirm halves, every other sample), so the halves of the data cost no copy of it."""
     if axis is None:
         return array
+    if isinstance(array, StoredArray):
+        return array.select(picked)
     step = _even_step(picked)
     if step is not None:
         index = [slice(None)] * array.ndim
@@ -117,9 +129,11 @@ def _even_step(picked: np.ndarray) -> int | None:
     return int(steps[0]) if steps[0] > 0 and bool((steps == steps[0]).all()) else None
 
 
-def _slice(array: np.ndarray, start: int, stop: int, axis: int | None) -> np.ndarray:
+def _slice(array: np.ndarray | StoredArray, start: int, stop: int, axis: int | None) -> np.ndarray:
     if axis is None:
         return array
+    if isinstance(array, StoredArray):
+        return array.read(start, stop)
     if axis == 0:
         return array[start:stop]
     index = [slice(None)] * array.ndim
@@ -152,31 +166,48 @@ def _too_many_samples(source: str, n: int) -> str:
             f"(a few hundred to a few thousand resolve the tolerance: pass a subset)")
 
 
-def _npy_header(member) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header bytes) of one .npy stream, read without its data."""
+@dataclass(frozen=True)
+class NpyHeader:
+    """What one .npy stream's header declares, read without its data."""
+
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    header_bytes: int
+
+
+def _npy_header(member) -> NpyHeader:
     version = np.lib.format.read_magic(member)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
     else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-    return tuple(shape), np.dtype(dtype), member.tell()
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+    return NpyHeader(tuple(shape), bool(fortran), np.dtype(dtype), member.tell())
 
 
-def check_declared_sizes(path: Path, cap: int | None = None) -> None:
+def check_declared_sizes(path: Path, cap: int | None = None, in_file: bool = False) -> dict[str, NpyHeader]:
     """Read each member's .npy header and refuse, before any array is allocated: a header
     whose shape and element type need other than the bytes the archive holds for it (a
     header claiming 4 TiB in a few hundred bytes), and arrays whose declared sizes add up to
-    more than ``cap`` (default :func:`data_byte_cap`; a few MB of zeros can inflate to GBs)."""
-    cap = data_byte_cap() if cap is None else cap
+    more than ``cap`` (a few MB of zeros can inflate to GBs). ``in_file``: the arrays are read
+    from the file a batch at a time, so only compressed members count, against
+    :func:`inflate_byte_cap` by default; otherwise every member counts, against
+    :func:`data_byte_cap`. Returns each member's header, by member name."""
+    where = "of disk for a temporary copy (half the free space)" if in_file else "of data (half its memory budget)"
+    if cap is None:
+        cap = inflate_byte_cap() if in_file else data_byte_cap()
     total = 0
+    headers: dict[str, NpyHeader] = {}
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
             with archive.open(info) as member:
                 try:
-                    shape, dtype, header_bytes = _npy_header(member)
+                    header = _npy_header(member)
                 except ValueError as exc:
                     raise DataError(f"{path}: array {name!r}: not NumPy data ({' '.join(str(exc).split())})") from None
+            shape, dtype, header_bytes = header.shape, header.dtype, header.header_bytes
+            headers[info.filename] = header
             if dtype.hasobject:
                 raise DataError(f"{path}: array {name!r} holds Python objects; --data wants numeric arrays")
             declared = dtype.itemsize
@@ -189,23 +220,38 @@ def check_declared_sizes(path: Path, cap: int | None = None) -> None:
                 )
             if shape and shape[0] > MAX_SAMPLES:
                 raise DataError(_too_many_samples(f"{path}: array {name!r}", shape[0]))
+            if in_file and info.compress_type == zipfile.ZIP_STORED:
+                continue  # read in place
             total += declared
             if total > cap:
                 raise DataError(
                     f"{path}: its arrays declare {total} bytes or more (array {name!r}: shape {list(shape)} of {dtype}); "
-                    f"the converter reads at most {cap} bytes of data (half its memory budget)"
+                    f"the converter takes at most {cap} bytes {where}"
                 )
+    return headers
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, in_file: bool = False) -> dict[str, np.ndarray | StoredArray]:
+    """The arrays of one .npz; with ``in_file``, each as a :class:`StoredArray` read a batch at a
+    time from the file (a compressed member from a temporary copy), so the data is never all in memory."""
     try:
         archive = np.load(path, allow_pickle=False, mmap_mode="r")
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise DataError(f"{path}: a single array of shape {list(archive.shape)}; --data wants an .npz with one array "
                             "per model input, e.g. numpy.savez('data.npz', input=array)")
-        check_declared_sizes(path)
+        headers = check_declared_sizes(path, in_file=in_file)
         with archive:
-            return {key: archive[key] for key in archive.files}
+            if not in_file:
+                return {key: archive[key] for key in archive.files}
+            inflated = Inflated()
+            arrays: dict[str, np.ndarray | StoredArray] = {}
+            for info in archive.zip.infolist():
+                key = info.filename.removesuffix(".npy")
+                header = headers[info.filename]
+                stored = stored_member(Path(path), archive.zip, info, header.shape, header.dtype, header.fortran,
+                                       header.header_bytes, inflated)
+                arrays[key] = archive[key] if stored is None or not header.shape else stored
+            return arrays
     except DataError:
         raise
     except FileNotFoundError:
@@ -227,7 +273,8 @@ def _check_npy_size(path: Path) -> None:
             return  # not .npy (an .npz is refused by the caller; anything else by np.load)
         handle.seek(0)
         try:
-            shape, dtype, header_bytes = _npy_header(handle)
+            header = _npy_header(handle)
+            shape, dtype, header_bytes = header.shape, header.dtype, header.header_bytes
         except ValueError as exc:
             raise DataError(f"{path}: not a readable .npy file ({' '.join(str(exc).split())})") from None
         declared = dtype.itemsize
@@ -306,7 +353,7 @@ def load_dataset(
             raise DataError(f"{source}: a folder with no .npz files; want one .npz per sample (one array per model input)")
         return _feed_dataset(feeds, specs, labels, source, model)
     if isinstance(data, (str, os.PathLike)):
-        return _stacked_dataset(_read_npz(Path(data)), specs, labels, batch_size, batch_axes, str(data))
+        return _stacked_dataset(_read_npz(Path(data), in_file=True), specs, labels, batch_size, batch_axes, str(data))
     if isinstance(data, Mapping):
         return _stacked_dataset({k: np.asarray(v) for k, v in data.items()}, specs, labels, batch_size, batch_axes, "data")
     if hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
@@ -328,19 +375,27 @@ def load_dataset(
 def _cast(array: np.ndarray, spec: InputSpec, source: str, notes: list[str]) -> np.ndarray:
     """``array`` in the input's element type where that loses nothing that matters: float data for
     a float input (the model computes in its own type), integers that fit for an integer input."""
-    array = np.asarray(array)
+    if not isinstance(array, StoredArray):
+        array = np.asarray(array)
     if array.dtype == spec.dtype:
         return array
     want = spec.dtype
     safe = (array.dtype.kind == "f" and want.kind == "f") or (
         array.dtype.kind in "iu" and want.kind in "iu" and (array.size == 0 or (
-            np.iinfo(want).min <= array.min() and array.max() <= np.iinfo(want).max)))
+            np.iinfo(want).min <= _extreme(array, np.min) and _extreme(array, np.max) <= np.iinfo(want).max)))
     if not safe:
         raise DataError(f"{source}: input {spec.name!r} has dtype {array.dtype}, the model wants {want}")
     note = f"input {spec.name!r}: {array.dtype} data cast to the model's {want}"
     if note not in notes:
         notes.append(note)
     return array.astype(want)
+
+
+def _extreme(array: np.ndarray | StoredArray, reduce) -> int:
+    """``reduce`` (np.min or np.max) of every value, a few samples at a time where they are in a file."""
+    if isinstance(array, StoredArray):
+        return int(reduce([reduce(chunk) for chunk in array.chunks()]))
+    return int(reduce(array))
 
 
 def _fits(shape: tuple[int, ...], spec: InputSpec, skip: int | None) -> bool:
@@ -398,6 +453,8 @@ def _stacked_dataset(arrays: dict[str, np.ndarray], specs: list[InputSpec], labe
         else:
             axis = _sample_axis(array, spec, source)
         axes[spec.name] = axis
+        if isinstance(array, StoredArray):  # samples read from the file a batch at a time; an array fed whole, once
+            array = array.along(axis) if isinstance(axis, int) else _in_memory(array, source, spec.name)
         inputs[spec.name] = array
     counts = {name: inputs[name].shape[axis] for name, axis in axes.items() if isinstance(axis, int)}
     if not counts:  # every array fits the model as it is: one batch of the model's fixed size
@@ -438,11 +495,26 @@ def _stacked_dataset(arrays: dict[str, np.ndarray], specs: list[InputSpec], labe
     # One fixed shuffle (independent of --seed), so that the first batches represent the
     # whole set: an evaluation may stop early once its final quality is bounded (evaluate.py).
     order = np.random.default_rng(SHUFFLE_SEED).permutation(n_samples)
-    inputs = {name: np.ascontiguousarray(_take(array, order, axes[name])) for name, array in inputs.items()}
+    inputs = {name: _shuffled(array, order, axes[name]) for name, array in inputs.items()}
     if label_array is not None:
         label_array = np.ascontiguousarray(label_array[order])
     stored_axes = {name: axis for name, axis in axes.items() if axis != 0}
     return Dataset(inputs, label_array, n_samples, batch_size or DEFAULT_BATCH_SIZE, stored_axes, None, tuple(notes))
+
+
+def _in_memory(array: StoredArray, source: str, name: str) -> np.ndarray:
+    """An array fed whole to every sample, read into memory once (within :func:`data_byte_cap`)."""
+    if array.nbytes > data_byte_cap():
+        raise DataError(f"{source}: input {name!r} is fed whole to every sample and takes {array.nbytes} bytes; the "
+                        f"converter holds at most {data_byte_cap()} bytes of it in memory (half its memory budget)")
+    return np.asarray(array)
+
+
+def _shuffled(array: np.ndarray | StoredArray, order: np.ndarray, axis: int | None) -> np.ndarray | StoredArray:
+    """``array``'s samples in ``order``: a copy in memory, or the same file read in that order."""
+    if isinstance(array, StoredArray) and axis is not None:
+        return array.select(order)
+    return np.ascontiguousarray(_take(array, order, axis))
 
 
 def _feed_dataset(feeds: list[dict[str, np.ndarray]], specs: list[InputSpec], labels, source: str,
@@ -482,7 +554,7 @@ def _labels(labels, arrays: Mapping[str, np.ndarray], n_samples: int, source: st
         label_source = str(labels) if isinstance(labels, (str, os.PathLike)) else "labels"
         return _check_labels(_read_labels(labels), n_samples, label_source)
     if LABELS_KEY in arrays:
-        return _check_labels(arrays[LABELS_KEY], n_samples, f"{source}: {LABELS_KEY!r}")
+        return _check_labels(np.asarray(arrays[LABELS_KEY]), n_samples, f"{source}: {LABELS_KEY!r}")
     return None
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .metrics import channel_energy, row_chunks
+
 # Ops that move or relabel values without computing new ones: looked through to find what
 # made an output.
 _LAYOUT_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast",
@@ -95,11 +97,21 @@ def channel_spread(reference: np.ndarray) -> float:
     values per channel than one), 1.0 where there are no such channels or a channel is silent."""
     if reference.ndim < 3 or reference.dtype.kind != "f" or not 2 <= reference.shape[1] <= MAX_CHANNELS:
         return 1.0
-    x = np.asarray(reference, dtype=np.float64)
-    rms = np.sqrt(np.mean(np.square(np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)), axis=1))
+    energy = sum(channel_energy(chunk) for (chunk,) in row_chunks(reference))
+    rms = np.sqrt(energy / (reference.size // reference.shape[1]))
     if not np.all(np.isfinite(rms)) or rms.min() <= 0:
         return 1.0
     return float(rms.max() / rms.min())
+
+
+def finite_range(values: np.ndarray) -> tuple[float, float]:
+    """(least, greatest) finite value, (0, 0) where there is none; a few rows at a time."""
+    lo, hi = np.inf, -np.inf
+    for (chunk,) in row_chunks(values):
+        finite = chunk[np.isfinite(chunk)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)
 
 
 def choose_head(name: str, index: int, producer: str, reference: np.ndarray, samples: int,
@@ -108,8 +120,7 @@ def choose_head(name: str, index: int, producer: str, reference: np.ndarray, sam
     output over ``samples`` samples, any layout); ``labels`` apply to the first output only."""
     if reference.dtype.kind not in "fc":
         return Head(name, index, "match", f"{reference.dtype} values: the share of values left unchanged")
-    finite = reference[np.isfinite(reference)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    lo, hi = finite_range(reference)
     in_unit = 0.0 <= lo and hi <= 1.0
     classes = int(reference.shape[-1]) if reference.ndim else 1
     per_sample = _values_per_sample(reference.shape, samples)

@@ -20,7 +20,7 @@ from :data:`METRICS`; a new metric is one entry there and its per-unit score fun
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +74,22 @@ def _rel_l2_scores(outputs, reference, labels) -> np.ndarray:
     return np.where(finite, 1.0 - rel, -1.0)
 
 
+CHUNK_VALUES = 1 << 20  # values a whole-output sum converts to float64 at a time (8 MB)
+
+
+def row_chunks(*arrays: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """Slices of the first axis of ``arrays`` (same length there) holding about CHUNK_VALUES values
+    each: sums over whole outputs then take memory for a chunk, not a float64 copy of every output."""
+    first = arrays[0]
+    if first.ndim == 0 or first.shape[0] == 0:
+        yield arrays
+        return
+    per_row = max(1, first.size // first.shape[0])
+    step = max(1, CHUNK_VALUES // per_row)
+    for start in range(0, first.shape[0], step):
+        yield tuple(a[start:start + step] for a in arrays)
+
+
 def output_energy(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float]:
     """(sum of squared errors, sum of squared reference values) over the float outputs, any layout;
     a non-finite candidate value counts as an error the size of the whole reference."""
@@ -81,11 +97,16 @@ def output_energy(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]
     for o, r in zip(outputs, reference):
         if r.dtype.kind != "f":
             continue
-        r64 = np.asarray(r, dtype=np.float64)
-        o64 = np.asarray(o, dtype=np.float64)
-        ref_energy = float(np.sum(r64 * r64))
+        ref_energy = out_err = 0.0
+        finite = True
+        for o_part, r_part in row_chunks(np.asarray(o), np.asarray(r)) if np.shape(o) == np.shape(r) else [(o, r)]:
+            r64 = np.asarray(r_part, dtype=np.float64)
+            o64 = np.asarray(o_part, dtype=np.float64)
+            ref_energy += float(np.sum(r64 * r64))
+            finite = finite and bool(np.isfinite(o64).all())
+            out_err += float(np.sum((o64 - r64) ** 2)) if finite else 0.0
         energy += ref_energy
-        err += float(np.sum((o64 - r64) ** 2)) if np.isfinite(o64).all() else max(ref_energy, 1.0)
+        err += out_err if finite else max(ref_energy, 1.0)
     return err, energy
 
 
@@ -115,6 +136,17 @@ def channel_energy(outputs: np.ndarray) -> np.ndarray:
     x = np.asarray(outputs, dtype=np.float64)
     x = x.reshape(x.shape[0], x.shape[1], -1)
     return np.einsum("ncv,ncv->c", x, x)
+
+
+def channel_errors(outputs: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(squared error, squared reference) per channel of rows-first outputs, a few rows at a time;
+    a non-finite candidate value counts as an error the size of its reference value plus one."""
+    err = energy = 0.0
+    for got, ref in row_chunks(np.asarray(outputs), np.asarray(reference)):
+        got64, ref64 = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+        err = err + channel_energy(np.where(np.isfinite(got64), got64 - ref64, np.abs(ref64) + 1.0))
+        energy = energy + channel_energy(ref64)
+    return np.asarray(err, dtype=np.float64), np.asarray(energy, dtype=np.float64)
 
 
 def channel_loss(err: np.ndarray, energy: np.ndarray) -> float:
@@ -345,11 +377,10 @@ class Accumulator:
 
     def add(self, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None) -> None:
         if self.channels:
-            got = np.asarray(outputs[0], dtype=np.float64)
-            ref = np.asarray(reference[0], dtype=np.float64)
-            self.channel_err += channel_energy(np.where(np.isfinite(got), got - ref, np.abs(ref) + 1.0))
-            self.channel_ref += channel_energy(ref)
-            self.units += int(ref.shape[0])
+            err, energy = channel_errors(outputs[0], reference[0])
+            self.channel_err += err
+            self.channel_ref += energy
+            self.units += int(reference[0].shape[0])
             return
         if self.energy:
             err, energy = output_energy(outputs, reference)
@@ -431,9 +462,7 @@ def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.n
     if METRICS[metric].energy:
         return 1.0 - _relative(*output_energy(outputs, reference))
     if METRICS[metric].channel_energy:
-        got, ref = np.asarray(outputs[0], dtype=np.float64), np.asarray(reference[0], dtype=np.float64)
-        return 1.0 - channel_loss(channel_energy(np.where(np.isfinite(got), got - ref, np.abs(ref) + 1.0)),
-                                  channel_energy(ref))
+        return 1.0 - channel_loss(*channel_errors(outputs[0], reference[0]))
     whole_score = METRICS[metric].whole_score
     if whole_score is not None:
         return whole_score(np.argmax(outputs[0], axis=-1), labels, outputs[0].shape[-1])

@@ -13,10 +13,11 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moub_format import dtypes
+from moub_format.constants import DEFAULT_LIMITS, ReaderLimits
 
 from . import heads, metrics
 from .data import Dataset, DataSource, load_dataset, parse_batch_axes
@@ -90,16 +91,22 @@ class Baseline:
                       heads=self.heads, max_drop=self.max_drop)
 
 
-def measure_path(path: str | os.PathLike, baseline: Baseline | None) -> Measured:
+# The converter's own file, checked as it is written, is not hostile input: its decode is bounded by
+# the model, not by a budget derived from the address space left at that moment (under an
+# address-space limit, a worker pool's threads reserve much of it without using it).
+OWN_FILE_LIMITS = replace(DEFAULT_LIMITS, memory_budget=DEFAULT_LIMITS.max_decoded_bytes)
+
+
+def measure_path(path: str | os.PathLike, baseline: Baseline | None, limits: ReaderLimits = DEFAULT_LIMITS) -> Measured:
     """Load the file with moub_runtime exactly as a device would; measure quality and sizes."""
     import moub_runtime
     from moub_runtime.inspect import summarize
 
-    summary = summarize(path)
+    summary = summarize(path, limits)
     if baseline is None:
         return Measured(None, None, summary.quantized_bytes, summary.file_bytes, resident_weights(summary),
                         coding_of(summary))
-    session = moub_runtime.InferenceSession(path, sess_options=session_options())
+    session = moub_runtime.InferenceSession(path, sess_options=session_options(), limits=limits)
     names = baseline.output_names
     score = baseline.scorer().accumulate((start, baseline.layout(session.run(names, feeds)))
                                           for start, feeds in baseline.dataset.batches())
@@ -113,7 +120,7 @@ def measure(moub_bytes: bytes, baseline: Baseline | None) -> Measured:
     with tempfile.TemporaryDirectory(prefix="moub-verify-") as folder:
         path = Path(folder) / "candidate.moub"
         path.write_bytes(moub_bytes)
-        return measure_path(path, baseline)
+        return measure_path(path, baseline, OWN_FILE_LIMITS)
 
 
 @dataclass(frozen=True)

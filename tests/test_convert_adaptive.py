@@ -474,7 +474,7 @@ def test_the_session_computes_once_and_sends_workers_only_its_inputs():
     session.use_scorer(Scorer(evaluator, "accuracy", reference, dataset.labels, 1.0))
     search, confirm = session.half("search"), session.half("confirm")
     assert search is session.half("search") and search.dataset.n_samples + confirm.dataset.n_samples == dataset.n_samples
-    assert np.array_equal(search.dataset.inputs["input"], dataset.inputs["input"][::2])
+    assert np.array_equal(np.asarray(search.dataset.inputs["input"]), np.asarray(dataset.inputs["input"])[::2])
     assert (search.metric, confirm.metric) == ("accuracy", "agreement")  # the confirm half judges by agreement
     assert session.calibration is session.calibration and session.calibration.feedback.layers
     assert session.site_stats is session.site_stats and session.originals is session.originals

@@ -315,7 +315,7 @@ def test_the_declared_bytes_of_all_arrays_are_capped(tmp_path):
 
     path = ROOT / "converters" / "data" / "digits_val.npz"
     check_declared_sizes(path)
-    with pytest.raises(DataError, match="its arrays declare .* bytes or more .*the converter reads at most 10000 bytes"):
+    with pytest.raises(DataError, match="its arrays declare .* bytes or more .*the converter takes at most 10000 bytes"):
         check_declared_sizes(path, cap=10_000)
 
 

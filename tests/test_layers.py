@@ -56,7 +56,7 @@ def test_the_shares_sum_to_the_error_the_runtime_measures_on_the_written_file(co
     result, folder = converted
     summary = result.report["layer_error"]
     dataset = load_dataset(VAL, load_source(MODEL).model)
-    x = dataset.take(dataset.spread(summary["samples"])).inputs["input"]  # the samples the shares were measured on
+    x = np.asarray(dataset.take(dataset.spread(summary["samples"])).inputs["input"])  # the samples the shares were measured on
     original = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
     moub = moub_runtime.InferenceSession(folder / "d.moub")
     ref = np.concatenate([original.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))]).astype(np.float64)

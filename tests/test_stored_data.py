@@ -1,0 +1,115 @@
+"""Sample data read from its file a batch at a time: the same samples as in memory, in the same
+order, whatever way numpy stored them, and a worker receives where they are, not the values."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moub_converters.data import load_dataset
+from moub_converters.stored import StoredArray
+
+import user_models
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stored-data")
+
+
+def _batches(dataset) -> list[dict[str, np.ndarray]]:
+    return [{k: np.array(v) for k, v in feeds.items()} for _, feeds in dataset.batches()]
+
+
+def _same_batches(a, b) -> None:
+    left, right = _batches(a), _batches(b)
+    assert len(left) == len(right)
+    for x, y in zip(left, right):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k])
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_a_data_file_reads_the_same_samples_as_the_arrays_in_memory(folder, tmp_path, save):
+    model = user_models.streaming_vad(folder)
+    proto = onnx.load(model.path)
+    path = tmp_path / "data.npz"
+    save(path, **model.search)
+    from_file = load_dataset(path, proto)
+    in_memory = load_dataset(dict(model.search), proto)
+    assert isinstance(from_file.inputs["input"], StoredArray)
+    assert isinstance(from_file.inputs["state"], StoredArray) and from_file.axis("state") == 1  # samples on axis 1
+    assert from_file.n_samples == in_memory.n_samples
+    _same_batches(from_file, in_memory)
+    picked = from_file.spread(5)
+    _same_batches(from_file.take(picked), in_memory.take(picked))
+    _same_batches(from_file.take(np.arange(1, from_file.n_samples, 2)),
+                  in_memory.take(np.arange(1, in_memory.n_samples, 2)))
+
+
+def test_a_worker_receives_where_the_data_is_not_the_data(folder, tmp_path):
+    model = user_models.regressor(folder)
+    proto = onnx.load(model.path)
+    path = tmp_path / "data.npz"
+    np.savez(path, **model.search)
+    dataset = load_dataset(path, proto)
+    payload = pickle.dumps(dataset, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(payload) < path.stat().st_size / 4
+    _same_batches(pickle.loads(payload), dataset)
+
+
+def test_an_inflated_copy_lives_as_long_as_the_data(folder, tmp_path):
+    model = user_models.regressor(folder)
+    proto = onnx.load(model.path)
+    path = tmp_path / "data.npz"
+    np.savez_compressed(path, **model.search)
+    dataset = load_dataset(path, proto)
+    half = dataset.take(np.arange(0, dataset.n_samples, 2))
+    copy = Path(dataset.inputs["x"].path)
+    assert copy.exists() and copy.parent != path.parent
+    del dataset
+    gc.collect()
+    assert copy.exists() and _batches(half)  # the half still reads from it
+    del half
+    gc.collect()
+    assert not copy.parent.exists()
+
+
+def test_a_cast_and_a_fortran_array_read_like_numpy(folder, tmp_path):
+    model = user_models.regressor(folder)
+    proto = onnx.load(model.path)
+    x = np.asfortranarray(model.search["x"].astype(np.float64))
+    path = tmp_path / "data.npz"
+    np.savez(path, x=x)
+    dataset = load_dataset(path, proto)
+    assert dataset.inputs["x"].dtype == np.float32 and any("float64" in n for n in dataset.notes)
+    _same_batches(dataset, load_dataset({"x": x}, proto))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), axis_seed=st.integers(0, 3),
+       fortran=st.booleans(), picks=st.lists(st.integers(0, 4), max_size=8), start=st.integers(0, 5))
+def test_reads_match_numpy_for_any_layout(tmp_path_factory, shape, axis_seed, fortran, picks, start):
+    values = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    values = np.asfortranarray(values) if fortran else values
+    path = tmp_path_factory.mktemp("npy") / "a.npy"
+    np.save(path, values)
+    header = path.stat().st_size - values.nbytes  # the values end the file
+    axis = axis_seed % len(shape)
+    stored = StoredArray(str(path), header, values.dtype, tuple(shape), fortran).along(axis)
+    assert np.array_equal(np.asarray(stored), values)
+    rows = np.array([p % shape[axis] for p in picks], np.int64)
+    chosen = stored.select(rows)
+    expect = np.take(values, rows, axis=axis)
+    assert chosen.shape == expect.shape and np.array_equal(np.asarray(chosen), expect)
+    stop = start + 2
+    sliced = np.take(expect, np.arange(min(start, rows.size), min(stop, rows.size)), axis=axis)
+    assert np.array_equal(chosen.read(start, stop), sliced)
