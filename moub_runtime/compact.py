@@ -19,7 +19,7 @@ counts them. 8-bit levels use the ONNX ``DequantizeLinear`` (opset 10 and later)
 4-bit ones onnxruntime's own (domain ``com.microsoft``) unless the model's opset is 21 or later:
 raising a model's opset would change what its other nodes mean.
 
-A weight that only ``MatMul`` or ``Gemm`` read as their second input (:func:`four_bit_weights`),
+A weight that one ``MatMul`` or ``Gemm`` reads as its second input, and nothing else (:func:`four_bit_weights`),
 of rank 2, whose levels span at most 16 values, is held as int4 or uint4, two levels a byte (ONNX's
 packing: the first in the low nibble): onnxruntime fuses such a ``DequantizeLinear`` and its
 reader into a 4-bit ``MatMulNBits``, which computes in float32 (the session sets accuracy level
@@ -115,14 +115,18 @@ def _fuses_into_matmul_nbits(node, position: int) -> bool:
 
 def four_bit_weights(graph, ranks: dict[str, int]) -> set[str]:
     """The names of ``ranks`` (value name -> rank of the weight) that have rank
-    :data:`FOUR_BIT_RANK` and that only main-graph MatMul or Gemm nodes read, each as the weight
-    onnxruntime fuses into ``MatMulNBits`` (not a graph output): the weights a compact session
-    holds in 4 bits when their levels span at most 16 values, and ``--ram int4`` limits so."""
+    :data:`FOUR_BIT_RANK` and that one main-graph MatMul or Gemm reads, as the weight onnxruntime
+    fuses into ``MatMulNBits``, and nothing else reads (onnxruntime fuses a DequantizeLinear of
+    one reader only; nor is it a graph output): the weights a compact session holds in 4 bits
+    when their levels span at most 16 values, and ``--ram int4`` limits so."""
     fused: set[str] = set()
     other: set[str] = {value.name for value in graph.output}
     for node in graph.node:
         for position, name in enumerate(node.input):
-            (fused if _fuses_into_matmul_nbits(node, position) else other).add(name)
+            if _fuses_into_matmul_nbits(node, position) and name not in fused:
+                fused.add(name)
+            else:
+                other.add(name)
     return {name for name, rank in ranks.items() if rank == FOUR_BIT_RANK and name in fused and name not in other}
 
 

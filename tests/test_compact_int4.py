@@ -124,8 +124,9 @@ def test_which_weights_qualify_for_four_bits():
         node("MatMul", ["x", "shared"]), node("Add", ["x", "shared"]),
         node("MatMul", ["x", "batched"]),
         node("MatMul", ["x", "output"]),
+        node("MatMul", ["x", "tied"]), node("MatMul", ["y", "tied"]),  # two readers: not fused
     ], "g", [], [helper.make_tensor_value_info("output", FLOAT, None)])
-    ranks = {name: 2 for name in ("b_matmul", "a_matmul", "b_gemm", "b_transposed", "b_scaled", "shared", "output", "c")}
+    ranks = {name: 2 for name in ("b_matmul", "a_matmul", "b_gemm", "b_transposed", "b_scaled", "shared", "output", "c", "tied")}
     assert four_bit_weights(graph, {**ranks, "batched": 3}) == {"b_matmul", "b_gemm"}
 
 
