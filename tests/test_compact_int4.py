@@ -241,3 +241,21 @@ def test_convert_with_ram_int4_on_a_torch_token_mixer(tmp_path):
     decoded = tmp_path / "compact.onnx"
     subprocess.run([sys.executable, "-m", "moub_runtime.cli", "decode", str(path), "-o", str(decoded), "--compact"], check=True)
     onnx.checker.check_model(onnx.load(decoded))
+
+
+def test_sites_of_different_windows_never_share_a_pack():
+    """``--ram int4``'s packs: a 16-value window's sites share only with each other, so the grid a
+    reader bounds each 4-bit member by stays 16 values wide; without windows the same sites share one pack."""
+    from moub_converters.packing import plan_packs
+
+    rng = np.random.default_rng(0)
+    levels = [np.rint(rng.normal(0, 2.5, 300)).clip(-7, 8).astype(np.int32) for _ in range(6)]  # alike: they share
+    windows = [16, 16, 16, 256, 256, 256]
+    offsets = [0, 0, 0, 0, 0, 0]
+    together = plan_packs(levels, offsets)
+    assert any(set(p.members) & {0, 1, 2} and set(p.members) & {3, 4, 5} for p in together)
+    for plan in plan_packs(levels, offsets, windows):
+        assert len({windows[i] for i in plan.members}) == 1
+        if windows[plan.members[0]] == 16:
+            grid_values = plan.levels if plan.levels is not None else range(plan.first, plan.first + plan.count)
+            assert max(grid_values) - min(grid_values) < 16
