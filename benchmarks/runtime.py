@@ -195,8 +195,8 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
     """What the adaptive mode writes, without its search: every float tensor site with at
     least ``min_elements`` values is one pack over its own grid codebook, levels
     ``round(x / step)`` with ``step = std / divisor``, no finer than the converter's ``--ram``
-    floor for ``ram`` (int8: every tensor's levels span at most 256 values; int4: the weights only
-    MatMul or Gemm read at most 16); (codebooks, packs)."""
+    floor for ``ram`` (int8: every tensor's levels span at most 256 values; int4: a weight one MatMul
+    or Gemm alone reads at most 16); (codebooks, packs)."""
     from moub_converters.uniform import RAM_LEVEL_LIMITS
 
     from moub_converters.encode import PackAssignment

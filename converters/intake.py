@@ -326,7 +326,7 @@ def pool_weights(model: onnx.ModelProto, min_elements: int = 1024) -> Pool:
 
 
 def _four_bit_paths(model: onnx.ModelProto, sites: list[PoolSite]) -> frozenset[str]:
-    """The pooled main-graph weights that only MatMul or Gemm read as the weight onnxruntime
+    """The pooled main-graph weights that one MatMul or Gemm alone reads, as the weight onnxruntime
     fuses into a 4-bit MatMulNBits (the compact session's rule, :func:`four_bit_weights`)."""
     main = {site.name: site for site in sites
             if is_main_graph_site(site.path) and (site.kind == KIND_CONSTANT or is_main_graph_initializer(site.path))}

@@ -39,7 +39,7 @@ MAX_ABS_INDEX = (1 << 22)         # |q| below this: well inside the grid codeboo
 @dataclass(frozen=True)
 class RamLimit:
     """``--ram``: how many consecutive levels a tensor may use (None: any), and a weight that a
-    compact session can hold in 4 bits (``Pool.four_bit``: read only by MatMul or Gemm). With
+    compact session can hold in 4 bits (``Pool.four_bit``: read by one MatMul or Gemm alone). With
     256, a tensor's levels lie within +-254 and span at most 256 values, which int8 holds with a
     zero point; with 16, within +-14 spanning 16 values, which int4 or uint4 holds."""
 
