@@ -195,7 +195,8 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
     """What the adaptive mode writes, without its search: every float tensor site with at
     least ``min_elements`` values is one pack over its own grid codebook, levels
     ``round(x / step)`` with ``step = std / divisor``, no finer than the converter's ``--ram``
-    floor for ``ram`` (int8: every tensor's levels span at most 256 values); (codebooks, packs)."""
+    floor for ``ram`` (int8: every tensor's levels span at most 256 values; int4: a weight one MatMul
+    or Gemm alone reads at most 16); (codebooks, packs)."""
     from moub_converters.uniform import RAM_LEVEL_LIMITS
 
     from moub_converters.encode import PackAssignment
@@ -203,10 +204,16 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
 
     from moub_format import dtypes
     from moub_format.writer import OWN, GridCodebook
-    from moub_runtime.sites import iter_tensor_sites
+    from moub_runtime.compact import four_bit_weights
+    from moub_runtime.sites import is_main_graph_initializer, iter_tensor_sites
 
+    limit = RAM_LEVEL_LIMITS[ram]
+    sites = list(iter_tensor_sites(model))
+    initializers = {site.tensor.name: site for site in sites if is_main_graph_initializer(site.path)}
+    four_bit_names = four_bit_weights(model.graph, {name: len(site.tensor.dims) for name, site in initializers.items()})
+    four_bit = {initializers[name].path for name in four_bit_names}
     codebooks, packs = [], []
-    for site in iter_tensor_sites(model):
+    for site in sites:
         count = 1
         for dim in site.tensor.dims:
             count *= int(dim)
@@ -215,9 +222,10 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
         x = np.asarray(numpy_helper.to_array(site.tensor), dtype=np.float32).ravel()
         std = float(np.std(x.astype(np.float64)))
         step = std / divisor if std > 0 else 1.0
-        if RAM_LEVEL_LIMITS[ram] is not None:
+        if limit.levels is not None:
+            window = limit.four_bit_levels if limit.four_bit_levels and site.path in four_bit else limit.levels
             span = max(float(x.max()) - float(x.min()), float(np.abs(x).max()))
-            step = max(step, span / (RAM_LEVEL_LIMITS[ram] - 2))
+            step = max(step, span / (window - 2))
         step = np.float32(step)
         levels = np.rint(x / step).astype(np.int64)
         first = int(levels.min())
@@ -685,8 +693,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only the normal against compact sessions section (peak RSS, resident weights, load, latency, "
                              "fusions on each model's adaptive-layout file)")
     parser.add_argument("--no-compact", action="store_true", help="skip the normal against compact sessions section")
-    parser.add_argument("--ram", choices=("int8", "float"), default=COMPACT_RAM,
-                        help="the compact section's files: levels within int8 (as --ram int8 writes) or std/16 steps only")
+    parser.add_argument("--ram", choices=("int8", "int4", "float"), default=COMPACT_RAM,
+                        help="the compact section's files: levels within int8 (as --ram int8 writes), MatMul/Gemm weights' "
+                             "within int4 (as --ram int4 writes), or std/16 steps only")
     args = parser.parse_args(argv)
     if args.compact:
         return compact_main(args)

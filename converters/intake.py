@@ -24,7 +24,8 @@ from onnx import numpy_helper
 
 from moub_format import dtypes
 from moub_runtime.payload import element_count
-from moub_runtime.sites import KIND_CONSTANT, iter_tensor_sites
+from moub_runtime.compact import four_bit_weights
+from moub_runtime.sites import KIND_CONSTANT, is_main_graph_initializer, is_main_graph_site, iter_tensor_sites
 from moub_runtime.tensor_walk import (
     describe_external_reference,
     external_location,
@@ -102,6 +103,8 @@ class Pool:
     sites: list[PoolSite]
     values: np.ndarray
     passthrough: dict[str, str] = field(default_factory=dict)  # path -> reason
+    # paths of the weights a compact session can hold in 4 bits (moub_runtime.compact.four_bit_weights)
+    four_bit: frozenset[str] = frozenset()
 
     @property
     def n_weights(self) -> int:
@@ -319,7 +322,16 @@ def pool_weights(model: onnx.ModelProto, min_elements: int = 1024) -> Pool:
         offset += n
     if offset < pooled.size:  # a tensor with non-finite values stayed out
         pooled = pooled[:offset].copy()
-    return Pool(sites, pooled, passthrough)
+    return Pool(sites, pooled, passthrough, _four_bit_paths(model, sites))
+
+
+def _four_bit_paths(model: onnx.ModelProto, sites: list[PoolSite]) -> frozenset[str]:
+    """The pooled main-graph weights that one MatMul or Gemm alone reads, as the weight onnxruntime
+    fuses into a 4-bit MatMulNBits (the compact session's rule, :func:`four_bit_weights`)."""
+    main = {site.name: site for site in sites
+            if is_main_graph_site(site.path) and (site.kind == KIND_CONSTANT or is_main_graph_initializer(site.path))}
+    names = four_bit_weights(model.graph, {name: len(site.dims) for name, site in main.items()})
+    return frozenset(main[name].path for name in names)
 
 
 def _constant_outputs(model: onnx.ModelProto) -> dict[str, str]:

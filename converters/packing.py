@@ -211,15 +211,30 @@ def _others_extreme(values: np.ndarray, smallest: bool) -> np.ndarray:
     return out if smallest else -out
 
 
-def plan_packs(levels: list[np.ndarray], offsets: list[int] | None = None) -> list[PackPlan]:
+def plan_packs(levels: list[np.ndarray], offsets: list[int] | None = None, groups: list | None = None) -> list[PackPlan]:
     """Packs for the pooled sites' integer levels (see the module docstring). ``offsets``: each
     site's offset in the shared pack (default: its histogram's centre); ``--ram int8`` gives the
-    middle of each site's window of levels, so that the shared grid stays as narrow as a window."""
+    middle of each site's window of levels, so that the shared grid stays as narrow as a window.
+    ``groups``: a key per site; only sites of one key share a pack (one shared pack per key;
+    ``--ram int4`` keys by window, so a 4-bit weight's shared grid stays 16 values wide)."""
     own_hists = [_hist(q) for q in levels]
     own_bits, own_lengths = zip(*(_own(h) for h in own_hists)) if levels else ((), ())
     offsets = [centre(h) for h in own_hists] if offsets is None else list(offsets)
     hists = [h.shifted(o) if o else h for o, h in zip(offsets, own_hists)]  # centred, as members of the shared pack
-    shared = list(range(len(levels)))
+    keys = [0] * len(levels) if groups is None else list(groups)
+    plans: list[PackPlan] = []
+    for key in sorted(set(keys)):
+        members = [i for i in range(len(levels)) if keys[i] == key]
+        shared, alone = _shared_and_alone(members, hists, own_bits)
+        plans.extend(_plan_of((i,), (0,), own_hists[i], own_lengths[i]) for i in alone)
+        if shared:
+            plans.append(_plan(shared, hists, offsets))
+    return sorted((_sparse(p) for p in plans), key=lambda p: p.members[0])
+
+
+def _shared_and_alone(members: list[int], hists: list[_Hist], own_bits) -> tuple[list[int], list[int]]:
+    """Which of ``members`` stay in their shared pack and which are cheaper in a pack of their own."""
+    shared = list(members)
     alone: list[int] = []
     for _ in range(MAX_ROUNDS):
         if len(shared) < 2:
@@ -240,10 +255,7 @@ def plan_packs(levels: list[np.ndarray], offsets: list[int] | None = None) -> li
         alone.extend(leaving)
         gone = set(leaving)
         shared = [i for i in shared if i not in gone]
-    plans = [_plan_of((i,), (0,), own_hists[i], own_lengths[i]) for i in alone]
-    if shared:
-        plans.append(_plan(shared, hists, offsets))
-    return sorted((_sparse(p) for p in plans), key=lambda p: p.members[0])
+    return shared, alone
 
 
 def total_bits(plans: list[PackPlan], sizes: np.ndarray, chunk_elements: int | None = None) -> int:

@@ -64,13 +64,15 @@ def layout(pool: Pool, stats: SiteStats, log2_opt: np.ndarray, x: float, gamma: 
         # error feedback and bias correction can step a level past the step floor's window; the
         # search measures the clipped levels, so the loss it holds is the file's. In the shared
         # pack each member is offset by the middle of its window, so the pack's grid spans
-        # max_level values at most and every member's levels, as a reader bounds them, stay in its window
-        bound, offsets = stats.max_level - 2, []
-        for q, step, low in zip(levels, steps, stats.low):
-            first = int(np.clip(np.rint(low / float(step)), -bound, bound - stats.max_level + 1))
-            np.clip(q, first, first + stats.max_level - 1, out=q)
-            offsets.append(first + stats.max_level // 2)
-    plans = plan_packs(levels, offsets)
+        # max_level values at most and every member's levels, as a reader bounds them, stay in its window;
+        # sites of different windows never share a pack (a 4-bit weight's would widen to the others')
+        offsets = []
+        for q, step, low, window in zip(levels, steps, stats.low, stats.max_level.tolist()):
+            bound = window - 2
+            first = int(np.clip(np.rint(low / float(step)), -bound, bound - window + 1))
+            np.clip(q, first, first + window - 1, out=q)
+            offsets.append(first + window // 2)
+    plans = plan_packs(levels, offsets, None if stats.max_level is None else stats.max_level.tolist())
     return Layout(steps, levels, plans, total_bits(plans, stats.sizes, chunk_elements(pool.n_weights)))
 
 

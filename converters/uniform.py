@@ -34,10 +34,27 @@ from .intake import Pool
 
 LOG2_STEP_RANGE = (-24.0, 2.0)    # a step stays within [sigma * 2^-24, sigma * 4]
 MAX_ABS_INDEX = (1 << 22)         # |q| below this: well inside the grid codebook's 2^24 limit
-# ``--ram``: how many consecutive levels a tensor may use (None: any). With int8 (256), a tensor's
-# levels lie within +-254 and span at most 256 values, which int8 holds with a zero point, so a
-# compact session (moub_runtime, compact=True) can hold each weight in one byte.
-RAM_LEVEL_LIMITS: dict[str, int | None] = {"float": None, "int8": 256}
+
+
+@dataclass(frozen=True)
+class RamLimit:
+    """``--ram``: how many consecutive levels a tensor may use (None: any), and a weight that a
+    compact session can hold in 4 bits (``Pool.four_bit``: read by one MatMul or Gemm alone). With
+    256, a tensor's levels lie within +-254 and span at most 256 values, which int8 holds with a
+    zero point; with 16, within +-14 spanning 16 values, which int4 or uint4 holds."""
+
+    levels: int | None
+    four_bit_levels: int | None = None
+
+    def per_site(self, pool: Pool) -> np.ndarray | None:
+        """Each pooled site's limit, in pool order (None: no limit)."""
+        if self.levels is None:
+            return None
+        narrow = self.four_bit_levels or self.levels
+        return np.array([narrow if site.path in pool.four_bit else self.levels for site in pool.sites], dtype=np.int64)
+
+
+RAM_LEVEL_LIMITS: dict[str, RamLimit] = {"float": RamLimit(None), "int8": RamLimit(256), "int4": RamLimit(256, 16)}
 
 
 @dataclass(frozen=True)
@@ -47,12 +64,12 @@ class SiteStats:
     sizes: np.ndarray        # n_t, elements
     log2_sigma: np.ndarray   # log2 of the standard deviation (of max |w| for constant tensors)
     max_abs: np.ndarray      # max |w|
-    max_level: int | None = None   # consecutive levels a tensor may use (RAM_LEVEL_LIMITS); None: any
+    max_level: np.ndarray | None = None   # per site: consecutive levels it may use (RAM_LEVEL_LIMITS); None: any
     low: np.ndarray | None = None  # min w and max w (with max_level)
     high: np.ndarray | None = None
 
 
-def site_stats(pool: Pool, max_level: int | None = None) -> SiteStats:
+def site_stats(pool: Pool, limit: RamLimit = RAM_LEVEL_LIMITS["float"]) -> SiteStats:
     sizes, log2_sigma, max_abs, low, high = [], [], [], [], []
     for site in pool.sites:
         values = pool.values[site.start : site.stop].astype(np.float64)
@@ -64,7 +81,7 @@ def site_stats(pool: Pool, max_level: int | None = None) -> SiteStats:
         max_abs.append(peak)
         low.append(float(values.min()) if values.size else 0.0)
         high.append(float(values.max()) if values.size else 0.0)
-    return SiteStats(np.asarray(sizes, np.int64), np.asarray(log2_sigma), np.asarray(max_abs), max_level,
+    return SiteStats(np.asarray(sizes, np.int64), np.asarray(log2_sigma), np.asarray(max_abs), limit.per_site(pool),
                      np.asarray(low), np.asarray(high))
 
 

@@ -108,6 +108,12 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64)
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A 64-byte-aligned uninitialised array, as the decoded tensors are, for arrays built from
+    them that go to onnxruntime too (the compact session's packed 4-bit levels)."""
+    return _aligned_empty(shape, dtype)
+
+
 def _aligned(view: np.ndarray, alignment: int = 64) -> np.ndarray:
     """``view`` itself when its data is ``alignment``-aligned, else an aligned copy: streams
     after the first in a lane buffer start wherever the previous one's rows end."""

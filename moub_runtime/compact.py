@@ -15,9 +15,18 @@ explicit list of used levels a writer stores for a sparse pack), of element type
 float32, an initializer or ``Constant`` of the main graph that a node reads and that is not a
 graph input, and its levels fit int8, uint8, int16 or uint16 with a zero point of that type.
 Every other tensor is decoded as usual; :func:`plan_compact` says why, and ``moub inspect``
-counts them. 8-bit levels use the ONNX ``DequantizeLinear`` (opset 10 and later), 16-bit ones
-onnxruntime's own (domain ``com.microsoft``) unless the model's opset is 21 or later: raising a
-model's opset would change what its other nodes mean.
+counts them. 8-bit levels use the ONNX ``DequantizeLinear`` (opset 10 and later), 16-bit and
+4-bit ones onnxruntime's own (domain ``com.microsoft``) unless the model's opset is 21 or later:
+raising a model's opset would change what its other nodes mean.
+
+A weight that one ``MatMul`` or ``Gemm`` reads as its second input, and nothing else (:func:`four_bit_weights`),
+of rank 2, whose levels span at most 16 values, is held as int4 or uint4, two levels a byte (ONNX's
+packing: the first in the low nibble): onnxruntime fuses such a ``DequantizeLinear`` and its
+reader into a 4-bit ``MatMulNBits``, which computes in float32 (the session sets accuracy level
+1) with the weight packed. The scale and zero point are given per column (``axis`` 1, every
+column the same values): onnxruntime shares equal scalar initializers between nodes before its
+QDQ fusions run, and a ``DequantizeLinear`` whose scale is shared is not fused; a per-column
+scale is not shared and costs 4.5 bytes per column.
 
 Two modes (:data:`COMPACT_MODES`). ``"fast"`` also keeps float every weight a grouped ``Conv``
 reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
@@ -39,8 +48,9 @@ import numpy as np
 
 from moub_format import constants as C
 from moub_format import dtypes
+from moub_format.reader import aligned_empty
 
-from .sites import KIND_CONSTANT, TensorSite
+from .sites import KIND_CONSTANT, TensorSite, is_main_graph_initializer, is_main_graph_site
 
 if TYPE_CHECKING:
     import onnx
@@ -50,6 +60,11 @@ if TYPE_CHECKING:
     from .validation import CheckedFile
 
 ONNXRUNTIME_DOMAIN = "com.microsoft"
+# ONNX's 4-bit element types (TensorProto.INT4, UINT4): not container types (moub_format.dtypes).
+ONNX_INT4 = 22
+ONNX_UINT4 = 21
+# The rank of a weight onnxruntime fuses with its MatMul or Gemm into MatMulNBits.
+FOUR_BIT_RANK = 2
 
 # What ``compact=`` takes besides True (which picks one of them) and False.
 COMPACT_MODES = ("fast", "smallest")
@@ -77,35 +92,101 @@ def grouped_conv_inputs(graph) -> set[str]:
     return names
 
 
+def _attribute(node, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return attribute.f if attribute.type == 1 else attribute.i  # AttributeProto.FLOAT is 1
+    return default
+
+
+def _fuses_into_matmul_nbits(node, position: int) -> bool:
+    """Whether onnxruntime fuses a ``DequantizeLinear`` giving input ``position`` of ``node``
+    into a ``MatMulNBits``: the second input of a MatMul, or of a Gemm that neither transposes
+    nor scales (a transposed B stays a Gemm that dequantizes at every run)."""
+    if node.domain not in ("", "ai.onnx") or position != 1:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type != "Gemm":
+        return False
+    plain = _attribute(node, "transA", 0) == 0 and _attribute(node, "transB", 0) == 0 and _attribute(node, "alpha", 1.0) == 1.0
+    return plain and (len(node.input) < 3 or not node.input[2] or _attribute(node, "beta", 1.0) == 1.0)
+
+
+def four_bit_weights(graph, ranks: dict[str, int]) -> set[str]:
+    """The names of ``ranks`` (value name -> rank of the weight) that have rank
+    :data:`FOUR_BIT_RANK` and that one main-graph MatMul or Gemm reads, as the weight onnxruntime
+    fuses into ``MatMulNBits``, and nothing else reads (onnxruntime fuses a DequantizeLinear of
+    one reader only; nor is it a graph output): the weights a compact session holds in 4 bits
+    when their levels span at most 16 values, and ``--ram int4`` limits so."""
+    fused: set[str] = set()
+    other: set[str] = {value.name for value in graph.output}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if _fuses_into_matmul_nbits(node, position) and name not in fused:
+                fused.add(name)
+            else:
+                other.add(name)
+    return {name for name, rank in ranks.items() if rank == FOUR_BIT_RANK and name in fused and name not in other}
+
+
+def pack_nibbles(levels: np.ndarray) -> np.ndarray:
+    """4-bit values (int8 in [-8, 7] or uint8 in [0, 15]) packed two a byte as ONNX stores INT4
+    and UINT4: element 2i in the low nibble of byte i, 2i + 1 in its high nibble (an odd count
+    leaves the last high nibble 0). One array of the packed bytes, 64-byte aligned."""
+    flat = levels.reshape(-1).view(np.uint8)
+    pairs = flat.size // 2
+    packed = aligned_empty((-(-flat.size // 2),), np.dtype(np.uint8))
+    np.bitwise_and(flat[0 : 2 * pairs : 2], 0x0F, out=packed[:pairs])
+    high = np.left_shift(flat[1::2], 4)
+    np.bitwise_or(packed[:pairs], high, out=packed[:pairs])
+    del high
+    if flat.size % 2:
+        packed[-1] = flat[-1] & 0x0F
+    return packed
+
+
 @dataclass(frozen=True)
 class LevelType:
     """An integer element type ``DequantizeLinear`` takes, and the least ONNX opset whose
-    ``DequantizeLinear`` takes it."""
+    ``DequantizeLinear`` takes it. ``numpy``: the dtype the levels decode to (a 4-bit type's
+    levels are then packed two a byte, :func:`pack_nibbles`)."""
 
     numpy: str
     onnx: int
     low: int
     high: int
     onnx_opset: int
+    name: str
+    bits: int
 
     @property
     def itemsize(self) -> int:
         return np.dtype(self.numpy).itemsize
 
+    def stored_bytes(self, elements: int) -> int:
+        """Bytes ``elements`` levels take in memory (4-bit ones two a byte)."""
+        return -(-elements * self.bits // 8)
+
 
 # Narrowest first; signed before unsigned, so that levels around zero keep zero point 0.
 LEVEL_TYPES = (
-    LevelType("i1", dtypes.INT8, -(1 << 7), (1 << 7) - 1, 10),
-    LevelType("u1", dtypes.UINT8, 0, (1 << 8) - 1, 10),
-    LevelType("<i2", dtypes.INT16, -(1 << 15), (1 << 15) - 1, 21),
-    LevelType("<u2", dtypes.UINT16, 0, (1 << 16) - 1, 21),
+    LevelType("i1", dtypes.INT8, -(1 << 7), (1 << 7) - 1, 10, "int8", 8),
+    LevelType("u1", dtypes.UINT8, 0, (1 << 8) - 1, 10, "uint8", 8),
+    LevelType("<i2", dtypes.INT16, -(1 << 15), (1 << 15) - 1, 21, "int16", 16),
+    LevelType("<u2", dtypes.UINT16, 0, (1 << 16) - 1, 21, "uint16", 16),
+)
+FOUR_BIT_TYPES = (
+    LevelType("i1", ONNX_INT4, -(1 << 3), (1 << 3) - 1, 21, "int4", 4),
+    LevelType("u1", ONNX_UINT4, 0, (1 << 4) - 1, 21, "uint4", 4),
 )
 
 
-def level_type(low: int, high: int) -> tuple[LevelType, int] | None:
+def level_type(low: int, high: int, four_bit: bool = False) -> tuple[LevelType, int] | None:
     """The narrowest type holding ``level + zero_point`` for every level in [low, high], with a
-    zero point of that type (the one nearest 0); None when none does."""
-    for candidate in LEVEL_TYPES:
+    zero point of that type (the one nearest 0); None when none does. ``four_bit``: int4 and
+    uint4 come first (a weight :func:`four_bit_weights` names)."""
+    for candidate in (FOUR_BIT_TYPES + LEVEL_TYPES) if four_bit else LEVEL_TYPES:
         least = max(candidate.low, candidate.low - low)
         most = min(candidate.high, candidate.high - high)
         if least <= most:
@@ -140,7 +221,7 @@ class CompactPlan:
         """Counts for ``moub inspect``: tensors and weights held as each integer type, and those kept as floats by reason."""
         held: dict[str, dict[str, int]] = {}
         for ordinal, planned in self.planned.items():
-            entry = held.setdefault(dtypes.NAMES[planned.level.onnx], {"tensors": 0, "weights": 0})
+            entry = held.setdefault(planned.level.name, {"tensors": 0, "weights": 0})
             entry["tensors"] += 1
             entry["weights"] += self.weights[sites[ordinal].path]
         kept: dict[str, dict[str, int]] = {}
@@ -148,16 +229,16 @@ class CompactPlan:
             entry = kept.setdefault(reason, {"tensors": 0, "weights": 0})
             entry["tensors"] += 1
             entry["weights"] += self.weights[path]
-        resident = sum(self.weights[sites[o].path] * p.level.itemsize for o, p in self.planned.items())
+        resident = sum(p.level.stored_bytes(self.weights[sites[o].path]) for o, p in self.planned.items())
         return {"held": held, "kept_float": kept, "held_weight_bytes": resident}
 
 
 def _target_name(site: TensorSite) -> str | None:
     """The value name a main-graph initializer or Constant site gives the graph; None for a
     site inside a subgraph or function."""
-    if site.path.startswith("init:"):
+    if is_main_graph_initializer(site.path):
         return site.tensor.name
-    if site.kind == KIND_CONSTANT and site.path.startswith("node:") and site.path.count("/") == 1 and site.node.output:
+    if site.kind == KIND_CONSTANT and is_main_graph_site(site.path) and site.node.output:
         return site.node.output[0]
     return None
 
@@ -171,6 +252,8 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
     index = moub.index
     graph_inputs = {value.name for value in model.graph.input}
     slow_when_dequantized = grouped_conv_inputs(model.graph) if mode == "fast" else set()
+    ranks = {name: len(site.tensor.dims) for site in checked.members.values() if (name := _target_name(site)) is not None}
+    four_bit = four_bit_weights(model.graph, ranks)
     plan = CompactPlan()
     for info in index.tensors:
         if info.encoding == C.ENCODING_HUFFMAN:
@@ -196,7 +279,7 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
             elif name in slow_when_dequantized:
                 reason = GROUPED_CONV_REASON
             else:
-                chosen = level_type(low + member.offset, high + member.offset)
+                chosen = level_type(low + member.offset, high + member.offset, name in four_bit)
                 if chosen is None:
                     reason = "levels wider than 16 bits"
                 else:
@@ -204,6 +287,11 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
                     continue
             plan.kept[site.path] = reason
     return plan
+
+
+def _set_axis(node, axis: int | None) -> None:
+    if axis is not None:
+        node.attribute.add(name="axis", type=2, i=axis)  # AttributeProto.INT is 2
 
 
 class CompactGraph:
@@ -217,7 +305,7 @@ class CompactGraph:
         self.graph = model.graph
         self.names = self._all_names()
         self.default_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        self.new_nodes: list[tuple[list[str], str, str]] = []   # (inputs, output, domain) of nodes for initializers
+        self.new_nodes: list[tuple[list[str], str, str, int | None]] = []   # (inputs, output, domain, axis) of nodes for initializers
         self.replaced: set[str] = set()
         self.uses_onnxruntime_domain = False
 
@@ -241,6 +329,9 @@ class CompactGraph:
         tensor = self.graph.initializer.add(name=name, data_type=element_type)
         tensor.raw_data = np.array(value, dtype=dtypes.STORAGE_DTYPES[element_type]).tobytes()
 
+    def _vector(self, name: str, element_type: int, raw: bytes, length: int) -> None:
+        self.graph.initializer.add(name=name, data_type=element_type, dims=[length], raw_data=raw)
+
     def add(self, site: TensorSite, planned: CompactTensor, scale: float) -> onnx.TensorProto:
         """Replace ``site`` (a planned tensor) and return the stub of its integer initializer."""
         target = _target_name(site)
@@ -248,9 +339,18 @@ class CompactGraph:
         q_name = self._unique(f"{target}_quantized")
         scale_name = self._unique(f"{target}_scale")
         zero_name = self._unique(f"{target}_zero_point")
-        stub = self.graph.initializer.add(name=q_name, data_type=level.onnx, dims=list(site.tensor.dims))
-        self._scalar(scale_name, dtypes.FLOAT, np.float32(scale))
-        self._scalar(zero_name, level.onnx, planned.zero_point)
+        dims = list(site.tensor.dims)
+        stub = self.graph.initializer.add(name=q_name, data_type=level.onnx, dims=dims)
+        if level.bits == 4:  # per column (see the module docstring): a scale onnxruntime does not share
+            columns = dims[1]
+            self._vector(scale_name, dtypes.FLOAT, np.full(columns, scale, dtype=np.float32).tobytes(), columns)
+            zero = np.full(columns, planned.zero_point, dtype=np.dtype(level.numpy))
+            self._vector(zero_name, level.onnx, pack_nibbles(zero).tobytes(), columns)
+            axis = 1
+        else:
+            self._scalar(scale_name, dtypes.FLOAT, np.float32(scale))
+            self._scalar(zero_name, level.onnx, planned.zero_point)
+            axis = None
         domain = "" if self.default_opset >= level.onnx_opset else ONNXRUNTIME_DOMAIN
         self.uses_onnxruntime_domain |= domain == ONNXRUNTIME_DOMAIN
         inputs = [q_name, scale_name, zero_name]
@@ -261,9 +361,10 @@ class CompactGraph:
             node.name, node.op_type, node.domain = name, "DequantizeLinear", domain
             node.input.extend(inputs)
             node.output.append(target)
+            _set_axis(node, axis)
         else:
             self.replaced.add(target)
-            self.new_nodes.append((inputs, target, domain))
+            self.new_nodes.append((inputs, target, domain, axis))
         return stub
 
     def finish(self) -> None:
@@ -274,9 +375,10 @@ class CompactGraph:
             rest = type(graph)()
             rest.node.extend(graph.node)
             del graph.node[:]
-            for inputs, output, domain in self.new_nodes:
-                graph.node.add(op_type="DequantizeLinear", domain=domain, input=inputs, output=[output],
-                               name=self._unique(f"{output}_dequantize"))
+            for inputs, output, domain, axis in self.new_nodes:
+                node = graph.node.add(op_type="DequantizeLinear", domain=domain, input=inputs, output=[output],
+                                      name=self._unique(f"{output}_dequantize"))
+                _set_axis(node, axis)
             graph.node.extend(rest.node)
         if self.uses_onnxruntime_domain and not any(o.domain == ONNXRUNTIME_DOMAIN for o in self.model.opset_import):
             self.model.opset_import.add(domain=ONNXRUNTIME_DOMAIN, version=1)
@@ -286,7 +388,8 @@ def compact_decoded(checked: CheckedFile, plan: CompactPlan, graph: CompactGraph
                     ) -> Iterator[tuple[TensorSite, int, np.ndarray, onnx.TensorProto | None]]:
     """Decode ``checked`` with the planned members as integers: (site, element type, array,
     None) for what decodes as usual; (site, element type of the integers, q, stub) for a
-    planned member, whose site ``graph`` has just replaced by ``stub`` (to fill or hand over)."""
+    planned member, whose site ``graph`` has just replaced by ``stub`` (to fill or hand over);
+    4-bit levels come packed (:func:`pack_nibbles`), as the stub's raw data holds them."""
     ordinal_of = {id(site): ordinal for ordinal, site in checked.members.items()}
     scale_of = {member.site: member.scale for pack in checked.moub.index.packs for member in pack.members}
     for site, element_type, array, zero_point in checked.decoded_levels(plan.level_of):
@@ -295,4 +398,7 @@ def compact_decoded(checked: CheckedFile, plan: CompactPlan, graph: CompactGraph
             continue
         ordinal = ordinal_of[id(site)]
         planned = plan.planned[ordinal]
+        if planned.level.bits == 4:
+            with checked.moub.allocating(site.path):
+                array = pack_nibbles(array)
         yield site, planned.level.onnx, array, graph.add(site, planned, scale_of[ordinal])

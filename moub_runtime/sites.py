@@ -78,3 +78,9 @@ def tensor_sites(model: onnx.ModelProto) -> dict[str, TensorSite]:
 def is_main_graph_initializer(path: str) -> bool:
     """True for initializers onnxruntime can take via ``SessionOptions.add_initializer``."""
     return path.startswith("init:")
+
+
+def is_main_graph_site(path: str) -> bool:
+    """True for a tensor that defines a value of the main graph: one of its initializers, or
+    the tensor of one of its nodes' attributes (a ``Constant``'s), not one inside a subgraph or function."""
+    return is_main_graph_initializer(path) or (path.startswith("node:") and path.count("/") == 1)

@@ -279,6 +279,35 @@ def sequence_lstm(folder: Path, width: int = 576, hidden: int = 128) -> UserMode
     return UserModel(path, feeds(1, 60), feeds(2, 60))
 
 
+def token_mixer(folder: Path, width: int = 256) -> UserModel:
+    """A transformer-style block on the digits: each image row is a token ``[N, 8, 8]``, a
+    per-token MLP (Linear layers on a 3-D input, which torch exports as MatMul + Add with the
+    weight as a ``[K, N]`` initializer, as in transformer blocks), mean over the tokens, class logits."""
+    torch = _torch()
+    x, y = _digits()
+    tokens = x.reshape(-1, 8, 8)
+
+    class Mixer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(8, width)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+            self.head = torch.nn.Linear(width, 10)
+
+        def forward(self, rows):
+            h = self.embed(rows)
+            h = h + self.mlp(h)
+            return self.head(h.mean(1))
+
+    net = Mixer()
+    batches = [((torch.from_numpy(tokens[i:i + 64]),), torch.from_numpy(y[i:i + 64])) for i in range(0, len(x), 64)]
+    _fit(net, torch.nn.functional.cross_entropy, batches, epochs=15)
+    path = _export(net, (torch.zeros(1, 8, 8),), folder / "mixer.onnx", ["rows"], ["logits"],
+                   {"rows": {0: "n"}, "logits": {0: "n"}})
+    search, test = _split(len(x))
+    return UserModel(path, {"rows": tokens[search]}, {"rows": tokens[test]}, y[search], y[test])
+
+
 def quantized_models(folder: Path) -> tuple[UserModel, UserModel]:
     """The digits MLP quantized by onnxruntime: int8 QDQ (static, calibrated on the search half)
     and dynamic (MatMulInteger weights)."""

@@ -1,0 +1,261 @@
+"""Compact sessions holding MatMul/Gemm weights as 4-bit levels: the packing ONNX defines, which
+weights qualify, onnxruntime's 4-bit MatMulNBits fusion, outputs against the normal session,
+``moub decode --compact``/``moub inspect``, hostile files, and ``--ram int4`` on a torch model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import moub_runtime
+import packing
+from moub_converters.encode import encode_model
+from moub_format import MoubFormatError, ReaderLimits
+from moub_format.writer import write_atomic
+from moub_runtime.compact import FOUR_BIT_TYPES, ONNX_INT4, ONNX_UINT4, four_bit_weights, level_type, pack_nibbles, plan_compact
+from moub_runtime.inspect import summarize
+from moub_runtime.loader import MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FLOAT32, consumed_names
+from moub_runtime.validation import open_checked
+from test_compact import RELATIVE_BOUND
+
+FLOAT = onnx.TensorProto.FLOAT
+WIDTHS = (64, 128, 128, 10)
+
+
+def _mlp(opset: int, transposed_middle: bool = False) -> tuple[onnx.ModelProto, list[int]]:
+    """Three Linear layers with ReLU on a ``[2, 4, 64]`` input (MatMul + Add, weights ``[K, N]``);
+    ``transposed_middle``: a ``[4, 64]`` input, the middle layer a Gemm with transB = 1."""
+    rng = np.random.default_rng(0)
+    shape = [4, WIDTHS[0]] if transposed_middle else [2, 4, WIDTHS[0]]
+    nodes, inits, previous = [], [], "x"
+    for i in range(3):
+        w = rng.uniform(-1, 1, (WIDTHS[i], WIDTHS[i + 1])).astype(np.float32)
+        inits.append(numpy_helper.from_array((rng.standard_normal(WIDTHS[i + 1]) * 0.1).astype(np.float32), f"b{i}"))
+        out = f"a{i}" if i < 2 else "y"
+        if transposed_middle and i == 1:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}"))
+            nodes.append(helper.make_node("Gemm", [previous, f"w{i}", f"b{i}"], [out], transB=1))
+        else:
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"b{i}"], [out])]
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            previous = f"r{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", FLOAT, shape[:-1] + [WIDTHS[-1]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset >= 21 else 8
+    return model, shape
+
+
+def _write_mlp(tmp_path: Path, opset: int, transposed_middle: bool = False) -> tuple[Path, list[int]]:
+    """The MLP with each weight its own pack at step std/4 (levels within about +-7: 4 bits),
+    the biases one shared pack."""
+    model, shape = _mlp(opset, transposed_middle)
+    groups = [["init:w0"], ["init:w1"], ["init:w2"], ["init:b0", "init:b1", "init:b2"]]
+    codebooks, packs = packing.uniform_packs(model, groups, divisor=4.0)
+    path = tmp_path / f"mlp{opset}.moub"
+    write_atomic(path, encode_model(model, codebooks, {}, {"moub.source": "mlp"}, packs=packs))
+    return path, shape
+
+
+def _dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Each DequantizeLinear's output recomputed in NumPy from the stored integers (onnx unpacks 4-bit ones)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            q, scale, zero = (inits[name] for name in node.input)
+            out[node.output[0]] = ((q.astype(np.int64) - zero.astype(np.int64)).astype(np.float32) * scale).astype(np.float32)
+    return out
+
+
+def _fused(path: Path, tmp_path: Path) -> list[onnx.NodeProto]:
+    """The nodes of the compact session's model as onnxruntime optimized it."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    moub_runtime.InferenceSession(path, sess_options=options, compact=True)
+    return list(onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+
+
+def _bits(node: onnx.NodeProto) -> int:
+    return next(a.i for a in node.attribute if a.name == "bits")
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 64, 4097])
+@pytest.mark.parametrize("kind", FOUR_BIT_TYPES, ids=lambda t: t.name)
+def test_pack_nibbles_is_onnx_packing(kind, count):
+    values = np.random.default_rng(count).integers(kind.low, kind.high + 1, count).astype(kind.numpy)
+    packed = pack_nibbles(values)
+    assert packed.dtype == np.uint8 and packed.size == (count + 1) // 2 and packed.ctypes.data % 64 == 0
+    tensor = helper.make_tensor("t", kind.onnx, [count], packed.tobytes(), raw=True)
+    assert np.array_equal(numpy_helper.to_array(tensor), values)
+
+
+@pytest.mark.parametrize("low, high, expected", [(-8, 7, ("int4", 0)), (-7, 7, ("int4", 0)), (0, 15, ("int4", -8)),
+                                                 (-15, 0, ("int4", 7)), (-1, 14, ("int4", -7)), (0, 16, ("int8", 0)),
+                                                 (-9, 7, ("int8", 0)), (-20, -5, ("int8", 0)), (3, 18, ("int8", 0))])
+def test_four_bit_types_come_first_for_a_16_value_window(low, high, expected):
+    """16 consecutive levels fit a 4-bit type where its zero point can bring them there: the
+    window starts within [-15, 0] (the converter's --ram int4 windows start within [-14, -1])."""
+    kind, zero_point = level_type(low, high, four_bit=True)
+    assert (kind.name, zero_point) == expected
+    assert kind.low <= low + zero_point and high + zero_point <= kind.high
+    assert level_type(low, high)[0].name in ("int8", "uint8")  # other weights: never 4 bits
+
+
+def test_which_weights_qualify_for_four_bits():
+    def node(op, inputs, **attributes):
+        return helper.make_node(op, inputs, [f"out_{op}_{'_'.join(inputs)}"], **attributes)
+
+    graph = helper.make_graph([
+        node("MatMul", ["x", "b_matmul"]),
+        node("MatMul", ["a_matmul", "x"]),                       # the weight as the first input: not fused
+        node("Gemm", ["x", "b_gemm", "c"]),
+        node("Gemm", ["x", "b_transposed", "c"], transB=1),       # onnxruntime keeps it a Gemm
+        node("Gemm", ["x", "b_scaled", "c"], alpha=2.0),
+        node("MatMul", ["x", "shared"]), node("Add", ["x", "shared"]),
+        node("MatMul", ["x", "batched"]),
+        node("MatMul", ["x", "output"]),
+        node("MatMul", ["x", "tied"]), node("MatMul", ["y", "tied"]),  # two readers: not fused
+    ], "g", [], [helper.make_tensor_value_info("output", FLOAT, None)])
+    ranks = {name: 2 for name in ("b_matmul", "a_matmul", "b_gemm", "b_transposed", "b_scaled", "shared", "output", "c", "tied")}
+    assert four_bit_weights(graph, {**ranks, "batched": 3}) == {"b_matmul", "b_gemm"}
+
+
+@pytest.mark.parametrize("opset", [21, 17])
+def test_matmul_weights_are_held_in_four_bits_and_fused(opset, tmp_path):
+    """Opset 21 uses ONNX's DequantizeLinear, 17 onnxruntime's; either way onnxruntime fuses each
+    into a 4-bit MatMulNBits, the weights are the normal decode's bits, and the outputs equal
+    the normal session's (measured: bit for bit)."""
+    path, shape = _write_mlp(tmp_path, opset)
+    compact = moub_runtime.load(path, compact=True)
+    onnx.checker.check_model(compact)
+    types = {t.name: t.data_type for t in compact.graph.initializer}
+    assert {types[f"w{i}_quantized"] for i in range(3)} <= {ONNX_INT4, ONNX_UINT4}
+    assert all(types[f"b{i}_quantized"] not in (ONNX_INT4, ONNX_UINT4) for i in range(3))  # read by Add
+    normal = {t.name: numpy_helper.to_array(t) for t in moub_runtime.load(path).graph.initializer}
+    for name, weight in _dequantized(compact).items():
+        assert weight.tobytes() == normal[name].tobytes(), name
+    domains = {n.output[0]: n.domain for n in compact.graph.node if n.op_type == "DequantizeLinear"}
+    assert domains["w0"] == ("" if opset >= 21 else "com.microsoft")
+
+    summary = summarize(path).compact
+    weights = sum(WIDTHS[i] * WIDTHS[i + 1] for i in range(3))
+    assert sum(v["weights"] for k, v in summary["held"].items() if k in ("int4", "uint4")) == weights
+    assert summary["held_weight_bytes"] == sum((WIDTHS[i] * WIDTHS[i + 1] + 1) // 2 for i in range(3)) + sum(WIDTHS[1:])
+
+    fused = [n for n in _fused(path, tmp_path) if n.op_type == "MatMulNBits"]
+    assert len(fused) == 3 and {_bits(n) for n in fused} == {4}
+    x = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    expected = moub_runtime.InferenceSession(path).run(None, x)[0]
+    got = moub_runtime.InferenceSession(path, compact=True).run(None, x)[0]
+    assert np.abs(got - expected).max() <= RELATIVE_BOUND * np.abs(expected).max()
+
+
+def test_a_transposed_gemm_weight_stays_eight_bits(tmp_path):
+    path, shape = _write_mlp(tmp_path, 17, transposed_middle=True)
+    with open_checked(path) as checked:
+        plan = plan_compact(checked, consumed_names(checked.model), "fast")
+        held = {checked.members[o].tensor.name: p.level.name for o, p in plan.planned.items()}
+    assert held["w1"] in ("int8", "uint8") and held["w0"] in ("int4", "uint4") and held["w2"] in ("int4", "uint4")
+    x = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    expected = moub_runtime.InferenceSession(path).run(None, x)[0]
+    got = moub_runtime.InferenceSession(path, compact=True).run(None, x)[0]
+    assert np.abs(got - expected).max() <= RELATIVE_BOUND * np.abs(expected).max()
+
+
+def test_cli_decode_compact_and_inspect_count_four_bit_tensors(tmp_path):
+    path, shape = _write_mlp(tmp_path, 17)
+    out = tmp_path / "compact.onnx"
+    moub = [sys.executable, "-m", "moub_runtime.cli"]
+    run = subprocess.run(moub + ["decode", str(path), "-o", str(out), "--compact"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    decoded = onnx.load(out)
+    onnx.checker.check_model(decoded)
+    assert decoded.SerializeToString() == moub_runtime.load(path, compact=True).SerializeToString()
+    x = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    options = ort.SessionOptions()  # as the compact session sets it: MatMulNBits in float32, not int8 activations
+    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FLOAT32)
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    expected = moub_runtime.InferenceSession(path).run(None, x)[0]
+    assert np.abs(session.run(None, x)[0] - expected).max() <= RELATIVE_BOUND * np.abs(expected).max()
+    inspect = subprocess.run(moub + ["inspect", str(path)], capture_output=True, text=True)
+    assert "3 tensors (" in inspect.stdout and "as int4" in inspect.stdout or "as uint4" in inspect.stdout
+
+
+def test_hostile_four_bit_files_fail_as_the_normal_path_does(tmp_path):
+    """A flipped payload byte and a memory budget below the model: the compact session refuses
+    each with the normal path's error, before building anything."""
+    path, _ = _write_mlp(tmp_path, 17)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    broken = tmp_path / "broken.moub"
+    broken.write_bytes(bytes(data))
+    for source, limits in ((broken, ReaderLimits()), (path, ReaderLimits(memory_budget=4096))):
+        errors = []
+        for compact in (False, True):
+            with pytest.raises(MoubFormatError) as caught:
+                moub_runtime.InferenceSession(source, limits=limits, compact=compact)
+            errors.append((type(caught.value), str(caught.value)))
+        assert errors[0] == errors[1] and str(source) in errors[0][1]
+
+
+@pytest.mark.slow
+def test_convert_with_ram_int4_on_a_torch_token_mixer(tmp_path):
+    """``--ram int4`` on a transformer-style torch model: every MatMul weight's levels within 16
+    values (held in 4 bits, fused into 4-bit MatMulNBits), the other weights within int8; the
+    tolerance holds; the report gives the file and the resident weight bytes side by side."""
+    import user_models
+    from moub_converters import convert
+
+    model = user_models.token_mixer(tmp_path)
+    result = convert(str(model.path), data=model.search, mode="adaptive", metric="decision", max_drop=0.01, seed=0, ram="int4")
+    path = tmp_path / "int4.moub"
+    result.write(path)
+    source = onnx.load(model.path)
+    matmul = {n.input[1] for n in source.graph.node if n.op_type == "MatMul"} & {t.name for t in source.graph.initializer}
+    with open_checked(path) as checked:
+        plan = plan_compact(checked, consumed_names(checked.model), "fast")
+        held = {checked.members[o].tensor.name: p.level.name for o, p in plan.planned.items()}
+    assert matmul and all(held[name] in ("int4", "uint4") for name in matmul)
+    assert all(kind in ("int8", "uint8") for name, kind in held.items() if name not in matmul)
+    summary = summarize(path).compact
+    assert not summary["kept_float"]
+    assert result.report["file"]["resident_weight_bytes"]["compact"] == summary["held_weight_bytes"]
+    assert result.report["loss"] <= 0.01 and "weights in RAM" in result.closing_table()
+
+    fused = [n for n in _fused(path, tmp_path) if n.op_type == "MatMulNBits"]
+    assert len(fused) == len(matmul) and {_bits(n) for n in fused} == {4}
+    feeds = {"rows": model.test["rows"][:64]}
+    expected = moub_runtime.InferenceSession(path).run(None, feeds)[0]
+    got = moub_runtime.InferenceSession(path, compact=True).run(None, feeds)[0]
+    assert np.abs(got - expected).max() <= RELATIVE_BOUND * np.abs(expected).max()
+    decoded = tmp_path / "compact.onnx"
+    subprocess.run([sys.executable, "-m", "moub_runtime.cli", "decode", str(path), "-o", str(decoded), "--compact"], check=True)
+    onnx.checker.check_model(onnx.load(decoded))
+
+
+def test_sites_of_different_windows_never_share_a_pack():
+    """``--ram int4``'s packs: a 16-value window's sites share only with each other, so the grid a
+    reader bounds each 4-bit member by stays 16 values wide; without windows the same sites share one pack."""
+    from moub_converters.packing import plan_packs
+
+    rng = np.random.default_rng(0)
+    levels = [np.rint(rng.normal(0, 2.5, 300)).clip(-7, 8).astype(np.int32) for _ in range(6)]  # alike: they share
+    windows = [16, 16, 16, 256, 256, 256]
+    offsets = [0, 0, 0, 0, 0, 0]
+    together = plan_packs(levels, offsets)
+    assert any(set(p.members) & {0, 1, 2} and set(p.members) & {3, 4, 5} for p in together)
+    for plan in plan_packs(levels, offsets, windows):
+        assert len({windows[i] for i in plan.members}) == 1
+        if windows[plan.members[0]] == 16:
+            grid_values = plan.levels if plan.levels is not None else range(plan.first, plan.first + plan.count)
+            assert max(grid_values) - min(grid_values) < 16
