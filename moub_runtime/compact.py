@@ -69,6 +69,8 @@ FOUR_BIT_RANK = 2
 # What ``compact=`` takes besides True (which picks one of them) and False.
 COMPACT_MODES = ("fast", "smallest")
 GROUPED_CONV_REASON = "read by a grouped Conv (slow from a DequantizeLinear; compact='smallest' holds it)"
+EIGHT_BIT_MATMUL_REASON = ("read by MatMul/Gemm, levels wider than 4 bits (onnxruntime's 8-bit MatMulNBits is slower "
+                           "than float32; compact='smallest' holds it)")
 
 
 def compact_mode(compact: bool | str, fast_pays: Callable[[], bool]) -> str | None:
@@ -282,6 +284,8 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
                 chosen = level_type(low + member.offset, high + member.offset, name in four_bit)
                 if chosen is None:
                     reason = "levels wider than 16 bits"
+                elif mode == "fast" and name in four_bit and chosen[0].bits == 8:
+                    reason = EIGHT_BIT_MATMUL_REASON
                 else:
                     plan.planned[member.site] = CompactTensor(chosen[0], chosen[1], low + member.offset, high + member.offset)
                     continue
