@@ -18,7 +18,7 @@ import packing
 from moub_converters.encode import encode_model
 from moub_format import dtypes
 from moub_format.writer import write_atomic
-from moub_runtime.compact import GROUPED_CONV_REASON, LEVEL_TYPES, level_type, plan_compact
+from moub_runtime.compact import EIGHT_BIT_MATMUL_REASON, GROUPED_CONV_REASON, LEVEL_TYPES, level_type, plan_compact
 from moub_runtime.conv_layout import convs_run_in_nchwc
 from moub_runtime.loader import consumed_names
 from moub_runtime.inspect import summarize
@@ -87,7 +87,8 @@ def test_a_real_model_compact_gives_the_normal_weights_and_outputs(name, mode, t
     normal, compact, rebuilt = _check_compact_model(path, mode)
     held = sum(int(np.prod(w.shape)) for w in rebuilt.values())
     kept = summarize(path).compact["kept_float"]
-    grouped = kept.get(GROUPED_CONV_REASON, {"weights": 0})["weights"] if mode is True else 0
+    fast_keeps = (GROUPED_CONV_REASON, EIGHT_BIT_MATMUL_REASON)  # compact=True keeps these float32 on purpose
+    grouped = sum(kept.get(reason, {"weights": 0})["weights"] for reason in fast_keeps) if mode is True else 0
     assert held + grouped >= 0.95 * sum(m.count for p in open_checked(path).moub.index.packs for m in p.members)
     integer_bytes = sum(len(t.raw_data) for t in compact.graph.initializer if t.data_type in (dtypes.INT8, dtypes.UINT8))
     assert integer_bytes >= 0.9 * held  # std/16 steps: levels within 8 bits for nearly every weight
