@@ -452,7 +452,8 @@ def _keep_exact(written: _Writer, mode: Mode, why: str, counter: _Counter, start
     else the lossless file. A mode that measures no sensitivity per tensor (the paper's) writes the
     lossless file."""
     trials: list[fallback.ExactTrial] = []
-    found = _search_keeping_exact(written, mode, counter, trials) if hasattr(mode, "narrowed") else None
+    measures_sensitivity = hasattr(mode, "narrowed") and getattr(mode, "measured", None) is not None
+    found = _search_keeping_exact(written, mode, counter, trials) if measures_sensitivity else None
     if found is None:
         if trials:
             why += (f"; keeping the most sensitive tensors exact (up to {100 * trials[-1].share:.0f}% of the weights) "
@@ -487,14 +488,15 @@ def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: lis
     stats = written.session.site_stats
     lossless_bytes = written.lossless_size()
     sets = fallback.exact_sets(stats.sizes, fallback.sensitivity_order(stats, mode.measured[0]))
-    counter({"phase": "keep exact", "total": len(sets)})
-    for exact in sets:
+    for number, exact in enumerate(sets):
+        counter({"phase": "keep exact", "total": len(sets) - number})  # one probe per set left
         if len(exact) == len(pool.sites):
             break
         reduced = pool.without(exact, fallback.REASON_KEPT_EXACT)
         session = ConversionSession(source.model, reduced, setup.dataset, setup.metric, setup.reference, setup.q0,
                                     options, setup.evaluator.strategy, setup.judged)
-        narrowed = mode.narrowed([i for i in range(len(pool.sites)) if i not in set(exact)])
+        held = set(exact)
+        narrowed = mode.narrowed([i for i in range(len(pool.sites)) if i not in held])
         with candidate_map(session, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
             context = ModeContext(reduced, session, options, mapper, counter)
             finest, holds = narrowed.finest(context)
