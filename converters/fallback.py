@@ -9,11 +9,14 @@ file far smaller than the lossless one that still holds the tolerance.
 Which tensors: the measured sensitivity (``sensitivity.py``: each tensor's output distortion
 with only it quantized at a test step of its sigma / 16) turned into the distortion one of its
 weights causes at the finest step it can get, the test step or its floor (``uniform.allocate_steps``
-at the finest x: the int8 window, the grid codebook's range), whichever is coarser. Tensors
-are kept exact most sensitive first, in growing shares of the weights (``SHARES``); each set is
+at the finest x: the int8 window, the grid codebook's range), whichever is coarser; per weight,
+as keeping a tensor exact costs its size in float bytes. Tensors are kept exact most sensitive
+first, in growing shares of the weights (``SHARES``); each set is
 first probed at the finest step the search would take (one evaluation), and only a set that
 holds there is searched in full. The first set whose search yields a file within the tolerance
-is kept; the converter writes it only where it is smaller than the fully lossless file.
+is kept; the converter writes it only where it is smaller than the fully lossless file. The
+paper mode measures no sensitivity per tensor and writes the lossless file
+(docs/decisions/0056).
 """
 
 from __future__ import annotations

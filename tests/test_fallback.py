@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import moub_runtime
 from moub_converters import convert
 from moub_converters.fallback import REASON_KEPT_EXACT, exact_sets, sensitivity_order
+from moub_converters.front_point import write_point
 from moub_converters.intake import pool_weights
 from moub_converters.lossless import lossless_bytes
 from moub_converters.uniform import RAM_LEVEL_LIMITS, site_stats
@@ -126,6 +127,12 @@ def test_one_tensor_breaking_every_step_is_kept_exact_and_the_rest_searched(one_
 def test_the_fallback_gives_the_same_bytes_twice(one_sensitive, samples, kept_exact_result):
     again = convert(one_sensitive, data=samples[0], max_drop=MAX_DROP, **FAST, workers=2)
     assert again.moub_bytes == kept_exact_result.moub_bytes
+
+
+def test_the_report_rebuilds_the_file_byte_for_byte(one_sensitive, samples, kept_exact_result):
+    """``write_point`` searches nothing: it takes the pool less the report's kept-exact paths."""
+    rebuilt = write_point(one_sensitive, samples[0], kept_exact_result.report)
+    assert rebuilt.moub_bytes == kept_exact_result.moub_bytes
 
 
 def test_every_tensor_sensitive_still_writes_the_lossless_file(samples, tmp_path):
