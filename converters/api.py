@@ -25,7 +25,7 @@ from moub_format import writer
 from moub_format.writer import PRODUCER
 from moub_runtime.output import unwritable_reason
 
-from . import guards, heads, lossless, metrics, targets
+from . import fallback, guards, heads, lossless, metrics, targets
 from .data import Dataset, load_dataset
 from .encode import encode_model
 from .errors import ConvertError, DataError, ModelError, OutputError, ToleranceError
@@ -216,8 +216,8 @@ def convert(
                           integers=integers)
         if not result.feasible and target is None:  # never worse than lossless: the exact file, said why
             limited = f" (--ram {options.ram} limits the finest step)" if options.ram != "float" else ""
-            return written.lossless(_no_candidate(result.candidates, options.max_drop, setup.metric) + limited,
-                                    counter, started, test, test_labels, batch_axes, front)
+            return _keep_exact(written, mode_impl, _no_candidate(result.candidates, options.max_drop, setup.metric) + limited,
+                               counter, started, test, test_labels, batch_axes, front)
 
         counter({"phase": "write", "total": None})
         if target is None:
@@ -225,9 +225,9 @@ def convert(
                 moub_bytes, chosen = written.within_tolerance(result.feasible)
             except ToleranceError:
                 worst = max(miss["loss"] for miss in written.misses)
-                return written.lossless(f"the smallest candidates within --max-drop {options.max_drop} on the search "
-                                        f"miss it when decoded by moub_runtime (loss up to {worst:.4f})", counter,
-                                        started, test, test_labels, batch_axes, front)
+                return _keep_exact(written, mode_impl, f"the smallest candidates within --max-drop {options.max_drop} on "
+                                   f"the search miss it when decoded by moub_runtime (loss up to {worst:.4f})", counter,
+                                   started, test, test_labels, batch_axes, front)
             if written.no_larger_lossless(moub_bytes, chosen):  # never larger than lossless
                 return written.lossless(f"it is no larger than the smallest lossy file within tolerance "
                                         f"({len(moub_bytes):,} bytes)", counter, started, test, test_labels,
@@ -425,6 +425,11 @@ class _Writer:
                               counter, self.candidates, list(front))
         return self.setup.annotate(converted, self.source, self.pool, self.options, test, test_labels, batch_axes)
 
+    def lossless_size(self) -> int:
+        """The lossless file's length (its quality is the original's)."""
+        metadata = _metadata(self.source, self.options, self.setup.metric, self.setup.q0, self.setup.q0, [])
+        return len(_lossless_bytes(self.source, self.integers, metadata))
+
     def no_larger_lossless(self, moub_bytes: bytes, chosen: tuple) -> bool:
         """Whether the lossless file is no larger than the searched one (checked where it could be:
         a lossy file over a quarter of the model, or a model whose integers outweigh its floats)."""
@@ -438,6 +443,92 @@ class _Writer:
         """Its integer weights outnumber its float weights more than four times: no searched file is worth more than
         the lossless one when the search finds nothing within the tolerance."""
         return 4 * self.pool.n_weights < self.integers.all_elements
+
+
+def _keep_exact(written: _Writer, mode: Mode, why: str, counter: _Counter, started: float, test=None, test_labels=None,
+                batch_axes=None, front: list[Candidate] = ()) -> ConvertResult:
+    """Where no candidate holds the tolerance: the file keeping the most sensitive tensors exact and
+    searching the rest (``fallback.py``) where one holds it and is smaller than the lossless file;
+    else the lossless file. A mode that measures no sensitivity per tensor (the paper's) writes the
+    lossless file."""
+    trials: list[fallback.ExactTrial] = []
+    measures_sensitivity = hasattr(mode, "narrowed") and getattr(mode, "measured", None) is not None
+    found = _search_keeping_exact(written, mode, counter, trials) if measures_sensitivity else None
+    if found is None:
+        if trials:
+            why += (f"; keeping the most sensitive tensors exact (up to {100 * trials[-1].share:.0f}% of the weights) "
+                    f"gave no smaller file within it")
+        converted = written.lossless(why, counter, started, test, test_labels, batch_axes, front)
+        if trials:
+            converted.report["lossless"]["kept_exact_trials"] = [t.as_dict() for t in trials]
+        return converted
+    converted = found.writer.result(found.moub_bytes, found.chosen, front_of(found.writer.candidates, written.setup.q0),
+                                    found.facts, counter, started, test, test_labels, batch_axes)
+    converted.report["kept_exact"] = fallback.kept_exact_report(written.pool, found.exact, why, trials, found.lossless_bytes)
+    return converted
+
+
+@dataclass
+class _KeptExact:
+    """A file within the tolerance with the sites ``exact`` kept exact, and what its report needs."""
+
+    writer: _Writer
+    moub_bytes: bytes
+    chosen: tuple
+    facts: dict
+    exact: list[int]
+    lossless_bytes: int
+
+
+def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: list[fallback.ExactTrial]) -> _KeptExact | None:
+    """Search the pool less its most sensitive tensors, in growing sets (``fallback.py``), until a
+    search yields a file within the tolerance; that file where it is smaller than the lossless one.
+    Each set tried is added to ``trials``."""
+    source, pool, options, setup = written.source, written.pool, written.options, written.setup
+    stats = written.session.site_stats
+    lossless_bytes = written.lossless_size()
+    sets = fallback.exact_sets(stats.sizes, fallback.sensitivity_order(stats, mode.measured[0]))
+    for number, exact in enumerate(sets):
+        counter({"phase": "keep exact", "total": len(sets) - number})  # one probe per set left
+        if len(exact) == len(pool.sites):
+            break
+        reduced = pool.without(exact, fallback.REASON_KEPT_EXACT)
+        session = _narrowed_session(written.session, reduced)
+        held = set(exact)
+        narrowed = mode.narrowed([i for i in range(len(pool.sites)) if i not in held])
+        with candidate_map(session, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
+            context = ModeContext(reduced, session, options, mapper, counter)
+            finest, holds = narrowed.finest(context)
+            result = narrowed.run(context) if holds else None
+        weights = pool.n_weights - reduced.n_weights
+        trial = fallback.ExactTrial(len(exact), weights, weights / pool.n_weights, finest.loss, "finest step misses")
+        trials.append(trial)
+        if result is None:
+            continue
+        if not result.feasible:
+            trial.outcome = "no candidate"
+            continue
+        kept = _Writer(source, reduced, options, setup, narrowed, result.candidates,
+                       _front_rows(front_of(result.candidates, setup.q0), setup.q0), session, counter,
+                       integers=written.integers)
+        try:
+            moub_bytes, chosen = kept.within_tolerance(result.feasible)
+        except ToleranceError:
+            trial.outcome = "written file misses"
+            continue
+        if len(moub_bytes) >= lossless_bytes:
+            trial.outcome = "no smaller than lossless"
+            return None
+        trial.outcome = "written"
+        result.facts["evaluation_strategy"] = setup.evaluator.strategy
+        return _KeptExact(kept, moub_bytes, chosen, result.facts, exact, lossless_bytes)
+    return None
+
+
+def _narrowed_session(session: ConversionSession, pool: Pool) -> ConversionSession:
+    """A session of the same model, data and metric over ``pool`` (what it derives, measured afresh)."""
+    return ConversionSession(session.model, pool, session.dataset, session.metric, session.reference,
+                             session.quality_original, session.options, session.strategy, session.heads)
 
 
 def _point(measured: Measured) -> float | None:

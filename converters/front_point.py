@@ -20,6 +20,7 @@ from pathlib import Path
 from .api import ConvertResult, _Counter, _Setup, _Writer
 from .candidates import Candidate
 from .errors import DataError, ModelError, OptionError
+from .fallback import REASON_KEPT_EXACT
 from .intake import load_source, pool_weights
 from .modes import get_mode
 from .options import ConvertOptions
@@ -66,6 +67,9 @@ def write_point(model_or_path, data, report: Mapping | str | os.PathLike, point:
         raise ModelError(f"{source.label}: not the model of {label} (sha256 {source.sha256[:12]}..., the report's "
                          f"{report['source']['sha256'][:12]}...)")
     pool = pool_weights(source.model, options.min_elements)
+    kept_exact = set((report.get("kept_exact") or {}).get("paths", ()))
+    if kept_exact:  # the search ran on the pool less the tensors kept exact (fallback.py)
+        pool = pool.without([i for i, site in enumerate(pool.sites) if site.path in kept_exact], REASON_KEPT_EXACT)
     setup = _Setup.build(source, pool, data, labels, batch_axes, options)
     if setup.metric != report["metric"] or round(setup.q0, 6) != report["quality_original"]:
         raise DataError(f"{label}: the data give {setup.metric} {setup.q0:.6f}, the report's conversion "

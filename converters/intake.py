@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,20 @@ class Pool:
     @property
     def n_weights(self) -> int:
         return int(self.values.size)
+
+    def without(self, numbers: Collection[int], reason: str) -> Pool:
+        """The pool less the sites ``numbers`` (indices into ``sites``), which pass through with ``reason``."""
+        dropped = set(numbers)
+        kept = [site for i, site in enumerate(self.sites) if i not in dropped]
+        values = np.empty(sum(site.size for site in kept), dtype=np.float32)
+        sites: list[PoolSite] = []
+        offset = 0
+        for site in kept:
+            values[offset : offset + site.size] = self.values[site.start : site.stop]
+            sites.append(replace(site, start=offset, stop=offset + site.size))
+            offset += site.size
+        passthrough = {**self.passthrough, **{self.sites[i].path: reason for i in sorted(dropped)}}
+        return Pool(sites, values, passthrough, self.four_bit - {self.sites[i].path for i in dropped})
 
     def summary(self) -> dict:
         reasons: dict[str, int] = {}

@@ -6,7 +6,8 @@
   onnxruntime runs; None: not known). The adaptive mode's phases: sensitivity, bracket,
   search, refine, confirm, coarsen (top-1 metrics), target (with a size target); the paper
   mode's: search, merge; then the converter's own: write (measure the written file), layers
-  (the per-layer error shares).
+  (the per-layer error shares). Where no candidate holds the tolerance, keep exact: one probe per
+  set of tensors kept exact (``fallback.py``), each followed by the adaptive phases again where it holds.
 * ``{"phase": "search", "generation": G}``: generation G of the search ended.
 * ``{"result": R}``: one evaluation ended, one unit of the current phase; ``R`` has ``name``,
   ``bits_per_weight``, ``loss`` (a lower bound unless ``complete``), ``complete`` and ``stopped``

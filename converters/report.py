@@ -91,6 +91,12 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     if report.get("lossless"):
         coded = " (integer weights Huffman-coded)" if "lossless integer" in (report.get("coding") or {}).get("kinds", {}) else ""
         lines.append(f"{'lossless':16}every tensor stored exactly{coded}, because {report['lossless']['reason']}")
+    kept = report.get("kept_exact")
+    if kept:
+        names = ", ".join(kept["tensors"][:3]) + (", ..." if kept["count"] > 3 else "")
+        lines.append(f"{'kept exact':16}{kept['count']} tensor{'s' if kept['count'] != 1 else ''} ({names}: "
+                     f"{100 * kept['share']:.1f}% of the weights) stored exactly and the rest searched, because "
+                     f"{kept['reason']}; the lossless file takes {_human(kept['lossless_bytes'])}")
     target = report.get("target")
     if target:
         verdict = "within" if target["within_max_drop"] else "OUTSIDE"

@@ -68,22 +68,51 @@ def _confirm_trial(cand: Candidate, limit: float, rule: str, opt_list: list[floa
 class AdaptiveMode:
     name = "adaptive"
 
-    def __init__(self) -> None:
+    def __init__(self, measured: tuple[np.ndarray, int] | None = None) -> None:
         self.limits: dict[str, float] = {}
         self.log2_opt: np.ndarray | None = None
         self.stats: SiteStats | None = None
         self.calib: Calibration = NO_CALIBRATION
         self.problem: StepProblem | None = None
+        # (relative distortion per site, samples per run): measured by run(), or given by the run on
+        # a larger pool this one's sites come from (a site's distortion is measured with only it quantized)
+        self.measured = measured
+
+    def _sensitivities(self, ctx: ModeContext) -> tuple[np.ndarray, int]:
+        """Each site's relative output distortion at its test step (measured once), and the samples it took."""
+        if self.measured is None:
+            pool, dataset = ctx.pool, ctx.session.dataset
+            per_sample = sum(int(np.prod(a.shape[1:], dtype=np.int64)) for a in dataset.inputs.values())
+            samples = sensitivity.sample_count(dataset.n_samples, per_sample, pool.n_weights, len(pool.sites))
+            ctx.progress({"phase": "sensitivity", "total": len(pool.sites)})
+            self.measured = (sensitivity.measure(ctx.map, ctx.session.site_stats, samples), samples)
+        return self.measured
+
+    def narrowed(self, keep: list[int]) -> AdaptiveMode:
+        """A fresh mode for the pool of the sites ``keep`` (numbers into this run's pool), with their sensitivities."""
+        assert self.measured is not None, "run() first"
+        return AdaptiveMode((self.measured[0][keep], self.measured[1]))
+
+    def _limits(self, ctx: ModeContext) -> dict[str, float]:
+        """The loss a candidate may show on each half (``guards.choice_limit``)."""
+        halves = {half: ctx.session.half(half) for half in HALVES}
+        return {half: choice_limit(s.metric, ctx.options.max_drop, s.total_units, s.guard_units) for half, s in halves.items()}
+
+    def finest(self, ctx: ModeContext) -> tuple[Candidate, bool]:
+        """The finest step the search takes (the bracket's end it presumes feasible), scored on the
+        search half, and whether it stays within that half's tolerance: where even it misses, a
+        search on this pool is not worth its evaluations (``fallback.py``)."""
+        log2_opt = sensitivity.log2_optimal_steps(ctx.session.site_stats, self._sensitivities(ctx)[0])
+        decision = Decision(0, int(round(BRACKET_GAMMA * GAMMA_RESOLUTION)))
+        task = (decision.x, decision.gamma, [float(v) for v in log2_opt], None, ctx.options.effective_abort_drop(), "finest")
+        candidate = candidate_from_result(ctx.map(score_decision, [task])[0])
+        return candidate, feasible(candidate, self._limits(ctx)["search"])
 
     def run(self, ctx: ModeContext) -> ModeResult:
         opts, pool = ctx.options, ctx.pool
         self.stats = stats = ctx.session.site_stats
-        dataset = ctx.session.dataset
-        per_sample = sum(int(np.prod(a.shape[1:], dtype=np.int64)) for a in dataset.inputs.values())
-        samples = sensitivity.sample_count(dataset.n_samples, per_sample, pool.n_weights, len(pool.sites))
-        ctx.progress({"phase": "sensitivity", "total": len(pool.sites)})
+        distortions, samples = self._sensitivities(ctx)
         self.calib = calib = ctx.session.calibration
-        distortions = sensitivity.measure(ctx.map, stats, samples)
         self.log2_opt = log2_opt = sensitivity.log2_optimal_steps(stats, distortions)
         opt_list = [float(v) for v in log2_opt]
 
@@ -98,8 +127,7 @@ class AdaptiveMode:
         def run(tasks, max_loss, stage):
             return ctx.map(score_decision, [(d.x, d.gamma, opt_list, bound, max_loss, stage) for d, bound in tasks])
 
-        self.limits = {half: choice_limit(ctx.session.half(half).metric, opts.max_drop, ctx.session.half(half).total_units,
-                                          ctx.session.half(half).guard_units) for half in HALVES}
+        self.limits = self._limits(ctx)
         limit = self.limits["search"]
         problem = StepProblem(run, size_of, opts.effective_abort_drop(), opts.wave, LOSS_FLOOR * limit)
         self.problem = problem

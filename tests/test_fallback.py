@@ -1,0 +1,220 @@
+"""Between lossy and lossless: where no candidate holds the tolerance because a few tensors break it
+at any step, the converter keeps those tensors exact and still searches the rest, in a file smaller
+than the lossless one; where every tensor is that sensitive it writes the lossless file as before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import moub_runtime
+from moub_converters import convert
+from moub_converters.fallback import REASON_KEPT_EXACT, exact_sets, sensitivity_order
+from moub_converters.front_point import write_point
+from moub_converters.intake import pool_weights
+from moub_converters.lossless import lossless_bytes
+from moub_converters.uniform import RAM_LEVEL_LIMITS, site_stats
+
+FAST = dict(population=4, generations=1, merge_budget=0)
+MAX_DROP = 0.001
+GAIN = 1e8        # a rounding error of 1e-7 in a cancelling branch moves a logit by about 10
+SAMPLES = 400
+
+
+def _cancelling_model(sensitive: tuple[str, ...], seed: int = 0) -> onnx.ModelProto:
+    """A three-layer MLP (64 -> 256 -> 256 -> 10) whose logits get ``GAIN * (h @ W - h @ W_exact)`` for every
+    W named in ``sensitive``; ``W_exact`` is W's own values as int32 times 2^-20 (integers stay exact), so the
+    branch is zero in the original and any rounding of W is amplified. "A" is an extra 64 x 10 weight read
+    only by such a branch."""
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def weight(name: str, shape: tuple[int, int], scale: float) -> None:
+        values = rng.normal(0, scale, shape).astype(np.float32)
+        if name in sensitive:
+            k = np.rint(values.astype(np.float64) * 2**20).astype(np.int32)
+            values = (k.astype(np.float64) * 2.0**-20).astype(np.float32)
+            inits.append(numpy_helper.from_array(k, f"{name}_int"))
+        inits.append(numpy_helper.from_array(values, name))
+
+    def cancelling(name: str, x: str) -> str:
+        nodes.extend([helper.make_node("MatMul", [x, name], [f"{name}_y"]),
+                      helper.make_node("Cast", [f"{name}_int"], [f"{name}_float"], to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [f"{name}_float", "scale"], [f"{name}_exact"]),
+                      helper.make_node("MatMul", [x, f"{name}_exact"], [f"{name}_y_exact"]),
+                      helper.make_node("Sub", [f"{name}_y", f"{name}_y_exact"], [f"{name}_d"]),
+                      helper.make_node("Slice", [f"{name}_d", "zero", "ten", "one"], [f"{name}_d10"]),
+                      helper.make_node("Mul", [f"{name}_d10", "gain"], [f"{name}_g"])])
+        return f"{name}_g"
+
+    for name, shape, scale in (("W1", (64, 256), 0.2), ("W2", (256, 256), 0.1), ("W3", (256, 10), 0.1), ("A", (64, 10), 0.2)):
+        weight(name, shape, scale)
+    for name, value in (("scale", np.float32(2.0**-20)), ("gain", np.float32(GAIN)), ("zero", np.array([0], np.int64)),
+                        ("ten", np.array([10], np.int64)), ("one", np.array([1], np.int64))):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+    nodes += [helper.make_node("MatMul", ["x", "W1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+              helper.make_node("MatMul", ["r1", "W2"], ["h2"]), helper.make_node("Relu", ["h2"], ["r2"]),
+              helper.make_node("MatMul", ["r2", "W3"], ["logits0"])]
+    inputs = {"W1": "x", "W2": "r1", "W3": "r2", "A": "x"}
+    total = "logits0"
+    for i, name in enumerate(sensitive):
+        nodes.append(helper.make_node("Add", [total, cancelling(name, inputs[name])], [f"logits{i + 1}"]))
+        total = f"logits{i + 1}"
+    nodes.append(helper.make_node("Identity", [total], ["logits"]))
+    graph = helper.make_graph(nodes, "cancelling", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> tuple:
+    x = np.random.default_rng(1).normal(0, 1, (SAMPLES, 64)).astype(np.float32)
+    path = tmp_path_factory.mktemp("fallback") / "x.npz"
+    np.savez(path, x=x)
+    return path, x
+
+
+@pytest.fixture(scope="module")
+def one_sensitive(tmp_path_factory) -> onnx.ModelProto:
+    model = _cancelling_model(("A",))
+    path = tmp_path_factory.mktemp("fallback") / "one_sensitive.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def kept_exact_result(one_sensitive, samples):
+    return convert(one_sensitive, data=samples[0], max_drop=MAX_DROP, **FAST)
+
+
+def _outputs(path, x: np.ndarray, runtime=ort.InferenceSession) -> np.ndarray:
+    return runtime(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_one_tensor_breaking_every_step_is_kept_exact_and_the_rest_searched(one_sensitive, samples, kept_exact_result,
+                                                                            tmp_path):
+    x, result = samples[1], kept_exact_result
+    kept = result.report["kept_exact"]
+    assert "A" in kept["tensors"] and "no candidate stays within" in kept["reason"]
+    assert "lossless" not in result.report
+    assert len(result.moub_bytes) < 0.5 * kept["lossless_bytes"]
+    assert len(result.moub_bytes) < 0.5 * len(lossless_bytes(onnx.load(one_sensitive), {}))
+    out = tmp_path / "mixed.moub"
+    result.write(out)
+    # the sensitive tensor decodes bit for bit; the big ones are quantized
+    decoded = {t.name: numpy_helper.to_array(t) for t in moub_runtime.load(out).graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(one_sensitive).graph.initializer}
+    assert decoded["A"].tobytes() == original["A"].tobytes()
+    assert decoded["W2"].tobytes() != original["W2"].tobytes()
+    # within --max-drop on all the data, decoded by moub_runtime
+    want, got = _outputs(one_sensitive, x), moub_runtime.InferenceSession(out).run(None, {"x": x})[0]
+    agreement = float(np.mean(want.argmax(1) == got.argmax(1)))
+    assert agreement >= 1.0 - MAX_DROP
+    table = result.closing_table()
+    assert "kept exact" in table and "A" in table and "every tensor stored exactly" not in table
+    assert result.report["pool"]["passthrough_reasons"][REASON_KEPT_EXACT] == kept["count"]
+
+
+def test_the_fallback_gives_the_same_bytes_twice(one_sensitive, samples, kept_exact_result):
+    again = convert(one_sensitive, data=samples[0], max_drop=MAX_DROP, **FAST, workers=2)
+    assert again.moub_bytes == kept_exact_result.moub_bytes
+
+
+def test_the_report_rebuilds_the_file_byte_for_byte(one_sensitive, samples, kept_exact_result):
+    """``write_point`` searches nothing: it takes the pool less the report's kept-exact paths."""
+    rebuilt = write_point(one_sensitive, samples[0], kept_exact_result.report)
+    assert rebuilt.moub_bytes == kept_exact_result.moub_bytes
+
+
+def test_every_tensor_sensitive_still_writes_the_lossless_file(samples, tmp_path):
+    data, x = samples
+    path = tmp_path / "all_sensitive.onnx"
+    onnx.save(_cancelling_model(("W1", "W2", "W3", "A")), path)
+    result = convert(path, data=data, max_drop=MAX_DROP, **FAST)
+    assert result.report["choice"]["name"] == "lossless" and "kept_exact" not in result.report
+    reason = result.report["lossless"]["reason"]
+    assert "no candidate stays within" in reason and "keeping the most sensitive tensors exact" in reason
+    trials = result.report["lossless"]["kept_exact_trials"]
+    assert trials and all(t["outcome"] != "written" for t in trials)
+    out = tmp_path / "exact.moub"
+    result.write(out)
+    assert np.array_equal(moub_runtime.InferenceSession(out).run(None, {"x": x})[0], _outputs(path, x))
+
+
+def test_the_paper_mode_writes_the_lossless_file(one_sensitive, samples):
+    data, _ = samples
+    result = convert(one_sensitive, data=data, max_drop=MAX_DROP, mode="paper", min_elements=16, population=4,
+                     generations=1, merge_budget=0)
+    assert result.report["choice"]["name"] == "lossless" and "kept_exact" not in result.report
+
+
+def test_sensitivity_order_counts_the_int8_floor():
+    """A tensor with one outlier gets a coarse step under --ram int8 (its window spans the outlier):
+    at the same measured sensitivity it ranks first there, by size otherwise."""
+    rng = np.random.default_rng(0)
+    weights = {"plain": rng.normal(0, 1, (64, 64)).astype(np.float32),
+               "outlier": rng.normal(0, 1, (128, 64)).astype(np.float32)}
+    weights["outlier"][0, 0] = 1000.0
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "plain"], ["h"]),
+                               helper.make_node("MatMul", ["h", "outlier_t"], ["y"]),
+                               helper.make_node("Transpose", ["outlier"], ["outlier_t"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    pool = pool_weights(helper.make_model(graph), 16)
+    distortions = np.array([1e-3, 1e-3])
+    plain, outlier = [site.name for site in pool.sites].index("plain"), [site.name for site in pool.sites].index("outlier")
+    assert sensitivity_order(site_stats(pool), distortions)[0] == plain  # per weight: the smaller tensor
+    assert sensitivity_order(site_stats(pool, RAM_LEVEL_LIMITS["int8"]), distortions)[0] == outlier
+
+
+def test_exact_sets_grow_by_share_and_hold_at_least_one_tensor():
+    sizes = np.array([10, 600, 30, 360])
+    assert exact_sets(sizes, [0, 2, 3, 1], (0.05, 0.2, 0.5)) == [[0, 2], [0, 2, 3]]
+    assert exact_sets(sizes, [1, 0], (0.05,)) == [[1]]
+
+
+def test_a_pool_without_sites_keeps_the_others_values():
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(rng.normal(0, 1, (32, 32)).astype(np.float32), n) for n in "ab"])
+    pool = pool_weights(helper.make_model(graph), 16)
+    narrowed = pool.without([0], REASON_KEPT_EXACT)
+    assert [s.name for s in narrowed.sites] == [pool.sites[1].name] and narrowed.sites[0].start == 0
+    assert np.array_equal(narrowed.values, pool.values[pool.sites[1].start : pool.sites[1].stop])
+    assert narrowed.passthrough[pool.sites[0].path] == REASON_KEPT_EXACT
+
+
+def test_the_demo_digits_cnn_under_ram_int8_keeps_its_small_tensors_exact(tmp_path):
+    """A real model: at rel-l2 0.0005 the int8 window's floor steps hold no candidate (best loss 0.0016);
+    every tensor but the 65,536-weight classifier kept exact, the classifier searched, gives a file a
+    quarter of the lossless one within the tolerance."""
+    data = Path(__file__).resolve().parent.parent / "converters" / "data"
+    model, val = data / "digits_cnn.onnx", data / "digits_val.npz"
+    result = convert(model, data=val, metric="rel-l2", max_drop=0.0005, ram="int8")
+    kept = result.report["kept_exact"]
+    assert "classifier.1.weight" not in kept["tensors"] and "--ram int8 limits the finest step" in kept["reason"]
+    assert len(result.moub_bytes) < 0.3 * kept["lossless_bytes"]
+    out = tmp_path / "digits.moub"
+    result.write(out)
+    with np.load(val) as z:
+        x = z["input"]
+    name = onnx.load(model).graph.input[0].name
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    got = moub_runtime.InferenceSession(out).run(None, {name: x})[0]
+    rel_l2 = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)  # the metric: per sample, averaged
+    assert float(rel_l2.mean()) <= 0.0005
+    decoded = {t.name: numpy_helper.to_array(t) for t in moub_runtime.load(out).graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(model).graph.initializer}
+    assert all(decoded[name].tobytes() == original[name].tobytes() for name in kept["tensors"])
