@@ -55,23 +55,23 @@ def test_a_data_file_reads_the_same_samples_as_the_arrays_in_memory(folder, tmp_
                   in_memory.take(np.arange(1, in_memory.n_samples, 2)))
 
 
-def test_a_worker_receives_where_the_data_is_not_the_data(folder, tmp_path):
+def _regressor_data(folder: Path, tmp_path: Path, save) -> tuple[Path, object]:
+    """The regressor's search samples written by ``save`` (np.savez or np.savez_compressed), loaded."""
     model = user_models.regressor(folder)
-    proto = onnx.load(model.path)
     path = tmp_path / "data.npz"
-    np.savez(path, **model.search)
-    dataset = load_dataset(path, proto)
+    save(path, **model.search)
+    return path, load_dataset(path, onnx.load(model.path))
+
+
+def test_a_worker_receives_where_the_data_is_not_the_data(folder, tmp_path):
+    path, dataset = _regressor_data(folder, tmp_path, np.savez)
     payload = pickle.dumps(dataset, protocol=pickle.HIGHEST_PROTOCOL)
     assert len(payload) < path.stat().st_size / 4
     _same_batches(pickle.loads(payload), dataset)
 
 
 def test_an_inflated_copy_lives_as_long_as_the_data(folder, tmp_path):
-    model = user_models.regressor(folder)
-    proto = onnx.load(model.path)
-    path = tmp_path / "data.npz"
-    np.savez_compressed(path, **model.search)
-    dataset = load_dataset(path, proto)
+    path, dataset = _regressor_data(folder, tmp_path, np.savez_compressed)
     half = dataset.take(np.arange(0, dataset.n_samples, 2))
     copy = Path(dataset.inputs["x"].path)
     assert copy.exists() and copy.parent != path.parent
