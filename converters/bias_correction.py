@@ -202,7 +202,7 @@ def input_means(model: onnx.ModelProto, pool: Pool, rules: list[Rule], dataset: 
     from .evaluate import Evaluator, original_arrays
 
     probe, names = _probe_model(model, pool, rules)
-    evaluator = Evaluator(probe, pool, dataset)
+    evaluator = Evaluator(probe, pool, dataset, per_sample=False)
     positions = {out: evaluator.output_names.index(out) for out in names.values()}
     sums: dict[str, np.ndarray] = {}
     count = 0

@@ -136,7 +136,7 @@ def second_moments(model: onnx.ModelProto, pool: Pool, layers: list[Layer], data
     from .evaluate import Evaluator, original_arrays
 
     probe, outputs = _probe_model(model, pool, layers)
-    evaluator = Evaluator(probe, pool, dataset)
+    evaluator = Evaluator(probe, pool, dataset, per_sample=False)
     position = {name: evaluator.output_names.index(name) for pair in outputs.values() for name in pair}
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}

@@ -220,8 +220,10 @@ class Evaluator:
 
     def __init__(self, model: onnx.ModelProto, pool: Pool, dataset: Dataset, strategy: str = "auto",
                  optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 outputs: Sequence[str] = ()) -> None:
-        """``outputs``: the outputs to run and score (default: all of them)."""
+                 outputs: Sequence[str] = (), per_sample: bool = True) -> None:
+        """``outputs``: the outputs to run and score (default: all of them). ``per_sample``: the
+        outputs hold rows per sample, on an axis to be found; False for outputs that sum over the
+        batch (the calibration's probes), taken as they come, with no runs to look for that axis."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         if strategy == "auto":
@@ -238,7 +240,8 @@ class Evaluator:
         if unknown:
             raise OptionError(f"--score-output {unknown[0]!r} is not an output of the model (outputs: {', '.join(names)})")
         self.output_names = list(outputs) or names
-        self.layout = OutputLayout.of(model, dataset, self.output_names)
+        self.layout = OutputLayout.of(model, dataset, self.output_names) if per_sample else \
+            OutputLayout([0] * len(self.output_names))
         self.runs = 0
         if self.layout.unresolved:
             self.layout = self._found_layout(model)
