@@ -85,8 +85,8 @@ class ConvertOptions:
     outputs: tuple[str, ...] = option((), "--score-output", "score only this output of the model (repeatable; default: every "
                                       "output, the worst decides)", type=str, provenance="if-set")
     ram: str = option("float", "--ram", "adaptive mode: int8 keeps each tensor's levels within a window int8 holds, so that a "
-                      "compact session (moub_runtime.InferenceSession(..., compact=True)) holds one byte per weight (grouped Convs' "
-                      "weights stay float32 unless compact='smallest'); int4 also keeps the levels of weights that one MatMul or "
+                      "compact session (moub_runtime.InferenceSession(..., compact=True)) holds one byte per weight (compact=True keeps "
+                      "grouped Convs' and 8-bit MatMul weights float32 for speed, compact='smallest' holds them too); int4 also keeps the levels of weights that one MatMul or "
                       "Gemm alone reads within 16 values, which it holds in half a byte (onnxruntime's 4-bit MatMulNBits); the "
                       "search still picks the smallest file within --max-drop (default {default}: any level range)",
                       choices=tuple(RAM_LEVEL_LIMITS), modes=("adaptive",), provenance="if-set")
