@@ -205,14 +205,14 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
 
     from moub_format import dtypes
     from moub_format.writer import OWN, GridCodebook
-    from moub_runtime.compact import four_bit_weights
-    from moub_runtime.sites import is_main_graph_initializer, iter_tensor_sites
+    from moub_runtime.compact import four_bit_weights, target_name
+    from moub_runtime.sites import iter_tensor_sites
 
     limit = RAM_LEVEL_LIMITS[ram]
     sites = list(iter_tensor_sites(model))
-    initializers = {site.tensor.name: site for site in sites if is_main_graph_initializer(site.path)}
-    four_bit_names = four_bit_weights(model.graph, {name: len(site.tensor.dims) for name, site in initializers.items()})
-    four_bit = {initializers[name].path for name in four_bit_names}
+    main = {name: site for site in sites if (name := target_name(site)) is not None}   # initializers and Constants
+    four_bit_names = four_bit_weights(model.graph, {name: len(site.tensor.dims) for name, site in main.items()})
+    four_bit = {main[name].path for name in four_bit_names}
     codebooks, packs = [], []
     for site in sites:
         count = 1

@@ -15,21 +15,26 @@ explicit list of used levels a writer stores for a sparse pack), of element type
 float32, an initializer or ``Constant`` of the main graph that a node reads and that is not a
 graph input, and its levels fit int8, uint8, int16 or uint16 with a zero point of that type.
 Every other tensor is decoded as usual; :func:`plan_compact` says why, and ``moub inspect``
-counts them. 8-bit levels use the ONNX ``DequantizeLinear`` (opset 10 and later), 16-bit and
-4-bit ones onnxruntime's own (domain ``com.microsoft``) unless the model's opset is 21 or later:
-raising a model's opset would change what its other nodes mean.
+counts them. 8-bit levels use the ONNX ``DequantizeLinear`` (opset 10 and later; 13 with a
+per-row scale), 16-bit ones onnxruntime's own (domain ``com.microsoft``) unless the model's opset
+is 21 or later: raising a model's opset would change what its other nodes mean.
 
 A weight that one ``MatMul`` or ``Gemm`` reads as its second input, and nothing else (:func:`four_bit_weights`),
-of rank 2, whose levels span at most 16 values, is held as int4 or uint4, two levels a byte (ONNX's
-packing: the first in the low nibble): onnxruntime fuses such a ``DequantizeLinear`` and its
-reader into a 4-bit ``MatMulNBits``, which computes in float32 (the session sets accuracy level
-1) with the weight packed. The scale and zero point are given per column (``axis`` 1, every
-column the same values): onnxruntime shares equal scalar initializers between nodes before its
-QDQ fusions run, and a ``DequantizeLinear`` whose scale is shared is not fused; a per-column
-scale is not shared and costs 4.5 bytes per column.
+of rank 2, whose levels span at most 16 values, is held in 4 bits: its reader becomes onnxruntime's
+``MatMulNBits`` (domain ``com.microsoft``), which keeps the weight packed and computes in float32
+(accuracy level 1): B holds each column's levels in blocks of :data:`MATMUL_NBITS_BLOCK` along K,
+two a byte, unsigned with one zero point, every block the tensor's one scale; a Gemm's C is added
+after it, and a Gemm with ``transB`` = 1 (torch's 2-D ``Linear``) already stores the columns
+MatMulNBits wants. The graph says so itself rather than leaving it to onnxruntime's fusion of a
+4-bit ``DequantizeLinear``: that fusion runs after the one of a Gemm with a following activation,
+so a Linear + ReLU on a 2-D input stayed a Gemm dequantizing its weight at every run.
+The same weight with 8-bit levels is given a per-row scale: onnxruntime would otherwise fuse it
+into its 8-bit MatMulNBits, which is slower than float32 and larger once it runs (measured on four
+chained 1024 x 1024 weights, one thread, one row: 7.0 ms, against 1.6 ms for the per-row
+DequantizeLinear and a float MatMul, 0.73 ms in float32 and 0.40 ms for the 4-bit MatMulNBits).
 
-Two modes (:data:`COMPACT_MODES`). ``"fast"`` also keeps float every weight a grouped ``Conv``
-reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
+Two modes (:data:`COMPACT_MODES`). ``"fast"`` keeps float the 8-bit weights a MatMulNBits would
+read (above), and every weight a grouped ``Conv`` reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
 reordered once) only when the weight is a constant initializer, and without them a grouped
 (depthwise) Conv runs one small matrix product per group: measured 27-82 ns per weight per
 inference on PP-OCR cls and rec, against at most 4 for any other weight, each saving the same 3
@@ -60,11 +65,18 @@ if TYPE_CHECKING:
     from .validation import CheckedFile
 
 ONNXRUNTIME_DOMAIN = "com.microsoft"
+DROPPED = "moub.dropped"  # marks a Constant node whose value a MatMulNBits now holds, until finish() removes it
 # ONNX's 4-bit element types (TensorProto.INT4, UINT4): not container types (moub_format.dtypes).
 ONNX_INT4 = 22
 ONNX_UINT4 = 21
 # The rank of a weight onnxruntime fuses with its MatMul or Gemm into MatMulNBits.
 FOUR_BIT_RANK = 2
+# MatMulNBits for 4-bit weights: levels in blocks of this many along K, one scale per block (every
+# block of a tensor the same scale: a per-tensor step), stored unsigned with this zero point by default.
+MATMUL_NBITS_BLOCK = 128
+ZERO_POINT_4 = 8
+PER_AXIS_OPSET = 13  # the first ONNX DequantizeLinear with an axis (onnxruntime's own has one at any opset)
+MATMUL_NBITS_FLOAT32 = 1  # accuracy_level: compute in float32, as the normal session does
 
 # What ``compact=`` takes besides True (which picks one of them) and False.
 COMPACT_MODES = ("fast", "smallest")
@@ -103,16 +115,25 @@ def _attribute(node, name: str, default):
 
 def _fuses_into_matmul_nbits(node, position: int) -> bool:
     """Whether onnxruntime fuses a ``DequantizeLinear`` giving input ``position`` of ``node``
-    into a ``MatMulNBits``: the second input of a MatMul, or of a Gemm that neither transposes
-    nor scales (a transposed B stays a Gemm that dequantizes at every run)."""
+    into a ``MatMulNBits``, or the compact graph can write one: the second input of a MatMul, or
+    of a Gemm that does not transpose A nor scale. A Gemm with ``transB`` = 1 (how torch exports
+    a 2-D ``Linear``) becomes a MatMulNBits only when the compact graph writes it (4 bits):
+    onnxruntime keeps it a Gemm that dequantizes at every run."""
     if node.domain not in ("", "ai.onnx") or position != 1:
         return False
     if node.op_type == "MatMul":
         return True
     if node.op_type != "Gemm":
         return False
-    plain = _attribute(node, "transA", 0) == 0 and _attribute(node, "transB", 0) == 0 and _attribute(node, "alpha", 1.0) == 1.0
+    plain = _attribute(node, "transA", 0) == 0 and _attribute(node, "alpha", 1.0) == 1.0
     return plain and (len(node.input) < 3 or not node.input[2] or _attribute(node, "beta", 1.0) == 1.0)
+
+
+def transposed_gemm_weights(graph) -> dict[str, object]:
+    """Weight name -> the main-graph ``Gemm`` that reads it as B with ``transB`` = 1."""
+    return {node.input[1]: node for node in graph.node
+            if node.op_type == "Gemm" and node.domain in ("", "ai.onnx") and len(node.input) > 1
+            and _attribute(node, "transB", 0) == 1}
 
 
 def four_bit_weights(graph, ranks: dict[str, int]) -> set[str]:
@@ -132,19 +153,19 @@ def four_bit_weights(graph, ranks: dict[str, int]) -> set[str]:
     return {name for name, rank in ranks.items() if rank == FOUR_BIT_RANK and name in fused and name not in other}
 
 
-def pack_nibbles(levels: np.ndarray) -> np.ndarray:
-    """4-bit values (int8 in [-8, 7] or uint8 in [0, 15]) packed two a byte as ONNX stores INT4
-    and UINT4: element 2i in the low nibble of byte i, 2i + 1 in its high nibble (an odd count
-    leaves the last high nibble 0). One array of the packed bytes, 64-byte aligned."""
-    flat = levels.reshape(-1).view(np.uint8)
-    pairs = flat.size // 2
-    packed = aligned_empty((-(-flat.size // 2),), np.dtype(np.uint8))
-    np.bitwise_and(flat[0 : 2 * pairs : 2], 0x0F, out=packed[:pairs])
-    high = np.left_shift(flat[1::2], 4)
-    np.bitwise_or(packed[:pairs], high, out=packed[:pairs])
-    del high
-    if flat.size % 2:
-        packed[-1] = flat[-1] & 0x0F
+def matmul_nbits_weight(levels: np.ndarray, planned: CompactTensor) -> np.ndarray:
+    """4-bit unsigned levels (uint8 in [0, 15], the weight's shape) as ``MatMulNBits`` stores B:
+    ``[N, blocks, MATMUL_NBITS_BLOCK / 2]`` bytes, each column's K levels in blocks, two a byte (the
+    first in the low nibble), the last block padded with the zero point (a weight of 0). 64-byte aligned."""
+    k, n = planned.k, planned.n
+    columns = levels.reshape(n, k) if planned.transposed else levels.reshape(k, n).T
+    blocks = -(-k // MATMUL_NBITS_BLOCK)
+    padded = np.full((n, blocks * MATMUL_NBITS_BLOCK), planned.zero_point, dtype=np.uint8)
+    padded[:, :k] = columns
+    packed = aligned_empty((n, blocks, MATMUL_NBITS_BLOCK // 2), np.dtype(np.uint8))
+    flat = packed.reshape(n, -1)
+    np.left_shift(padded[:, 1::2], 4, out=flat)
+    np.bitwise_or(flat, padded[:, 0::2], out=flat)
     return packed
 
 
@@ -198,12 +219,28 @@ def level_type(low: int, high: int, four_bit: bool = False) -> tuple[LevelType, 
 
 @dataclass(frozen=True)
 class CompactTensor:
-    """A planned tensor: its levels' type and zero point."""
+    """A planned tensor: its levels' type and zero point. ``axis``: how its ``DequantizeLinear``
+    gives the scale and zero point, None one scalar each, 0 one per row (8-bit levels of a weight
+    onnxruntime would fuse into its 8-bit MatMulNBits, which it does not do for a per-row scale).
+    4-bit levels become a ``MatMulNBits`` instead (:func:`matmul_nbits_arrays`): ``k``, ``n`` its
+    sizes, ``transposed`` when the weight is stored ``[N, K]`` (a Gemm's B with ``transB`` = 1)."""
 
     level: LevelType
     zero_point: int
     low: int    # least and greatest level the code table allows
     high: int
+    axis: int | None = None
+    k: int = 0
+    n: int = 0
+    transposed: bool = False
+
+    def stored_bytes(self, elements: int) -> int:
+        """Bytes the integers and their per-block or per-row scales and zero points take in memory."""
+        if self.level.bits == 4:
+            blocks = -(-self.k // MATMUL_NBITS_BLOCK)
+            return self.n * blocks * (MATMUL_NBITS_BLOCK // 2 + 4) + (self.n * -(-blocks // 2) if self.zero_point != ZERO_POINT_4 else 0)
+        rows = self.k if self.axis == 0 else 0
+        return self.level.stored_bytes(elements) + rows * (4 + self.level.itemsize)
 
 
 @dataclass
@@ -231,11 +268,11 @@ class CompactPlan:
             entry = kept.setdefault(reason, {"tensors": 0, "weights": 0})
             entry["tensors"] += 1
             entry["weights"] += self.weights[path]
-        resident = sum(p.level.stored_bytes(self.weights[sites[o].path]) for o, p in self.planned.items())
+        resident = sum(p.stored_bytes(self.weights[sites[o].path]) for o, p in self.planned.items())
         return {"held": held, "kept_float": kept, "held_weight_bytes": resident}
 
 
-def _target_name(site: TensorSite) -> str | None:
+def target_name(site: TensorSite) -> str | None:
     """The value name a main-graph initializer or Constant site gives the graph; None for a
     site inside a subgraph or function."""
     if is_main_graph_initializer(site.path):
@@ -254,8 +291,9 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
     index = moub.index
     graph_inputs = {value.name for value in model.graph.input}
     slow_when_dequantized = grouped_conv_inputs(model.graph) if mode == "fast" else set()
-    ranks = {name: len(site.tensor.dims) for site in checked.members.values() if (name := _target_name(site)) is not None}
+    ranks = {name: len(site.tensor.dims) for site in checked.members.values() if (name := target_name(site)) is not None}
     four_bit = four_bit_weights(model.graph, ranks)
+    transposed = transposed_gemm_weights(model.graph)
     plan = CompactPlan()
     for info in index.tensors:
         if info.encoding == C.ENCODING_HUFFMAN:
@@ -267,7 +305,7 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
         for member in pack.members:
             site = checked.members[member.site]
             plan.weights[site.path] = member.count
-            name = _target_name(site)
+            name = target_name(site)
             if not integers:
                 reason = "a codebook of non-integer values"
             elif site.tensor.data_type != dtypes.FLOAT:
@@ -284,10 +322,20 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
                 chosen = level_type(low + member.offset, high + member.offset, name in four_bit)
                 if chosen is None:
                     reason = "levels wider than 16 bits"
-                elif mode == "fast" and name in four_bit and chosen[0].bits == 8:
+                elif mode == "fast" and name in four_bit and name not in transposed and chosen[0].bits == 8:
                     reason = EIGHT_BIT_MATMUL_REASON
                 else:
-                    plan.planned[member.site] = CompactTensor(chosen[0], chosen[1], low + member.offset, high + member.offset)
+                    kind, zero_point = chosen
+                    flipped = name in transposed
+                    k, n = 0, 0
+                    if name in four_bit:  # rank 2: [K, N], or [N, K] read with transB
+                        k, n = (int(d) for d in (reversed(site.tensor.dims) if flipped else site.tensor.dims))
+                    if kind.bits == 4:  # MatMulNBits stores unsigned levels: zero point 8 for int4's
+                        zero_point += ZERO_POINT_4 if kind.numpy == "i1" else 0
+                        kind = FOUR_BIT_TYPES[1]
+                    axis = 0 if kind.bits == 8 and name in four_bit and not flipped else None
+                    plan.planned[member.site] = CompactTensor(kind, zero_point, low + member.offset, high + member.offset,
+                                                              axis, k, n, flipped)
                     continue
             plan.kept[site.path] = reason
     return plan
@@ -296,6 +344,15 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
 def _set_axis(node, axis: int | None) -> None:
     if axis is not None:
         node.attribute.add(name="axis", type=2, i=axis)  # AttributeProto.INT is 2
+
+
+def _set_attribute(node, name: str, value: int) -> None:
+    """Set an INT attribute of ``node`` in place."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            attribute.i = value
+            return
+    node.attribute.add(name=name, type=2, i=value)
 
 
 class CompactGraph:
@@ -312,6 +369,9 @@ class CompactGraph:
         self.new_nodes: list[tuple[list[str], str, str, int | None]] = []   # (inputs, output, domain, axis) of nodes for initializers
         self.replaced: set[str] = set()
         self.uses_onnxruntime_domain = False
+        self.readers = {node.input[1]: node for node in self.graph.node
+                        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and len(node.input) > 1}
+        self.biases: dict[str, tuple[str, str]] = {}   # a MatMulNBits' output -> (the Gemm's C, the Gemm's output)
 
     def _all_names(self) -> set[str]:
         graph = self.graph
@@ -338,24 +398,26 @@ class CompactGraph:
 
     def add(self, site: TensorSite, planned: CompactTensor, scale: float) -> onnx.TensorProto:
         """Replace ``site`` (a planned tensor) and return the stub of its integer initializer."""
-        target = _target_name(site)
+        target = target_name(site)
         level = planned.level
         q_name = self._unique(f"{target}_quantized")
         scale_name = self._unique(f"{target}_scale")
         zero_name = self._unique(f"{target}_zero_point")
+        if level.bits == 4:
+            return self._matmul_nbits(site, target, planned, scale, (q_name, scale_name, zero_name))
         dims = list(site.tensor.dims)
         stub = self.graph.initializer.add(name=q_name, data_type=level.onnx, dims=dims)
-        if level.bits == 4:  # per column (see the module docstring): a scale onnxruntime does not share
-            columns = dims[1]
-            self._vector(scale_name, dtypes.FLOAT, np.full(columns, scale, dtype=np.float32).tobytes(), columns)
-            zero = np.full(columns, planned.zero_point, dtype=np.dtype(level.numpy))
-            self._vector(zero_name, level.onnx, pack_nibbles(zero).tobytes(), columns)
-            axis = 1
-        else:
+        axis = planned.axis
+        if axis is None:
             self._scalar(scale_name, dtypes.FLOAT, np.float32(scale))
             self._scalar(zero_name, level.onnx, planned.zero_point)
-            axis = None
-        domain = "" if self.default_opset >= level.onnx_opset else ONNXRUNTIME_DOMAIN
+        else:  # one value per row (see CompactTensor)
+            length = dims[axis]
+            self._vector(scale_name, dtypes.FLOAT, np.full(length, scale, dtype=np.float32).tobytes(), length)
+            zero = np.full(length, planned.zero_point, dtype=np.dtype(level.numpy))
+            self._vector(zero_name, level.onnx, zero.tobytes(), length)
+        least_opset = max(level.onnx_opset, PER_AXIS_OPSET if axis is not None else 0)
+        domain = "" if self.default_opset >= least_opset else ONNXRUNTIME_DOMAIN
         self.uses_onnxruntime_domain |= domain == ONNXRUNTIME_DOMAIN
         inputs = [q_name, scale_name, zero_name]
         if site.kind == KIND_CONSTANT:  # the Constant node becomes the DequantizeLinear, in place
@@ -371,11 +433,48 @@ class CompactGraph:
             self.new_nodes.append((inputs, target, domain, axis))
         return stub
 
+    def _matmul_nbits(self, site: TensorSite, target: str, planned: CompactTensor, scale: float,
+                      names: tuple[str, str, str]) -> onnx.TensorProto:
+        """The MatMul or Gemm reading ``site`` becomes a ``MatMulNBits`` over its 4-bit levels (a
+        Gemm's C an ``Add`` after it); the weight's initializer or Constant goes."""
+        q_name, scale_name, zero_name = names
+        k, n = planned.k, planned.n
+        blocks = -(-k // MATMUL_NBITS_BLOCK)
+        stub = self.graph.initializer.add(name=q_name, data_type=dtypes.UINT8, dims=[n, blocks, MATMUL_NBITS_BLOCK // 2])
+        self._vector(scale_name, dtypes.FLOAT, np.full(n * blocks, scale, dtype=np.float32).tobytes(), n * blocks)
+        reader = self.readers[target]
+        inputs = [reader.input[0], q_name, scale_name]
+        if planned.zero_point != ZERO_POINT_4:
+            length = n * -(-blocks // 2)
+            self._vector(zero_name, dtypes.UINT8, bytes([planned.zero_point * 17]) * length, length)
+            inputs.append(zero_name)
+        bias = reader.input[2] if reader.op_type == "Gemm" and len(reader.input) > 2 else ""
+        output = reader.output[0]
+        if bias:
+            matmul_output = self._unique(f"{output}_matmul")
+            self.biases[matmul_output] = (bias, output)
+            output = matmul_output
+        name = reader.name
+        reader.Clear()
+        reader.name, reader.op_type, reader.domain = name, "MatMulNBits", ONNXRUNTIME_DOMAIN
+        reader.input.extend(inputs)
+        reader.output.append(output)
+        for attribute, value in (("K", k), ("N", n), ("bits", 4), ("block_size", MATMUL_NBITS_BLOCK),
+                                 ("accuracy_level", MATMUL_NBITS_FLOAT32)):
+            _set_attribute(reader, attribute, value)
+        self.uses_onnxruntime_domain = True
+        if site.kind == KIND_CONSTANT:
+            site.node.Clear()
+            site.node.domain = DROPPED
+        else:
+            self.replaced.add(target)
+        return stub
+
     def finish(self) -> None:
         graph = self.graph
         for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in self.replaced]):
             del graph.initializer[i]
-        if self.new_nodes:
+        if self.new_nodes or self.biases or any(node.domain == DROPPED for node in graph.node):
             rest = type(graph)()
             rest.node.extend(graph.node)
             del graph.node[:]
@@ -383,7 +482,13 @@ class CompactGraph:
                 node = graph.node.add(op_type="DequantizeLinear", domain=domain, input=inputs, output=[output],
                                       name=self._unique(f"{output}_dequantize"))
                 _set_axis(node, axis)
-            graph.node.extend(rest.node)
+            for node in rest.node:
+                if node.domain == DROPPED:
+                    continue
+                graph.node.append(node)
+                if node.op_type == "MatMulNBits" and node.output[0] in self.biases:
+                    bias, output = self.biases[node.output[0]]
+                    graph.node.add(op_type="Add", input=[node.output[0], bias], output=[output], name=self._unique(f"{output}_bias"))
         if self.uses_onnxruntime_domain and not any(o.domain == ONNXRUNTIME_DOMAIN for o in self.model.opset_import):
             self.model.opset_import.add(domain=ONNXRUNTIME_DOMAIN, version=1)
 
@@ -393,7 +498,7 @@ def compact_decoded(checked: CheckedFile, plan: CompactPlan, graph: CompactGraph
     """Decode ``checked`` with the planned members as integers: (site, element type, array,
     None) for what decodes as usual; (site, element type of the integers, q, stub) for a
     planned member, whose site ``graph`` has just replaced by ``stub`` (to fill or hand over);
-    4-bit levels come packed (:func:`pack_nibbles`), as the stub's raw data holds them."""
+    4-bit levels come as MatMulNBits' B (:func:`matmul_nbits_weight`), uint8."""
     ordinal_of = {id(site): ordinal for ordinal, site in checked.members.items()}
     scale_of = {member.site: member.scale for pack in checked.moub.index.packs for member in pack.members}
     for site, element_type, array, zero_point in checked.decoded_levels(plan.level_of):
@@ -402,7 +507,9 @@ def compact_decoded(checked: CheckedFile, plan: CompactPlan, graph: CompactGraph
             continue
         ordinal = ordinal_of[id(site)]
         planned = plan.planned[ordinal]
+        element_type = planned.level.onnx
         if planned.level.bits == 4:
             with checked.moub.allocating(site.path):
-                array = pack_nibbles(array)
-        yield site, planned.level.onnx, array, graph.add(site, planned, scale_of[ordinal])
+                array = matmul_nbits_weight(array, planned)
+            element_type = dtypes.UINT8
+        yield site, element_type, array, graph.add(site, planned, scale_of[ordinal])

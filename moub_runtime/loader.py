@@ -23,7 +23,7 @@ from moub_format.dtypes import BFLOAT16
 from moub_format.reader import Source, default_decode_workers
 
 from . import onnx_proto
-from .compact import FOUR_BIT_TYPES, CompactGraph, compact_decoded, plan_compact
+from .compact import CompactGraph, compact_decoded, plan_compact
 from .conv_layout import compact_mode_here
 from .onnx_output import EXTERNAL_THRESHOLD, decode_to_onnx, fits_inline, save_onnx
 from .onnx_proto import ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, DATA_LOCATION_EXTERNAL
@@ -230,9 +230,6 @@ def _decoded(checked, compact_graph: CompactGraph | None, consumed: set[str], mo
     yield from compact_decoded(checked, plan_compact(checked, consumed, mode), compact_graph)
 
 
-FOUR_BIT_ONNX_TYPES = frozenset(t.onnx for t in FOUR_BIT_TYPES)
-
-
 def _keep_alive_with(options: onnxruntime.SessionOptions, objects: list) -> None:
     """Keep ``objects`` alive as long as ``options`` (a caller's options object points at
     them and may build more sessions)."""
@@ -302,10 +299,7 @@ class InferenceSession(onnxruntime.InferenceSession):
         compact_graph = CompactGraph(model) if mode else None
         with checked, moub.allocating("the decoded model"):
             for site, dtype, array, compact_stub in _decoded(checked, compact_graph, consumed, mode):
-                if compact_stub is not None and not _has_in_memory_files() and dtype in FOUR_BIT_ONNX_TYPES:
-                    fill_payload(compact_stub, array)  # NumPy makes no OrtValue of a 4-bit type: inline
-                    continue
-                if compact_stub is not None:  # integers behind a DequantizeLinear, handed over like any weight
+                if compact_stub is not None:  # integers behind a DequantizeLinear or in a MatMulNBits, handed over like any weight
                     stubs.append(compact_stub)
                     arrays.append(array)
                     element_types.append(dtype)

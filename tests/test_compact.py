@@ -18,7 +18,7 @@ import packing
 from moub_converters.encode import encode_model
 from moub_format import dtypes
 from moub_format.writer import write_atomic
-from moub_runtime.compact import EIGHT_BIT_MATMUL_REASON, GROUPED_CONV_REASON, LEVEL_TYPES, level_type, plan_compact
+from moub_runtime.compact import EIGHT_BIT_MATMUL_REASON, GROUPED_CONV_REASON, LEVEL_TYPES, ZERO_POINT_4, level_type, plan_compact
 from moub_runtime.conv_layout import convs_run_in_nchwc
 from moub_runtime.loader import consumed_names
 from moub_runtime.inspect import summarize
@@ -38,16 +38,34 @@ def _write(tmp_path, model, codebooks, packs, name="model.moub"):
     return path
 
 
-def _weights_from_compact(compact: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Each DequantizeLinear's output recomputed in NumPy: float32(q - zero_point) * float32(scale)."""
-    inits = {t.name: numpy_helper.to_array(t) for t in compact.graph.initializer}
+def _attributes(node: onnx.NodeProto) -> dict[str, int]:
+    return {a.name: a.i for a in node.attribute}
+
+
+def _weights_from_compact(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Each DequantizeLinear's output, and each MatMulNBits' weight ``[K, N]`` (by the weight's
+    name), recomputed in NumPy from the stored integers."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     out = {}
-    for node in compact.graph.node:
-        if node.op_type != "DequantizeLinear":
-            continue
-        q, scale, zero = (inits[name] for name in node.input)
-        levels = q.astype(np.int64) - int(zero)
-        out[node.output[0]] = (levels.astype(np.float32) * np.float32(scale)).astype(np.float32)
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            q, scale, zero = (inits[name] for name in node.input)
+            if scale.ndim == 1:  # per axis: along the node's axis
+                along = [1] * q.ndim
+                along[_attributes(node).get("axis", 1)] = -1
+                scale, zero = scale.reshape(along), zero.reshape(along)
+            out[node.output[0]] = ((q.astype(np.int64) - zero.astype(np.int64)).astype(np.float32) * scale).astype(np.float32)
+        elif node.op_type == "MatMulNBits":
+            attributes = _attributes(node)
+            k, n, block = attributes["K"], attributes["N"], attributes["block_size"]
+            packed, scales = inits[node.input[1]], inits[node.input[2]]
+            blocks = -(-k // block)
+            levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks * block).astype(np.int64)
+            zero = ZERO_POINT_4
+            if len(node.input) > 3 and node.input[3]:
+                zero = int(inits[node.input[3]].reshape(-1)[0] & 0x0F)
+            per_block = scales.reshape(n, blocks).repeat(block, axis=1)
+            out[node.input[1].removesuffix("_quantized")] = ((levels - zero).astype(np.float32) * per_block)[:, :k].T.copy()
     return out
 
 

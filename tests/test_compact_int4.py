@@ -19,11 +19,12 @@ import packing
 from moub_converters.encode import encode_model
 from moub_format import MoubFormatError, ReaderLimits
 from moub_format.writer import write_atomic
-from moub_runtime.compact import FOUR_BIT_TYPES, ONNX_INT4, ONNX_UINT4, four_bit_weights, level_type, pack_nibbles, plan_compact
+from moub_runtime.compact import (MATMUL_NBITS_BLOCK, ZERO_POINT_4, CompactTensor, FOUR_BIT_TYPES, four_bit_weights, level_type,
+                                  matmul_nbits_weight, plan_compact)
 from moub_runtime.inspect import summarize
 from moub_runtime.loader import MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FLOAT32, consumed_names
 from moub_runtime.validation import open_checked
-from test_compact import RELATIVE_BOUND
+from test_compact import RELATIVE_BOUND, _attributes, _weights_from_compact
 
 FLOAT = onnx.TensorProto.FLOAT
 WIDTHS = (64, 128, 128, 10)
@@ -66,17 +67,6 @@ def _write_mlp(tmp_path: Path, opset: int, transposed_middle: bool = False) -> t
     return path, shape
 
 
-def _dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Each DequantizeLinear's output recomputed in NumPy from the stored integers (onnx unpacks 4-bit ones)."""
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear":
-            q, scale, zero = (inits[name] for name in node.input)
-            out[node.output[0]] = ((q.astype(np.int64) - zero.astype(np.int64)).astype(np.float32) * scale).astype(np.float32)
-    return out
-
-
 def _fused(path: Path, tmp_path: Path) -> list[onnx.NodeProto]:
     """The nodes of the compact session's model as onnxruntime optimized it."""
     options = ort.SessionOptions()
@@ -89,14 +79,33 @@ def _bits(node: onnx.NodeProto) -> int:
     return next(a.i for a in node.attribute if a.name == "bits")
 
 
-@pytest.mark.parametrize("count", [1, 2, 7, 64, 4097])
-@pytest.mark.parametrize("kind", FOUR_BIT_TYPES, ids=lambda t: t.name)
-def test_pack_nibbles_is_onnx_packing(kind, count):
-    values = np.random.default_rng(count).integers(kind.low, kind.high + 1, count).astype(kind.numpy)
-    packed = pack_nibbles(values)
-    assert packed.dtype == np.uint8 and packed.size == (count + 1) // 2 and packed.ctypes.data % 64 == 0
-    tensor = helper.make_tensor("t", kind.onnx, [count], packed.tobytes(), raw=True)
-    assert np.array_equal(numpy_helper.to_array(tensor), values)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("k, n", [(1, 1), (7, 3), (128, 2), (129, 5), (300, 17)])
+def test_matmul_nbits_weight_is_onnxruntimes_layout(k, n, transposed):
+    """B of a MatMulNBits: per column, K levels in blocks, two a byte (the first low), the last
+    block padded with the zero point; onnxruntime multiplies by exactly those weights."""
+    rng = np.random.default_rng(k * n)
+    levels = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    planned = CompactTensor(FOUR_BIT_TYPES[1], 3, 0, 15, None, k, n, transposed)
+    packed = matmul_nbits_weight(np.ascontiguousarray(levels.T) if transposed else levels, planned)
+    blocks = -(-k // MATMUL_NBITS_BLOCK)
+    assert packed.shape == (n, blocks, MATMUL_NBITS_BLOCK // 2) and packed.ctypes.data % 64 == 0
+    unpacked = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
+    assert np.array_equal(unpacked[:, :k], levels.T) and np.all(unpacked[:, k:] == 3)
+    scale = np.float32(0.25)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=MATMUL_NBITS_BLOCK, accuracy_level=1)
+    zero = np.full(n * -(-blocks // 2), 3 * 17, dtype=np.uint8)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", FLOAT, [2, n])],
+                              [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(np.full(n * blocks, scale), "s"),
+                               numpy_helper.from_array(zero, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = x @ ((levels.astype(np.float32) - 3) * scale)
+    assert np.abs(y - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
 
 
 @pytest.mark.parametrize("low, high, expected", [(-8, 7, ("int4", 0)), (-7, 7, ("int4", 0)), (0, 15, ("int4", -8)),
@@ -119,7 +128,7 @@ def test_which_weights_qualify_for_four_bits():
         node("MatMul", ["x", "b_matmul"]),
         node("MatMul", ["a_matmul", "x"]),                       # the weight as the first input: not fused
         node("Gemm", ["x", "b_gemm", "c"]),
-        node("Gemm", ["x", "b_transposed", "c"], transB=1),       # onnxruntime keeps it a Gemm
+        node("Gemm", ["x", "b_transposed", "c"], transB=1),       # held transposed, transB cleared
         node("Gemm", ["x", "b_scaled", "c"], alpha=2.0),
         node("MatMul", ["x", "shared"]), node("Add", ["x", "shared"]),
         node("MatMul", ["x", "batched"]),
@@ -127,48 +136,92 @@ def test_which_weights_qualify_for_four_bits():
         node("MatMul", ["x", "tied"]), node("MatMul", ["y", "tied"]),  # two readers: not fused
     ], "g", [], [helper.make_tensor_value_info("output", FLOAT, None)])
     ranks = {name: 2 for name in ("b_matmul", "a_matmul", "b_gemm", "b_transposed", "b_scaled", "shared", "output", "c", "tied")}
-    assert four_bit_weights(graph, {**ranks, "batched": 3}) == {"b_matmul", "b_gemm"}
+    assert four_bit_weights(graph, {**ranks, "batched": 3}) == {"b_matmul", "b_gemm", "b_transposed"}
 
 
-@pytest.mark.parametrize("opset", [21, 17])
-def test_matmul_weights_are_held_in_four_bits_and_fused(opset, tmp_path):
-    """Opset 21 uses ONNX's DequantizeLinear, 17 onnxruntime's; either way onnxruntime fuses each
-    into a 4-bit MatMulNBits, the weights are the normal decode's bits, and the outputs equal
-    the normal session's (measured: bit for bit)."""
-    path, shape = _write_mlp(tmp_path, opset)
+def _check_matmul_nbits(path: Path, shape: list[int], tmp_path: Path, transposed: set[str] = frozenset()) -> onnx.ModelProto:
+    """The compact model of the MLP at ``path``: every weight a MatMulNBits over 4-bit levels,
+    the normal decode's weights bit for bit (transposed where read with transB), which
+    onnxruntime runs as built; the outputs equal the normal session's within the bound."""
     compact = moub_runtime.load(path, compact=True)
     onnx.checker.check_model(compact)
-    types = {t.name: t.data_type for t in compact.graph.initializer}
-    assert {types[f"w{i}_quantized"] for i in range(3)} <= {ONNX_INT4, ONNX_UINT4}
-    assert all(types[f"b{i}_quantized"] not in (ONNX_INT4, ONNX_UINT4) for i in range(3))  # read by Add
+    nodes = [n for n in compact.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 3 and all(n.domain == "com.microsoft" and _attributes(n)["bits"] == 4 for n in nodes)
+    assert not any(n.op_type in ("MatMul", "Gemm") for n in compact.graph.node)
+    names = {t.name for t in compact.graph.initializer}
+    assert not names & {"w0", "w1", "w2"}
     normal = {t.name: numpy_helper.to_array(t) for t in moub_runtime.load(path).graph.initializer}
-    for name, weight in _dequantized(compact).items():
-        assert weight.tobytes() == normal[name].tobytes(), name
-    domains = {n.output[0]: n.domain for n in compact.graph.node if n.op_type == "DequantizeLinear"}
-    assert domains["w0"] == ("" if opset >= 21 else "com.microsoft")
-
-    summary = summarize(path).compact
-    weights = sum(WIDTHS[i] * WIDTHS[i + 1] for i in range(3))
-    assert sum(v["weights"] for k, v in summary["held"].items() if k in ("int4", "uint4")) == weights
-    assert summary["held_weight_bytes"] == sum((WIDTHS[i] * WIDTHS[i + 1] + 1) // 2 for i in range(3)) + sum(WIDTHS[1:])
-
+    weights = _weights_from_compact(compact)
+    for i in range(3):
+        expected = normal[f"w{i}"].T if f"w{i}" in transposed else normal[f"w{i}"]
+        assert weights[f"w{i}"].tobytes() == np.ascontiguousarray(expected).tobytes()
     fused = [n for n in _fused(path, tmp_path) if n.op_type == "MatMulNBits"]
     assert len(fused) == 3 and {_bits(n) for n in fused} == {4}
     x = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
     expected = moub_runtime.InferenceSession(path).run(None, x)[0]
     got = moub_runtime.InferenceSession(path, compact=True).run(None, x)[0]
     assert np.abs(got - expected).max() <= RELATIVE_BOUND * np.abs(expected).max()
+    return compact
 
 
-def test_a_transposed_gemm_weight_stays_eight_bits(tmp_path):
-    path, shape = _write_mlp(tmp_path, 17, transposed_middle=True)
+@pytest.mark.parametrize("opset", [21, 17])
+def test_matmul_weights_become_four_bit_matmul_nbits(opset, tmp_path):
+    """Whatever the model's opset, each MatMul reading a 4-bit weight becomes onnxruntime's
+    MatMulNBits (it does not depend on onnxruntime's fusions, whose order lets a Gemm take an
+    activation first); the biases, read by Add, stay int8 behind a DequantizeLinear."""
+    path, shape = _write_mlp(tmp_path, opset)
+    compact = _check_matmul_nbits(path, shape, tmp_path)
+    types = {t.name: t.data_type for t in compact.graph.initializer}
+    assert all(types[f"b{i}_quantized"] == onnx.TensorProto.INT8 for i in range(3))
+    summary = summarize(path).compact
+    weights = sum(WIDTHS[i] * WIDTHS[i + 1] for i in range(3))
+    assert summary["held"]["uint4"]["weights"] == weights
+    blocks = [-(-WIDTHS[i] // MATMUL_NBITS_BLOCK) for i in range(3)]
+    nbits = sum(WIDTHS[i + 1] * blocks[i] * (MATMUL_NBITS_BLOCK // 2 + 4) for i in range(3))
+    zero_points = sum(WIDTHS[i + 1] * -(-blocks[i] // 2) for i in range(3) if "w%d_zero_point" % i in types)
+    assert summary["held_weight_bytes"] == nbits + zero_points + sum(WIDTHS[1:])
+
+
+def test_a_transposed_gemm_weight_becomes_matmul_nbits_with_its_bias(tmp_path):
+    """A Gemm with transB = 1 (torch's 2-D Linear) on a 2-D input, followed by a Relu: its levels
+    are stored as MatMulNBits' columns directly (no transpose needed), its C added after."""
+    path, shape = _write_mlp(tmp_path, 21, transposed_middle=True)
     with open_checked(path) as checked:
         plan = plan_compact(checked, consumed_names(checked.model), "fast")
-        held = {checked.members[o].tensor.name: p.level.name for o, p in plan.planned.items()}
-    assert held["w1"] in ("int8", "uint8") and held["w0"] in ("int4", "uint4") and held["w2"] in ("int4", "uint4")
+        held = {checked.members[o].tensor.name: p for o, p in plan.planned.items()}
+    assert all(held[f"w{i}"].level.name == "uint4" for i in range(3))
+    assert held["w1"].transposed and not held["w0"].transposed
+    compact = _check_matmul_nbits(path, shape, tmp_path, transposed={"w1"})
+    adds = [n for n in compact.graph.node if n.op_type == "Add" and "b1" in n.input]
+    assert len(adds) == 1 and adds[0].output[0] == "a1"
+
+
+def test_eight_bit_matmul_weights_are_held_per_row_and_not_fused(tmp_path):
+    """``compact="smallest"`` holds 8-bit MatMul weights with one scale per row, which onnxruntime
+    does not fuse into its 8-bit MatMulNBits (slower than float32 and larger in memory once it
+    runs): the DequantizeLinear runs before a float MatMul, and the outputs are the normal session's."""
+    model, shape = _mlp(17)
+    groups = [["init:w0"], ["init:w1"], ["init:w2"], ["init:b0", "init:b1", "init:b2"]]
+    codebooks, packs = packing.uniform_packs(model, groups, divisor=32.0)   # levels within about +-60: 8 bits
+    path = tmp_path / "mlp8.moub"
+    write_atomic(path, encode_model(model, codebooks, {}, {"moub.source": "mlp"}, packs=packs))
+    with open_checked(path) as checked:
+        plan = plan_compact(checked, consumed_names(checked.model), "smallest")
+        held = {checked.members[o].tensor.name: p for o, p in plan.planned.items()}
+    assert all(held[f"w{i}"].level.bits == 8 and held[f"w{i}"].axis == 0 for i in range(3))
+    compact = moub_runtime.load(path, compact="smallest")
+    onnx.checker.check_model(compact)
+    normal = {t.name: numpy_helper.to_array(t) for t in moub_runtime.load(path).graph.initializer}
+    for name, weight in _weights_from_compact(compact).items():
+        assert weight.tobytes() == normal[name].tobytes(), name
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    moub_runtime.InferenceSession(path, sess_options=options, compact="smallest")
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
+    assert "MatMulNBits" not in ops and ops.count("DequantizeLinear") >= 3
     x = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
     expected = moub_runtime.InferenceSession(path).run(None, x)[0]
-    got = moub_runtime.InferenceSession(path, compact=True).run(None, x)[0]
+    got = moub_runtime.InferenceSession(path, compact="smallest").run(None, x)[0]
     assert np.abs(got - expected).max() <= RELATIVE_BOUND * np.abs(expected).max()
 
 
@@ -210,8 +263,8 @@ def test_hostile_four_bit_files_fail_as_the_normal_path_does(tmp_path):
 
 @pytest.mark.slow
 def test_convert_with_ram_int4_on_a_torch_token_mixer(tmp_path):
-    """``--ram int4`` on a transformer-style torch model: every MatMul weight's levels within 16
-    values (held in 4 bits, fused into 4-bit MatMulNBits), the other weights within int8; the
+    """``--ram int4`` on a transformer-style torch model: every MatMul and Linear (Gemm) weight's
+    levels within 16 values (held in 4 bits as MatMulNBits), the other weights within int8; the
     tolerance holds; the report gives the file and the resident weight bytes side by side."""
     import user_models
     from moub_converters import convert
@@ -221,7 +274,7 @@ def test_convert_with_ram_int4_on_a_torch_token_mixer(tmp_path):
     path = tmp_path / "int4.moub"
     result.write(path)
     source = onnx.load(model.path)
-    matmul = {n.input[1] for n in source.graph.node if n.op_type == "MatMul"} & {t.name for t in source.graph.initializer}
+    matmul = {n.input[1] for n in source.graph.node if n.op_type in ("MatMul", "Gemm")} & {t.name for t in source.graph.initializer}
     with open_checked(path) as checked:
         plan = plan_compact(checked, consumed_names(checked.model), "fast")
         held = {checked.members[o].tensor.name: p.level.name for o, p in plan.planned.items()}
