@@ -452,9 +452,10 @@ RUNTIME_NOTE = (
     "`DequantizeLinear`) on files whose levels fit int8, as `--ram int8` writes: resident weight bytes "
     "(of the quantized weights), peak RSS above the imports in a fresh process, load time, latency per "
     "sample (median; one thread, then onnxruntime's default threads; the sessions take turns), which "
-    "`DequantizeLinear` onnxruntime fused into `MatMulNBits` and which run at every inference, and the "
-    "outputs against the normal session. `compact` is `compact=True`, which keeps grouped Convs' weights "
-    "float32 (docs/decisions/0052); `smallest` holds them too."
+    "weights run as 4-bit `MatMulNBits` and which `DequantizeLinear` run at every inference, and the "
+    "outputs against the normal session; then the models with MatMul/Gemm weights again on files whose "
+    "such weights fit 4 bits, as `--ram int4` writes. `compact` is `compact=True`, which keeps grouped "
+    "Convs' and 8-bit MatMul weights float32 (docs/decisions/0052, 0061); `smallest` holds them too."
 )
 BIGFILE_NOTE = (
     "A FlatBuffer stops at 2 GiB, so the payload lives behind 64-bit offsets. This writes a real file past "

@@ -33,8 +33,8 @@ into its 8-bit MatMulNBits, which is slower than float32 and larger once it runs
 chained 1024 x 1024 weights, one thread, one row: 7.0 ms, against 1.6 ms for the per-row
 DequantizeLinear and a float MatMul, 0.73 ms in float32 and 0.40 ms for the 4-bit MatMulNBits).
 
-Two modes (:data:`COMPACT_MODES`). ``"fast"`` keeps float the 8-bit weights a MatMulNBits would
-read (above), and every weight a grouped ``Conv`` reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
+Two modes (:data:`COMPACT_MODES`). ``"fast"`` keeps float the 8-bit weights of a MatMul (above;
+a ``transB`` Gemm's stay int8, dequantized at every run), and every weight a grouped ``Conv`` reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
 reordered once) only when the weight is a constant initializer, and without them a grouped
 (depthwise) Conv runs one small matrix product per group: measured 27-82 ns per weight per
 inference on PP-OCR cls and rec, against at most 4 for any other weight, each saving the same 3
