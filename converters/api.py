@@ -456,15 +456,19 @@ def _keep_exact(written: _Writer, mode: Mode, why: str, counter: _Counter, start
     found = _search_keeping_exact(written, mode, counter, trials) if measures_sensitivity else None
     if found is None:
         if trials:
-            why += (f"; keeping the most sensitive tensors exact (up to {100 * trials[-1].share:.0f}% of the weights) "
-                    f"gave no smaller file within it")
+            widening = "giving every 4-bit weight the int8 window and " if any(t.widened for t in trials) else ""
+            why += (f"; {widening}keeping the most sensitive tensors exact (up to {100 * trials[-1].share:.0f}% of the "
+                    f"weights) gave no smaller file within it")
         converted = written.lossless(why, counter, started, test, test_labels, batch_axes, front)
         if trials:
             converted.report["lossless"]["kept_exact_trials"] = [t.as_dict() for t in trials]
         return converted
     converted = found.writer.result(found.moub_bytes, found.chosen, front_of(found.writer.candidates, written.setup.q0),
                                     found.facts, counter, started, test, test_labels, batch_axes)
-    converted.report["kept_exact"] = fallback.kept_exact_report(written.pool, found.exact, why, trials, found.lossless_bytes)
+    if found.exact:
+        converted.report["kept_exact"] = fallback.kept_exact_report(written.pool, found.exact, why, trials, found.lossless_bytes)
+    if found.widened:
+        converted.report["widened_to_int8"] = fallback.widened_report(written.pool, found.widened, why, trials)
     return converted
 
 
@@ -478,21 +482,34 @@ class _KeptExact:
     facts: dict
     exact: list[int]
     lossless_bytes: int
+    widened: list[int] = field(default_factory=list)   # 4-bit sites given the int8 window
+
+
+def _fallback_variants(pool: Pool, order: list[int], ram: str) -> list[tuple[list[int], list[int]]]:
+    """(4-bit sites given the int8 window, sites kept exact) to try in turn (``fallback.py``):
+    under ``--ram int4`` first the 4-bit windows widened, then tensors kept exact with all of them widened."""
+    widen_sets = fallback.four_bit_sets(pool, order) if ram == "int4" else []
+    every = widen_sets[-1] if widen_sets else []
+    sizes = np.array([site.size for site in pool.sites], dtype=np.int64)
+    return [(w, []) for w in widen_sets] + [(every, exact) for exact in fallback.exact_sets(sizes, order)]
 
 
 def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: list[fallback.ExactTrial]) -> _KeptExact | None:
-    """Search the pool less its most sensitive tensors, in growing sets (``fallback.py``), until a
+    """Search the pool less its most sensitive tensors, in growing sets (``fallback.py``; under
+    ``--ram int4`` first with its most sensitive 4-bit tensors given the int8 window), until a
     search yields a file within the tolerance; that file where it is smaller than the lossless one.
-    Each set tried is added to ``trials``."""
+    Each variant tried is added to ``trials``."""
     source, pool, options, setup = written.source, written.pool, written.options, written.setup
     stats = written.session.site_stats
     lossless_bytes = written.lossless_size()
-    sets = fallback.exact_sets(stats.sizes, fallback.sensitivity_order(stats, mode.measured[0]))
-    for number, exact in enumerate(sets):
-        counter({"phase": "keep exact", "total": len(sets) - number})  # one probe per set left
+    variants = _fallback_variants(pool, fallback.sensitivity_order(stats, mode.measured[0]), options.ram)
+    for number, (widen, exact) in enumerate(variants):
+        counter({"phase": "keep exact", "total": len(variants) - number})  # one probe per variant left
         if len(exact) == len(pool.sites):
             break
-        reduced = pool.without(exact, fallback.REASON_KEPT_EXACT)
+        reduced = fallback.widened(pool, widen)
+        if exact:
+            reduced = reduced.without(exact, fallback.REASON_KEPT_EXACT)
         session = _narrowed_session(written.session, reduced)
         held = set(exact)
         narrowed = mode.narrowed([i for i in range(len(pool.sites)) if i not in held])
@@ -501,7 +518,8 @@ def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: lis
             finest, holds = narrowed.finest(context)
             result = narrowed.run(context) if holds else None
         weights = pool.n_weights - reduced.n_weights
-        trial = fallback.ExactTrial(len(exact), weights, weights / pool.n_weights, finest.loss, "finest step misses")
+        trial = fallback.ExactTrial(len(exact), weights, weights / pool.n_weights, finest.loss, "finest step misses",
+                                    len(widen), sum(pool.sites[i].size for i in widen))
         trials.append(trial)
         if result is None:
             continue
@@ -521,7 +539,7 @@ def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: lis
             return None
         trial.outcome = "written"
         result.facts["evaluation_strategy"] = setup.evaluator.strategy
-        return _KeptExact(kept, moub_bytes, chosen, result.facts, exact, lossless_bytes)
+        return _KeptExact(kept, moub_bytes, chosen, result.facts, exact, lossless_bytes, widen)
     return None
 
 

@@ -6,6 +6,12 @@ amplifies, a tensor whose outliers ``--ram int8`` turns into a coarse floor step
 those few exactly (as the lossless file stores every tensor) and searching the others gives a
 file far smaller than the lossless one that still holds the tolerance.
 
+Under ``--ram int4`` the cause is more often the 16-level window itself: a MatMul weight that
+16 levels cannot hold within the tolerance at any step. So there the most sensitive 4-bit
+tensors first get the int8 window back (a compact session then holds them in a byte), in growing
+shares of the 4-bit weights up to all of them (the ``--ram int8`` file), before any tensor is
+kept exact.
+
 Which tensors: the measured sensitivity (``sensitivity.py``: each tensor's output distortion
 with only it quantized at a test step of its sigma / 16) turned into the distortion one of its
 weights causes at the finest step it can get, the test step or its floor (``uniform.allocate_steps``
@@ -22,7 +28,7 @@ paper mode measures no sensitivity per tensor and writes the lossless file
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,6 +37,7 @@ from .sensitivity import TEST_STEP
 from .uniform import SiteStats, allocate_steps
 
 SHARES = (0.05, 0.2, 0.5)   # the most sensitive tensors kept exact, up to this share of the weights, in turn
+WIDEN_SHARES = (0.05, 0.2, 0.5, 1.0)  # the most sensitive 4-bit tensors given the int8 window, up to this share of the 4-bit weights
 REASON_KEPT_EXACT = "kept exact (sensitive)"  # the pass-through reason of a tensor the fallback keeps exact
 FINEST_X = -1e3              # below every clip of ``allocate_steps``: each tensor's floor step
 
@@ -68,19 +75,42 @@ def exact_sets(sizes: np.ndarray, order: Sequence[int], shares: Sequence[float] 
     return sets
 
 
+def four_bit_sets(pool: Pool, order: Sequence[int], shares: Sequence[float] = WIDEN_SHARES) -> list[list[int]]:
+    """For each share, the most sensitive of the pool's 4-bit sites (``Pool.four_bit``) whose
+    weights stay within that share of the 4-bit weights (at least one), in pool order; the last
+    set is all of them. Empty without 4-bit sites."""
+    four_bit = [i for i in order if pool.sites[i].path in pool.four_bit]
+    if not four_bit:
+        return []
+    sizes = np.array([pool.sites[i].size for i in range(len(pool.sites))], dtype=np.int64)
+    mask = np.zeros(len(pool.sites), dtype=bool)
+    mask[four_bit] = True
+    return exact_sets(np.where(mask, sizes, 0), four_bit, shares)
+
+
+def widened(pool: Pool, sites: Sequence[int]) -> Pool:
+    """The pool with ``sites`` no longer limited to 4 bits (``--ram int4``'s window): int8's applies."""
+    return replace(pool, four_bit=pool.four_bit - {pool.sites[i].path for i in sites})
+
+
 @dataclass
 class ExactTrial:
-    """One set of tensors kept exact, and how far it got."""
+    """One set of tensors kept exact (and of 4-bit tensors given the int8 window), and how far it got."""
 
     tensors: int
     weights: int
     share: float          # of the pooled weights
     finest_loss: float    # at the finest step the search takes, on the search half
     outcome: str          # "finest step misses", "no candidate", "written file misses", "written"
+    widened: int = 0      # 4-bit tensors given the int8 window
+    widened_weights: int = 0
 
     def as_dict(self) -> dict:
-        return {"tensors": self.tensors, "weights": self.weights, "share": round(self.share, 6),
-                "finest_loss": round(self.finest_loss, 6), "outcome": self.outcome}
+        trial = {"tensors": self.tensors, "weights": self.weights, "share": round(self.share, 6),
+                 "finest_loss": round(self.finest_loss, 6), "outcome": self.outcome}
+        if self.widened:
+            trial.update({"widened_to_int8": self.widened, "widened_weights": self.widened_weights})
+        return trial
 
 
 def kept_exact_report(pool: Pool, exact: Sequence[int], reason: str, trials: Sequence[ExactTrial],
@@ -93,5 +123,15 @@ def kept_exact_report(pool: Pool, exact: Sequence[int], reason: str, trials: Seq
             "trials": [t.as_dict() for t in trials], "lossless_bytes": lossless_bytes}
 
 
-__all__ = ["SHARES", "REASON_KEPT_EXACT", "ExactTrial", "exact_sets", "floor_steps", "kept_exact_report",
-           "sensitivity_order"]
+def widened_report(pool: Pool, widened_sites: Sequence[int], reason: str, trials: Sequence[ExactTrial]) -> dict:
+    """The report's account of the 4-bit tensors the written file gives the int8 window."""
+    weights = sum(pool.sites[i].size for i in widened_sites)
+    four_bit = sum(site.size for site in pool.sites if site.path in pool.four_bit)
+    return {"tensors": [pool.sites[i].name or pool.sites[i].path for i in widened_sites],
+            "paths": [pool.sites[i].path for i in widened_sites], "count": len(widened_sites), "weights": int(weights),
+            "share_of_four_bit": round(weights / max(four_bit, 1), 6), "reason": reason,
+            "trials": [t.as_dict() for t in trials]}
+
+
+__all__ = ["SHARES", "WIDEN_SHARES", "REASON_KEPT_EXACT", "ExactTrial", "exact_sets", "floor_steps", "four_bit_sets",
+           "kept_exact_report", "sensitivity_order", "widened", "widened_report"]

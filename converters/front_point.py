@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from .api import ConvertResult, _Counter, _Setup, _Writer
@@ -68,6 +69,9 @@ def write_point(model_or_path, data, report: Mapping | str | os.PathLike, point:
                          f"{report['source']['sha256'][:12]}...)")
     pool = pool_weights(source.model, options.min_elements)
     kept_exact = set((report.get("kept_exact") or {}).get("paths", ()))
+    widened = set((report.get("widened_to_int8") or {}).get("paths", ()))
+    if widened:  # the search ran with these 4-bit weights given the int8 window (fallback.py)
+        pool = replace(pool, four_bit=pool.four_bit - widened)
     if kept_exact:  # the search ran on the pool less the tensors kept exact (fallback.py)
         pool = pool.without([i for i, site in enumerate(pool.sites) if site.path in kept_exact], REASON_KEPT_EXACT)
     setup = _Setup.build(source, pool, data, labels, batch_axes, options)

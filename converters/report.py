@@ -97,6 +97,12 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
         lines.append(f"{'kept exact':16}{kept['count']} tensor{'s' if kept['count'] != 1 else ''} ({names}: "
                      f"{100 * kept['share']:.1f}% of the weights) stored exactly and the rest searched, because "
                      f"{kept['reason']}; the lossless file takes {_human(kept['lossless_bytes'])}")
+    wide = report.get("widened_to_int8")
+    if wide:
+        names = ", ".join(wide["tensors"][:3]) + (", ..." if wide["count"] > 3 else "")
+        lines.append(f"{'int8 window':16}{wide['count']} MatMul/Gemm weight{'s' if wide['count'] != 1 else ''} ({names}: "
+                     f"{100 * wide['share_of_four_bit']:.0f}% of those --ram int4 limits to 16 levels) given 256 levels "
+                     f"(a byte each in a compact session), because {wide['reason']}")
     target = report.get("target")
     if target:
         verdict = "within" if target["within_max_drop"] else "OUTSIDE"

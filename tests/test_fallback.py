@@ -218,3 +218,57 @@ def test_the_demo_digits_cnn_under_ram_int8_keeps_its_small_tensors_exact(tmp_pa
     decoded = {t.name: numpy_helper.to_array(t) for t in moub_runtime.load(out).graph.initializer}
     original = {t.name: numpy_helper.to_array(t) for t in onnx.load(model).graph.initializer}
     assert all(decoded[name].tobytes() == original[name].tobytes() for name in kept["tensors"])
+
+
+def _with_outliers(model: onnx.ModelProto, names: tuple[str, ...], sigmas: float = 6.0) -> onnx.ModelProto:
+    """``model`` with one weight of each tensor in ``names`` set to ``sigmas`` times the tensor's
+    standard deviation: 16 levels over its range are too coarse for the rest, 256 are not."""
+    for tensor in model.graph.initializer:
+        if tensor.name in names:
+            values = numpy_helper.to_array(tensor).copy()
+            values.flat[0] = sigmas * values.std()
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    return model
+
+
+def test_ram_int4_gives_weights_16_levels_cannot_hold_the_int8_window(samples, tmp_path):
+    """``--ram int4`` where no MatMul weight holds the tolerance in 16 levels: before keeping any
+    tensor exact, the converter gives the most sensitive 4-bit weights 256 levels back (a byte each
+    in a compact session), here all three; the file holds the tolerance, the report says which,
+    and the report rebuilds the file byte for byte."""
+    from moub_runtime.compact import plan_compact
+    from moub_runtime.loader import consumed_names
+    from moub_runtime.validation import open_checked
+
+    data, x = samples
+    path = tmp_path / "outliers.onnx"
+    onnx.save(_with_outliers(_cancelling_model(()), ("W1", "W2", "W3")), path)
+    result = convert(path, data=data, max_drop=0.05, ram="int4", **FAST)
+    wide = result.report["widened_to_int8"]
+    assert sorted(wide["tensors"]) == ["W1", "W2", "W3"] and wide["share_of_four_bit"] == 1.0
+    assert "lossless" not in result.report and "kept_exact" not in result.report
+    assert [t["widened_to_int8"] for t in wide["trials"]][-1] == 3
+    assert "int8 window" in result.closing_table()
+    out = tmp_path / "widened.moub"
+    result.write(out)
+    want, got = _outputs(path, x), moub_runtime.InferenceSession(out).run(None, {"x": x})[0]
+    assert float(np.mean(want.argmax(1) == got.argmax(1))) >= 1.0 - 0.05
+    with open_checked(out) as checked:
+        plan = plan_compact(checked, consumed_names(checked.model), "smallest")
+        held = {checked.members[o].tensor.name: p.level.name for o, p in plan.planned.items()}
+    assert {held[name] for name in ("W1", "W2", "W3")} <= {"int8", "uint8"}
+    assert write_point(path, data, result.report).moub_bytes == result.moub_bytes
+
+
+def test_four_bit_sets_grow_by_share_of_the_four_bit_weights():
+    from moub_converters.fallback import four_bit_sets, widened
+
+    pool = pool_weights(_cancelling_model(("A",)), 1024)
+    pool = widened(pool, [])  # unchanged
+    four = [i for i, site in enumerate(pool.sites) if site.path in pool.four_bit]
+    assert {pool.sites[i].name for i in four} == {"W1", "W2", "W3"}   # A is read by two MatMuls
+    order = list(reversed(range(len(pool.sites))))
+    sets = four_bit_sets(pool, order)
+    assert sets[-1] == sorted(four) and all(set(a) < set(b) for a, b in zip(sets, sets[1:]))
+    assert all(pool.sites[i].path in pool.four_bit for s in sets for i in s)
+    assert widened(pool, sets[0]).four_bit == pool.four_bit - {pool.sites[i].path for i in sets[0]}
