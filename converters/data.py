@@ -499,7 +499,25 @@ def _stacked_dataset(arrays: dict[str, np.ndarray], specs: list[InputSpec], labe
     if label_array is not None:
         label_array = np.ascontiguousarray(label_array[order])
     stored_axes = {name: axis for name, axis in axes.items() if axis != 0}
-    return Dataset(inputs, label_array, n_samples, batch_size or DEFAULT_BATCH_SIZE, stored_axes, None, tuple(notes))
+    return Dataset(inputs, label_array, n_samples, batch_size or default_batch_size(inputs, axes), stored_axes, None,
+                   tuple(notes))
+
+
+def sample_bytes(inputs: dict[str, np.ndarray | StoredArray], axes: dict[str, int | None]) -> int:
+    """Bytes one sample's inputs take (arrays fed whole to every sample not counted)."""
+    total = 0
+    for name, array in inputs.items():
+        axis = axes.get(name)
+        if axis is not None and array.shape[axis]:
+            total += int(np.prod(array.shape, dtype=np.int64)) // array.shape[axis] * np.dtype(array.dtype).itemsize
+    return total
+
+
+def default_batch_size(inputs: dict[str, np.ndarray | StoredArray], axes: dict[str, int | None]) -> int:
+    """:data:`DEFAULT_BATCH_SIZE`, or one sample per run where a sample's inputs take at least
+    :data:`LARGE_SAMPLE_BYTES`: a run's activations grow with its samples, and for page-sized
+    images they, not the model, set the converter's peak memory."""
+    return 1 if sample_bytes(inputs, axes) >= LARGE_SAMPLE_BYTES else DEFAULT_BATCH_SIZE
 
 
 def _in_memory(array: StoredArray, source: str, name: str) -> np.ndarray:
@@ -575,6 +593,9 @@ def parse_batch_axes(batch_axis: Sequence[str] = (), shared: Sequence[str] = ())
 # cache) and let a failing candidate stop sooner; from 2 samples up the outputs are the same bits
 # as with larger batches, while one sample can take other kernels (docs/decisions/0021).
 DEFAULT_BATCH_SIZE = 2
+# A sample at least this large (a page-sized image: 3 x 736 x 960 float32 is 8.5 MB) runs alone:
+# PP-OCR det's conversion peaked at 1.22 GB with two pages per run, 0.79 GB with one (docs/decisions/0063).
+LARGE_SAMPLE_BYTES = 1 << 22
 SHUFFLE_SEED = 0
 
 

@@ -80,7 +80,8 @@ class ConvertOptions:
                                   "(default: layers that mix channels are rounded with error feedback, GPTQ)", negated=True,
                                   modes=("adaptive",))
     batch_size: int | None = option(None, "--batch-size", f"samples per onnxruntime run (default {DEFAULT_BATCH_SIZE}: "
-                                    "faster than large batches on one thread)", type=int)  # may change float rounding
+                                    "faster than large batches on one thread; 1 for samples of 4 MiB or more, whose "
+                                    "activations would set the memory)", type=int)  # may change float rounding
     bins: int | None = option(None, "--bins", "fixed-bins encode with K equal-width bins: no search, no data needed", type=int)
     outputs: tuple[str, ...] = option((), "--score-output", "score only this output of the model (repeatable; default: every "
                                       "output, the worst decides)", type=str, provenance="if-set")

@@ -113,3 +113,25 @@ def test_reads_match_numpy_for_any_layout(tmp_path_factory, shape, axis_seed, fo
     stop = start + 2
     sliced = np.take(expect, np.arange(min(start, rows.size), min(stop, rows.size)), axis=axis)
     assert np.array_equal(chosen.read(start, stop), sliced)
+
+
+def test_page_sized_samples_run_one_at_a_time(tmp_path):
+    """Two samples per run, except where one sample's inputs take 4 MiB or more (a page-sized
+    image), whose activations would set the converter's memory; --batch-size still wins."""
+    from onnx import TensorProto, helper
+
+    from moub_converters.data import DEFAULT_BATCH_SIZE, LARGE_SAMPLE_BYTES
+
+    def image_model(side: int) -> onnx.ModelProto:
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, side, side])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, side, side])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    small, large = 64, 640  # 48 KiB and 4.7 MiB per sample
+    assert 3 * large * large * 4 >= LARGE_SAMPLE_BYTES > 3 * small * small * 4
+    for side, expected in ((small, DEFAULT_BATCH_SIZE), (large, 1)):
+        path = tmp_path / f"x{side}.npz"
+        np.savez(path, x=np.zeros((3, 3, side, side), np.float32))
+        assert load_dataset(path, image_model(side)).batch_size == expected
+        assert load_dataset(path, image_model(side), batch_size=3).batch_size == 3
