@@ -319,9 +319,22 @@ def subset_reference(evaluator: Evaluator, reference: Sequence[np.ndarray], n_sa
     rows of ``reference`` when every output has one row per sample, else run again, because
     rows are then not samples (a Resize that also scales the batch axis)."""
     if all(r.ndim == 0 or r.shape[0] == n_samples for r in reference):
-        return [r[picked] if r.ndim else r for r in reference]
+        rows = _as_slice(picked)  # a half's samples are every other one: a view, not a copy of the outputs
+        return [r[rows] if r.ndim else r for r in reference]
     parts = [outputs for _, outputs in evaluator.iter_outputs(originals(), subset)]
     return [np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else parts[0][i] for i in range(len(parts[0]))]
+
+
+def _as_slice(picked: np.ndarray) -> slice | np.ndarray:
+    """``picked`` (ascending sample numbers) as a slice where they are evenly spaced, so that
+    indexing gives a view; else ``picked`` itself."""
+    if picked.size >= 2:
+        step = int(picked[1] - picked[0])
+        if step > 0 and np.array_equal(picked, np.arange(picked[0], picked[-1] + 1, step)):
+            return slice(int(picked[0]), int(picked[-1]) + 1, step)
+    elif picked.size == 1:
+        return slice(int(picked[0]), int(picked[0]) + 1)
+    return picked
 
 
 def original_arrays(model: onnx.ModelProto, pool: Pool) -> dict[str, np.ndarray]:
