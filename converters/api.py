@@ -45,6 +45,7 @@ from .resolution import resolution
 from .scoring import OWN_FILE_LIMITS, Baseline, Measured, held_out, measure
 from .session import ConversionSession
 from .solution import Quantization, Size
+from .uniform import RAM_LEVEL_LIMITS, site_stats
 from .workers import candidate_map
 
 VERIFY_CANDIDATES = 3  # if the written file misses the tolerance (float noise), try the next ones
@@ -485,11 +486,16 @@ class _KeptExact:
     widened: list[int] = field(default_factory=list)   # 4-bit sites given the int8 window
 
 
-def _fallback_variants(pool: Pool, order: list[int], ram: str) -> list[tuple[list[int], list[int]]]:
+def _fallback_variants(pool: Pool, distortions: np.ndarray, ram: str) -> list[tuple[list[int], list[int]]]:
     """(4-bit sites given the int8 window, sites kept exact) to try in turn (``fallback.py``):
-    under ``--ram int4`` first the 4-bit windows widened, then tensors kept exact with all of them widened."""
+    under ``--ram int4`` first the 4-bit windows widened, then tensors kept exact with all of them
+    widened, ordered by their sensitivity at the floors of that pool."""
+    limit = RAM_LEVEL_LIMITS[ram]
+    order = fallback.sensitivity_order(site_stats(pool, limit), distortions)
     widen_sets = fallback.four_bit_sets(pool, order) if ram == "int4" else []
     every = widen_sets[-1] if widen_sets else []
+    if every:
+        order = fallback.sensitivity_order(site_stats(fallback.widened(pool, every), limit), distortions)
     sizes = np.array([site.size for site in pool.sites], dtype=np.int64)
     return [(w, []) for w in widen_sets] + [(every, exact) for exact in fallback.exact_sets(sizes, order)]
 
@@ -500,9 +506,8 @@ def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: lis
     search yields a file within the tolerance; that file where it is smaller than the lossless one.
     Each variant tried is added to ``trials``."""
     source, pool, options, setup = written.source, written.pool, written.options, written.setup
-    stats = written.session.site_stats
     lossless_bytes = written.lossless_size()
-    variants = _fallback_variants(pool, fallback.sensitivity_order(stats, mode.measured[0]), options.ram)
+    variants = _fallback_variants(pool, mode.measured[0], options.ram)
     for number, (widen, exact) in enumerate(variants):
         counter({"phase": "keep exact", "total": len(variants) - number})  # one probe per variant left
         if len(exact) == len(pool.sites):
