@@ -515,7 +515,7 @@ def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: lis
         reduced = fallback.widened(pool, widen)
         if exact:
             reduced = reduced.without(exact, fallback.REASON_KEPT_EXACT)
-        session = _narrowed_session(written.session, reduced)
+        session = written.session.with_pool(reduced)
         held = set(exact)
         narrowed = mode.narrowed([i for i in range(len(pool.sites)) if i not in held])
         with candidate_map(session, options.workers, on_result=lambda r: counter({"result": r})) as mapper:
@@ -546,12 +546,6 @@ def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: lis
         result.facts["evaluation_strategy"] = setup.evaluator.strategy
         return _KeptExact(kept, moub_bytes, chosen, result.facts, exact, lossless_bytes, widen)
     return None
-
-
-def _narrowed_session(session: ConversionSession, pool: Pool) -> ConversionSession:
-    """A session of the same model, data and metric over ``pool`` (what it derives, measured afresh)."""
-    return ConversionSession(session.model, pool, session.dataset, session.metric, session.reference,
-                             session.quality_original, session.options, session.strategy, session.heads)
 
 
 def _point(measured: Measured) -> float | None:

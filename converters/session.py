@@ -50,6 +50,17 @@ class ConversionSession:
     _subsets: dict[int, tuple[Dataset, list[np.ndarray]]] = field(default_factory=dict, repr=False)
     _output_kinds: list[str] | None = field(default=None, repr=False)
 
+    def with_pool(self, pool: Pool) -> ConversionSession:
+        """A session of the same model, data and metric over ``pool``, what it derives measured
+        afresh; but where ``pool`` holds this pool's very sites and values (only their ``--ram``
+        windows differ), the scorers, originals, calibration and sample subsets are this session's."""
+        session = ConversionSession(self.model, pool, self.dataset, self.metric, self.reference, self.quality_original,
+                                    self.options, self.strategy, self.heads)
+        if pool.values is self.pool.values and pool.sites == self.pool.sites:
+            session._scorer, session._originals, session._halves = self._scorer, self._originals, self._halves
+            session._calibration, session._subsets, session._output_kinds = self._calibration, self._subsets, self._output_kinds
+        return session
+
     @property
     def scorer(self) -> Scorer:
         """Scores candidate weights on all the data."""
