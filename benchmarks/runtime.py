@@ -212,7 +212,7 @@ def adaptive_packs(model, divisor: float = ADAPTIVE_DIVISOR, min_elements: int =
     limit = RAM_LEVEL_LIMITS[ram]
     sites = list(iter_tensor_sites(model))
     main = {name: site for site in sites if (name := target_name(site)) is not None}   # initializers and Constants
-    four_bit_names = four_bit_weights(model.graph, {name: len(site.tensor.dims) for name, site in main.items()})
+    four_bit_names = four_bit_weights(model.graph, {name: list(site.tensor.dims) for name, site in main.items()})
     four_bit = {main[name].path for name in four_bit_names}
     codebooks, packs = [], []
     for site in sites:

@@ -344,7 +344,7 @@ def _four_bit_paths(model: onnx.ModelProto, sites: list[PoolSite]) -> frozenset[
     fuses into a 4-bit MatMulNBits (the compact session's rule, :func:`four_bit_weights`)."""
     main = {site.name: site for site in sites
             if is_main_graph_site(site.path) and (site.kind == KIND_CONSTANT or is_main_graph_initializer(site.path))}
-    names = four_bit_weights(model.graph, {name: len(site.dims) for name, site in main.items()})
+    names = four_bit_weights(model.graph, {name: list(site.dims) for name, site in main.items()})
     return frozenset(main[name].path for name in names)
 
 

@@ -45,7 +45,7 @@ bytes. ``"smallest"`` holds every weight that qualifies, whatever its consumer c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -136,36 +136,53 @@ def transposed_gemm_weights(graph) -> dict[str, object]:
             and _attribute(node, "transB", 0) == 1}
 
 
-def four_bit_weights(graph, ranks: dict[str, int]) -> set[str]:
-    """The names of ``ranks`` (value name -> rank of the weight) that have rank
-    :data:`FOUR_BIT_RANK` and that one main-graph MatMul or Gemm reads, as the weight onnxruntime
-    fuses into ``MatMulNBits``, and nothing else reads (onnxruntime fuses a DequantizeLinear of
-    one reader only; nor is it a graph output): the weights a compact session holds in 4 bits
-    when their levels span at most 16 values, and ``--ram int4`` limits so."""
-    fused: set[str] = set()
+def matmul_weights(graph, shapes: dict[str, Sequence[int]]) -> dict[str, int]:
+    """The names of ``shapes`` (value name -> the weight's dims) of rank :data:`FOUR_BIT_RANK`
+    that one main-graph MatMul or Gemm reads as B (:func:`_fuses_into_matmul_nbits`) and nothing
+    else reads (onnxruntime fuses a DequantizeLinear of one reader only; nor is it a graph
+    output), each with its K (rows; columns when read with transB)."""
+    readers: dict[str, object] = {}
     other: set[str] = {value.name for value in graph.output}
     for node in graph.node:
         for position, name in enumerate(node.input):
-            if _fuses_into_matmul_nbits(node, position) and name not in fused:
-                fused.add(name)
+            if _fuses_into_matmul_nbits(node, position) and name not in readers:
+                readers[name] = node
             else:
                 other.add(name)
-    return {name for name, rank in ranks.items() if rank == FOUR_BIT_RANK and name in fused and name not in other}
+    return {name: int(dims[1] if _attribute(readers[name], "transB", 0) == 1 else dims[0])
+            for name, dims in shapes.items() if len(dims) == FOUR_BIT_RANK and name in readers and name not in other}
+
+
+def four_bit_weights(graph, shapes: dict[str, Sequence[int]]) -> set[str]:
+    """The :func:`matmul_weights` with enough rows for a MatMulNBits (:func:`matmul_nbits_fits`):
+    the weights a compact session holds in 4 bits when their levels span at most 16 values, and
+    ``--ram int4`` limits so."""
+    return {name for name, rows in matmul_weights(graph, shapes).items() if matmul_nbits_fits(rows)}
+
+
+def matmul_nbits_fits(k: int) -> bool:
+    """Whether a weight with ``k`` rows can be a MatMulNBits' B: its last block's padding at most
+    doubles the levels (a hostile ``[1, N]`` weight would otherwise take 64 bytes a weight)."""
+    return k > 0 and -(-k // MATMUL_NBITS_BLOCK) * MATMUL_NBITS_BLOCK <= 2 * k
 
 
 def matmul_nbits_weight(levels: np.ndarray, planned: CompactTensor) -> np.ndarray:
     """4-bit unsigned levels (uint8 in [0, 15], the weight's shape) as ``MatMulNBits`` stores B:
     ``[N, blocks, MATMUL_NBITS_BLOCK / 2]`` bytes, each column's K levels in blocks, two a byte (the
-    first in the low nibble), the last block padded with the zero point (a weight of 0). 64-byte aligned."""
+    first in the low nibble), the last block padded with the zero point (a weight of 0). 64-byte
+    aligned; a block at a time, so nothing but B and one block's padding is allocated."""
     k, n = planned.k, planned.n
     columns = levels.reshape(n, k) if planned.transposed else levels.reshape(k, n).T
     blocks = -(-k // MATMUL_NBITS_BLOCK)
-    padded = np.full((n, blocks * MATMUL_NBITS_BLOCK), planned.zero_point, dtype=np.uint8)
-    padded[:, :k] = columns
     packed = aligned_empty((n, blocks, MATMUL_NBITS_BLOCK // 2), np.dtype(np.uint8))
-    flat = packed.reshape(n, -1)
-    np.left_shift(padded[:, 1::2], 4, out=flat)
-    np.bitwise_or(flat, padded[:, 0::2], out=flat)
+    for number in range(blocks):
+        block = columns[:, number * MATMUL_NBITS_BLOCK : (number + 1) * MATMUL_NBITS_BLOCK]
+        if block.shape[1] < MATMUL_NBITS_BLOCK:
+            padding = np.full((n, MATMUL_NBITS_BLOCK - block.shape[1]), planned.zero_point, dtype=np.uint8)
+            block = np.concatenate([block, padding], axis=1)
+        out = packed[:, number, :]
+        np.left_shift(block[:, 1::2], 4, out=out)
+        np.bitwise_or(out, block[:, 0::2], out=out)
     return packed
 
 
@@ -291,8 +308,9 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
     index = moub.index
     graph_inputs = {value.name for value in model.graph.input}
     slow_when_dequantized = grouped_conv_inputs(model.graph) if mode == "fast" else set()
-    ranks = {name: len(site.tensor.dims) for site in checked.members.values() if (name := target_name(site)) is not None}
-    four_bit = four_bit_weights(model.graph, ranks)
+    shapes = {name: list(site.tensor.dims) for site in checked.members.values() if (name := target_name(site)) is not None}
+    matmul = matmul_weights(model.graph, shapes)
+    four_bit = {name for name, rows in matmul.items() if matmul_nbits_fits(rows)}
     transposed = transposed_gemm_weights(model.graph)
     plan = CompactPlan()
     for info in index.tensors:
@@ -319,21 +337,21 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
             elif name in slow_when_dequantized:
                 reason = GROUPED_CONV_REASON
             else:
+                flipped = name in transposed
+                k, n = 0, 0
+                if name in matmul:  # rank 2: [K, N], or [N, K] read with transB
+                    k, n = (int(d) for d in (reversed(site.tensor.dims) if flipped else site.tensor.dims))
                 chosen = level_type(low + member.offset, high + member.offset, name in four_bit)
                 if chosen is None:
                     reason = "levels wider than 16 bits"
-                elif mode == "fast" and name in four_bit and name not in transposed and chosen[0].bits == 8:
+                elif mode == "fast" and name in matmul and name not in transposed and chosen[0].bits == 8:
                     reason = EIGHT_BIT_MATMUL_REASON
                 else:
                     kind, zero_point = chosen
-                    flipped = name in transposed
-                    k, n = 0, 0
-                    if name in four_bit:  # rank 2: [K, N], or [N, K] read with transB
-                        k, n = (int(d) for d in (reversed(site.tensor.dims) if flipped else site.tensor.dims))
                     if kind.bits == 4:  # MatMulNBits stores unsigned levels: zero point 8 for int4's
                         zero_point += ZERO_POINT_4 if kind.numpy == "i1" else 0
                         kind = FOUR_BIT_TYPES[1]
-                    axis = 0 if kind.bits == 8 and name in four_bit and not flipped else None
+                    axis = 0 if kind.bits == 8 and name in matmul and not flipped else None
                     plan.planned[member.site] = CompactTensor(kind, zero_point, low + member.offset, high + member.offset,
                                                               axis, k, n, flipped)
                     continue

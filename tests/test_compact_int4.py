@@ -19,7 +19,7 @@ import packing
 from moub_converters.encode import encode_model
 from moub_format import MoubFormatError, ReaderLimits
 from moub_format.writer import write_atomic
-from moub_runtime.compact import (MATMUL_NBITS_BLOCK, ZERO_POINT_4, CompactTensor, FOUR_BIT_TYPES, four_bit_weights, level_type,
+from moub_runtime.compact import (EIGHT_BIT_MATMUL_REASON, MATMUL_NBITS_BLOCK, ZERO_POINT_4, CompactTensor, FOUR_BIT_TYPES, four_bit_weights, level_type,
                                   matmul_nbits_weight, plan_compact)
 from moub_runtime.inspect import summarize
 from moub_runtime.loader import MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FLOAT32, consumed_names
@@ -135,8 +135,11 @@ def test_which_weights_qualify_for_four_bits():
         node("MatMul", ["x", "output"]),
         node("MatMul", ["x", "tied"]), node("MatMul", ["y", "tied"]),  # two readers: not fused
     ], "g", [], [helper.make_tensor_value_info("output", FLOAT, None)])
-    ranks = {name: 2 for name in ("b_matmul", "a_matmul", "b_gemm", "b_transposed", "b_scaled", "shared", "output", "c", "tied")}
-    assert four_bit_weights(graph, {**ranks, "batched": 3}) == {"b_matmul", "b_gemm", "b_transposed"}
+    shapes = {name: [64, 32] for name in ("b_matmul", "a_matmul", "b_gemm", "b_scaled", "shared", "output", "c", "tied")}
+    shapes["b_transposed"] = [32, 64]   # [N, K]
+    assert four_bit_weights(graph, {**shapes, "batched": [2, 64, 32]}) == {"b_matmul", "b_gemm", "b_transposed"}
+    few_rows = {**shapes, "b_matmul": [8, 32], "b_transposed": [64, 8]}   # K = 8: padded to 128 (matmul_nbits_fits)
+    assert four_bit_weights(graph, few_rows) == {"b_gemm"}
 
 
 def _check_matmul_nbits(path: Path, shape: list[int], tmp_path: Path, transposed: set[str] = frozenset()) -> onnx.ModelProto:
@@ -274,15 +277,18 @@ def test_convert_with_ram_int4_on_a_torch_token_mixer(tmp_path):
     path = tmp_path / "int4.moub"
     result.write(path)
     source = onnx.load(model.path)
-    matmul = {n.input[1] for n in source.graph.node if n.op_type in ("MatMul", "Gemm")} & {t.name for t in source.graph.initializer}
+    matmul = four_bit_weights(source.graph, {t.name: list(t.dims) for t in source.graph.initializer})
+    assert len(matmul) == 3   # the embedding's 8 rows would be padded to 128 (matmul_nbits_fits): int8
     with open_checked(path) as checked:
         plan = plan_compact(checked, consumed_names(checked.model), "fast")
         held = {checked.members[o].tensor.name: p.level.name for o, p in plan.planned.items()}
     assert matmul and all(held[name] in ("int4", "uint4") for name in matmul)
     assert all(kind in ("int8", "uint8") for name, kind in held.items() if name not in matmul)
     summary = summarize(path).compact
-    assert not summary["kept_float"]
-    assert result.report["file"]["resident_weight_bytes"]["compact"] == summary["held_weight_bytes"]
+    kept = summary["kept_float"]   # the embedding: 8-bit levels of a MatMul, float32 in compact=True (0061)
+    assert list(kept) == [EIGHT_BIT_MATMUL_REASON] and kept[EIGHT_BIT_MATMUL_REASON]["tensors"] == 1
+    resident = summary["held_weight_bytes"] + 4 * kept[EIGHT_BIT_MATMUL_REASON]["weights"]
+    assert result.report["file"]["resident_weight_bytes"]["compact"] == resident
     assert result.report["loss"] <= 0.01 and "weights in RAM" in result.closing_table()
 
     fused = [n for n in _fused(path, tmp_path) if n.op_type == "MatMulNBits"]
@@ -312,3 +318,13 @@ def test_sites_of_different_windows_never_share_a_pack():
         if windows[plan.members[0]] == 16:
             grid_values = plan.levels if plan.levels is not None else range(plan.first, plan.first + plan.count)
             assert max(grid_values) - min(grid_values) < 16
+
+
+def test_a_weight_with_few_rows_is_not_padded_into_matmul_nbits():
+    """MatMulNBits pads K to whole blocks of 128; a weight whose padding would more than double it
+    (a hostile [1, N] weight: 64 bytes a weight) stays an 8-bit DequantizeLinear."""
+    from moub_runtime.compact import matmul_nbits_fits
+
+    assert not matmul_nbits_fits(0) and not matmul_nbits_fits(1) and not matmul_nbits_fits(63)
+    assert matmul_nbits_fits(64) and matmul_nbits_fits(128) and matmul_nbits_fits(129) and matmul_nbits_fits(256)
+    assert all(-(-k // MATMUL_NBITS_BLOCK) * MATMUL_NBITS_BLOCK <= 2 * k for k in range(1, 2000) if matmul_nbits_fits(k))
