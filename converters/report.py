@@ -63,6 +63,12 @@ def dumps(report: dict) -> str:
     return json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
+def _some_tensors(entry: dict, noun: str) -> str:
+    """"3 tensors: a, b, c, ..." for a report entry with ``count`` and ``tensors``."""
+    names = ", ".join(entry["tensors"][:3]) + (", ..." if entry["count"] > 3 else "")
+    return f"{entry['count']} {noun}{'s' if entry['count'] != 1 else ''}: {names}"
+
+
 def _human(n: int) -> str:
     return f"{n:,} B" if n < 10_000 else f"{n / 1000:,.1f} KB" if n < 10_000_000 else f"{n / 1e6:,.1f} MB"
 
@@ -93,16 +99,14 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
         lines.append(f"{'lossless':16}every tensor stored exactly{coded}, because {report['lossless']['reason']}")
     kept = report.get("kept_exact")
     if kept:
-        names = ", ".join(kept["tensors"][:3]) + (", ..." if kept["count"] > 3 else "")
-        lines.append(f"{'kept exact':16}{kept['count']} tensor{'s' if kept['count'] != 1 else ''} ({names}: "
-                     f"{100 * kept['share']:.1f}% of the weights) stored exactly and the rest searched, because "
-                     f"{kept['reason']}; the lossless file takes {_human(kept['lossless_bytes'])}")
+        lines.append(f"{'kept exact':16}{_some_tensors(kept, 'tensor')} ({100 * kept['share']:.1f}% of the weights) stored "
+                     f"exactly and the rest searched, because {kept['reason']}; the lossless file takes "
+                     f"{_human(kept['lossless_bytes'])}")
     wide = report.get("widened_to_int8")
     if wide:
-        names = ", ".join(wide["tensors"][:3]) + (", ..." if wide["count"] > 3 else "")
-        lines.append(f"{'int8 window':16}{wide['count']} MatMul/Gemm weight{'s' if wide['count'] != 1 else ''} ({names}: "
-                     f"{100 * wide['share_of_four_bit']:.0f}% of those --ram int4 limits to 16 levels) given 256 levels "
-                     f"(a byte each in a compact session), because {wide['reason']}")
+        lines.append(f"{'int8 window':16}{_some_tensors(wide, 'MatMul/Gemm weight')} ({100 * wide['share_of_four_bit']:.0f}% "
+                     f"of those --ram int4 limits to 16 levels) given 256 levels (a byte each in a compact session), "
+                     f"because {wide['reason']}")
     target = report.get("target")
     if target:
         verdict = "within" if target["within_max_drop"] else "OUTSIDE"
