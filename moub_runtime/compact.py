@@ -34,7 +34,8 @@ chained 1024 x 1024 weights, one thread, one row: 7.0 ms, against 1.6 ms for the
 DequantizeLinear and a float MatMul, 0.73 ms in float32 and 0.40 ms for the 4-bit MatMulNBits).
 
 Two modes (:data:`COMPACT_MODES`). ``"fast"`` keeps float the 8-bit weights of a MatMul (above;
-a ``transB`` Gemm's stay int8, dequantized at every run), and every weight a grouped ``Conv`` reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
+a ``transB`` Gemm's stay int8, dequantized at every run), and every weight a grouped ``Conv``
+reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
 reordered once) only when the weight is a constant initializer, and without them a grouped
 (depthwise) Conv runs one small matrix product per group: measured 27-82 ns per weight per
 inference on PP-OCR cls and rec, against at most 4 for any other weight, each saving the same 3
@@ -239,7 +240,7 @@ class CompactTensor:
     """A planned tensor: its levels' type and zero point. ``axis``: how its ``DequantizeLinear``
     gives the scale and zero point, None one scalar each, 0 one per row (8-bit levels of a weight
     onnxruntime would fuse into its 8-bit MatMulNBits, which it does not do for a per-row scale).
-    4-bit levels become a ``MatMulNBits`` instead (:func:`matmul_nbits_arrays`): ``k``, ``n`` its
+    4-bit levels become a ``MatMulNBits`` instead (:func:`matmul_nbits_weight`): ``k``, ``n`` its
     sizes, ``transposed`` when the weight is stored ``[N, K]`` (a Gemm's B with ``transB`` = 1)."""
 
     level: LevelType
@@ -255,7 +256,8 @@ class CompactTensor:
         """Bytes the integers and their per-block or per-row scales and zero points take in memory."""
         if self.level.bits == 4:
             blocks = -(-self.k // MATMUL_NBITS_BLOCK)
-            return self.n * blocks * (MATMUL_NBITS_BLOCK // 2 + 4) + (self.n * -(-blocks // 2) if self.zero_point != ZERO_POINT_4 else 0)
+            zero_points = self.n * -(-blocks // 2) if self.zero_point != ZERO_POINT_4 else 0
+            return self.n * blocks * (MATMUL_NBITS_BLOCK // 2 + 4) + zero_points
         rows = self.k if self.axis == 0 else 0
         return self.level.stored_bytes(elements) + rows * (4 + self.level.itemsize)
 
@@ -506,7 +508,8 @@ class CompactGraph:
                 graph.node.append(node)
                 if node.op_type == "MatMulNBits" and node.output[0] in self.biases:
                     bias, output = self.biases[node.output[0]]
-                    graph.node.add(op_type="Add", input=[node.output[0], bias], output=[output], name=self._unique(f"{output}_bias"))
+                    graph.node.add(op_type="Add", input=[node.output[0], bias], output=[output],
+                                   name=self._unique(f"{output}_bias"))
         if self.uses_onnxruntime_domain and not any(o.domain == ONNXRUNTIME_DOMAIN for o in self.model.opset_import):
             self.model.opset_import.add(domain=ONNXRUNTIME_DOMAIN, version=1)
 
