@@ -30,7 +30,7 @@ from onnx import helper
 from moub_format.budget import default_memory_budget
 
 from .errors import DataError, OptionError
-from .stored import Inflated, StoredArray, stored_member
+from .stored import StoredArray, TemporaryFolder, stored_member
 
 LABELS_KEY = "labels"
 MAX_SAMPLES = 100_000  # a few hundred to a few thousand samples resolve a tolerance; millions would run for days
@@ -243,7 +243,7 @@ def _read_npz(path: Path, in_file: bool = False) -> dict[str, np.ndarray | Store
         with archive:
             if not in_file:
                 return {key: archive[key] for key in archive.files}
-            inflated = Inflated()
+            inflated = TemporaryFolder()
             arrays: dict[str, np.ndarray | StoredArray] = {}
             for info in archive.zip.infolist():
                 key = info.filename.removesuffix(".npy")

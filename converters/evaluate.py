@@ -40,7 +40,8 @@ from moub_runtime.sites import tensor_sites
 from .data import Dataset, model_inputs
 from .errors import ModelError, OptionError
 from .intake import Pool, PoolSite, is_main_graph
-from .metrics import METRICS, Accumulator, Heads, HeadsAccumulator, channel_energy, output_energy, rarer_decisions
+from .stored import RowWriter, StoredArray, TemporaryFolder, storable
+from .metrics import METRICS, Accumulator, Heads, HeadsAccumulator, output_energy, rarer_decisions, whole_channel_energy
 
 STRATEGIES = ("auto", "inputs", "initializers", "serialize")
 WEIGHT_SUFFIX = "__moub_weight"
@@ -320,9 +321,8 @@ def subset_reference(evaluator: Evaluator, reference: Sequence[np.ndarray], n_sa
     rows are then not samples (a Resize that also scales the batch axis)."""
     if all(r.ndim == 0 or r.shape[0] == n_samples for r in reference):
         rows = _as_slice(picked)  # a half's samples are every other one: a view, not a copy of the outputs
-        return [r[rows] if r.ndim else r for r in reference]
-    parts = [outputs for _, outputs in evaluator.iter_outputs(originals(), subset)]
-    return [np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else parts[0][i] for i in range(len(parts[0]))]
+        return [r.select(picked) if isinstance(r, StoredArray) else r[rows] if r.ndim else r for r in reference]
+    return _written(evaluator.iter_outputs(originals(), subset), TemporaryFolder("moub-reference-"), stack_scalars=False)
 
 
 def _as_slice(picked: np.ndarray) -> slice | np.ndarray:
@@ -362,13 +362,37 @@ def original_arrays(model: onnx.ModelProto, pool: Pool) -> dict[str, np.ndarray]
     return arrays
 
 
-def reference_outputs(evaluator: Evaluator, model: onnx.ModelProto, label: str) -> list[np.ndarray]:
+def reference_outputs(evaluator: Evaluator, model: onnx.ModelProto, label: str) -> list[np.ndarray | StoredArray]:
     """The original model's outputs through the evaluator (so the baseline is measured the
-    same way as every candidate); any onnxruntime failure here is the model's fault."""
+    same way as every candidate), each written to a temporary file batch by batch and read back
+    a batch at a time when scoring: they grow with the samples (a map or a sequence per sample),
+    and every process scoring candidates needs them, so in memory they would make the
+    converter's memory follow the data. Scalar outputs and outputs of Python objects stay in
+    memory. Any onnxruntime failure here is the model's fault."""
+    folder = TemporaryFolder("moub-reference-")
     try:
-        return evaluator.outputs(original_arrays(model, evaluator.pool))
+        return _written(evaluator.iter_outputs(original_arrays(model, evaluator.pool)), folder)
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
         raise ModelError(f"{label}: onnxruntime cannot run the model on the data ({' '.join(str(exc).split())[:300]})") from None
+
+
+def _written(batches, folder: TemporaryFolder, stack_scalars: bool = True) -> list[np.ndarray | StoredArray]:
+    """Each output over all ``batches`` (first sample, outputs) as :meth:`Evaluator.outputs`
+    gives it, rows written to a file of ``folder`` where they can be; a scalar output stacked
+    per batch, or with ``stack_scalars`` False the first batch's value."""
+    writers: list[RowWriter | None] = []
+    kept: list[list[np.ndarray]] = []
+    for _, outputs in batches:
+        if not writers:
+            writers = [RowWriter(folder) if storable(o) else None for o in outputs]
+            kept = [[] for _ in outputs]
+        for writer, held, output in zip(writers, kept, outputs):
+            if writer is not None:
+                writer.append(output)
+            else:
+                held.append(output)
+    return [writer.stored() if writer is not None else np.concatenate(held, axis=0) if held[0].ndim
+            else np.stack(held) if stack_scalars else held[0] for writer, held in zip(writers, kept)]
 
 
 @dataclass(frozen=True)
@@ -427,7 +451,7 @@ class Scorer:
                  else int(first.size) if info.elementwise else self.n_samples)
         classes = int(first.shape[-1]) if first.ndim else 0
         if info.channel_energy:
-            return units, classes, channel_energy(first)
+            return units, classes, whole_channel_energy(first)
         return units, classes, output_energy(reference, reference)[1] if METRICS[metric].energy else 0.0
 
     def _guarded(self, metric: str, units: int, classes: int, energy: float) -> Accumulator:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .metrics import channel_energy, row_chunks
+from .metrics import row_chunks, rows_first, whole_channel_energy
 
 # Ops that move or relabel values without computing new ones: looked through to find what
 # made an output.
@@ -97,7 +97,7 @@ def channel_spread(reference: np.ndarray) -> float:
     values per channel than one), 1.0 where there are no such channels or a channel is silent."""
     if reference.ndim < 3 or reference.dtype.kind != "f" or not 2 <= reference.shape[1] <= MAX_CHANNELS:
         return 1.0
-    energy = sum(channel_energy(chunk) for (chunk,) in row_chunks(reference))
+    energy = whole_channel_energy(reference)
     rms = np.sqrt(energy / (reference.size // reference.shape[1]))
     if not np.all(np.isfinite(rms)) or rms.min() <= 0:
         return 1.0
@@ -107,7 +107,7 @@ def channel_spread(reference: np.ndarray) -> float:
 def finite_range(values: np.ndarray) -> tuple[float, float]:
     """(least, greatest) finite value, (0, 0) where there is none; a few rows at a time."""
     lo, hi = np.inf, -np.inf
-    for (chunk,) in row_chunks(values):
+    for (chunk,) in row_chunks(rows_first(values)):
         finite = chunk[np.isfinite(chunk)]
         if finite.size:
             lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DataError, OptionError
+from .stored import StoredArray
 from .uncertainty import EnergyMoments, decision_margins, expected_rate, per_sample_energy
 
 UnitScores = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], "np.ndarray | None"], np.ndarray]
@@ -77,12 +78,18 @@ def _rel_l2_scores(outputs, reference, labels) -> np.ndarray:
 CHUNK_VALUES = 1 << 20  # values a whole-output sum converts to float64 at a time (8 MB)
 
 
-def row_chunks(*arrays: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+def rows_first(array) -> np.ndarray | StoredArray:
+    """``array`` as an array whose rows slice: one in a file stays there (read a chunk at a time)."""
+    return array if isinstance(array, StoredArray) else np.asarray(array)
+
+
+def row_chunks(*arrays: np.ndarray | StoredArray) -> Iterator[tuple[np.ndarray, ...]]:
     """Slices of the first axis of ``arrays`` (same length there) holding about CHUNK_VALUES values
-    each: sums over whole outputs then take memory for a chunk, not a float64 copy of every output."""
+    each: sums over whole outputs then take memory for a chunk, not a float64 copy of every output
+    (nor the whole of an output kept in a file)."""
     first = arrays[0]
     if first.ndim == 0 or first.shape[0] == 0:
-        yield arrays
+        yield tuple(np.asarray(a) for a in arrays)
         return
     per_row = max(1, first.size // first.shape[0])
     step = max(1, CHUNK_VALUES // per_row)
@@ -99,7 +106,7 @@ def output_energy(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]
             continue
         ref_energy = out_err = 0.0
         finite = True
-        for o_part, r_part in row_chunks(np.asarray(o), np.asarray(r)) if np.shape(o) == np.shape(r) else [(o, r)]:
+        for o_part, r_part in row_chunks(rows_first(o), rows_first(r)) if np.shape(o) == np.shape(r) else [(o, r)]:
             r64 = np.asarray(r_part, dtype=np.float64)
             o64 = np.asarray(o_part, dtype=np.float64)
             ref_energy += float(np.sum(r64 * r64))
@@ -124,8 +131,8 @@ PROBABILITY_THRESHOLD = 0.5
 def rarer_decisions(reference: np.ndarray, threshold: float = PROBABILITY_THRESHOLD) -> int:
     """How many values of ``reference`` take its rarer decision at ``threshold`` (at least 1):
     the values that are on in a sparse map, or off in a mostly-on one."""
-    on = int(np.count_nonzero(np.asarray(reference) > threshold))
-    return max(1, min(on, int(np.size(reference)) - on))
+    on = sum(int(np.count_nonzero(chunk > threshold)) for (chunk,) in row_chunks(rows_first(reference)))
+    return max(1, min(on, int(reference.size) - on))
 
 
 CHANNEL_FLOOR = 1e-6  # a channel's energy per value counts as at least this share of the loudest channel's (RMS 0.1%)
@@ -138,11 +145,16 @@ def channel_energy(outputs: np.ndarray) -> np.ndarray:
     return np.einsum("ncv,ncv->c", x, x)
 
 
+def whole_channel_energy(outputs: np.ndarray | StoredArray) -> np.ndarray:
+    """:func:`channel_energy` of a whole output, a few rows at a time."""
+    return sum(channel_energy(chunk) for (chunk,) in row_chunks(rows_first(outputs)))
+
+
 def channel_errors(outputs: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(squared error, squared reference) per channel of rows-first outputs, a few rows at a time;
     a non-finite candidate value counts as an error the size of its reference value plus one."""
     err = energy = 0.0
-    for got, ref in row_chunks(np.asarray(outputs), np.asarray(reference)):
+    for got, ref in row_chunks(rows_first(outputs), rows_first(reference)):
         got64, ref64 = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
         err = err + channel_energy(np.where(np.isfinite(got64), got64 - ref64, np.abs(ref64) + 1.0))
         energy = energy + channel_energy(ref64)
@@ -465,11 +477,29 @@ def quality(metric: str, outputs: Sequence[np.ndarray], reference: Sequence[np.n
         return 1.0 - channel_loss(*channel_errors(outputs[0], reference[0]))
     whole_score = METRICS[metric].whole_score
     if whole_score is not None:
-        return whole_score(np.argmax(outputs[0], axis=-1), labels, outputs[0].shape[-1])
-    scores = unit_scores(metric, outputs, reference, labels)
+        top1 = np.concatenate([np.argmax(chunk, axis=-1) for (chunk,) in row_chunks(rows_first(outputs[0]))])
+        return whole_score(top1, labels, outputs[0].shape[-1])
+    scores = np.concatenate([unit_scores(metric, o, r, lab) for o, r, lab in _shared_row_chunks(outputs, reference, labels)])
     if METRICS[metric].rarer_units:
         return 1.0 - float(np.sum(1.0 - scores)) / rarer_decisions(reference[0])
     return float(scores.mean())
+
+
+def _shared_row_chunks(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], labels: np.ndarray | None):
+    """(outputs, reference, labels) a few rows at a time where all of them count their rows alike
+    (the unit scores are per row, so the chunks' scores are the whole's); else all at once."""
+    arrays = [rows_first(a) for a in (*outputs, *reference)]
+    sliced = [a for a in arrays if a.ndim]
+    n = sliced[0].shape[0] if sliced else 0
+    if not sliced or any(a.shape[0] != n for a in sliced) or (labels is not None and (labels.ndim == 0 or len(labels) != n)):
+        whole = [np.asarray(a) for a in arrays]
+        yield whole[:len(outputs)], whole[len(outputs):], labels
+        return
+    per_row = max(1, sum(a.size // max(n, 1) for a in sliced))
+    step = max(1, CHUNK_VALUES // per_row)
+    for start in range(0, max(n, 1), step):
+        part = [a[start:start + step] if a.ndim else np.asarray(a) for a in arrays]
+        yield part[:len(outputs)], part[len(outputs):], None if labels is None else labels[start:start + step]
 
 
 def log_scores(scores: np.ndarray, like: np.ndarray | None = None) -> np.ndarray:

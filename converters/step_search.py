@@ -84,7 +84,7 @@ def estimate_decision(session: ConversionSession, task: tuple[float, float, list
     for split in HALVES:
         scorer = session.half(split)
         parts = [outputs[0] for _, outputs in scorer.evaluator.iter_outputs(arrays, scorer.dataset)]
-        outputs, reference = np.concatenate(parts, axis=0), scorer.reference[0]
+        outputs, reference = np.concatenate(parts, axis=0), np.asarray(scorer.reference[0])  # one row of scores a sample
         flips = int(np.count_nonzero(outputs.argmax(-1) != reference.argmax(-1)))
         result[split] = {"flips": flips, "units": int(reference[..., 0].size),
                          "expected": metrics.expected_flip_rate(reference, outputs)}

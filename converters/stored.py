@@ -9,7 +9,9 @@ cache serves the repeated reads. It pickles as those few numbers: a worker reads
 
 An .npz member numpy stored uncompressed (``numpy.savez``) is read in place. A compressed member
 (``numpy.savez_compressed``) is inflated once into a temporary file that lives as long as the
-:class:`Inflated` folder holding it, which the dataset keeps.
+:class:`TemporaryFolder` holding it, which the dataset keeps. The original model's outputs on the
+samples, which every candidate is scored against, are written the same way as they are produced
+(:class:`RowWriter`) and read back a batch at a time.
 """
 
 from __future__ import annotations
@@ -32,20 +34,27 @@ _ENCRYPTED = 0x1
 CHUNK_BYTES = 64 << 20  # values read per pass where a whole array is scanned (casting checks)
 
 
-class Inflated:
-    """A private temporary folder for the compressed members of one archive, removed with the
-    last dataset that reads from it (or when the process ends)."""
+class TemporaryFolder:
+    """A private temporary folder for arrays written by the converter (the inflated members of one
+    archive, the original's outputs), removed with the last array that reads from it (or when the
+    process ends)."""
 
-    def __init__(self) -> None:
-        self.path: Path | None = None  # made at the first compressed member
+    def __init__(self, prefix: str = "moub-data-") -> None:
+        self.prefix = prefix
+        self.path: Path | None = None  # made at the first file
         self.count = 0
 
-    def inflate(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Path:
+    def new_file(self) -> Path:
+        """The path of a file not used before in this folder (made on first use)."""
         if self.path is None:
-            self.path = Path(tempfile.mkdtemp(prefix="moub-data-"))
+            self.path = Path(tempfile.mkdtemp(prefix=self.prefix))
             weakref.finalize(self, shutil.rmtree, self.path, True)
         target = self.path / f"{self.count:04d}.npy"
         self.count += 1
+        return target
+
+    def inflate(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Path:
+        target = self.new_file()
         with archive.open(info) as member, open(target, "wb") as out:
             shutil.copyfileobj(member, out, CHUNK_BYTES)
         return target
@@ -65,7 +74,7 @@ class StoredArray:
     axis: int = 0
     rows: np.ndarray | None = field(default=None, compare=False)
     cast: np.dtype | None = None
-    keep: Inflated | None = field(default=None, compare=False, repr=False)  # the folder of an inflated copy
+    keep: TemporaryFolder | None = field(default=None, compare=False, repr=False)  # the folder of a written copy
 
     def __reduce__(self):
         """Where the values are, not the values (nor the folder: the process that made it keeps it)."""
@@ -129,6 +138,13 @@ class StoredArray:
         for start in range(0, self.shape[self.axis], step):
             yield self.read(start, start + step)
 
+    def __getitem__(self, key):
+        """Samples ``start:stop`` read into memory (any other index reads the whole array first)."""
+        if isinstance(key, slice) and key.step in (None, 1) and self.axis == 0:
+            start, stop, _ = key.indices(self.shape[0])
+            return self.read(start, stop)
+        return np.asarray(self)[key]
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         values = self.read()
         return values if dtype is None else values.astype(dtype)
@@ -154,8 +170,42 @@ class StoredArray:
         return np.ascontiguousarray(np.take(mapped, wanted, axis=self.axis))  # the map closes with ``mapped``
 
 
+class RowWriter:
+    """Rows appended to a file of ``folder`` as they come, read back as one :class:`StoredArray`
+    (rows-first, C order): an array that is never whole in memory."""
+
+    def __init__(self, folder: TemporaryFolder) -> None:
+        self.folder = folder
+        self.path = folder.new_file()
+        self.handle = open(self.path, "wb")
+        self.dtype: np.dtype | None = None
+        self.row_shape: tuple[int, ...] = ()
+        self.rows = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        """Add ``rows`` (at least one axis; the same type and row shape every time)."""
+        if self.dtype is None:
+            self.dtype, self.row_shape = rows.dtype, rows.shape[1:]
+        elif rows.dtype != self.dtype or rows.shape[1:] != self.row_shape:
+            raise ValueError(f"rows of {rows.dtype} {list(rows.shape[1:])} after rows of {self.dtype} "
+                             f"{list(self.row_shape)}: the output changes its shape between batches")
+        self.handle.write(np.ascontiguousarray(rows).data)
+        self.rows += rows.shape[0]
+
+    def stored(self) -> StoredArray:
+        """The rows written so far, as an array in the file (the writer is closed)."""
+        self.handle.close()
+        dtype = self.dtype if self.dtype is not None else np.dtype(np.float32)
+        return StoredArray(str(self.path), 0, dtype, (self.rows,) + self.row_shape, keep=self.folder)
+
+
+def storable(array: np.ndarray) -> bool:
+    """Whether ``array``'s rows can go to a :class:`RowWriter` (a sample axis and fixed-size values)."""
+    return array.ndim > 0 and not array.dtype.hasobject
+
+
 def stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...],
-                  dtype: np.dtype, fortran: bool, header_bytes: int, inflated: Inflated | None) -> StoredArray | None:
+                  dtype: np.dtype, fortran: bool, header_bytes: int, inflated: TemporaryFolder | None) -> StoredArray | None:
     """The member ``info`` (an .npy whose header says ``shape``, ``dtype``, ``fortran`` and
     takes ``header_bytes``) as a :class:`StoredArray`, in place where it is stored uncompressed,
     else inflated into ``inflated``'s folder; None where it cannot be read from a file (an
@@ -175,4 +225,4 @@ def stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, s
     return StoredArray(str(inflated.inflate(archive, info)), header_bytes, dtype, shape, fortran, keep=inflated)
 
 
-__all__ = ["CHUNK_BYTES", "Inflated", "StoredArray", "stored_member"]
+__all__ = ["CHUNK_BYTES", "RowWriter", "StoredArray", "TemporaryFolder", "storable", "stored_member"]

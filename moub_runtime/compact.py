@@ -33,8 +33,9 @@ into its 8-bit MatMulNBits, which is slower than float32 and larger once it runs
 chained 1024 x 1024 weights, one thread, one row: 7.0 ms, against 1.6 ms for the per-row
 DequantizeLinear and a float MatMul, 0.73 ms in float32 and 0.40 ms for the 4-bit MatMulNBits).
 
-Two modes (:data:`COMPACT_MODES`). ``"fast"`` keeps float the 8-bit weights of a MatMul (above;
-a ``transB`` Gemm's stay int8, dequantized at every run), and every weight a grouped ``Conv``
+Two modes (:data:`COMPACT_MODES`). ``"fast"`` keeps float the 8- and 16-bit weights of a MatMul or
+Gemm (above; one onnxruntime does not fuse, a ``transB`` Gemm's or a 16-bit one, is dequantized at
+every run, and a Linear layer uses each weight once per row, so that doubles its time), and every weight a grouped ``Conv``
 reads: onnxruntime gives a Conv its fast kernels (the NCHWc layout on x86, with the filter
 reordered once) only when the weight is a constant initializer, and without them a grouped
 (depthwise) Conv runs one small matrix product per group: measured 27-82 ns per weight per
@@ -346,7 +347,7 @@ def plan_compact(checked: CheckedFile, consumed: set[str], mode: str) -> Compact
                 chosen = level_type(low + member.offset, high + member.offset, name in four_bit)
                 if chosen is None:
                     reason = "levels wider than 16 bits"
-                elif mode == "fast" and name in matmul and name not in transposed and chosen[0].bits == 8:
+                elif mode == "fast" and name in matmul and chosen[0].bits > 4:
                     reason = EIGHT_BIT_MATMUL_REASON
                 else:
                     kind, zero_point = chosen

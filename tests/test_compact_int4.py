@@ -228,6 +228,26 @@ def test_eight_bit_matmul_weights_are_held_per_row_and_not_fused(tmp_path):
     assert np.abs(got - expected).max() <= RELATIVE_BOUND * np.abs(expected).max()
 
 
+def test_fast_keeps_every_eight_bit_matmul_and_gemm_weight_float(tmp_path):
+    """``compact=True`` ("fast") keeps float the 8-bit weight of a Gemm with transB = 1 as it keeps a
+    MatMul's: onnxruntime fuses neither into a kernel as fast as float32, and a Linear layer uses each
+    weight once per row, so dequantizing at every run doubles its time; "smallest" holds all three."""
+    model, shape = _mlp(17, transposed_middle=True)
+    groups = [["init:w0"], ["init:w1"], ["init:w2"], ["init:b0", "init:b1", "init:b2"]]
+    codebooks, packs = packing.uniform_packs(model, groups, divisor=32.0)
+    path = tmp_path / "mlp8.moub"
+    write_atomic(path, encode_model(model, codebooks, {}, {"moub.source": "mlp"}, packs=packs))
+    with open_checked(path) as checked:
+        fast = plan_compact(checked, consumed_names(checked.model), "fast")
+        smallest = plan_compact(checked, consumed_names(checked.model), "smallest")
+        held = {checked.members[o].tensor.name: p for o, p in smallest.planned.items()}
+    assert all(fast.kept[f"init:w{i}"] == EIGHT_BIT_MATMUL_REASON for i in range(3))
+    assert held["w1"].transposed and all(held[f"w{i}"].level.bits == 8 for i in range(3))
+    x = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    expected = moub_runtime.InferenceSession(path).run(None, x)[0]
+    assert np.array_equal(moub_runtime.InferenceSession(path, compact=True).run(None, x)[0], expected)
+
+
 def test_cli_decode_compact_and_inspect_count_four_bit_tensors(tmp_path):
     path, shape = _write_mlp(tmp_path, 17)
     out = tmp_path / "compact.onnx"

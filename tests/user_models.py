@@ -366,3 +366,31 @@ def yolo_detector(folder: Path, samples: int, size: int = 64) -> UserModel:
     images = np.repeat(np.repeat(coarse, 8, 2), 8, 3) + 0.05 * rng.standard_normal(coarse.shape[:2] + (size, size),
                                                                                     dtype=np.float32)
     return UserModel(path, {"images": images[:samples]}, {"images": images[samples:]})
+
+
+def segmenter(folder: Path, samples: int, size: int = 64, channels: int = 24) -> UserModel:
+    """A segmentation-shaped network on ``size`` x ``size`` RGB images (untrained: the converter's
+    memory is the point): a strided Conv/BatchNorm/ReLU encoder, upsampled back to the input's size
+    with ``channels`` score maps ``[N, channels, size, size]``, so that its outputs on the samples
+    are several times the samples themselves; ``samples`` smooth random images for the search."""
+    torch = _torch()
+
+    def block(i: int, o: int, stride: int) -> list:
+        return [torch.nn.Conv2d(i, o, 3, stride=stride, padding=1), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
+
+    class Segmenter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(*block(3, 16, 2), *block(16, 32, 2), *block(32, 64, 1),
+                                            torch.nn.Conv2d(64, channels, 1), torch.nn.Upsample(scale_factor=4))
+
+        def forward(self, image):
+            return self.body(image)
+
+    path = _export(Segmenter().eval(), (torch.zeros(1, 3, size, size),), folder / "segmenter.onnx", ["images"],
+                   ["maps"], {"images": {0: "n"}, "maps": {0: "n"}})
+    rng = np.random.default_rng(0)
+    coarse = rng.random((samples, 3, size // 8, size // 8)).astype(np.float32)
+    images = np.repeat(np.repeat(coarse, 8, 2), 8, 3) + 0.05 * rng.standard_normal((samples, 3, size, size),
+                                                                                   dtype=np.float32)
+    return UserModel(path, {"images": images}, {"images": images[: samples // 10]})
