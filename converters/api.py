@@ -457,9 +457,10 @@ def _keep_exact(written: _Writer, mode: Mode, why: str, counter: _Counter, start
     found = _search_keeping_exact(written, mode, counter, trials) if measures_sensitivity else None
     if found is None:
         if trials:
-            widening = "giving every 4-bit weight the int8 window and " if any(t.widened for t in trials) else ""
-            why += (f"; {widening}keeping the most sensitive tensors exact (up to {100 * trials[-1].share:.0f}% of the "
-                    f"weights) gave no smaller file within it")
+            widening = "giving every 4-bit weight the int8 window, " if any(t.widened for t in trials) else ""
+            widening += "every tensor the int16 window, " if any(t.sixteen_bit for t in trials) else ""
+            why += (f"; {widening}{'and ' if widening else ''}keeping the most sensitive tensors exact (up to "
+                    f"{100 * trials[-1].share:.0f}% of the weights) gave no smaller file within it")
         converted = written.lossless(why, counter, started, test, test_labels, batch_axes, front)
         if trials:
             converted.report["lossless"]["kept_exact_trials"] = [t.as_dict() for t in trials]
@@ -470,6 +471,8 @@ def _keep_exact(written: _Writer, mode: Mode, why: str, counter: _Counter, start
         converted.report["kept_exact"] = fallback.kept_exact_report(written.pool, found.exact, why, trials, found.lossless_bytes)
     if found.widened:
         converted.report["widened_to_int8"] = fallback.widened_report(written.pool, found.widened, why, trials)
+    if found.sixteen_bit:
+        converted.report["widened_to_int16"] = fallback.sixteen_bit_report(written.pool, found.sixteen_bit, why, trials)
     return converted
 
 
@@ -484,35 +487,44 @@ class _KeptExact:
     exact: list[int]
     lossless_bytes: int
     widened: list[int] = field(default_factory=list)   # 4-bit sites given the int8 window
+    sixteen_bit: list[int] = field(default_factory=list)   # sites given the int16 window
 
 
-def _fallback_variants(pool: Pool, distortions: np.ndarray, ram: str) -> list[tuple[list[int], list[int]]]:
-    """(4-bit sites given the int8 window, sites kept exact) to try in turn (``fallback.py``):
-    under ``--ram int4`` first the 4-bit windows widened, then tensors kept exact with all of them
-    widened, ordered by their sensitivity at the floors of that pool."""
+def _fallback_variants(pool: Pool, distortions: np.ndarray, ram: str) -> list[tuple[list[int], list[int], list[int]]]:
+    """(4-bit sites given the int8 window, sites given the int16 window, sites kept exact) to try in
+    turn (``fallback.py``): under ``--ram int4`` first the 4-bit windows widened; under any ``--ram``
+    then the most sensitive tensors given the int16 window, with all 4-bit ones widened; then
+    tensors kept exact with every other one in the widest window tried. Each step orders the
+    tensors by their sensitivity at the floors of the pool the step before leaves."""
     limit = RAM_LEVEL_LIMITS[ram]
     order = fallback.sensitivity_order(site_stats(pool, limit), distortions)
     widen_sets = fallback.four_bit_sets(pool, order) if ram == "int4" else []
     every = widen_sets[-1] if widen_sets else []
+    base = fallback.widened(pool, every)
     if every:
-        order = fallback.sensitivity_order(site_stats(fallback.widened(pool, every), limit), distortions)
+        order = fallback.sensitivity_order(site_stats(base, limit), distortions)
     sizes = np.array([site.size for site in pool.sites], dtype=np.int64)
-    return [(w, []) for w in widen_sets] + [(every, exact) for exact in fallback.exact_sets(sizes, order)]
+    sixteen_sets = fallback.exact_sets(sizes, order, fallback.WIDEN_SHARES) if limit.levels is not None else []
+    wide = sixteen_sets[-1] if sixteen_sets else []
+    if wide:
+        order = fallback.sensitivity_order(site_stats(fallback.sixteen_bit(base, wide), limit), distortions)
+    return ([(w, [], []) for w in widen_sets] + [(every, s, []) for s in sixteen_sets]
+            + [(every, wide, exact) for exact in fallback.exact_sets(sizes, order)])
 
 
 def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: list[fallback.ExactTrial]) -> _KeptExact | None:
     """Search the pool less its most sensitive tensors, in growing sets (``fallback.py``; under
-    ``--ram int4`` first with its most sensitive 4-bit tensors given the int8 window), until a
-    search yields a file within the tolerance; that file where it is smaller than the lossless one.
+    ``--ram`` first with its most sensitive tensors given wider windows), until a search yields a
+    file within the tolerance; that file where it is smaller than the lossless one.
     Each variant tried is added to ``trials``."""
     source, pool, options, setup = written.source, written.pool, written.options, written.setup
     lossless_bytes = written.lossless_size()
     variants = _fallback_variants(pool, mode.measured[0], options.ram)
-    for number, (widen, exact) in enumerate(variants):
+    for number, (widen, sixteen, exact) in enumerate(variants):
         counter({"phase": "keep exact", "total": len(variants) - number})  # one probe per variant left
         if len(exact) == len(pool.sites):
             break
-        reduced = fallback.widened(pool, widen)
+        reduced = fallback.sixteen_bit(fallback.widened(pool, widen), sixteen)
         if exact:
             reduced = reduced.without(exact, fallback.REASON_KEPT_EXACT)
         session = written.session.with_pool(reduced)
@@ -523,8 +535,10 @@ def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: lis
             finest, holds = narrowed.finest(context)
             result = narrowed.run(context) if holds else None
         weights = pool.n_weights - reduced.n_weights
+        sixteen = [i for i in sixteen if i not in held]
         trial = fallback.ExactTrial(len(exact), weights, weights / pool.n_weights, finest.loss, "finest step misses",
-                                    len(widen), sum(pool.sites[i].size for i in widen))
+                                    len(widen), sum(pool.sites[i].size for i in widen),
+                                    len(sixteen), sum(pool.sites[i].size for i in sixteen))
         trials.append(trial)
         if result is None:
             continue
@@ -544,7 +558,7 @@ def _search_keeping_exact(written: _Writer, mode, counter: _Counter, trials: lis
             return None
         trial.outcome = "written"
         result.facts["evaluation_strategy"] = setup.evaluator.strategy
-        return _KeptExact(kept, moub_bytes, chosen, result.facts, exact, lossless_bytes, widen)
+        return _KeptExact(kept, moub_bytes, chosen, result.facts, exact, lossless_bytes, widen, sixteen)
     return None
 
 

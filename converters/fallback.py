@@ -6,11 +6,13 @@ amplifies, a tensor whose outliers ``--ram int8`` turns into a coarse floor step
 those few exactly (as the lossless file stores every tensor) and searching the others gives a
 file far smaller than the lossless one that still holds the tolerance.
 
-Under ``--ram int4`` the cause is more often the 16-level window itself: a MatMul weight that
-16 levels cannot hold within the tolerance at any step. So there the most sensitive 4-bit
-tensors first get the int8 window back (a compact session then holds them in a byte), in growing
-shares of the 4-bit weights up to all of them (the ``--ram int8`` file), before any tensor is
-kept exact.
+Under ``--ram`` the cause is more often the window itself. A MatMul weight that 16 levels cannot
+hold within the tolerance at any step: under ``--ram int4`` the most sensitive 4-bit tensors first
+get the int8 window back (a compact session then holds them in a byte), in growing shares of the
+4-bit weights up to all of them (the ``--ram int8`` file). A tensor whose outliers stretch 256
+levels into a step too coarse for the rest (a convolution with BatchNorm folded into it): then
+the most sensitive tensors get the int16 window (two bytes in a compact session, half a float32),
+in growing shares of the weights, before any tensor is kept exact.
 
 Which tensors: the measured sensitivity (``sensitivity.py``: each tensor's output distortion
 with only it quantized at a test step of its sigma / 16) turned into the distortion one of its
@@ -93,6 +95,11 @@ def widened(pool: Pool, sites: Sequence[int]) -> Pool:
     return replace(pool, four_bit=pool.four_bit - {pool.sites[i].path for i in sites})
 
 
+def sixteen_bit(pool: Pool, sites: Sequence[int]) -> Pool:
+    """The pool with ``sites`` given the int16 window (``Pool.sixteen_bit``) in place of ``--ram``'s."""
+    return replace(pool, sixteen_bit=pool.sixteen_bit | {pool.sites[i].path for i in sites})
+
+
 @dataclass
 class ExactTrial:
     """One set of tensors kept exact (and of 4-bit tensors given the int8 window), and how far it got."""
@@ -104,34 +111,45 @@ class ExactTrial:
     outcome: str          # "finest step misses", "no candidate", "written file misses", "written"
     widened: int = 0      # 4-bit tensors given the int8 window
     widened_weights: int = 0
+    sixteen_bit: int = 0  # tensors given the int16 window
+    sixteen_bit_weights: int = 0
 
     def as_dict(self) -> dict:
         trial = {"tensors": self.tensors, "weights": self.weights, "share": round(self.share, 6),
                  "finest_loss": round(self.finest_loss, 6), "outcome": self.outcome}
         if self.widened:
             trial.update({"widened_to_int8": self.widened, "widened_weights": self.widened_weights})
+        if self.sixteen_bit:
+            trial.update({"widened_to_int16": self.sixteen_bit, "int16_weights": self.sixteen_bit_weights})
         return trial
+
+
+def _sites_report(pool: Pool, sites: Sequence[int], reason: str, trials: Sequence[ExactTrial]) -> dict:
+    """Which tensors a report entry names, their weights and share of the pool's, and why."""
+    weights = sum(pool.sites[i].size for i in sites)
+    return {"tensors": [pool.sites[i].name or pool.sites[i].path for i in sites],
+            "paths": [pool.sites[i].path for i in sites], "count": len(sites), "weights": int(weights),
+            "share": round(weights / max(pool.n_weights, 1), 6), "reason": reason,
+            "trials": [t.as_dict() for t in trials]}
 
 
 def kept_exact_report(pool: Pool, exact: Sequence[int], reason: str, trials: Sequence[ExactTrial],
                       lossless_bytes: int) -> dict:
     """The report's account of the tensors the written file keeps exact."""
-    weights = sum(pool.sites[i].size for i in exact)
-    return {"tensors": [pool.sites[i].name or pool.sites[i].path for i in exact],
-            "paths": [pool.sites[i].path for i in exact], "count": len(exact),
-            "weights": int(weights), "share": round(weights / max(pool.n_weights, 1), 6), "reason": reason,
-            "trials": [t.as_dict() for t in trials], "lossless_bytes": lossless_bytes}
+    return {**_sites_report(pool, exact, reason, trials), "lossless_bytes": lossless_bytes}
+
+
+def sixteen_bit_report(pool: Pool, sites: Sequence[int], reason: str, trials: Sequence[ExactTrial]) -> dict:
+    """The report's account of the tensors the written file gives the int16 window."""
+    return _sites_report(pool, sites, reason, trials)
 
 
 def widened_report(pool: Pool, widened_sites: Sequence[int], reason: str, trials: Sequence[ExactTrial]) -> dict:
     """The report's account of the 4-bit tensors the written file gives the int8 window."""
-    weights = sum(pool.sites[i].size for i in widened_sites)
+    entry = _sites_report(pool, widened_sites, reason, trials)
     four_bit = sum(site.size for site in pool.sites if site.path in pool.four_bit)
-    return {"tensors": [pool.sites[i].name or pool.sites[i].path for i in widened_sites],
-            "paths": [pool.sites[i].path for i in widened_sites], "count": len(widened_sites), "weights": int(weights),
-            "share_of_four_bit": round(weights / max(four_bit, 1), 6), "reason": reason,
-            "trials": [t.as_dict() for t in trials]}
+    return {**entry, "share_of_four_bit": round(entry["weights"] / max(four_bit, 1), 6)}
 
 
 __all__ = ["SHARES", "WIDEN_SHARES", "REASON_KEPT_EXACT", "ExactTrial", "exact_sets", "floor_steps", "four_bit_sets",
-           "kept_exact_report", "sensitivity_order", "widened", "widened_report"]
+           "kept_exact_report", "sensitivity_order", "sixteen_bit", "sixteen_bit_report", "widened", "widened_report"]

@@ -72,6 +72,9 @@ def write_point(model_or_path, data, report: Mapping | str | os.PathLike, point:
     widened = set((report.get("widened_to_int8") or {}).get("paths", ()))
     if widened:  # the search ran with these 4-bit weights given the int8 window (fallback.py)
         pool = replace(pool, four_bit=pool.four_bit - widened)
+    sixteen_bit = frozenset((report.get("widened_to_int16") or {}).get("paths", ()))
+    if sixteen_bit:  # and these tensors given the int16 window
+        pool = replace(pool, sixteen_bit=sixteen_bit)
     if kept_exact:  # the search ran on the pool less the tensors kept exact (fallback.py)
         pool = pool.without([i for i, site in enumerate(pool.sites) if site.path in kept_exact], REASON_KEPT_EXACT)
     setup = _Setup.build(source, pool, data, labels, batch_axes, options)

@@ -105,6 +105,8 @@ class Pool:
     passthrough: dict[str, str] = field(default_factory=dict)  # path -> reason
     # paths of the weights a compact session can hold in 4 bits (moub_runtime.compact.four_bit_weights)
     four_bit: frozenset[str] = frozenset()
+    # paths the fallback gives the int16 window under --ram (held in two bytes in a compact session; fallback.py)
+    sixteen_bit: frozenset[str] = frozenset()
 
     @property
     def n_weights(self) -> int:
@@ -122,7 +124,8 @@ class Pool:
             sites.append(replace(site, start=offset, stop=offset + site.size))
             offset += site.size
         passthrough = {**self.passthrough, **{self.sites[i].path: reason for i in sorted(dropped)}}
-        return Pool(sites, values, passthrough, self.four_bit - {self.sites[i].path for i in dropped})
+        gone = {self.sites[i].path for i in dropped}
+        return Pool(sites, values, passthrough, self.four_bit - gone, self.sixteen_bit - gone)
 
     def summary(self) -> dict:
         reasons: dict[str, int] = {}

@@ -82,8 +82,10 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
     ]
     resident = f.get("resident_weight_bytes")
     if resident:
+        smallest = resident.get("smallest", resident["compact"])
+        also = f"; {_human(smallest)} with compact=\"smallest\"" if smallest != resident["compact"] else ""
         lines.append(f"{'weights in RAM':16}{_human(resident['normal']):>16}{_human(resident['compact']):>16}   "
-                     f"in a compact session (moub_runtime, compact=True)")
+                     f"in a compact session (moub_runtime, compact=True){also}")
     if report.get("quality_original") is not None:
         q0, q1 = report["quality_original"], report["quality_compressed"]
         loss = "" if METRICS[report["metric"]].loss_is_drop else f", loss {report['loss']:.4f}"
@@ -107,6 +109,10 @@ def closing_table(report: dict, wall_seconds: float, evaluations: int) -> str:
         lines.append(f"{'int8 window':16}{_some_tensors(wide, 'MatMul/Gemm weight')} ({100 * wide['share_of_four_bit']:.0f}% "
                      f"of those --ram int4 limits to 16 levels) given 256 levels (a byte each in a compact session), "
                      f"because {wide['reason']}")
+    sixteen = report.get("widened_to_int16")
+    if sixteen:
+        lines.append(f"{'int16 window':16}{_some_tensors(sixteen, 'tensor')} ({100 * sixteen['share']:.1f}% of the weights) "
+                     f"given 65536 levels (two bytes each in a compact session), because {sixteen['reason']}")
     target = report.get("target")
     if target:
         verdict = "within" if target["within_max_drop"] else "OUTSIDE"

@@ -39,12 +39,14 @@ class Measured:
 
 def resident_weights(summary) -> dict | None:
     """Bytes the quantized weights take in memory: float32 in a normal session; in a compact one
-    the integers it holds plus 4 per weight it keeps float (``moub inspect``'s compact counts)."""
+    (``compact=True``, and ``compact="smallest"``) the integers it holds plus 4 per weight it keeps
+    float (``moub inspect``'s compact counts)."""
     compact = summary.compact
     if compact is None:
         return None
     kept = sum(v["weights"] for v in compact["kept_float"].values())
-    return {"normal": 4 * summary.quantized_weights, "compact": compact["held_weight_bytes"] + 4 * kept}
+    return {"normal": 4 * summary.quantized_weights, "compact": compact["held_weight_bytes"] + 4 * kept,
+            "smallest": compact["smallest_resident_bytes"]}
 
 
 def coding_of(summary) -> dict:

@@ -47,11 +47,16 @@ class RamLimit:
     four_bit_levels: int | None = None
 
     def per_site(self, pool: Pool) -> np.ndarray | None:
-        """Each pooled site's limit, in pool order (None: no limit)."""
+        """Each pooled site's limit, in pool order (None: no limit); a site the fallback gave the
+        int16 window (``Pool.sixteen_bit``) gets :data:`SIXTEEN_BIT_LEVELS`."""
         if self.levels is None:
             return None
         narrow = self.four_bit_levels or self.levels
-        return np.array([narrow if site.path in pool.four_bit else self.levels for site in pool.sites], dtype=np.int64)
+        return np.array([SIXTEEN_BIT_LEVELS if site.path in pool.sixteen_bit else narrow if site.path in pool.four_bit
+                         else self.levels for site in pool.sites], dtype=np.int64)
+
+
+SIXTEEN_BIT_LEVELS = 1 << 16  # the int16 window: levels spanning at most 65535 values, which int16 holds with a zero point
 
 
 RAM_LEVEL_LIMITS: dict[str, RamLimit] = {"float": RamLimit(None), "int8": RamLimit(256), "int4": RamLimit(256, 16)}

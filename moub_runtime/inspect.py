@@ -245,9 +245,13 @@ def compact_summary(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMI
     mode = compact_mode_here(True)
     try:
         with open_checked(path, limits) as checked:
-            return {"mode": mode, **plan_compact(checked, consumed_names(checked.model), mode).summary(checked.members)}
+            consumed = consumed_names(checked.model)
+            summary = plan_compact(checked, consumed, mode).summary(checked.members)
+            smallest = summary if mode == "smallest" else plan_compact(checked, consumed, "smallest").summary(checked.members)
     except MoubFormatError:
         return None
+    kept = sum(v["weights"] for v in smallest["kept_float"].values())
+    return {"mode": mode, **summary, "smallest_resident_bytes": smallest["held_weight_bytes"] + 4 * kept}
 
 
 def verify_file(path: str | os.PathLike, limits: ReaderLimits = DEFAULT_LIMITS) -> list[str]:

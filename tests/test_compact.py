@@ -258,7 +258,8 @@ def test_convert_with_ram_int8_holds_one_byte_per_weight(tmp_path):
     kept = sum(v["weights"] for v in fast["kept_float"].values())
     assert set(fast["kept_float"]) <= {EIGHT_BIT_MATMUL_REASON}
     assert result.report["file"]["resident_weight_bytes"] == {"normal": 4 * weights,
-                                                              "compact": fast["held_weight_bytes"] + 4 * kept}
+                                                              "compact": fast["held_weight_bytes"] + 4 * kept,
+                                                              "smallest": weights}
     assert result.report["loss"] <= 0.002
     assert "weights in RAM" in result.closing_table()
     _check_compact_model(path)

@@ -339,6 +339,20 @@ def quantized_models(folder: Path) -> tuple[UserModel, UserModel]:
     return make(qdq), make(dynamic)
 
 
+def _conv_block(i: int, o: int, stride: int, activation: str) -> list:
+    """A 3 x 3 Conv, BatchNorm and ``activation`` (a ``torch.nn`` class name), as detectors stack them."""
+    import torch  # not _torch(): seeding again would give every block the same weights
+    return [torch.nn.Conv2d(i, o, 3, stride=stride, padding=1), torch.nn.BatchNorm2d(o), getattr(torch.nn, activation)()]
+
+
+def _smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` random RGB images ``[n, 3, size, size]``: 8 x 8 blocks of colour plus a little noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((n, 3, size // 8, size // 8)).astype(np.float32)
+    return np.repeat(np.repeat(coarse, 8, 2), 8, 3) + 0.05 * rng.standard_normal(coarse.shape[:2] + (size, size),
+                                                                                 dtype=np.float32)
+
+
 def yolo_detector(folder: Path, samples: int, size: int = 64) -> UserModel:
     """A YOLO-shaped detector on ``size`` x ``size`` RGB images (untrained: the converter's memory is
     the point, not its detections): a strided Conv/BatchNorm/SiLU body and a head ``[N, 4 + 18,
@@ -346,7 +360,7 @@ def yolo_detector(folder: Path, samples: int, size: int = 64) -> UserModel:
     torch = _torch()
 
     def block(i: int, o: int, stride: int) -> list:
-        return [torch.nn.Conv2d(i, o, 3, stride=stride, padding=1), torch.nn.BatchNorm2d(o), torch.nn.SiLU()]
+        return _conv_block(i, o, stride, "SiLU")
 
     class Detector(torch.nn.Module):
         def __init__(self) -> None:
@@ -361,10 +375,7 @@ def yolo_detector(folder: Path, samples: int, size: int = 64) -> UserModel:
 
     path = _export(Detector().eval(), (torch.zeros(1, 3, size, size),), folder / "yolo.onnx", ["images"], ["output0"],
                    {"images": {0: "n"}, "output0": {0: "n"}})
-    rng = np.random.default_rng(0)
-    coarse = rng.random((2 * samples, 3, size // 8, size // 8)).astype(np.float32)
-    images = np.repeat(np.repeat(coarse, 8, 2), 8, 3) + 0.05 * rng.standard_normal(coarse.shape[:2] + (size, size),
-                                                                                    dtype=np.float32)
+    images = _smooth_images(2 * samples, size)
     return UserModel(path, {"images": images[:samples]}, {"images": images[samples:]})
 
 
@@ -374,23 +385,10 @@ def segmenter(folder: Path, samples: int, size: int = 64, channels: int = 24) ->
     with ``channels`` score maps ``[N, channels, size, size]``, so that its outputs on the samples
     are several times the samples themselves; ``samples`` smooth random images for the search."""
     torch = _torch()
-
-    def block(i: int, o: int, stride: int) -> list:
-        return [torch.nn.Conv2d(i, o, 3, stride=stride, padding=1), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
-
-    class Segmenter(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = torch.nn.Sequential(*block(3, 16, 2), *block(16, 32, 2), *block(32, 64, 1),
-                                            torch.nn.Conv2d(64, channels, 1), torch.nn.Upsample(scale_factor=4))
-
-        def forward(self, image):
-            return self.body(image)
-
-    path = _export(Segmenter().eval(), (torch.zeros(1, 3, size, size),), folder / "segmenter.onnx", ["images"],
+    body = torch.nn.Sequential(*_conv_block(3, 16, 2, "ReLU"), *_conv_block(16, 32, 2, "ReLU"),
+                               *_conv_block(32, 64, 1, "ReLU"), torch.nn.Conv2d(64, channels, 1),
+                               torch.nn.Upsample(scale_factor=4))
+    path = _export(body.eval(), (torch.zeros(1, 3, size, size),), folder / "segmenter.onnx", ["images"],
                    ["maps"], {"images": {0: "n"}, "maps": {0: "n"}})
-    rng = np.random.default_rng(0)
-    coarse = rng.random((samples, 3, size // 8, size // 8)).astype(np.float32)
-    images = np.repeat(np.repeat(coarse, 8, 2), 8, 3) + 0.05 * rng.standard_normal((samples, 3, size, size),
-                                                                                   dtype=np.float32)
+    images = _smooth_images(samples, size)
     return UserModel(path, {"images": images}, {"images": images[: samples // 10]})
