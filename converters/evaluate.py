@@ -38,7 +38,7 @@ from moub_runtime.payload import clear_payload, fill_payload, mark_in_memory
 from moub_runtime.sites import tensor_sites
 
 from .data import Dataset, model_inputs
-from .errors import ModelError, OptionError
+from .errors import ModelError, OptionError, OutputError
 from .intake import Pool, PoolSite, is_main_graph
 from .stored import RowWriter, StoredArray, TemporaryFolder, storable
 from .metrics import METRICS, Accumulator, Heads, HeadsAccumulator, output_energy, rarer_decisions, whole_channel_energy
@@ -372,6 +372,8 @@ def reference_outputs(evaluator: Evaluator, model: onnx.ModelProto, label: str) 
     folder = TemporaryFolder("moub-reference-")
     try:
         return _written(evaluator.iter_outputs(original_arrays(model, evaluator.pool)), folder)
+    except OutputError as exc:  # the temporary folder's disk, not the model
+        raise OutputError(f"{label}: {exc}") from None
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
         raise ModelError(f"{label}: onnxruntime cannot run the model on the data ({' '.join(str(exc).split())[:300]})") from None
 

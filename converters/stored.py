@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import OutputError
+
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _ENCRYPTED = 0x1
@@ -176,8 +178,11 @@ class RowWriter:
 
     def __init__(self, folder: TemporaryFolder) -> None:
         self.folder = folder
-        self.path = folder.new_file()
-        self.handle = open(self.path, "wb")
+        try:
+            self.path = folder.new_file()
+            self.handle = open(self.path, "wb")
+        except OSError as exc:
+            raise _unwritable(exc) from None
         self.dtype: np.dtype | None = None
         self.row_shape: tuple[int, ...] = ()
         self.rows = 0
@@ -189,7 +194,10 @@ class RowWriter:
         elif rows.dtype != self.dtype or rows.shape[1:] != self.row_shape:
             raise ValueError(f"rows of {rows.dtype} {list(rows.shape[1:])} after rows of {self.dtype} "
                              f"{list(self.row_shape)}: the output changes its shape between batches")
-        self.handle.write(np.ascontiguousarray(rows).data)
+        try:
+            self.handle.write(np.ascontiguousarray(rows).data)
+        except OSError as exc:
+            raise _unwritable(exc) from None
         self.rows += rows.shape[0]
 
     def stored(self) -> StoredArray:
@@ -197,6 +205,11 @@ class RowWriter:
         self.handle.close()
         dtype = self.dtype if self.dtype is not None else np.dtype(np.float32)
         return StoredArray(str(self.path), 0, dtype, (self.rows,) + self.row_shape, keep=self.folder)
+
+
+def _unwritable(exc: OSError) -> OutputError:
+    return OutputError(f"cannot write a temporary file in {tempfile.gettempdir()} ({exc.strerror or exc}); "
+                       "set TMPDIR to a folder with room")
 
 
 def storable(array: np.ndarray) -> bool:

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moub_converters.data import load_dataset
-from moub_converters.stored import StoredArray
+from moub_converters.errors import OutputError
+from moub_converters.stored import RowWriter, StoredArray, TemporaryFolder
 
 import user_models
 
@@ -135,3 +136,37 @@ def test_page_sized_samples_run_one_at_a_time(tmp_path):
         np.savez(path, x=np.zeros((3, 3, side, side), np.float32))
         assert load_dataset(path, image_model(side)).batch_size == expected
         assert load_dataset(path, image_model(side), batch_size=3).batch_size == 3
+
+
+def test_rows_written_batch_by_batch_read_back_as_one_array():
+    """The original's outputs go to a file as the batches come: reading any rows, a selection or the
+    pickled array (as a worker gets it) gives the concatenated batches' values."""
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, 3, 4)).astype(np.float32) for n in (2, 2, 1, 0, 2)]
+    whole = np.concatenate(batches)
+    folder = TemporaryFolder("moub-test-")
+    writer = RowWriter(folder)
+    for batch in batches:
+        writer.append(batch)
+    stored = writer.stored()
+    assert stored.shape == whole.shape and stored.dtype == whole.dtype
+    assert np.array_equal(np.asarray(stored), whole) and np.array_equal(stored[2:6], whole[2:6])
+    assert np.array_equal(stored[::2], whole[::2])  # any other index reads the whole array first
+    picked = np.array([0, 2, 4, 6])
+    assert np.array_equal(np.asarray(stored.select(picked)), whole[picked])
+    assert np.array_equal(np.asarray(pickle.loads(pickle.dumps(stored))), whole)
+    with pytest.raises(ValueError, match="changes its shape"):
+        writer2 = RowWriter(folder)
+        writer2.append(whole)
+        writer2.append(whole[:, :2])
+    path = folder.path
+    del stored, writer, writer2, folder
+    gc.collect()
+    assert not path.exists()  # the folder goes with the last array reading it
+
+
+def test_a_temporary_folder_that_cannot_be_written_is_an_output_error(tmp_path):
+    folder = TemporaryFolder()
+    folder.path = tmp_path / "removed"  # made once, then gone
+    with pytest.raises(OutputError, match="set TMPDIR"):
+        RowWriter(folder)
