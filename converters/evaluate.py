@@ -40,8 +40,8 @@ from moub_runtime.sites import tensor_sites
 from .data import Dataset, model_inputs
 from .errors import ModelError, OptionError, OutputError
 from .intake import Pool, PoolSite, is_main_graph
-from .stored import RowWriter, StoredArray, TemporaryFolder, storable
 from .metrics import METRICS, Accumulator, Heads, HeadsAccumulator, output_energy, rarer_decisions, whole_channel_energy
+from .stored import RowWriter, StoredArray, TemporaryFolder, storable
 
 STRATEGIES = ("auto", "inputs", "initializers", "serialize")
 WEIGHT_SUFFIX = "__moub_weight"
