@@ -176,6 +176,9 @@ def _print_compact(compact: dict) -> None:
           f"({_human(compact['held_weight_bytes'])})")
     for reason, v in sorted(compact["kept_float"].items()):
         print(f"    kept float: {v['tensors']} tensors ({v['weights']} weights): {reason}")
+    if compact["mode"] != "smallest" and "smallest_resident_bytes" in compact:
+        print(f"    compact='smallest' holds every quantized weight it can: {_human(compact['smallest_resident_bytes'])} "
+              "with the rest float32")
 
 
 def cmd_decode(args: argparse.Namespace) -> int:

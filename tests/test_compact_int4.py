@@ -21,6 +21,7 @@ from moub_format import MoubFormatError, ReaderLimits
 from moub_format.writer import write_atomic
 from moub_runtime.compact import (EIGHT_BIT_MATMUL_REASON, MATMUL_NBITS_BLOCK, ZERO_POINT_4, CompactTensor, FOUR_BIT_TYPES, four_bit_weights, level_type,
                                   matmul_nbits_weight, plan_compact)
+from moub_runtime.conv_layout import convs_run_in_nchwc
 from moub_runtime.inspect import summarize
 from moub_runtime.loader import MATMULNBITS_ACCURACY_KEY, MATMULNBITS_FLOAT32, consumed_names
 from moub_runtime.validation import open_checked
@@ -246,6 +247,9 @@ def test_fast_keeps_every_eight_bit_matmul_and_gemm_weight_float(tmp_path):
     x = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
     expected = moub_runtime.InferenceSession(path).run(None, x)[0]
     assert np.array_equal(moub_runtime.InferenceSession(path, compact=True).run(None, x)[0], expected)
+    if convs_run_in_nchwc():  # where compact=True is "fast", inspect also gives "smallest"'s figure
+        inspect = subprocess.run([sys.executable, "-m", "moub_runtime.cli", "inspect", str(path)], capture_output=True, text=True)
+        assert "compact='smallest' holds every quantized weight it can" in inspect.stdout
 
 
 def test_cli_decode_compact_and_inspect_count_four_bit_tensors(tmp_path):
